@@ -1,0 +1,5 @@
+"""``python -m gpufaas``."""
+
+from gpufaas.main import main
+
+main()

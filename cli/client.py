@@ -1,0 +1,73 @@
+"""A small HTTP client of the gateway for the CLI (standard library only)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from gpufaas.shared.catalog import DEMO_FUNCTION, DEMO_MODEL
+from rich.console import Console
+
+
+class ApiError(RuntimeError):
+    """An error reply from the gateway, or no gateway at all."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        field = f" (field {body['field']})" if body.get("field") else ""
+        super().__init__(f"{status} {body.get('code', 'error')}: {body.get('error', body)}{field}")
+        self.status = status
+        self.body = body
+
+
+def call(url: str, method: str = "GET", body: Any = None, timeout: float = 300) -> Any:
+    """One JSON request; raises ``ApiError`` on an error status or no connection."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            payload = json.loads(exc.read())
+        except ValueError:
+            payload = {"error": exc.reason}
+        raise ApiError(exc.code, payload) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ApiError(0, {"code": "unavailable", "error": f"cannot reach {url}: {exc}"}) from None
+
+
+def sse(url: str) -> Iterator[tuple[str, str]]:
+    """Follow a Server-Sent Events stream: yields (event, data)."""
+    req = urllib.request.Request(url, headers={"Accept": "text/event-stream"})
+    with urllib.request.urlopen(req) as resp:
+        event, data = "message", []
+        for raw in resp:
+            line = raw.decode().rstrip("\n")
+            if not line:
+                if data:
+                    yield event, "\n".join(data)
+                event, data = "message", []
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+
+
+def deploy_demo(gateway: str, console: Console) -> None:
+    """Deploy the demo model (if absent) with a progress display, then print a curl line."""
+    body = {"name": DEMO_FUNCTION, "model": {"builtin": DEMO_MODEL}}
+    with console.status(f"Loading demo model {DEMO_MODEL} as function '{DEMO_FUNCTION}'…"):
+        rec = call(f"{gateway}/v1/functions", "POST", body)
+    mib = rec["model_bytes"] / 2**20
+    console.print(f"  demo function [bold]{DEMO_FUNCTION}[/bold] ready ({mib:.1f} MiB of weights)")
+    payload = '{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["hello world"]}]}'
+    console.print("  try it:")
+    console.print(
+        f"    curl -s {gateway}/v2/models/{DEMO_FUNCTION}/infer -d '{payload}'",
+        soft_wrap=True,
+        highlight=False,
+    )

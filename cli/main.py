@@ -1,0 +1,186 @@
+"""The ``gpufaas`` command: run the platform, deploy and invoke functions, watch events."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from gpufaas.client import ApiError, call, sse
+from gpufaas.shared.config import Config, default_data_dir
+from gpufaas.shared.constants import DEFAULT_HTTP_PORT, DEFAULT_NATS_PORT
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="gpufaas: serverless ML inference on GPUs.", no_args_is_help=True)
+console = Console()
+
+GatewayUrl = Annotated[
+    str, typer.Option("--url", envvar="GPUFAAS_GATEWAY_URL", help="gateway base URL")
+]
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def up(
+    http_port: Annotated[int, typer.Option(help="gateway HTTP port")] = DEFAULT_HTTP_PORT,
+    nats_port: Annotated[int, typer.Option(help="embedded NATS port")] = DEFAULT_NATS_PORT,
+    nats_url: Annotated[
+        str | None, typer.Option(help="use this NATS instead of starting one")
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    devices: Annotated[str, typer.Option(help="auto (probe GPUs), cpu, or sim:N")] = "auto",
+    topology: Annotated[str, typer.Option(help="topology for sim:N (name or file)")] = "",
+    nodes: Annotated[int, typer.Option(help="number of nodes to start")] = 1,
+    data_dir: Annotated[Path, typer.Option(help="state directory")] = default_data_dir(),
+    demo: Annotated[bool, typer.Option(help="deploy the demo model")] = False,
+) -> None:
+    """Start the whole platform on this machine (embedded NATS, all services)."""
+    from gpufaas.platform import UpOptions, UsageError  # noqa: PLC0415 - keep --help fast
+    from gpufaas.platform import up as run_up  # noqa: PLC0415
+
+    opts = UpOptions(host, http_port, nats_port, nats_url, devices, topology, nodes, data_dir, demo)
+    try:
+        raise typer.Exit(run_up(opts, console))
+    except UsageError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+@app.command()
+def node() -> None:
+    """Run this node's services (tensor store, transfer, memory, worker); config from GPUFAAS_*."""
+    from gpufaas.platform import node as run_node  # noqa: PLC0415
+
+    raise typer.Exit(run_node(Config.from_env(), console))
+
+
+def _service(module: str) -> None:
+    os.execv(sys.executable, [sys.executable, "-m", f"gpufaas.{module}"])
+
+
+for _svc in ("gateway", "scheduler", "tensorstore", "transfer", "memory", "worker"):
+
+    def _cmd(svc: str = _svc) -> None:
+        _service(svc)
+
+    app.command(name=_svc, help=f"Run the {_svc} service alone (config from GPUFAAS_*).")(_cmd)
+
+
+@app.command()
+def deploy(
+    name: Annotated[str, typer.Argument(help="function name")],
+    builtin: Annotated[
+        str | None, typer.Option(help="a packaged model, e.g. all-minilm-l6-v2")
+    ] = None,
+    path: Annotated[str | None, typer.Option(help="a model directory on the node")] = None,
+    architecture: Annotated[str, typer.Option(help="model architecture")] = "bert-embedding",
+    max_batch_size: Annotated[int, typer.Option(help="largest batch")] = 32,
+    url: GatewayUrl = DEFAULT_URL,
+) -> None:
+    """Deploy a model as a function."""
+    model: dict[str, str] = {"architecture": architecture}
+    if builtin:
+        model["builtin"] = builtin
+    if path:
+        model["path"] = path
+    body = {"name": name, "model": model, "options": {"max_batch_size": max_batch_size}}
+    try:
+        with console.status(f"Deploying {name} (loading the model)…"):
+            rec = call(f"{url}/v1/functions", "POST", body)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"[green]deployed[/green] {rec['spec']['name']} on {', '.join(rec['nodes'])}: "
+        f"{rec['tensor_count']} tensors, {rec['model_bytes'] / 2**20:.1f} MiB"
+    )
+
+
+@app.command()
+def invoke(
+    name: Annotated[str, typer.Argument(help="function name")],
+    texts: Annotated[list[str], typer.Argument(help="input texts")],
+    url: GatewayUrl = DEFAULT_URL,
+    full: Annotated[bool, typer.Option(help="print whole output tensors")] = False,
+) -> None:
+    """Invoke a text function (e.g. the demo embedding model)."""
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+    try:
+        res = call(f"{url}/v2/models/{name}/infer", "POST", body)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    for out in res["outputs"]:
+        data = out["data"] if full else out["data"][:6]
+        more = "" if full or len(out["data"]) <= 6 else f" … ({len(out['data'])} values)"
+        console.print(f"{out['name']} {out['datatype']} {out['shape']}: {data}{more}")
+    params = res.get("parameters", {})
+    console.print(f"[dim]node {params.get('node')} device {params.get('device')} "
+                  f"breakdown µs {params.get('breakdown_us')}[/dim]")  # fmt: skip
+
+
+@app.command()
+def status(url: GatewayUrl = DEFAULT_URL) -> None:
+    """Nodes, their devices, and deployed functions."""
+    try:
+        nodes = call(f"{url}/v1/nodes")["nodes"]
+        functions = call(f"{url}/v1/functions")["functions"]
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    t = Table(title="nodes")
+    for col in ("node", "services", "devices"):
+        t.add_column(col)
+    for n in nodes:
+        devs = ", ".join(
+            f"{d['name']} ({d['kind']}, {d['memory_bytes'] / 2**30:.0f} GiB)" for d in n["devices"]
+        )
+        t.add_row(n["node"], ", ".join(n["services"]), devs)
+    console.print(t)
+    f = Table(title="functions")
+    for col in ("name", "tenant", "model", "nodes", "MiB"):
+        f.add_column(col)
+    for r in functions:
+        m = r["spec"]["model"]
+        f.add_row(r["spec"]["name"], r["spec"]["tenant"], m.get("builtin") or m.get("path") or "",
+                  ", ".join(r["nodes"]), f"{r['model_bytes'] / 2**20:.1f}")  # fmt: skip
+    console.print(f)
+
+
+@app.command()
+def delete(name: Annotated[str, typer.Argument()], url: GatewayUrl = DEFAULT_URL) -> None:
+    """Delete a function."""
+    try:
+        call(f"{url}/v1/functions/{name}", "DELETE")
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"deleted {name}")
+
+
+@app.command()
+def events(
+    kinds: Annotated[str, typer.Option(help="event kinds, e.g. 'function.*'")] = ">",
+    replay: Annotated[str, typer.Option(help="all | new | last")] = "new",
+    url: GatewayUrl = DEFAULT_URL,
+) -> None:
+    """Follow the platform's events (relayed from the JetStream EVENTS stream)."""
+    from urllib.parse import urlencode  # noqa: PLC0415
+
+    try:
+        for kind, data in sse(f"{url}/v1/events?{urlencode({'kinds': kinds, 'replay': replay})}"):
+            ev = json.loads(data)
+            console.print(f"[cyan]{kind}[/cyan] [dim]{ev.get('source')}[/dim] {json.dumps(ev.get('data'))}",
+                          highlight=False)  # fmt: skip
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise _fail(f"cannot follow events from {url}: {exc}") from None
+
+
+def main() -> None:
+    app()

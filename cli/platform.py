@@ -1,0 +1,150 @@
+"""`gpufaas up` and `gpufaas node`: run the platform's processes on this machine."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from gpufaas.embedded import accepting, nats_server_binary, port_free, write_config
+from gpufaas.shared.config import Config, default_shm_dir
+from gpufaas.shared.constants import NODE_SERVICES
+from gpufaas.supervisor import Child, StartError, Supervisor
+from rich.console import Console
+
+READY_TIMEOUT_S = 120.0
+
+
+class UsageError(RuntimeError):
+    """A problem the user fixes with a flag (the message names it)."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    host: str
+    http_port: int
+    nats_port: int
+    nats_url: str | None
+    devices: str
+    topology: str
+    nodes: int
+    data_dir: Path
+    demo: bool
+
+
+def node_ids(count: int) -> list[str]:
+    return [f"node-{i}" for i in range(count)]
+
+
+def start_node(sup: Supervisor, base: Config, node_id: str) -> list[Child]:
+    """Start one node's services (tensor store, transfer, memory, worker)."""
+    env = base.replace(node_id=node_id).to_env()
+    env.pop("GPUFAAS_READY_FILE", None)
+    return [sup.spawn_service(f"{node_id}.{svc}", svc, env) for svc in NODE_SERVICES]
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into an event the main loop waits on."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.event.set()
+
+
+def wait_until_stopped(sup: Supervisor, stop: StopSignal, console: Console) -> int:
+    """Block until a signal (exit 0) or until a child dies (exit 1)."""
+    while not stop.event.wait(0.5):
+        dead = sup.exited()
+        if dead is not None:
+            console.print(
+                f"[red]{dead.name} exited with status {dead.proc.returncode}[/red]; "
+                f"stopping everything. Last lines of {dead.log_path}:\n{dead.log_tail()}"
+            )
+            return 1
+    return 0
+
+
+def up(opts: UpOptions, console: Console, on_ready: list[object] | None = None) -> int:
+    """Start NATS (unless given), the node services, the scheduler and the gateway."""
+    if not port_free(opts.host, opts.http_port):
+        raise UsageError(
+            f"port {opts.http_port} (HTTP gateway) is in use; choose another with --http-port"
+        )
+    if opts.nats_url is None and not port_free(opts.host, opts.nats_port):
+        raise UsageError(
+            f"port {opts.nats_port} (NATS) is in use; choose another with --nats-port, "
+            "or use a running server with --nats-url"
+        )
+    if opts.nodes < 1:
+        raise UsageError("--nodes must be at least 1")
+    nats_url = opts.nats_url or f"nats://{opts.host}:{opts.nats_port}"
+    shm_dir = default_shm_dir() / f"up-{opts.http_port}"
+    base = Config(
+        nats_url=nats_url,
+        http_host=opts.host,
+        http_port=opts.http_port,
+        devices=opts.devices,
+        topology=opts.topology,
+        shm_dir=shm_dir,
+        data_dir=opts.data_dir,
+        log_format="json",
+    )
+    stop = StopSignal()
+    sup = Supervisor(opts.data_dir / "run" / f"up-{opts.http_port}")
+    try:
+        with console.status("[bold]Starting gpufaas…") as status:
+            if opts.nats_url is None:
+                conf = write_config(opts.data_dir, opts.host, opts.nats_port)
+                status.update(f"Starting NATS on port {opts.nats_port}…")
+                nats = sup.spawn(
+                    "nats", [str(nats_server_binary()), "-c", str(conf)], {}, ready=False
+                )
+                sup.wait_ready([nats], 30, probe=lambda _: accepting(opts.host, opts.nats_port))
+            status.update("Starting node services, scheduler and gateway…")
+            children: list[Child] = []
+            for node_id in node_ids(opts.nodes):
+                children += start_node(sup, base, node_id)
+            env = base.to_env()
+            children.append(sup.spawn_service("scheduler", "scheduler", env))
+            children.append(sup.spawn_service("gateway", "gateway", env))
+            sup.wait_ready(children, READY_TIMEOUT_S)
+        url = f"http://{opts.host}:{opts.http_port}"
+        console.print(f"[green]gpufaas is up[/green]  gateway [bold]{url}[/bold]  NATS {nats_url}")
+        console.print(f"  nodes: {', '.join(node_ids(opts.nodes))}  devices: {opts.devices}")
+        console.print(f"  logs: {sup.logs}")
+        if opts.demo:
+            from gpufaas.client import deploy_demo  # noqa: PLC0415 - only with --demo
+
+            deploy_demo(url, console)
+        console.print("Press Ctrl-C to stop.")
+        return wait_until_stopped(sup, stop, console)
+    except StartError as exc:
+        console.print(f"[red]start-up failed:[/red] {exc}")
+        return 1
+    finally:
+        with console.status("Stopping…"):
+            sup.stop()
+        shutil.rmtree(shm_dir, ignore_errors=True)
+        console.print("gpufaas stopped; nothing left running.")
+
+
+def node(config: Config, console: Console) -> int:
+    """Run one node's services (used by the compose GPU node)."""
+    stop = StopSignal()
+    sup = Supervisor(config.data_dir / "run" / f"node-{config.node_id}")
+    try:
+        sup.wait_ready(start_node(sup, config, config.node_id), READY_TIMEOUT_S)
+        console.print(f"node {config.node_id} is up (NATS {config.nats_url})")
+        return wait_until_stopped(sup, stop, console)
+    except StartError as exc:
+        console.print(f"[red]node start-up failed:[/red] {exc}")
+        return 1
+    finally:
+        sup.stop()

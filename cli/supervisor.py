@@ -1,0 +1,123 @@
+"""Starting platform processes, waiting until each is ready, and stopping them in order.
+
+Children run in their own session (so a terminal's Ctrl-C reaches only us and we stop
+them in order) and get SIGTERM if this process dies (PR_SET_PDEATHSIG), so nothing
+is left running whatever happens to the supervisor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+class StartError(RuntimeError):
+    """A child failed to become ready; the message says which and shows its log's tail."""
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: the supervisor's own stop() still cleans up
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    ready_file: Path | None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class Supervisor:
+    """Owns child processes; ``stop()`` ends them in reverse start order."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.logs = run_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str], *, ready: bool = True
+    ) -> Child:
+        """Start a child with its output in ``logs/<name>.log``."""
+        ready_file = self.run_dir / f"{name}.ready" if ready else None
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
+            env = {**env, "GPUFAAS_READY_FILE": str(ready_file)}
+        log_path = self.logs / f"{name}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                argv,
+                env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, no locks
+            )
+        child = Child(name, proc, log_path, ready_file)
+        self.children.append(child)
+        return child
+
+    def spawn_service(self, name: str, module: str, env: dict[str, str]) -> Child:
+        """Start ``python -m gpufaas.<module>``."""
+        return self.spawn(name, [sys.executable, "-m", f"gpufaas.{module}"], env)
+
+    def wait_ready(
+        self, children: list[Child], timeout: float, probe: Callable[[Child], bool] | None = None
+    ) -> None:
+        """Poll until every child is ready (ready file written, or ``probe`` true), with a deadline."""
+        deadline = time.monotonic() + timeout
+        pending = list(children)
+        while pending:
+            for child in list(pending):
+                if child.proc.poll() is not None:
+                    raise StartError(
+                        f"{child.name} exited with status {child.proc.returncode} while starting; "
+                        f"last lines of {child.log_path}:\n{child.log_tail()}"
+                    )
+                ok = probe(child) if probe else bool(child.ready_file and child.ready_file.exists())
+                if ok:
+                    pending.remove(child)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(c.name for c in pending)
+                raise StartError(f"{names} not ready after {timeout:g} s; logs in {self.logs}")
+            if pending:
+                time.sleep(0.05)
+
+    def exited(self) -> Child | None:
+        """A child that has exited, if any."""
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def stop(self, deadline_s: float = 10.0) -> None:
+        """SIGTERM each child in reverse start order, SIGKILL after the deadline."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+                try:
+                    child.proc.wait(timeout=deadline_s)
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
+            if child.ready_file is not None:
+                child.ready_file.unlink(missing_ok=True)
+        self.children.clear()

@@ -1,0 +1,572 @@
+"""The HTTP gateway: Open Inference Protocol (KServe v2) and the platform API.
+
+``create_app(config)`` builds the aiohttp application; its NATS connection lives in
+``cleanup_ctx``. Every error leaves as JSON ``{code, error, field}`` with the status
+from the shared error table, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import nats.errors
+import orjson
+import structlog
+from aiohttp import web
+from gpufaas.gateway.bodies import DeployBody, InferBody
+from gpufaas.gateway.openapi import RouteDoc, build_openapi
+from gpufaas.shared import constants as c
+from gpufaas.shared import subjects
+from gpufaas.shared.config import Config
+from gpufaas.shared.errors import (
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    PlatformError,
+    Unavailable,
+    UnsupportedMediaType,
+    http_status,
+)
+from gpufaas.shared.jetstream import Buckets, ensure_jetstream
+from gpufaas.shared.messages import (
+    NAME_PATTERN,
+    DeleteReply,
+    DeleteRequest,
+    DeployReply,
+    DeployRequest,
+    FunctionRecord,
+    FunctionSpec,
+    InvokeReply,
+    InvokeRequest,
+    TensorPayload,
+    Tube,
+    convert,
+    encode_json,
+    to_builtins,
+)
+from gpufaas.shared.registry import get_function, list_functions, live_nodes
+from gpufaas.shared.rpc import request as nats_request
+from gpufaas.shared.service import connect_nats
+from gpufaas.shared.shm import delete_tube, read_tube, write_tube
+from gpufaas.shared.tensors import json_to_raw, raw_to_json
+from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+log = structlog.get_logger()
+
+VERSION = "0.1.0"
+TENANT_HEADER = "X-Gpufaas-Tenant"
+REQUEST_ID_HEADER = "X-Request-ID"
+
+CONFIG = web.AppKey("config", Config)
+NC = web.AppKey("nc", NATS)
+BUCKETS = web.AppKey("buckets", Buckets)
+
+_NAME = re.compile(NAME_PATTERN)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Metrics:
+    """Prometheus metrics of one gateway."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gpufaas_http_requests", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "gpufaas_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=self.registry,
+        )
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(exc: PlatformError, request_id: str) -> web.Response:
+    return json_response(exc.to_dict(), http_status(exc), {REQUEST_ID_HEADER: request_id})
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request ID, metrics, and the one place errors become HTTP responses."""
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    request["request_id"] = request_id
+    route = (
+        request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
+    )
+    metrics = request.app[METRICS]
+    t0 = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        try:
+            resp = await handler(request)
+        except PlatformError as exc:
+            resp = error_response(exc, request_id)
+        except web.HTTPRequestEntityTooLarge:
+            resp = error_response(
+                PayloadTooLarge(
+                    f"request body exceeds {request.app[CONFIG].max_body_bytes} bytes", field="body"
+                ),
+                request_id,
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            body = {"code": _http_code(exc.status), "error": exc.reason}
+            resp = json_response(body, exc.status, {REQUEST_ID_HEADER: request_id})
+        except Exception:
+            log.exception("http.crashed", path=request.path)
+            body = {
+                "code": "internal",
+                "error": "internal error; see the gateway log",
+                "request_id": request_id,
+            }
+            resp = json_response(body, 500, {REQUEST_ID_HEADER: request_id})
+    if not resp.prepared:
+        resp.headers.setdefault(REQUEST_ID_HEADER, request_id)
+    metrics.requests.labels(route, str(resp.status)).inc()
+    metrics.latency.labels(route).observe(time.perf_counter() - t0)
+    return resp
+
+
+def _http_code(status: int) -> str:
+    return {404: "not_found", 405: "method_not_allowed"}.get(status, "invalid_argument")
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_type not in ("application/json", "application/octet-stream", "") and not (
+        request.content_type.startswith("text/")
+        or request.content_type.endswith("x-www-form-urlencoded")
+    ):
+        raise UnsupportedMediaType(
+            f"expected a JSON body, got {request.content_type}", field="body"
+        )
+    if "Inference-Header-Content-Length" in request.headers:
+        raise UnsupportedMediaType(
+            "the binary tensor extension is not supported yet; send JSON",
+            field="Inference-Header-Content-Length",
+        )
+    raw = await request.read()
+    if not raw:
+        raise InvalidArgument("request body is empty; expected JSON", field="body")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"malformed JSON: {exc}", field="body") from None
+
+
+def tenant_of(request: web.Request) -> str:
+    tenant = request.headers.get(TENANT_HEADER, c.DEFAULT_TENANT)
+    if not _NAME.match(tenant):
+        raise InvalidArgument(f"tenant {tenant!r} is not a valid name", field=TENANT_HEADER)
+    return tenant
+
+
+def nats_of(request: web.Request) -> NATS:
+    nc = request.app[NC]
+    if not nc.is_connected:
+        raise Unavailable("NATS is not reachable from the gateway; retry later")
+    return nc
+
+
+async def require_function(request: web.Request, name: str) -> FunctionRecord:
+    nats_of(request)
+    try:
+        record = await get_function(request.app[BUCKETS].functions, tenant_of(request), name)
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise Unavailable(f"cannot read the function registry: {exc!r}") from None
+    if record is None:
+        raise NotFound(f"model {name!r} not found", field="model_name")
+    return record
+
+
+def function_json(record: FunctionRecord) -> dict[str, Any]:
+    out: dict[str, Any] = to_builtins(record)
+    out.pop("type", None)
+    return out
+
+
+def model_metadata(record: FunctionRecord) -> dict[str, Any]:
+    def spec(s: Any) -> dict[str, Any]:
+        return {"name": s.name, "datatype": s.datatype, "shape": s.shape}
+
+    return {
+        "name": record.spec.name,
+        "versions": ["1"],
+        "platform": f"gpufaas/{record.spec.model.architecture}",
+        "inputs": [spec(s) for s in record.inputs],
+        "outputs": [spec(s) for s in record.outputs],
+    }
+
+
+# --- Open Inference Protocol ---------------------------------------------------------
+
+
+async def live(_: web.Request) -> web.Response:
+    return json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    ok = request.app[NC].is_connected
+    return json_response({"ready": ok}, 200 if ok else 503)
+
+
+async def server_metadata(_: web.Request) -> web.Response:
+    return json_response({"name": "gpufaas", "version": VERSION, "extensions": []})
+
+
+async def model_get(request: web.Request) -> web.Response:
+    return json_response(
+        model_metadata(await require_function(request, request.match_info["name"]))
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    record = await require_function(request, request.match_info["name"])
+    return json_response({"name": record.spec.name, "ready": True})
+
+
+def _validate_inputs(body: InferBody, record: FunctionRecord) -> None:
+    declared = {s.name: s for s in record.inputs}
+    seen: set[str] = set()
+    for i, inp in enumerate(body.inputs):
+        field = f"inputs[{i}]"
+        spec = declared.get(inp.name)
+        if spec is None:
+            raise InvalidArgument(
+                f"unknown input {inp.name!r}; {record.spec.name} takes {', '.join(declared)}",
+                field=f"{field}.name",
+            )
+        if inp.name in seen:
+            raise InvalidArgument(f"input {inp.name!r} given twice", field=f"{field}.name")
+        seen.add(inp.name)
+        if inp.datatype != spec.datatype:
+            raise InvalidArgument(
+                f"input {inp.name!r} must be {spec.datatype}, got {inp.datatype}",
+                field=f"{field}.datatype",
+            )
+        if (
+            any(d < 0 for d in inp.shape)
+            or len(inp.shape) != len(spec.shape)
+            or any(want not in (-1, got) for want, got in zip(spec.shape, inp.shape, strict=True))
+        ):
+            raise InvalidArgument(
+                f"input {inp.name!r} has shape {inp.shape}; expected {spec.shape} (-1 = any size)",
+                field=f"{field}.shape",
+            )
+    missing = [n for n in declared if n not in seen]
+    if missing:
+        raise InvalidArgument(f"missing input {missing[0]!r}", field="inputs")
+    known_out = {s.name for s in record.outputs}
+    for j, out in enumerate(body.outputs or []):
+        if out.name not in known_out:
+            raise InvalidArgument(f"unknown output {out.name!r}", field=f"outputs[{j}].name")
+
+
+async def infer(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    name = request.match_info["name"]
+    raw_body = await read_json(request)
+    body = convert(raw_body, InferBody)
+    record = await require_function(request, name)
+    tenant = record.spec.tenant
+    _validate_inputs(body, record)
+    nc = nats_of(request)
+    request_id = request["request_id"]
+    tubes: list[Tube] = []
+    payloads: list[TensorPayload] = []
+    try:
+        for i, inp in enumerate(body.inputs):
+            raw = json_to_raw(inp.datatype, inp.shape, inp.data, f"inputs[{i}].data")
+            if len(raw) > config.inline_threshold:
+                tube = await asyncio.to_thread(
+                    write_tube,
+                    config.shm_dir,
+                    config.node_id,
+                    tenant,
+                    datatype=inp.datatype,
+                    shape=inp.shape,
+                    data=raw,
+                )
+                tubes.append(tube)
+                await request.app[BUCKETS].tubes.put(tube.id, encode_json(tube))
+                payloads.append(
+                    TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, tube=tube)
+                )
+            else:
+                payloads.append(
+                    TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, data=raw)
+                )
+        deadline = time.time() + config.request_timeout_s
+        reply = await nats_request(
+            nc,
+            subjects.SCHED_INVOKE,
+            InvokeRequest(
+                function=name,
+                request_id=request_id,
+                inputs=payloads,
+                tenant=tenant,
+                deadline=deadline,
+            ),
+            InvokeReply,
+            timeout=config.request_timeout_s + 1,
+            request_id=request_id,
+            what="scheduler",
+        )
+        wanted = {o.name for o in body.outputs} if body.outputs else None
+        outputs = []
+        for out in reply.outputs:
+            data = out.data
+            if out.tube is not None:
+                tubes.append(out.tube)
+                data = await asyncio.to_thread(read_tube, config.shm_dir, out.tube)
+            if wanted is not None and out.name not in wanted:
+                continue
+            assert data is not None
+            outputs.append(
+                {
+                    "name": out.name,
+                    "datatype": out.datatype,
+                    "shape": out.shape,
+                    "data": raw_to_json(out.datatype, out.shape, data),
+                }
+            )
+    finally:
+        for tube in tubes:
+            await _drop_tube(request.app, tube)
+    b = reply.breakdown
+    headers = {
+        "Gpufaas-Node": reply.node,
+        "Gpufaas-Device": reply.device,
+        "Gpufaas-Queue-Us": str(b.queue_us),
+        "Gpufaas-Transfer-Us": str(b.transfer_us),
+        "Gpufaas-Load-Us": str(b.load_us),
+        "Gpufaas-Compute-Us": str(b.compute_us),
+        "Gpufaas-Cold": "1" if b.cold else "0",
+    }
+    result: dict[str, Any] = {"model_name": name, "model_version": "1", "outputs": outputs}
+    if body.id is not None:
+        result["id"] = body.id
+    result["parameters"] = {
+        "node": reply.node,
+        "device": reply.device,
+        "breakdown_us": {
+            "queue": b.queue_us,
+            "transfer": b.transfer_us,
+            "load": b.load_us,
+            "compute": b.compute_us,
+            "total": b.total_us,
+        },
+    }
+    return json_response(result, headers=headers)
+
+
+async def _drop_tube(app: web.Application, tube: Tube) -> None:
+    await asyncio.to_thread(delete_tube, app[CONFIG].shm_dir, tube)
+    try:
+        await app[BUCKETS].tubes.delete(tube.id)
+    except (nats.errors.Error, TimeoutError) as exc:
+        log.warning("tube.delete_failed", tube=tube.id, error=repr(exc))
+
+
+# --- platform API --------------------------------------------------------------------
+
+
+async def functions_post(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    body = convert(await read_json(request), DeployBody)
+    spec = FunctionSpec(
+        name=body.name, model=body.model, options=body.options, tenant=tenant_of(request)
+    )
+    reply = await nats_request(
+        nats_of(request),
+        subjects.SCHED_DEPLOY,
+        DeployRequest(spec=spec),
+        DeployReply,
+        timeout=config.deploy_timeout_s + 5,
+        request_id=request["request_id"],
+        what="scheduler",
+    )
+    return json_response(function_json(reply.function), 201 if reply.created else 200)
+
+
+async def functions_list(request: web.Request) -> web.Response:
+    nats_of(request)
+    records = await list_functions(request.app[BUCKETS].functions, tenant_of(request))
+    return json_response({"functions": [function_json(r) for r in records]})
+
+
+async def function_get(request: web.Request) -> web.Response:
+    return json_response(function_json(await require_function(request, request.match_info["name"])))
+
+
+async def function_delete(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not _NAME.match(name):
+        raise NotFound(f"function {name!r} not found", field="name")
+    reply = await nats_request(
+        nats_of(request),
+        subjects.SCHED_DELETE,
+        DeleteRequest(name=name, tenant=tenant_of(request)),
+        DeleteReply,
+        timeout=request.app[CONFIG].request_timeout_s,
+        request_id=request["request_id"],
+        what="scheduler",
+    )
+    return json_response({"deleted": reply.name})
+
+
+async def nodes_list(request: web.Request) -> web.Response:
+    nats_of(request)
+    config = request.app[CONFIG]
+    nodes = await live_nodes(request.app[BUCKETS].nodes, config.node_ttl_s)
+    out = []
+    for node, beats in sorted(nodes.items()):
+        devices: dict[str, Any] = {}
+        for beat in beats:
+            for d in beat.devices:
+                devices.setdefault(d.name, {k: v for k, v in to_builtins(d).items() if k != "type"})
+        out.append(
+            {
+                "node": node,
+                "services": {
+                    b.service: {
+                        "pid": b.pid,
+                        "started_at": b.started_at,
+                        "updated_at": b.updated_at,
+                    }
+                    for b in sorted(beats, key=lambda b: b.service)
+                },
+                "devices": list(devices.values()),
+            }
+        )
+    return json_response({"nodes": out})
+
+
+async def events_sse(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events relaying the EVENTS stream (``?kinds=function.*&replay=all``)."""
+    nc = nats_of(request)
+    kinds = request.query.get("kinds", ">")
+    try:
+        filt = subjects.event_filter(kinds)
+    except ValueError:
+        raise InvalidArgument(
+            f"kinds {kinds!r} is not an event kind pattern", field="kinds"
+        ) from None
+    replay = request.query.get("replay", "new")
+    last_id = request.headers.get("Last-Event-ID")
+    opts: dict[str, Any]
+    if last_id is not None:
+        if not last_id.isdigit():
+            raise InvalidArgument(
+                "Last-Event-ID must be a stream sequence number", field="Last-Event-ID"
+            )
+        opts = {
+            "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
+            "opt_start_seq": int(last_id) + 1,
+        }
+    elif replay in ("all", "new", "last"):
+        opts = {"deliver_policy": DeliverPolicy(replay)}
+    else:
+        raise InvalidArgument("replay must be all, new or last", field="replay")
+    sub = await nc.jetstream().subscribe(filt, ordered_consumer=True, **opts)
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            REQUEST_ID_HEADER: request["request_id"],
+        }
+    )
+    await resp.prepare(request)
+    try:
+        await resp.write(b": connected\n\n")
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=15)
+            except nats.errors.TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+                continue
+            seq = msg.metadata.sequence.stream
+            kind = subjects.event_kind(msg.subject)
+            await resp.write(b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, kind.encode(), msg.data))
+    except (ConnectionResetError, nats.errors.ConnectionClosedError):
+        pass
+    finally:
+        await sub.unsubscribe()
+    return resp
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(request.app[METRICS].registry),
+        content_type="text/plain",
+        charset="utf-8",
+    )
+
+
+# --- app -----------------------------------------------------------------------------
+
+ROUTES: list[tuple[RouteDoc, Handler]] = [
+    (RouteDoc("GET", "/v2/health/live", "Liveness"), live),
+    (RouteDoc("GET", "/v2/health/ready", "Readiness (NATS reachable)"), ready),
+    (RouteDoc("GET", "/v2", "Server metadata"), server_metadata),
+    (RouteDoc("GET", "/v2/models/{name}", "Model metadata"), model_get),
+    (RouteDoc("GET", "/v2/models/{name}/ready", "Model readiness"), model_ready),
+    (RouteDoc("POST", "/v2/models/{name}/infer", "Inference (JSON tensors)", InferBody), infer),
+    (RouteDoc("POST", "/v1/functions", "Deploy a function", DeployBody, ok=201), functions_post),
+    (RouteDoc("GET", "/v1/functions", "List functions"), functions_list),
+    (RouteDoc("GET", "/v1/functions/{name}", "Get a function"), function_get),
+    (RouteDoc("DELETE", "/v1/functions/{name}", "Delete a function"), function_delete),
+    (RouteDoc("GET", "/v1/nodes", "Live nodes, their services and devices"), nodes_list),
+    (RouteDoc("GET", "/v1/events", "Server-Sent Events from the EVENTS stream"), events_sse),
+    (RouteDoc("GET", "/metrics", "Prometheus metrics"), metrics),
+]
+
+
+async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    nc = await connect_nats(config, "gpufaas-gateway")
+    app[NC] = nc
+    app[BUCKETS] = await ensure_jetstream(
+        nc.jetstream(), node_ttl_s=config.node_ttl_s, tube_ttl_s=config.tube_ttl_s
+    )
+    yield
+    if not nc.is_closed:
+        await nc.drain()
+
+
+def create_app(config: Config) -> web.Application:
+    """The gateway application; NATS is connected when the app starts up."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_nats_ctx)
+    docs = [doc for doc, _ in ROUTES] + [RouteDoc("GET", "/openapi.json", "This document")]
+    spec = build_openapi(docs, VERSION)
+
+    async def openapi(_: web.Request) -> web.Response:
+        return json_response(spec)
+
+    for doc, handler in [*ROUTES, (docs[-1], openapi)]:
+        app.router.add_route(doc.method, doc.path, handler)
+    return app

@@ -1,0 +1,139 @@
+"""The host tier of the tensor store: content-addressed tensors in shared segments.
+
+Each registration packs the tensors not yet present into one new segment, and writes
+the segment's index beside it after the segment itself, so a crash leaves either a
+whole segment with its index or an orphan that recovery deletes. The index is the
+set of ``*.idx.json`` files: a restarted store rebuilds its state from them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import structlog
+from gpufaas.shared.constants import SEGMENT_ALIGN
+from gpufaas.shared.messages import TensorRef, decode_json, encode_json
+from gpufaas.shared.shm import TENSORS_DIR, new_id, write_segment
+from gpufaas.tensorstore.safetensors_file import Entry, SafetensorsFile
+
+log = structlog.get_logger()
+
+
+def tensor_id(dtype: str, shape: tuple[int, ...], data: memoryview) -> str:
+    """Content address: blake3 over dtype, shape and bytes."""
+    h = blake3.blake3()
+    h.update(f"{dtype}|{','.join(map(str, shape))}|".encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """Outcome of registering one model file."""
+
+    manifest: dict[str, TensorRef]
+    model_bytes: int
+    bytes_stored: int
+    bytes_deduplicated: int
+
+
+class HostStore:
+    """Content-addressed tensors of one node's host tier."""
+
+    def __init__(self, root: Path, node_id: str) -> None:
+        self.root = root
+        self.reldir = f"{TENSORS_DIR}/{node_id}"
+        self.dir = root / self.reldir
+        self.index: dict[str, TensorRef] = {}
+        self.segments: set[str] = set()
+        self.bytes_requested = 0
+
+    @property
+    def bytes_stored(self) -> int:
+        return sum(ref.nbytes for ref in self.index.values())
+
+    def recover(self) -> None:
+        """Rebuild the index from disk; delete segments without an index and stray temp files."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for idx in self.dir.glob("*.idx.json"):
+            seg = idx.name.removesuffix(".idx.json")
+            if not (self.dir / seg).is_file():
+                idx.unlink()
+                continue
+            for raw in json.loads(idx.read_bytes()):
+                ref = decode_json(json.dumps(raw), TensorRef)
+                self.index.setdefault(ref.id, ref)
+            self.segments.add(seg)
+        for path in self.dir.iterdir():
+            name = path.name
+            if name.startswith(".") or (
+                not name.endswith(".idx.json") and name not in self.segments
+            ):
+                path.unlink(missing_ok=True)
+                log.info("tensorstore.orphan_removed", file=name)
+
+    def register_file(self, path: Path) -> Registration:
+        """Hash every tensor of a safetensors file and store those not yet present."""
+        f = SafetensorsFile(path)
+        try:
+            return self._register(f)
+        finally:
+            f.close()
+
+    def _register(self, f: SafetensorsFile) -> Registration:
+        ids: dict[str, str] = {}
+        new: dict[str, Entry] = {}
+        model_bytes = 0
+        for e in f.entries:
+            tid = tensor_id(e.dtype, e.shape, f.view(e))
+            ids[e.name] = tid
+            model_bytes += e.end - e.start
+            if tid not in self.index and tid not in new:
+                new[tid] = e
+        seg = new_id(12)
+        refs: dict[str, TensorRef] = {}
+        offset = 0
+        layout: list[tuple[str, Entry, int]] = []
+        for tid, e in new.items():
+            offset = -(-offset // SEGMENT_ALIGN) * SEGMENT_ALIGN
+            layout.append((tid, e, offset))
+            refs[tid] = TensorRef(
+                id=tid,
+                dtype=e.dtype,
+                shape=list(e.shape),
+                nbytes=e.end - e.start,
+                segment=f"{self.reldir}/{seg}",
+                offset=offset,
+            )
+            offset += e.end - e.start
+        stored = 0
+        if layout:
+            write_segment(self.root, f"{self.reldir}/{seg}", self._chunks(f, layout))
+            idx_body = b"[" + b",".join(encode_json(r) for r in refs.values()) + b"]"
+            write_segment(self.root, f"{self.reldir}/{seg}.idx.json", [idx_body])
+            self.segments.add(seg)
+            self.index.update(refs)
+            stored = sum(r.nbytes for r in refs.values())
+        self.bytes_requested += model_bytes
+        manifest = {name: self.index[tid] for name, tid in ids.items()}
+        return Registration(manifest, model_bytes, stored, model_bytes - stored)
+
+    @staticmethod
+    def _chunks(
+        f: SafetensorsFile, layout: list[tuple[str, Entry, int]]
+    ) -> Iterator[bytes | memoryview]:
+        pos = 0
+        for _, e, offset in layout:
+            if offset > pos:
+                yield bytes(offset - pos)
+            yield f.view(e)
+            pos = offset + (e.end - e.start)
+
+
+def now_us() -> int:
+    return int(time.perf_counter() * 1e6)

@@ -1,0 +1,273 @@
+"""The worker of one node: builds function instances over shared tensors and runs them.
+
+Instances are built from the tensor store's manifest: every weight is a zero-copy
+view of a shared-memory segment. Model work runs on one executor thread per device,
+never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+from gpufaas.shared import subjects
+from gpufaas.shared.config import Config
+from gpufaas.shared.devices import NodeDevices, parse_devices
+from gpufaas.shared.errors import InvalidArgument, ModelInvalid, NotFound
+from gpufaas.shared.messages import (
+    Breakdown,
+    FunctionSpec,
+    InvokeReply,
+    RegisterReply,
+    RegisterRequest,
+    ResolveReply,
+    ResolveRequest,
+    TensorPayload,
+    TensorRef,
+    WorkerLoadReply,
+    WorkerLoadRequest,
+    WorkerRunRequest,
+    WorkerUnloadReply,
+    WorkerUnloadRequest,
+    encode_json,
+)
+from gpufaas.shared.rpc import request
+from gpufaas.shared.service import Service
+from gpufaas.shared.shm import SegmentCache, write_tube
+from gpufaas.worker.runners import RUNNERS, Output, Runner
+
+log = structlog.get_logger()
+
+
+@dataclass(slots=True)
+class Instance:
+    """A built function instance on one device."""
+
+    spec: FunctionSpec
+    runner: Runner
+    device: str
+    model_bytes: int
+    tensor_count: int
+    bytes_stored: int
+    bytes_deduplicated: int
+    load_us: int
+
+
+def _us(since: float) -> int:
+    return int((time.perf_counter() - since) * 1e6)
+
+
+class WorkerService(Service):
+    """Runs function instances for its node."""
+
+    name = "worker"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
+        gpus = [d.name for d in self.node_devices.devices if d.kind != "host"]
+        # Compute happens on the CPU until the CUDA path lands; the device name says where
+        # the instance is placed (a simulated GPU accounts for it, a real one will run it).
+        self.device = gpus[0] if gpus else "cpu"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dev-{self.device}")
+        self.segments = SegmentCache(config.shm_dir)
+        self.instances: dict[tuple[str, str], Instance] = {}
+        self._loading: dict[tuple[str, str], asyncio.Task[Instance]] = {}
+
+    async def on_start(self) -> None:
+        node = self.config.node_id
+        await self.serve(
+            subjects.node(node, self.name, subjects.WORKER_LOAD), WorkerLoadRequest, self.load
+        )
+        await self.serve(
+            subjects.node(node, self.name, subjects.WORKER_RUN), WorkerRunRequest, self.run
+        )
+        await self.serve(
+            subjects.node(node, self.name, subjects.WORKER_UNLOAD), WorkerUnloadRequest, self.unload
+        )
+        await self.publish_event(
+            "node.joined",
+            {"node": node, "devices": [d.name for d in self.node_devices.devices]},
+            dedupe_id=f"node.joined.{node}.{self.started_at}",
+        )
+
+    async def on_stop(self) -> None:
+        self.instances.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        await self.publish_event(
+            "node.left",
+            {"node": self.config.node_id, "reason": "stopped"},
+            dedupe_id=f"node.left.{self.config.node_id}.{self.started_at}",
+        )
+
+    # --- instances -------------------------------------------------------------------
+
+    async def instance(self, spec: FunctionSpec) -> tuple[Instance, bool]:
+        """The instance of ``spec``, built if needed; returns (instance, was_cold)."""
+        key = (spec.tenant, spec.name)
+        inst = self.instances.get(key)
+        if inst is not None and inst.spec == spec:
+            return inst, False
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._build(spec))
+            self._loading[key] = task
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        inst = await asyncio.shield(task)
+        return inst, True
+
+    async def _build(self, spec: FunctionSpec) -> Instance:
+        t0 = time.perf_counter()
+        reg = await request(
+            self.nc,
+            subjects.node(self.config.node_id, "tensorstore", subjects.TENSORSTORE_REGISTER),
+            RegisterRequest(source=spec.model, tenant=spec.tenant),
+            RegisterReply,
+            timeout=self.config.deploy_timeout_s,
+            what="tensor store of this node",
+        )
+        runner_cls = RUNNERS.get(spec.model.architecture)
+        if runner_cls is None:
+            raise ModelInvalid(
+                f"unknown architecture {spec.model.architecture}", field="model.architecture"
+            )
+        loop = asyncio.get_running_loop()
+
+        def build() -> Runner:
+            weights = {name: self._view(ref) for name, ref in reg.manifest.items()}
+            return runner_cls(Path(reg.model_dir), weights)
+
+        runner = await loop.run_in_executor(self._executor, build)
+        inst = Instance(
+            spec=spec,
+            runner=runner,
+            device=self.device,
+            model_bytes=reg.model_bytes,
+            tensor_count=len(reg.manifest),
+            bytes_stored=reg.bytes_stored,
+            bytes_deduplicated=reg.bytes_deduplicated,
+            load_us=_us(t0),
+        )
+        self.instances[(spec.tenant, spec.name)] = inst
+        log.info("instance.built", function=spec.name, tenant=spec.tenant, us=inst.load_us)
+        return inst
+
+    def _view(self, ref: TensorRef) -> torch.Tensor:
+        """A zero-copy tensor over the shared segment."""
+        dtype = getattr(torch, ref.dtype)
+        count = math.prod(ref.shape)
+        if count == 0:
+            return torch.empty(ref.shape, dtype=dtype)
+        flat = torch.frombuffer(
+            self.segments.map(ref.segment), dtype=dtype, count=count, offset=ref.offset
+        )
+        return flat.view(ref.shape)
+
+    async def load(self, req: WorkerLoadRequest) -> WorkerLoadReply:
+        inst, cold = await self.instance(req.spec)
+        return WorkerLoadReply(
+            inputs=inst.runner.inputs,
+            outputs=inst.runner.outputs,
+            model_bytes=inst.model_bytes,
+            tensor_count=inst.tensor_count,
+            bytes_stored=inst.bytes_stored,
+            bytes_deduplicated=inst.bytes_deduplicated,
+            load_us=inst.load_us if cold else 0,
+            cached=not cold,
+            device=inst.device,
+        )
+
+    async def unload(self, req: WorkerUnloadRequest) -> WorkerUnloadReply:
+        return WorkerUnloadReply(
+            unloaded=self.instances.pop((req.tenant, req.function), None) is not None
+        )
+
+    # --- invocation ------------------------------------------------------------------
+
+    async def run(self, req: WorkerRunRequest) -> InvokeReply:
+        t_start = time.perf_counter()
+        load_t = time.perf_counter()
+        inst, cold = await self.instance(req.spec)
+        load_us = _us(load_t) if cold else 0
+        xfer_t = time.perf_counter()
+        inputs = await self._inputs(req, inst)
+        transfer_us = _us(xfer_t)
+        comp_t = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self._executor, inst.runner.infer, inputs)
+        compute_us = _us(comp_t)
+        xfer_t = time.perf_counter()
+        payloads = [await self._output(name, out, req.spec.tenant) for name, out in outputs.items()]
+        transfer_us += _us(xfer_t)
+        breakdown = Breakdown(
+            queue_us=req.queue_us,
+            transfer_us=transfer_us,
+            load_us=load_us,
+            compute_us=compute_us,
+            total_us=req.queue_us + _us(t_start),
+            cold=cold,
+        )
+        return InvokeReply(
+            function=req.spec.name,
+            request_id=req.request_id,
+            outputs=payloads,
+            node=self.config.node_id,
+            device=inst.device,
+            breakdown=breakdown,
+        )
+
+    async def _inputs(
+        self, req: WorkerRunRequest, inst: Instance
+    ) -> Mapping[str, tuple[list[int], bytes]]:
+        given = {p.name: p for p in req.inputs}
+        out: dict[str, tuple[list[int], bytes]] = {}
+        for spec in inst.runner.inputs:
+            p = given.get(spec.name)
+            if p is None:
+                raise InvalidArgument(
+                    f"input {spec.name!r} is missing", field=f"inputs[{spec.name}]"
+                )
+            out[spec.name] = (p.shape, await self._payload_bytes(p, req.spec.tenant))
+        return out
+
+    async def _payload_bytes(self, p: TensorPayload, tenant: str) -> bytes:
+        if p.data is not None:
+            return p.data
+        if p.tube is None:
+            raise InvalidArgument(
+                f"input {p.name!r} has neither data nor a tube", field=f"inputs[{p.name}]"
+            )
+        resolved = await request(
+            self.nc,
+            subjects.node(self.config.node_id, "transfer", subjects.TRANSFER_RESOLVE),
+            ResolveRequest(tube_id=p.tube.id, tenant=tenant),
+            ResolveReply,
+            timeout=self.config.request_timeout_s,
+            what="transfer service of this node",
+        )
+        data = await asyncio.to_thread(Path(resolved.path).read_bytes)
+        if len(data) != resolved.tube.nbytes:
+            raise NotFound(f"tube {p.tube.id} is truncated", field=f"inputs[{p.name}]")
+        return data
+
+    async def _output(self, name: str, out: Output, tenant: str) -> TensorPayload:
+        if len(out.data) <= self.config.inline_threshold:
+            return TensorPayload(name=name, datatype=out.datatype, shape=out.shape, data=out.data)  # type: ignore[arg-type]
+        tube = await asyncio.to_thread(
+            write_tube,
+            self.config.shm_dir,
+            self.config.node_id,
+            tenant,
+            datatype=out.datatype,
+            shape=out.shape,
+            data=out.data,
+        )
+        await self.buckets.tubes.put(tube.id, encode_json(tube))
+        return TensorPayload(name=name, datatype=out.datatype, shape=out.shape, tube=tube)  # type: ignore[arg-type]

@@ -1,0 +1,95 @@
+"""Frozen configuration, built once from ``GPUFAAS_*`` environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from gpufaas.shared import constants as c
+from gpufaas.shared.errors import InvalidArgument
+
+PREFIX = "GPUFAAS_"
+
+
+def default_shm_dir() -> Path:
+    """Per-user directory for host shared-memory segments."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(platformdirs.user_runtime_dir())
+    return base / f"gpufaas-{os.getuid()}"
+
+
+def default_data_dir() -> Path:
+    """Per-user directory for durable state (the embedded NATS server's JetStream store)."""
+    return Path(platformdirs.user_data_dir("gpufaas"))
+
+
+def _safe_hostname() -> str:
+    host = socket.gethostname().split(".")[0] or "node"
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in host)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Settings of one process; every field maps to ``GPUFAAS_<FIELD>``."""
+
+    nats_url: str = c.DEFAULT_NATS_URL
+    node_id: str = dataclasses.field(default_factory=_safe_hostname)
+    http_host: str = c.DEFAULT_HTTP_HOST
+    http_port: int = c.DEFAULT_HTTP_PORT
+    devices: str = "auto"  # auto | cpu | sim:N
+    topology: str = ""  # topology file for sim:N; empty = the packaged default
+    shm_dir: Path = dataclasses.field(default_factory=default_shm_dir)
+    data_dir: Path = dataclasses.field(default_factory=default_data_dir)
+    inline_threshold: int = c.DEFAULT_INLINE_THRESHOLD
+    max_body_bytes: int = c.DEFAULT_MAX_BODY_BYTES
+    request_timeout_s: float = c.DEFAULT_REQUEST_TIMEOUT_S
+    deploy_timeout_s: float = c.DEFAULT_DEPLOY_TIMEOUT_S
+    heartbeat_s: float = c.DEFAULT_HEARTBEAT_S
+    node_ttl_s: float = c.DEFAULT_NODE_TTL_S
+    shutdown_deadline_s: float = c.DEFAULT_SHUTDOWN_DEADLINE_S
+    connect_deadline_s: float = c.DEFAULT_CONNECT_DEADLINE_S
+    tube_ttl_s: float = c.DEFAULT_TUBE_TTL_S
+    log_format: str = "auto"  # auto | console | json
+    log_level: str = "info"
+    ready_file: str = ""  # touched once the service is ready (used by `gpufaas up`)
+
+    @classmethod
+    def from_env(cls, prefix: str = PREFIX, environ: Mapping[str, str] | None = None) -> Config:
+        """Build from the environment; a malformed value raises ``InvalidArgument`` naming it."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = prefix + f.name.upper()
+            if key not in env:
+                continue
+            values[f.name] = _parse(key, env[key], f.type)
+        return cls(**values)
+
+    def to_env(self, prefix: str = PREFIX) -> dict[str, str]:
+        """The environment that reproduces this config in a child process."""
+        return {
+            prefix + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)
+        }
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(key: str, raw: str, typ: Any) -> Any:
+    name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if name == "int":
+            return int(raw)
+        if name == "float":
+            return float(raw)
+        if name == "Path":
+            return Path(raw).expanduser()
+    except ValueError:
+        raise InvalidArgument(f"{key}={raw!r} is not a valid {name}", field=key) from None
+    return raw

@@ -1,0 +1,52 @@
+"""Defaults and fixed names shared by every service, kept in one place."""
+
+from __future__ import annotations
+
+from typing import Final
+
+API_VERSION: Final = "v1"
+SUBJECT_ROOT: Final = "gpufaas"
+
+# Queue group in which scheduler replicas share cluster-wide requests.
+SCHEDULER_QUEUE: Final = "scheduler"
+
+# JetStream names.
+EVENTS_STREAM: Final = "EVENTS"
+KV_FUNCTIONS: Final = "gpufaas_functions"
+KV_NODES: Final = "gpufaas_nodes"
+KV_TUBES: Final = "gpufaas_tubes"
+KV_TENSORS: Final = "gpufaas_tensors"
+
+# Headers carried on NATS messages.
+HDR_REQUEST_ID: Final = "Gpufaas-Request-Id"
+HDR_ERROR_CODE: Final = "Gpufaas-Error-Code"
+HDR_ERROR_MESSAGE: Final = "Gpufaas-Error-Message"
+HDR_MSG_ID: Final = "Nats-Msg-Id"  # JetStream de-duplication
+
+# Defaults (all overridable through GPUFAAS_* environment variables, see config.py).
+DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
+DEFAULT_HTTP_HOST: Final = "127.0.0.1"
+DEFAULT_HTTP_PORT: Final = 8080
+DEFAULT_NATS_PORT: Final = 4222
+DEFAULT_INLINE_THRESHOLD: Final = 64 * 1024
+DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_REQUEST_TIMEOUT_S: Final = 30.0
+DEFAULT_DEPLOY_TIMEOUT_S: Final = 120.0
+DEFAULT_HEARTBEAT_S: Final = 2.0
+DEFAULT_NODE_TTL_S: Final = 10.0
+DEFAULT_SHUTDOWN_DEADLINE_S: Final = 10.0
+DEFAULT_CONNECT_DEADLINE_S: Final = 30.0
+DEFAULT_TUBE_TTL_S: Final = 600.0
+DEFAULT_TENANT: Final = "default"
+EVENTS_MAX_AGE_S: Final = 7 * 24 * 3600.0
+
+# NATS server settings written into the generated config of the embedded server.
+NATS_MAX_PAYLOAD: Final = 8 * 1024 * 1024
+NATS_MAX_PENDING: Final = 64 * 1024 * 1024
+
+# Alignment of tensors inside shared-memory segments (cache line, and enough for any dtype).
+SEGMENT_ALIGN: Final = 64
+
+# Names of node-local and cluster services, used in subjects and heartbeats.
+NODE_SERVICES: Final = ("tensorstore", "transfer", "memory", "worker")
+CLUSTER_SERVICES: Final = ("scheduler", "gateway")

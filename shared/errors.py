@@ -1,0 +1,114 @@
+"""One error hierarchy for the platform, mapped in one table to HTTP and NATS.
+
+Every failure that crosses a process boundary is a :class:`PlatformError` with a
+stable ``code``; the gateway turns it into an HTTP status and a JSON body, NATS
+services into error headers on the reply.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Final
+
+
+class PlatformError(Exception):
+    """Base of every error the platform reports to a caller."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict[str, str]:
+        """The JSON body of an error reply."""
+        body = {"code": self.code, "error": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+class InvalidArgument(PlatformError):
+    """A request field is missing, of the wrong type or out of range."""
+
+    code = "invalid_argument"
+
+
+class NotFound(PlatformError):
+    """The named function, model, tube or node does not exist (for this tenant)."""
+
+    code = "not_found"
+
+
+class AlreadyExists(PlatformError):
+    """A resource with that name exists already."""
+
+    code = "already_exists"
+
+
+class PayloadTooLarge(PlatformError):
+    """The request body exceeds the configured limit."""
+
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(PlatformError):
+    """The request body is not in a format the endpoint accepts."""
+
+    code = "unsupported_media_type"
+
+
+class ModelInvalid(PlatformError):
+    """A model's files or tensors cannot be used (corrupt, missing, wrong dtype)."""
+
+    code = "model_invalid"
+
+
+class ResourceExhausted(PlatformError):
+    """No device has room for the request."""
+
+    code = "resource_exhausted"
+
+
+class Unavailable(PlatformError):
+    """A dependency (NATS, a service, a node) cannot be reached right now; retry later."""
+
+    code = "unavailable"
+
+
+class DeadlineExceeded(PlatformError):
+    """The request did not finish within its deadline."""
+
+    code = "deadline_exceeded"
+
+
+class Internal(PlatformError):
+    """A bug: logged with its traceback on the server, reported without one."""
+
+    code = "internal"
+
+
+# code -> (HTTP status, error class). The only place statuses are decided.
+ERROR_TABLE: Final[dict[str, tuple[int, type[PlatformError]]]] = {
+    InvalidArgument.code: (400, InvalidArgument),
+    NotFound.code: (404, NotFound),
+    AlreadyExists.code: (409, AlreadyExists),
+    PayloadTooLarge.code: (413, PayloadTooLarge),
+    UnsupportedMediaType.code: (415, UnsupportedMediaType),
+    ModelInvalid.code: (422, ModelInvalid),
+    ResourceExhausted.code: (507, ResourceExhausted),
+    Unavailable.code: (503, Unavailable),
+    DeadlineExceeded.code: (504, DeadlineExceeded),
+    Internal.code: (500, Internal),
+}
+
+
+def http_status(error: PlatformError) -> int:
+    """The HTTP status for an error."""
+    return ERROR_TABLE.get(error.code, (500, Internal))[0]
+
+
+def from_code(code: str, message: str, field: str | None = None) -> PlatformError:
+    """Rebuild a typed error from its wire form (an unknown code becomes ``Internal``)."""
+    cls = ERROR_TABLE.get(code, (500, Internal))[1]
+    return cls(message, field=field)

@@ -1,0 +1,390 @@
+"""Typed, versioned messages exchanged over NATS.
+
+Every struct is frozen, rejects unknown fields and carries a ``type`` tag with its
+version (``deploy_request.v1``). Control messages travel as msgpack; events as JSON
+so that any client can read the stream. Bulk bytes travel in tubes, not here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+import msgspec
+from gpufaas.shared.constants import DEFAULT_TENANT
+from gpufaas.shared.errors import InvalidArgument
+
+NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, description="lower-case name, 1-63 chars")]
+Tenant = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+Dim = Annotated[int, msgspec.Meta(ge=-1)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+# KServe v2 datatypes.
+Datatype = Literal[
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "BF16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
+
+Tier = Annotated[str, msgspec.Meta(pattern=r"^(host|gpu:\d+|object)$")]
+
+
+class Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
+    """Base of every message: frozen, strict, tagged with name and version."""
+
+
+# --- tensors and tubes ---------------------------------------------------------------
+
+
+class Placement(Msg, frozen=True, tag="placement.v1"):
+    """Where a copy of a tube's bytes lives."""
+
+    node: str
+    tier: Tier
+    segment: str
+    offset: Count = 0
+
+
+class Tube(Msg, frozen=True, tag="tube.v1"):
+    """A reference to tensor bytes that live outside messages."""
+
+    id: str
+    tenant: Tenant
+    datatype: Datatype
+    shape: list[Dim]
+    nbytes: Count
+    placements: list[Placement]
+    created_at: float = 0.0
+
+
+class TensorSpec(Msg, frozen=True, tag="tensor_spec.v1"):
+    """Name, datatype and shape (``-1`` = any size) of a function input or output."""
+
+    name: str
+    datatype: Datatype
+    shape: list[Dim]
+
+
+class TensorPayload(Msg, frozen=True, tag="tensor.v1"):
+    """A tensor in a request or reply: inline raw bytes, or a tube."""
+
+    name: str
+    datatype: Datatype
+    shape: list[Count]
+    data: bytes | None = None
+    tube: Tube | None = None
+
+
+class TensorRef(Msg, frozen=True, tag="tensor_ref.v1"):
+    """A content-addressed tensor resident in a host segment of the tensor store."""
+
+    id: str
+    dtype: str  # torch dtype name, e.g. "float32"
+    shape: list[Count]
+    nbytes: Count
+    segment: str
+    offset: Count
+
+
+# --- functions -----------------------------------------------------------------------
+
+
+class ModelSource(Msg, frozen=True, tag="model_source.v1"):
+    """Where a model's weights come from: a packaged model or a directory on the node."""
+
+    builtin: str | None = None
+    path: str | None = None
+    architecture: str = "bert-embedding"
+
+
+class FunctionOptions(Msg, frozen=True, tag="function_options.v1"):
+    """Serving options of a function."""
+
+    max_batch_size: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
+    slo_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+class FunctionSpec(Msg, frozen=True, tag="function_spec.v1"):
+    """What a user deploys."""
+
+    name: Name
+    model: ModelSource
+    options: FunctionOptions = msgspec.field(default_factory=FunctionOptions)
+    tenant: Tenant = DEFAULT_TENANT
+
+
+class FunctionRecord(Msg, frozen=True, tag="function.v1"):
+    """A deployed function, as stored in the functions KV bucket."""
+
+    spec: FunctionSpec
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    model_bytes: Count
+    tensor_count: Count
+    nodes: list[str]
+    created_at: float
+    status: Literal["ready"] = "ready"
+
+
+class DeployRequest(Msg, frozen=True, tag="deploy_request.v1"):
+    spec: FunctionSpec
+
+
+class DeployReply(Msg, frozen=True, tag="deploy_reply.v1"):
+    function: FunctionRecord
+    created: bool
+
+
+class DeleteRequest(Msg, frozen=True, tag="delete_request.v1"):
+    name: Name
+    tenant: Tenant = DEFAULT_TENANT
+
+
+class DeleteReply(Msg, frozen=True, tag="delete_reply.v1"):
+    name: str
+
+
+# --- invocation ----------------------------------------------------------------------
+
+
+class Breakdown(Msg, frozen=True, tag="breakdown.v1"):
+    """Where an invocation spent its time, in microseconds."""
+
+    queue_us: Count = 0
+    transfer_us: Count = 0
+    load_us: Count = 0
+    compute_us: Count = 0
+    total_us: Count = 0
+    cold: bool = False
+
+
+class InvokeRequest(Msg, frozen=True, tag="invoke_request.v1"):
+    function: Name
+    request_id: str
+    inputs: list[TensorPayload]
+    tenant: Tenant = DEFAULT_TENANT
+    deadline: float = 0.0  # unix time; 0 = the platform default
+
+
+class InvokeReply(Msg, frozen=True, tag="invoke_reply.v1"):
+    function: str
+    request_id: str
+    outputs: list[TensorPayload]
+    node: str
+    device: str
+    breakdown: Breakdown
+
+
+class WorkerLoadRequest(Msg, frozen=True, tag="worker_load_request.v1"):
+    spec: FunctionSpec
+
+
+class WorkerLoadReply(Msg, frozen=True, tag="worker_load_reply.v1"):
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    model_bytes: Count
+    tensor_count: Count
+    bytes_stored: Count
+    bytes_deduplicated: Count
+    load_us: Count
+    cached: bool
+    device: str
+
+
+class WorkerUnloadRequest(Msg, frozen=True, tag="worker_unload_request.v1"):
+    function: Name
+    tenant: Tenant = DEFAULT_TENANT
+
+
+class WorkerUnloadReply(Msg, frozen=True, tag="worker_unload_reply.v1"):
+    unloaded: bool
+
+
+class WorkerRunRequest(Msg, frozen=True, tag="worker_run_request.v1"):
+    spec: FunctionSpec
+    request_id: str
+    inputs: list[TensorPayload]
+    queue_us: Count = 0
+    deadline: float = 0.0
+
+
+# --- node services -------------------------------------------------------------------
+
+
+class RegisterRequest(Msg, frozen=True, tag="register_request.v1"):
+    source: ModelSource
+    tenant: Tenant = DEFAULT_TENANT
+
+
+class RegisterReply(Msg, frozen=True, tag="register_reply.v1"):
+    model_dir: str
+    manifest: dict[str, TensorRef]
+    model_bytes: Count
+    bytes_stored: Count
+    bytes_deduplicated: Count
+    register_us: Count
+
+
+class StoreStatsRequest(Msg, frozen=True, tag="store_stats_request.v1"):
+    pass
+
+
+class StoreStats(Msg, frozen=True, tag="store_stats.v1"):
+    node: str
+    tensors: Count
+    segments: Count
+    bytes_stored: Count
+    bytes_requested: Count
+
+
+class ResolveRequest(Msg, frozen=True, tag="resolve_request.v1"):
+    tube_id: str
+    tenant: Tenant = DEFAULT_TENANT
+    tier: Tier = "host"
+
+
+class ResolveReply(Msg, frozen=True, tag="resolve_reply.v1"):
+    tube: Tube
+    path: str
+
+
+class DeviceInfo(Msg, frozen=True, tag="device.v1"):
+    """One device of a node: a real GPU, a simulated GPU or the host."""
+
+    name: str  # "host", "gpu:0", ...
+    kind: Literal["host", "cuda", "sim"]
+    model: str
+    memory_bytes: Count
+    used_bytes: Count = 0
+
+
+class CapacityRequest(Msg, frozen=True, tag="capacity_request.v1"):
+    pass
+
+
+class CapacityReply(Msg, frozen=True, tag="capacity_reply.v1"):
+    node: str
+    devices: list[DeviceInfo]
+
+
+class Ping(Msg, frozen=True, tag="ping.v1"):
+    pass
+
+
+class Pong(Msg, frozen=True, tag="pong.v1"):
+    service: str
+    node: str
+    pid: int
+
+
+class Heartbeat(Msg, frozen=True, tag="heartbeat.v1"):
+    """A node service's liveness entry in the nodes KV bucket (TTL'd)."""
+
+    node: str
+    service: str
+    pid: int
+    started_at: float
+    updated_at: float
+    devices: list[DeviceInfo] = msgspec.field(default_factory=list)
+
+
+class ErrorReply(Msg, frozen=True, tag="error.v1"):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class Event(Msg, frozen=True, tag="event.v1"):
+    """An entry of the EVENTS stream (JSON on the wire)."""
+
+    kind: str
+    time: float
+    source: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    request_id: str | None = None
+
+
+# --- codecs --------------------------------------------------------------------------
+
+M = TypeVar("M", bound=Msg)
+S = TypeVar("S", bound=msgspec.Struct)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {}
+_json_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def encode(msg: Msg) -> bytes:
+    """Encode a control message for NATS (msgpack)."""
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes, typ: type[M]) -> M:
+    """Decode and validate; a bad message raises ``InvalidArgument`` naming the field."""
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.msgpack.Decoder(typ)
+    try:
+        return dec.decode(data)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise InvalidArgument(f"invalid {typ.__name__}: {exc}", field=_field_of(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidArgument(f"malformed {typ.__name__}: {exc}") from None
+
+
+def encode_json(msg: Msg) -> bytes:
+    """Encode a message as JSON (events, HTTP bodies)."""
+    return msgspec.json.encode(msg)
+
+
+def decode_json(data: bytes | str, typ: type[M]) -> M:
+    """Decode JSON with validation; errors as in :func:`decode`."""
+    dec = _json_decoders.get(typ)
+    if dec is None:
+        dec = _json_decoders[typ] = msgspec.json.Decoder(typ)
+    try:
+        return dec.decode(data)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise InvalidArgument(f"invalid {typ.__name__}: {exc}", field=_field_of(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidArgument(f"malformed JSON: {exc}") from None
+
+
+def convert(obj: Any, typ: type[S]) -> S:
+    """Validate a plain object (e.g. parsed JSON from HTTP) into a message."""
+    try:
+        return msgspec.convert(obj, typ)
+    except msgspec.ValidationError as exc:
+        raise InvalidArgument(str(exc), field=_field_of(exc)) from None
+
+
+def to_builtins(msg: Msg) -> Any:
+    """Plain dicts and lists (for JSON responses)."""
+    return msgspec.to_builtins(msg)
+
+
+def new_event(kind: str, source: str, data: dict[str, Any], request_id: str | None = None) -> Event:
+    """An event stamped with the current time."""
+    return Event(kind=kind, time=time.time(), source=source, data=data, request_id=request_id)
+
+
+def _field_of(exc: msgspec.ValidationError) -> str | None:
+    # msgspec messages end with " - at `$.path.to[0].field`".
+    text = str(exc)
+    marker = "- at `$"
+    if marker not in text:
+        return None
+    path = text.split(marker, 1)[1].rstrip("`")
+    return path.lstrip(".") or None

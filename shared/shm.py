@@ -1,0 +1,121 @@
+"""Host shared-memory segments and host tubes.
+
+A segment is a file under the node's shared-memory directory (``/dev/shm/...``),
+written once (to a temporary name, then renamed, so a reader never sees half a
+segment) and mapped ``MAP_SHARED`` by every process that reads it; the mapping is
+cached per process. Tensor views over it are zero-copy.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final
+
+from gpufaas.shared.errors import NotFound
+from gpufaas.shared.messages import Placement, Tube
+
+TUBES_DIR: Final = "tubes"
+TENSORS_DIR: Final = "tensors"
+
+
+def new_id(nbytes: int = 18) -> str:
+    """An unguessable identifier, safe in file names and subject tokens."""
+    return secrets.token_urlsafe(nbytes)
+
+
+def write_segment(root: Path, relpath: str, chunks: Iterable[bytes | memoryview]) -> int:
+    """Write a whole segment atomically; returns its size."""
+    path = root / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    size = 0
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                size += f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return size
+
+
+class SegmentCache:
+    """Per-process cache of mapped segments (opened once, reused by every view)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def map(self, relpath: str) -> mmap.mmap:
+        """The shared mapping of a segment (read-write pages; callers never write weights)."""
+        m = self._maps.get(relpath)
+        if m is None:
+            path = self.root / relpath
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                raise NotFound(f"segment {relpath} is not on this node") from None
+            try:
+                m = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            self._maps[relpath] = m
+        return m
+
+    def forget(self, relpath: str) -> None:
+        """Drop a cached mapping (views that still hold it keep it alive)."""
+        self._maps.pop(relpath, None)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+
+def write_tube(
+    root: Path, node: str, tenant: str, *, datatype: str, shape: list[int], data: bytes | memoryview
+) -> Tube:
+    """Store bytes as a host tube on this machine and return its reference."""
+    tube_id = new_id()
+    relpath = f"{TUBES_DIR}/{tube_id}"
+    write_segment(root, relpath, [data])
+    return Tube(
+        id=tube_id,
+        tenant=tenant,
+        datatype=datatype,  # type: ignore[arg-type]
+        shape=shape,
+        nbytes=len(data),
+        placements=[Placement(node=node, tier="host", segment=relpath, offset=0)],
+        created_at=time.time(),
+    )
+
+
+def host_path(root: Path, tube: Tube) -> Path:
+    """The file of a tube's host placement, or ``NotFound``."""
+    for p in tube.placements:
+        if p.tier == "host":
+            path = root / p.segment
+            if path.is_file():
+                return path
+    raise NotFound(f"tube {tube.id} has no host copy on this node", field="tube")
+
+
+def read_tube(root: Path, tube: Tube) -> bytes:
+    """The bytes of a host tube."""
+    path = host_path(root, tube)
+    with open(path, "rb") as f:
+        data = f.read(tube.nbytes)
+    if len(data) != tube.nbytes:
+        raise NotFound(f"tube {tube.id} is truncated", field="tube")
+    return data
+
+
+def delete_tube(root: Path, tube: Tube) -> None:
+    """Remove a tube's host bytes (idempotent)."""
+    for p in tube.placements:
+        if p.tier == "host":
+            (root / p.segment).unlink(missing_ok=True)

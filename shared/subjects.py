@@ -1,0 +1,80 @@
+"""Every NATS subject the platform uses is built here and nowhere else.
+
+Shapes: ``gpufaas.v1.<service>.<verb>`` for cluster-wide requests (served by a queue
+group), ``gpufaas.v1.node.<node>.<service>.<verb>`` for node-local services and
+``gpufaas.v1.events.<kind>`` for events.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from gpufaas.shared.constants import API_VERSION, SUBJECT_ROOT
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_KIND = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+_KIND_PATTERN = re.compile(r"^(>|([a-z0-9_-]+|\*)(\.([a-z0-9_-]+|\*))*(\.>)?)$")
+
+PREFIX: Final = f"{SUBJECT_ROOT}.{API_VERSION}"
+EVENTS_PREFIX: Final = f"{PREFIX}.events"
+EVENTS_ALL: Final = f"{EVENTS_PREFIX}.>"
+
+
+def token(value: str, what: str = "token") -> str:
+    """Return ``value`` if it is a single safe subject token (no dots, spaces or wildcards)."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} is not a valid subject token ([A-Za-z0-9_-]+)")
+    return value
+
+
+def cluster(service: str, verb: str) -> str:
+    """A request subject served by a cluster-wide service (scheduler replicas)."""
+    return f"{PREFIX}.{token(service, 'service')}.{token(verb, 'verb')}"
+
+
+def node(node_id: str, service: str, verb: str) -> str:
+    """A request subject served by one node's service."""
+    return f"{PREFIX}.node.{token(node_id, 'node id')}.{token(service, 'service')}.{token(verb, 'verb')}"
+
+
+def node_service_all(node_id: str, service: str) -> str:
+    """Wildcard over every verb of one node's service."""
+    return f"{PREFIX}.node.{token(node_id, 'node id')}.{token(service, 'service')}.*"
+
+
+def event(kind: str) -> str:
+    """The subject an event of ``kind`` (e.g. ``function.deployed``) is published on."""
+    if not _KIND.match(kind):
+        raise ValueError(f"event kind {kind!r} is not valid")
+    return f"{EVENTS_PREFIX}.{kind}"
+
+
+def event_kind(subject: str) -> str:
+    """Inverse of :func:`event`."""
+    if not subject.startswith(EVENTS_PREFIX + "."):
+        raise ValueError(f"{subject!r} is not an event subject")
+    return subject[len(EVENTS_PREFIX) + 1 :]
+
+
+def event_filter(kind_pattern: str) -> str:
+    """A subscription filter for events: ``function.*``, ``invocation.completed``, ``>``."""
+    if not _KIND_PATTERN.match(kind_pattern):
+        raise ValueError(f"event kind pattern {kind_pattern!r} is not valid")
+    return f"{EVENTS_PREFIX}.{kind_pattern}"
+
+
+# Cluster-wide scheduler verbs.
+SCHED_DEPLOY: Final = cluster("scheduler", "deploy")
+SCHED_DELETE: Final = cluster("scheduler", "delete")
+SCHED_INVOKE: Final = cluster("scheduler", "invoke")
+
+# Node-local verbs, completed with a node id by :func:`node`.
+WORKER_LOAD: Final = "load"
+WORKER_UNLOAD: Final = "unload"
+WORKER_RUN: Final = "run"
+TENSORSTORE_REGISTER: Final = "register"
+TENSORSTORE_STATS: Final = "stats"
+TRANSFER_RESOLVE: Final = "resolve"
+MEMORY_CAPACITY: Final = "capacity"
+PING: Final = "ping"

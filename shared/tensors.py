@@ -1,0 +1,127 @@
+"""KServe v2 tensor datatypes: element types, raw byte layouts and validation.
+
+Raw layout is little-endian row-major; ``BYTES`` elements are each a 4-byte
+little-endian length followed by the bytes (the inference protocol's binary form).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any, Final
+
+import numpy as np
+from gpufaas.shared.errors import InvalidArgument
+
+NUMPY_DTYPES: Final[dict[str, str]] = {
+    "BOOL": "|b1",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+}
+
+
+def element_count(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def check_shape(shape: Any, field: str) -> list[int]:
+    """A list of non-negative ints, else ``InvalidArgument`` naming ``field``."""
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidArgument(f"{field} must be a list of non-negative integers", field=field)
+    return shape
+
+
+def encode_bytes_elements(items: Sequence[bytes]) -> bytes:
+    """Length-prefixed concatenation of ``BYTES`` elements."""
+    out = bytearray()
+    for item in items:
+        out += struct.pack("<I", len(item))
+        out += item
+    return bytes(out)
+
+
+def decode_bytes_elements(raw: bytes | memoryview, count: int, field: str = "data") -> list[bytes]:
+    """Inverse of :func:`encode_bytes_elements`, checking the element count and framing."""
+    view = memoryview(raw)
+    items: list[bytes] = []
+    pos = 0
+    while pos < len(view):
+        if pos + 4 > len(view):
+            raise InvalidArgument("truncated BYTES element length", field=field)
+        (n,) = struct.unpack_from("<I", view, pos)
+        pos += 4
+        if pos + n > len(view):
+            raise InvalidArgument("truncated BYTES element", field=field)
+        items.append(bytes(view[pos : pos + n]))
+        pos += n
+    if len(items) != count:
+        raise InvalidArgument(f"expected {count} BYTES elements, got {len(items)}", field=field)
+    return items
+
+
+def _flatten(data: Any) -> list[Any]:
+    if isinstance(data, list) and data and isinstance(data[0], list):
+        return [x for row in data for x in _flatten(row)]
+    if isinstance(data, list):
+        return data
+    return [data]
+
+
+def json_to_raw(datatype: str, shape: list[int], data: Any, field: str) -> bytes:
+    """Raw bytes of a JSON ``data`` array (flat or nested), validated against datatype and shape."""
+    flat = _flatten(data)
+    count = element_count(shape)
+    if len(flat) != count:
+        raise InvalidArgument(
+            f"shape {shape} needs {count} elements but data has {len(flat)}", field=field
+        )
+    if datatype == "BYTES":
+        items: list[bytes] = []
+        for x in flat:
+            if not isinstance(x, str):
+                raise InvalidArgument("BYTES elements must be strings", field=field)
+            items.append(x.encode())
+        return encode_bytes_elements(items)
+    if datatype not in NUMPY_DTYPES:
+        raise InvalidArgument(f"datatype {datatype} is not supported in JSON", field=field)
+    if datatype == "BOOL":
+        ok = all(isinstance(x, bool) for x in flat)
+    elif datatype.startswith("FP"):
+        ok = all(isinstance(x, int | float) and not isinstance(x, bool) for x in flat)
+    else:
+        ok = all(isinstance(x, int) and not isinstance(x, bool) for x in flat)
+    if not ok:
+        raise InvalidArgument(f"data elements do not match datatype {datatype}", field=field)
+    try:
+        arr = np.asarray(flat, dtype=np.dtype(NUMPY_DTYPES[datatype]))
+    except OverflowError:
+        raise InvalidArgument(f"a value is out of range for {datatype}", field=field) from None
+    return arr.tobytes()
+
+
+def raw_to_json(datatype: str, shape: list[int], raw: bytes | memoryview) -> list[Any]:
+    """Flat JSON list of a raw tensor (the protocol's row-major ``data``)."""
+    count = element_count(shape)
+    if datatype == "BYTES":
+        return [b.decode("utf-8", errors="replace") for b in decode_bytes_elements(raw, count)]
+    arr = np.frombuffer(raw, dtype=np.dtype(NUMPY_DTYPES[datatype]), count=count)
+    return arr.tolist()  # type: ignore[no-any-return]
+
+
+def raw_nbytes(datatype: str, shape: list[int]) -> int | None:
+    """Bytes a fixed-size tensor occupies (``None`` for ``BYTES``)."""
+    if datatype == "BYTES":
+        return None
+    return element_count(shape) * np.dtype(NUMPY_DTYPES[datatype]).itemsize
