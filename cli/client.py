@@ -44,7 +44,7 @@ def sse(url: str) -> Iterator[tuple[str, str]]:
     """Follow a Server-Sent Events stream: yields (event, data)."""
     req = urllib.request.Request(url, headers={"Accept": "text/event-stream"})
     with urllib.request.urlopen(req) as resp:
-        event, data = "message", []
+        event, data = "message", list[str]()
         for raw in resp:
             line = raw.decode().rstrip("\n")
             if not line:

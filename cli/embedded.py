@@ -38,6 +38,8 @@ def write_config(data_dir: Path, host: str, port: int) -> Path:
 def port_free(host: str, port: int) -> bool:
     """Whether ``host:port`` can be bound right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers themselves do: a port held only by TIME_WAIT connections is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -90,6 +90,7 @@ class Metrics:
 
 
 METRICS = web.AppKey("metrics", Metrics)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def json_response(
@@ -108,7 +109,7 @@ def error_response(exc: PlatformError, request_id: str) -> web.Response:
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request ID, metrics, and the one place errors become HTTP responses."""
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     route = (
         request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
     )
@@ -200,9 +201,17 @@ async def require_function(request: web.Request, name: str) -> FunctionRecord:
     return record
 
 
+def untagged(value: Any) -> Any:
+    """Plain JSON of a message for HTTP clients: the ``type`` version tags removed."""
+    if isinstance(value, dict):
+        return {k: untagged(v) for k, v in value.items() if k != "type"}
+    if isinstance(value, list):
+        return [untagged(v) for v in value]
+    return value
+
+
 def function_json(record: FunctionRecord) -> dict[str, Any]:
-    out: dict[str, Any] = to_builtins(record)
-    out.pop("type", None)
+    out: dict[str, Any] = untagged(to_builtins(record))
     return out
 
 
@@ -292,7 +301,7 @@ async def infer(request: web.Request) -> web.Response:
     tenant = record.spec.tenant
     _validate_inputs(body, record)
     nc = nats_of(request)
-    request_id = request["request_id"]
+    request_id = request[REQUEST_ID]
     tubes: list[Tube] = []
     payloads: list[TensorPayload] = []
     try:
@@ -404,7 +413,7 @@ async def functions_post(request: web.Request) -> web.Response:
         DeployRequest(spec=spec),
         DeployReply,
         timeout=config.deploy_timeout_s + 5,
-        request_id=request["request_id"],
+        request_id=request[REQUEST_ID],
         what="scheduler",
     )
     return json_response(function_json(reply.function), 201 if reply.created else 200)
@@ -430,7 +439,7 @@ async def function_delete(request: web.Request) -> web.Response:
         DeleteRequest(name=name, tenant=tenant_of(request)),
         DeleteReply,
         timeout=request.app[CONFIG].request_timeout_s,
-        request_id=request["request_id"],
+        request_id=request[REQUEST_ID],
         what="scheduler",
     )
     return json_response({"deleted": reply.name})
@@ -445,7 +454,7 @@ async def nodes_list(request: web.Request) -> web.Response:
         devices: dict[str, Any] = {}
         for beat in beats:
             for d in beat.devices:
-                devices.setdefault(d.name, {k: v for k, v in to_builtins(d).items() if k != "type"})
+                devices.setdefault(d.name, untagged(to_builtins(d)))
         out.append(
             {
                 "node": node,
@@ -494,7 +503,7 @@ async def events_sse(request: web.Request) -> web.StreamResponse:
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
-            REQUEST_ID_HEADER: request["request_id"],
+            REQUEST_ID_HEADER: request[REQUEST_ID],
         }
     )
     await resp.prepare(request)
@@ -551,8 +560,13 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
         nc.jetstream(), node_ttl_s=config.node_ttl_s, tube_ttl_s=config.tube_ttl_s
     )
     yield
-    if not nc.is_closed:
-        await nc.drain()
+    if nc.is_connected:
+        try:
+            await nc.drain()
+        except nats.errors.Error:
+            await nc.close()
+    elif not nc.is_closed:
+        await nc.close()
 
 
 def create_app(config: Config) -> web.Application:

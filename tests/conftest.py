@@ -1,0 +1,64 @@
+"""Shared fixtures: a real nats-server on a free port, and free ports."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from gpufaas.embedded import accepting, nats_server_binary, write_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    """Poll ``predicate()`` until true or fail after ``timeout`` seconds."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class NatsServer:
+    """A real nats-server with JetStream, started for one test."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    conf: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def start(self) -> None:
+        """(Re)start on the same port and store."""
+        self.proc = subprocess.Popen(
+            [str(nats_server_binary()), "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: accepting("127.0.0.1", self.port), 10, "nats-server")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    port = free_port()
+    conf = write_config(tmp_path / "data", "127.0.0.1", port)
+    server = NatsServer(f"nats://127.0.0.1:{port}", port, None, conf)  # type: ignore[arg-type]
+    server.start()
+    yield server
+    server.stop()

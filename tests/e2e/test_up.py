@@ -1,0 +1,182 @@
+"""`gpufaas up` as a user runs it: real processes, HTTP, signals, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from gpufaas.shared.config import default_shm_dir
+
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+GPUFAAS = str(Path(sys.executable).parent / "gpufaas")
+
+
+def http(url: str, body: Any = None, method: str | None = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains ``text`` (our children carry the data dir or port)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline or text in environ:
+            found.append(int(entry.name))
+    return found
+
+
+class Up:
+    def __init__(self, tmp_path: Path, *args: str, ports: tuple[int, int] | None = None) -> None:
+        self.http_port, self.nats_port = ports or (free_port(), free_port())
+        self.data_dir = tmp_path / "data"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.log = tmp_path / f"up-{self.http_port}.log"
+        argv = [GPUFAAS, "up", "--http-port", str(self.http_port), "--nats-port",
+                str(self.nats_port), "--data-dir", str(self.data_dir), *args]  # fmt: skip
+        self.out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self.out, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while "Press Ctrl-C to stop." not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"gpufaas up did not become ready:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(60)
+        self.out.close()
+        return rc
+
+
+@pytest.fixture
+def up_sim(tmp_path: Path) -> Iterator[Up]:
+    up = Up(tmp_path, "--demo", "--devices", "sim:2", "--nodes", "2")
+    try:
+        up.wait_ready()
+        yield up
+    finally:
+        up.stop()
+
+
+def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
+    up = up_sim
+    text = up.log.read_text()
+    assert up.url in text
+    assert f"nats://127.0.0.1:{up.nats_port}" in text
+    assert f"curl -s {up.url}/v2/models/minilm/infer" in text
+
+    status, nodes = http(f"{up.url}/v1/nodes")
+    assert status == 200
+    assert [n["node"] for n in nodes["nodes"]] == ["node-0", "node-1"]
+    for n in nodes["nodes"]:
+        assert [d["name"] for d in n["devices"]] == ["host", "gpu:0", "gpu:1"]
+
+    # The curl line's request, as printed.
+    curl_body = text.split(" -d '", 1)[1].split("'", 1)[0]
+    status, res = http(f"{up.url}/v2/models/minilm/infer", json.loads(curl_body))
+    assert status == 200, res
+    vec = np.asarray(res["outputs"][0]["data"], dtype=np.float32)
+    assert vec.shape == (384,)
+    assert abs(float(np.linalg.norm(vec)) - 1) < 1e-4
+
+    cli = subprocess.run([GPUFAAS, "status", "--url", up.url], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "COLUMNS": "200"}, check=False)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert "minilm" in cli.stdout
+    assert "node-1" in cli.stdout
+    cli = subprocess.run([GPUFAAS, "invoke", "minilm", "hello", "--url", up.url],
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert "embedding FP32 [1, 384]" in cli.stdout
+
+    pids = pids_mentioning(str(up.data_dir))
+    assert len(pids) >= 10  # nats + 2 x 4 node services + scheduler + gateway (+ the CLI)
+    assert up.stop() == 0
+    assert "nothing left running" in up.log.read_text()
+    assert [p for p in pids if Path(f"/proc/{p}").exists()] == []
+    assert not (default_shm_dir() / f"up-{up.http_port}").exists()
+
+
+def test_state_survives_a_restart_of_up(tmp_path: Path) -> None:
+    first = Up(tmp_path, "--demo", "--devices", "cpu")
+    first.wait_ready()
+    assert first.stop(signal.SIGINT) == 0
+    second = Up(tmp_path, "--devices", "cpu", ports=(first.http_port, first.nats_port))
+    try:
+        second.wait_ready()
+        status, listed = http(f"{second.url}/v1/functions")
+        assert status == 200
+        assert [f["spec"]["name"] for f in listed["functions"]] == ["minilm"]
+        status, res = http(f"{second.url}/v2/models/minilm/infer",
+                           {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]})  # fmt: skip
+        assert status == 200, res
+    finally:
+        assert second.stop() == 0
+
+
+def test_taken_port_fails_at_once_naming_the_flag(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        res = subprocess.run([GPUFAAS, "up", "--http-port", str(port), "--data-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert res.returncode == 2
+        assert f"port {port}" in res.stdout
+        assert "--http-port" in res.stdout
+        assert time.monotonic() - t0 < 20
+        res = subprocess.run([GPUFAAS, "up", "--nats-port", str(port), "--http-port", str(free_port()),
+                              "--data-dir", str(tmp_path)], capture_output=True, text=True,
+                             timeout=60, check=False)  # fmt: skip
+        assert res.returncode == 2
+        assert f"port {port}" in res.stdout
+        assert "--nats-port" in res.stdout
+
+
+def test_killed_supervisor_leaves_nothing_running(tmp_path: Path) -> None:
+    up = Up(tmp_path, "--devices", "cpu")
+    up.wait_ready()
+    pids = pids_mentioning(str(up.data_dir))
+    assert up.stop(signal.SIGKILL) == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while [p for p in pids if Path(f"/proc/{p}").exists() and _alive(p)]:
+        assert time.monotonic() < deadline, "children outlived a SIGKILLed supervisor"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,194 @@
+"""Bad input gets a clear 4xx naming the field, and loses nothing; outages give 503."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gpufaas.scheduler.service import SchedulerService
+from gpufaas.shared import subjects
+from gpufaas.shared.config import Config
+from gpufaas.shared.errors import Unavailable
+from gpufaas.shared.messages import InvokeReply, InvokeRequest
+from gpufaas.shared.rpc import request
+
+from tests.conftest import NatsServer
+from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
+
+pytestmark = pytest.mark.integration
+
+
+async def expect(resp: Any, status: int, code: str, field: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = await resp.json()
+    assert resp.status == status, body
+    assert body["code"] == code, body
+    if field is not None:
+        assert body.get("field") == field, body
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "field"),
+    [
+        ({"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, 400,
+         "invalid_argument", "inputs[0].datatype"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}]}, 400,
+         "invalid_argument", "inputs[0].shape"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}, 400,
+         "invalid_argument", "inputs[0].data"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [3]}]}, 400,
+         "invalid_argument", "inputs[0].data"),
+        ({"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}, 400,
+         "invalid_argument", "inputs[0].name"),
+        ({"inputs": []}, 400, "invalid_argument", "inputs"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": "1", "data": ["a"]}]}, 400,
+         "invalid_argument", "inputs[0].shape"),
+        ({"inputs": [{"name": "text", "datatype": "STRING", "shape": [1], "data": ["a"]}]}, 400,
+         "invalid_argument", "inputs[0].datatype"),
+        ({"input": []}, 400, "invalid_argument", None),
+        ({**text_request(["a"]), "outputs": [{"name": "nope"}]}, 400, "invalid_argument",
+         "outputs[0].name"),
+    ],
+)  # fmt: skip
+async def test_bad_infer_bodies(
+    platform: Platform, body: dict[str, Any], status: int, code: str, field: str | None
+) -> None:
+    assert (await platform.client.post("/v1/functions", json=DEMO_BODY)).status == 201
+    await expect(
+        await platform.client.post("/v2/models/minilm/infer", json=body), status, code, field
+    )
+
+
+async def test_malformed_and_unknown(platform: Platform) -> None:
+    c = platform.client
+    await expect(
+        await c.post("/v2/models/minilm/infer", data=b'{"inputs":'), 400, "invalid_argument", "body"
+    )
+    await expect(await c.post("/v2/models/minilm/infer", data=b""), 400, "invalid_argument", "body")
+    await expect(
+        await c.post("/v2/models/nope/infer", json=text_request(["a"])),
+        404,
+        "not_found",
+        "model_name",
+    )
+    await expect(await c.get("/v2/models/nope"), 404, "not_found")
+    await expect(await c.get("/v2/models/nope/ready"), 404, "not_found")
+    await expect(await c.delete("/v1/functions/nope"), 404, "not_found", "name")
+    await expect(await c.get("/no/such/route"), 404, "not_found")
+    await expect(await c.put("/v1/functions"), 405, "method_not_allowed")
+    await expect(await c.get("/v1/functions", headers={"X-Gpufaas-Tenant": "Bad Tenant"}), 400,
+                 "invalid_argument", "X-Gpufaas-Tenant")  # fmt: skip
+    await expect(await c.get("/v1/events?kinds=a..b"), 400, "invalid_argument", "kinds")
+    await expect(await c.get("/v1/events?replay=sometimes"), 400, "invalid_argument", "replay")
+    await expect(await c.post("/v2/models/minilm/infer", data=b"{}",
+                              headers={"Content-Type": "image/png"}), 415, "unsupported_media_type")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "Bad Name", "model": {"builtin": "all-minilm-l6-v2"}}, "name"),
+        ({"name": "f", "model": {}}, "model"),
+        ({"name": "f", "model": {"builtin": "x", "path": "/y"}}, "model"),
+        ({"name": "f", "model": {"builtin": "no-such-model"}}, "model.builtin"),
+        ({"name": "f", "model": {"path": "relative/dir"}}, "model.path"),
+        ({"name": "f", "model": {"builtin": "all-minilm-l6-v2", "architecture": "gpt"}}, "model.architecture"),
+        ({"name": "f", "model": {"builtin": "all-minilm-l6-v2"}, "options": {"max_batch_size": 0}},
+         "options.max_batch_size"),
+        ({"name": "f", "model": {"builtin": "all-minilm-l6-v2"}, "extra": 1}, None),
+    ],
+)  # fmt: skip
+async def test_bad_deploys_are_400_and_leave_nothing(
+    platform: Platform, body: dict[str, Any], field: str | None
+) -> None:
+    c = platform.client
+    await expect(await c.post("/v1/functions", json=body), 400, "invalid_argument", field)
+    assert (await (await c.get("/v1/functions")).json())["functions"] == []
+
+
+async def test_corrupt_model_is_422_and_nothing_is_half_registered(
+    platform: Platform, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "broken"
+    model_dir.mkdir()
+    header = b'{"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}'
+    (model_dir / "model.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header + b"\0" * 100
+    )
+    c = platform.client
+    body = await expect(
+        await c.post("/v1/functions", json={"name": "broken", "model": {"path": str(model_dir)}}),
+        422, "model_invalid",
+    )  # fmt: skip
+    assert "truncated" in body["error"]
+    await expect(
+        await c.post("/v1/functions", json={"name": "gone", "model": {"path": str(tmp_path / "none")}}),
+        422, "model_invalid", "model.path",
+    )  # fmt: skip
+    assert (await (await c.get("/v1/functions")).json())["functions"] == []
+    store_dir = platform.config.shm_dir / "tensors" / platform.config.node_id
+    assert list(store_dir.iterdir()) == []
+
+
+async def test_conflicting_redeploy_is_409(platform: Platform) -> None:
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    other = {**DEMO_BODY, "options": {"max_batch_size": 4}}
+    await expect(await c.post("/v1/functions", json=other), 409, "already_exists", "name")
+
+
+async def test_tenants_do_not_see_each_other(platform: Platform) -> None:
+    c = platform.client
+    a = {"X-Gpufaas-Tenant": "tenant-a"}
+    b = {"X-Gpufaas-Tenant": "tenant-b"}
+    assert (await c.post("/v1/functions", json=DEMO_BODY, headers=a)).status == 201
+    await expect(
+        await c.post("/v2/models/minilm/infer", json=text_request(["x"]), headers=b),
+        404,
+        "not_found",
+    )
+    assert (await (await c.get("/v1/functions", headers=b)).json())["functions"] == []
+    assert (
+        await c.post("/v2/models/minilm/infer", json=text_request(["x"]), headers=a)
+    ).status == 200
+
+
+@pytest.fixture
+def platform_config(nats_server: NatsServer, tmp_path: Path) -> Config:
+    return make_config(nats_server, tmp_path, max_body_bytes=4096)
+
+
+async def test_oversized_body_is_413(platform: Platform) -> None:
+    big = text_request(["x" * 10_000])
+    await expect(
+        await platform.client.post("/v2/models/minilm/infer", json=big),
+        413,
+        "payload_too_large",
+        "body",
+    )
+
+
+async def test_nats_down_is_503_not_a_hang(platform: Platform) -> None:
+    c = platform.client
+    platform.nats.stop()
+    await expect(await c.get("/v1/functions"), 503, "unavailable")
+    await expect(
+        await c.post("/v2/models/minilm/infer", json=text_request(["a"])), 503, "unavailable"
+    )
+    assert (await c.get("/v2/health/ready")).status == 503
+    assert (await c.get("/v2/health/live")).status == 200
+    platform.nats.start()
+
+
+async def test_no_worker_is_a_typed_unavailable(platform: Platform) -> None:
+    assert (await platform.client.post("/v1/functions", json=DEMO_BODY)).status == 201
+    await platform.services["worker"].stop()
+    sched = platform.services["scheduler"]
+    assert isinstance(sched, SchedulerService)
+    await sched.reconcile_once(10**10)  # far future: every heartbeat is stale
+    with pytest.raises(Unavailable):
+        await request(sched.nc, subjects.SCHED_INVOKE,
+                      InvokeRequest(function="minilm", request_id="r", inputs=[]), InvokeReply,
+                      timeout=5)  # fmt: skip
