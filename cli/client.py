@@ -8,8 +8,9 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from gpufaas.shared.catalog import DEMO_FUNCTION, DEMO_MODEL
 from rich.console import Console
+
+from gpufaas.shared.catalog import DEMO_FUNCTION, DEMO_MODEL
 
 
 class ApiError(RuntimeError):

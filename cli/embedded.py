@@ -23,9 +23,10 @@ def nats_server_binary() -> Path:
 
 def write_config(data_dir: Path, host: str, port: int) -> Path:
     """A server config with JetStream and a raised max payload (settable only in a file)."""
-    nats_dir = data_dir / "nats"
+    # One store per port: two servers must never share a JetStream directory.
+    nats_dir = data_dir / "nats" / str(port)
     (nats_dir / "jetstream").mkdir(parents=True, exist_ok=True)
-    conf = nats_dir / f"nats-{port}.conf"
+    conf = nats_dir / "nats.conf"
     conf.write_text(
         f'listen: "{host}:{port}"\n'
         f"max_payload: {NATS_MAX_PAYLOAD}\n"

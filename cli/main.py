@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
 from gpufaas.client import ApiError, call, sse
 from gpufaas.shared.config import Config, default_data_dir
 from gpufaas.shared.constants import DEFAULT_HTTP_PORT, DEFAULT_NATS_PORT
-from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(help="gpufaas: serverless ML inference on GPUs.", no_args_is_help=True)
 console = Console()

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from rich.console import Console
+
 from gpufaas.embedded import accepting, nats_server_binary, port_free, write_config
 from gpufaas.shared.config import Config, default_shm_dir
 from gpufaas.shared.constants import NODE_SERVICES
 from gpufaas.supervisor import Child, StartError, Supervisor
-from rich.console import Console
 
 READY_TIMEOUT_S = 120.0
 

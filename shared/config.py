@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
+
 from gpufaas.shared import constants as c
 from gpufaas.shared.errors import InvalidArgument
 

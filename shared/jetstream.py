@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import nats.js.errors
-from gpufaas.shared import constants as c
-from gpufaas.shared import subjects
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
+
+from gpufaas.shared import constants as c
+from gpufaas.shared import subjects
 
 
 @dataclass(frozen=True, slots=True)

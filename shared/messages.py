@@ -11,6 +11,7 @@ import time
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
+
 from gpufaas.shared.constants import DEFAULT_TENANT
 from gpufaas.shared.errors import InvalidArgument
 

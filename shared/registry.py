@@ -7,8 +7,9 @@ import time
 from collections import defaultdict
 
 import nats.js.errors
-from gpufaas.shared.messages import FunctionRecord, Heartbeat, decode_json
 from nats.js.kv import KeyValue
+
+from gpufaas.shared.messages import FunctionRecord, Heartbeat, decode_json
 
 
 def function_key(tenant: str, name: str) -> str:

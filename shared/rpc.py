@@ -8,6 +8,9 @@ responders become ``Unavailable`` and a timeout ``DeadlineExceeded``.
 from __future__ import annotations
 
 import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg as NatsMsg
+
 from gpufaas.shared import constants as c
 from gpufaas.shared.errors import (
     DeadlineExceeded,
@@ -16,8 +19,6 @@ from gpufaas.shared.errors import (
     from_code,
 )
 from gpufaas.shared.messages import ErrorReply, M, Msg, decode, encode
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg as NatsMsg
 
 
 async def request(

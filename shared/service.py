@@ -19,6 +19,11 @@ from typing import Any, ClassVar
 import nats
 import nats.errors
 import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg as NatsMsg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
@@ -38,10 +43,6 @@ from gpufaas.shared.messages import (
     new_event,
 )
 from gpufaas.shared.rpc import error_reply
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg as NatsMsg
-from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
 
 log = structlog.get_logger()
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import numpy as np
+
 from gpufaas.shared.errors import InvalidArgument
 
 NUMPY_DTYPES: Final[dict[str, str]] = {

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from gpufaas.embedded import accepting, nats_server_binary, write_config
 
 

@@ -18,6 +18,10 @@ import nats.errors
 import orjson
 import structlog
 from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
 from gpufaas.gateway.bodies import DeployBody, InferBody
 from gpufaas.gateway.openapi import RouteDoc, build_openapi
 from gpufaas.shared import constants as c
@@ -54,9 +58,6 @@ from gpufaas.shared.rpc import request as nats_request
 from gpufaas.shared.service import connect_nats
 from gpufaas.shared.shm import delete_tube, read_tube, write_tube
 from gpufaas.shared.tensors import json_to_raw, raw_to_json
-from nats.aio.client import Client as NATS
-from nats.js.api import DeliverPolicy
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 log = structlog.get_logger()
 

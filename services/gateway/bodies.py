@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
 from gpufaas.shared.messages import Datatype, FunctionOptions, ModelSource, Name
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+
 from gpufaas.gateway.bodies import DeployBody, InferBody
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
+
 from gpufaas.gateway.app import create_app
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import PlatformError

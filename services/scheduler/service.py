@@ -14,6 +14,7 @@ from collections import Counter
 
 import nats.js.errors
 import structlog
+
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import validate_source

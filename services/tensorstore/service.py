@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
+
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import resolve_model_dir
 from gpufaas.shared.config import Config

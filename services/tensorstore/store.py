@@ -16,6 +16,7 @@ from pathlib import Path
 
 import blake3
 import structlog
+
 from gpufaas.shared.constants import SEGMENT_ALIGN
 from gpufaas.shared.messages import TensorRef, decode_json, encode_json
 from gpufaas.shared.shm import TENSORS_DIR, new_id, write_segment

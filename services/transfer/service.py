@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import nats.js.errors
+
 from gpufaas.shared import subjects
 from gpufaas.shared.errors import NotFound
 from gpufaas.shared.messages import ResolveReply, ResolveRequest, Tube, decode_json

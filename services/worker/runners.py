@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
 from gpufaas.shared.errors import InvalidArgument, ModelInvalid
 from gpufaas.shared.messages import TensorSpec
 from gpufaas.shared.tensors import decode_bytes_elements

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 import torch
+
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import NodeDevices, parse_devices
@@ -73,9 +74,13 @@ class WorkerService(Service):
         super().__init__(config)
         self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
         gpus = [d.name for d in self.node_devices.devices if d.kind != "host"]
-        # Compute happens on the CPU until the CUDA path lands; the device name says where
-        # the instance is placed (a simulated GPU accounts for it, a real one will run it).
+        # The device an instance is placed on. On a real GPU its weights get one device
+        # copy (sharing it across instances is the tensor store's GPU tier, issue 4);
+        # on a simulated GPU compute runs on the CPU over the shared host pages.
         self.device = gpus[0] if gpus else "cpu"
+        self.torch_device = torch.device(
+            "cuda:0" if self.node_devices.backend == "cuda" and torch.cuda.is_available() else "cpu"
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dev-{self.device}")
         self.segments = SegmentCache(config.shm_dir)
         self.instances: dict[tuple[str, str], Instance] = {}
@@ -142,6 +147,8 @@ class WorkerService(Service):
 
         def build() -> Runner:
             weights = {name: self._view(ref) for name, ref in reg.manifest.items()}
+            if self.torch_device.type != "cpu":
+                weights = {name: t.to(self.torch_device) for name, t in weights.items()}
             return runner_cls(Path(reg.model_dir), weights)
 
         runner = await loop.run_in_executor(self._executor, build)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gpufaas.shared.config import default_shm_dir
 
+from gpufaas.shared.config import default_shm_dir
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+
 from gpufaas.gateway.app import create_app
 from gpufaas.memory.service import MemoryService
 from gpufaas.scheduler.service import SchedulerService
@@ -17,7 +18,6 @@ from gpufaas.shared.service import Service
 from gpufaas.tensorstore.service import TensorStoreService
 from gpufaas.transfer.service import TransferService
 from gpufaas.worker.service import WorkerService
-
 from tests.conftest import NatsServer
 
 NODE_SERVICES = (TensorStoreService, TransferService, MemoryService, WorkerService)

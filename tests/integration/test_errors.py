@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import Unavailable
 from gpufaas.shared.messages import InvokeReply, InvokeRequest
 from gpufaas.shared.rpc import request
-
 from tests.conftest import NatsServer
 from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
 

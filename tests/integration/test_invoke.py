@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.torch
+
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import resolve_model_dir
 from gpufaas.shared.config import Config
 from gpufaas.shared.messages import ModelSource
 from gpufaas.tensorstore.service import TensorStoreService
 from gpufaas.worker.models.bert import BertConfig, BertEmbedder, load_tokenizer
-
 from tests.conftest import NatsServer
 from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
 
