@@ -7,6 +7,7 @@ so that any client can read the stream. Bulk bytes travel in tubes, not here.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -319,6 +320,8 @@ class Event(Msg, frozen=True, tag="event.v1"):
 
 # --- codecs --------------------------------------------------------------------------
 
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+
 M = TypeVar("M", bound=Msg)
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -383,9 +386,11 @@ def new_event(kind: str, source: str, data: dict[str, Any], request_id: str | No
 
 def _field_of(exc: msgspec.ValidationError) -> str | None:
     # msgspec messages end with " - at `$.path.to[0].field`".
+    # An unknown field is named in the text: "Object contains unknown field `x`".
     text = str(exc)
     marker = "- at `$"
-    if marker not in text:
-        return None
-    path = text.split(marker, 1)[1].rstrip("`")
-    return path.lstrip(".") or None
+    path = text.split(marker, 1)[1].rstrip("`").lstrip(".") if marker in text else ""
+    unknown = _UNKNOWN_FIELD.search(text)
+    if unknown is not None:
+        path = ".".join(filter(None, [path, unknown.group(1)]))
+    return path or None

@@ -72,17 +72,27 @@ def decode_bytes_elements(raw: bytes | memoryview, count: int, field: str = "dat
     return items
 
 
-def _flatten(data: Any) -> list[Any]:
-    if isinstance(data, list) and data and isinstance(data[0], list):
-        return [x for row in data for x in _flatten(row)]
-    if isinstance(data, list):
+def _flatten(data: Any, shape: list[int], field: str) -> list[Any]:
+    """Row-major elements of flat or nested ``data``; nesting must follow ``shape``."""
+    if not isinstance(data, list):
+        raise InvalidArgument("data must be a JSON array", field=field)
+    if not any(isinstance(x, list) for x in data):
         return data
-    return [data]
+    row = element_count(shape[1:])
+    if not shape or len(data) != shape[0] or not all(isinstance(x, list) for x in data):
+        raise InvalidArgument(f"nested data does not follow shape {shape}", field=field)
+    out: list[Any] = []
+    for sub in data:
+        flat = _flatten(sub, shape[1:], field)
+        if len(flat) != row:
+            raise InvalidArgument(f"nested data does not follow shape {shape}", field=field)
+        out += flat
+    return out
 
 
 def json_to_raw(datatype: str, shape: list[int], data: Any, field: str) -> bytes:
     """Raw bytes of a JSON ``data`` array (flat or nested), validated against datatype and shape."""
-    flat = _flatten(data)
+    flat = _flatten(data, shape, field)
     count = element_count(shape)
     if len(flat) != count:
         raise InvalidArgument(
@@ -106,8 +116,9 @@ def json_to_raw(datatype: str, shape: list[int], data: Any, field: str) -> bytes
     if not ok:
         raise InvalidArgument(f"data elements do not match datatype {datatype}", field=field)
     try:
-        arr = np.asarray(flat, dtype=np.dtype(NUMPY_DTYPES[datatype]))
-    except OverflowError:
+        with np.errstate(over="raise"):
+            arr = np.asarray(flat, dtype=np.dtype(NUMPY_DTYPES[datatype]))
+    except (OverflowError, FloatingPointError):
         raise InvalidArgument(f"a value is out of range for {datatype}", field=field) from None
     return arr.tobytes()
 
@@ -117,7 +128,12 @@ def raw_to_json(datatype: str, shape: list[int], raw: bytes | memoryview) -> lis
     count = element_count(shape)
     if datatype == "BYTES":
         return [b.decode("utf-8", errors="replace") for b in decode_bytes_elements(raw, count)]
-    arr = np.frombuffer(raw, dtype=np.dtype(NUMPY_DTYPES[datatype]), count=count)
+    dtype = np.dtype(NUMPY_DTYPES[datatype])
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidArgument(
+            f"{datatype} {shape} needs {count * dtype.itemsize} bytes, got {len(raw)}"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, count=count)
     return arr.tolist()  # type: ignore[no-any-return]
 
 

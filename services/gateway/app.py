@@ -19,7 +19,7 @@ import orjson
 import structlog
 from aiohttp import web
 from nats.aio.client import Client as NATS
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from gpufaas.gateway.bodies import DeployBody, InferBody
@@ -485,21 +485,19 @@ async def events_sse(request: web.Request) -> web.StreamResponse:
         ) from None
     replay = request.query.get("replay", "new")
     last_id = request.headers.get("Last-Event-ID")
-    opts: dict[str, Any]
     if last_id is not None:
         if not last_id.isdigit():
             raise InvalidArgument(
                 "Last-Event-ID must be a stream sequence number", field="Last-Event-ID"
             )
-        opts = {
-            "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
-            "opt_start_seq": int(last_id) + 1,
-        }
+        consumer = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(last_id) + 1
+        )
     elif replay in ("all", "new", "last"):
-        opts = {"deliver_policy": DeliverPolicy(replay)}
+        consumer = ConsumerConfig(deliver_policy=DeliverPolicy(replay))
     else:
         raise InvalidArgument("replay must be all, new or last", field="replay")
-    sub = await nc.jetstream().subscribe(filt, ordered_consumer=True, **opts)
+    sub = await nc.jetstream().subscribe(filt, ordered_consumer=True, config=consumer)
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",

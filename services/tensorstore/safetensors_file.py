@@ -52,7 +52,11 @@ class SafetensorsFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
             raise ModelInvalid(f"cannot read {path.name}: {exc}", field="model") from None
-        self.entries = self._parse()
+        try:
+            self.entries = self._parse()
+        except BaseException:
+            self._map.close()
+            raise
 
     def _bad(self, why: str) -> ModelInvalid:
         return ModelInvalid(
@@ -81,6 +85,14 @@ class SafetensorsFile:
                 dtype, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise self._bad(f"tensor {name!r} lacks dtype/shape/data_offsets") from None
+            if not (
+                isinstance(dtype, str)
+                and isinstance(shape, list)
+                and all(type(d) is int and d >= 0 for d in shape)
+                and type(start) is int
+                and type(end) is int
+            ):
+                raise self._bad(f"tensor {name!r} has malformed dtype/shape/data_offsets")
             if dtype not in DTYPES:
                 raise self._bad(f"tensor {name!r} has unsupported dtype {dtype!r}")
             count = 1

@@ -59,6 +59,10 @@ class BertEmbeddingRunner:
 
     def infer(self, inputs: Mapping[str, tuple[list[int], bytes]]) -> dict[str, Output]:
         shape, raw = inputs["text"]
+        if len(shape) != 1:
+            raise InvalidArgument(
+                f"text must have shape [N], got {shape}", field="inputs[text].shape"
+            )
         texts = []
         for i, item in enumerate(decode_bytes_elements(raw, shape[0], field="inputs[text].data")):
             try:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from gpufaas.shared.config import default_shm_dir
-from tests.conftest import free_port
+from tests.conftest import NatsServer, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -180,3 +180,35 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_each_service_runs_alone_and_stops_cleanly(tmp_path: Path, nats_server: NatsServer) -> None:
+    env = {**os.environ, "GPUFAAS_NATS_URL": nats_server.url, "GPUFAAS_NODE_ID": "solo",
+           "GPUFAAS_SHM_DIR": str(tmp_path / "shm"), "GPUFAAS_DEVICES": "sim:1"}  # fmt: skip
+    procs = {}
+    for svc, argv in [("memory", [GPUFAAS, "memory"]),
+                      ("transfer", [sys.executable, "-m", "gpufaas.transfer"])]:  # fmt: skip
+        ready = tmp_path / f"{svc}.ready"
+        procs[svc] = (subprocess.Popen(argv, env={**env, "GPUFAAS_READY_FILE": str(ready)},
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), ready)  # fmt: skip
+    for svc, (proc, ready) in procs.items():
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, f"{svc} exited early"
+            assert time.monotonic() < deadline, f"{svc} not ready"
+            time.sleep(0.05)
+    for proc, _ in procs.values():
+        proc.send_signal(signal.SIGTERM)
+    assert [proc.wait(30) for proc, _ in procs.values()] == [0, 0]
+
+
+def test_up_with_an_existing_nats(tmp_path: Path, nats_server: NatsServer) -> None:
+    up = Up(tmp_path, "--devices", "cpu", "--nats-url", nats_server.url)
+    try:
+        up.wait_ready()
+        assert nats_server.url in up.log.read_text()
+        assert not (up.data_dir / "run" / f"up-{up.http_port}" / "logs" / "nats.log").exists()
+        assert http(f"{up.url}/v2/health/ready")[0] == 200
+    finally:
+        assert up.stop() == 0
+    assert nats_server.proc.poll() is None  # ours to start, not to stop
