@@ -119,6 +119,18 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
     assert cli.returncode == 0, cli.stderr
     assert "embedding FP32 [1, 384]" in cli.stdout
 
+    events = subprocess.Popen([GPUFAAS, "events", "--replay", "all", "--kinds", "function.*",
+                               "--url", up.url], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    try:
+        assert events.stdout is not None
+        first = events.stdout.readline()
+        assert "function.deployed" in first
+        assert '"function": "minilm"' in first
+    finally:
+        events.kill()
+        events.communicate()
+
     pids = pids_mentioning(str(up.data_dir))
     assert len(pids) >= 10  # nats + 2 x 4 node services + scheduler + gateway (+ the CLI)
     assert up.stop() == 0

@@ -160,3 +160,30 @@ async def test_nodes_and_openapi(platform: Platform) -> None:
         if r.method != "HEAD" and r.resource is not None
     }
     assert documented == registered
+
+
+async def test_node_services_answer_their_subjects(platform: Platform) -> None:
+    from gpufaas.shared.messages import (  # noqa: PLC0415
+        CapacityReply,
+        CapacityRequest,
+        Ping,
+        Pong,
+        StoreStats,
+        StoreStatsRequest,
+    )
+    from gpufaas.shared.rpc import request  # noqa: PLC0415
+
+    assert (await platform.client.post("/v1/functions", json=DEMO_BODY)).status == 201
+    nc = platform.services["scheduler"].nc
+    node = platform.config.node_id
+    cap = await request(nc, subjects.node(node, "memory", subjects.MEMORY_CAPACITY), CapacityRequest(),
+                        CapacityReply, timeout=5)  # fmt: skip
+    assert [d.name for d in cap.devices] == ["host", "gpu:0", "gpu:1"]
+    assert cap.devices[1].memory_bytes == 32 * 2**30  # dgx1-v100 topology: V100 32 GB
+    stats = await request(nc, subjects.node(node, "tensorstore", subjects.TENSORSTORE_STATS),
+                          StoreStatsRequest(), StoreStats, timeout=5)  # fmt: skip
+    assert stats.tensors > 0
+    assert stats.bytes_stored == stats.bytes_requested
+    for svc in ("tensorstore", "transfer", "memory", "worker"):
+        pong = await request(nc, subjects.node(node, svc, subjects.PING), Ping(), Pong, timeout=5)
+        assert pong.service == svc
