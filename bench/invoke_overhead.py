@@ -1,0 +1,481 @@
+"""Invocation overhead: a warm call through the gateway versus the same model in-process.
+
+Starts ``gpufaas up --demo --devices cpu`` (the real all-MiniLM-L6-v2 embedding model as
+function ``minilm``) on free ports with a temporary data directory, then for each batch
+size alternates, request by request, between
+
+  (a) ``POST /v2/models/minilm/infer`` over one keep-alive HTTP connection (timed from
+      sending the request to having the JSON reply decoded), and
+  (b) ``BertEmbedder.embed`` on the same weights in this process,
+
+and prints p50/p99/mean of each, the overhead and the ratio, and the median of the
+platform's own breakdown (``parameters.breakdown_us``) so one can see where the time goes.
+
+Run:  .venv/bin/python bench/invoke_overhead.py [--requests 200] [--batch 1,8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from gpufaas.shared.catalog import resolve_model_dir
+from gpufaas.shared.messages import ModelSource
+from gpufaas.worker.models.bert import BertConfig, BertEmbedder, load_tokenizer
+
+FUNCTION = "minilm"
+HOST = "127.0.0.1"
+READY_LINE = "Press Ctrl-C to stop."
+MAX_ABS_DIFF = 1e-5
+STOP_TIMEOUT_S = 60.0
+
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.",
+    "A monkey is playing drums.",
+    "Serverless inference keeps the model warm between requests.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Content-addressed tensors are stored once and shared by every function.",
+    "It is raining in the city tonight.",
+    "Someone is slicing a tomato in the kitchen.",
+    "A cheetah is running behind its prey.",
+    "The scheduler places functions near their weights.",
+    "Embeddings map sentences to points in a vector space.",
+]
+
+
+# --- the platform -------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports that were free a moment ago (bound together, then released)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http_status(port: int, path: str) -> int | None:
+    """Status of ``GET path``, or None when nothing answers yet."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=2)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+    except OSError:
+        return None
+    else:
+        return resp.status
+    finally:
+        conn.close()
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no output)"
+
+
+@dataclass
+class Platform:
+    proc: subprocess.Popen[bytes]
+    http_port: int
+    log_path: Path
+
+
+def start_platform(data_dir: Path, log_path: Path) -> Platform:
+    http_port, nats_port = free_ports(2)
+    argv = [
+        str(Path(sys.executable).parent / "gpufaas"),
+        "up",
+        "--http-port",
+        str(http_port),
+        "--nats-port",
+        str(nats_port),
+        "--data-dir",
+        str(data_dir),
+        "--devices",
+        "cpu",
+        "--demo",
+    ]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+    return Platform(proc, http_port, log_path)
+
+
+def wait_ready(plat: Platform, timeout_s: float) -> float:
+    """Poll until the demo is deployed and both readiness endpoints answer 200; seconds taken."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    while True:
+        if plat.proc.poll() is not None:
+            raise RuntimeError(
+                f"gpufaas up exited with status {plat.proc.returncode} before it was ready:\n"
+                f"{log_tail(plat.log_path)}"
+            )
+        if (
+            READY_LINE in plat.log_path.read_text(errors="replace")
+            and http_status(plat.http_port, "/v2/health/ready") == 200
+            and http_status(plat.http_port, f"/v2/models/{FUNCTION}/ready") == 200
+        ):
+            return time.monotonic() - t0
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"gpufaas up not ready after {timeout_s:.0f} s:\n{log_tail(plat.log_path)}"
+            )
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            plat.proc.wait(timeout=0.2)  # the poll interval, cut short if the process exits
+
+
+def stop_platform(plat: Platform) -> int:
+    """SIGTERM and wait for exit (SIGKILL only if it does not stop in time); exit status."""
+    if plat.proc.poll() is None:
+        plat.proc.send_signal(signal.SIGTERM)
+        try:
+            return plat.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            print(
+                f"gpufaas up ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s; killing it",
+                file=sys.stderr,
+            )
+            plat.proc.kill()
+    return plat.proc.wait()
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops the platform
+
+
+# --- measurement --------------------------------------------------------------------
+
+
+def load_embedder() -> BertEmbedder:
+    d = resolve_model_dir(ModelSource(builtin="all-minilm-l6-v2"))
+    cfg = BertConfig.from_model_dir(d)
+    weights = safetensors.torch.load_file(d / "model.safetensors")
+    return BertEmbedder(weights, cfg, load_tokenizer(d, cfg.max_seq_length))
+
+
+def texts_for(batch: int) -> list[str]:
+    return [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
+
+
+class Gateway:
+    """One keep-alive HTTP connection to the gateway's infer endpoint."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=60)
+        self.connections = 0
+        self.last_decode_s = 0.0
+        self._sock: object = None
+
+    def infer(self, body: bytes) -> dict[str, Any]:
+        self.conn.request(
+            "POST",
+            f"/v2/models/{FUNCTION}/infer",
+            body=body,
+            headers={"Content-Type": "application/json"},
+        )
+        if self.conn.sock is not self._sock:  # http.client reconnected (or first request)
+            self._sock = self.conn.sock
+            self.connections += 1
+        resp = self.conn.getresponse()
+        raw = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"infer returned HTTP {resp.status}: {raw[:500]!r}")
+        t0 = time.perf_counter()
+        reply: dict[str, Any] = json.loads(raw)
+        self.last_decode_s = time.perf_counter() - t0
+        return reply
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def infer_body(texts: list[str]) -> bytes:
+    payload = {
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]
+    }
+    return json.dumps(payload).encode()
+
+
+def embedding_of(reply: dict[str, Any], batch: int) -> torch.Tensor:
+    out = next(o for o in reply["outputs"] if o["name"] == "embedding")
+    if out["shape"][0] != batch:
+        raise RuntimeError(f"gateway returned shape {out['shape']} for a batch of {batch}")
+    return torch.tensor(out["data"], dtype=torch.float32).reshape(out["shape"])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@dataclass
+class Stats:
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Stats:
+        ms = [x * 1e3 for x in seconds]
+        return cls(percentile(ms, 50), percentile(ms, 99), sum(ms) / len(ms))
+
+
+@dataclass
+class BatchResult:
+    batch: int
+    requests: int
+    gateway: Stats
+    in_process: Stats
+    overhead_p50_ms: float
+    ratio_p50: float
+    ratio_p99: float
+    max_abs_diff: float
+    breakdown_median_ms: dict[str, float] = field(default_factory=dict)
+    cold_replies: int = 0
+
+
+def measure(gw: Gateway, emb: BertEmbedder, batch: int, requests: int, warmup: int) -> BatchResult:
+    texts = texts_for(batch)
+    body = infer_body(texts)
+
+    # Correctness first: the gateway must return what the model computes here.
+    reference = emb.embed(texts)
+    diff = float((embedding_of(gw.infer(body), batch) - reference).abs().max())
+    if not diff <= MAX_ABS_DIFF:
+        raise RuntimeError(
+            f"batch {batch}: gateway embedding differs from in-process by {diff:.3g} "
+            f"(allowed {MAX_ABS_DIFF:g})"
+        )
+
+    for i in range(warmup):
+        if i % 2:
+            emb.embed(texts)
+            gw.infer(body)
+        else:
+            gw.infer(body)
+            emb.embed(texts)
+
+    gw_s: list[float] = []
+    ip_s: list[float] = []
+    parts: dict[str, list[float]] = {
+        k: [] for k in ("queue", "transfer", "load", "compute", "total", "outside", "client_decode")
+    }
+    cold = 0
+
+    def one_gateway() -> None:
+        nonlocal cold
+        t0 = time.perf_counter()
+        reply = gw.infer(body)
+        wall = time.perf_counter() - t0
+        gw_s.append(wall)
+        b = reply["parameters"]["breakdown_us"]
+        for k in ("queue", "transfer", "load", "compute", "total"):
+            parts[k].append(b[k] / 1e3)
+        # HTTP, JSON both ways, gateway and NATS hops: what the platform's total does not see
+        parts["outside"].append(wall * 1e3 - b["total"] / 1e3)
+        parts["client_decode"].append(gw.last_decode_s * 1e3)
+        cold += b["load"] > 0
+
+    def one_in_process() -> None:
+        t0 = time.perf_counter()
+        emb.embed(texts)
+        ip_s.append(time.perf_counter() - t0)
+
+    for i in range(requests):  # interleaved, order alternating, so drift hits both alike
+        first, second = (
+            (one_gateway, one_in_process) if i % 2 == 0 else (one_in_process, one_gateway)
+        )
+        first()
+        second()
+
+    g, p = Stats.of(gw_s), Stats.of(ip_s)
+    return BatchResult(
+        batch=batch,
+        requests=requests,
+        gateway=g,
+        in_process=p,
+        overhead_p50_ms=g.p50_ms - p.p50_ms,
+        ratio_p50=g.p50_ms / p.p50_ms,
+        ratio_p99=g.p99_ms / p.p99_ms,
+        max_abs_diff=diff,
+        breakdown_median_ms={k: percentile(v, 50) for k, v in parts.items()},
+        cold_replies=cold,
+    )
+
+
+# --- reporting ----------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": "CPU (no GPU)",
+        "loadavg_1m_before": round(os.getloadavg()[0], 2),
+    }
+
+
+def print_machine(m: dict[str, Any]) -> None:
+    print(f"machine : {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable)")
+    print(f"software: python {m['python']}, torch {m['torch']}")
+    print(f"device  : {m['device']}; torch.get_num_threads() here = {m['torch_threads']}")
+    print(
+        "note    : the in-process model and the platform's worker (plus gateway, scheduler, NATS)\n"
+        "          share the same cores; the two are interleaved request by request, so\n"
+        "          neither runs while the other is being timed, but both see the same noise."
+    )
+
+
+def print_result(r: BatchResult) -> None:
+    print(f"\nbatch {r.batch}: {r.requests} requests each, interleaved")
+    print(f"  {'':<26}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    for label, s in (("(a) gateway, HTTP warm", r.gateway), ("(b) in-process embed", r.in_process)):
+        print(f"  {label:<26}{s.p50_ms:>10.2f}{s.p99_ms:>10.2f}{s.mean_ms:>10.2f}")
+    print(f"  overhead at p50: {r.overhead_p50_ms:+.2f} ms")
+    print(f"  ratio gateway/in-process: p50 {r.ratio_p50:.2f}x, p99 {r.ratio_p99:.2f}x")
+    b = r.breakdown_median_ms
+    print(
+        "  platform breakdown (medians, ms): "
+        f"queue {b['queue']:.2f}, transfer {b['transfer']:.2f}, load {b['load']:.2f}, "
+        f"compute {b['compute']:.2f}, total {b['total']:.2f}; "
+        f"outside it (HTTP, JSON, gateway, NATS) {b['outside']:.2f}, "
+        f"of which this client's json.loads {b['client_decode']:.2f}"
+    )
+    print(f"  max |gateway - in-process| = {r.max_abs_diff:.2e}; cold replies: {r.cold_replies}")
+
+
+# --- main ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--requests", type=int, default=200, help="timed requests per batch size")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed requests per batch size")
+    ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--keep-data-dir", action="store_true", help="keep the temporary data dir")
+    ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
+    ap.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for up")
+    args = ap.parse_args(argv)
+    try:
+        args.batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--batch: not a list of integers: {args.batch!r}")
+    if not args.batches or min(args.batches) < 1:
+        ap.error("--batch: sizes must be positive")
+    if args.requests < 1 or args.warmup < 0:
+        ap.error("--requests must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    m = machine()
+    print_machine(m)
+
+    emb = load_embedder()
+    data_dir = Path(tempfile.mkdtemp(prefix="gpufaas-bench-"))
+    plat: Platform | None = None
+    gw: Gateway | None = None
+    results: list[BatchResult] = []
+    try:
+        plat = start_platform(data_dir, data_dir / "up.log")
+        took = wait_ready(plat, args.ready_timeout)
+        print(
+            f"platform: gpufaas up --demo --devices cpu on port {plat.http_port}, ready in {took:.1f} s"
+        )
+        gw = Gateway(plat.http_port)
+        for batch in args.batches:
+            r = measure(gw, emb, batch, args.requests, args.warmup)
+            print_result(r)
+            results.append(r)
+        print(f"\nHTTP connections opened: {gw.connections} (keep-alive)")
+        m["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+        print(
+            f"load average (1 min): {m['loadavg_1m_before']} before, {m['loadavg_1m_after']} "
+            f"after, on {m['cores']} cores (this bench alone adds about 1)"
+        )
+    finally:
+        if gw is not None:
+            gw.close()
+        if plat is not None:
+            status = stop_platform(plat)
+            print(f"platform stopped (exit status {status})")
+            if status != 0:
+                print(log_tail(plat.log_path), file=sys.stderr)
+        if args.keep_data_dir:
+            print(f"data dir kept: {data_dir}")
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+    if args.json is not None:
+        doc = {
+            "machine": m,
+            "command": [sys.executable, *sys.argv],
+            "settings": {"requests": args.requests, "warmup": args.warmup, "batches": args.batches},
+            "results": [asdict(r) for r in results],
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
