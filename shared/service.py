@@ -287,12 +287,18 @@ class Service:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def stop_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (call from the running loop of an entry point)."""
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, event.set)
+    return event
+
+
 async def run_service(service: Service) -> int:
     """Entry point body: start, wait for SIGINT/SIGTERM or a fatal error, stop in time."""
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_requested.set)
+    stop_requested = stop_signals()
     try:
         await service.start()
     except PlatformError as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from pathlib import Path
 
 import structlog
@@ -14,6 +13,7 @@ from gpufaas.gateway.app import create_app
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import PlatformError
 from gpufaas.shared.logging import configure_logging
+from gpufaas.shared.service import stop_signals
 
 log = structlog.get_logger()
 
@@ -23,10 +23,7 @@ async def serve(config: Config) -> int:
     runner = web.AppRunner(
         create_app(config), shutdown_timeout=config.shutdown_deadline_s / 2, access_log=None
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_signals()
     try:
         await runner.setup()
         site = web.TCPSite(runner, config.http_host, config.http_port)
