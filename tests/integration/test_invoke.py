@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.torch
 
+from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import resolve_model_dir
 from gpufaas.shared.config import Config
 from gpufaas.shared.messages import ModelSource
 from gpufaas.tensorstore.service import TensorStoreService
 from gpufaas.worker.models.bert import BertConfig, BertEmbedder, load_tokenizer
+from gpufaas.worker.runners import BertEmbeddingRunner
+from gpufaas.worker.service import WorkerService
 from tests.conftest import NatsServer
 from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
 
@@ -128,8 +133,6 @@ async def test_state_survives_control_plane_restart(platform: Platform) -> None:
 
 
 async def test_worker_restart_cold_starts_from_resident_tensors(platform: Platform) -> None:
-    from gpufaas.worker.service import WorkerService  # noqa: PLC0415
-
     assert (await platform.client.post("/v1/functions", json=DEMO_BODY)).status == 201
     await platform.services["worker"].stop()
     platform.services["worker"] = WorkerService(platform.config)
@@ -187,3 +190,45 @@ async def test_node_services_answer_their_subjects(platform: Platform) -> None:
     for svc in ("tensorstore", "transfer", "memory", "worker"):
         pong = await request(nc, subjects.node(node, svc, subjects.PING), Ping(), Pong, timeout=5)
         assert pong.service == svc
+
+
+def _segment_ranges(worker: WorkerService) -> list[tuple[int, int]]:
+    ranges = []
+    for mm in worker.segments._maps.values():
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        ranges.append((base, base + len(mm)))
+    return ranges
+
+
+async def test_instances_share_the_same_pages(platform: Platform) -> None:
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    assert (await c.post("/v1/functions", json={**DEMO_BODY, "name": "minilm-b"})).status == 201
+    worker = platform.services["worker"]
+    store = platform.services["tensorstore"]
+    assert isinstance(worker, WorkerService)
+    assert isinstance(store, TensorStoreService)
+    # The second deploy of the same weights stored nothing new.
+    assert store.store.bytes_requested == 2 * store.store.bytes_stored
+    ptrs = []
+    for name in ("minilm", "minilm-b"):
+        runner = worker.instances[("default", name)].runner
+        assert isinstance(runner, BertEmbeddingRunner)
+        ptrs.append(runner.model.weight_data_ptrs())
+    assert ptrs[0] == ptrs[1]  # both instances use the very same weight memory ...
+    ranges = _segment_ranges(worker)
+    for ptr in ptrs[0].values():  # ... which lies inside the tensor store's shared segments
+        assert any(lo <= ptr < hi for lo, hi in ranges)
+
+
+async def test_node_left_when_a_worker_dies_without_leaving(platform: Platform) -> None:
+    sched = platform.services["scheduler"]
+    worker = platform.services["worker"]
+    assert isinstance(sched, SchedulerService)
+    await worker.nc.close()  # a crash: no goodbye, its heartbeat just stops
+    await sched.reconcile_once(time.time() + platform.config.node_ttl_s + 1)
+    assert "node-t" not in sched.workers
+    sub = await sched.js.subscribe(subjects.event("node.left"), ordered_consumer=True)
+    ev = json.loads((await sub.next_msg(timeout=5)).data)
+    await sub.unsubscribe()
+    assert ev["data"] == {"node": "node-t", "reason": "heartbeat expired"}
