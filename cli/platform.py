@@ -17,6 +17,9 @@ from gpufaas.shared.constants import NODE_SERVICES
 from gpufaas.supervisor import Child, StartError, Supervisor
 
 READY_TIMEOUT_S = 120.0
+# A service that crashes is restarted, unless it crashed this often within the window.
+RESTART_LIMIT = 3
+RESTART_WINDOW_S = 60.0
 
 
 class UsageError(RuntimeError):
@@ -60,19 +63,26 @@ class StopSignal:
 
 
 def wait_until_stopped(sup: Supervisor, stop: StopSignal, console: Console) -> int:
-    """Block until a signal (exit 0) or until a child dies (exit 1)."""
+    """Block until a signal (exit 0); restart a crashed service, give up if it keeps crashing."""
     while not stop.event.wait(0.5):
         dead = sup.exited()
-        if dead is not None:
-            console.print(
-                f"[red]{dead.name} exited with status {dead.proc.returncode}[/red]; "
-                f"stopping everything. Last lines of {dead.log_path}:\n{dead.log_tail()}"
-            )
-            return 1
+        if dead is None:
+            continue
+        status = dead.proc.returncode
+        if dead.name != "nats" and sup.restart(
+            dead, limit=RESTART_LIMIT, window_s=RESTART_WINDOW_S
+        ):
+            console.print(f"[yellow]{dead.name} exited with status {status}; restarted[/yellow]")
+            continue
+        console.print(
+            f"[red]{dead.name} exited with status {status}[/red]; stopping everything. "
+            f"Last lines of {dead.log_path}:\n{dead.log_tail()}"
+        )
+        return 1
     return 0
 
 
-def up(opts: UpOptions, console: Console, on_ready: list[object] | None = None) -> int:
+def up(opts: UpOptions, console: Console) -> int:
     """Start NATS (unless given), the node services, the scheduler and the gateway."""
     if not port_free(opts.host, opts.http_port):
         raise UsageError(

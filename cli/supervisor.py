@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
@@ -38,6 +38,9 @@ class Child:
     proc: subprocess.Popen[bytes]
     log_path: Path
     ready_file: Path | None
+    argv: list[str]
+    env: dict[str, str]
+    restarts: list[float] = field(default_factory=list)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -64,8 +67,16 @@ class Supervisor:
             ready_file.unlink(missing_ok=True)
             env = {**env, "GPUFAAS_READY_FILE": str(ready_file)}
         log_path = self.logs / f"{name}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
+        child = Child(name, self._popen(argv, env, log_path, "wb"), log_path, ready_file, argv, env)
+        self.children.append(child)
+        return child
+
+    @staticmethod
+    def _popen(
+        argv: list[str], env: dict[str, str], log_path: Path, mode: str
+    ) -> subprocess.Popen[bytes]:
+        with open(log_path, mode) as log:
+            return subprocess.Popen(
                 argv,
                 env={**os.environ, **env},
                 stdin=subprocess.DEVNULL,
@@ -74,9 +85,18 @@ class Supervisor:
                 start_new_session=True,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, no locks
             )
-        child = Child(name, proc, log_path, ready_file)
-        self.children.append(child)
-        return child
+
+    def restart(self, child: Child, *, limit: int, window_s: float) -> bool:
+        """Start an exited child again (log appended), unless it crashed ``limit`` times lately."""
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < window_s]
+        if len(child.restarts) >= limit:
+            return False
+        child.restarts.append(now)
+        if child.ready_file is not None:
+            child.ready_file.unlink(missing_ok=True)
+        child.proc = self._popen(child.argv, child.env, child.log_path, "ab")
+        return True
 
     def spawn_service(self, name: str, module: str, env: dict[str, str]) -> Child:
         """Start ``python -m gpufaas.<module>``."""

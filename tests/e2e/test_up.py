@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gpufaas.client import sse
 from gpufaas.shared.config import default_shm_dir
-from tests.conftest import NatsServer, free_port
+from tests.conftest import NatsServer, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -224,3 +225,49 @@ def test_up_with_an_existing_nats(tmp_path: Path, nats_server: NatsServer) -> No
     finally:
         assert up.stop() == 0
     assert nats_server.proc.poll() is None  # ours to start, not to stop
+
+
+def test_crashed_services_are_restarted_and_recover(tmp_path: Path) -> None:
+    up = Up(tmp_path, "--demo", "--devices", "cpu")
+    try:
+        up.wait_ready()
+        before = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]
+        for svc in ("worker", "tensorstore"):
+            os.kill(before[svc]["pid"], signal.SIGKILL)
+
+        def restarted() -> bool:
+            nodes = http(f"{up.url}/v1/nodes")[1]["nodes"]
+            now = nodes[0]["services"] if nodes else {}
+            return all(
+                svc in now and now[svc]["pid"] != before[svc]["pid"]
+                for svc in ("worker", "tensorstore")
+            )
+
+        wait_for(restarted, 60, "the killed services to come back")
+        req = urllib.request.Request(
+            f"{up.url}/v2/models/minilm/infer",
+            data=json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "text",
+                            "datatype": "BYTES",
+                            "shape": [1],
+                            "data": ["after a crash"],
+                        }
+                    ]
+                }
+            ).encode(),
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200
+            assert resp.headers["Gpufaas-Cold"] == "1"  # the new worker built the instance
+        assert "node-0.worker exited with status -9; restarted" in up.log.read_text()
+        # The restarted tensor store recovered its index from shared memory: the cold
+        # start re-registered the model without storing a byte.
+        for kind, data in sse(f"{up.url}/v1/events?replay=all&kinds=tensor.deduplicated"):
+            assert kind == "tensor.deduplicated"
+            assert json.loads(data)["data"]["bytes_saved"] > 80 * 2**20
+            break
+    finally:
+        assert up.stop() == 0
