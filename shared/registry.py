@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections import defaultdict
 
 import nats.js.errors
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from gpufaas.shared.messages import FunctionRecord, Heartbeat, decode_json
 
@@ -61,3 +62,43 @@ async def list_functions(kv: KeyValue, tenant: str | None = None) -> list[Functi
         if rec is not None:
             out.append(rec)
     return sorted(out, key=lambda r: (r.spec.tenant, r.spec.name))
+
+
+class FunctionCache:
+    """Function records mirrored from the functions bucket by a KV watch (an informer).
+
+    The invocation path reads records without a round trip. A miss always falls back to
+    KV, so a new function is never reported missing; a deleted one may still be served
+    for the watch's propagation delay (the worker refuses to cold-start a function that
+    is no longer in KV, so that window cannot bring an instance back).
+    """
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self._records: dict[str, FunctionRecord] = {}
+        self.synced = asyncio.Event()
+
+    async def run(self) -> None:
+        """Follow the bucket until cancelled; run it as an owned background task."""
+        watcher = await self._kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:  # the initial values have all been delivered
+                    self.synced.set()
+                elif entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                    self._records.pop(entry.key, None)
+                else:
+                    self._records[entry.key] = decode_json(entry.value, FunctionRecord)
+        finally:
+            # Bounded: while NATS is reconnecting an unsubscribe can wait a long time.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def get(self, tenant: str, name: str) -> FunctionRecord | None:
+        record = self._records.get(function_key(tenant, name))
+        return record if record is not None else await get_function(self._kv, tenant, name)
+
+    def forget(self, tenant: str, name: str) -> None:
+        """Drop a record this process has just deleted (before the watch says so)."""
+        self._records.pop(function_key(tenant, name), None)

@@ -68,6 +68,22 @@ async def connect_nats(config: Config, name: str) -> NATS:
             await asyncio.sleep(0.2)
 
 
+async def close_nats(nc: NATS, *, drain: bool = False, timeout: float = 5.0) -> None:
+    """Flush (or drain) and close within ``timeout``; a broken connection is just dropped."""
+    if nc.is_closed:
+        return
+    try:
+        async with asyncio.timeout(timeout):
+            if nc.is_connected and drain:
+                await nc.drain()  # drains subscriptions, flushes, closes
+                return
+            if nc.is_connected:
+                await nc.flush(timeout=max(1, int(timeout / 2)))
+            await nc.close()
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        log.warning("nats.close_failed", error=repr(exc))
+
+
 class Service:
     """A NATS service; subclasses set ``name`` and override the ``on_*`` hooks."""
 
@@ -173,10 +189,8 @@ class Service:
             if self.node_scoped and self._buckets is not None:  # 5. leave the node registry
                 with contextlib.suppress(Exception):
                     await self._buckets.nodes.delete(self._heartbeat_key)
-            if self._nc is not None and not self._nc.is_closed:  # 6. flush and close
-                with contextlib.suppress(Exception):
-                    await self._nc.flush(timeout=2)
-                await self._nc.close()
+            if self._nc is not None:  # 6. flush and close
+                await close_nats(self._nc)
         finally:
             self._state = "stopped"
             self._stopped.set()
@@ -242,12 +256,20 @@ class Service:
         *,
         request_id: str | None = None,
         dedupe_id: str | None = None,
+        ack: bool = True,
     ) -> None:
-        """Publish an event into the EVENTS stream; failures are logged, never raised."""
+        """Publish an event into the EVENTS stream; failures are logged, never raised.
+
+        With ``ack=False`` (the invocation hot path) the event is a plain NATS publish that
+        the stream stores without a round trip back to us.
+        """
         event = new_event(kind, f"{self.name}@{self.config.node_id}", data, request_id)
         headers = {c.HDR_MSG_ID: dedupe_id} if dedupe_id else None
         try:
-            await self.js.publish(subjects.event(kind), encode_json(event), headers=headers)
+            if ack:
+                await self.js.publish(subjects.event(kind), encode_json(event), headers=headers)
+            else:
+                await self.nc.publish(subjects.event(kind), encode_json(event), headers=headers)
         except Exception as exc:  # events are best effort; the request itself succeeded
             log.warning("event.publish_failed", kind=kind, error=repr(exc))
 

@@ -8,6 +8,7 @@ from the shared error table, never as a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -53,9 +54,9 @@ from gpufaas.shared.messages import (
     encode_json,
     to_builtins,
 )
-from gpufaas.shared.registry import get_function, list_functions, live_nodes
+from gpufaas.shared.registry import FunctionCache, list_functions, live_nodes
 from gpufaas.shared.rpc import request as nats_request
-from gpufaas.shared.service import connect_nats
+from gpufaas.shared.service import close_nats, connect_nats
 from gpufaas.shared.shm import delete_tube, read_tube, write_tube
 from gpufaas.shared.tensors import json_to_raw, raw_to_json
 
@@ -68,6 +69,7 @@ REQUEST_ID_HEADER = "X-Request-ID"
 CONFIG = web.AppKey("config", Config)
 NC = web.AppKey("nc", NATS)
 BUCKETS = web.AppKey("buckets", Buckets)
+FUNCTIONS = web.AppKey("functions", FunctionCache)
 
 _NAME = re.compile(NAME_PATTERN)
 
@@ -194,7 +196,7 @@ def nats_of(request: web.Request) -> NATS:
 async def require_function(request: web.Request, name: str) -> FunctionRecord:
     nats_of(request)
     try:
-        record = await get_function(request.app[BUCKETS].functions, tenant_of(request), name)
+        record = await request.app[FUNCTIONS].get(tenant_of(request), name)
     except (nats.errors.Error, TimeoutError) as exc:
         raise Unavailable(f"cannot read the function registry: {exc!r}") from None
     if record is None:
@@ -558,14 +560,13 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BUCKETS] = await ensure_jetstream(
         nc.jetstream(), node_ttl_s=config.node_ttl_s, tube_ttl_s=config.tube_ttl_s
     )
+    app[FUNCTIONS] = FunctionCache(app[BUCKETS].functions)
+    watch = asyncio.create_task(app[FUNCTIONS].run(), name="gateway:functions-watch")
     yield
-    if nc.is_connected:
-        try:
-            await nc.drain()
-        except nats.errors.Error:
-            await nc.close()
-    elif not nc.is_closed:
-        await nc.close()
+    watch.cancel()
+    with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
+        await watch
+    await close_nats(nc, drain=True)
 
 
 def create_app(config: Config) -> web.Application:

@@ -36,7 +36,13 @@ from gpufaas.shared.messages import (
     encode_json,
     to_builtins,
 )
-from gpufaas.shared.registry import function_key, get_function, list_functions, live_nodes
+from gpufaas.shared.registry import (
+    FunctionCache,
+    function_key,
+    get_function,
+    list_functions,
+    live_nodes,
+)
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 
@@ -52,19 +58,17 @@ class SchedulerService(Service):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.workers: dict[str, float] = {}  # live node -> its worker's start time
-        self._events: set[asyncio.Task[None]] = set()
+        self._functions: FunctionCache | None = None
 
     async def on_start(self) -> None:
         q = c.SCHEDULER_QUEUE
+        self._functions = FunctionCache(self.buckets.functions)
+        self.spawn(self._functions.run(), "functions-watch")
         await self.serve(subjects.SCHED_DEPLOY, DeployRequest, self.deploy, queue=q)
         await self.serve(subjects.SCHED_DELETE, DeleteRequest, self.delete, queue=q)
         await self.serve(subjects.SCHED_INVOKE, InvokeRequest, self.invoke, queue=q)
         await self.reconcile_once(time.time(), announce=False)
         self.spawn(self._membership_loop(), "membership")
-
-    async def on_stop(self) -> None:
-        if self._events:
-            await asyncio.wait(set(self._events), timeout=2)
 
     # --- membership --------------------------------------------------------------------
 
@@ -167,6 +171,8 @@ class SchedulerService(Service):
         if record is None:
             raise NotFound(f"function {req.name!r} not found", field="name")
         await kv.delete(function_key(req.tenant, req.name))
+        if self._functions is not None:
+            self._functions.forget(req.tenant, req.name)
         for node in set(record.nodes) | set(self.workers):
             await self._unload(node, req.tenant, req.name)
         await self.publish_event("function.deleted", {"function": req.name, "tenant": req.tenant})
@@ -189,7 +195,8 @@ class SchedulerService(Service):
 
     async def invoke(self, req: InvokeRequest) -> InvokeReply:
         t0 = time.perf_counter()
-        record = await get_function(self.buckets.functions, req.tenant, req.function)
+        assert self._functions is not None
+        record = await self._functions.get(req.tenant, req.function)
         if record is None:
             raise NotFound(f"function {req.function!r} not found", field="model")
         candidates = await self._pick_nodes()
@@ -212,19 +219,16 @@ class SchedulerService(Service):
             request_id=req.request_id,
             what=f"worker of node {node}",
         )
-        task = asyncio.create_task(
-            self.publish_event(
-                "invocation.completed",
-                {
-                    "function": req.function,
-                    "tenant": req.tenant,
-                    "node": reply.node,
-                    "device": reply.device,
-                    "breakdown": to_builtins(reply.breakdown),
-                },
-                request_id=req.request_id,
-            )
+        await self.publish_event(
+            "invocation.completed",
+            {
+                "function": req.function,
+                "tenant": req.tenant,
+                "node": reply.node,
+                "device": reply.device,
+                "breakdown": to_builtins(reply.breakdown),
+            },
+            request_id=req.request_id,
+            ack=False,
         )
-        self._events.add(task)
-        task.add_done_callback(self._events.discard)
         return reply

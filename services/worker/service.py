@@ -39,6 +39,7 @@ from gpufaas.shared.messages import (
     WorkerUnloadRequest,
     encode_json,
 )
+from gpufaas.shared.registry import get_function
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import SegmentCache, write_tube
@@ -128,6 +129,16 @@ class WorkerService(Service):
         inst = await asyncio.shield(task)
         return inst, True
 
+    async def _check_deployed(self, spec: FunctionSpec) -> None:
+        """Before a cold start: refuse a function that is no longer deployed as ``spec``.
+
+        The scheduler routes from a watched copy of the registry; this authoritative read
+        (only on the cold path) keeps a just-deleted function from being built again.
+        """
+        record = await get_function(self.buckets.functions, spec.tenant, spec.name)
+        if record is None or record.spec != spec:
+            raise NotFound(f"function {spec.name!r} is not deployed", field="model")
+
     async def _build(self, spec: FunctionSpec) -> Instance:
         t0 = time.perf_counter()
         reg = await request(
@@ -201,6 +212,8 @@ class WorkerService(Service):
     async def run(self, req: WorkerRunRequest) -> InvokeReply:
         t_start = time.perf_counter()
         load_t = time.perf_counter()
+        if (req.spec.tenant, req.spec.name) not in self.instances:
+            await self._check_deployed(req.spec)
         inst, cold = await self.instance(req.spec)
         load_us = _us(load_t) if cold else 0
         xfer_t = time.perf_counter()
