@@ -14,6 +14,7 @@ from gpufaas.shared.config import Config
 from gpufaas.shared.errors import Unavailable
 from gpufaas.shared.messages import InvokeReply, InvokeRequest
 from gpufaas.shared.rpc import request
+from gpufaas.worker.service import WorkerService
 from tests.conftest import NatsServer
 from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
 
@@ -192,3 +193,29 @@ async def test_no_worker_is_a_typed_unavailable(platform: Platform) -> None:
         await request(sched.nc, subjects.SCHED_INVOKE,
                       InvokeRequest(function="minilm", request_id="r", inputs=[]), InvokeReply,
                       timeout=5)  # fmt: skip
+
+
+async def test_worker_refuses_to_cold_start_a_deleted_function(platform: Platform) -> None:
+    from gpufaas.shared.errors import NotFound  # noqa: PLC0415
+    from gpufaas.shared.messages import (  # noqa: PLC0415
+        FunctionSpec,
+        ModelSource,
+        WorkerRunRequest,
+    )
+
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    assert (await c.delete("/v1/functions/minilm")).status == 200
+    # A scheduler routing from a stale copy of the registry sends the old spec:
+    stale = WorkerRunRequest(
+        spec=FunctionSpec(name="minilm", model=ModelSource(builtin="all-minilm-l6-v2")),
+        request_id="stale",
+        inputs=[],
+    )
+    nc = platform.services["scheduler"].nc
+    with pytest.raises(NotFound):
+        await request(nc, subjects.node("node-t", "worker", subjects.WORKER_RUN), stale,
+                      InvokeReply, timeout=5)  # fmt: skip
+    worker = platform.services["worker"]
+    assert isinstance(worker, WorkerService)
+    assert worker.instances == {}
