@@ -14,6 +14,8 @@ from rich.console import Console
 from gpufaas.embedded import accepting, nats_server_binary, port_free, write_config
 from gpufaas.shared.config import Config, default_shm_dir
 from gpufaas.shared.constants import NODE_SERVICES
+from gpufaas.shared.devices import parse_devices
+from gpufaas.shared.errors import PlatformError
 from gpufaas.supervisor import Child, StartError, Supervisor
 
 READY_TIMEOUT_S = 120.0
@@ -95,6 +97,11 @@ def up(opts: UpOptions, console: Console) -> int:
         )
     if opts.nodes < 1:
         raise UsageError("--nodes must be at least 1")
+    try:
+        parse_devices(opts.devices, opts.topology)
+    except PlatformError as exc:
+        flag = "--topology" if exc.field == "topology" else "--devices"
+        raise UsageError(f"{exc.message} (flag {flag})") from None
     nats_url = opts.nats_url or f"nats://{opts.host}:{opts.nats_port}"
     shm_dir = default_shm_dir() / f"up-{opts.http_port}"
     base = Config(

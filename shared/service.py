@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -208,6 +209,10 @@ class Service:
 
         async def on_msg(msg: NatsMsg) -> None:
             if self._state not in ("starting", "running"):
+                if msg.reply:  # never silence: tell the caller to retry elsewhere
+                    data, headers = error_reply(Unavailable(f"{self.name} is stopping"))
+                    with contextlib.suppress(nats.errors.Error):
+                        await self.nc.publish(msg.reply, data, headers=headers)
                 return
             task = asyncio.create_task(self._handle(msg, req_type, handler))
             self._inflight.add(task)
@@ -341,8 +346,17 @@ async def run_service(service: Service) -> int:
 
 
 def main(factory: Callable[[Config], Service]) -> None:
-    """``python -m gpufaas.<service>``: config from env, logging, run until signalled."""
-    config = Config.from_env()
-    service = factory(config)
-    configure_logging(config.log_format, config.log_level, service=service.name)
+    """``python -m gpufaas.<service>``: config from env, logging, run until signalled.
+
+    A bad setting (a malformed ``GPUFAAS_*`` value, an unknown topology) exits with
+    status 2 and one line naming it, not a traceback.
+    """
+    try:
+        config = Config.from_env()
+        configure_logging(config.log_format, config.log_level)
+        service = factory(config)
+    except PlatformError as exc:
+        print(f"error: {exc.message} ({exc.field})", file=sys.stderr)
+        raise SystemExit(2) from None
+    structlog.contextvars.bind_contextvars(service=service.name)
     raise SystemExit(asyncio.run(run_service(service)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 
 import structlog
@@ -49,6 +50,10 @@ async def serve(config: Config) -> int:
 
 
 def main() -> None:
-    config = Config.from_env()
+    try:
+        config = Config.from_env()
+    except PlatformError as exc:
+        print(f"error: {exc.message} ({exc.field})", file=sys.stderr)
+        raise SystemExit(2) from None
     configure_logging(config.log_format, config.log_level, service="gateway")
     raise SystemExit(asyncio.run(serve(config)))

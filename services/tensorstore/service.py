@@ -50,7 +50,8 @@ class TensorStoreService(Service):
         )
 
     async def on_stop(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Off the loop: a registration still hashing finishes in its thread.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     async def register(self, req: RegisterRequest) -> RegisterReply:
         model_dir = resolve_model_dir(req.source)

@@ -105,8 +105,12 @@ class WorkerService(Service):
         )
 
     async def on_stop(self) -> None:
+        for task in list(self._loading.values()):
+            task.cancel()
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
         self.instances.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Off the loop: a batch still computing finishes in its thread.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         await self.publish_event(
             "node.left",
             {"node": self.config.node_id, "reason": "stopped"},

@@ -177,6 +177,24 @@ def test_taken_port_fails_at_once_naming_the_flag(tmp_path: Path) -> None:
         assert "--nats-port" in res.stdout
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--devices", "sim:99"], "--devices"),
+        (["--devices", "gpu"], "--devices"),
+        (["--devices", "sim:2", "--topology", "nope"], "--topology"),
+        (["--nodes", "0"], "--nodes"),
+    ],
+)
+def test_bad_flags_fail_at_once(tmp_path: Path, flags: list[str], says: str) -> None:
+    res = subprocess.run([GPUFAAS, "up", "--http-port", str(free_port()), "--nats-port",
+                          str(free_port()), "--data-dir", str(tmp_path), *flags],
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert res.returncode == 2, res.stdout
+    assert says in res.stdout
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
 def test_killed_supervisor_leaves_nothing_running(tmp_path: Path) -> None:
     up = Up(tmp_path, "--devices", "cpu")
     up.wait_ready()
