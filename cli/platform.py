@@ -64,6 +64,23 @@ class StopSignal:
         self.event.set()
 
 
+def describe_nodes(gateway: str) -> list[str]:
+    """One line per node: its devices as probed (``--devices auto``) or simulated."""
+    from gpufaas.client import ApiError, call  # noqa: PLC0415 - HTTP only once up
+
+    try:
+        nodes = call(f"{gateway}/v1/nodes", timeout=10)["nodes"]
+    except ApiError as exc:
+        return [f"(cannot list nodes: {exc})"]
+    lines = []
+    for n in nodes:
+        devs = [
+            f"{d['name']} {d['model']} ({d['memory_bytes'] / 2**30:.0f} GiB)" for d in n["devices"]
+        ]
+        lines.append(f"{n['node']}: {'; '.join(devs) or 'devices not reported yet'}")
+    return lines
+
+
 def wait_until_stopped(sup: Supervisor, stop: StopSignal, console: Console) -> int:
     """Block until a signal (exit 0); restart a crashed service, give up if it keeps crashing."""
     while not stop.event.wait(0.5):
@@ -135,7 +152,8 @@ def up(opts: UpOptions, console: Console) -> int:
             sup.wait_ready(children, READY_TIMEOUT_S)
         url = f"http://{opts.host}:{opts.http_port}"
         console.print(f"[green]gpufaas is up[/green]  gateway [bold]{url}[/bold]  NATS {nats_url}")
-        console.print(f"  nodes: {', '.join(node_ids(opts.nodes))}  devices: {opts.devices}")
+        for line in describe_nodes(url):
+            console.print(f"  {line}", soft_wrap=True, highlight=False)
         console.print(f"  logs: {sup.logs}")
         if opts.demo:
             from gpufaas.client import deploy_demo  # noqa: PLC0415 - only with --demo
