@@ -53,3 +53,18 @@ async def test_functions_spread_over_nodes_and_run_where_placed(
         assert resp.headers["Gpufaas-Cold"] == "0"
     nodes = (await (await c.get("/v1/nodes")).json())["nodes"]
     assert [n["node"] for n in nodes] == ["node-t", "node-u"]
+
+
+async def test_a_second_scheduler_replica_takes_over(platform: Platform) -> None:
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    replica = SchedulerService(platform.config)
+    await replica.start()
+    try:
+        await platform.services["scheduler"].stop()  # the first replica goes away
+        for _ in range(3):
+            resp = await c.post("/v2/models/minilm/infer", json=text_request(["still served"]))
+            assert resp.status == 200, await resp.text()
+        assert (await c.delete("/v1/functions/minilm")).status == 200
+    finally:
+        await replica.stop()
