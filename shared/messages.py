@@ -237,6 +237,7 @@ class RegisterReply(Msg, frozen=True, tag="register_reply.v1"):
     bytes_stored: Count
     bytes_deduplicated: Count
     register_us: Count
+    file_read: bool = True  # False: every tensor was resident, the model file was not opened
 
 
 class StoreStatsRequest(Msg, frozen=True, tag="store_stats_request.v1"):

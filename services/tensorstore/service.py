@@ -70,6 +70,7 @@ class TensorStoreService(Service):
             stored=reg.bytes_stored,
             deduplicated=reg.bytes_deduplicated,
             us=took_us,
+            file_read=reg.file_read,
         )
         if reg.bytes_deduplicated:
             await self.publish_event(
@@ -88,6 +89,7 @@ class TensorStoreService(Service):
             bytes_stored=reg.bytes_stored,
             bytes_deduplicated=reg.bytes_deduplicated,
             register_us=took_us,
+            file_read=reg.file_read,
         )
 
     async def stats(self, _: StoreStatsRequest) -> StoreStats:

@@ -18,11 +18,14 @@ import blake3
 import structlog
 
 from gpufaas.shared.constants import SEGMENT_ALIGN
+from gpufaas.shared.errors import ModelInvalid
 from gpufaas.shared.messages import TensorRef, decode_json, encode_json
 from gpufaas.shared.shm import TENSORS_DIR, new_id, write_segment
 from gpufaas.tensorstore.safetensors_file import Entry, SafetensorsFile
 
 log = structlog.get_logger()
+
+MODELS_DIR = "models"
 
 
 def tensor_id(dtype: str, shape: tuple[int, ...], data: memoryview) -> str:
@@ -41,6 +44,15 @@ class Registration:
     model_bytes: int
     bytes_stored: int
     bytes_deduplicated: int
+    file_read: bool = True
+
+
+def model_key(path: Path) -> str:
+    """Identity of a model file as found on disk (path, size, modification time)."""
+    st = path.stat()
+    return blake3.blake3(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[
+        :32
+    ]
 
 
 class HostStore:
@@ -53,6 +65,10 @@ class HostStore:
         self.index: dict[str, TensorRef] = {}
         self.segments: set[str] = set()
         self.bytes_requested = 0
+        # model file identity -> parameter name -> tensor id, so that a model whose tensors
+        # are all resident is registered again without reading its file.
+        self.models: dict[str, dict[str, str]] = {}
+        self.files_read = 0
 
     @property
     def bytes_stored(self) -> int:
@@ -70,8 +86,14 @@ class HostStore:
                 ref = decode_json(json.dumps(raw), TensorRef)
                 self.index.setdefault(ref.id, ref)
             self.segments.add(seg)
+        models = self.dir / MODELS_DIR
+        models.mkdir(exist_ok=True)
+        for path in models.glob("*.json"):
+            self.models[path.stem] = json.loads(path.read_bytes())
         for path in self.dir.iterdir():
             name = path.name
+            if path.is_dir():
+                continue
             if name.startswith(".") or (
                 not name.endswith(".idx.json") and name not in self.segments
             ):
@@ -79,12 +101,32 @@ class HostStore:
                 log.info("tensorstore.orphan_removed", file=name)
 
     def register_file(self, path: Path) -> Registration:
-        """Hash every tensor of a safetensors file and store those not yet present."""
-        f = SafetensorsFile(path)
+        """Hash every tensor of a safetensors file and store those not yet present.
+
+        A file registered before whose tensors are all still resident is not read again.
+        """
         try:
-            return self._register(f)
+            key = model_key(path)
+        except OSError as exc:
+            raise ModelInvalid(f"cannot read {path.name}: {exc.strerror}", field="model") from None
+        ids = self.models.get(key)
+        if ids is not None and all(tid in self.index for tid in ids.values()):
+            manifest = {name: self.index[tid] for name, tid in ids.items()}
+            model_bytes = sum(ref.nbytes for ref in manifest.values())
+            self.bytes_requested += model_bytes
+            return Registration(manifest, model_bytes, 0, model_bytes, file_read=False)
+        f = SafetensorsFile(path)
+        self.files_read += 1
+        try:
+            reg = self._register(f)
         finally:
             f.close()
+        ids = {name: ref.id for name, ref in reg.manifest.items()}
+        write_segment(
+            self.root, f"{self.reldir}/{MODELS_DIR}/{key}.json", [json.dumps(ids).encode()]
+        )
+        self.models[key] = ids
+        return reg
 
     def _register(self, f: SafetensorsFile) -> Registration:
         ids: dict[str, str] = {}

@@ -144,6 +144,7 @@ async def test_worker_restart_cold_starts_from_resident_tensors(platform: Platfo
     store = platform.services["tensorstore"]
     assert isinstance(store, TensorStoreService)
     assert store.store.bytes_requested == 2 * store.store.bytes_stored  # second load stored nothing
+    assert store.store.files_read == 1  # ... and did not even open the model file
 
 
 async def test_nodes_and_openapi(platform: Platform) -> None:

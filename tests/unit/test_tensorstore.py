@@ -52,9 +52,10 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 
 def _store_files(store: HostStore) -> list[str]:
+    """Segments, their indexes and model manifests (as models/<key>.json)."""
     if not store.dir.exists():
         return []
-    return sorted(p.name for p in store.dir.iterdir())
+    return sorted(str(p.relative_to(store.dir)) for p in store.dir.rglob("*") if p.is_file())
 
 
 @pytest.fixture
@@ -76,7 +77,8 @@ def test_register_stores_each_tensor_once(store: HostStore, tmp_path: Path) -> N
     assert store.bytes_requested == total
     assert len(store.index) == len(tensors)
     [seg] = store.segments
-    assert _store_files(store) == sorted([seg, f"{seg}.idx.json"])
+    [manifest] = [f for f in _store_files(store) if f.startswith("models/")]
+    assert _store_files(store) == sorted([seg, f"{seg}.idx.json", manifest])
     for name, t in tensors.items():
         ref = reg.manifest[name]
         assert ref.dtype == str(t.dtype).removeprefix("torch.")
@@ -97,9 +99,35 @@ def test_registering_the_same_file_again_stores_nothing(store: HostStore, tmp_pa
         assert reg.bytes_stored == 0
         assert reg.bytes_deduplicated == reg.model_bytes == first.model_bytes
         assert reg.manifest == first.manifest
-    assert _store_files(store) == files  # no new segment, not even an empty one
+    segments = [f for f in _store_files(store) if not f.startswith("models/")]
+    assert segments == [f for f in files if not f.startswith("models/")]  # not even an empty one
     assert store.bytes_stored == first.model_bytes
     assert store.bytes_requested == 3 * first.model_bytes
+    # The same file again was answered from its manifest without being read; the copy
+    # (another file) was read and hashed, and got a manifest of its own.
+    assert (first.file_read, again.file_read, copy.file_read) == (True, False, True)
+    assert store.files_read == 2
+
+
+def test_resident_model_manifest_survives_a_restart(store: HostStore, tmp_path: Path) -> None:
+    path = _save(tmp_path / "base.safetensors", _base_tensors())
+    first = store.register_file(path)
+    fresh = HostStore(store.root, NODE)
+    fresh.recover()
+    again = fresh.register_file(path)
+    assert not again.file_read
+    assert again.manifest == first.manifest
+
+
+def test_a_changed_file_is_read_again(store: HostStore, tmp_path: Path) -> None:
+    tensors = _base_tensors()
+    path = _save(tmp_path / "base.safetensors", tensors)
+    store.register_file(path)
+    tensors["extra"] = torch.ones(3)
+    _save(path, tensors)  # same path, new contents
+    reg = store.register_file(path)
+    assert reg.file_read
+    assert "extra" in reg.manifest
 
 
 def test_fine_tuned_variant_stores_only_the_changed_tensor(
