@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from gpufaas.shared.constants import SEGMENT_ALIGN
 from gpufaas.shared.errors import ModelInvalid
 from gpufaas.shared.messages import TensorRef, decode_json, encode_json
 from gpufaas.shared.shm import TENSORS_DIR, new_id, write_segment
+from gpufaas.tensorstore.leases import LeaseTable
 from gpufaas.tensorstore.safetensors_file import Entry, SafetensorsFile
 
 log = structlog.get_logger()
@@ -69,22 +70,33 @@ class HostStore:
         # are all resident is registered again without reading its file.
         self.models: dict[str, dict[str, str]] = {}
         self.files_read = 0
+        self.segment_ids: dict[str, set[str]] = {}  # segment -> the tensors packed in it
+        self.leases = LeaseTable()
+        self.idle_since: dict[str, float] = {}  # unreferenced segment -> when first seen so
+        self.recovered_at = 0.0
 
     @property
     def bytes_stored(self) -> int:
         return sum(ref.nbytes for ref in self.index.values())
 
-    def recover(self) -> None:
-        """Rebuild the index from disk; delete segments without an index and stray temp files."""
+    def recover(self, now: float = 0.0) -> None:
+        """Rebuild the index from disk; delete segments without an index and stray temp files.
+
+        Leases are not on disk: workers re-announce them when they renew, and the
+        reclaimer frees nothing for a grace period after ``now`` so that they can.
+        """
+        self.recovered_at = now
         self.dir.mkdir(parents=True, exist_ok=True)
         for idx in self.dir.glob("*.idx.json"):
             seg = idx.name.removesuffix(".idx.json")
             if not (self.dir / seg).is_file():
                 idx.unlink()
                 continue
+            ids = self.segment_ids.setdefault(seg, set())
             for raw in json.loads(idx.read_bytes()):
                 ref = decode_json(json.dumps(raw), TensorRef)
                 self.index.setdefault(ref.id, ref)
+                ids.add(ref.id)
             self.segments.add(seg)
         models = self.dir / MODELS_DIR
         models.mkdir(exist_ok=True)
@@ -160,11 +172,66 @@ class HostStore:
             idx_body = b"[" + b",".join(encode_json(r) for r in refs.values()) + b"]"
             write_segment(self.root, f"{self.reldir}/{seg}.idx.json", [idx_body])
             self.segments.add(seg)
+            self.segment_ids[seg] = set(refs)
             self.index.update(refs)
             stored = sum(r.nbytes for r in refs.values())
         self.bytes_requested += model_bytes
         manifest = {name: self.index[tid] for name, tid in ids.items()}
         return Registration(manifest, model_bytes, stored, model_bytes - stored)
+
+    # --- references and reclaiming -------------------------------------------------------
+
+    def lease(
+        self, lease_id: str, holder: str, tensor_ids: Iterable[str], expires_at: float
+    ) -> list[str]:
+        """Take or renew a lease; returns the tensor ids that are not (or no longer) stored."""
+        ids = list(tensor_ids)
+        missing = [t for t in ids if t not in self.index]
+        self.leases.put(lease_id, holder, [t for t in ids if t in self.index], expires_at)
+        return missing
+
+    def reclaim_once(
+        self, now: float, *, keep_alive_s: float, capacity_bytes: int, grace_s: float
+    ) -> list[tuple[str, int, str]]:
+        """Free unreferenced segments: after ``keep_alive_s`` idle, then least recently used
+        ones while the store exceeds ``capacity_bytes`` (0 = no limit). A referenced tensor is
+        never freed. Returns (segment, bytes, reason) for each segment freed."""
+        self.leases.expire(now)
+        if now < self.recovered_at + grace_s:
+            return []  # leases are still being re-announced after a restart
+        idle: list[tuple[float, str]] = []
+        for seg, ids in self.segment_ids.items():
+            if self.leases.referenced(ids):
+                self.idle_since.pop(seg, None)
+            else:
+                idle.append((self.idle_since.setdefault(seg, now), seg))
+        idle.sort()
+        freed: list[tuple[str, int, str]] = []
+        stored = self.bytes_stored
+        for since, seg in idle:
+            if now - since >= keep_alive_s:
+                reason = "keep-alive expired"
+            elif capacity_bytes and stored > capacity_bytes:
+                reason = "capacity"
+            else:
+                continue
+            nbytes = self._free(seg)
+            stored -= nbytes
+            freed.append((seg, nbytes, reason))
+        return freed
+
+    def _free(self, seg: str) -> int:
+        """Delete a segment: its index first, so a crash cannot bring it back half-freed."""
+        ids = self.segment_ids.pop(seg)
+        (self.dir / f"{seg}.idx.json").unlink(missing_ok=True)
+        (self.dir / seg).unlink(missing_ok=True)
+        self.segments.discard(seg)
+        self.idle_since.pop(seg, None)
+        nbytes = 0
+        for tid in ids:
+            ref = self.index.pop(tid, None)
+            nbytes += ref.nbytes if ref else 0
+        return nbytes
 
     @staticmethod
     def _chunks(
