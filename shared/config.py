@@ -55,6 +55,11 @@ class Config:
     shutdown_deadline_s: float = c.DEFAULT_SHUTDOWN_DEADLINE_S
     connect_deadline_s: float = c.DEFAULT_CONNECT_DEADLINE_S
     tube_ttl_s: float = c.DEFAULT_TUBE_TTL_S
+    # Tensor store: unreferenced tensors are kept this long, then freed; under capacity
+    # pressure (host_tensor_bytes, 0 = no limit) the least recently used go first.
+    tensor_keep_alive_s: float = c.DEFAULT_TENSOR_KEEP_ALIVE_S
+    reclaim_interval_s: float = c.DEFAULT_RECLAIM_INTERVAL_S
+    host_tensor_bytes: int = 0
     log_format: str = "auto"  # auto | console | json
     log_level: str = "info"
     ready_file: str = ""  # touched once the service is ready (used by `gpufaas up`)

@@ -228,6 +228,32 @@ class WorkerRunRequest(Msg, frozen=True, tag="worker_run_request.v1"):
 class RegisterRequest(Msg, frozen=True, tag="register_request.v1"):
     source: ModelSource
     tenant: Tenant = DEFAULT_TENANT
+    lease: str | None = None  # take this lease on the model's tensors, atomically
+    holder: str = ""  # who renews the lease (a worker process)
+
+
+class LeaseClaim(Msg, frozen=True, tag="lease_claim.v1"):
+    """One lease as a worker re-announces it: its id and every tensor it references."""
+
+    id: str
+    tensors: list[str]
+
+
+class RenewRequest(Msg, frozen=True, tag="renew_request.v1"):
+    holder: str
+    leases: list[LeaseClaim]
+
+
+class RenewReply(Msg, frozen=True, tag="renew_reply.v1"):
+    missing: list[str]  # tensors no longer stored (their leases hold the rest)
+
+
+class ReleaseRequest(Msg, frozen=True, tag="release_request.v1"):
+    lease: str
+
+
+class ReleaseReply(Msg, frozen=True, tag="release_reply.v1"):
+    released: bool
 
 
 class RegisterReply(Msg, frozen=True, tag="register_reply.v1"):
@@ -250,6 +276,8 @@ class StoreStats(Msg, frozen=True, tag="store_stats.v1"):
     segments: Count
     bytes_stored: Count
     bytes_requested: Count
+    leases: Count = 0
+    bytes_referenced: Count = 0
 
 
 class ResolveRequest(Msg, frozen=True, tag="resolve_request.v1"):

@@ -125,6 +125,11 @@ class Service:
     def running(self) -> bool:
         return self._state == "running"
 
+    @property
+    def looping(self) -> bool:
+        """Whether background loops should go on (false from the moment stop begins)."""
+        return self._state in ("starting", "running")
+
     # --- hooks -------------------------------------------------------------------------
 
     async def on_start(self) -> None:
@@ -299,7 +304,7 @@ class Service:
         await self.buckets.nodes.put(self._heartbeat_key, encode_json(beat))
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while self.looping:
             await asyncio.sleep(self.config.heartbeat_s)
             try:
                 await self._heartbeat_once()
@@ -307,11 +312,21 @@ class Service:
                 log.warning("heartbeat.failed", error=repr(exc))
 
     @staticmethod
-    async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
-        for t in list(tasks):
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+    async def _cancel(tasks: set[asyncio.Task[None]], deadline_s: float = 5.0) -> None:
+        """Cancel and await ``tasks``, cancelling again until they end or the deadline.
+
+        Again, because asyncio.wait_for on Python 3.11 (used inside nats-py) can turn a
+        cancellation into a TimeoutError that a retry loop then swallows.
+        """
+        end = time.monotonic() + deadline_s
+        pending = [t for t in tasks if not t.done()]
+        while pending and time.monotonic() < end:
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=0.25)
+            pending = [t for t in pending if not t.done()]
+        if pending:
+            log.error("tasks.not_cancelled", tasks=[t.get_name() for t in pending])
 
 
 def stop_signals() -> asyncio.Event:

@@ -73,7 +73,7 @@ class SchedulerService(Service):
     # --- membership --------------------------------------------------------------------
 
     async def _membership_loop(self) -> None:
-        while True:
+        while self.looping:
             await asyncio.sleep(self.config.heartbeat_s)
             await self.reconcile_once(time.time())
 

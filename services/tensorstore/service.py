@@ -1,11 +1,17 @@
-"""The tensor store service of one node (host tier; GPU tier and reclaimer come later)."""
+"""The tensor store service of one node: host tier, leases and the reclaimer.
+
+All changes to the store (registrations, leases, reclaiming) run on one executor
+thread, in order, so the reclaimer never races a registration.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 
@@ -13,11 +19,21 @@ from gpufaas.shared import subjects
 from gpufaas.shared.catalog import resolve_model_dir
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import ModelInvalid
-from gpufaas.shared.messages import RegisterReply, RegisterRequest, StoreStats, StoreStatsRequest
+from gpufaas.shared.messages import (
+    RegisterReply,
+    RegisterRequest,
+    ReleaseReply,
+    ReleaseRequest,
+    RenewReply,
+    RenewRequest,
+    StoreStats,
+    StoreStatsRequest,
+)
 from gpufaas.shared.service import Service
 from gpufaas.tensorstore.store import HostStore, Registration
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -34,20 +50,17 @@ class TensorStoreService(Service):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorstore")
 
     async def on_start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.store.recover)
+        await self._run(self.store.recover, time.time())
         log.info("tensorstore.recovered", tensors=len(self.store.index))
         node = self.config.node_id
-        await self.serve(
-            subjects.node(node, self.name, subjects.TENSORSTORE_REGISTER),
-            RegisterRequest,
-            self.register,
-        )
-        await self.serve(
-            subjects.node(node, self.name, subjects.TENSORSTORE_STATS),
-            StoreStatsRequest,
-            self.stats,
-        )
+        for verb, req_type, handler in (
+            (subjects.TENSORSTORE_REGISTER, RegisterRequest, self.register),
+            (subjects.TENSORSTORE_STATS, StoreStatsRequest, self.stats),
+            (subjects.TENSORSTORE_RENEW, RenewRequest, self.renew),
+            (subjects.TENSORSTORE_RELEASE, ReleaseRequest, self.release),
+        ):
+            await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
+        self.spawn(self._reclaim_loop(), "reclaimer")
 
     async def on_stop(self) -> None:
         # Off the loop: a registration still hashing finishes in its thread.
@@ -59,10 +72,17 @@ class TensorStoreService(Service):
         if not weights.is_file():
             raise ModelInvalid(f"{model_dir} has no {WEIGHTS_FILE}", field="model")
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        reg: Registration = await loop.run_in_executor(
-            self._executor, self.store.register_file, Path(weights)
-        )
+
+        def register_and_lease() -> Registration:
+            # One executor call: the reclaimer (same thread) cannot free the tensors
+            # between their registration and the lease that keeps them.
+            reg = self.store.register_file(Path(weights))
+            if req.lease is not None:
+                ids = [ref.id for ref in reg.manifest.values()]
+                self.store.lease(req.lease, req.holder, ids, self._lease_expiry())
+            return reg
+
+        reg = await self._run(register_and_lease)
         took_us = int((time.perf_counter() - t0) * 1e6)
         log.info(
             "tensorstore.registered",
@@ -93,10 +113,63 @@ class TensorStoreService(Service):
         )
 
     async def stats(self, _: StoreStatsRequest) -> StoreStats:
-        return StoreStats(
-            node=self.config.node_id,
-            tensors=len(self.store.index),
-            segments=len(self.store.segments),
-            bytes_stored=self.store.bytes_stored,
-            bytes_requested=self.store.bytes_requested,
+        def collect() -> StoreStats:
+            s = self.store
+            referenced = sum(r.nbytes for t, r in s.index.items() if s.leases.refcount(t))
+            return StoreStats(
+                node=self.config.node_id,
+                tensors=len(s.index),
+                segments=len(s.segments),
+                bytes_stored=s.bytes_stored,
+                bytes_requested=s.bytes_requested,
+                leases=len(s.leases.leases),
+                bytes_referenced=referenced,
+            )
+
+        return await self._run(collect)
+
+    # --- leases and reclaiming ---------------------------------------------------------
+
+    def _lease_expiry(self) -> float:
+        # A worker renews every heartbeat; a lease survives a few missed renewals.
+        return time.time() + self.config.node_ttl_s
+
+    async def renew(self, req: RenewRequest) -> RenewReply:
+        def put_all() -> list[str]:
+            expiry = self._lease_expiry()
+            missing: list[str] = []
+            for claim in req.leases:
+                missing += self.store.lease(claim.id, req.holder, claim.tensors, expiry)
+            return missing
+
+        return RenewReply(missing=await self._run(put_all))
+
+    async def release(self, req: ReleaseRequest) -> ReleaseReply:
+        return ReleaseReply(released=await self._run(self.store.leases.drop, req.lease))
+
+    async def reclaim_once(self, now: float) -> list[tuple[str, int, str]]:
+        """One reclaimer pass (also called by tests with a chosen ``now``)."""
+        freed = await self._run(
+            lambda: self.store.reclaim_once(
+                now,
+                keep_alive_s=self.config.tensor_keep_alive_s,
+                capacity_bytes=self.config.host_tensor_bytes,
+                grace_s=self.config.node_ttl_s,
+            )
         )
+        for seg, nbytes, reason in freed:
+            log.info("tensorstore.reclaimed", segment=seg, bytes=nbytes, reason=reason)
+            await self.publish_event(
+                "tensor.reclaimed",
+                {"node": self.config.node_id, "tier": "host", "bytes": nbytes, "reason": reason},
+            )
+        return freed
+
+    async def _reclaim_loop(self) -> None:
+        while self.looping:
+            await asyncio.sleep(self.config.reclaim_interval_s)
+            await self.reclaim_once(time.time())
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run store work on the store's one thread, in order with every other change."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +22,18 @@ import torch
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import NodeDevices, parse_devices
-from gpufaas.shared.errors import InvalidArgument, ModelInvalid, NotFound
+from gpufaas.shared.errors import InvalidArgument, ModelInvalid, NotFound, PlatformError
 from gpufaas.shared.messages import (
     Breakdown,
     FunctionSpec,
     InvokeReply,
+    LeaseClaim,
     RegisterReply,
     RegisterRequest,
+    ReleaseReply,
+    ReleaseRequest,
+    RenewReply,
+    RenewRequest,
     ResolveReply,
     ResolveRequest,
     TensorPayload,
@@ -60,6 +66,7 @@ class Instance:
     bytes_stored: int
     bytes_deduplicated: int
     load_us: int
+    tensors: list[str]  # ids of the tensors it uses, leased from the tensor store
 
 
 def _us(since: float) -> int:
@@ -86,9 +93,12 @@ class WorkerService(Service):
         self.segments = SegmentCache(config.shm_dir)
         self.instances: dict[tuple[str, str], Instance] = {}
         self._loading: dict[tuple[str, str], asyncio.Task[Instance]] = {}
+        # Who holds this process's leases on the tensor store: unique per process life.
+        self.holder = f"{config.node_id}/{os.getpid()}/{self.started_at:.6f}"
 
     async def on_start(self) -> None:
         node = self.config.node_id
+        self.spawn(self._renew_loop(), "lease-renewal")
         await self.serve(
             subjects.node(node, self.name, subjects.WORKER_LOAD), WorkerLoadRequest, self.load
         )
@@ -148,7 +158,12 @@ class WorkerService(Service):
         reg = await request(
             self.nc,
             subjects.node(self.config.node_id, "tensorstore", subjects.TENSORSTORE_REGISTER),
-            RegisterRequest(source=spec.model, tenant=spec.tenant),
+            RegisterRequest(
+                source=spec.model,
+                tenant=spec.tenant,
+                lease=self._lease_id(spec.tenant, spec.name),
+                holder=self.holder,
+            ),
             RegisterReply,
             timeout=self.config.deploy_timeout_s,
             what="tensor store of this node",
@@ -176,6 +191,7 @@ class WorkerService(Service):
             bytes_stored=reg.bytes_stored,
             bytes_deduplicated=reg.bytes_deduplicated,
             load_us=_us(t0),
+            tensors=sorted({ref.id for ref in reg.manifest.values()}),
         )
         self.instances[(spec.tenant, spec.name)] = inst
         log.info("instance.built", function=spec.name, tenant=spec.tenant, us=inst.load_us)
@@ -207,9 +223,45 @@ class WorkerService(Service):
         )
 
     async def unload(self, req: WorkerUnloadRequest) -> WorkerUnloadReply:
-        return WorkerUnloadReply(
-            unloaded=self.instances.pop((req.tenant, req.function), None) is not None
-        )
+        inst = self.instances.pop((req.tenant, req.function), None)
+        if inst is not None:
+            await self._release(self._lease_id(req.tenant, req.function))
+        return WorkerUnloadReply(unloaded=inst is not None)
+
+    # --- leases on the tensor store ------------------------------------------------------
+
+    def _lease_id(self, tenant: str, name: str) -> str:
+        return f"{self.holder}|{tenant}/{name}"
+
+    def _store_subject(self, verb: str) -> str:
+        return subjects.node(self.config.node_id, "tensorstore", verb)
+
+    async def _release(self, lease_id: str) -> None:
+        try:
+            await request(self.nc, self._store_subject(subjects.TENSORSTORE_RELEASE),
+                          ReleaseRequest(lease=lease_id), ReleaseReply, timeout=5)  # fmt: skip
+        except PlatformError as exc:  # the lease lapses on its own if we cannot reach the store
+            log.warning("lease.release_failed", lease=lease_id, error=exc.message)
+
+    async def renew_leases(self) -> None:
+        """Re-announce every instance's lease (also rebuilds a restarted store's table)."""
+        claims = [
+            LeaseClaim(id=self._lease_id(t, n), tensors=inst.tensors)
+            for (t, n), inst in self.instances.items()
+        ]
+        reply = await request(self.nc, self._store_subject(subjects.TENSORSTORE_RENEW),
+                              RenewRequest(holder=self.holder, leases=claims), RenewReply,
+                              timeout=5)  # fmt: skip
+        if reply.missing:
+            log.error("lease.tensors_missing", count=len(reply.missing))
+
+    async def _renew_loop(self) -> None:
+        while self.looping:
+            await asyncio.sleep(self.config.heartbeat_s)
+            try:
+                await self.renew_leases()
+            except PlatformError as exc:
+                log.warning("lease.renew_failed", error=exc.message)
 
     # --- invocation ------------------------------------------------------------------
 
