@@ -143,6 +143,24 @@ def status(url: GatewayUrl = DEFAULT_URL) -> None:
         )
         t.add_row(n["node"], ", ".join(n["services"]), devs)
     console.print(t)
+    s = Table(title="tensor store (each tensor stored once per tier per node)")
+    for col in (
+        "node",
+        "tier",
+        "tensors",
+        "instances",
+        "stored MiB",
+        "private copies MiB",
+        "saved",
+    ):
+        s.add_column(col)
+    for n in nodes:
+        for tier, st in (n.get("tensor_store") or {}).items():
+            private = st["bytes_without_sharing"]
+            saved = f"{1 - st['bytes_referenced'] / private:.0%}" if private else "-"
+            s.add_row(n["node"], tier, str(st["tensors"]), str(st["leases"]),
+                      f"{st['bytes_stored'] / 2**20:.1f}", f"{private / 2**20:.1f}", saved)  # fmt: skip
+    console.print(s)
     f = Table(title="functions")
     for col in ("name", "tenant", "model", "nodes", "MiB"):
         f.add_column(col)

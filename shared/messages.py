@@ -277,7 +277,8 @@ class StoreStats(Msg, frozen=True, tag="store_stats.v1"):
     bytes_stored: Count
     bytes_requested: Count
     leases: Count = 0
-    bytes_referenced: Count = 0
+    bytes_referenced: Count = 0  # stored bytes some instance uses
+    bytes_without_sharing: Count = 0  # what the leased instances would hold with private copies
 
 
 class ResolveRequest(Msg, frozen=True, tag="resolve_request.v1"):

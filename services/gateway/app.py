@@ -48,6 +48,8 @@ from gpufaas.shared.messages import (
     FunctionSpec,
     InvokeReply,
     InvokeRequest,
+    StoreStats,
+    StoreStatsRequest,
     TensorPayload,
     Tube,
     convert,
@@ -448,12 +450,25 @@ async def function_delete(request: web.Request) -> web.Response:
     return json_response({"deleted": reply.name})
 
 
+async def _store_stats(nc: NATS, node: str) -> dict[str, Any] | None:
+    """A node's tensor store figures, or None if it does not answer within a second."""
+    subject = subjects.node(node, "tensorstore", subjects.TENSORSTORE_STATS)
+    try:
+        stats = await nats_request(nc, subject, StoreStatsRequest(), StoreStats, timeout=1)
+    except PlatformError:
+        return None
+    body: dict[str, Any] = untagged(to_builtins(stats))
+    body.pop("node", None)
+    return {"host": body}
+
+
 async def nodes_list(request: web.Request) -> web.Response:
-    nats_of(request)
+    nc = nats_of(request)
     config = request.app[CONFIG]
     nodes = await live_nodes(request.app[BUCKETS].nodes, config.node_ttl_s)
+    stores = await asyncio.gather(*(_store_stats(nc, node) for node in sorted(nodes)))
     out = []
-    for node, beats in sorted(nodes.items()):
+    for (node, beats), store in zip(sorted(nodes.items()), stores, strict=True):
         devices: dict[str, Any] = {}
         for beat in beats:
             for d in beat.devices:
@@ -470,6 +485,7 @@ async def nodes_list(request: web.Request) -> web.Response:
                     for b in sorted(beats, key=lambda b: b.service)
                 },
                 "devices": list(devices.values()),
+                "tensor_store": store,
             }
         )
     return json_response({"nodes": out})

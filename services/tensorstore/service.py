@@ -116,6 +116,9 @@ class TensorStoreService(Service):
         def collect() -> StoreStats:
             s = self.store
             referenced = sum(r.nbytes for t, r in s.index.items() if s.leases.refcount(t))
+            private = sum(
+                s.index[t].nbytes for lease in s.leases.leases.values() for t in lease.tensors
+            )
             return StoreStats(
                 node=self.config.node_id,
                 tensors=len(s.index),
@@ -124,6 +127,7 @@ class TensorStoreService(Service):
                 bytes_requested=s.bytes_requested,
                 leases=len(s.leases.leases),
                 bytes_referenced=referenced,
+                bytes_without_sharing=private,
             )
 
         return await self._run(collect)

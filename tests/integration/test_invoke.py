@@ -217,6 +217,10 @@ async def test_instances_share_the_same_pages(platform: Platform) -> None:
         assert isinstance(runner, BertEmbeddingRunner)
         ptrs.append(runner.model.weight_data_ptrs())
     assert ptrs[0] == ptrs[1]  # both instances use the very same weight memory ...
+    nodes = (await (await c.get("/v1/nodes")).json())["nodes"]
+    host = nodes[0]["tensor_store"]["host"]
+    assert host["leases"] == 2
+    assert host["bytes_without_sharing"] == 2 * host["bytes_stored"] == 2 * host["bytes_referenced"]
     ranges = _segment_ranges(worker)
     for ptr in ptrs[0].values():  # ... which lies inside the tensor store's shared segments
         assert any(lo <= ptr < hi for lo, hi in ranges)
