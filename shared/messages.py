@@ -109,6 +109,8 @@ class ModelSource(Msg, frozen=True, tag="model_source.v1"):
     builtin: str | None = None
     path: str | None = None
     architecture: str = "bert-embedding"
+    # The tenant's own tensors: shared among its functions only, invisible to others.
+    private: bool = False
 
 
 class FunctionOptions(Msg, frozen=True, tag="function_options.v1"):

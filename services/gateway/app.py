@@ -491,9 +491,22 @@ async def nodes_list(request: web.Request) -> web.Response:
     return json_response({"nodes": out})
 
 
+def _visible_to(event: bytes, tenant: str) -> bool:
+    """A tenant sees platform events and its own, never another tenant's."""
+    try:
+        owner = orjson.loads(event).get("data", {}).get("tenant")
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
+    return owner is None or owner == tenant
+
+
 async def events_sse(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events relaying the EVENTS stream (``?kinds=function.*&replay=all``)."""
+    """Server-Sent Events relaying the EVENTS stream (``?kinds=function.*&replay=all``).
+
+    Each client sees the platform's events and its own tenant's, not other tenants'.
+    """
     nc = nats_of(request)
+    tenant = tenant_of(request)
     kinds = request.query.get("kinds", ">")
     try:
         filt = subjects.event_filter(kinds)
@@ -531,6 +544,8 @@ async def events_sse(request: web.Request) -> web.StreamResponse:
                 msg = await sub.next_msg(timeout=15)
             except nats.errors.TimeoutError:
                 await resp.write(b": keep-alive\n\n")
+                continue
+            if not _visible_to(msg.data, tenant):
                 continue
             seq = msg.metadata.sequence.stream
             kind = subjects.event_kind(msg.subject)

@@ -76,7 +76,8 @@ class TensorStoreService(Service):
         def register_and_lease() -> Registration:
             # One executor call: the reclaimer (same thread) cannot free the tensors
             # between their registration and the lease that keeps them.
-            reg = self.store.register_file(Path(weights))
+            private_to = req.tenant if req.source.private else None
+            reg = self.store.register_file(Path(weights), private_to)
             if req.lease is not None:
                 ids = [ref.id for ref in reg.manifest.values()]
                 self.store.lease(req.lease, req.holder, ids, self._lease_expiry())

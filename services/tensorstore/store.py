@@ -9,6 +9,7 @@ set of ``*.idx.json`` files: a restarted store rebuilds its state from them.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,11 +28,19 @@ from gpufaas.tensorstore.safetensors_file import Entry, SafetensorsFile
 log = structlog.get_logger()
 
 MODELS_DIR = "models"
+KEYS_DIR = "keys"
 
 
-def tensor_id(dtype: str, shape: tuple[int, ...], data: memoryview) -> str:
-    """Content address: blake3 over dtype, shape and bytes."""
-    h = blake3.blake3()
+def tensor_id(
+    dtype: str, shape: tuple[int, ...], data: memoryview, key: bytes | None = None
+) -> str:
+    """Content address: blake3 over dtype, shape and bytes; keyed for a tenant's private tensors.
+
+    A keyed id never equals another tenant's (or a public) id for the same bytes, so a
+    private tensor is shared only within its tenant, and nobody else can observe it
+    through deduplication (no bytes saved, no time saved).
+    """
+    h = blake3.blake3() if key is None else blake3.blake3(key=key)
     h.update(f"{dtype}|{','.join(map(str, shape))}|".encode())
     h.update(data)
     return h.hexdigest()
@@ -48,12 +57,11 @@ class Registration:
     file_read: bool = True
 
 
-def model_key(path: Path) -> str:
-    """Identity of a model file as found on disk (path, size, modification time)."""
+def model_key(path: Path, scope: str = "") -> str:
+    """Identity of a model file as found on disk (path, size, modification time), per scope."""
     st = path.stat()
-    return blake3.blake3(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[
-        :32
-    ]
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{scope}"
+    return blake3.blake3(ident.encode()).hexdigest()[:32]
 
 
 class HostStore:
@@ -74,6 +82,7 @@ class HostStore:
         self.leases = LeaseTable()
         self.idle_since: dict[str, float] = {}  # unreferenced segment -> when first seen so
         self.recovered_at = 0.0
+        self.secret: bytes | None = None
 
     @property
     def bytes_stored(self) -> int:
@@ -112,13 +121,28 @@ class HostStore:
                 path.unlink(missing_ok=True)
                 log.info("tensorstore.orphan_removed", file=name)
 
-    def register_file(self, path: Path) -> Registration:
+    def tenant_key(self, tenant: str) -> bytes:
+        """The hashing key of a tenant's private tensors (from this store's secret)."""
+        return blake3.blake3(self._secret() + tenant.encode()).digest()
+
+    def _secret(self) -> bytes:
+        if self.secret is None:
+            path = self.dir / KEYS_DIR / "tenant-secret"
+            if not path.exists():
+                write_segment(self.root, str(path.relative_to(self.root)), [os.urandom(32)])
+                path.chmod(0o600)
+            self.secret = path.read_bytes()
+        return self.secret
+
+    def register_file(self, path: Path, private_to: str | None = None) -> Registration:
         """Hash every tensor of a safetensors file and store those not yet present.
 
-        A file registered before whose tensors are all still resident is not read again.
+        With ``private_to`` the tensors are the tenant's own (keyed ids, see tensor_id). A
+        file registered before whose tensors are all still resident is not read again.
         """
+        key_bytes = None if private_to is None else self.tenant_key(private_to)
         try:
-            key = model_key(path)
+            key = model_key(path, "" if private_to is None else f"private:{private_to}")
         except OSError as exc:
             raise ModelInvalid(f"cannot read {path.name}: {exc.strerror}", field="model") from None
         ids = self.models.get(key)
@@ -130,7 +154,7 @@ class HostStore:
         f = SafetensorsFile(path)
         self.files_read += 1
         try:
-            reg = self._register(f)
+            reg = self._register(f, key_bytes)
         finally:
             f.close()
         ids = {name: ref.id for name, ref in reg.manifest.items()}
@@ -140,12 +164,12 @@ class HostStore:
         self.models[key] = ids
         return reg
 
-    def _register(self, f: SafetensorsFile) -> Registration:
+    def _register(self, f: SafetensorsFile, key: bytes | None) -> Registration:
         ids: dict[str, str] = {}
         new: dict[str, Entry] = {}
         model_bytes = 0
         for e in f.entries:
-            tid = tensor_id(e.dtype, e.shape, f.view(e))
+            tid = tensor_id(e.dtype, e.shape, f.view(e), key)
             ids[e.name] = tid
             model_bytes += e.end - e.start
             if tid not in self.index and tid not in new:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,21 @@ async def test_worker_refuses_to_cold_start_a_deleted_function(platform: Platfor
     worker = platform.services["worker"]
     assert isinstance(worker, WorkerService)
     assert worker.instances == {}
+
+
+async def test_private_weights_are_invisible_to_other_tenants(platform: Platform) -> None:
+    c = platform.client
+    body = {"name": "mine", "model": {"builtin": "all-minilm-l6-v2", "private": True}}
+    a = {"X-Gpufaas-Tenant": "tenant-a"}
+    b = {"X-Gpufaas-Tenant": "tenant-b"}
+    assert (await c.post("/v1/functions", json=body, headers=a)).status == 201
+    assert (await c.post("/v1/functions", json=body, headers=b)).status == 201
+    # tenant-b's private copy deduplicated nothing against tenant-a's: no bytes saved.
+    async with c.get("/v1/events?replay=all&kinds=function.deployed", headers=b) as resp:
+        line = b""
+        while not line.startswith(b"data: "):
+            line = await resp.content.readline()
+    deployed = json.loads(line[6:])
+    assert deployed["data"]["tenant"] == "tenant-b"  # tenant-a's event is not shown to b
+    assert deployed["data"]["bytes_deduplicated"] == 0
+    assert deployed["data"]["bytes_stored"] == deployed["data"]["model_bytes"]

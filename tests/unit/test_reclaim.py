@@ -131,3 +131,25 @@ def test_restarted_store_waits_for_leases_to_be_reannounced(
 def test_lease_on_a_missing_tensor_is_reported(store: HostStore) -> None:
     assert store.lease("w|f", "w", ["not-a-tensor"], expires_at=10) == ["not-a-tensor"]
     assert store.leases.refcount("not-a-tensor") == 0
+
+
+def test_private_tensors_are_shared_only_within_their_tenant(
+    store: HostStore, tmp_path: Path
+) -> None:
+    path = _model(tmp_path / "m.safetensors", 1)
+    public = store.register_file(path)
+    a1 = store.register_file(path, private_to="tenant-a")
+    a2 = store.register_file(path, private_to="tenant-a")
+    b = store.register_file(path, private_to="tenant-b")
+    # A private registration never deduplicates against public or another tenant's tensors:
+    # nothing saved means nothing to observe (no bytes-saved figure, no faster response).
+    assert (a1.bytes_deduplicated, b.bytes_deduplicated) == (0, 0)
+    assert a2.bytes_stored == 0  # ... but a tenant shares its own
+    ids = [{r.id for r in reg.manifest.values()} for reg in (public, a1, b)]
+    assert len(ids[0] | ids[1] | ids[2]) == sum(map(len, ids))  # pairwise disjoint
+    assert {r.id for r in a2.manifest.values()} == ids[1]
+    # The keys survive a restart of the store (ids are stable), and stay secret.
+    again = HostStore(store.root, NODE)
+    again.recover(now=0)
+    assert again.register_file(path, private_to="tenant-a").manifest == a1.manifest
+    assert (store.dir / "keys" / "tenant-secret").stat().st_mode & 0o077 == 0
