@@ -268,6 +268,21 @@ class RegisterReply(Msg, frozen=True, tag="register_reply.v1"):
     file_read: bool = True  # False: every tensor was resident, the model file was not opened
 
 
+class LocalityRequest(Msg, frozen=True, tag="locality_request.v1"):
+    source: ModelSource
+    tenant: Tenant = DEFAULT_TENANT
+
+
+class LocalityReply(Msg, frozen=True, tag="locality_reply.v1"):
+    """How much of a model is already resident on a node (the scheduler's θ)."""
+
+    known: bool  # the store has a manifest for this model file
+    model_bytes: Count
+    resident_bytes: Count
+    bytes_to_load: Count
+    theta: float  # resident_bytes / model_bytes (0 when unknown)
+
+
 class StoreStatsRequest(Msg, frozen=True, tag="store_stats_request.v1"):
     pass
 

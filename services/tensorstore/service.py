@@ -20,6 +20,8 @@ from gpufaas.shared.catalog import resolve_model_dir
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import ModelInvalid
 from gpufaas.shared.messages import (
+    LocalityReply,
+    LocalityRequest,
     RegisterReply,
     RegisterRequest,
     ReleaseReply,
@@ -58,6 +60,7 @@ class TensorStoreService(Service):
             (subjects.TENSORSTORE_STATS, StoreStatsRequest, self.stats),
             (subjects.TENSORSTORE_RENEW, RenewRequest, self.renew),
             (subjects.TENSORSTORE_RELEASE, ReleaseRequest, self.release),
+            (subjects.TENSORSTORE_LOCALITY, LocalityRequest, self.locality),
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._reclaim_loop(), "reclaimer")
@@ -111,6 +114,19 @@ class TensorStoreService(Service):
             bytes_deduplicated=reg.bytes_deduplicated,
             register_us=took_us,
             file_read=reg.file_read,
+        )
+
+    async def locality(self, req: LocalityRequest) -> LocalityReply:
+        """θ for the scheduler: how much of a model is resident here, without reading it."""
+        weights = resolve_model_dir(req.source) / WEIGHTS_FILE
+        private_to = req.tenant if req.source.private else None
+        known, total, resident = self.store.locality(weights, private_to)
+        return LocalityReply(
+            known=known,
+            model_bytes=total,
+            resident_bytes=resident,
+            bytes_to_load=total - resident,
+            theta=resident / total if total else 0.0,
         )
 
     async def stats(self, _: StoreStatsRequest) -> StoreStats:

@@ -77,6 +77,7 @@ class HostStore:
         # model file identity -> parameter name -> tensor id, so that a model whose tensors
         # are all resident is registered again without reading its file.
         self.models: dict[str, dict[str, str]] = {}
+        self.sizes: dict[str, int] = {}  # tensor id -> bytes, for every manifest's tensors
         self.files_read = 0
         self.segment_ids: dict[str, set[str]] = {}  # segment -> the tensors packed in it
         self.leases = LeaseTable()
@@ -110,7 +111,9 @@ class HostStore:
         models = self.dir / MODELS_DIR
         models.mkdir(exist_ok=True)
         for path in models.glob("*.json"):
-            self.models[path.stem] = json.loads(path.read_bytes())
+            body = json.loads(path.read_bytes())
+            self.models[path.stem] = body["ids"]
+            self.sizes.update(body["sizes"])
         for path in self.dir.iterdir():
             name = path.name
             if path.is_dir():
@@ -158,9 +161,10 @@ class HostStore:
         finally:
             f.close()
         ids = {name: ref.id for name, ref in reg.manifest.items()}
-        write_segment(
-            self.root, f"{self.reldir}/{MODELS_DIR}/{key}.json", [json.dumps(ids).encode()]
-        )
+        sizes = {ref.id: ref.nbytes for ref in reg.manifest.values()}
+        body = json.dumps({"ids": ids, "sizes": sizes}).encode()
+        write_segment(self.root, f"{self.reldir}/{MODELS_DIR}/{key}.json", [body])
+        self.sizes.update(sizes)
         self.models[key] = ids
         return reg
 
@@ -202,6 +206,27 @@ class HostStore:
         self.bytes_requested += model_bytes
         manifest = {name: self.index[tid] for name, tid in ids.items()}
         return Registration(manifest, model_bytes, stored, model_bytes - stored)
+
+    def locality(self, path: Path, private_to: str | None = None) -> tuple[bool, int, int]:
+        """(known, model bytes, resident bytes) of a model file, from its manifest alone.
+
+        Cheap (a stat and a lookup per tensor), so it runs on the event loop: it only
+        reads dicts that the store thread replaces entry by entry.
+        """
+        try:
+            key = model_key(path, "" if private_to is None else f"private:{private_to}")
+        except OSError:
+            return False, 0, 0
+        ids = self.models.get(key)
+        if ids is None:
+            return False, path.stat().st_size, 0
+        total = resident = 0
+        for tid in set(ids.values()):
+            ref = self.index.get(tid)
+            nbytes = ref.nbytes if ref is not None else self.sizes.get(tid, 0)
+            total += nbytes
+            resident += nbytes if ref is not None else 0
+        return True, total, resident
 
     # --- references and reclaiming -------------------------------------------------------
 

@@ -83,3 +83,28 @@ async def test_a_restarted_store_rebuilds_leases_from_renewals(platform: Platfor
     assert restarted.store.idle_since == {}  # referenced again, not idle
     resp = await platform.client.post("/v2/models/minilm/infer", json=text_request(["ok"]))
     assert resp.status == 200
+
+
+async def test_locality_theta_follows_residency(platform: Platform) -> None:
+    from gpufaas.shared.messages import LocalityReply, LocalityRequest, ModelSource  # noqa: PLC0415
+
+    store, _ = parts(platform)
+    nc = platform.services["scheduler"].nc
+    subject = subjects.node(platform.config.node_id, "tensorstore", subjects.TENSORSTORE_LOCALITY)
+    ask = LocalityRequest(source=ModelSource(builtin="all-minilm-l6-v2"))
+
+    before = await request(nc, subject, ask, LocalityReply, timeout=5)
+    assert (before.known, before.theta, before.resident_bytes) == (False, 0.0, 0)
+    assert before.bytes_to_load > 80 * 2**20
+
+    assert (await platform.client.post("/v1/functions", json=DEMO_BODY)).status == 201
+    loaded = await request(nc, subject, ask, LocalityReply, timeout=5)
+    assert (loaded.known, loaded.theta, loaded.bytes_to_load) == (True, 1.0, 0)
+
+    assert (await platform.client.delete("/v1/functions/minilm")).status == 200
+    now = store.store.recovered_at + platform.config.node_ttl_s
+    await store.reclaim_once(now)
+    await store.reclaim_once(now + platform.config.tensor_keep_alive_s)
+    gone = await request(nc, subject, ask, LocalityReply, timeout=5)
+    assert (gone.known, gone.theta, gone.resident_bytes) == (True, 0.0, 0)
+    assert gone.bytes_to_load == loaded.model_bytes
