@@ -101,8 +101,11 @@ def wait_until_stopped(sup: Supervisor, stop: StopSignal, console: Console) -> i
     return 0
 
 
-def up(opts: UpOptions, console: Console) -> int:
-    """Start NATS (unless given), the node services, the scheduler and the gateway."""
+def check_options(opts: UpOptions) -> Config:
+    """Refuse, before starting anything, what would fail later; returns the base config.
+
+    Other ``GPUFAAS_*`` settings (timeouts, keep-alive, ...) pass through to every process.
+    """
     if not port_free(opts.host, opts.http_port):
         raise UsageError(
             f"port {opts.http_port} (HTTP gateway) is in use; choose another with --http-port"
@@ -119,18 +122,26 @@ def up(opts: UpOptions, console: Console) -> int:
     except PlatformError as exc:
         flag = "--topology" if exc.field == "topology" else "--devices"
         raise UsageError(f"{exc.message} (flag {flag})") from None
-    nats_url = opts.nats_url or f"nats://{opts.host}:{opts.nats_port}"
-    shm_dir = default_shm_dir() / f"up-{opts.http_port}"
-    base = Config(
-        nats_url=nats_url,
+    try:
+        env = Config.from_env()
+    except PlatformError as exc:
+        raise UsageError(exc.message) from None
+    return env.replace(
+        nats_url=opts.nats_url or f"nats://{opts.host}:{opts.nats_port}",
         http_host=opts.host,
         http_port=opts.http_port,
         devices=opts.devices,
         topology=opts.topology,
-        shm_dir=shm_dir,
+        shm_dir=default_shm_dir() / f"up-{opts.http_port}",
         data_dir=opts.data_dir,
         log_format="json",
     )
+
+
+def up(opts: UpOptions, console: Console) -> int:
+    """Start NATS (unless given), the node services, the scheduler and the gateway."""
+    base = check_options(opts)
+    nats_url, shm_dir = base.nats_url, base.shm_dir
     stop = StopSignal()
     sup = Supervisor(opts.data_dir / "run" / f"up-{opts.http_port}")
     try:

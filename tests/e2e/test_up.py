@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -53,7 +54,13 @@ def pids_mentioning(text: str) -> list[int]:
 
 
 class Up:
-    def __init__(self, tmp_path: Path, *args: str, ports: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *args: str,
+        ports: tuple[int, int] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.http_port, self.nats_port = ports or (free_port(), free_port())
         self.data_dir = tmp_path / "data"
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -62,7 +69,8 @@ class Up:
                 str(self.nats_port), "--data-dir", str(self.data_dir), *args]  # fmt: skip
         self.out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self.out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+                                     env={**os.environ, "COLUMNS": "200", **(env or {})})  # fmt: skip
+        self.shm = default_shm_dir() / f"up-{self.http_port}"
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -287,5 +295,49 @@ def test_crashed_services_are_restarted_and_recover(tmp_path: Path) -> None:
             assert kind == "tensor.deduplicated"
             assert json.loads(data)["data"]["bytes_saved"] > 80 * 2**20
             break
+    finally:
+        assert up.stop() == 0
+
+
+def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL the tensor store while it writes a model's segment: no orphan, no leak."""
+    # A short deploy deadline: the worker waits that long for the dead store to answer.
+    up = Up(tmp_path, "--devices", "cpu", env={"GPUFAAS_DEPLOY_TIMEOUT_S": "8"})
+    try:
+        up.wait_ready()
+        store_pid = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]["tensorstore"]["pid"]
+        tensors = up.shm / "tensors" / "node-0"
+        result: list[tuple[int, Any]] = []
+        deploy = threading.Thread(target=lambda: result.append(
+            http(f"{up.url}/v1/functions", {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}})))  # fmt: skip
+        deploy.start()
+        deadline = time.monotonic() + 30
+        while not any(p.name.endswith(".tmp") for p in tensors.glob(".*")) and deploy.is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        os.kill(store_pid, signal.SIGKILL)  # mid-write, as a rule (the file is in flight)
+        deploy.join(120)
+        (status, body) = result[0]
+        failed = status != 201  # the kill can land just after the store answered
+        if failed:  # a typed error, and nothing was written to the registry
+            assert status in (503, 504), body
+            assert http(f"{up.url}/v1/functions")[1]["functions"] == []
+
+        def store_back() -> bool:
+            services = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]
+            return bool(services.get("tensorstore", {}).get("pid", store_pid) != store_pid)
+
+        wait_for(store_back, 60, "the tensor store to be restarted")
+        files = sorted(p.name for p in tensors.iterdir() if p.is_file())
+        assert not [f for f in files if f.startswith(".")]  # no half-written segment
+        segments = [f for f in files if not f.endswith(".idx.json")]
+        assert all(f"{s}.idx.json" in files for s in segments)  # none without its index
+        if failed:
+            status, body = http(f"{up.url}/v1/functions",
+                                {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}})  # fmt: skip
+            assert status == 201, body
+        store = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["tensor_store"]["host"]
+        assert store["bytes_stored"] == body["model_bytes"]  # stored once, nothing leaked
+        assert store["leases"] <= 1
     finally:
         assert up.stop() == 0
