@@ -471,8 +471,9 @@ async def nodes_list(request: web.Request) -> web.Response:
     for (node, beats), store in zip(sorted(nodes.items()), stores, strict=True):
         devices: dict[str, Any] = {}
         for beat in beats:
-            for d in beat.devices:
-                devices.setdefault(d.name, untagged(to_builtins(d)))
+            for d in beat.devices:  # the memory service lists them; the worker adds usage
+                if d.name not in devices or d.used_bytes > devices[d.name]["used_bytes"]:
+                    devices[d.name] = untagged(to_builtins(d))
         out.append(
             {
                 "node": node,

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import structlog
 import torch
 
@@ -25,6 +26,7 @@ from gpufaas.shared.devices import NodeDevices, parse_devices
 from gpufaas.shared.errors import InvalidArgument, ModelInvalid, NotFound, PlatformError
 from gpufaas.shared.messages import (
     Breakdown,
+    DeviceInfo,
     FunctionSpec,
     InvokeReply,
     LeaseClaim,
@@ -49,6 +51,7 @@ from gpufaas.shared.registry import get_function
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import SegmentCache, write_tube
+from gpufaas.worker.device_tier import DeviceTier
 from gpufaas.worker.runners import RUNNERS, Output, Runner
 
 log = structlog.get_logger()
@@ -81,14 +84,18 @@ class WorkerService(Service):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
-        gpus = [d.name for d in self.node_devices.devices if d.kind != "host"]
-        # The device an instance is placed on. On a real GPU its weights get one device
-        # copy (sharing it across instances is the tensor store's GPU tier, issue 4);
-        # on a simulated GPU compute runs on the CPU over the shared host pages.
-        self.device = gpus[0] if gpus else "cpu"
-        self.torch_device = torch.device(
-            "cuda:0" if self.node_devices.backend == "cuda" and torch.cuda.is_available() else "cpu"
-        )
+        gpus = [d for d in self.node_devices.devices if d.kind != "host"]
+        # The device instances are placed on. On a real GPU the weights get one device
+        # copy per tensor, shared by the instances there; on a simulated GPU compute runs
+        # on the CPU over the shared host pages and the GPU's capacity is accounted.
+        self.device = gpus[0].name if gpus else "cpu"
+        cuda = self.node_devices.backend == "cuda" and torch.cuda.is_available()
+        self.torch_device = torch.device("cuda:0" if cuda else "cpu")
+        self.tier: DeviceTier | None = None
+        if gpus:
+            self.tier = DeviceTier(
+                gpus[0].name, gpus[0].memory_bytes, self.torch_device if cuda else None
+            )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dev-{self.device}")
         self.segments = SegmentCache(config.shm_dir)
         self.instances: dict[tuple[str, str], Instance] = {}
@@ -175,13 +182,24 @@ class WorkerService(Service):
             )
         loop = asyncio.get_running_loop()
 
+        tensor_ids = {ref.id for ref in reg.manifest.values()}
+
         def build() -> Runner:
             weights = {name: self._view(ref) for name, ref in reg.manifest.items()}
-            if self.torch_device.type != "cpu":
-                weights = {name: t.to(self.torch_device) for name, t in weights.items()}
-            return runner_cls(Path(reg.model_dir), weights)
+            if self.tier is None:
+                return runner_cls(Path(reg.model_dir), weights)
+            weights = self.tier.acquire(reg.manifest, weights)
+            try:
+                return runner_cls(Path(reg.model_dir), weights)
+            except BaseException:
+                self.tier.release(tensor_ids)
+                raise
 
-        runner = await loop.run_in_executor(self._executor, build)
+        try:
+            runner = await loop.run_in_executor(self._executor, build)
+        except BaseException:
+            await self._release(self._lease_id(spec.tenant, spec.name))
+            raise
         inst = Instance(
             spec=spec,
             runner=runner,
@@ -191,8 +209,11 @@ class WorkerService(Service):
             bytes_stored=reg.bytes_stored,
             bytes_deduplicated=reg.bytes_deduplicated,
             load_us=_us(t0),
-            tensors=sorted({ref.id for ref in reg.manifest.values()}),
+            tensors=sorted(tensor_ids),
         )
+        old = self.instances.get((spec.tenant, spec.name))
+        if old is not None:  # a redeploy replaced the spec: give back the old device copies
+            await self._release_device(old)
         self.instances[(spec.tenant, spec.name)] = inst
         log.info("instance.built", function=spec.name, tenant=spec.tenant, us=inst.load_us)
         return inst
@@ -225,8 +246,21 @@ class WorkerService(Service):
     async def unload(self, req: WorkerUnloadRequest) -> WorkerUnloadReply:
         inst = self.instances.pop((req.tenant, req.function), None)
         if inst is not None:
+            await self._release_device(inst)
             await self._release(self._lease_id(req.tenant, req.function))
         return WorkerUnloadReply(unloaded=inst is not None)
+
+    async def _release_device(self, inst: Instance) -> None:
+        if self.tier is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self.tier.release, set(inst.tensors))
+
+    def devices(self) -> list[DeviceInfo]:
+        """Heartbeat: the device this worker places instances on, with its tier's usage."""
+        if self.tier is None:
+            return []
+        info = next(d for d in self.node_devices.devices if d.name == self.tier.name)
+        return [msgspec.structs.replace(info, used_bytes=self.tier.used)]
 
     # --- leases on the tensor store ------------------------------------------------------
 

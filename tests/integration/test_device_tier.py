@@ -1,0 +1,67 @@
+"""The device tier on simulated GPUs: one copy per tensor per GPU, capacity enforced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpufaas.shared.config import Config
+from tests.conftest import NatsServer
+from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
+
+pytestmark = pytest.mark.integration
+
+MIB = 2**20
+
+
+async def gpu0(platform: Platform) -> dict[str, Any]:
+    nodes = (await (await platform.client.get("/v1/nodes")).json())["nodes"]
+    device: dict[str, Any] = next(d for d in nodes[0]["devices"] if d["name"] == "gpu:0")
+    return device
+
+
+async def test_instances_on_a_gpu_share_one_copy(platform: Platform) -> None:
+    c = platform.client
+    rec = await (await c.post("/v1/functions", json=DEMO_BODY)).json()
+    assert (await c.post("/v1/functions", json={**DEMO_BODY, "name": "minilm-b"})).status == 201
+    await platform.services["worker"]._heartbeat_once()  # publish usage now, not in 0.2 s
+    assert (await gpu0(platform))["used_bytes"] == rec["model_bytes"]  # once, for two instances
+    assert (await c.delete("/v1/functions/minilm")).status == 200
+    await platform.services["worker"]._heartbeat_once()
+    assert (await gpu0(platform))["used_bytes"] == rec["model_bytes"]  # minilm-b still uses it
+    assert (await c.delete("/v1/functions/minilm-b")).status == 200
+    await platform.services["worker"]._heartbeat_once()
+    assert (await gpu0(platform))["used_bytes"] == 0
+
+
+@pytest.fixture
+def platform_config(nats_server: NatsServer, tmp_path: Path) -> Config:
+    # A simulated GPU with room for one MiniLM (87 MiB) but not two different ones.
+    topo = {"name": "tiny", "gpus": [{"index": 0, "model": "tiny (simulated)",
+                                      "memory_bytes": 120 * MIB}],
+            "links": [{"a": "host", "b": "gpu:0", "kind": "pcie4", "gbps": 25, "latency_us": 10}]}  # fmt: skip
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(topo))
+    return make_config(nats_server, tmp_path, devices="sim:1", topology=str(path))
+
+
+async def test_a_model_that_does_not_fit_is_refused_cleanly(platform: Platform) -> None:
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    # A private copy has its own tensor ids: it would need a second 87 MiB on the GPU.
+    private = {"name": "mine", "model": {"builtin": "all-minilm-l6-v2", "private": True}}
+    resp = await c.post("/v1/functions", json=private)
+    body = await resp.json()
+    assert resp.status == 507, body
+    assert body["code"] == "resource_exhausted"
+    assert body["field"] == "model"
+    assert "gpu:0" in body["error"]
+    names = [f["spec"]["name"] for f in (await (await c.get("/v1/functions")).json())["functions"]]
+    assert names == ["minilm"]  # nothing half-deployed
+    store = (await (await c.get("/v1/nodes")).json())["nodes"][0]["tensor_store"]["host"]
+    assert store["leases"] == 1  # the refused instance's lease was given back
+    resp = await c.post("/v2/models/minilm/infer", json=text_request(["still fine"]))
+    assert resp.status == 200
