@@ -11,4 +11,4 @@ ln -s "$PWD/shared" "$tree/gpufaas/shared"
 for svc in gateway scheduler transfer memory tensorstore worker; do
   ln -s "$PWD/services/$svc" "$tree/gpufaas/$svc"
 done
-exec "${PYTHON:-python}" -m mypy --strict --config-file pyproject.toml "$tree/gpufaas" tests $(compgen -G "bench/*.py" >/dev/null && echo bench) "$@"
+exec "${PYTHON:-python}" -m mypy --strict --config-file pyproject.toml "$tree/gpufaas" tests $(compgen -G "bench/*.py" >/dev/null && echo bench) $(compgen -G "scripts/*.py" >/dev/null && echo scripts/*.py) "$@"
