@@ -941,7 +941,7 @@ def print_memory(r: MemoryResult) -> None:
     print(
         f"    the worker outside the segments: {mib(r.worker_other_pss_idle)} idle -> "
         f"{mib(r.worker_other_pss)} (+{mib(grown)}, {mib(grown / r.functions)} per function: "
-        "its instances, each with its own tokenizer, and compute buffers)"
+        "its instances and compute buffers)"
     )
     print(
         f"  {r.functions} plain processes, total PSS          {mib(r.baseline_pss):>12}   "
@@ -980,10 +980,9 @@ def print_cold(c: ColdResult) -> None:
             f"  ratio {label} / platform: {base.median / c.deploy_load_ms.median:.2f}x vs the worker "
             f"build, {base.median / c.deploy_http_ms.median:.2f}x vs the deploy call (medians)"
         )
-    rest = c.deploy_load_ms.median - c.load_file_tokenizer_ms.median
     print(
-        f"  estimate: worker build minus the config + tokenizer time measured in the fresh "
-        f"processes = {rest:.1f} ms (the tensor store round trip and the zero-copy views)"
+        "  (the worker shares one parsed tokenizer among instances of a tokenizer file, so its "
+        "build is the tensor store round trip, the zero-copy views and the config)"
     )
     print(
         f"  ratio spawn-to-loaded / deploy call: "
