@@ -341,3 +341,46 @@ def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
         assert store["leases"] <= 1
     finally:
         assert up.stop() == 0
+
+
+def test_worker_killed_mid_load_leaks_nothing(tmp_path: Path) -> None:
+    """SIGKILL the worker while the store registers for it: its lease lapses, bytes are freed."""
+    fast = {"GPUFAAS_DEPLOY_TIMEOUT_S": "8", "GPUFAAS_NODE_TTL_S": "3",
+            "GPUFAAS_TENSOR_KEEP_ALIVE_S": "1", "GPUFAAS_RECLAIM_INTERVAL_S": "0.5"}  # fmt: skip
+    up = Up(tmp_path, "--devices", "cpu", env=fast)
+    demo = {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}}
+    try:
+        up.wait_ready()
+        worker_pid = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]["worker"]["pid"]
+        tensors = up.shm / "tensors" / "node-0"
+        result: list[tuple[int, Any]] = []
+        deploy = threading.Thread(
+            target=lambda: result.append(http(f"{up.url}/v1/functions", demo))
+        )
+        deploy.start()
+        deadline = time.monotonic() + 30
+        while not any(p.name.endswith(".tmp") for p in tensors.glob(".*")) and deploy.is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        os.kill(worker_pid, signal.SIGKILL)  # the store is writing the segment for it
+        deploy.join(120)
+        status, body = result[0]
+        assert status in (201, 503, 504), body
+
+        def store() -> dict[str, Any]:
+            nodes = http(f"{up.url}/v1/nodes")[1]["nodes"]
+            host: dict[str, Any] = (nodes[0].get("tensor_store") or {}).get("host") or {}
+            return host
+
+        # The dead worker's lease lapses and, after the keep-alive, its bytes are freed.
+        wait_for(lambda: store().get("leases") == 0 and store().get("bytes_stored") == 0, 60,
+                 "the dead worker's lease to lapse and its tensors to be reclaimed")  # fmt: skip
+        if status != 201:
+            status, body = http(f"{up.url}/v1/functions", demo)
+            assert status == 201, body
+        status, res = http(f"{up.url}/v2/models/minilm/infer",
+                           {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]})  # fmt: skip
+        assert status == 200, res
+        assert store()["leases"] == 1
+    finally:
+        assert up.stop() == 0
