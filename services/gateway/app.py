@@ -450,6 +450,12 @@ async def function_delete(request: web.Request) -> web.Response:
     return json_response({"deleted": reply.name})
 
 
+def _device_order(device: dict[str, Any]) -> tuple[int, int]:
+    """host first, then gpu:0, gpu:1, ... whichever heartbeat listed them first."""
+    name = str(device["name"])
+    return (0, 0) if name == "host" else (1, int(name.partition(":")[2] or 0))
+
+
 async def _store_stats(nc: NATS, node: str) -> dict[str, Any] | None:
     """A node's tensor store figures, or None if it does not answer within a second."""
     subject = subjects.node(node, "tensorstore", subjects.TENSORSTORE_STATS)
@@ -485,7 +491,7 @@ async def nodes_list(request: web.Request) -> web.Response:
                     }
                     for b in sorted(beats, key=lambda b: b.service)
                 },
-                "devices": list(devices.values()),
+                "devices": sorted(devices.values(), key=_device_order),
                 "tensor_store": store,
             }
         )
