@@ -17,24 +17,19 @@ Run:  .venv/bin/python bench/invoke_overhead.py [--requests 200] [--batch 1,8] [
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import http.client
 import json
 import os
-import platform
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+import _platform as harness
 import safetensors.torch
 import torch
 
@@ -43,10 +38,7 @@ from gpufaas.shared.messages import ModelSource
 from gpufaas.worker.models.bert import BertConfig, BertEmbedder, load_tokenizer
 
 FUNCTION = "minilm"
-HOST = "127.0.0.1"
-READY_LINE = "Press Ctrl-C to stop."
 MAX_ABS_DIFF = 1e-5
-STOP_TIMEOUT_S = 60.0
 
 SENTENCES = [
     "A man is eating food.",
@@ -68,118 +60,12 @@ SENTENCES = [
 ]
 
 
-# --- the platform -------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free a moment ago (bound together, then released)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def http_status(port: int, path: str) -> int | None:
-    """Status of ``GET path``, or None when nothing answers yet."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=2)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-    except OSError:
-        return None
-    else:
-        return resp.status
-    finally:
-        conn.close()
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no output)"
-
-
-@dataclass
-class Platform:
-    proc: subprocess.Popen[bytes]
-    http_port: int
-    log_path: Path
-
-
-def start_platform(data_dir: Path, log_path: Path) -> Platform:
-    http_port, nats_port = free_ports(2)
-    argv = [
-        str(Path(sys.executable).parent / "gpufaas"),
-        "up",
-        "--http-port",
-        str(http_port),
-        "--nats-port",
-        str(nats_port),
-        "--data-dir",
-        str(data_dir),
-        "--devices",
-        "cpu",
-        "--demo",
-    ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
-    return Platform(proc, http_port, log_path)
-
-
-def wait_ready(plat: Platform, timeout_s: float) -> float:
-    """Poll until the demo is deployed and both readiness endpoints answer 200; seconds taken."""
-    t0 = time.monotonic()
-    deadline = t0 + timeout_s
-    while True:
-        if plat.proc.poll() is not None:
-            raise RuntimeError(
-                f"gpufaas up exited with status {plat.proc.returncode} before it was ready:\n"
-                f"{log_tail(plat.log_path)}"
-            )
-        if (
-            READY_LINE in plat.log_path.read_text(errors="replace")
-            and http_status(plat.http_port, "/v2/health/ready") == 200
-            and http_status(plat.http_port, f"/v2/models/{FUNCTION}/ready") == 200
-        ):
-            return time.monotonic() - t0
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"gpufaas up not ready after {timeout_s:.0f} s:\n{log_tail(plat.log_path)}"
-            )
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            plat.proc.wait(timeout=0.2)  # the poll interval, cut short if the process exits
-
-
-def stop_platform(plat: Platform) -> int:
-    """SIGTERM and wait for exit (SIGKILL only if it does not stop in time); exit status."""
-    if plat.proc.poll() is None:
-        plat.proc.send_signal(signal.SIGTERM)
-        try:
-            return plat.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            print(
-                f"gpufaas up ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s; killing it",
-                file=sys.stderr,
-            )
-            plat.proc.kill()
-    return plat.proc.wait()
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally that stops the platform
-
-
 # --- measurement --------------------------------------------------------------------
+
+
+def function_ready(port: int) -> bool:
+    """Whether the demo function answers ``GET /v2/models/minilm/ready`` with 200."""
+    return harness.http_status(port, f"/v2/models/{FUNCTION}/ready") == 200
 
 
 def load_embedder() -> BertEmbedder:
@@ -197,7 +83,7 @@ class Gateway:
     """One keep-alive HTTP connection to the gateway's infer endpoint."""
 
     def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection(HOST, port, timeout=60)
+        self.conn = http.client.HTTPConnection(harness.HOST, port, timeout=60)
         self.connections = 0
         self.last_decode_s = 0.0
         self._sock: object = None
@@ -239,17 +125,6 @@ def embedding_of(reply: dict[str, Any], batch: int) -> torch.Tensor:
     return torch.tensor(out["data"], dtype=torch.float32).reshape(out["shape"])
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100)."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 @dataclass
 class Stats:
     p50_ms: float
@@ -259,7 +134,7 @@ class Stats:
     @classmethod
     def of(cls, seconds: list[float]) -> Stats:
         ms = [x * 1e3 for x in seconds]
-        return cls(percentile(ms, 50), percentile(ms, 99), sum(ms) / len(ms))
+        return cls(harness.percentile(ms, 50), harness.percentile(ms, 99), sum(ms) / len(ms))
 
 
 @dataclass
@@ -340,7 +215,7 @@ def measure(gw: Gateway, emb: BertEmbedder, batch: int, requests: int, warmup: i
         ratio_p50=g.p50_ms / p.p50_ms,
         ratio_p99=g.p99_ms / p.p99_ms,
         max_abs_diff=diff,
-        breakdown_median_ms={k: percentile(v, 50) for k, v in parts.items()},
+        breakdown_median_ms={k: harness.percentile(v, 50) for k, v in parts.items()},
         cold_replies=cold,
     )
 
@@ -348,34 +223,7 @@ def measure(gw: Gateway, emb: BertEmbedder, batch: int, requests: int, warmup: i
 # --- reporting ----------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": "CPU (no GPU)",
-        "loadavg_1m_before": round(os.getloadavg()[0], 2),
-    }
-
-
-def print_machine(m: dict[str, Any]) -> None:
-    print(f"machine : {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable)")
-    print(f"software: python {m['python']}, torch {m['torch']}")
-    print(f"device  : {m['device']}; torch.get_num_threads() here = {m['torch_threads']}")
+def print_note() -> None:
     print(
         "note    : the in-process model and the platform's worker (plus gateway, scheduler, NATS)\n"
         "          share the same cores; the two are interleaved request by request, so\n"
@@ -426,18 +274,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    m = machine()
-    print_machine(m)
+    signal.signal(signal.SIGTERM, harness.terminate)
+    m = harness.machine("CPU (no GPU)", extra={"torch_threads": torch.get_num_threads()})
+    harness.print_machine(m)
+    print_note()
 
     emb = load_embedder()
     data_dir = Path(tempfile.mkdtemp(prefix="gpufaas-bench-"))
-    plat: Platform | None = None
+    plat: harness.Platform | None = None
     gw: Gateway | None = None
     results: list[BatchResult] = []
     try:
-        plat = start_platform(data_dir, data_dir / "up.log")
-        took = wait_ready(plat, args.ready_timeout)
+        plat = harness.start_platform(data_dir, data_dir / "up.log", demo=True)
+        took = harness.wait_ready(plat, args.ready_timeout, function_ready)
         print(
             f"platform: gpufaas up --demo --devices cpu on port {plat.http_port}, ready in {took:.1f} s"
         )
@@ -456,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         if gw is not None:
             gw.close()
         if plat is not None:
-            status = stop_platform(plat)
+            status = harness.stop_platform(plat)
             print(f"platform stopped (exit status {status})")
             if status != 0:
-                print(log_tail(plat.log_path), file=sys.stderr)
+                print(harness.log_tail(plat.log_path), file=sys.stderr)
         if args.keep_data_dir:
             print(f"data dir kept: {data_dir}")
         else:

@@ -28,17 +28,13 @@ Run:  .venv/bin/python bench/tensor_sharing.py [--variants 9] [--reps 10] [--jso
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import http.client
 import importlib.util
 import json
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,21 +43,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+import _platform as harness
 import blake3
 import safetensors.torch
 import torch
 
 from gpufaas.shared.catalog import resolve_model_dir
-from gpufaas.shared.config import default_shm_dir
 from gpufaas.shared.messages import ModelSource
 from gpufaas.worker.models.bert import BertConfig, BertEmbedder, load_tokenizer
 
-HOST = "127.0.0.1"
-READY_LINE = "Press Ctrl-C to stop."
-STOP_TIMEOUT_S = 60.0
 WEIGHTS_FILE = "model.safetensors"
 TEXT = "Content-addressed tensors are stored once and shared by every function."
 MAKE_VARIANTS = Path(__file__).resolve().parent.parent / "scripts" / "make_variants.py"
@@ -72,25 +64,11 @@ MakeVariants = Callable[[Path, Path, int, int, int], list[Path]]
 # --- the platform -------------------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free a moment ago (bound together, then released)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def http_json(
     port: int, method: str, path: str, body: Any = None, timeout: float = 120.0
 ) -> tuple[int, Any]:
     """One request; (status, decoded JSON or None)."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    conn = http.client.HTTPConnection(harness.HOST, port, timeout=timeout)
     try:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -105,77 +83,6 @@ def http_json(
         conn.close()
 
 
-def http_status(port: int, path: str) -> int | None:
-    """Status of ``GET path``, or None when nothing answers yet."""
-    try:
-        return http_json(port, "GET", path, timeout=2)[0]
-    except OSError:
-        return None
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no output)"
-
-
-@dataclass
-class Platform:
-    proc: subprocess.Popen[bytes]
-    http_port: int
-    log_path: Path
-    data_dir: Path
-
-    @property
-    def shm_dir(self) -> Path:
-        return default_shm_dir() / f"up-{self.http_port}"
-
-
-def start_platform(data_dir: Path, log_path: Path) -> Platform:
-    http_port, nats_port = free_ports(2)
-    argv = [
-        str(Path(sys.executable).parent / "gpufaas"),
-        "up",
-        "--http-port",
-        str(http_port),
-        "--nats-port",
-        str(nats_port),
-        "--data-dir",
-        str(data_dir),
-        "--devices",
-        "cpu",
-    ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
-    return Platform(proc, http_port, log_path, data_dir)
-
-
-def wait_ready(plat: Platform, timeout_s: float) -> float:
-    """Poll until up has printed that it is up and the gateway is ready; seconds taken."""
-    t0 = time.monotonic()
-    while True:
-        if plat.proc.poll() is not None:
-            raise RuntimeError(
-                f"gpufaas up exited with status {plat.proc.returncode} before it was ready:\n"
-                f"{log_tail(plat.log_path)}"
-            )
-        if (
-            READY_LINE in plat.log_path.read_text(errors="replace")
-            and http_status(plat.http_port, "/v2/health/ready") == 200
-            and worker_listed(plat.http_port)
-        ):
-            return time.monotonic() - t0
-        if time.monotonic() > t0 + timeout_s:
-            raise RuntimeError(
-                f"gpufaas up not ready after {timeout_s:.0f} s:\n{log_tail(plat.log_path)}"
-            )
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            plat.proc.wait(timeout=0.2)  # the poll interval, cut short if the process exits
-
-
 def worker_listed(port: int) -> bool:
     """Whether ``GET /v1/nodes`` lists a node with a worker (deploys 503 until it does)."""
     try:
@@ -184,25 +91,6 @@ def worker_listed(port: int) -> bool:
         return False
     nodes = body.get("nodes", []) if status == 200 and isinstance(body, dict) else []
     return any("worker" in n.get("services", {}) for n in nodes)
-
-
-def stop_platform(plat: Platform) -> int:
-    """SIGTERM and wait for exit (SIGKILL only if it does not stop in time); exit status."""
-    if plat.proc.poll() is None:
-        plat.proc.send_signal(signal.SIGTERM)
-        try:
-            return plat.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            print(
-                f"gpufaas up ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s; killing it",
-                file=sys.stderr,
-            )
-            plat.proc.kill()
-    return plat.proc.wait()
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally that stops the platform
 
 
 def deploy(port: int, name: str, model_dir: Path) -> tuple[float, dict[str, Any]]:
@@ -233,7 +121,7 @@ def deployed_events(port: int, names: Iterable[str], timeout_s: float = 30.0) ->
     """The ``function.deployed`` event data of each function in ``names`` (replayed via SSE)."""
     wanted = set(names)
     found: dict[str, Any] = {}
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
+    conn = http.client.HTTPConnection(harness.HOST, port, timeout=timeout_s)
     try:
         conn.request("GET", "/v1/events?kinds=function.deployed&replay=all")
         resp = conn.getresponse()
@@ -296,7 +184,7 @@ def pids_mentioning(text: str) -> set[int]:
     return found
 
 
-def platform_pids(plat: Platform) -> set[int]:
+def platform_pids(plat: harness.Platform) -> set[int]:
     """The up process, its descendants, and anything carrying its data dir (not this one)."""
     pids = descendants(plat.proc.pid) | pids_mentioning(str(plat.data_dir))
     pids.discard(os.getpid())
@@ -368,7 +256,7 @@ class ProcMem:
     weight_private: int = 0
 
 
-def measure_platform(plat: Platform) -> list[ProcMem]:
+def measure_platform(plat: harness.Platform) -> list[ProcMem]:
     prefix = f"{plat.shm_dir}/tensors/"
     out = []
     for pid in sorted(platform_pids(plat)):
@@ -389,7 +277,7 @@ def measure_platform(plat: Platform) -> list[ProcMem]:
     return out
 
 
-def segment_files(plat: Platform) -> tuple[int, int, int]:
+def segment_files(plat: harness.Platform) -> tuple[int, int, int]:
     """(files, bytes, bytes allocated in tmpfs) of the tensor segments (not indexes)."""
     files = nbytes = alloc = 0
     for path in (plat.shm_dir / "tensors").rglob("*"):
@@ -548,17 +436,6 @@ def measure_baseline(model_dirs: list[Path]) -> tuple[list[ProcMem], list[dict[s
 # --- statistics and reporting --------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100)."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 @dataclass
 class Dist:
     median: float
@@ -567,58 +444,18 @@ class Dist:
 
     @classmethod
     def of(cls, xs: list[float]) -> Dist:
-        return cls(statistics.median(xs), percentile(xs, 95), len(xs))
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine() -> dict[str, Any]:
-    mem_total = 0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        mem_total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "memory": mem_total,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "safetensors": getattr(safetensors, "__version__", "?"),
-        "device": "CPU, host shared-memory tier (no GPU)",
-        "loadavg_1m_before": round(os.getloadavg()[0], 2),
-    }
-
-
-def print_machine(m: dict[str, Any]) -> None:
-    print(
-        f"machine : {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {mib(m['memory'])}"
-    )
-    print(f"software: python {m['python']}, torch {m['torch']}, safetensors {m['safetensors']}")
-    print(f"device  : {m['device']}")
+        return cls(statistics.median(xs), harness.percentile(xs, 95), len(xs))
 
 
 def print_procs(title: str, procs: list[ProcMem], *, weights: bool) -> None:
     print(f"  {title}")
     for p in procs:
         extra = (
-            f"  weight-file map PSS {mib(p.weight_pss)}, RSS {mib(p.weight_rss)}, private {mib(p.weight_private)}"
+            f"  weight-file map PSS {harness.mib(p.weight_pss)}, RSS {harness.mib(p.weight_rss)}, private {harness.mib(p.weight_private)}"
             if weights
-            else f"  segment-map PSS {mib(p.seg_pss)} (RSS {mib(p.seg_rss)})"
+            else f"  segment-map PSS {harness.mib(p.seg_pss)} (RSS {harness.mib(p.seg_rss)})"
         )
-        print(f"    {p.pid:>8} {p.label:<28} PSS {mib(p.pss):>12}{extra}")
+        print(f"    {p.pid:>8} {p.label:<28} PSS {harness.mib(p.pss):>12}{extra}")
 
 
 # --- the two measurements -------------------------------------------------------------
@@ -664,7 +501,7 @@ class ColdResult:
 
 
 def deploy_memory_set(
-    plat: Platform, names_dirs: list[tuple[str, Path]]
+    plat: harness.Platform, names_dirs: list[tuple[str, Path]]
 ) -> tuple[list[ProcMem], list[torch.Tensor]]:
     """Deploy and invoke once each function; the platform's memory afterwards."""
     embs = []
@@ -687,7 +524,7 @@ def check_embeddings(embs: list[torch.Tensor]) -> None:
 
 
 def run_cold(
-    plat: Platform, base_dir: Path, pt_file: Path, reps: int
+    plat: harness.Platform, base_dir: Path, pt_file: Path, reps: int
 ) -> tuple[dict[str, list[float]], list[str]]:
     """Interleave resident deploys with fresh-process loads; raw timings (ms)."""
     raw: dict[str, list[float]] = {
@@ -759,10 +596,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child is not None:
         return child_main(args.child, args.model_dir, args.pt)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, harness.terminate)
     t_start = time.monotonic()
-    m = machine()
-    print_machine(m)
+    m = harness.machine(
+        "CPU, host shared-memory tier (no GPU)",
+        memory=True,
+        extra={"safetensors": getattr(safetensors, "__version__", "?")},
+    )
+    harness.print_machine(m)
     data_dir = Path(tempfile.mkdtemp(prefix="gpufaas-bench-"))
     try:
         mem, cold = run(args, data_dir)
@@ -822,7 +663,7 @@ def prepare_models(args: argparse.Namespace, data_dir: Path) -> Models:
     models = Models(base_dir, variant_dirs, pt_file, sum(union.values()), sum_bytes)
     print(
         f"\nmodels: base + {args.variants} variants (top {args.layers} encoder layer(s) "
-        f"perturbed): {mib(sum_bytes)} in all, {mib(models.union_bytes)} unique tensor bytes "
+        f"perturbed): {harness.mib(sum_bytes)} in all, {harness.mib(models.union_bytes)} unique tensor bytes "
         "(union)"
     )
     return models
@@ -831,9 +672,9 @@ def prepare_models(args: argparse.Namespace, data_dir: Path) -> Models:
 def run(args: argparse.Namespace, data_dir: Path) -> tuple[MemoryResult, ColdResult]:
     models = prepare_models(args, data_dir)
     base_dir, variant_dirs, model_dirs = models.base_dir, models.variant_dirs, models.dirs
-    plat = start_platform(data_dir, data_dir / "up.log")
+    plat = harness.start_platform(data_dir, data_dir / "up.log")
     try:
-        took = wait_ready(plat, args.ready_timeout)
+        took = harness.wait_ready(plat, args.ready_timeout, worker_listed)
         print(f"platform: gpufaas up --devices cpu on port {plat.http_port}, ready in {took:.1f} s")
         idle = measure_platform(plat)
 
@@ -857,10 +698,10 @@ def run(args: argparse.Namespace, data_dir: Path) -> tuple[MemoryResult, ColdRes
         cold_events = deployed_events(plat.http_port, resident_names)
         raw["deploy_load"] = [cold_events[n]["load_us"] / 1e3 for n in resident_names]
     finally:
-        status = stop_platform(plat)
+        status = harness.stop_platform(plat)
         print(f"platform stopped (exit status {status})")
         if status != 0:
-            print(log_tail(plat.log_path), file=sys.stderr)
+            print(harness.log_tail(plat.log_path), file=sys.stderr)
 
     print("\nbaseline: one plain process per model (after the platform stopped)")
     base_mems, base_reports = measure_baseline(model_dirs)
@@ -921,38 +762,40 @@ def print_memory(r: MemoryResult) -> None:
     stored = sum(e.get("bytes_stored", 0) for e in r.deploy_events.values())
     dedup = sum(e.get("bytes_deduplicated", 0) for e in r.deploy_events.values())
     print(f"\n(a) memory, {r.functions} functions (base + variants), CPU host tier")
-    print(f"  sum of model sizes                        {mib(r.sum_model_bytes):>12}")
-    print(f"  union of unique tensor bytes              {mib(u):>12}   (1.00x)")
-    print(f"  deploy events: bytes_stored {mib(stored)}, bytes_deduplicated {mib(dedup)}")
+    print(f"  sum of model sizes                        {harness.mib(r.sum_model_bytes):>12}")
+    print(f"  union of unique tensor bytes              {harness.mib(u):>12}   (1.00x)")
     print(
-        f"  tensor segment files in /dev/shm          {mib(r.segment_alloc):>12}   "
-        f"({r.segment_alloc / u:.2f}x union; {r.segment_files} files, {mib(r.segment_bytes)} bytes)"
+        f"  deploy events: bytes_stored {harness.mib(stored)}, bytes_deduplicated {harness.mib(dedup)}"
     )
     print(
-        f"  PSS of segment mappings, all processes    {mib(r.segment_pss):>12}   "
-        f"({r.segment_pss / u:.2f}x union; RSS {mib(r.segment_rss)}: pages touched so far)"
+        f"  tensor segment files in /dev/shm          {harness.mib(r.segment_alloc):>12}   "
+        f"({r.segment_alloc / u:.2f}x union; {r.segment_files} files, {harness.mib(r.segment_bytes)} bytes)"
     )
-    print(f"  platform total PSS, idle (no function)    {mib(r.idle_platform_pss):>12}")
     print(
-        f"  platform total PSS, {r.functions} functions          {mib(r.platform_pss):>12}   "
-        f"(+{mib(r.platform_pss - r.idle_platform_pss)} over idle)"
+        f"  PSS of segment mappings, all processes    {harness.mib(r.segment_pss):>12}   "
+        f"({r.segment_pss / u:.2f}x union; RSS {harness.mib(r.segment_rss)}: pages touched so far)"
+    )
+    print(f"  platform total PSS, idle (no function)    {harness.mib(r.idle_platform_pss):>12}")
+    print(
+        f"  platform total PSS, {r.functions} functions          {harness.mib(r.platform_pss):>12}   "
+        f"(+{harness.mib(r.platform_pss - r.idle_platform_pss)} over idle)"
     )
     grown = r.worker_other_pss - r.worker_other_pss_idle
     print(
-        f"    the worker outside the segments: {mib(r.worker_other_pss_idle)} idle -> "
-        f"{mib(r.worker_other_pss)} (+{mib(grown)}, {mib(grown / r.functions)} per function: "
+        f"    the worker outside the segments: {harness.mib(r.worker_other_pss_idle)} idle -> "
+        f"{harness.mib(r.worker_other_pss)} (+{harness.mib(grown)}, {harness.mib(grown / r.functions)} per function: "
         "its instances and compute buffers)"
     )
     print(
-        f"  {r.functions} plain processes, total PSS          {mib(r.baseline_pss):>12}   "
+        f"  {r.functions} plain processes, total PSS          {harness.mib(r.baseline_pss):>12}   "
         f"({r.baseline_pss / r.platform_pss:.2f}x the platform)"
     )
     print(
-        f"    of which their weight-file mappings PSS {mib(r.baseline_weight_pss):>12}   "
-        f"(RSS {mib(r.baseline_weight_rss)}, private {mib(r.baseline_weight_private)}; "
+        f"    of which their weight-file mappings PSS {harness.mib(r.baseline_weight_pss):>12}   "
+        f"(RSS {harness.mib(r.baseline_weight_rss)}, private {harness.mib(r.baseline_weight_private)}; "
         f"{r.baseline_weight_pss / max(r.segment_pss, 1):.2f}x the platform's segment PSS)"
     )
-    where = ", ".join(f"{k}: {mib(v)}" for k, v in r.baseline_weights_in.items())
+    where = ", ".join(f"{k}: {harness.mib(v)}" for k, v in r.baseline_weights_in.items())
     print(f"    weights of the plain processes are backed by: {where}")
 
 
