@@ -164,7 +164,7 @@ class WorkerService(Service):
         t0 = time.perf_counter()
         reg = await request(
             self.nc,
-            subjects.node(self.config.node_id, "tensorstore", subjects.TENSORSTORE_REGISTER),
+            self._store_subject(subjects.TENSORSTORE_REGISTER),
             RegisterRequest(
                 source=spec.model,
                 tenant=spec.tenant,
