@@ -105,7 +105,7 @@ class WorkerService(Service):
 
     async def on_start(self) -> None:
         node = self.config.node_id
-        self.spawn(self._renew_loop(), "lease-renewal")
+        self.spawn(self._upkeep_loop(), "upkeep")
         await self.serve(
             subjects.node(node, self.name, subjects.WORKER_LOAD), WorkerLoadRequest, self.load
         )
@@ -188,11 +188,11 @@ class WorkerService(Service):
             weights = {name: self._view(ref) for name, ref in reg.manifest.items()}
             if self.tier is None:
                 return runner_cls(Path(reg.model_dir), weights)
-            weights = self.tier.acquire(reg.manifest, weights)
+            weights = self.tier.acquire(reg.manifest, weights, time.time())
             try:
                 return runner_cls(Path(reg.model_dir), weights)
             except BaseException:
-                self.tier.release(tensor_ids)
+                self.tier.release(tensor_ids, time.time())
                 raise
 
         try:
@@ -253,7 +253,16 @@ class WorkerService(Service):
     async def _release_device(self, inst: Instance) -> None:
         if self.tier is not None:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self.tier.release, set(inst.tensors))
+            ids = set(inst.tensors)
+            await loop.run_in_executor(self._executor, self.tier.release, ids, time.time())
+
+    async def reclaim_device_once(self, now: float) -> int:
+        """Free device copies idle for the keep-alive (run each heartbeat; tests pick ``now``)."""
+        if self.tier is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        keep = self.config.tensor_keep_alive_s
+        return await loop.run_in_executor(self._executor, self.tier.reclaim_once, now, keep)
 
     def devices(self) -> list[DeviceInfo]:
         """Heartbeat: the device this worker places instances on, with its tier's usage."""
@@ -289,13 +298,15 @@ class WorkerService(Service):
         if reply.missing:
             log.error("lease.tensors_missing", count=len(reply.missing))
 
-    async def _renew_loop(self) -> None:
+    async def _upkeep_loop(self) -> None:
+        """Each heartbeat: renew the leases, free device copies past their keep-alive."""
         while self.looping:
             await asyncio.sleep(self.config.heartbeat_s)
             try:
                 await self.renew_leases()
             except PlatformError as exc:
                 log.warning("lease.renew_failed", error=exc.message)
+            await self.reclaim_device_once(time.time())
 
     # --- invocation ------------------------------------------------------------------
 

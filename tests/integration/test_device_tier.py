@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gpufaas.shared.config import Config
+from gpufaas.worker.service import WorkerService
 from tests.conftest import NatsServer
 from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
 
@@ -33,7 +35,14 @@ async def test_instances_on_a_gpu_share_one_copy(platform: Platform) -> None:
     await platform.services["worker"]._heartbeat_once()
     assert (await gpu0(platform))["used_bytes"] == rec["model_bytes"]  # minilm-b still uses it
     assert (await c.delete("/v1/functions/minilm-b")).status == 200
-    await platform.services["worker"]._heartbeat_once()
+    worker = platform.services["worker"]
+    assert isinstance(worker, WorkerService)
+    await worker._heartbeat_once()
+    # Unused now, but kept resident for the keep-alive: a new instance would not copy.
+    assert (await gpu0(platform))["used_bytes"] == rec["model_bytes"]
+    freed = await worker.reclaim_device_once(time.time() + platform.config.tensor_keep_alive_s)
+    assert freed == rec["model_bytes"]
+    await worker._heartbeat_once()
     assert (await gpu0(platform))["used_bytes"] == 0
 
 
