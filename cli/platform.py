@@ -167,9 +167,14 @@ def up(opts: UpOptions, console: Console) -> int:
             console.print(f"  {line}", soft_wrap=True, highlight=False)
         console.print(f"  logs: {sup.logs}")
         if opts.demo:
-            from gpufaas.client import deploy_demo  # noqa: PLC0415 - only with --demo
+            from gpufaas.client import ApiError, deploy_demo  # noqa: PLC0415 - only with --demo
 
-            deploy_demo(url, console)
+            try:
+                deploy_demo(url, console)
+            except ApiError as exc:
+                console.print(f"[red]the demo model could not be deployed:[/red] {exc}")
+                console.print(f"  the services' logs are in {sup.logs}")
+                return 1
         console.print("Press Ctrl-C to stop.")
         return wait_until_stopped(sup, stop, console)
     except StartError as exc:

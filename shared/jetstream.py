@@ -55,6 +55,18 @@ async def ensure_jetstream(
     )
 
 
+async def bucket_keys(js: JetStreamContext, bucket: str) -> list[str]:
+    """The keys of a KV bucket (deleted ones included: a get then says so), sorted.
+
+    Read from the bucket stream's subject list in one request. nats-py's ``kv.keys()``
+    watches instead, and can report no keys at all when its consumer-info check races
+    the first delivery, which under load made every node look gone.
+    """
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
+    prefix = f"$KV.{bucket}."
+    return sorted(s[len(prefix) :] for s in (info.state.subjects or {}))
+
+
 async def ensure_events_stream(js: JetStreamContext) -> None:
     """The EVENTS stream on ``gpufaas.v1.events.>``: a week of history, oldest dropped first."""
     config = StreamConfig(

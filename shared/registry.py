@@ -8,8 +8,11 @@ import time
 from collections import defaultdict
 
 import nats.js.errors
+from nats.js import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from gpufaas.shared.constants import KV_FUNCTIONS, KV_NODES
+from gpufaas.shared.jetstream import bucket_keys
 from gpufaas.shared.messages import FunctionRecord, Heartbeat, decode_json
 
 
@@ -27,15 +30,12 @@ async def get_function(kv: KeyValue, tenant: str, name: str) -> FunctionRecord |
 
 
 async def live_nodes(
-    kv: KeyValue, ttl_s: float, now: float | None = None
+    js: JetStreamContext, kv: KeyValue, ttl_s: float, now: float | None = None
 ) -> dict[str, list[Heartbeat]]:
     """Nodes with at least one fresh heartbeat: node id -> its services' heartbeats."""
     now = time.time() if now is None else now
     nodes: dict[str, list[Heartbeat]] = defaultdict(list)
-    keys: list[str] = []
-    with contextlib.suppress(nats.js.errors.NoKeysError):
-        keys = await kv.keys()
-    for key in keys:
+    for key in await bucket_keys(js, KV_NODES):
         try:
             entry = await kv.get(key)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
@@ -48,13 +48,12 @@ async def live_nodes(
     return dict(nodes)
 
 
-async def list_functions(kv: KeyValue, tenant: str | None = None) -> list[FunctionRecord]:
+async def list_functions(
+    js: JetStreamContext, kv: KeyValue, tenant: str | None = None
+) -> list[FunctionRecord]:
     """Every deployed function (of one tenant when given), sorted by name."""
-    keys: list[str] = []
-    with contextlib.suppress(nats.js.errors.NoKeysError):
-        keys = await kv.keys()
     out = []
-    for key in keys:
+    for key in await bucket_keys(js, KV_FUNCTIONS):
         t, _, name = key.partition(".")
         if tenant is not None and t != tenant:
             continue

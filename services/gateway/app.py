@@ -425,8 +425,10 @@ async def functions_post(request: web.Request) -> web.Response:
 
 
 async def functions_list(request: web.Request) -> web.Response:
-    nats_of(request)
-    records = await list_functions(request.app[BUCKETS].functions, tenant_of(request))
+    nc = nats_of(request)
+    records = await list_functions(
+        nc.jetstream(), request.app[BUCKETS].functions, tenant_of(request)
+    )
     return json_response({"functions": [function_json(r) for r in records]})
 
 
@@ -471,7 +473,7 @@ async def _store_stats(nc: NATS, node: str) -> dict[str, Any] | None:
 async def nodes_list(request: web.Request) -> web.Response:
     nc = nats_of(request)
     config = request.app[CONFIG]
-    nodes = await live_nodes(request.app[BUCKETS].nodes, config.node_ttl_s)
+    nodes = await live_nodes(nc.jetstream(), request.app[BUCKETS].nodes, config.node_ttl_s)
     stores = await asyncio.gather(*(_store_stats(nc, node) for node in sorted(nodes)))
     out = []
     for (node, beats), store in zip(sorted(nodes.items()), stores, strict=True):

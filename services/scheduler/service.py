@@ -79,7 +79,7 @@ class SchedulerService(Service):
 
     async def reconcile_once(self, now: float, *, announce: bool = True) -> None:
         """Refresh the live worker set; announce nodes whose worker vanished without leaving."""
-        nodes = await live_nodes(self.buckets.nodes, self.config.node_ttl_s, now)
+        nodes = await live_nodes(self.js, self.buckets.nodes, self.config.node_ttl_s, now)
         current = {
             node: beat.started_at
             for node, beats in nodes.items()
@@ -117,7 +117,7 @@ class SchedulerService(Service):
             raise AlreadyExists(
                 f"function {spec.name!r} exists with another spec; delete it first", field="name"
             )
-        load_counts = Counter(n for r in await list_functions(kv) for n in r.nodes)
+        load_counts = Counter(n for r in await list_functions(self.js, kv) for n in r.nodes)
         node = min(await self._pick_nodes(), key=lambda n: (load_counts[n], n))
         loaded = await request(
             self.nc,
