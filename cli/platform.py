@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -53,15 +53,27 @@ def start_node(sup: Supervisor, base: Config, node_id: str) -> list[Child]:
 
 
 class StopSignal:
-    """Turns SIGINT/SIGTERM into an event the main loop waits on."""
+    """Turns SIGINT/SIGTERM into a flag the main loop polls.
+
+    A plain flag, not a threading.Event: Event.set() from a signal handler can deadlock
+    with the same thread's Event.wait() (the handler runs while wait holds the lock),
+    which once left `gpufaas up` deaf to Ctrl-C and SIGTERM.
+    """
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.requested = False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.event.set()
+        self.requested = True
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` in short steps; whether a stop was requested."""
+        end = time.monotonic() + timeout
+        while not self.requested and time.monotonic() < end:
+            time.sleep(0.05)
+        return self.requested
 
 
 def describe_nodes(gateway: str) -> list[str]:
@@ -83,7 +95,7 @@ def describe_nodes(gateway: str) -> list[str]:
 
 def wait_until_stopped(sup: Supervisor, stop: StopSignal, console: Console) -> int:
     """Block until a signal (exit 0); restart a crashed service, give up if it keeps crashing."""
-    while not stop.event.wait(0.5):
+    while not stop.wait(0.5):
         dead = sup.exited()
         if dead is None:
             continue
