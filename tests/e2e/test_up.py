@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -74,7 +75,10 @@ class Up:
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        while "Press Ctrl-C to stop." not in self.log.read_text(errors="replace"):
+        # A line of its own: a traceback quoting the source that prints it does not count.
+        while not re.search(
+            r"^Press Ctrl-C to stop\.$", self.log.read_text(errors="replace"), re.M
+        ):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"gpufaas up did not become ready:\n{self.log.read_text()}")
             time.sleep(0.1)
