@@ -75,16 +75,15 @@ class FunctionCache:
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
         self._records: dict[str, FunctionRecord] = {}
-        self.synced = asyncio.Event()
 
     async def run(self) -> None:
         """Follow the bucket until cancelled; run it as an owned background task."""
         watcher = await self._kv.watchall()
         try:
             async for entry in watcher:
-                if entry is None:  # the initial values have all been delivered
-                    self.synced.set()
-                elif entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                if entry is None:  # the end of the initial values: nothing to do
+                    continue
+                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                     self._records.pop(entry.key, None)
                 else:
                     self._records[entry.key] = decode_json(entry.value, FunctionRecord)

@@ -128,12 +128,10 @@ def raw_to_json(datatype: str, shape: list[int], raw: bytes | memoryview) -> lis
     count = element_count(shape)
     if datatype == "BYTES":
         return [b.decode("utf-8", errors="replace") for b in decode_bytes_elements(raw, count)]
-    dtype = np.dtype(NUMPY_DTYPES[datatype])
-    if len(raw) != count * dtype.itemsize:
-        raise InvalidArgument(
-            f"{datatype} {shape} needs {count * dtype.itemsize} bytes, got {len(raw)}"
-        )
-    arr = np.frombuffer(raw, dtype=dtype, count=count)
+    nbytes = raw_nbytes(datatype, shape)
+    if len(raw) != nbytes:
+        raise InvalidArgument(f"{datatype} {shape} needs {nbytes} bytes, got {len(raw)}")
+    arr = np.frombuffer(raw, dtype=np.dtype(NUMPY_DTYPES[datatype]), count=count)
     return arr.tolist()  # type: ignore[no-any-return]
 
 

@@ -57,9 +57,11 @@ class Registration:
     file_read: bool = True
 
 
-def model_key(path: Path, scope: str = "") -> str:
-    """Identity of a model file as found on disk (path, size, modification time), per scope."""
+def model_key(path: Path, private_to: str | None = None) -> str:
+    """Identity of a model file as found on disk (path, size, modification time), per scope:
+    public, or one tenant's private registration."""
     st = path.stat()
+    scope = "" if private_to is None else f"private:{private_to}"
     ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{scope}"
     return blake3.blake3(ident.encode()).hexdigest()[:32]
 
@@ -72,7 +74,6 @@ class HostStore:
         self.reldir = f"{TENSORS_DIR}/{node_id}"
         self.dir = root / self.reldir
         self.index: dict[str, TensorRef] = {}
-        self.segments: set[str] = set()
         self.bytes_requested = 0
         # model file identity -> parameter name -> tensor id, so that a model whose tensors
         # are all resident is registered again without reading its file.
@@ -84,6 +85,11 @@ class HostStore:
         self.idle_since: dict[str, float] = {}  # unreferenced segment -> when first seen so
         self.recovered_at = 0.0
         self.secret: bytes | None = None
+
+    @property
+    def segments(self) -> set[str]:
+        """The stored segments (derived from what each one packs)."""
+        return set(self.segment_ids)
 
     @property
     def bytes_stored(self) -> int:
@@ -107,7 +113,6 @@ class HostStore:
                 ref = decode_json(json.dumps(raw), TensorRef)
                 self.index.setdefault(ref.id, ref)
                 ids.add(ref.id)
-            self.segments.add(seg)
         models = self.dir / MODELS_DIR
         models.mkdir(exist_ok=True)
         for path in models.glob("*.json"):
@@ -119,7 +124,7 @@ class HostStore:
             if path.is_dir():
                 continue
             if name.startswith(".") or (
-                not name.endswith(".idx.json") and name not in self.segments
+                not name.endswith(".idx.json") and name not in self.segment_ids
             ):
                 path.unlink(missing_ok=True)
                 log.info("tensorstore.orphan_removed", file=name)
@@ -145,7 +150,7 @@ class HostStore:
         """
         key_bytes = None if private_to is None else self.tenant_key(private_to)
         try:
-            key = model_key(path, "" if private_to is None else f"private:{private_to}")
+            key = model_key(path, private_to)
         except OSError as exc:
             raise ModelInvalid(f"cannot read {path.name}: {exc.strerror}", field="model") from None
         ids = self.models.get(key)
@@ -199,7 +204,6 @@ class HostStore:
             write_segment(self.root, f"{self.reldir}/{seg}", self._chunks(f, layout))
             idx_body = b"[" + b",".join(encode_json(r) for r in refs.values()) + b"]"
             write_segment(self.root, f"{self.reldir}/{seg}.idx.json", [idx_body])
-            self.segments.add(seg)
             self.segment_ids[seg] = set(refs)
             self.index.update(refs)
             stored = sum(r.nbytes for r in refs.values())
@@ -214,7 +218,7 @@ class HostStore:
         reads dicts that the store thread replaces entry by entry.
         """
         try:
-            key = model_key(path, "" if private_to is None else f"private:{private_to}")
+            key = model_key(path, private_to)
         except OSError:
             return False, 0, 0
         ids = self.models.get(key)
@@ -274,7 +278,6 @@ class HostStore:
         ids = self.segment_ids.pop(seg)
         (self.dir / f"{seg}.idx.json").unlink(missing_ok=True)
         (self.dir / seg).unlink(missing_ok=True)
-        self.segments.discard(seg)
         self.idle_since.pop(seg, None)
         nbytes = 0
         for tid in ids:
