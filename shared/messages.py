@@ -232,6 +232,7 @@ class RegisterRequest(Msg, frozen=True, tag="register_request.v1"):
     tenant: Tenant = DEFAULT_TENANT
     lease: str | None = None  # take this lease on the model's tensors, atomically
     holder: str = ""  # who renews the lease (a worker process)
+    device: str | None = None  # also place one copy of each tensor on this GPU ("gpu:0")
 
 
 class LeaseClaim(Msg, frozen=True, tag="lease_claim.v1"):
@@ -239,6 +240,7 @@ class LeaseClaim(Msg, frozen=True, tag="lease_claim.v1"):
 
     id: str
     tensors: list[str]
+    device: str | None = None  # the GPU whose copies the lease also holds
 
 
 class RenewRequest(Msg, frozen=True, tag="renew_request.v1"):
@@ -248,6 +250,7 @@ class RenewRequest(Msg, frozen=True, tag="renew_request.v1"):
 
 class RenewReply(Msg, frozen=True, tag="renew_reply.v1"):
     missing: list[str]  # tensors no longer stored (their leases hold the rest)
+    lost: list[str] = []  # leases whose device copies are gone (a restarted store, real GPU)
 
 
 class ReleaseRequest(Msg, frozen=True, tag="release_request.v1"):
@@ -258,6 +261,32 @@ class ReleaseReply(Msg, frozen=True, tag="release_reply.v1"):
     released: bool
 
 
+class DeviceSegment(Msg, frozen=True, tag="device_segment.v1"):
+    """One allocation on a GPU holding the device copies of some tensors."""
+
+    id: str
+    nbytes: Count
+    device_index: Count = 0
+    ipc_handle: bytes | None = None  # CUDA IPC handle; None on a simulated GPU
+
+
+class DeviceRef(Msg, frozen=True, tag="device_ref.v1"):
+    """Where one tensor's device copy lies: a segment and a byte offset in it."""
+
+    segment: str
+    offset: Count
+
+
+class DevicePlacement(Msg, frozen=True, tag="device_placement.v1"):
+    """A model's tensors on one GPU, as the tensor store placed them."""
+
+    device: str
+    refs: dict[str, DeviceRef]  # tensor id -> its copy
+    segments: list[DeviceSegment]
+    bytes_copied: Count  # bytes this registration copied to the GPU (0: all resident)
+    used_bytes: Count  # the GPU's tier after the placement
+
+
 class RegisterReply(Msg, frozen=True, tag="register_reply.v1"):
     model_dir: str
     manifest: dict[str, TensorRef]
@@ -266,6 +295,7 @@ class RegisterReply(Msg, frozen=True, tag="register_reply.v1"):
     bytes_deduplicated: Count
     register_us: Count
     file_read: bool = True  # False: every tensor was resident, the model file was not opened
+    placement: DevicePlacement | None = None  # with ``device`` in the request
 
 
 class LocalityRequest(Msg, frozen=True, tag="locality_request.v1"):
@@ -296,6 +326,20 @@ class StoreStats(Msg, frozen=True, tag="store_stats.v1"):
     leases: Count = 0
     bytes_referenced: Count = 0  # stored bytes some instance uses
     bytes_without_sharing: Count = 0  # what the leased instances would hold with private copies
+    devices: list[DeviceTierStats] = []
+
+
+class DeviceTierStats(Msg, frozen=True, tag="device_tier_stats.v1"):
+    """The device tier of one GPU: copies held, and what private copies would take."""
+
+    device: str
+    capacity_bytes: Count
+    tensors: Count
+    segments: Count
+    bytes_stored: Count
+    leases: Count
+    bytes_referenced: Count
+    bytes_without_sharing: Count
 
 
 class ResolveRequest(Msg, frozen=True, tag="resolve_request.v1"):

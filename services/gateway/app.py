@@ -459,7 +459,7 @@ def _device_order(device: dict[str, Any]) -> tuple[int, int]:
 
 
 async def _store_stats(nc: NATS, node: str) -> dict[str, Any] | None:
-    """A node's tensor store figures, or None if it does not answer within a second."""
+    """A node's tensor store figures per tier, or None if it does not answer within a second."""
     subject = subjects.node(node, "tensorstore", subjects.TENSORSTORE_STATS)
     try:
         stats = await nats_request(nc, subject, StoreStatsRequest(), StoreStats, timeout=1)
@@ -467,7 +467,10 @@ async def _store_stats(nc: NATS, node: str) -> dict[str, Any] | None:
         return None
     body: dict[str, Any] = untagged(to_builtins(stats))
     body.pop("node", None)
-    return {"host": body}
+    tiers = {"host": body}
+    for dev in body.pop("devices"):  # one entry per tier: "host", "gpu:0", ...
+        tiers[dev.pop("device")] = dev
+    return tiers
 
 
 async def nodes_list(request: web.Request) -> web.Response:

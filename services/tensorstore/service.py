@@ -1,7 +1,7 @@
-"""The tensor store service of one node: host tier, leases and the reclaimer.
+"""The tensor store service of one node: host and device tiers, leases and the reclaimer.
 
-All changes to the store (registrations, leases, reclaiming) run on one executor
-thread, in order, so the reclaimer never races a registration.
+All changes to the store (registrations, placements on GPUs, leases, reclaiming) run on
+one executor thread, in order, so the reclaimer never races a registration.
 """
 
 from __future__ import annotations
@@ -13,13 +13,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import structlog
 
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import resolve_model_dir
 from gpufaas.shared.config import Config
-from gpufaas.shared.errors import ModelInvalid
+from gpufaas.shared.devices import parse_devices
+from gpufaas.shared.errors import InvalidArgument, ModelInvalid
 from gpufaas.shared.messages import (
+    DeviceInfo,
+    DevicePlacement,
     LocalityReply,
     LocalityRequest,
     RegisterReply,
@@ -30,8 +34,11 @@ from gpufaas.shared.messages import (
     RenewRequest,
     StoreStats,
     StoreStatsRequest,
+    TensorRef,
 )
 from gpufaas.shared.service import Service
+from gpufaas.shared.shm import SegmentCache
+from gpufaas.tensorstore.device_tier import DeviceTier
 from gpufaas.tensorstore.store import HostStore, Registration
 
 log = structlog.get_logger()
@@ -48,6 +55,14 @@ class TensorStoreService(Service):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.store = HostStore(config.shm_dir, config.node_id)
+        node_devices = parse_devices(config.devices, config.topology)
+        self.device_info = {d.name: d for d in node_devices.devices if d.kind != "host"}
+        cuda = node_devices.backend == "cuda"
+        self.tiers = {
+            d.name: DeviceTier(d.name, i, d.memory_bytes, cuda=cuda)
+            for i, d in enumerate(self.device_info.values())
+        }
+        self._host_maps = SegmentCache(config.shm_dir)  # the source of copies to a GPU
         # One thread: registrations are serialised, so two loads of one model never race.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorstore")
 
@@ -69,24 +84,51 @@ class TensorStoreService(Service):
         # Off the loop: a registration still hashing finishes in its thread.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
+    def devices(self) -> list[DeviceInfo]:
+        """Heartbeat: each GPU with the bytes its device tier holds."""
+        return [
+            msgspec.structs.replace(self.device_info[name], used_bytes=tier.used)
+            for name, tier in self.tiers.items()
+        ]
+
     async def register(self, req: RegisterRequest) -> RegisterReply:
+        tier = None
+        if req.device is not None:
+            tier = self.tiers.get(req.device)
+            if tier is None or req.lease is None:
+                raise InvalidArgument(
+                    f"device {req.device!r} is not a GPU of node {self.config.node_id} "
+                    f"(it has {sorted(self.tiers) or 'none'}), or no lease was given",
+                    field="device",
+                )
         model_dir = resolve_model_dir(req.source)
         weights = model_dir / WEIGHTS_FILE
         if not weights.is_file():
             raise ModelInvalid(f"{model_dir} has no {WEIGHTS_FILE}", field="model")
         t0 = time.perf_counter()
 
-        def register_and_lease() -> Registration:
+        def register_and_lease() -> tuple[Registration, DevicePlacement | None]:
             # One executor call: the reclaimer (same thread) cannot free the tensors
             # between their registration and the lease that keeps them.
             private_to = req.tenant if req.source.private else None
             reg = self.store.register_file(Path(weights), private_to)
-            if req.lease is not None:
-                ids = [ref.id for ref in reg.manifest.values()]
-                self.store.lease(req.lease, req.holder, ids, self._lease_expiry())
-            return reg
+            if req.lease is None:
+                return reg, None
+            ids = [ref.id for ref in reg.manifest.values()]
+            self.store.lease(req.lease, req.holder, ids, self._lease_expiry())
+            if tier is None:
+                return reg, None
+            try:
+                placement = tier.place(
+                    req.lease, req.holder, reg.manifest, self._read_host,
+                    expires_at=self._lease_expiry(), now=time.time(),
+                )  # fmt: skip
+            except BaseException:
+                self.store.leases.drop(req.lease)  # all or nothing
+                raise
+            return reg, placement
 
-        reg = await self._run(register_and_lease)
+        reg, placement = await self._run(register_and_lease)
         took_us = int((time.perf_counter() - t0) * 1e6)
         log.info(
             "tensorstore.registered",
@@ -114,7 +156,12 @@ class TensorStoreService(Service):
             bytes_deduplicated=reg.bytes_deduplicated,
             register_us=took_us,
             file_read=reg.file_read,
+            placement=placement,
         )
+
+    def _read_host(self, ref: TensorRef) -> memoryview:
+        """A tensor's bytes in its host segment (the source of a copy to a GPU)."""
+        return memoryview(self._host_maps.map(ref.segment))[ref.offset : ref.offset + ref.nbytes]
 
     async def locality(self, req: LocalityRequest) -> LocalityReply:
         """θ for the scheduler: how much of a model is resident here, without reading it."""
@@ -137,6 +184,7 @@ class TensorStoreService(Service):
                 s.index[t].nbytes for lease in s.leases.leases.values() for t in lease.tensors
             )
             return StoreStats(
+                devices=[t.stats() for t in self.tiers.values()],
                 node=self.config.node_id,
                 tensors=len(s.index),
                 segments=len(s.segments),
@@ -156,33 +204,60 @@ class TensorStoreService(Service):
         return time.time() + self.config.node_ttl_s
 
     async def renew(self, req: RenewRequest) -> RenewReply:
-        def put_all() -> list[str]:
-            expiry = self._lease_expiry()
+        def put_all() -> RenewReply:
+            expiry, now = self._lease_expiry(), time.time()
             missing: list[str] = []
+            lost: list[str] = []
             for claim in req.leases:
-                missing += self.store.lease(claim.id, req.holder, claim.tensors, expiry)
-            return missing
+                gone = self.store.lease(claim.id, req.holder, claim.tensors, expiry)
+                missing += gone
+                tier = self.tiers.get(claim.device) if claim.device else None
+                if tier is None:
+                    continue
+                refs = {tid: self.store.index[tid] for tid in claim.tensors if tid not in gone}
+                if gone or not tier.renew(
+                    claim.id, req.holder, refs, self._read_host, expires_at=expiry, now=now
+                ):
+                    lost.append(claim.id)
+            return RenewReply(missing=missing, lost=lost)
 
-        return RenewReply(missing=await self._run(put_all))
+        return await self._run(put_all)
 
     async def release(self, req: ReleaseRequest) -> ReleaseReply:
-        return ReleaseReply(released=await self._run(self.store.leases.drop, req.lease))
+        def drop() -> bool:
+            on_devices = [tier.release(req.lease) for tier in self.tiers.values()]
+            return self.store.leases.drop(req.lease) or any(on_devices)
 
-    async def reclaim_once(self, now: float) -> list[tuple[str, int, str]]:
-        """One reclaimer pass (also called by tests with a chosen ``now``)."""
-        freed = await self._run(
-            lambda: self.store.reclaim_once(
+        return ReleaseReply(released=await self._run(drop))
+
+    async def reclaim_once(self, now: float) -> list[tuple[str, str, int, str]]:
+        """One reclaimer pass over every tier (also called by tests with a chosen ``now``).
+
+        Returns (tier, segment, bytes, reason) for each segment freed.
+        """
+
+        def reclaim() -> list[tuple[str, str, int, str]]:
+            keep = self.config.tensor_keep_alive_s
+            freed = [
+                (name, *seg) for name, t in self.tiers.items() for seg in t.reclaim_once(now, keep)
+            ]
+            # Device copies first: a device lease that lapsed may have been the last user.
+            host = self.store.reclaim_once(
                 now,
-                keep_alive_s=self.config.tensor_keep_alive_s,
+                keep_alive_s=keep,
                 capacity_bytes=self.config.host_tensor_bytes,
                 grace_s=self.config.node_ttl_s,
             )
-        )
-        for seg, nbytes, reason in freed:
-            log.info("tensorstore.reclaimed", segment=seg, bytes=nbytes, reason=reason)
+            for seg, _, _ in host:
+                self._host_maps.forget(f"{self.store.reldir}/{seg}")
+            return freed + [("host", *seg) for seg in host]
+
+        freed = await self._run(reclaim)
+        for tier, seg, nbytes, reason in freed:
+            log.info("tensorstore.reclaimed", tier=tier, segment=seg, bytes=nbytes, reason=reason)
             await self.publish_event(
                 "tensor.reclaimed",
-                {"node": self.config.node_id, "tier": "host", "bytes": nbytes, "reason": reason},
+                {"node": self.config.node_id, "tier": tier, "bytes": nbytes, "reason": reason},
             )
         return freed
 

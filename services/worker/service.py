@@ -1,24 +1,22 @@
 """The worker of one node: builds function instances over shared tensors and runs them.
 
 Instances are built from the tensor store's manifest: every weight is a zero-copy
-view of a shared-memory segment. Model work runs on one executor thread per device,
-never on the event loop.
+view of a shared-memory segment or, on a real GPU, of the store's device copy, mapped
+once per process through its CUDA IPC handle. Model work runs on one executor thread
+per device, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 import structlog
-import torch
 
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
@@ -26,7 +24,6 @@ from gpufaas.shared.devices import NodeDevices, parse_devices
 from gpufaas.shared.errors import InvalidArgument, ModelInvalid, NotFound, PlatformError
 from gpufaas.shared.messages import (
     Breakdown,
-    DeviceInfo,
     FunctionSpec,
     InvokeReply,
     LeaseClaim,
@@ -39,7 +36,6 @@ from gpufaas.shared.messages import (
     ResolveReply,
     ResolveRequest,
     TensorPayload,
-    TensorRef,
     WorkerLoadReply,
     WorkerLoadRequest,
     WorkerRunRequest,
@@ -50,9 +46,9 @@ from gpufaas.shared.messages import (
 from gpufaas.shared.registry import get_function
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
-from gpufaas.shared.shm import SegmentCache, write_tube
-from gpufaas.worker.device_tier import DeviceTier
+from gpufaas.shared.shm import write_tube
 from gpufaas.worker.runners import RUNNERS, Output, Runner
+from gpufaas.worker.tensor_map import TensorMap
 
 log = structlog.get_logger()
 
@@ -70,6 +66,12 @@ class Instance:
     bytes_deduplicated: int
     load_us: int
     tensors: list[str]  # ids of the tensors it uses, leased from the tensor store
+    held: frozenset[str]  # the segments its weights view (see TensorMap)
+    active: int = 0  # batches computing on it now
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while active == 0
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
 
 def _us(since: float) -> int:
@@ -85,19 +87,13 @@ class WorkerService(Service):
         super().__init__(config)
         self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
         gpus = [d for d in self.node_devices.devices if d.kind != "host"]
-        # The device instances are placed on. On a real GPU the weights get one device
-        # copy per tensor, shared by the instances there; on a simulated GPU compute runs
-        # on the CPU over the shared host pages and the GPU's capacity is accounted.
-        self.device = gpus[0].name if gpus else "cpu"
-        cuda = self.node_devices.backend == "cuda" and torch.cuda.is_available()
-        self.torch_device = torch.device("cuda:0" if cuda else "cpu")
-        self.tier: DeviceTier | None = None
-        if gpus:
-            self.tier = DeviceTier(
-                gpus[0].name, gpus[0].memory_bytes, self.torch_device if cuda else None
-            )
+        # The GPU instances are placed on. The tensor store keeps one copy of each tensor
+        # there, shared by every instance (on a simulated GPU the store accounts the
+        # capacity and compute runs on the CPU over the shared host pages).
+        self.gpu = gpus[0].name if gpus else None
+        self.device = self.gpu or "cpu"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dev-{self.device}")
-        self.segments = SegmentCache(config.shm_dir)
+        self.tensors = TensorMap(config.shm_dir)
         self.instances: dict[tuple[str, str], Instance] = {}
         self._loading: dict[tuple[str, str], asyncio.Task[Instance]] = {}
         # Who holds this process's leases on the tensor store: unique per process life.
@@ -170,6 +166,7 @@ class WorkerService(Service):
                 tenant=spec.tenant,
                 lease=self._lease_id(spec.tenant, spec.name),
                 holder=self.holder,
+                device=self.gpu,
             ),
             RegisterReply,
             timeout=self.config.deploy_timeout_s,
@@ -182,21 +179,16 @@ class WorkerService(Service):
             )
         loop = asyncio.get_running_loop()
 
-        tensor_ids = {ref.id for ref in reg.manifest.values()}
-
-        def build() -> Runner:
-            weights = {name: self._view(ref) for name, ref in reg.manifest.items()}
-            if self.tier is None:
-                return runner_cls(Path(reg.model_dir), weights)
-            weights = self.tier.acquire(reg.manifest, weights, time.time())
+        def build() -> tuple[Runner, frozenset[str]]:
+            weights, held = self.tensors.acquire(reg.manifest, reg.placement)
             try:
-                return runner_cls(Path(reg.model_dir), weights)
+                return runner_cls(Path(reg.model_dir), weights), held
             except BaseException:
-                self.tier.release(tensor_ids, time.time())
+                self.tensors.release(held)
                 raise
 
         try:
-            runner = await loop.run_in_executor(self._executor, build)
+            runner, held = await loop.run_in_executor(self._executor, build)
         except BaseException:
             await self._release(self._lease_id(spec.tenant, spec.name))
             raise
@@ -209,25 +201,15 @@ class WorkerService(Service):
             bytes_stored=reg.bytes_stored,
             bytes_deduplicated=reg.bytes_deduplicated,
             load_us=_us(t0),
-            tensors=sorted(tensor_ids),
+            tensors=sorted({ref.id for ref in reg.manifest.values()}),
+            held=held,
         )
         old = self.instances.get((spec.tenant, spec.name))
-        if old is not None:  # a redeploy replaced the spec: give back the old device copies
-            await self._release_device(old)
         self.instances[(spec.tenant, spec.name)] = inst
+        if old is not None:  # a redeploy replaced the spec; the new lease replaced its lease
+            await self._let_go(old)
         log.info("instance.built", function=spec.name, tenant=spec.tenant, us=inst.load_us)
         return inst
-
-    def _view(self, ref: TensorRef) -> torch.Tensor:
-        """A zero-copy tensor over the shared segment."""
-        dtype = getattr(torch, ref.dtype)
-        count = math.prod(ref.shape)
-        if count == 0:
-            return torch.empty(ref.shape, dtype=dtype)
-        flat = torch.frombuffer(
-            self.segments.map(ref.segment), dtype=dtype, count=count, offset=ref.offset
-        )
-        return flat.view(ref.shape)
 
     async def load(self, req: WorkerLoadRequest) -> WorkerLoadReply:
         inst, cold = await self.instance(req.spec)
@@ -246,30 +228,17 @@ class WorkerService(Service):
     async def unload(self, req: WorkerUnloadRequest) -> WorkerUnloadReply:
         inst = self.instances.pop((req.tenant, req.function), None)
         if inst is not None:
-            await self._release_device(inst)
+            await self._let_go(inst)
             await self._release(self._lease_id(req.tenant, req.function))
         return WorkerUnloadReply(unloaded=inst is not None)
 
-    async def _release_device(self, inst: Instance) -> None:
-        if self.tier is not None:
-            loop = asyncio.get_running_loop()
-            ids = set(inst.tensors)
-            await loop.run_in_executor(self._executor, self.tier.release, ids, time.time())
+    async def _let_go(self, inst: Instance) -> None:
+        """Drop a removed instance's views once its running batches are done.
 
-    async def reclaim_device_once(self, now: float) -> int:
-        """Free device copies idle for the keep-alive (run each heartbeat; tests pick ``now``)."""
-        if self.tier is None:
-            return 0
-        loop = asyncio.get_running_loop()
-        keep = self.config.tensor_keep_alive_s
-        return await loop.run_in_executor(self._executor, self.tier.reclaim_once, now, keep)
-
-    def devices(self) -> list[DeviceInfo]:
-        """Heartbeat: the device this worker places instances on, with its tier's usage."""
-        if self.tier is None:
-            return []
-        info = next(d for d in self.node_devices.devices if d.name == self.tier.name)
-        return [msgspec.structs.replace(info, used_bytes=self.tier.used)]
+        Only then may its lease go: the store may free what no lease holds.
+        """
+        await inst.idle.wait()
+        self.tensors.release(inst.held)
 
     # --- leases on the tensor store ------------------------------------------------------
 
@@ -289,7 +258,7 @@ class WorkerService(Service):
     async def renew_leases(self) -> None:
         """Re-announce every instance's lease (also rebuilds a restarted store's table)."""
         claims = [
-            LeaseClaim(id=self._lease_id(t, n), tensors=inst.tensors)
+            LeaseClaim(id=self._lease_id(t, n), tensors=inst.tensors, device=self.gpu)
             for (t, n), inst in self.instances.items()
         ]
         reply = await request(self.nc, self._store_subject(subjects.TENSORSTORE_RENEW),
@@ -297,16 +266,22 @@ class WorkerService(Service):
                               timeout=5)  # fmt: skip
         if reply.missing:
             log.error("lease.tensors_missing", count=len(reply.missing))
+        lost = set(reply.lost)
+        for key in [k for k in self.instances if self._lease_id(*k) in lost]:
+            # Its device copies died with a restarted store: rebuild on the next request.
+            inst = self.instances.pop(key)
+            log.warning("instance.lost_device_copies", function=key[1], tenant=key[0])
+            await self._let_go(inst)
+            await self._release(self._lease_id(*key))
 
     async def _upkeep_loop(self) -> None:
-        """Each heartbeat: renew the leases, free device copies past their keep-alive."""
+        """Each heartbeat: renew the leases."""
         while self.looping:
             await asyncio.sleep(self.config.heartbeat_s)
             try:
                 await self.renew_leases()
             except PlatformError as exc:
                 log.warning("lease.renew_failed", error=exc.message)
-            await self.reclaim_device_once(time.time())
 
     # --- invocation ------------------------------------------------------------------
 
@@ -322,7 +297,14 @@ class WorkerService(Service):
         transfer_us = _us(xfer_t)
         comp_t = time.perf_counter()
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, inst.runner.infer, inputs)
+        inst.active += 1
+        inst.idle.clear()
+        try:
+            outputs = await loop.run_in_executor(self._executor, inst.runner.infer, inputs)
+        finally:
+            inst.active -= 1
+            if not inst.active:
+                inst.idle.set()
         compute_us = _us(comp_t)
         xfer_t = time.perf_counter()
         payloads = [await self._output(name, out, req.spec.tenant) for name, out in outputs.items()]

@@ -35,3 +35,24 @@ def test_bert_on_cuda_matches_cpu() -> None:
     cpu = BertEmbedder(cpu_w, cfg, tok).embed(texts)
     gpu = BertEmbedder(gpu_w, cfg, tok).embed(texts)
     assert (cpu - gpu).abs().max().item() <= 1e-4
+
+
+def test_a_segment_is_shared_with_another_process_through_its_ipc_handle() -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from gpufaas.shared.cuda_ipc import CudaSegment  # noqa: PLC0415
+
+    data = torch.arange(1024, dtype=torch.float32)
+    seg = CudaSegment(0, data.numel() * 4)
+    seg.write(0, memoryview(data.numpy().tobytes()))
+    child = (
+        "import sys, torch\n"
+        "from gpufaas.shared.cuda_ipc import open_segment\n"
+        "raw = open_segment(bytes.fromhex(sys.argv[1]), 4096, 0)\n"
+        "print(float(raw.view(torch.float32).sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child, seg.handle.hex()], capture_output=True,
+                         text=True, timeout=120, check=True)  # fmt: skip
+    assert float(out.stdout) == float(data.sum())
+    seg.free()

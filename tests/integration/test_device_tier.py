@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gpufaas.shared.config import Config
-from gpufaas.worker.service import WorkerService
+from gpufaas.tensorstore.service import TensorStoreService
 from tests.conftest import NatsServer
 from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
 
@@ -27,22 +27,28 @@ async def gpu0(platform: Platform) -> dict[str, Any]:
 
 async def test_instances_on_a_gpu_share_one_copy(platform: Platform) -> None:
     c = platform.client
+    store = platform.services["tensorstore"]
+    assert isinstance(store, TensorStoreService)
     rec = await (await c.post("/v1/functions", json=DEMO_BODY)).json()
     assert (await c.post("/v1/functions", json={**DEMO_BODY, "name": "minilm-b"})).status == 201
-    await platform.services["worker"]._heartbeat_once()  # publish usage now, not in 0.2 s
-    assert (await gpu0(platform))["used_bytes"] == rec["model_bytes"]  # once, for two instances
+    await store._heartbeat_once()  # publish usage now, not in 0.2 s
+    used = (await gpu0(platform))["used_bytes"]
+    assert rec["model_bytes"] <= used < rec["model_bytes"] * 1.01  # once (aligned), for two
+    tier = (await (await c.get("/v1/nodes")).json())["nodes"][0]["tensor_store"]["gpu:0"]
+    assert tier["leases"] == 2
+    assert tier["bytes_without_sharing"] == 2 * rec["model_bytes"]
     assert (await c.delete("/v1/functions/minilm")).status == 200
-    await platform.services["worker"]._heartbeat_once()
-    assert (await gpu0(platform))["used_bytes"] == rec["model_bytes"]  # minilm-b still uses it
+    await store._heartbeat_once()
+    assert (await gpu0(platform))["used_bytes"] == used  # minilm-b still uses it
     assert (await c.delete("/v1/functions/minilm-b")).status == 200
-    worker = platform.services["worker"]
-    assert isinstance(worker, WorkerService)
-    await worker._heartbeat_once()
+    await store._heartbeat_once()
     # Unused now, but kept resident for the keep-alive: a new instance would not copy.
-    assert (await gpu0(platform))["used_bytes"] == rec["model_bytes"]
-    freed = await worker.reclaim_device_once(time.time() + platform.config.tensor_keep_alive_s)
-    assert freed == rec["model_bytes"]
-    await worker._heartbeat_once()
+    assert (await gpu0(platform))["used_bytes"] == used
+    now = time.time()
+    await store.reclaim_once(now)  # idle from now
+    freed = await store.reclaim_once(now + platform.config.tensor_keep_alive_s)
+    assert sum(n for tier, _, n, _ in freed if tier == "gpu:0") == used
+    await store._heartbeat_once()
     assert (await gpu0(platform))["used_bytes"] == 0
 
 

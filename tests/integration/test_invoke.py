@@ -195,7 +195,7 @@ async def test_node_services_answer_their_subjects(platform: Platform) -> None:
 
 def _segment_ranges(worker: WorkerService) -> list[tuple[int, int]]:
     ranges = []
-    for mm in worker.segments._maps.values():
+    for mm in worker.tensors.host._maps.values():
         base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
         ranges.append((base, base + len(mm)))
     return ranges

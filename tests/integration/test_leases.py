@@ -46,7 +46,7 @@ async def test_instance_holds_a_lease_and_delete_releases_it(platform: Platform)
     now = store.store.recovered_at + platform.config.node_ttl_s  # past the start-up grace
     assert await store.reclaim_once(now) == []  # idle from now: kept for the keep-alive
     freed = await store.reclaim_once(now + platform.config.tensor_keep_alive_s)
-    assert sum(nbytes for _, nbytes, _ in freed) == s.bytes_stored
+    assert sum(n for tier, _, n, _ in freed if tier == "host") == s.bytes_stored
     assert (await stats(platform)).bytes_stored == 0
 
     sub = await store.js.subscribe(subjects.event("tensor.reclaimed"), ordered_consumer=True)
@@ -79,6 +79,9 @@ async def test_a_restarted_store_rebuilds_leases_from_renewals(platform: Platfor
     s = await stats(platform)
     assert s.leases == 1
     assert s.bytes_referenced == s.bytes_stored
+    # The simulated GPU's copies are accounted again (a real GPU's would be reported lost).
+    assert [(d.device, d.leases) for d in s.devices] == [("gpu:0", 1), ("gpu:1", 0)]
+    assert s.devices[0].bytes_referenced == s.bytes_stored
     assert await restarted.reclaim_once(time.time()) == []
     assert restarted.store.idle_since == {}  # referenced again, not idle
     resp = await platform.client.post("/v2/models/minilm/infer", json=text_request(["ok"]))

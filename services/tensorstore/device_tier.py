@@ -1,0 +1,214 @@
+"""The device tier: one copy of each tensor per GPU, shared by every instance placed there.
+
+The tensor store owns the copies; workers hold leases on them, like on the host tier.
+A placement packs the tensors not yet on the GPU into one new device segment; instances
+of one model, and fine-tuned variants sharing tensors, reference the same copies, from
+any worker process (on a real GPU through the segment's CUDA IPC handle, see
+``shared/cuda_ipc.py``). A segment none of whose tensors is leased stays resident for a
+keep-alive, so a new instance starts without copying; idle segments are evicted least
+recently used first when a new model needs the room; a leased copy is never freed.
+
+On a simulated GPU no bytes move (instances compute over the host pages) and only the
+capacity is accounted, so placement, sharing and "out of memory" behave as on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from gpufaas.shared.cuda_ipc import CudaSegment
+from gpufaas.shared.errors import ResourceExhausted
+from gpufaas.shared.messages import (
+    DevicePlacement,
+    DeviceRef,
+    DeviceSegment,
+    DeviceTierStats,
+    TensorRef,
+)
+from gpufaas.shared.shm import new_id
+from gpufaas.tensorstore.leases import LeaseTable
+
+DEVICE_ALIGN = 256  # cudaMalloc's alignment: every tensor starts on it
+
+ReadHost = Callable[[TensorRef], memoryview]
+
+
+@dataclass(slots=True)
+class _Segment:
+    tensors: frozenset[str]
+    nbytes: int
+    memory: CudaSegment | None  # None: simulated, accounting only
+
+    def describe(self, seg_id: str, device_index: int) -> DeviceSegment:
+        handle = self.memory.handle if self.memory is not None else None
+        return DeviceSegment(
+            id=seg_id, nbytes=self.nbytes, device_index=device_index, ipc_handle=handle
+        )
+
+
+class DeviceTier:
+    """Device copies on one GPU, leased by the instances that use them."""
+
+    def __init__(self, name: str, index: int, capacity_bytes: int, *, cuda: bool) -> None:
+        self.name = name
+        self.index = index
+        self.capacity = capacity_bytes
+        self.cuda = cuda
+        self.segments: dict[str, _Segment] = {}
+        self.refs: dict[str, DeviceRef] = {}  # tensor id -> its copy
+        self.sizes: dict[str, int] = {}  # tensor id -> bytes
+        self.leases = LeaseTable()
+        self.idle_since: dict[str, float] = {}  # segments no lease references
+
+    @property
+    def used(self) -> int:
+        return sum(s.nbytes for s in self.segments.values())
+
+    def place(
+        self,
+        lease_id: str,
+        holder: str,
+        manifest: Mapping[str, TensorRef],
+        read: ReadHost,
+        *,
+        expires_at: float,
+        now: float,
+    ) -> DevicePlacement:
+        """Lease a model's tensors on this GPU, copying only those not resident.
+
+        Idle segments are evicted (least recently used first) to make room. All or
+        nothing: if the new bytes still do not fit, nothing is evicted, copied or leased.
+        """
+        wanted = {ref.id: ref for ref in manifest.values()}
+        new = [ref for tid, ref in wanted.items() if tid not in self.refs]
+        layout, need = _pack(new)
+        self._make_room(need, set(wanted), now, model_bytes=sum(r.nbytes for r in wanted.values()))
+        if new:
+            seg_id = new_id(12)
+            memory = CudaSegment(self.index, need) if self.cuda else None
+            try:
+                if memory is not None:
+                    for ref, offset in layout:
+                        memory.write(offset, read(ref))
+            except BaseException:
+                if memory is not None:
+                    memory.free()
+                raise
+            self.segments[seg_id] = _Segment(frozenset(r.id for r in new), need, memory)
+            for ref, offset in layout:
+                self.refs[ref.id] = DeviceRef(segment=seg_id, offset=offset)
+                self.sizes[ref.id] = ref.nbytes
+        self.leases.put(lease_id, holder, list(wanted), expires_at)
+        used_segments = {self.refs[tid].segment for tid in wanted}
+        for seg_id in used_segments:
+            self.idle_since.pop(seg_id, None)
+        return DevicePlacement(
+            device=self.name,
+            refs={tid: self.refs[tid] for tid in wanted},
+            segments=[self.segments[s].describe(s, self.index) for s in sorted(used_segments)],
+            bytes_copied=need,
+            used_bytes=self.used,
+        )
+
+    def renew(
+        self,
+        lease_id: str,
+        holder: str,
+        manifest: Mapping[str, TensorRef],
+        read: ReadHost,
+        *,
+        expires_at: float,
+        now: float,
+    ) -> bool:
+        """Renew a lease; False when its copies are gone and cannot come back as they were.
+
+        After a restart of the store a simulated GPU re-accounts the copies (nothing moved);
+        a real GPU's copies died with the old process, so the instance must be rebuilt.
+        """
+        if all(ref.id in self.refs for ref in manifest.values()):
+            self.leases.put(lease_id, holder, [r.id for r in manifest.values()], expires_at)
+            return True
+        if self.cuda:
+            return False
+        try:
+            self.place(lease_id, holder, manifest, read, expires_at=expires_at, now=now)
+        except ResourceExhausted:
+            return False
+        return True
+
+    def release(self, lease_id: str) -> bool:
+        return self.leases.drop(lease_id)
+
+    def reclaim_once(self, now: float, keep_alive_s: float) -> list[tuple[str, int, str]]:
+        """Free segments unreferenced for ``keep_alive_s``; returns (segment, bytes, reason)."""
+        self.leases.expire(now)
+        self._mark_idle(now)
+        expired = [s for s, since in self.idle_since.items() if now - since >= keep_alive_s]
+        return [(s, self._free(s), "keep-alive expired") for s in expired]
+
+    def stats(self) -> DeviceTierStats:
+        stored = {tid for seg in self.segments.values() for tid in seg.tensors}
+        return DeviceTierStats(
+            device=self.name,
+            capacity_bytes=self.capacity,
+            tensors=len(stored),
+            segments=len(self.segments),
+            bytes_stored=self.used,
+            leases=len(self.leases.leases),
+            bytes_referenced=sum(self.sizes[t] for t in stored if self.leases.refcount(t)),
+            bytes_without_sharing=sum(
+                self.sizes.get(t, 0) for lease in self.leases.leases.values() for t in lease.tensors
+            ),
+        )
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _mark_idle(self, now: float) -> None:
+        for seg_id, seg in self.segments.items():
+            if self.leases.referenced(seg.tensors):
+                self.idle_since.pop(seg_id, None)
+            else:
+                self.idle_since.setdefault(seg_id, now)
+
+    def _make_room(self, need: int, wanted: set[str], now: float, *, model_bytes: int) -> None:
+        if self.used + need <= self.capacity:
+            return
+        self.leases.expire(now)
+        self._mark_idle(now)
+        evictable = sorted(
+            (since, s) for s, since in self.idle_since.items()
+            if not self.segments[s].tensors & wanted
+        )  # fmt: skip
+        freeable = sum(self.segments[s].nbytes for _, s in evictable)
+        if self.used - freeable + need > self.capacity:
+            raise ResourceExhausted(
+                f"{self.name} has {self.capacity - self.used + freeable} bytes free or "
+                f"freeable; the model needs {need} more (of {model_bytes})",
+                field="model",
+            )
+        for _, seg_id in evictable:
+            if self.used + need <= self.capacity:
+                break
+            self._free(seg_id)
+
+    def _free(self, seg_id: str) -> int:
+        seg = self.segments.pop(seg_id)
+        self.idle_since.pop(seg_id, None)
+        for tid in seg.tensors:
+            self.refs.pop(tid, None)
+            self.sizes.pop(tid, None)
+        if seg.memory is not None:
+            seg.memory.free()
+        return seg.nbytes
+
+
+def _pack(refs: Iterable[TensorRef]) -> tuple[list[tuple[TensorRef, int]], int]:
+    """Offsets of tensors packed into one segment, each aligned; and the segment's size."""
+    layout: list[tuple[TensorRef, int]] = []
+    offset = 0
+    for ref in refs:
+        offset = -(-offset // DEVICE_ALIGN) * DEVICE_ALIGN
+        layout.append((ref, offset))
+        offset += ref.nbytes
+    return layout, offset
