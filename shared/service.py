@@ -241,6 +241,26 @@ class Service:
                 with contextlib.suppress(nats.errors.ConnectionClosedError):
                     await self.nc.publish(msg.reply, data, headers=headers)
 
+    def after_reply(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run follow-up work of a request (logs, events) without delaying its reply.
+
+        Drained at shutdown like a request handler.
+        """
+
+        async def after() -> None:
+            # A timer, not just a yield: the reply's publish and the NATS client's flush
+            # are already queued and run first, so logging or formatting delays nobody.
+            try:
+                await asyncio.sleep(0.001)
+            except asyncio.CancelledError:
+                coro.close()
+                raise
+            await coro
+
+        task = asyncio.create_task(after())
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Run a background task owned by the service; if it dies, the service stops."""
         task = asyncio.create_task(coro, name=f"{self.name}:{name}")

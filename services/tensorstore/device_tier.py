@@ -111,6 +111,10 @@ class DeviceTier:
             used_bytes=self.used,
         )
 
+    def holds(self, manifest: Mapping[str, TensorRef]) -> bool:
+        """Whether every tensor of ``manifest`` has its copy here (placing it copies nothing)."""
+        return all(ref.id in self.refs for ref in manifest.values())
+
     def renew(
         self,
         lease_id: str,
@@ -126,7 +130,7 @@ class DeviceTier:
         After a restart of the store a simulated GPU re-accounts the copies (nothing moved);
         a real GPU's copies died with the old process, so the instance must be rebuilt.
         """
-        if all(ref.id in self.refs for ref in manifest.values()):
+        if self.holds(manifest):
             self.leases.put(lease_id, holder, [r.id for r in manifest.values()], expires_at)
             return True
         if self.cuda:

@@ -8,6 +8,7 @@ set of ``*.idx.json`` files: a restarted store rebuilds its state from them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -62,8 +63,14 @@ def model_key(path: Path, private_to: str | None = None) -> str:
     public, or one tenant's private registration."""
     st = path.stat()
     scope = "" if private_to is None else f"private:{private_to}"
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{scope}"
+    ident = f"{_resolved(str(path))}|{st.st_size}|{st.st_mtime_ns}|{scope}"
     return blake3.blake3(ident.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolved(path: str) -> str:
+    """A model file's real path (cached: it is on every cold start's path)."""
+    return str(Path(path).resolve())
 
 
 class HostStore:
@@ -148,17 +155,16 @@ class HostStore:
         With ``private_to`` the tensors are the tenant's own (keyed ids, see tensor_id). A
         file registered before whose tensors are all still resident is not read again.
         """
-        key_bytes = None if private_to is None else self.tenant_key(private_to)
         try:
             key = model_key(path, private_to)
         except OSError as exc:
             raise ModelInvalid(f"cannot read {path.name}: {exc.strerror}", field="model") from None
-        ids = self.models.get(key)
-        if ids is not None and all(tid in self.index for tid in ids.values()):
-            manifest = {name: self.index[tid] for name, tid in ids.items()}
+        manifest = self._resident(key)
+        if manifest is not None:
             model_bytes = sum(ref.nbytes for ref in manifest.values())
             self.bytes_requested += model_bytes
             return Registration(manifest, model_bytes, 0, model_bytes, file_read=False)
+        key_bytes = None if private_to is None else self.tenant_key(private_to)
         f = SafetensorsFile(path)
         self.files_read += 1
         try:
@@ -172,6 +178,19 @@ class HostStore:
         self.sizes.update(sizes)
         self.models[key] = ids
         return reg
+
+    def resident(self, path: Path, private_to: str | None = None) -> dict[str, TensorRef] | None:
+        """The manifest of a model file whose tensors are all stored, else None (no changes)."""
+        try:
+            return self._resident(model_key(path, private_to))
+        except OSError:
+            return None
+
+    def _resident(self, key: str) -> dict[str, TensorRef] | None:
+        ids = self.models.get(key)
+        if ids is None or not all(tid in self.index for tid in ids.values()):
+            return None
+        return {name: self.index[tid] for name, tid in ids.items()}
 
     def _register(self, f: SafetensorsFile, key: bytes | None) -> Registration:
         ids: dict[str, str] = {}

@@ -172,6 +172,7 @@ class WorkerService(Service):
             timeout=self.config.deploy_timeout_s,
             what="tensor store of this node",
         )
+        registered_us = _us(t0)
         runner_cls = RUNNERS.get(spec.model.architecture)
         if runner_cls is None:
             raise ModelInvalid(
@@ -208,7 +209,8 @@ class WorkerService(Service):
         self.instances[(spec.tenant, spec.name)] = inst
         if old is not None:  # a redeploy replaced the spec; the new lease replaced its lease
             await self._let_go(old)
-        log.info("instance.built", function=spec.name, tenant=spec.tenant, us=inst.load_us)
+        log.info("instance.built", function=spec.name, tenant=spec.tenant, us=inst.load_us,
+                 register_us=registered_us, store_us=reg.register_us)  # fmt: skip
         return inst
 
     async def load(self, req: WorkerLoadRequest) -> WorkerLoadReply:
