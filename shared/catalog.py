@@ -15,7 +15,9 @@ from typing import Final
 from gpufaas.shared.errors import InvalidArgument, ModelInvalid
 from gpufaas.shared.messages import ModelSource
 
-ARCHITECTURES: Final = ("bert-embedding",)
+ARCHITECTURES: Final = ("bert-embedding", "torch-export")
+# The file holding a model's weights (for an exported program, its graph too), by architecture.
+MODEL_FILES: Final = {"bert-embedding": "model.safetensors", "torch-export": "model.pt2"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,11 @@ def validate_source(source: ModelSource) -> None:
             f"unknown architecture {source.architecture!r}; known: {', '.join(ARCHITECTURES)}",
             field="model.architecture",
         )
+    if source.builtin is not None and source.architecture != BUILTIN[source.builtin].architecture:
+        raise InvalidArgument(
+            f"builtin model {source.builtin!r} is a {BUILTIN[source.builtin].architecture!r} model",
+            field="model.architecture",
+        )
 
 
 @functools.cache
@@ -85,3 +92,8 @@ def resolve_model_dir(source: ModelSource) -> Path:
             f"model directory {path} does not exist on this node", field="model.path"
         )
     return path
+
+
+def model_file(source: ModelSource) -> Path:
+    """The file the tensor store registers for ``source`` (it may not exist)."""
+    return resolve_model_dir(source) / MODEL_FILES[source.architecture]

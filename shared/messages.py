@@ -296,6 +296,7 @@ class RegisterReply(Msg, frozen=True, tag="register_reply.v1"):
     register_us: Count
     file_read: bool = True  # False: every tensor was resident, the model file was not opened
     placement: DevicePlacement | None = None  # with ``device`` in the request
+    program: str | None = None  # an exported program's graph, kept by the store (shm path)
 
 
 class LocalityRequest(Msg, frozen=True, tag="locality_request.v1"):

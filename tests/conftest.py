@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import subprocess
 import time
@@ -63,3 +64,20 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo MiniLM exported with torch.export (scripts/export_minilm.py), once a session.
+
+    Its weights have the names, dtypes and bytes of the packaged model.safetensors.
+    """
+    script = Path(__file__).parents[1] / "scripts" / "export_minilm.py"
+    spec = importlib.util.spec_from_file_location("export_minilm", script)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("minilm-pt2")
+    assert module.main([str(out)]) == 0
+    return out / "model.pt2"

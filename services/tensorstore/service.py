@@ -18,7 +18,7 @@ import msgspec
 import structlog
 
 from gpufaas.shared import subjects
-from gpufaas.shared.catalog import resolve_model_dir
+from gpufaas.shared.catalog import model_file
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import InvalidArgument, ModelInvalid
@@ -44,8 +44,6 @@ from gpufaas.tensorstore.store import HostStore, Registration
 
 log = structlog.get_logger()
 T = TypeVar("T")
-
-WEIGHTS_FILE = "model.safetensors"
 
 
 class TensorStoreService(Service):
@@ -103,10 +101,10 @@ class TensorStoreService(Service):
                     f"(it has {sorted(self.tiers) or 'none'}), or no lease was given",
                     field="device",
                 )
-        model_dir = resolve_model_dir(req.source)
-        weights = model_dir / WEIGHTS_FILE
+        weights = model_file(req.source)
+        model_dir = weights.parent
         if not weights.is_file():
-            raise ModelInvalid(f"{model_dir} has no {WEIGHTS_FILE}", field="model")
+            raise ModelInvalid(f"{model_dir} has no {weights.name}", field="model")
         t0 = time.perf_counter()
         private = req.tenant if req.source.private else None
 
@@ -147,6 +145,7 @@ class TensorStoreService(Service):
             register_us=took_us,
             file_read=reg.file_read,
             placement=placement,
+            program=reg.program,
         )
 
     async def _announce(
@@ -178,7 +177,7 @@ class TensorStoreService(Service):
 
     async def locality(self, req: LocalityRequest) -> LocalityReply:
         """θ for the scheduler: how much of a model is resident here, without reading it."""
-        weights = resolve_model_dir(req.source) / WEIGHTS_FILE
+        weights = model_file(req.source)
         private_to = req.tenant if req.source.private else None
         known, total, resident = self.store.locality(weights, private_to)
         return LocalityReply(

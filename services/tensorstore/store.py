@@ -8,6 +8,7 @@ set of ``*.idx.json`` files: a restarted store rebuilds its state from them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ from gpufaas.shared.errors import ModelInvalid
 from gpufaas.shared.messages import TensorRef, decode_json, encode_json
 from gpufaas.shared.shm import TENSORS_DIR, new_id, write_segment
 from gpufaas.tensorstore.leases import LeaseTable
+from gpufaas.tensorstore.pt2_file import Pt2File
 from gpufaas.tensorstore.safetensors_file import Entry, SafetensorsFile
 
 log = structlog.get_logger()
@@ -56,6 +58,7 @@ class Registration:
     bytes_stored: int
     bytes_deduplicated: int
     file_read: bool = True
+    program: str | None = None  # an exported program's graph, without weights (shm path)
 
 
 def model_key(path: Path, private_to: str | None = None) -> str:
@@ -86,6 +89,7 @@ class HostStore:
         # are all resident is registered again without reading its file.
         self.models: dict[str, dict[str, str]] = {}
         self.sizes: dict[str, int] = {}  # tensor id -> bytes, for every manifest's tensors
+        self.programs: set[str] = set()  # models (by key) that are exported programs
         self.files_read = 0
         self.segment_ids: dict[str, set[str]] = {}  # segment -> the tensors packed in it
         self.leases = LeaseTable()
@@ -126,6 +130,8 @@ class HostStore:
             body = json.loads(path.read_bytes())
             self.models[path.stem] = body["ids"]
             self.sizes.update(body["sizes"])
+            if body.get("program"):
+                self.programs.add(path.stem)
         for path in self.dir.iterdir():
             name = path.name
             if path.is_dir():
@@ -150,8 +156,10 @@ class HostStore:
         return self.secret
 
     def register_file(self, path: Path, private_to: str | None = None) -> Registration:
-        """Hash every tensor of a safetensors file and store those not yet present.
+        """Hash every tensor of a model file and store those not yet present.
 
+        A safetensors file, or a ``torch.export`` program (.pt2) whose weights are split
+        out: they are stored like any tensors, and the graph is kept beside the manifest.
         With ``private_to`` the tensors are the tenant's own (keyed ids, see tensor_id). A
         file registered before whose tensors are all still resident is not read again.
         """
@@ -163,21 +171,31 @@ class HostStore:
         if manifest is not None:
             model_bytes = sum(ref.nbytes for ref in manifest.values())
             self.bytes_requested += model_bytes
-            return Registration(manifest, model_bytes, 0, model_bytes, file_read=False)
+            program = self._program(key) if key in self.programs else None
+            return Registration(
+                manifest, model_bytes, 0, model_bytes, file_read=False, program=program
+            )
         key_bytes = None if private_to is None else self.tenant_key(private_to)
-        f = SafetensorsFile(path)
+        f = Pt2File(path) if path.suffix == ".pt2" else SafetensorsFile(path)
         self.files_read += 1
         try:
             reg = self._register(f, key_bytes)
+            if isinstance(f, Pt2File):  # the graph first: a manifest never names a lost one
+                write_segment(self.root, self._program(key), [f.program])
+                reg = dataclasses.replace(reg, program=self._program(key))
+                self.programs.add(key)
         finally:
             f.close()
         ids = {name: ref.id for name, ref in reg.manifest.items()}
         sizes = {ref.id: ref.nbytes for ref in reg.manifest.values()}
-        body = json.dumps({"ids": ids, "sizes": sizes}).encode()
-        write_segment(self.root, f"{self.reldir}/{MODELS_DIR}/{key}.json", [body])
+        body = json.dumps({"ids": ids, "sizes": sizes, "program": reg.program is not None})
+        write_segment(self.root, f"{self.reldir}/{MODELS_DIR}/{key}.json", [body.encode()])
         self.sizes.update(sizes)
         self.models[key] = ids
         return reg
+
+    def _program(self, key: str) -> str:
+        return f"{self.reldir}/{MODELS_DIR}/{key}.program"
 
     def resident(self, path: Path, private_to: str | None = None) -> dict[str, TensorRef] | None:
         """The manifest of a model file whose tensors are all stored, else None (no changes)."""
@@ -192,7 +210,7 @@ class HostStore:
             return None
         return {name: self.index[tid] for name, tid in ids.items()}
 
-    def _register(self, f: SafetensorsFile, key: bytes | None) -> Registration:
+    def _register(self, f: SafetensorsFile | Pt2File, key: bytes | None) -> Registration:
         ids: dict[str, str] = {}
         new: dict[str, Entry] = {}
         model_bytes = 0
@@ -306,7 +324,7 @@ class HostStore:
 
     @staticmethod
     def _chunks(
-        f: SafetensorsFile, layout: list[tuple[str, Entry, int]]
+        f: SafetensorsFile | Pt2File, layout: list[tuple[str, Entry, int]]
     ) -> Iterator[bytes | memoryview]:
         pos = 0
         for _, e, offset in layout:

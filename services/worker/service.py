@@ -47,6 +47,7 @@ from gpufaas.shared.registry import get_function
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import write_tube
+from gpufaas.worker.exported import ExportedRunner
 from gpufaas.worker.runners import RUNNERS, Output, Runner
 from gpufaas.worker.tensor_map import TensorMap
 
@@ -174,7 +175,7 @@ class WorkerService(Service):
         )
         registered_us = _us(t0)
         runner_cls = RUNNERS.get(spec.model.architecture)
-        if runner_cls is None:
+        if runner_cls is None and reg.program is None:
             raise ModelInvalid(
                 f"unknown architecture {spec.model.architecture}", field="model.architecture"
             )
@@ -183,6 +184,10 @@ class WorkerService(Service):
         def build() -> tuple[Runner, frozenset[str]]:
             weights, held = self.tensors.acquire(reg.manifest, reg.placement)
             try:
+                if reg.program is not None:  # an exported program: its graph from the store
+                    program = (self.config.shm_dir / reg.program).read_bytes()
+                    return ExportedRunner.from_program(program, weights), held
+                assert runner_cls is not None
                 return runner_cls(Path(reg.model_dir), weights), held
             except BaseException:
                 self.tensors.release(held)
