@@ -9,6 +9,7 @@ per device, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from gpufaas.shared.messages import (
     FunctionSpec,
     InvokeReply,
     LeaseClaim,
+    ModelSource,
     RegisterReply,
     RegisterRequest,
     ReleaseReply,
@@ -52,6 +54,8 @@ from gpufaas.worker.runners import RUNNERS, Output, Runner
 from gpufaas.worker.tensor_map import TensorMap
 
 log = structlog.get_logger()
+
+KNOWN_MODELS = 256  # store answers remembered for overlapping builds (see _build)
 
 
 @dataclass(slots=True)
@@ -79,6 +83,15 @@ def _us(since: float) -> int:
     return int((time.perf_counter() - since) * 1e6)
 
 
+def _same_build(a: RegisterReply | None, b: RegisterReply) -> bool:
+    """Whether an instance built from ``a`` is one built from ``b`` (host views only)."""
+    return (
+        a is not None
+        and (a.model_dir, a.program, a.manifest) == (b.model_dir, b.program, b.manifest)
+        and (b.placement is None or all(s.ipc_handle is None for s in b.placement.segments))
+    )
+
+
 class WorkerService(Service):
     """Runs function instances for its node."""
 
@@ -97,6 +110,9 @@ class WorkerService(Service):
         self.tensors = TensorMap(config.shm_dir)
         self.instances: dict[tuple[str, str], Instance] = {}
         self._loading: dict[tuple[str, str], asyncio.Task[Instance]] = {}
+        # The store's last answer per model: what a new instance is built over while the
+        # store confirms it (see _build).
+        self._known: dict[tuple[ModelSource, str], RegisterReply] = {}
         # Who holds this process's leases on the tensor store: unique per process life.
         self.holder = f"{config.node_id}/{os.getpid()}/{self.started_at:.6f}"
 
@@ -158,46 +174,66 @@ class WorkerService(Service):
             raise NotFound(f"function {spec.name!r} is not deployed", field="model")
 
     async def _build(self, spec: FunctionSpec) -> Instance:
+        """Lease the model's tensors from the store and build an instance over them.
+
+        When this worker has built the model before (on the host or a simulated GPU), the
+        instance is built over the manifest it got then *while* the store answers; it is
+        kept if the store's manifest is the same (the lease then covers those tensors),
+        and rebuilt otherwise. A cold start over resident tensors thus costs one store
+        round trip, not a round trip plus a build.
+        """
         t0 = time.perf_counter()
-        reg = await request(
-            self.nc,
-            self._store_subject(subjects.TENSORSTORE_REGISTER),
-            RegisterRequest(
-                source=spec.model,
-                tenant=spec.tenant,
-                lease=self._lease_id(spec.tenant, spec.name),
-                holder=self.holder,
-                device=self.gpu,
-            ),
-            RegisterReply,
-            timeout=self.config.deploy_timeout_s,
-            what="tensor store of this node",
-        )
-        registered_us = _us(t0)
-        runner_cls = RUNNERS.get(spec.model.architecture)
-        if runner_cls is None and reg.program is None:
+        if spec.model.architecture not in RUNNERS and spec.model.architecture != "torch-export":
             raise ModelInvalid(
                 f"unknown architecture {spec.model.architecture}", field="model.architecture"
             )
         loop = asyncio.get_running_loop()
-
-        def build() -> tuple[Runner, frozenset[str]]:
-            weights, held = self.tensors.acquire(reg.manifest, reg.placement)
-            try:
-                if reg.program is not None:  # an exported program: its graph from the store
-                    program = (self.config.shm_dir / reg.program).read_bytes()
-                    return ExportedRunner.from_program(program, weights), held
-                assert runner_cls is not None
-                return runner_cls(Path(reg.model_dir), weights), held
-            except BaseException:
-                self.tensors.release(held)
-                raise
-
+        model = (spec.model, spec.tenant if spec.model.private else "")
+        guess = self._known.get(model) if self.node_devices.backend != "cuda" else None
+        early = None
+        if guess is not None:
+            early = loop.run_in_executor(self._executor, self._make_runner, spec, guess)
         try:
-            runner, held = await loop.run_in_executor(self._executor, build)
+            reg = await request(
+                self.nc,
+                self._store_subject(subjects.TENSORSTORE_REGISTER),
+                RegisterRequest(
+                    source=spec.model,
+                    tenant=spec.tenant,
+                    lease=self._lease_id(spec.tenant, spec.name),
+                    holder=self.holder,
+                    device=self.gpu,
+                ),
+                RegisterReply,
+                timeout=self.config.deploy_timeout_s,
+                what="tensor store of this node",
+            )
+        except BaseException:
+            if early is not None:
+                with contextlib.suppress(Exception):
+                    self.tensors.release((await early)[1])
+            raise
+        registered_us = _us(t0)
+        self._known.pop(model, None)
+        self._known[model] = reg  # newest last
+        while len(self._known) > KNOWN_MODELS:
+            del self._known[next(iter(self._known))]
+        built = None
+        if early is not None:
+            try:
+                built = await early
+            except Exception:  # the guess was stale (a segment gone): build from the reply
+                built = None
+            if built is not None and not _same_build(guess, reg):
+                self.tensors.release(built[1])
+                built = None
+        try:
+            if built is None:
+                built = await loop.run_in_executor(self._executor, self._make_runner, spec, reg)
         except BaseException:
             await self._release(self._lease_id(spec.tenant, spec.name))
             raise
+        runner, held = built
         inst = Instance(
             spec=spec,
             runner=runner,
@@ -215,8 +251,21 @@ class WorkerService(Service):
         if old is not None:  # a redeploy replaced the spec; the new lease replaced its lease
             await self._let_go(old)
         log.info("instance.built", function=spec.name, tenant=spec.tenant, us=inst.load_us,
-                 register_us=registered_us, store_us=reg.register_us)  # fmt: skip
+                 register_us=registered_us, store_us=reg.register_us,
+                 overlapped=early is not None and built is not None)  # fmt: skip
         return inst
+
+    def _make_runner(self, spec: FunctionSpec, reg: RegisterReply) -> tuple[Runner, frozenset[str]]:
+        """(On the device thread.) A runner over the tensors ``reg`` names, and what it holds."""
+        weights, held = self.tensors.acquire(reg.manifest, reg.placement)
+        try:
+            if reg.program is not None:  # an exported program: its graph from the store
+                program = (self.config.shm_dir / reg.program).read_bytes()
+                return ExportedRunner.from_program(program, weights), held
+            return RUNNERS[spec.model.architecture](Path(reg.model_dir), weights), held
+        except BaseException:
+            self.tensors.release(held)
+            raise
 
     async def load(self, req: WorkerLoadRequest) -> WorkerLoadReply:
         inst, cold = await self.instance(req.spec)

@@ -111,3 +111,25 @@ async def test_locality_theta_follows_residency(platform: Platform) -> None:
     gone = await request(nc, subject, ask, LocalityReply, timeout=5)
     assert (gone.known, gone.theta, gone.resident_bytes) == (True, 0.0, 0)
     assert gone.bytes_to_load == loaded.model_bytes
+
+
+async def test_a_stale_remembered_manifest_is_rebuilt_from_the_stores_answer(
+    platform: Platform,
+) -> None:
+    store, worker = parts(platform)
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    first = worker.instances[("default", "minilm")].held
+    assert (await c.delete("/v1/functions/minilm")).status == 200
+    now = store.store.recovered_at + platform.config.node_ttl_s
+    await store.reclaim_once(now)
+    await store.reclaim_once(now + platform.config.tensor_keep_alive_s)  # segments gone
+    # The worker remembers the old manifest and builds over it while the store answers;
+    # the store stored the tensors anew, so that build is dropped for one over the new ones.
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    held = worker.instances[("default", "minilm")].held
+    assert held.isdisjoint(first)
+    assert held == {ref.segment for ref in store.store.index.values()}
+    assert worker.tensors.segments_mapped == len(held)
+    resp = await c.post("/v2/models/minilm/infer", json=text_request(["rebuilt"]))
+    assert resp.status == 200
