@@ -10,16 +10,17 @@ that exported it, so there (services run in one process in tests) the segment's 
 tensor is used.
 
 cupy (the ``gpu`` extra) provides the runtime calls; torch sees the memory through
-DLPack. Nothing here runs on a machine without CUDA.
+DLPack. Nothing here runs on a machine without CUDA, and torch is imported only when it
+does: the tensor store imports this module and otherwise never needs torch (~180 MiB).
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.utils.dlpack
+if TYPE_CHECKING:
+    import torch
 
 
 def _cupy() -> Any:
@@ -44,6 +45,8 @@ class _Mapping:
 
 def _as_tensor(owner: _Mapping) -> torch.Tensor:
     """A uint8 torch tensor over ``owner``'s memory; it keeps ``owner`` alive."""
+    import torch.utils.dlpack  # noqa: PLC0415 - see the module docstring
+
     cupy = _cupy()
     mem = cupy.cuda.UnownedMemory(owner.ptr, owner.nbytes, owner, owner.device_index)
     arr = cupy.ndarray((owner.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
@@ -66,6 +69,8 @@ class CudaSegment:
 
     def write(self, offset: int, data: memoryview) -> None:
         """Copy host bytes into the segment at ``offset`` (synchronous)."""
+        import torch  # noqa: PLC0415 - see the module docstring
+
         assert self.tensor is not None, "segment freed"
         src = torch.frombuffer(data, dtype=torch.uint8)
         self.tensor.narrow(0, offset, len(data)).copy_(src)
@@ -74,6 +79,8 @@ class CudaSegment:
         """Give the memory back; callers guarantee no lease references it."""
         if self.tensor is None:
             return
+        import torch  # noqa: PLC0415 - see the module docstring
+
         torch.cuda.synchronize(self.device_index)
         _EXPORTED.pop(self.handle, None)
         self.tensor = None

@@ -19,8 +19,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final
 
-import numpy as np
-
 from gpufaas.shared.errors import ModelInvalid
 from gpufaas.tensorstore.safetensors_file import Entry
 
@@ -259,6 +257,8 @@ class Pt2File:
         offset: int,
     ) -> bytes:
         """Row-major bytes of a strided view of a record (elements as opaque items)."""
+        import numpy as np  # noqa: PLC0415 - rare; the store process otherwise needs no numpy
+
         kind = np.dtype((np.void, itemsize))
         items = np.frombuffer(self._map, kind, count=(end - start) // itemsize, offset=start)
         view = np.lib.stride_tricks.as_strided(

@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import json
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -367,3 +369,11 @@ def test_malformed_header_types_raise_model_invalid(
     path.write_bytes(_header_file({"w": meta}, b"\0" * 4))
     with pytest.raises(ModelInvalid):
         store.register_file(path)
+
+
+def test_the_store_process_does_not_import_torch() -> None:
+    # torch costs a node ~180 MiB; the store needs it only to copy to a real GPU.
+    code = "import sys, gpufaas.tensorstore.service; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "False"
