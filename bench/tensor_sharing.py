@@ -824,8 +824,8 @@ def print_cold(c: ColdResult) -> None:
             f"build, {base.median / c.deploy_http_ms.median:.2f}x vs the deploy call (medians)"
         )
     print(
-        "  (the worker shares one parsed tokenizer among instances of a tokenizer file, so its "
-        "build is the tensor store round trip, the zero-copy views and the config)"
+        "  (a worker that built the model before builds the new instance over the manifest it "
+        "remembers while the tensor store confirms the lease: the build is one store round trip)"
     )
     print(
         f"  ratio spawn-to-loaded / deploy call: "
