@@ -354,6 +354,39 @@ class ResolveReply(Msg, frozen=True, tag="resolve_reply.v1"):
     path: str
 
 
+class EnsureRequest(Msg, frozen=True, tag="ensure_request.v1"):
+    """Make a tube resident on the serving node's ``tier`` (a no-op when it already is)."""
+
+    tube_id: str
+    tenant: Tenant = DEFAULT_TENANT
+    tier: Tier = "host"
+    slo_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None  # from now: when the caller needs it
+    inference_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # work left after the copy
+
+
+class EnsureReply(Msg, frozen=True, tag="ensure_reply.v1"):
+    tube: Tube  # with the new placement
+    placement: Placement  # the copy on the requested tier of this node
+    path: str  # how the bytes came: "resident", "host(node-a)->host", "host->gpu:0 via 2 routes"
+    nbytes: Count  # bytes copied (0 when already resident)
+    duration_us: Count
+    simulated: bool = False  # duration from the link model of simulated GPUs, not measured
+    deadline_met: bool | None = None  # None: no SLO given
+
+
+class FetchRequest(Msg, frozen=True, tag="fetch_request.v1"):
+    """One chunk of a tube's host copy, asked by another node's transfer service."""
+
+    tube_id: str
+    tenant: Tenant
+    offset: Count
+    nbytes: Count
+
+
+class FetchReply(Msg, frozen=True, tag="fetch_reply.v1"):
+    data: bytes
+
+
 class DeviceInfo(Msg, frozen=True, tag="device.v1"):
     """One device of a node: a real GPU, a simulated GPU or the host."""
 

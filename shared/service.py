@@ -231,6 +231,12 @@ class Service:
             try:
                 reply = await handler(decode(msg.data, req_type))
                 data, headers = encode(reply), None
+            except asyncio.CancelledError:  # stopped mid-request: say so rather than go silent
+                if msg.reply:
+                    data, headers = error_reply(Unavailable(f"{self.name} stopped mid-request"))
+                    with contextlib.suppress(nats.errors.Error):
+                        await self.nc.publish(msg.reply, data, headers=headers)
+                raise
             except PlatformError as exc:
                 log.info("request.failed", subject=msg.subject, code=exc.code, error=exc.message)
                 data, headers = error_reply(exc)

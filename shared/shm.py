@@ -115,7 +115,8 @@ def read_tube(root: Path, tube: Tube) -> bytes:
 
 
 def delete_tube(root: Path, tube: Tube) -> None:
-    """Remove a tube's host bytes (idempotent)."""
+    """Remove every file-backed copy of a tube on this machine: host copies, and the
+    copies on simulated GPUs, which are host segments too (idempotent)."""
     for p in tube.placements:
-        if p.tier == "host":
+        if p.tier != "object":
             (root / p.segment).unlink(missing_ok=True)

@@ -79,5 +79,7 @@ TENSORSTORE_RENEW: Final = "renew"
 TENSORSTORE_RELEASE: Final = "release"
 TENSORSTORE_LOCALITY: Final = "locality"
 TRANSFER_RESOLVE: Final = "resolve"
+TRANSFER_ENSURE: Final = "ensure"
+TRANSFER_FETCH: Final = "fetch"  # between transfer services: a chunk of a local tube
 MEMORY_CAPACITY: Final = "capacity"
 PING: Final = "ping"

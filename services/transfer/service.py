@@ -1,14 +1,54 @@
-"""The transfer service of one node: resolves host tubes (copies between tiers come later)."""
+"""The transfer service of one node: its tube directory, and copies between tiers and nodes.
+
+``ensure(tube, tier)`` makes a tube resident on a tier of this node, a no-op when it
+already is: from this node's host copy to a GPU, from another node's host copy (fetched
+from that node's transfer service in chunks, a bounded window in flight), or from the
+object tier. The bytes are written first and the placement is added to the tube's KV
+entry after (compare-and-set), so no placement ever points at half-written bytes; a
+copy that fails leaves nothing behind. Placements on nodes that left are dropped when
+found. Only the tube's tenant can resolve or move it; for anyone else it does not exist.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import mmap
+import os
+import time
+from pathlib import Path
+
+import msgspec
 import nats.js.errors
+import structlog
 
 from gpufaas.shared import subjects
-from gpufaas.shared.errors import NotFound
-from gpufaas.shared.messages import ResolveReply, ResolveRequest, Tube, decode_json
+from gpufaas.shared.config import Config
+from gpufaas.shared.devices import parse_devices
+from gpufaas.shared.errors import InvalidArgument, NotFound, PlatformError, Unavailable
+from gpufaas.shared.messages import (
+    EnsureReply,
+    EnsureRequest,
+    FetchReply,
+    FetchRequest,
+    Placement,
+    ResolveReply,
+    ResolveRequest,
+    Tube,
+    decode_json,
+    encode_json,
+)
+from gpufaas.shared.registry import live_nodes
+from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
-from gpufaas.shared.shm import host_path
+from gpufaas.shared.shm import TUBES_DIR, SegmentCache, write_segment
+from gpufaas.transfer.links import LinkTimer
+
+log = structlog.get_logger()
+
+FETCH_CHUNK_BYTES = 4 * 2**20  # one fetch reply: well under the server's max payload
+FETCH_WINDOW = 4  # chunks in flight per cross-node copy (flow control)
+GPU_DIR = "gpu"  # simulated GPU memory: host segments under <shm>/gpu/<node>/<gpu>/
 
 
 class TransferService(Service):
@@ -16,28 +56,259 @@ class TransferService(Service):
 
     name = "transfer"
 
-    async def on_start(self) -> None:
-        await self.serve(
-            subjects.node(self.config.node_id, self.name, subjects.TRANSFER_RESOLVE),
-            ResolveRequest,
-            self.resolve,
-        )
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        node_devices = parse_devices(config.devices, config.topology)
+        self.tiers = {d.name for d in node_devices.devices}  # "host", "gpu:0", ...
+        self.simulated = node_devices.backend == "sim"
+        self.links = LinkTimer(node_devices)
+        self.maps = SegmentCache(config.shm_dir)
+        self._copying: dict[tuple[str, str], asyncio.Task[EnsureReply]] = {}
 
-    async def resolve(self, req: ResolveRequest) -> ResolveReply:
-        """Find a tube of the caller's tenant and its host file; another tenant's is 'not found'."""
-        missing = NotFound(f"tube {req.tube_id!r} not found", field="tube")
-        if req.tier != "host":
-            raise NotFound(f"tier {req.tier} is not available on this node yet", field="tier")
+    async def on_start(self) -> None:
+        node = self.config.node_id
+        for verb, req_type, handler in (
+            (subjects.TRANSFER_RESOLVE, ResolveRequest, self.resolve),
+            (subjects.TRANSFER_ENSURE, EnsureRequest, self.ensure),
+            (subjects.TRANSFER_FETCH, FetchRequest, self.fetch),
+        ):
+            await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
+
+    # --- the directory ---------------------------------------------------------------------
+
+    async def _tube(self, tube_id: str, tenant: str) -> tuple[Tube, int]:
+        """The tenant's tube and its KV revision; anyone else's is simply 'not found'."""
+        missing = NotFound(f"tube {tube_id!r} not found", field="tube")
         try:
-            entry = await self.buckets.tubes.get(req.tube_id)
+            entry = await self.buckets.tubes.get(tube_id)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             raise missing from None
-        except ValueError:  # not a valid key: cannot be one of ours
+        except (ValueError, nats.js.errors.InvalidKeyError):  # cannot be one of ours
             raise missing from None
-        if entry.value is None:
+        if entry.value is None or entry.revision is None:
             raise missing
         tube = decode_json(entry.value, Tube)
-        if tube.tenant != req.tenant:
+        if tube.tenant != tenant:
             raise missing
-        path = host_path(self.config.shm_dir, tube)
-        return ResolveReply(tube=tube, path=str(path))
+        return tube, entry.revision
+
+    def _local(self, tube: Tube, tier: str) -> Placement | None:
+        """This node's copy of ``tube`` on ``tier`` whose bytes are all there; for the host
+        tier also another node's copy on this machine (nodes may share one), read in place."""
+        mine = [p for p in tube.placements if p.tier == tier and p.node == self.config.node_id]
+        if tier == "host":
+            mine += [p for p in tube.placements if p.tier == tier and p not in mine]
+        for p in mine:
+            path = self.config.shm_dir / p.segment
+            if path.is_file() and path.stat().st_size >= p.offset + tube.nbytes:
+                return p
+        return None
+
+    async def _add_placement(self, tube_id: str, tenant: str, new: Placement) -> Tube:
+        """Record a copy (its bytes already written), racing other writers safely (CAS)."""
+        for _ in range(10):
+            tube, revision = await self._tube(tube_id, tenant)
+            if new in tube.placements:
+                return tube
+            updated = msgspec.structs.replace(tube, placements=[*tube.placements, new])
+            try:
+                await self.buckets.tubes.update(tube_id, encode_json(updated), last=revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            return updated
+        raise Unavailable(f"tube {tube_id!r} is changing too often to record a copy")
+
+    async def _drop_placements(self, tube_id: str, tenant: str, nodes: set[str]) -> None:
+        """Forget copies on nodes that left (best effort: a racing writer wins)."""
+        tube, revision = await self._tube(tube_id, tenant)
+        kept = [p for p in tube.placements if p.node not in nodes]
+        if len(kept) != len(tube.placements):
+            updated = msgspec.structs.replace(tube, placements=kept)
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await self.buckets.tubes.update(tube_id, encode_json(updated), last=revision)
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def resolve(self, req: ResolveRequest) -> ResolveReply:
+        """The file of a tube's copy on ``tier`` of this node (host or a simulated GPU)."""
+        self._check_tier(req.tier)
+        tube, _ = await self._tube(req.tube_id, req.tenant)
+        here = self._local(tube, req.tier)
+        if here is None:
+            raise NotFound(f"tube {req.tube_id!r} has no copy on {req.tier} here", field="tube")
+        return ResolveReply(tube=tube, path=str(self.config.shm_dir / here.segment))
+
+    async def ensure(self, req: EnsureRequest) -> EnsureReply:
+        """Make the tube resident on ``req.tier`` of this node; one copy however many ask."""
+        self._check_tier(req.tier)
+        tube, _ = await self._tube(req.tube_id, req.tenant)
+        here = self._local(tube, req.tier)
+        if here is not None:
+            return EnsureReply(tube=tube, placement=here, path="resident", nbytes=0,
+                               duration_us=0, simulated=False, deadline_met=_met(req, 0.0))  # fmt: skip
+        key = (req.tube_id, req.tier)
+        task = self._copying.get(key)
+        if task is None:
+            task = asyncio.create_task(self._copy(tube, req))
+            self._copying[key] = task
+            task.add_done_callback(lambda _: self._copying.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def fetch(self, req: FetchRequest) -> FetchReply:
+        """A chunk of this node's host copy, for another node's transfer service."""
+        tube, _ = await self._tube(req.tube_id, req.tenant)
+        here = self._local(tube, "host")
+        if here is None:
+            raise NotFound(f"tube {req.tube_id!r} has no host copy on this node", field="tube")
+        if req.nbytes > FETCH_CHUNK_BYTES or req.offset + req.nbytes > tube.nbytes:
+            raise InvalidArgument("chunk out of range", field="offset")
+        start = here.offset + req.offset
+        return FetchReply(data=bytes(self.maps.map(here.segment)[start : start + req.nbytes]))
+
+    def _check_tier(self, tier: str) -> None:
+        if tier not in self.tiers:
+            raise InvalidArgument(
+                f"tier {tier!r} is not on node {self.config.node_id} "
+                f"(it has {', '.join(sorted(self.tiers))})",
+                field="tier",
+            )
+
+    # --- copies ----------------------------------------------------------------------------
+
+    async def _copy(self, tube: Tube, req: EnsureRequest) -> EnsureReply:
+        t0 = time.perf_counter()
+        host = self._local(tube, "host")
+        path = ""
+        modelled_s = 0.0
+        nbytes = 0
+        updated = tube
+        if host is None:  # bring it to this node's host tier first (a copy worth keeping)
+            host, path = await self._fetch_remote(tube)
+            nbytes += tube.nbytes
+            updated = await self._add_placement(tube.id, tube.tenant, host)
+        placement = host
+        if req.tier != "host":
+            placement, modelled_s, route = await asyncio.to_thread(
+                self._host_to_gpu, tube, host, req.tier
+            )
+            path = f"{path}, {route}" if path else route
+            nbytes += tube.nbytes
+        if placement != host:
+            updated = await self._add_placement(tube.id, tube.tenant, placement)
+        measured_s = time.perf_counter() - t0
+        simulated = req.tier != "host" and self.simulated
+        took_s = modelled_s if simulated else measured_s
+        reply = EnsureReply(
+            tube=updated,
+            placement=placement,
+            path=path,
+            nbytes=nbytes,
+            duration_us=int(took_s * 1e6),
+            simulated=simulated,
+            deadline_met=_met(req, took_s),
+        )
+        self.after_reply(self._completed(reply, measured_s))
+        return reply
+
+    async def _completed(self, reply: EnsureReply, measured_s: float) -> None:
+        log.info("transfer.completed", tube=reply.tube.id, path=reply.path, bytes=reply.nbytes,
+                 us=reply.duration_us, simulated=reply.simulated)  # fmt: skip
+        await self.publish_event(
+            "transfer.completed",
+            {
+                "node": self.config.node_id,
+                "tube": reply.tube.id,
+                "tenant": reply.tube.tenant,
+                "tier": reply.placement.tier,
+                "path": reply.path,
+                "bytes": reply.nbytes,
+                "duration_us": reply.duration_us,
+                "simulated": reply.simulated,
+                "wall_us": int(measured_s * 1e6),
+                "deadline_met": reply.deadline_met,
+            },
+        )
+
+    def _host_to_gpu(self, tube: Tube, host: Placement, tier: str) -> tuple[Placement, float, str]:
+        """(Off the loop.) Copy this node's host bytes to a GPU; returns the placement,
+        the link model's time for a simulated GPU, and the route taken."""
+        if not self.simulated:
+            raise InvalidArgument(
+                f"copies to {tier} need the CUDA copy engine, not built yet", field="tier"
+            )
+        relpath = f"{GPU_DIR}/{self.config.node_id}/{tier.replace(':', '')}/{tube.id}"
+        src = self.maps.map(host.segment)
+        write_segment(self.config.shm_dir, relpath,
+                      [memoryview(src)[host.offset : host.offset + tube.nbytes]])  # fmt: skip
+        modelled_s, route = self.links.host_to_gpu(tier, tube.nbytes)
+        return Placement(node=self.config.node_id, tier=tier, segment=relpath), modelled_s, route
+
+    async def _fetch_remote(self, tube: Tube) -> tuple[Placement, str]:
+        """Copy another live node's host copy here, in chunks, a window of them in flight."""
+        alive = await live_nodes(self.js, self.buckets.nodes, self.config.node_ttl_s)
+        remote = [p for p in tube.placements if p.tier == "host" and p.node != self.config.node_id]
+        gone = {p.node for p in remote if p.node not in alive}
+        if gone:
+            await self._drop_placements(tube.id, tube.tenant, gone)
+        sources = [p for p in remote if p.node in alive]
+        if not sources:
+            raise NotFound(f"tube {tube.id!r} has no copy on a live node", field="tube")
+        src = sources[0].node
+        relpath = f"{TUBES_DIR}/{self.config.node_id}/{tube.id}"
+        final = self.config.shm_dir / relpath
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            await self._fetch_into(tube, src, tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return Placement(
+            node=self.config.node_id, tier="host", segment=relpath
+        ), f"host({src})->host"
+
+    async def _fetch_into(self, tube: Tube, src_node: str, tmp: Path) -> None:
+        subject = subjects.node(src_node, self.name, subjects.TRANSFER_FETCH)
+        f = await asyncio.to_thread(open, tmp, "wb+")
+        with f:
+            f.truncate(tube.nbytes)
+            if tube.nbytes == 0:
+                return
+            with mmap.mmap(f.fileno(), tube.nbytes) as out:
+                window = asyncio.Semaphore(FETCH_WINDOW)
+
+                async def one(offset: int) -> None:
+                    n = min(FETCH_CHUNK_BYTES, tube.nbytes - offset)
+                    async with window:
+                        try:
+                            reply = await request(
+                                self.nc, subject,
+                                FetchRequest(tube_id=tube.id, tenant=tube.tenant, offset=offset,
+                                             nbytes=n),
+                                FetchReply, timeout=self.config.request_timeout_s,
+                            )  # fmt: skip
+                        except PlatformError as exc:
+                            raise Unavailable(
+                                f"copying tube {tube.id!r} from node {src_node} failed: "
+                                f"{exc.message}"
+                            ) from None
+                    if len(reply.data) != n:
+                        raise Unavailable(f"node {src_node} sent a short chunk of {tube.id!r}")
+                    out[offset : offset + n] = reply.data
+
+                chunks = range(0, tube.nbytes, FETCH_CHUNK_BYTES)
+                tasks = [asyncio.create_task(one(o)) for o in chunks]
+                try:
+                    await asyncio.gather(*tasks)
+                finally:  # on a failure, stop the rest before the mapping closes
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _met(req: EnsureRequest, took_s: float) -> bool | None:
+    """Whether the copy left the function its inference time within the SLO."""
+    if req.slo_ms is None:
+        return None
+    return took_s * 1e3 + req.inference_ms <= req.slo_ms

@@ -25,6 +25,8 @@ from gpufaas.shared.devices import NodeDevices, parse_devices
 from gpufaas.shared.errors import InvalidArgument, ModelInvalid, NotFound, PlatformError
 from gpufaas.shared.messages import (
     Breakdown,
+    EnsureReply,
+    EnsureRequest,
     FunctionSpec,
     InvokeReply,
     LeaseClaim,
@@ -35,8 +37,6 @@ from gpufaas.shared.messages import (
     ReleaseRequest,
     RenewReply,
     RenewRequest,
-    ResolveReply,
-    ResolveRequest,
     TensorPayload,
     WorkerLoadReply,
     WorkerLoadRequest,
@@ -403,18 +403,26 @@ class WorkerService(Service):
             raise InvalidArgument(
                 f"input {p.name!r} has neither data nor a tube", field=f"inputs[{p.name}]"
             )
-        resolved = await request(
+        # Resident on this node's host tier: a no-op for a tube written on this machine,
+        # a chunked copy from the node that holds it otherwise.
+        here = await request(
             self.nc,
-            subjects.node(self.config.node_id, "transfer", subjects.TRANSFER_RESOLVE),
-            ResolveRequest(tube_id=p.tube.id, tenant=tenant),
-            ResolveReply,
+            subjects.node(self.config.node_id, "transfer", subjects.TRANSFER_ENSURE),
+            EnsureRequest(tube_id=p.tube.id, tenant=tenant, tier="host"),
+            EnsureReply,
             timeout=self.config.request_timeout_s,
             what="transfer service of this node",
         )
-        data = await asyncio.to_thread(Path(resolved.path).read_bytes)
-        if len(data) != resolved.tube.nbytes:
+        path = self.config.shm_dir / here.placement.segment
+        data = await asyncio.to_thread(path.read_bytes)
+        start = here.placement.offset
+        if len(data) < start + here.tube.nbytes:
             raise NotFound(f"tube {p.tube.id} is truncated", field=f"inputs[{p.name}]")
-        return data
+        return (
+            data[start : start + here.tube.nbytes]
+            if start or len(data) > here.tube.nbytes
+            else data
+        )
 
     async def _output(self, name: str, out: Output, tenant: str) -> TensorPayload:
         if len(out.data) <= self.config.inline_threshold:

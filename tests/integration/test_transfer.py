@@ -1,0 +1,190 @@
+"""The transfer service: ensure() across tiers and nodes, tenancy, and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gpufaas.shared import subjects
+from gpufaas.shared.config import Config
+from gpufaas.shared.errors import InvalidArgument, NotFound, Unavailable
+from gpufaas.shared.messages import (
+    EnsureReply,
+    EnsureRequest,
+    FetchReply,
+    FetchRequest,
+    Tube,
+    decode_json,
+    encode_json,
+)
+from gpufaas.shared.rpc import request
+from gpufaas.shared.shm import write_tube
+from gpufaas.transfer.service import FETCH_CHUNK_BYTES, TransferService
+from tests.conftest import NatsServer
+from tests.integration.conftest import make_config
+
+pytestmark = pytest.mark.integration
+
+
+class Nodes:
+    """Transfer services of two nodes over a real NATS, each with its own shm dir (as if
+    on two machines)."""
+
+    def __init__(self, a: TransferService, b: TransferService) -> None:
+        self.a, self.b = a, b
+
+    async def tube(self, data: bytes, tenant: str = "t1", node: str = "node-a") -> Tube:
+        shm = self.a.config.shm_dir
+        tube = await asyncio.to_thread(write_tube, shm, node, tenant, datatype="UINT8",
+                                       shape=[len(data)], data=data)  # fmt: skip
+        await self.a.buckets.tubes.put(tube.id, encode_json(tube))
+        return tube
+
+    async def ensure(self, svc: TransferService, tube_id: str, **kw: object) -> EnsureReply:
+        subject = subjects.node(svc.config.node_id, "transfer", subjects.TRANSFER_ENSURE)
+        req = EnsureRequest(tube_id=tube_id, **kw)  # type: ignore[arg-type]
+        return await request(self.b.nc, subject, req, EnsureReply, timeout=10)
+
+    async def stored(self, tube_id: str) -> Tube:
+        entry = await self.b.buckets.tubes.get(tube_id)
+        assert entry.value is not None
+        return decode_json(entry.value, Tube)
+
+
+def node_config(nats: NatsServer, tmp_path: Path, node: str) -> Config:
+    return make_config(nats, tmp_path, node_id=node, devices="sim:2", shm_dir=tmp_path / node)
+
+
+@pytest.fixture
+async def nodes(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Nodes]:
+    a = TransferService(node_config(nats_server, tmp_path, "node-a"))
+    b = TransferService(node_config(nats_server, tmp_path, "node-b"))
+    await a.start()
+    await b.start()
+    yield Nodes(a, b)
+    await b.stop()
+    await a.stop()
+
+
+async def test_a_host_copy_here_is_resident(nodes: Nodes) -> None:
+    tube = await nodes.tube(b"abc")
+    reply = await nodes.ensure(nodes.a, tube.id, tenant="t1")
+    assert (reply.path, reply.nbytes, reply.placement.node) == ("resident", 0, "node-a")
+
+
+async def test_host_to_a_simulated_gpu_is_byte_exact_and_recorded(nodes: Nodes) -> None:
+    data = os.urandom(3 * 2**20 + 5)
+    tube = await nodes.tube(data)
+    sub = await nodes.a.nc.subscribe(subjects.event("transfer.completed"))
+    reply = await nodes.ensure(nodes.a, tube.id, tenant="t1", tier="gpu:1", slo_ms=50.0)
+    assert reply.placement.tier == "gpu:1"
+    assert reply.simulated
+    assert reply.nbytes == len(data)
+    # dgx1-v100: GPU 1's PCIe 3.0 link, 12.5 GB/s and 10 µs.
+    assert reply.duration_us == pytest.approx(10 + len(data) / 12.5e3, rel=0.01)
+    assert reply.deadline_met is True
+    copy = nodes.a.config.shm_dir / reply.placement.segment
+    assert await asyncio.to_thread(copy.read_bytes) == data
+    assert reply.placement in (await nodes.stored(tube.id)).placements
+    event = json.loads((await sub.next_msg(timeout=5)).data)["data"]
+    assert (event["tube"], event["tier"], event["simulated"]) == (tube.id, "gpu:1", True)
+    again = await nodes.ensure(nodes.a, tube.id, tenant="t1", tier="gpu:1")
+    assert (again.path, again.nbytes) == ("resident", 0)
+
+
+async def test_another_tenants_or_an_unknown_tube_is_not_found(nodes: Nodes) -> None:
+    tube = await nodes.tube(b"secret")
+    for tube_id, tenant in ((tube.id, "t2"), ("no-such-tube", "t1"), ("bad key!", "t1")):
+        with pytest.raises(NotFound) as err:
+            await nodes.ensure(nodes.a, tube_id, tenant=tenant)
+        assert err.value.field == "tube"
+        assert tenant != "t2" or "t1" not in err.value.message  # nothing revealed
+    subject = subjects.node("node-a", "transfer", subjects.TRANSFER_FETCH)
+    with pytest.raises(NotFound):
+        await request(nodes.b.nc, subject, FetchRequest(tube_id=tube.id, tenant="t2", offset=0,
+                      nbytes=1), FetchReply, timeout=5)  # fmt: skip
+
+
+async def test_a_tier_the_node_does_not_have_is_refused(nodes: Nodes) -> None:
+    tube = await nodes.tube(b"x")
+    for tier in ("gpu:7", "object"):
+        with pytest.raises(InvalidArgument) as err:
+            await nodes.ensure(nodes.a, tube.id, tenant="t1", tier=tier)
+        assert err.value.field == "tier"
+    assert len((await nodes.stored(tube.id)).placements) == 1
+
+
+async def test_a_tube_on_another_node_is_fetched_in_chunks(nodes: Nodes) -> None:
+    data = os.urandom(2 * FETCH_CHUNK_BYTES + 123)
+    tube = await nodes.tube(data)
+    reply = await nodes.ensure(nodes.b, tube.id, tenant="t1", tier="gpu:0")
+    assert reply.placement.node == "node-b"
+    assert reply.path.startswith("host(node-a)->host")
+    stored = await nodes.stored(tube.id)
+    assert {(p.node, p.tier) for p in stored.placements} == {
+        ("node-a", "host"),
+        ("node-b", "host"),
+        ("node-b", "gpu:0"),
+    }
+    for p in stored.placements:
+        copy = (nodes.a if p.node == "node-a" else nodes.b).config.shm_dir / p.segment
+        assert await asyncio.to_thread(copy.read_bytes) == data
+
+
+class DiesMidCopy(TransferService):
+    """A node whose transfer service stops after serving its first chunk."""
+
+    async def fetch(self, req: FetchRequest) -> FetchReply:
+        reply = await super().fetch(req)
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
+        return reply
+
+
+async def test_a_node_that_leaves_mid_copy_fails_it_cleanly(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    a = DiesMidCopy(node_config(nats_server, tmp_path, "node-a"))
+    b = TransferService(node_config(nats_server, tmp_path, "node-b"))
+    await a.start()
+    await b.start()
+    try:
+        nodes = Nodes(a, b)
+        tube = await nodes.tube(os.urandom(8 * FETCH_CHUNK_BYTES))
+        with pytest.raises(Unavailable, match="node-a"):
+            await nodes.ensure(b, tube.id, tenant="t1")
+        placements = (await nodes.stored(tube.id)).placements
+        assert [p.node for p in placements] == ["node-a"]  # nothing points at half a copy
+        assert not list((tmp_path / "node-b").rglob("*.*"))  # no temporary file left
+        assert not list((tmp_path / "node-b").rglob(tube.id))
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+async def test_nodes_sharing_a_machine_read_each_others_host_copies(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    a = TransferService(make_config(nats_server, tmp_path, node_id="node-a"))
+    b = TransferService(make_config(nats_server, tmp_path, node_id="node-b"))
+    await a.start()
+    await b.start()
+    try:
+        nodes = Nodes(a, b)
+        tube = await nodes.tube(b"shared pages")
+        reply = await nodes.ensure(b, tube.id, tenant="t1")
+        assert (reply.path, reply.placement.node) == ("resident", "node-a")  # no copy
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+async def test_placements_on_a_node_that_left_are_dropped(nodes: Nodes) -> None:
+    tube = await nodes.tube(b"orphan", node="node-gone")
+    with pytest.raises(NotFound, match="no copy on a live node"):
+        await nodes.ensure(nodes.b, tube.id, tenant="t1")
+    assert (await nodes.stored(tube.id)).placements == []
