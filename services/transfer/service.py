@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import mmap
 import os
 import time
@@ -24,6 +25,7 @@ import structlog
 
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
+from gpufaas.shared.cuda_ipc import CudaSegment
 from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import InvalidArgument, NotFound, PlatformError, Unavailable
 from gpufaas.shared.messages import (
@@ -42,6 +44,7 @@ from gpufaas.shared.registry import live_nodes
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import TUBES_DIR, SegmentCache, write_segment
+from gpufaas.transfer.cuda_engine import CudaCopyEngine
 from gpufaas.transfer.links import LinkTimer
 
 log = structlog.get_logger()
@@ -64,9 +67,18 @@ class TransferService(Service):
         self.links = LinkTimer(node_devices)
         self.maps = SegmentCache(config.shm_dir)
         self._copying: dict[tuple[str, str], asyncio.Task[EnsureReply]] = {}
+        self._cuda = node_devices.backend == "cuda"
+        self.engines: dict[str, CudaCopyEngine] = {}  # real GPUs: set up once at start
+        self._device_copies: dict[tuple[str, str], CudaSegment] = {}  # (tube, gpu) -> copy
 
     async def on_start(self) -> None:
         node = self.config.node_id
+        if self._cuda:  # pinned staging rings and calibration: once, never per request
+            for tier in sorted(self.tiers - {"host"}):
+                index = int(tier.split(":")[1])
+                self.engines[tier] = await asyncio.to_thread(CudaCopyEngine, index)
+                log.info("transfer.calibrated", gpu=tier, **dataclasses.asdict(
+                    self.engines[tier].calibration))  # fmt: skip
         for verb, req_type, handler in (
             (subjects.TRANSFER_RESOLVE, ResolveRequest, self.resolve),
             (subjects.TRANSFER_ENSURE, EnsureRequest, self.ensure),
@@ -96,6 +108,8 @@ class TransferService(Service):
         """This node's copy of ``tube`` on ``tier`` whose bytes are all there; for the host
         tier also another node's copy on this machine (nodes may share one), read in place."""
         mine = [p for p in tube.placements if p.tier == tier and p.node == self.config.node_id]
+        if tier != "host" and self._cuda:
+            return mine[0] if mine and (tube.id, tier) in self._device_copies else None
         if tier == "host":
             mine += [p for p in tube.placements if p.tier == tier and p not in mine]
         for p in mine:
@@ -197,7 +211,7 @@ class TransferService(Service):
             updated = await self._add_placement(tube.id, tube.tenant, placement)
         measured_s = time.perf_counter() - t0
         simulated = req.tier != "host" and self.simulated
-        took_s = modelled_s if simulated else measured_s
+        took_s = modelled_s if req.tier != "host" else measured_s
         reply = EnsureReply(
             tube=updated,
             placement=placement,
@@ -232,14 +246,20 @@ class TransferService(Service):
     def _host_to_gpu(self, tube: Tube, host: Placement, tier: str) -> tuple[Placement, float, str]:
         """(Off the loop.) Copy this node's host bytes to a GPU; returns the placement,
         the link model's time for a simulated GPU, and the route taken."""
-        if not self.simulated:
-            raise InvalidArgument(
-                f"copies to {tier} need the CUDA copy engine, not built yet", field="tier"
+        src = memoryview(self.maps.map(host.segment))[host.offset : host.offset + tube.nbytes]
+        if self._cuda:  # a device segment others open by its IPC handle
+            seg = CudaSegment(int(tier.split(":")[1]), tube.nbytes)
+            assert seg.tensor is not None
+            took = self.engines[tier].host_to_device(src, seg.tensor)
+            self._device_copies[(tube.id, tier)] = seg
+            ipc = f"ipc:{seg.handle.hex()}"
+            return (
+                Placement(node=self.config.node_id, tier=tier, segment=ipc),
+                took,
+                f"host->{tier}",
             )
         relpath = f"{GPU_DIR}/{self.config.node_id}/{tier.replace(':', '')}/{tube.id}"
-        src = self.maps.map(host.segment)
-        write_segment(self.config.shm_dir, relpath,
-                      [memoryview(src)[host.offset : host.offset + tube.nbytes]])  # fmt: skip
+        write_segment(self.config.shm_dir, relpath, [src])
         modelled_s, route = self.links.host_to_gpu(tier, tube.nbytes)
         return Placement(node=self.config.node_id, tier=tier, segment=relpath), modelled_s, route
 

@@ -834,3 +834,20 @@ def test_segment_cache(tmp_path: Path) -> None:
     cache.forget("tensors/n1/seg")
     assert len(cache) == 0
     m.close()
+
+
+def test_copy_chunks_amortise_the_launch_overhead() -> None:
+    from gpufaas.transfer.cuda_engine import (  # noqa: PLC0415
+        MAX_CHUNK_BYTES,
+        MIN_CHUNK_BYTES,
+        OVERHEAD_SHARE,
+        chunk_size,
+    )
+
+    # 15 µs per Python-issued copy on a 25 GB/s PCIe 4 link: >= 7.5 MB, so 8 MiB chunks.
+    n = chunk_size(15e-6, 25e9)
+    assert n == 8 * 2**20
+    assert OVERHEAD_SHARE * n / 25e9 >= 15e-6
+    assert n < 2 * 15e-6 * 25e9 / OVERHEAD_SHARE  # the next power of two, not more
+    assert chunk_size(0.0, 25e9) == MIN_CHUNK_BYTES
+    assert chunk_size(1e-3, 400e9) == MAX_CHUNK_BYTES
