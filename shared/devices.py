@@ -28,6 +28,7 @@ class Link:
     kind: str
     gbps: float
     latency_us: float
+    shared: str | None = None  # host links through one PCIe switch share its uplink
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,7 @@ def load_topology(name_or_path: str = "") -> Topology:
                 kind=ln["kind"],
                 gbps=float(ln["gbps"]),
                 latency_us=float(ln["latency_us"]),
+                shared=ln.get("shared"),
             )
             for ln in raw["links"]
         ]
