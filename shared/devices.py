@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -131,17 +133,30 @@ def parse_devices(spec: str, topology: str = "") -> NodeDevices:
     raise InvalidArgument(f"devices {spec!r}: use auto, cpu or sim:N", field="devices")
 
 
-def probe_cuda() -> NodeDevices | None:
-    """Real GPUs through NVML, or ``None`` when there is no driver, library or GPU."""
+@contextlib.contextmanager
+def nvml_session() -> Iterator[Any]:
+    """The initialised ``pynvml`` module, or None without the library, a driver or NVML."""
     try:
         import pynvml  # noqa: PLC0415 - optional `gpu` extra, probed once at start-up
     except ImportError:
-        return None
+        yield None
+        return
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        return None
+        yield None
+        return
     try:
+        yield pynvml
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def probe_cuda() -> NodeDevices | None:
+    """Real GPUs through NVML, or ``None`` when there is no driver, library or GPU."""
+    with nvml_session() as pynvml:
+        if pynvml is None:
+            return None
         count = pynvml.nvmlDeviceGetCount()
         devices = [host_device()]
         for i in range(count):
@@ -158,5 +173,3 @@ def probe_cuda() -> NodeDevices | None:
                 )
             )
         return NodeDevices(backend="cuda", devices=devices) if count else None
-    finally:
-        pynvml.nvmlShutdown()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from gpufaas.shared.devices import Link, Topology
+from gpufaas.shared.devices import Link, Topology, nvml_session
 
 PCIE_GBPS_X16 = {3: 15.75, 4: 31.5, 5: 63.0, 6: 121.0}  # peak per direction
 NVLINK_GBPS_PER_LINK = 25.0  # NVLink 2, 3 and 4 alike (reference/hardware.md)
@@ -23,18 +23,8 @@ CALIBRATION_BYTES = 256 * 2**20
 
 def discover_topology() -> Topology | None:
     """The node's GPUs and links from NVML, or None without NVML or GPUs."""
-    try:
-        import pynvml  # noqa: PLC0415 - the optional `gpu` extra
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    try:
-        return _discover(pynvml)
-    finally:
-        pynvml.nvmlShutdown()
+    with nvml_session() as nvml:
+        return None if nvml is None else _discover(nvml)
 
 
 def _discover(nvml: Any) -> Topology | None:
