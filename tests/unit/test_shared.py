@@ -47,7 +47,14 @@ from gpufaas.shared.messages import (
     TensorRef,
     Tube,
 )
-from gpufaas.shared.shm import SegmentCache, delete_tube, read_tube, write_segment, write_tube
+from gpufaas.shared.shm import (
+    POOL_MIN_BYTES,
+    SegmentCache,
+    delete_tube,
+    read_tube,
+    write_segment,
+    write_tube,
+)
 from gpufaas.shared.tensors import (
     check_shape,
     decode_bytes_elements,
@@ -851,3 +858,23 @@ def test_copy_chunks_amortise_the_launch_overhead() -> None:
     assert n < 2 * 15e-6 * 25e9 / OVERHEAD_SHARE  # the next power of two, not more
     assert chunk_size(0.0, 25e9) == MIN_CHUNK_BYTES
     assert chunk_size(1e-3, 400e9) == MAX_CHUNK_BYTES
+
+
+def test_released_tube_files_are_reused_and_cut_to_the_new_tube(tmp_path: Path) -> None:
+    def tube_file(t: Tube) -> Path:
+        return tmp_path / t.placements[0].segment
+
+    first = write_tube(tmp_path, "n", "a", datatype="UINT8", shape=[0],
+                       data=b"\x01" * (POOL_MIN_BYTES + 100))  # fmt: skip
+    inode = tube_file(first).stat().st_ino
+    delete_tube(tmp_path, first)
+    assert not tube_file(first).exists()
+    data = b"\x02" * POOL_MIN_BYTES
+    second = write_tube(tmp_path, "n", "b", datatype="UINT8", shape=[0], data=data)
+    assert tube_file(second).stat().st_ino == inode  # the same pages, no new allocation
+    assert tube_file(second).stat().st_size == POOL_MIN_BYTES  # nothing of tenant a's left
+    assert read_tube(tmp_path, second) == data
+    small = write_tube(tmp_path, "n", "b", datatype="UINT8", shape=[0], data=b"tiny")
+    delete_tube(tmp_path, small)
+    delete_tube(tmp_path, second)
+    assert len(list((tmp_path / "tubes" / ".pool").iterdir())) == 1  # small ones are deleted
