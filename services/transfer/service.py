@@ -40,6 +40,7 @@ from gpufaas.shared.messages import (
     decode_json,
     encode_json,
 )
+from gpufaas.shared.objects import ensure_object_bucket, get_object, put_object
 from gpufaas.shared.registry import live_nodes
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
@@ -52,6 +53,8 @@ log = structlog.get_logger()
 FETCH_CHUNK_BYTES = 4 * 2**20  # one fetch reply: well under the server's max payload
 FETCH_WINDOW = 4  # chunks in flight per cross-node copy (flow control)
 GPU_DIR = "gpu"  # simulated GPU memory: host segments under <shm>/gpu/<node>/<gpu>/
+OBJECT_BUCKET = "tubes"  # the object tier: durable, readable from every node
+OBJECT_NODE = "*"  # an object-tier placement belongs to no node
 
 
 class TransferService(Service):
@@ -62,7 +65,7 @@ class TransferService(Service):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         node_devices = parse_devices(config.devices, config.topology)
-        self.tiers = {d.name for d in node_devices.devices}  # "host", "gpu:0", ...
+        self.tiers = {d.name for d in node_devices.devices} | {"object"}  # host, gpu:N, object
         self.simulated = node_devices.backend == "sim"
         self.links = LinkTimer(node_devices)
         self.maps = SegmentCache(config.shm_dir)
@@ -73,6 +76,7 @@ class TransferService(Service):
 
     async def on_start(self) -> None:
         node = self.config.node_id
+        await ensure_object_bucket(self.js, OBJECT_BUCKET, ttl_s=self.config.tube_ttl_s)
         if self._cuda:  # pinned staging rings and calibration: once, never per request
             for tier in sorted(self.tiers - {"host"}):
                 index = int(tier.split(":")[1])
@@ -107,6 +111,8 @@ class TransferService(Service):
     def _local(self, tube: Tube, tier: str) -> Placement | None:
         """This node's copy of ``tube`` on ``tier`` whose bytes are all there; for the host
         tier also another node's copy on this machine (nodes may share one), read in place."""
+        if tier == "object":
+            return next((p for p in tube.placements if p.tier == "object"), None)
         mine = [p for p in tube.placements if p.tier == tier and p.node == self.config.node_id]
         if tier != "host" and self._cuda:
             return mine[0] if mine and (tube.id, tier) in self._device_copies else None
@@ -201,7 +207,17 @@ class TransferService(Service):
             nbytes += tube.nbytes
             updated = await self._add_placement(tube.id, tube.tenant, host)
         placement = host
-        if req.tier != "host":
+        if req.tier == "object":
+            src = self.config.shm_dir / host.segment
+            if host.offset or src.stat().st_size != tube.nbytes:
+                raise InvalidArgument(
+                    "only whole-file host copies go to the object tier", field="tier"
+                )
+            await put_object(self.js, OBJECT_BUCKET, tube.id, src)
+            placement = Placement(node=OBJECT_NODE, tier="object", segment=tube.id)
+            path = f"{path}, host->object" if path else "host->object"
+            nbytes += tube.nbytes
+        elif req.tier != "host":
             placement, modelled_s, route = await asyncio.to_thread(
                 self._host_to_gpu, tube, host, req.tier
             )
@@ -211,7 +227,7 @@ class TransferService(Service):
             updated = await self._add_placement(tube.id, tube.tenant, placement)
         measured_s = time.perf_counter() - t0
         simulated = req.tier != "host" and self.simulated
-        took_s = modelled_s if req.tier != "host" else measured_s
+        took_s = modelled_s if req.tier.startswith("gpu") else measured_s
         reply = EnsureReply(
             tube=updated,
             placement=placement,
@@ -271,12 +287,17 @@ class TransferService(Service):
         if gone:
             await self._drop_placements(tube.id, tube.tenant, gone)
         sources = [p for p in remote if p.node in alive]
-        if not sources:
+        stored = any(p.tier == "object" for p in tube.placements)
+        if not sources and not stored:
             raise NotFound(f"tube {tube.id!r} has no copy on a live node", field="tube")
-        src = sources[0].node
         relpath = f"{TUBES_DIR}/{self.config.node_id}/{tube.id}"
         final = self.config.shm_dir / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
+        here = Placement(node=self.config.node_id, tier="host", segment=relpath)
+        if not sources:  # read back from the object tier (renamed into place once checked)
+            await get_object(self.js, OBJECT_BUCKET, tube.id, final)
+            return here, "object->host"
+        src = sources[0].node
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         try:
             await self._fetch_into(tube, src, tmp)
@@ -284,9 +305,7 @@ class TransferService(Service):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return Placement(
-            node=self.config.node_id, tier="host", segment=relpath
-        ), f"host({src})->host"
+        return here, f"host({src})->host"
 
     async def _fetch_into(self, tube: Tube, src_node: str, tmp: Path) -> None:
         subject = subjects.node(src_node, self.name, subjects.TRANSFER_FETCH)

@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from gpufaas.shared import subjects
@@ -112,7 +113,7 @@ async def test_another_tenants_or_an_unknown_tube_is_not_found(nodes: Nodes) -> 
 
 async def test_a_tier_the_node_does_not_have_is_refused(nodes: Nodes) -> None:
     tube = await nodes.tube(b"x")
-    for tier in ("gpu:7", "object"):
+    for tier in ("gpu:7", "disk"):
         with pytest.raises(InvalidArgument) as err:
             await nodes.ensure(nodes.a, tube.id, tenant="t1", tier=tier)
         assert err.value.field == "tier"
@@ -181,6 +182,26 @@ async def test_nodes_sharing_a_machine_read_each_others_host_copies(
     finally:
         await b.stop()
         await a.stop()
+
+
+async def test_the_object_tier_outlives_the_node_that_wrote_it(nodes: Nodes) -> None:
+    data = os.urandom(3 * 2**20)
+    tube = await nodes.tube(data)
+    stored = await nodes.ensure(nodes.a, tube.id, tenant="t1", tier="object")
+    assert (stored.placement.tier, stored.path) == ("object", "host->object")
+    assert (await nodes.ensure(nodes.b, tube.id, tenant="t1", tier="object")).path == "resident"
+    # node-a goes away with its host copy: only the object tier holds the bytes now.
+    left = msgspec.structs.replace(
+        await nodes.stored(tube.id),
+        placements=[p if p.tier == "object" else msgspec.structs.replace(p, node="node-gone")
+                    for p in (await nodes.stored(tube.id)).placements],
+    )  # fmt: skip
+    await nodes.b.buckets.tubes.put(tube.id, encode_json(left))
+    back = await nodes.ensure(nodes.b, tube.id, tenant="t1")
+    assert back.path == "object->host"
+    copy = nodes.b.config.shm_dir / back.placement.segment
+    assert await asyncio.to_thread(copy.read_bytes) == data
+    assert "node-gone" not in {p.node for p in (await nodes.stored(tube.id)).placements}
 
 
 async def test_placements_on_a_node_that_left_are_dropped(nodes: Nodes) -> None:
