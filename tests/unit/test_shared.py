@@ -878,3 +878,12 @@ def test_released_tube_files_are_reused_and_cut_to_the_new_tube(tmp_path: Path) 
     delete_tube(tmp_path, small)
     delete_tube(tmp_path, second)
     assert len(list((tmp_path / "tubes" / ".pool").iterdir())) == 1  # small ones are deleted
+    # This process keeps pooled files mapped to write them again; not one deleted since.
+    from gpufaas.shared import shm  # noqa: PLC0415
+
+    assert inode in shm._POOL_MAPS
+    for f in (tmp_path / "tubes" / ".pool").iterdir():
+        f.unlink()
+    third = write_tube(tmp_path, "n", "c", datatype="UINT8", shape=[0], data=data)
+    assert inode not in shm._POOL_MAPS
+    assert read_tube(tmp_path, third) == data
