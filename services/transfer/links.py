@@ -1,27 +1,64 @@
-"""How long a copy takes on this node's links, for simulated GPUs (the link model).
+"""The node's links as the transfer service uses them: plans against the load in flight.
 
-Until the planner lands this is the direct host→GPU link of the topology file; the
-times it returns are modelled, never measured.
+Every copy between tiers of this node is planned by the planner (``planner.py``) against
+the resources the copies already in flight use, so a copy that arrives while another
+holds GPU 0's PCIe link is routed around it. On simulated GPUs the plan's modelled time
+is the copy's reported duration (labelled simulated); on a real GPU the plan only picks
+the routes and the copy is timed.
 """
 
 from __future__ import annotations
 
-from gpufaas.shared.devices import NodeDevices
+import itertools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from gpufaas.shared.devices import Topology
+from gpufaas.transfer.linkmodel import LinkModel
+from gpufaas.transfer.planner import Plan, Planner
 
 
-class LinkTimer:
-    """Modelled copy times over a node's topology."""
+class NodeLinks:
+    """The planner of one node, and the load of the copies it has planned and not finished."""
 
-    def __init__(self, devices: NodeDevices) -> None:
-        self.links = {}
-        if devices.topology is not None:
-            for link in devices.topology.links:
-                self.links[(link.a, link.b)] = link
-                self.links[(link.b, link.a)] = link
+    def __init__(self, topology: Topology) -> None:
+        self.model = LinkModel(topology)
+        self.planner = Planner(self.model)
+        self._lock = threading.Lock()
+        self._inflight: dict[int, dict[str, float]] = {}
+        self._ids = itertools.count()
 
-    def host_to_gpu(self, gpu: str, nbytes: int) -> tuple[float, str]:
-        """(seconds, route) of a host→GPU copy over the GPU's own PCIe link."""
-        link = self.links.get(("host", gpu))
-        if link is None:
-            return 0.0, f"host->{gpu}"
-        return link.latency_us * 1e-6 + nbytes / (link.gbps * 1e9), f"host->{gpu} ({link.kind})"
+    def load_bps(self) -> dict[str, float]:
+        """Bytes/s in use per resource by the copies in flight."""
+        total: dict[str, float] = {}
+        with self._lock:
+            for load in self._inflight.values():
+                for resource, bps in load.items():
+                    total[resource] = total.get(resource, 0.0) + bps
+        return total
+
+    @contextmanager
+    def copying(self, src: str, dst: str, nbytes: int) -> Iterator[Plan]:
+        """Plan a copy against the load in flight; its load counts until the block ends."""
+        plan = self.planner.plan(src, dst, nbytes, self.load_bps())
+        key = next(self._ids)
+        with self._lock:
+            self._inflight[key] = plan.load_bps()
+        try:
+            yield plan
+        finally:
+            with self._lock:
+                del self._inflight[key]
+
+
+def describe(plan: Plan) -> str:
+    """``host->gpu:0 over 4 routes: host>gpu:0 40%, host>gpu:2>gpu:0 20%, ...``."""
+    if not plan.parts:
+        return f"{plan.src}->{plan.dst}"
+    shares = ", ".join(
+        f"{p.route.name} {p.nbytes / plan.nbytes:.0%}"
+        for p in sorted(plan.parts, key=lambda p: -p.nbytes)
+    )
+    n = len(plan.parts)
+    return f"{plan.src}->{plan.dst} over {n} route{'s' if n > 1 else ''}: {shares}"

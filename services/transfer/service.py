@@ -46,7 +46,8 @@ from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import TUBES_DIR, SegmentCache, write_segment
 from gpufaas.transfer.cuda_engine import CudaCopyEngine
-from gpufaas.transfer.links import LinkTimer
+from gpufaas.transfer.discovery import calibrate, discover_topology
+from gpufaas.transfer.links import NodeLinks, describe
 
 log = structlog.get_logger()
 
@@ -67,7 +68,9 @@ class TransferService(Service):
         node_devices = parse_devices(config.devices, config.topology)
         self.tiers = {d.name for d in node_devices.devices} | {"object"}  # host, gpu:N, object
         self.simulated = node_devices.backend == "sim"
-        self.links = LinkTimer(node_devices)
+        # The link model: a simulated node's topology file now, a real one's discovered and
+        # calibrated at start (on_start); none without GPUs.
+        self.links = NodeLinks(node_devices.topology) if node_devices.topology else None
         self.maps = SegmentCache(config.shm_dir)
         self._copying: dict[tuple[str, str], asyncio.Task[EnsureReply]] = {}
         self._cuda = node_devices.backend == "cuda"
@@ -77,7 +80,10 @@ class TransferService(Service):
     async def on_start(self) -> None:
         node = self.config.node_id
         await ensure_object_bucket(self.js, OBJECT_BUCKET, ttl_s=self.config.tube_ttl_s)
-        if self._cuda:  # pinned staging rings and calibration: once, never per request
+        if self._cuda:  # topology, pinned staging rings and calibration: once, at start
+            topology = await asyncio.to_thread(discover_topology)
+            if topology is not None:
+                self.links = NodeLinks(await asyncio.to_thread(calibrate, topology))
             for tier in sorted(self.tiers - {"host"}):
                 index = int(tier.split(":")[1])
                 self.engines[tier] = await asyncio.to_thread(CudaCopyEngine, index)
@@ -202,14 +208,17 @@ class TransferService(Service):
         modelled_s = 0.0
         nbytes = 0
         updated = tube
-        if host is None:  # bring it to this node's host tier first (a copy worth keeping)
+        peer = self._gpu_copy(tube) if req.tier.startswith("gpu") else None
+        if peer is None and host is None:  # bring it to this node's host tier first
             host, path = await self._fetch_remote(tube)
             nbytes += tube.nbytes
             updated = await self._add_placement(tube.id, tube.tenant, host)
-        placement = host
+        source = peer or host
+        assert source is not None
+        placement = source
         if req.tier == "object":
-            src = self.config.shm_dir / host.segment
-            if host.offset or src.stat().st_size != tube.nbytes:
+            src = self.config.shm_dir / source.segment
+            if source.offset or src.stat().st_size != tube.nbytes:
                 raise InvalidArgument(
                     "only whole-file host copies go to the object tier", field="tier"
                 )
@@ -217,13 +226,13 @@ class TransferService(Service):
             placement = Placement(node=OBJECT_NODE, tier="object", segment=tube.id)
             path = f"{path}, host->object" if path else "host->object"
             nbytes += tube.nbytes
-        elif req.tier != "host":
+        elif req.tier != "host":  # from a GPU copy (over NVLink when a route exists) or host
             placement, modelled_s, route = await asyncio.to_thread(
-                self._host_to_gpu, tube, host, req.tier
+                self._to_gpu, tube, source, req.tier
             )
             path = f"{path}, {route}" if path else route
             nbytes += tube.nbytes
-        if placement != host:
+        if placement != source:
             updated = await self._add_placement(tube.id, tube.tenant, placement)
         measured_s = time.perf_counter() - t0
         simulated = req.tier != "host" and self.simulated
@@ -259,25 +268,48 @@ class TransferService(Service):
             },
         )
 
-    def _host_to_gpu(self, tube: Tube, host: Placement, tier: str) -> tuple[Placement, float, str]:
-        """(Off the loop.) Copy this node's host bytes to a GPU; returns the placement,
-        the link model's time for a simulated GPU, and the route taken."""
-        src = memoryview(self.maps.map(host.segment))[host.offset : host.offset + tube.nbytes]
-        if self._cuda:  # a device segment others open by its IPC handle
-            seg = CudaSegment(int(tier.split(":")[1]), tube.nbytes)
-            assert seg.tensor is not None
-            took = self.engines[tier].host_to_device(src, seg.tensor)
-            self._device_copies[(tube.id, tier)] = seg
-            ipc = f"ipc:{seg.handle.hex()}"
-            return (
-                Placement(node=self.config.node_id, tier=tier, segment=ipc),
-                took,
-                f"host->{tier}",
-            )
-        relpath = f"{GPU_DIR}/{self.config.node_id}/{tier.replace(':', '')}/{tube.id}"
-        write_segment(self.config.shm_dir, relpath, [src])
-        modelled_s, route = self.links.host_to_gpu(tier, tube.nbytes)
-        return Placement(node=self.config.node_id, tier=tier, segment=relpath), modelled_s, route
+    def _gpu_copy(self, tube: Tube) -> Placement | None:
+        """A copy of ``tube`` on one of this node's GPUs, the source of a GPU→GPU copy."""
+        for tier in sorted(self.tiers):
+            if tier.startswith("gpu"):
+                here = self._local(tube, tier)
+                if here is not None:
+                    return here
+        return None
+
+    def _to_gpu(self, tube: Tube, src: Placement, tier: str) -> tuple[Placement, float, str]:
+        """(Off the loop.) Copy this node's host or GPU copy to a GPU, by the planned routes.
+
+        Returns the placement, the copy's time (the link model's on a simulated GPU,
+        measured on a real one) and the routes taken.
+        """
+        assert self.links is not None, "a node with GPUs has a topology"
+        with self.links.copying(src.tier, tier, tube.nbytes) as plan:
+            if self._cuda:  # a device segment others open by its IPC handle
+                seg = CudaSegment(int(tier.split(":")[1]), tube.nbytes)
+                assert seg.tensor is not None
+                engine = self.engines[tier]
+                if src.tier == "host":
+                    view = memoryview(self.maps.map(src.segment))
+                    took = engine.host_to_device(
+                        view[src.offset : src.offset + tube.nbytes], seg.tensor
+                    )
+                else:
+                    peer = self._device_copies[(tube.id, src.tier)].tensor
+                    assert peer is not None
+                    took = engine.device_to_device(peer, seg.tensor)
+                self._device_copies[(tube.id, tier)] = seg
+                ipc = f"ipc:{seg.handle.hex()}"
+                return (
+                    Placement(node=self.config.node_id, tier=tier, segment=ipc),
+                    took,
+                    describe(plan),
+                )
+            view = memoryview(self.maps.map(src.segment))[src.offset : src.offset + tube.nbytes]
+            relpath = f"{GPU_DIR}/{self.config.node_id}/{tier.replace(':', '')}/{tube.id}"
+            write_segment(self.config.shm_dir, relpath, [view])
+        here = Placement(node=self.config.node_id, tier=tier, segment=relpath)
+        return here, plan.modelled_time_s, describe(plan)
 
     async def _fetch_remote(self, tube: Tube) -> tuple[Placement, str]:
         """Copy another live node's host copy here, in chunks, a window of them in flight."""

@@ -209,3 +209,32 @@ async def test_placements_on_a_node_that_left_are_dropped(nodes: Nodes) -> None:
     with pytest.raises(NotFound, match="no copy on a live node"):
         await nodes.ensure(nodes.b, tube.id, tenant="t1")
     assert (await nodes.stored(tube.id)).placements == []
+
+
+async def test_copies_on_a_simulated_dgx1_take_the_planned_routes(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    svc = TransferService(make_config(nats_server, tmp_path, node_id="node-a", devices="sim:8"))
+    await svc.start()
+    try:
+        nodes = Nodes(svc, svc)
+        data = os.urandom(64 * 2**20)
+        tube = await nodes.tube(data)
+        # host -> GPU 0: its own PCIe uplink plus the other switches' relayed over NVLink.
+        to0 = await nodes.ensure(svc, tube.id, tenant="t1", tier="gpu:0")
+        assert to0.simulated
+        assert "over 4 routes" in to0.path
+        alone_us = len(data) / 12.5e3  # one PCIe 3.0 link
+        assert to0.duration_us < alone_us / 3
+        # GPU 0 -> GPU 3 (two NVLinks): from the GPU copy, never through the host.
+        to3 = await nodes.ensure(svc, tube.id, tenant="t1", tier="gpu:3")
+        assert to3.path.startswith("gpu:0->gpu:3")
+        assert "host" not in to3.path
+        # GPU 0 (the first GPU copy) -> GPU 5: no direct NVLink, relayed over NVLink instead.
+        to5 = await nodes.ensure(svc, tube.id, tenant="t1", tier="gpu:5")
+        assert "host" not in to5.path
+        for reply in (to0, to3, to5):
+            copy = svc.config.shm_dir / reply.placement.segment
+            assert await asyncio.to_thread(copy.read_bytes) == data
+    finally:
+        await svc.stop()
