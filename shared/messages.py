@@ -372,6 +372,7 @@ class EnsureReply(Msg, frozen=True, tag="ensure_reply.v1"):
     duration_us: Count
     simulated: bool = False  # duration from the link model of simulated GPUs, not measured
     deadline_met: bool | None = None  # None: no SLO given
+    at_risk: list[str] = []  # why the copy could not get the bandwidth its SLO needed
 
 
 class FetchRequest(Msg, frozen=True, tag="fetch_request.v1"):

@@ -54,11 +54,13 @@ class NodeLinks:
 
 def describe(plan: Plan) -> str:
     """``host->gpu:0 over 4 routes: host>gpu:0 40%, host>gpu:2>gpu:0 20%, ...``."""
-    if not plan.parts:
-        return f"{plan.src}->{plan.dst}"
-    shares = ", ".join(
-        f"{p.route.name} {p.nbytes / plan.nbytes:.0%}"
-        for p in sorted(plan.parts, key=lambda p: -p.nbytes)
-    )
-    n = len(plan.parts)
-    return f"{plan.src}->{plan.dst} over {n} route{'s' if n > 1 else ''}: {shares}"
+    parts = [(p.route.name, p.nbytes) for p in plan.parts]
+    return describe_routes(plan.src, plan.dst, plan.nbytes, parts)
+
+
+def describe_routes(src: str, dst: str, nbytes: int, parts: list[tuple[str, int]]) -> str:
+    """A copy's routes and the share of the bytes each carried, largest first."""
+    if not parts or not nbytes:
+        return f"{src}->{dst}"
+    shares = ", ".join(f"{name} {n / nbytes:.0%}" for name, n in sorted(parts, key=lambda p: -p[1]))
+    return f"{src}->{dst} over {len(parts)} route{'s' if len(parts) > 1 else ''}: {shares}"

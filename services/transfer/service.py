@@ -47,7 +47,9 @@ from gpufaas.shared.service import Service
 from gpufaas.shared.shm import TUBES_DIR, SegmentCache, write_segment
 from gpufaas.transfer.cuda_engine import CudaCopyEngine
 from gpufaas.transfer.discovery import calibrate, discover_topology
-from gpufaas.transfer.links import NodeLinks, describe
+from gpufaas.transfer.emulator import EmulatedCopies
+from gpufaas.transfer.links import NodeLinks, describe, describe_routes
+from gpufaas.transfer.simengine import TransferRecord
 
 log = structlog.get_logger()
 
@@ -71,6 +73,8 @@ class TransferService(Service):
         # The link model: a simulated node's topology file now, a real one's discovered and
         # calibrated at start (on_start); none without GPUs.
         self.links = NodeLinks(node_devices.topology) if node_devices.topology else None
+        # Simulated GPUs: copies emulated in real time by the simulated copy engine.
+        self.emulator = EmulatedCopies(self.links.model) if self.links and self.simulated else None
         self.maps = SegmentCache(config.shm_dir)
         self._copying: dict[tuple[str, str], asyncio.Task[EnsureReply]] = {}
         self._cuda = node_devices.backend == "cuda"
@@ -95,6 +99,10 @@ class TransferService(Service):
             (subjects.TRANSFER_FETCH, FetchRequest, self.fetch),
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
+
+    async def on_stop(self) -> None:
+        if self.emulator is not None:
+            await self.emulator.close()
 
     # --- the directory ---------------------------------------------------------------------
 
@@ -209,6 +217,8 @@ class TransferService(Service):
         nbytes = 0
         updated = tube
         peer = self._gpu_copy(tube) if req.tier.startswith("gpu") else None
+        deadline_met: bool | None = None
+        at_risk: list[str] = []
         if peer is None and host is None:  # bring it to this node's host tier first
             host, path = await self._fetch_remote(tube)
             nbytes += tube.nbytes
@@ -225,6 +235,17 @@ class TransferService(Service):
             await put_object(self.js, OBJECT_BUCKET, tube.id, src)
             placement = Placement(node=OBJECT_NODE, tier="object", segment=tube.id)
             path = f"{path}, host->object" if path else "host->object"
+            nbytes += tube.nbytes
+        elif req.tier != "host" and self.emulator is not None:  # simulated GPUs
+            placement, record = await self._emulated_copy(tube, source, req)
+            modelled_s, deadline_met, at_risk = (
+                record.duration_sim_s,
+                record.deadline_met,
+                [*record.at_risk],
+            )
+            parts = [(r.name, n) for r, n in zip(record.routes, record.route_nbytes, strict=True)]
+            route = describe_routes(source.tier, req.tier, tube.nbytes, parts)
+            path = f"{path}, {route}" if path else route
             nbytes += tube.nbytes
         elif req.tier != "host":  # from a GPU copy (over NVLink when a route exists) or host
             placement, modelled_s, route = await asyncio.to_thread(
@@ -244,7 +265,8 @@ class TransferService(Service):
             nbytes=nbytes,
             duration_us=int(took_s * 1e6),
             simulated=simulated,
-            deadline_met=_met(req, took_s),
+            deadline_met=deadline_met if self.emulator and simulated else _met(req, took_s),
+            at_risk=at_risk,
         )
         self.after_reply(self._completed(reply, measured_s))
         return reply
@@ -265,8 +287,45 @@ class TransferService(Service):
                 "simulated": reply.simulated,
                 "wall_us": int(measured_s * 1e6),
                 "deadline_met": reply.deadline_met,
+                "at_risk": reply.at_risk,
             },
         )
+
+    async def _emulated_copy(
+        self, tube: Tube, src: Placement, req: EnsureRequest
+    ) -> tuple[Placement, TransferRecord]:
+        """A copy to a simulated GPU: the bytes land chunk by chunk as the emulated links
+        carry them, into a temporary file renamed into place once whole."""
+        assert self.emulator is not None
+        n = tube.nbytes
+        relpath = f"{GPU_DIR}/{self.config.node_id}/{req.tier.replace(':', '')}/{tube.id}"
+        final = self.config.shm_dir / relpath
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        view = memoryview(self.maps.map(src.segment))[src.offset : src.offset + n]
+        f = await asyncio.to_thread(open, tmp, "wb+")
+        try:
+            f.truncate(n)
+            with mmap.mmap(f.fileno(), n) if n else contextlib.nullcontext() as dst:
+
+                def copy(offset: int, size: int) -> None:
+                    assert dst is not None
+                    dst[offset : offset + size] = view[offset : offset + size]
+
+                record = await self.emulator.copy(
+                    src.tier, req.tier, n, copy,
+                    deadline_in_s=None if req.slo_ms is None else req.slo_ms / 1e3,
+                    inference_s=req.inference_ms / 1e3,
+                )  # fmt: skip
+            f.close()
+            os.replace(tmp, final)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            view.release()
+        return Placement(node=self.config.node_id, tier=req.tier, segment=relpath), record
 
     def _gpu_copy(self, tube: Tube) -> Placement | None:
         """A copy of ``tube`` on one of this node's GPUs, the source of a GPU→GPU copy."""

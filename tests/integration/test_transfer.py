@@ -238,3 +238,32 @@ async def test_copies_on_a_simulated_dgx1_take_the_planned_routes(
             assert await asyncio.to_thread(copy.read_bytes) == data
     finally:
         await svc.stop()
+
+
+async def test_concurrent_copies_share_links_and_slos_get_their_bandwidth_first(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    svc = TransferService(make_config(nats_server, tmp_path, node_id="node-a", devices="sim:8"))
+    await svc.start()
+    try:
+        nodes = Nodes(svc, svc)
+        data = os.urandom(2**20) * 256  # 256 MiB: ~5.4 ms alone over GPU 0's four routes
+        urgent, bulk, hopeless = [await nodes.tube(data) for _ in range(3)]
+        a, b = await asyncio.gather(
+            nodes.ensure(svc, urgent.id, tenant="t1", tier="gpu:0", slo_ms=9.0),
+            nodes.ensure(svc, bulk.id, tenant="t1", tier="gpu:0"),
+        )
+        assert a.simulated
+        assert b.simulated
+        assert a.deadline_met is True  # its least rate came first ...
+        assert b.deadline_met is None
+        assert b.duration_us > a.duration_us  # ... the copy without an SLO got the rest
+        # 256 MiB in 2 ms needs 134 GB/s; GPU 0 can take 50: reported, not silently slow.
+        c = await nodes.ensure(svc, hopeless.id, tenant="t1", tier="gpu:0", slo_ms=2.0)
+        assert c.deadline_met is False
+        assert c.at_risk
+        for reply in (a, b, c):
+            copy = svc.config.shm_dir / reply.placement.segment
+            assert await asyncio.to_thread(copy.read_bytes) == data
+    finally:
+        await svc.stop()
