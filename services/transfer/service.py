@@ -45,7 +45,7 @@ from gpufaas.shared.registry import live_nodes
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import TUBES_DIR, SegmentCache, write_segment
-from gpufaas.transfer.cuda_engine import CudaCopyEngine
+from gpufaas.transfer.cuda_engine import CudaCopyEngine, multipath_host_to_device
 from gpufaas.transfer.discovery import calibrate, discover_topology
 from gpufaas.transfer.emulator import EmulatedCopies
 from gpufaas.transfer.links import NodeLinks, describe, describe_routes
@@ -348,11 +348,13 @@ class TransferService(Service):
                 seg = CudaSegment(int(tier.split(":")[1]), tube.nbytes)
                 assert seg.tensor is not None
                 engine = self.engines[tier]
-                if src.tier == "host":
+                if src.tier == "host":  # over every route the plan chose, at once
                     view = memoryview(self.maps.map(src.segment))
-                    took = engine.host_to_device(
-                        view[src.offset : src.offset + tube.nbytes], seg.tensor
-                    )
+                    parts = [(p.route.hops, p.offset, p.nbytes) for p in plan.parts]
+                    took = multipath_host_to_device(
+                        self.engines, view[src.offset : src.offset + tube.nbytes], seg.tensor,
+                        parts,
+                    )  # fmt: skip
                 else:
                     peer = self._device_copies[(tube.id, src.tier)].tensor
                     assert peer is not None
