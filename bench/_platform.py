@@ -110,6 +110,31 @@ def start_platform(data_dir: Path, log_path: Path, *, demo: bool = False) -> Pla
     return Platform(proc, http_port, log_path, data_dir)
 
 
+def start_nats(
+    data_dir: Path, timeout_s: float = 60.0
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """The embedded nats-server with the platform's generated config, on a free port.
+
+    Returns the process, its URL and its log file.
+    """
+    from gpufaas.embedded import accepting, nats_server_binary, write_config  # noqa: PLC0415
+
+    (port,) = free_ports(1)
+    conf = write_config(data_dir, HOST, port)
+    log_path = data_dir / "nats-server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(nats_server_binary()), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + timeout_s
+    while not accepting(HOST, port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"nats-server did not start:\n{log_tail(log_path)}")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.02)  # the poll interval, cut short if it exits
+    return proc, f"nats://{HOST}:{port}", log_path
+
+
 def wait_ready(plat: Platform, timeout_s: float, ready: Callable[[int], bool]) -> float:
     """Poll until up has printed that it is up, the gateway is ready and ``ready(port)`` holds.
 

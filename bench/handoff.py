@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import json
 import math
@@ -63,7 +62,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
 
-from gpufaas.embedded import accepting, nats_server_binary, write_config
 from gpufaas.shared.config import default_shm_dir
 from gpufaas.shared.messages import Tube, decode, encode
 from gpufaas.shared.objects import delete_object, ensure_object_bucket, get_object, put_object
@@ -372,20 +370,7 @@ def print_targets(s: dict[str, Stats]) -> None:
 
 def start_nats(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
     """The embedded nats-server with the platform's generated config, on a free port."""
-    (port,) = harness.free_ports(1)
-    conf = write_config(data_dir, harness.HOST, port)
-    log_path = data_dir / "nats-server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [str(nats_server_binary()), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not accepting(harness.HOST, port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"nats-server did not start:\n{harness.log_tail(log_path)}")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.02)  # the poll interval, cut short if it exits
-    return proc, f"nats://{harness.HOST}:{port}", log_path
+    return harness.start_nats(data_dir, START_TIMEOUT_S)
 
 
 def run_ray(args: argparse.Namespace, work_dir: Path) -> tuple[dict[int, list[Sample]] | None, str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -35,7 +34,6 @@ import nats
 import numpy as np
 from nats.js import JetStreamContext
 
-from gpufaas.embedded import accepting, nats_server_binary, write_config
 from gpufaas.shared.objects import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_WINDOW_BYTES,
@@ -59,20 +57,8 @@ class Row:
 
 
 def start_nats(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    (port,) = harness.free_ports(1)
-    conf = write_config(data_dir, harness.HOST, port)
-    log_path = data_dir / "nats-server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [str(nats_server_binary()), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not accepting(harness.HOST, port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"nats-server did not start:\n{harness.log_tail(log_path)}")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.02)
-    return proc, f"nats://{harness.HOST}:{port}", log_path
+    """The embedded nats-server with the platform's generated config, on a free port."""
+    return harness.start_nats(data_dir, START_TIMEOUT_S)
 
 
 async def ours(js: JetStreamContext, data: bytes) -> tuple[float, float]:

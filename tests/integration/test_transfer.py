@@ -211,59 +211,58 @@ async def test_placements_on_a_node_that_left_are_dropped(nodes: Nodes) -> None:
     assert (await nodes.stored(tube.id)).placements == []
 
 
-async def test_copies_on_a_simulated_dgx1_take_the_planned_routes(
-    nats_server: NatsServer, tmp_path: Path
-) -> None:
+@pytest.fixture
+async def dgx1(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TransferService]:
+    """The transfer service of a simulated 8-GPU DGX-1."""
     svc = TransferService(make_config(nats_server, tmp_path, node_id="node-a", devices="sim:8"))
     await svc.start()
-    try:
-        nodes = Nodes(svc, svc)
-        data = os.urandom(64 * 2**20)
-        tube = await nodes.tube(data)
-        # host -> GPU 0: its own PCIe uplink plus the other switches' relayed over NVLink.
-        to0 = await nodes.ensure(svc, tube.id, tenant="t1", tier="gpu:0")
-        assert to0.simulated
-        assert "over 4 routes" in to0.path
-        alone_us = len(data) / 12.5e3  # one PCIe 3.0 link
-        assert to0.duration_us < alone_us / 3
-        # GPU 0 -> GPU 3 (two NVLinks): from the GPU copy, never through the host.
-        to3 = await nodes.ensure(svc, tube.id, tenant="t1", tier="gpu:3")
-        assert to3.path.startswith("gpu:0->gpu:3")
-        assert "host" not in to3.path
-        # GPU 0 (the first GPU copy) -> GPU 5: no direct NVLink, relayed over NVLink instead.
-        to5 = await nodes.ensure(svc, tube.id, tenant="t1", tier="gpu:5")
-        assert "host" not in to5.path
-        for reply in (to0, to3, to5):
-            copy = svc.config.shm_dir / reply.placement.segment
-            assert await asyncio.to_thread(copy.read_bytes) == data
-    finally:
-        await svc.stop()
+    yield svc
+    await svc.stop()
+
+
+async def test_copies_on_a_simulated_dgx1_take_the_planned_routes(dgx1: TransferService) -> None:
+    svc = dgx1
+    nodes = Nodes(svc, svc)
+    data = os.urandom(64 * 2**20)
+    tube = await nodes.tube(data)
+    # host -> GPU 0: its own PCIe uplink plus the other switches' relayed over NVLink.
+    to0 = await nodes.ensure(svc, tube.id, tenant="t1", tier="gpu:0")
+    assert to0.simulated
+    assert "over 4 routes" in to0.path
+    alone_us = len(data) / 12.5e3  # one PCIe 3.0 link
+    assert to0.duration_us < alone_us / 3
+    # GPU 0 -> GPU 3 (two NVLinks): from the GPU copy, never through the host.
+    to3 = await nodes.ensure(svc, tube.id, tenant="t1", tier="gpu:3")
+    assert to3.path.startswith("gpu:0->gpu:3")
+    assert "host" not in to3.path
+    # GPU 0 (the first GPU copy) -> GPU 5: no direct NVLink, relayed over NVLink instead.
+    to5 = await nodes.ensure(svc, tube.id, tenant="t1", tier="gpu:5")
+    assert "host" not in to5.path
+    for reply in (to0, to3, to5):
+        copy = svc.config.shm_dir / reply.placement.segment
+        assert await asyncio.to_thread(copy.read_bytes) == data
 
 
 async def test_concurrent_copies_share_links_and_slos_get_their_bandwidth_first(
-    nats_server: NatsServer, tmp_path: Path
+    dgx1: TransferService,
 ) -> None:
-    svc = TransferService(make_config(nats_server, tmp_path, node_id="node-a", devices="sim:8"))
-    await svc.start()
-    try:
-        nodes = Nodes(svc, svc)
-        data = os.urandom(2**20) * 256  # 256 MiB: ~5.4 ms alone over GPU 0's four routes
-        urgent, bulk, hopeless = [await nodes.tube(data) for _ in range(3)]
-        a, b = await asyncio.gather(
-            nodes.ensure(svc, urgent.id, tenant="t1", tier="gpu:0", slo_ms=9.0),
-            nodes.ensure(svc, bulk.id, tenant="t1", tier="gpu:0"),
-        )
-        assert a.simulated
-        assert b.simulated
-        assert a.deadline_met is True  # its least rate came first ...
-        assert b.deadline_met is None
-        assert b.duration_us > a.duration_us  # ... the copy without an SLO got the rest
-        # 256 MiB in 2 ms needs 134 GB/s; GPU 0 can take 50: reported, not silently slow.
-        c = await nodes.ensure(svc, hopeless.id, tenant="t1", tier="gpu:0", slo_ms=2.0)
-        assert c.deadline_met is False
-        assert c.at_risk
-        for reply in (a, b, c):
-            copy = svc.config.shm_dir / reply.placement.segment
-            assert await asyncio.to_thread(copy.read_bytes) == data
-    finally:
-        await svc.stop()
+    svc = dgx1
+    nodes = Nodes(svc, svc)
+    data = os.urandom(2**20) * 256  # 256 MiB: ~5.4 ms alone over GPU 0's four routes
+    urgent, bulk, hopeless = [await nodes.tube(data) for _ in range(3)]
+    a, b = await asyncio.gather(
+        nodes.ensure(svc, urgent.id, tenant="t1", tier="gpu:0", slo_ms=9.0),
+        nodes.ensure(svc, bulk.id, tenant="t1", tier="gpu:0"),
+    )
+    assert a.simulated
+    assert b.simulated
+    assert a.deadline_met is True  # its least rate came first ...
+    assert b.deadline_met is None
+    assert b.duration_us > a.duration_us  # ... the copy without an SLO got the rest
+    # 256 MiB in 2 ms needs 134 GB/s; GPU 0 can take 50: reported, not silently slow.
+    c = await nodes.ensure(svc, hopeless.id, tenant="t1", tier="gpu:0", slo_ms=2.0)
+    assert c.deadline_met is False
+    assert c.at_risk
+    for reply in (a, b, c):
+        copy = svc.config.shm_dir / reply.placement.segment
+        assert await asyncio.to_thread(copy.read_bytes) == data
