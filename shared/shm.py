@@ -110,7 +110,7 @@ def _reuse_pooled(root: Path, relpath: str, nbytes: int) -> bool:
     return False
 
 
-def _release(path: Path) -> None:
+def release_file(path: Path) -> None:
     """Give a tube file back: into the pool when it is worth keeping, else delete it."""
     try:
         size = path.stat().st_size
@@ -210,4 +210,4 @@ def delete_tube(root: Path, tube: Tube) -> None:
     copies on simulated GPUs, which are host segments too (idempotent)."""
     for p in tube.placements:
         if p.tier != "object":
-            _release(root / p.segment)
+            release_file(root / p.segment)

@@ -44,7 +44,7 @@ from gpufaas.shared.objects import ensure_object_bucket, get_object, put_object
 from gpufaas.shared.registry import live_nodes
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
-from gpufaas.shared.shm import TUBES_DIR, SegmentCache, write_segment
+from gpufaas.shared.shm import TUBES_DIR, SegmentCache, release_file, write_segment
 from gpufaas.transfer.cuda_engine import CudaCopyEngine, multipath_host_to_device
 from gpufaas.transfer.discovery import calibrate, discover_topology
 from gpufaas.transfer.emulator import EmulatedCopies
@@ -58,6 +58,7 @@ FETCH_WINDOW = 4  # chunks in flight per cross-node copy (flow control)
 GPU_DIR = "gpu"  # simulated GPU memory: host segments under <shm>/gpu/<node>/<gpu>/
 OBJECT_BUCKET = "tubes"  # the object tier: durable, readable from every node
 OBJECT_NODE = "*"  # an object-tier placement belongs to no node
+SWEEP_GRACE_S = 30.0  # a tube file younger than this may not be in KV yet (written first)
 
 
 class TransferService(Service):
@@ -99,10 +100,58 @@ class TransferService(Service):
             (subjects.TRANSFER_FETCH, FetchRequest, self.fetch),
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
+        self.spawn(self._sweep_loop(), "sweeper")
 
     async def on_stop(self) -> None:
         if self.emulator is not None:
             await self.emulator.close()
+
+    # --- the sweeper -----------------------------------------------------------------------
+
+    def _tube_files(self) -> list[Path]:
+        """This node's tube files: the machine's own tubes, copies fetched here, GPU copies."""
+        root, node = self.config.shm_dir, self.config.node_id
+        dirs = [root / TUBES_DIR, root / TUBES_DIR / node, *(root / GPU_DIR / node).glob("*")]
+        return [f for d in dirs if d.is_dir() for f in d.iterdir()
+                if f.is_file() and not f.name.startswith(".")]  # fmt: skip
+
+    async def sweep_once(self, now: float) -> list[str]:
+        """Delete tube files whose tube is gone from KV (it expired, or its request died).
+
+        Files younger than SWEEP_GRACE_S are left alone: a tube's bytes are written before
+        its KV entry. Returns the ids swept (also called by tests with a chosen ``now``).
+        """
+        files = await asyncio.to_thread(self._tube_files)
+        swept: list[str] = []
+        for f in files:
+            try:
+                if now - f.stat().st_mtime < SWEEP_GRACE_S:
+                    continue
+                await self.buckets.tubes.get(f.name)
+            except FileNotFoundError:
+                continue
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                await asyncio.to_thread(release_file, f)
+                swept.append(f.name)
+            except (ValueError, nats.js.errors.InvalidKeyError):
+                continue  # not a tube's name: not ours to delete
+        for tube_id, tier in list(self._device_copies):  # real GPUs: copies without files
+            try:
+                await self.buckets.tubes.get(tube_id)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                self._device_copies.pop((tube_id, tier)).free()
+                swept.append(tube_id)
+        if swept:
+            log.info("transfer.swept", tubes=len(swept))
+        return swept
+
+    async def _sweep_loop(self) -> None:
+        while self.looping:
+            await asyncio.sleep(self.config.reclaim_interval_s)
+            try:
+                await self.sweep_once(time.time())
+            except PlatformError as exc:
+                log.warning("transfer.sweep_failed", error=exc.message)
 
     # --- the directory ---------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from gpufaas.shared.messages import (
 )
 from gpufaas.shared.rpc import request
 from gpufaas.shared.shm import write_tube
-from gpufaas.transfer.service import FETCH_CHUNK_BYTES, TransferService
+from gpufaas.transfer.service import FETCH_CHUNK_BYTES, SWEEP_GRACE_S, TransferService
 from tests.conftest import NatsServer
 from tests.integration.conftest import make_config
 
@@ -266,3 +267,22 @@ async def test_concurrent_copies_share_links_and_slos_get_their_bandwidth_first(
     for reply in (a, b, c):
         copy = svc.config.shm_dir / reply.placement.segment
         assert await asyncio.to_thread(copy.read_bytes) == data
+
+
+async def test_the_sweeper_deletes_files_of_tubes_gone_from_kv(nodes: Nodes) -> None:
+    kept, expired, young = [await nodes.tube(b"x" * 10) for _ in range(3)]
+    gpu_copy = await nodes.ensure(nodes.a, expired.id, tenant="t1", tier="gpu:0")
+    for t in (expired, young):
+        await nodes.a.buckets.tubes.delete(t.id)
+    shm = nodes.a.config.shm_dir
+    now = time.time()
+    old = now - 2 * SWEEP_GRACE_S
+    for t in (kept, expired):
+        os.utime(shm / t.placements[0].segment, (old, old))
+    os.utime(shm / gpu_copy.placement.segment, (old, old))
+    swept = await nodes.a.sweep_once(now)
+    assert sorted(swept) == [expired.id, expired.id]  # its host file and its GPU copy
+    assert not (shm / expired.placements[0].segment).exists()
+    assert not (shm / gpu_copy.placement.segment).exists()
+    assert (shm / kept.placements[0].segment).exists()  # still in KV
+    assert (shm / young.placements[0].segment).exists()  # may not be in KV yet
