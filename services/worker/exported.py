@@ -388,7 +388,7 @@ class ExportedRunner:
             outputs = {}
             for name, spec, tensor in zip(self._output_names, self.outputs, leaves, strict=True):
                 host = tensor.detach().to("cpu").contiguous()
-                data = host.reshape(-1).view(torch.uint8).numpy().tobytes()
+                data = host.reshape(-1).view(torch.uint8).numpy().data
                 outputs[name] = Output(spec.datatype, list(host.shape), data)
         return outputs
 

@@ -28,11 +28,12 @@ from gpufaas.worker.models.bert import (
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """One output tensor as raw little-endian bytes."""
+    """One output tensor as raw little-endian bytes (a view of the result, not a copy:
+    the worker copies it once, into a message or a tube)."""
 
     datatype: str
     shape: list[int]
-    data: bytes
+    data: bytes | memoryview
 
 
 class Runner(Protocol):
@@ -95,7 +96,8 @@ class BertEmbeddingRunner:
                     f"text element {i} is not UTF-8", field="inputs[text]"
                 ) from None
         emb = self.model.embed(texts).numpy().astype(np.float32, copy=False)
-        return {"embedding": Output("FP32", list(emb.shape), emb.tobytes())}
+        data = np.ascontiguousarray(emb).reshape(-1).view(np.uint8).data
+        return {"embedding": Output("FP32", list(emb.shape), data)}
 
 
 RUNNERS: dict[str, Callable[[Path, Mapping[str, torch.Tensor]], Runner]] = {

@@ -426,7 +426,8 @@ class WorkerService(Service):
 
     async def _output(self, name: str, out: Output, tenant: str) -> TensorPayload:
         if len(out.data) <= self.config.inline_threshold:
-            return TensorPayload(name=name, datatype=out.datatype, shape=out.shape, data=out.data)  # type: ignore[arg-type]
+            data = bytes(out.data)  # small: into the message
+            return TensorPayload(name=name, datatype=out.datatype, shape=out.shape, data=data)  # type: ignore[arg-type]
         tube = await asyncio.to_thread(
             write_tube,
             self.config.shm_dir,
