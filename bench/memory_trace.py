@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import _platform as harness
+
 from gpufaas.memory.policy import (
     DeviceState,
     ItemRef,
@@ -337,16 +339,6 @@ def run_all(seed: int, requests: int, cfg: TraceConfig | None = None) -> list[Re
     return [Simulation(p, models, arrivals, cfg).run() for p in POLICIES]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the three policies on one trace and print (and optionally save) the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -359,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     models, _ = make_trace(args.seed, args.requests, cfg)
     results = run_all(args.seed, args.requests, cfg)
     machine = {
-        "cpu": _cpu_model(),
+        "cpu": harness.cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "device": f"{cfg.gpus} simulated GPUs x {cfg.capacity_bytes / GB:.0f} GB",
