@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal, Protocol
@@ -291,6 +291,42 @@ class SegmentPool:
         for seg in idle:
             self._release(seg, now)
         return [s.id for s in idle]
+
+    def restore(self, segments: Mapping[str, int], allocations: Iterable[Allocation]) -> None:
+        """Rebuild a fresh pool from a saved table (a restarted manager loses nothing).
+
+        ``segments`` maps segment id -> bytes; each allocation is carved out of its
+        segment at its offset. The backend adopts the segments (``adopt`` if it has one,
+        else ``create``): a simulated device's are accounting only.
+        """
+        if self._segments or self._allocs:
+            raise InvalidArgument("restore needs an empty pool", field="pool")
+        adopt = getattr(self.backend, "adopt", self.backend.create)
+        for seg_id, size in segments.items():
+            adopt(seg_id, size)
+            seg = _Segment(seg_id, self._next_seq, size, empty_since=self.clock())
+            self._next_seq += 1
+            self._segments[seg_id] = seg
+            self._by_seq[seg.seq] = seg
+            self._reserved += size
+            self._add_free(seg, 0, size)
+        for a in allocations:
+            need = _align_up(a.nbytes, self.align)
+            self._next_id = max(self._next_id, a.id + 1)
+            if need:
+                seg = self._segments[a.segment]
+                start, size = next(
+                    (st, sz) for st, sz in seg.free_at.items() if st <= a.offset < st + sz
+                )
+                self._remove_free(seg, start, size)
+                if a.offset > start:
+                    self._add_free(seg, start, a.offset - start)
+                if start + size > a.offset + need:
+                    self._add_free(seg, a.offset + need, start + size - a.offset - need)
+                seg.live += 1
+                seg.empty_since = None
+                self._allocated += need
+            self._record(a)
 
     def drain_events(self) -> list[PoolEvent]:
         """The grow and shrink events since the last call, oldest first."""

@@ -260,3 +260,23 @@ def test_host_backend_creates_and_deletes_real_files(tmp_path: Path) -> None:
     pool.close()
     assert list(root.iterdir()) == []
     assert pool.stats().reserved_bytes == 0
+
+
+def test_a_restored_pool_is_the_pool_it_was_saved_from() -> None:
+    pool, _, _ = make_pool()
+    rng = random.Random(7)
+    live = [pool.alloc(rng.randrange(1, SEG // 3), f"w{i % 3}") for i in range(40)]
+    for a in live[::3]:
+        pool.free(a.id)
+    saved_segments, saved = pool.segments(), pool.allocations()
+    again, _, _ = make_pool()
+    again.restore(saved_segments, saved)
+    check_exact(again)
+    assert again.stats() == pool.stats()
+    assert again.allocations() == saved
+    # It goes on as the original would: new ids, no overlap with restored blocks.
+    fresh = again.alloc(SEG // 4, "w9")
+    assert fresh.id > max(a.id for a in saved)
+    check_exact(again)
+    assert again.free_owner("w1") > 0
+    check_exact(again)
