@@ -16,6 +16,7 @@ KV_FUNCTIONS: Final = "gpufaas_functions"
 KV_NODES: Final = "gpufaas_nodes"
 KV_TUBES: Final = "gpufaas_tubes"
 KV_TENSORS: Final = "gpufaas_tensors"
+KV_MEMORY: Final = "gpufaas_memory"  # each node's pools: segments and allocations
 
 # Headers carried on NATS messages.
 HDR_REQUEST_ID: Final = "Gpufaas-Request-Id"

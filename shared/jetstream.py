@@ -24,6 +24,7 @@ class Buckets:
     nodes: KeyValue
     tubes: KeyValue
     tensors: KeyValue
+    memory: KeyValue
 
 
 async def _kv(
@@ -52,6 +53,7 @@ async def ensure_jetstream(
         nodes=await _kv(js, c.KV_NODES, ttl=node_ttl_s),
         tubes=await _kv(js, c.KV_TUBES, ttl=tube_ttl_s),
         tensors=await _kv(js, c.KV_TENSORS),
+        memory=await _kv(js, c.KV_MEMORY),
     )
 
 

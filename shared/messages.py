@@ -407,6 +407,63 @@ class CapacityReply(Msg, frozen=True, tag="capacity_reply.v1"):
     devices: list[DeviceInfo]
 
 
+class MemAllocRequest(Msg, frozen=True, tag="mem_alloc_request.v1"):
+    """A block of device memory for ``owner`` (who renews it, see MemRenewRequest)."""
+
+    device: Tier
+    nbytes: Count
+    owner: str
+
+
+class MemAllocation(Msg, frozen=True, tag="mem_allocation.v1"):
+    id: Count
+    device: str
+    segment: str
+    offset: Count
+    nbytes: Count
+    owner: str
+
+
+class MemFreeRequest(Msg, frozen=True, tag="mem_free_request.v1"):
+    device: Tier
+    id: Count
+
+
+class MemFreeReply(Msg, frozen=True, tag="mem_free_reply.v1"):
+    freed: bool
+
+
+class MemRenewRequest(Msg, frozen=True, tag="mem_renew_request.v1"):
+    """An owner is alive: keep its allocations (they lapse after the node TTL without)."""
+
+    owner: str
+
+
+class MemRenewReply(Msg, frozen=True, tag="mem_renew_reply.v1"):
+    allocations: Count  # how many it holds
+
+
+class MemStatsRequest(Msg, frozen=True, tag="mem_stats_request.v1"):
+    pass
+
+
+class MemPoolStats(Msg, frozen=True, tag="mem_pool_stats.v1"):
+    device: str
+    capacity_bytes: Count
+    reserved_bytes: Count
+    allocated_bytes: Count
+    free_bytes: Count
+    largest_free_block_bytes: Count
+    fragmentation: float
+    segments: Count
+    allocations: Count
+
+
+class MemStatsReply(Msg, frozen=True, tag="mem_stats_reply.v1"):
+    node: str
+    pools: list[MemPoolStats]
+
+
 class Ping(Msg, frozen=True, tag="ping.v1"):
     pass
 

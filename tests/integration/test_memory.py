@@ -1,0 +1,141 @@
+"""The memory service over a real NATS: pools per GPU, leases, state in KV, events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gpufaas.memory.service import MemoryService
+from gpufaas.shared import subjects
+from gpufaas.shared.config import Config
+from gpufaas.shared.errors import InvalidArgument, ResourceExhausted
+from gpufaas.shared.messages import (
+    MemAllocation,
+    MemAllocRequest,
+    MemFreeReply,
+    MemFreeRequest,
+    MemRenewReply,
+    MemRenewRequest,
+    MemStatsReply,
+    MemStatsRequest,
+    Msg,
+)
+from gpufaas.shared.rpc import request
+from tests.conftest import NatsServer
+from tests.integration.conftest import make_config
+
+pytestmark = pytest.mark.integration
+
+GIB = 2**30
+
+
+@pytest.fixture
+def config(nats_server: NatsServer, tmp_path: Path) -> Config:
+    return make_config(nats_server, tmp_path, devices="sim:1", topology="pcie-1gpu")
+
+
+@pytest.fixture
+async def memory(config: Config) -> AsyncIterator[MemoryService]:
+    svc = MemoryService(config)
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+async def call(svc: MemoryService, verb: str, msg: Msg, reply: type[Msg]) -> object:
+    subject = subjects.node(svc.config.node_id, "memory", verb)
+    return await request(svc.nc, subject, msg, reply, timeout=5)
+
+
+async def alloc(svc: MemoryService, nbytes: int, owner: str = "w1") -> MemAllocation:
+    a = await call(svc, subjects.MEMORY_ALLOC, MemAllocRequest(device="gpu:0", nbytes=nbytes,
+                   owner=owner), MemAllocation)  # fmt: skip
+    assert isinstance(a, MemAllocation)
+    return a
+
+
+async def stats(svc: MemoryService) -> dict[str, int | float]:
+    r = await call(svc, subjects.MEMORY_STATS, MemStatsRequest(), MemStatsReply)
+    assert isinstance(r, MemStatsReply)
+    (pool,) = r.pools
+    return {k: getattr(pool, k) for k in ("reserved_bytes", "allocated_bytes", "allocations")}
+
+
+async def test_allocations_grow_the_pool_and_announce_it(memory: MemoryService) -> None:
+    sub = await memory.nc.subscribe(subjects.event("memory.pool.resized"))
+    a = await alloc(memory, 100 * 2**20)
+    b = await alloc(memory, 10)
+    assert (a.device, b.device) == ("gpu:0", "gpu:0")
+    assert a.segment != b.segment or a.offset != b.offset
+    # 100 MiB takes a segment of its own; the 10 bytes open a 64 MiB one (256-byte aligned).
+    assert await stats(memory) == {"reserved_bytes": 164 * 2**20,
+                                   "allocated_bytes": 100 * 2**20 + 256, "allocations": 2}  # fmt: skip
+    ev = json.loads((await sub.next_msg(timeout=5)).data)["data"]
+    assert (ev["device"], ev["kind"]) == ("gpu:0", "grow")
+    freed = await call(memory, subjects.MEMORY_FREE, MemFreeRequest(device="gpu:0", id=a.id),
+                       MemFreeReply)  # fmt: skip
+    assert freed == MemFreeReply(freed=True)
+    again = await call(memory, subjects.MEMORY_FREE, MemFreeRequest(device="gpu:0", id=a.id),
+                       MemFreeReply)  # fmt: skip
+    assert again == MemFreeReply(freed=False)  # idempotent
+
+
+async def test_bad_requests_are_refused_clearly(memory: MemoryService) -> None:
+    with pytest.raises(InvalidArgument, match="whole device") as err:
+        await alloc(memory, 100 * GIB)  # the pcie-1gpu GPU has 40 GB
+    assert err.value.field == "nbytes"
+    with pytest.raises(InvalidArgument) as err:
+        await call(memory, subjects.MEMORY_ALLOC, MemAllocRequest(device="gpu:3", nbytes=1,
+                   owner="w"), MemAllocation)  # fmt: skip
+    assert err.value.field == "device"
+    sub = await memory.nc.subscribe(subjects.event("memory.pressure"))
+    await alloc(memory, 30 * GIB)
+    with pytest.raises(ResourceExhausted, match="gpu:0"):
+        await alloc(memory, 20 * GIB)
+    ev = json.loads((await sub.next_msg(timeout=5)).data)["data"]
+    assert ev["bytes"] == 20 * GIB
+
+
+async def test_a_restarted_manager_loses_nothing(memory: MemoryService, config: Config) -> None:
+    for n in (5 * 2**20, 70 * 2**20, 3):
+        await alloc(memory, n)
+    before = await stats(memory)
+    await memory.stop()
+    restarted = MemoryService(config)
+    await restarted.start()
+    try:
+        assert await stats(restarted) == before
+        c = await alloc(restarted, 2**20)  # new blocks do not overlap the restored ones
+        assert c.id > 3
+        assert (await stats(restarted))["allocations"] == 4
+    finally:
+        await restarted.stop()
+
+
+async def test_a_dead_owners_allocations_are_freed(memory: MemoryService) -> None:
+    ttl = memory.config.node_ttl_s
+    await alloc(memory, 2**20, owner="alive")
+    await alloc(memory, 2**20, owner="dead")
+    t_dead = time.time()  # "dead" never renews: its lease ends by t_dead + ttl
+    await asyncio.sleep(0.3)
+    renewed = await call(memory, subjects.MEMORY_RENEW, MemRenewRequest(owner="alive"),
+                         MemRenewReply)  # fmt: skip
+    assert renewed == MemRenewReply(allocations=1)
+    await memory.reconcile_once(t_dead + ttl / 2)
+    assert (await stats(memory))["allocations"] == 2  # within the lease
+    await memory.reconcile_once(t_dead + ttl + 0.1)
+    assert (await stats(memory))["allocations"] == 1  # "dead" lapsed; "alive" renewed
+
+
+async def test_an_idle_pool_gives_its_segments_back(memory: MemoryService) -> None:
+    a = await alloc(memory, 2**20)
+    await call(memory, subjects.MEMORY_FREE, MemFreeRequest(device="gpu:0", id=a.id),
+               MemFreeReply)  # fmt: skip
+    assert (await stats(memory))["reserved_bytes"] > 0  # kept for the keep-alive
+    await memory.reconcile_once(time.time() + memory.config.tensor_keep_alive_s + 1)
+    assert (await stats(memory))["reserved_bytes"] == 0
