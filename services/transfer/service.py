@@ -33,6 +33,12 @@ from gpufaas.shared.messages import (
     EnsureRequest,
     FetchReply,
     FetchRequest,
+    MemAllocation,
+    MemAllocRequest,
+    MemFreeReply,
+    MemFreeRequest,
+    MemRenewReply,
+    MemRenewRequest,
     Placement,
     ResolveReply,
     ResolveRequest,
@@ -76,6 +82,7 @@ class TransferService(Service):
         self.links = NodeLinks(node_devices.topology) if node_devices.topology else None
         # Simulated GPUs: copies emulated in real time by the simulated copy engine.
         self.emulator = EmulatedCopies(self.links.model) if self.links and self.simulated else None
+        self.mem_owner = f"transfer@{config.node_id}"  # stable: survives our restarts
         self.maps = SegmentCache(config.shm_dir)
         self._copying: dict[tuple[str, str], asyncio.Task[EnsureReply]] = {}
         self._cuda = node_devices.backend == "cuda"
@@ -101,6 +108,8 @@ class TransferService(Service):
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._sweep_loop(), "sweeper")
+        if self.emulator is not None:
+            self.spawn(self._renew_loop(), "memory-lease")
 
     async def on_stop(self) -> None:
         if self.emulator is not None:
@@ -124,15 +133,18 @@ class TransferService(Service):
         files = await asyncio.to_thread(self._tube_files)
         swept: list[str] = []
         for f in files:
+            tube_id, _, block = f.name.partition(".")  # GPU copies: <tube>.<memory block>
             try:
                 if now - f.stat().st_mtime < SWEEP_GRACE_S:
                     continue
-                await self.buckets.tubes.get(f.name)
+                await self.buckets.tubes.get(tube_id)
             except FileNotFoundError:
                 continue
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
                 await asyncio.to_thread(release_file, f)
-                swept.append(f.name)
+                if block.isdigit():
+                    await self._free_block(_tier(f.parent.name), int(block))
+                swept.append(tube_id)
             except (ValueError, nats.js.errors.InvalidKeyError):
                 continue  # not a tube's name: not ours to delete
         for tube_id, tier in list(self._device_copies):  # real GPUs: copies without files
@@ -144,6 +156,17 @@ class TransferService(Service):
         if swept:
             log.info("transfer.swept", tubes=len(swept))
         return swept
+
+    async def _renew_loop(self) -> None:
+        """Keep the lease on the GPU blocks our tube copies hold."""
+        subject = subjects.node(self.config.node_id, "memory", subjects.MEMORY_RENEW)
+        while self.looping:
+            try:
+                await request(self.nc, subject, MemRenewRequest(owner=self.mem_owner),
+                              MemRenewReply, timeout=5)  # fmt: skip
+            except PlatformError as exc:
+                log.warning("transfer.memory_renew_failed", error=exc.message)
+            await asyncio.sleep(self.config.heartbeat_s)
 
     async def _sweep_loop(self) -> None:
         while self.looping:
@@ -347,7 +370,14 @@ class TransferService(Service):
         carry them, into a temporary file renamed into place once whole."""
         assert self.emulator is not None
         n = tube.nbytes
-        relpath = f"{GPU_DIR}/{self.config.node_id}/{req.tier.replace(':', '')}/{tube.id}"
+        # The GPU's budget is the memory service's: the copy's room comes from its pool,
+        # and the file is named after the block, so the sweeper can give it back.
+        block = await request(
+            self.nc, subjects.node(self.config.node_id, "memory", subjects.MEMORY_ALLOC),
+            MemAllocRequest(device=req.tier, nbytes=n, owner=self.mem_owner), MemAllocation,
+            timeout=self.config.request_timeout_s, what="memory service of this node",
+        )  # fmt: skip
+        relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(req.tier)}/{tube.id}.{block.id}"
         final = self.config.shm_dir / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -371,10 +401,20 @@ class TransferService(Service):
         except BaseException:
             f.close()
             tmp.unlink(missing_ok=True)
+            await self._free_block(req.tier, block.id)
             raise
         finally:
             view.release()
         return Placement(node=self.config.node_id, tier=req.tier, segment=relpath), record
+
+    async def _free_block(self, tier: str, block: int) -> None:
+        try:
+            await request(
+                self.nc, subjects.node(self.config.node_id, "memory", subjects.MEMORY_FREE),
+                MemFreeRequest(device=tier, id=block), MemFreeReply, timeout=5,
+            )  # fmt: skip
+        except PlatformError as exc:  # the owner's lease lapses if the manager is away
+            log.warning("transfer.free_failed", tier=tier, block=block, error=exc.message)
 
     def _gpu_copy(self, tube: Tube) -> Placement | None:
         """A copy of ``tube`` on one of this node's GPUs, the source of a GPU→GPU copy."""
@@ -416,7 +456,7 @@ class TransferService(Service):
                     describe(plan),
                 )
             view = memoryview(self.maps.map(src.segment))[src.offset : src.offset + tube.nbytes]
-            relpath = f"{GPU_DIR}/{self.config.node_id}/{tier.replace(':', '')}/{tube.id}"
+            relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(tier)}/{tube.id}"
             write_segment(self.config.shm_dir, relpath, [view])
         here = Placement(node=self.config.node_id, tier=tier, segment=relpath)
         return here, plan.modelled_time_s, describe(plan)
@@ -493,3 +533,11 @@ def _met(req: EnsureRequest, took_s: float) -> bool | None:
     if req.slo_ms is None:
         return None
     return took_s * 1e3 + req.inference_ms <= req.slo_ms
+
+
+def _dir(tier: str) -> str:
+    return tier.replace(":", "")  # "gpu:0" -> "gpu0"
+
+
+def _tier(directory: str) -> str:
+    return f"gpu:{directory.removeprefix('gpu')}"

@@ -12,14 +12,17 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from gpufaas.memory.service import MemoryService
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
-from gpufaas.shared.errors import InvalidArgument, NotFound, Unavailable
+from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from gpufaas.shared.messages import (
     EnsureReply,
     EnsureRequest,
     FetchReply,
     FetchRequest,
+    MemAllocation,
+    MemAllocRequest,
     Tube,
     decode_json,
     encode_json,
@@ -63,7 +66,18 @@ def node_config(nats: NatsServer, tmp_path: Path, node: str) -> Config:
 
 
 @pytest.fixture
-async def nodes(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Nodes]:
+async def memories(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[None]:
+    """The memory services of node-a and node-b: GPU copies take their room from them."""
+    services = [MemoryService(node_config(nats_server, tmp_path, n)) for n in ("node-a", "node-b")]
+    for m in services:
+        await m.start()
+    yield
+    for m in services:
+        await m.stop()
+
+
+@pytest.fixture
+async def nodes(nats_server: NatsServer, tmp_path: Path, memories: None) -> AsyncIterator[Nodes]:
     a = TransferService(node_config(nats_server, tmp_path, "node-a"))
     b = TransferService(node_config(nats_server, tmp_path, "node-b"))
     await a.start()
@@ -214,11 +228,14 @@ async def test_placements_on_a_node_that_left_are_dropped(nodes: Nodes) -> None:
 
 @pytest.fixture
 async def dgx1(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TransferService]:
-    """The transfer service of a simulated 8-GPU DGX-1."""
-    svc = TransferService(make_config(nats_server, tmp_path, node_id="node-a", devices="sim:8"))
+    """The transfer and memory services of a simulated 8-GPU DGX-1."""
+    config = make_config(nats_server, tmp_path, node_id="node-a", devices="sim:8")
+    memory, svc = MemoryService(config), TransferService(config)
+    await memory.start()
     await svc.start()
     yield svc
     await svc.stop()
+    await memory.stop()
 
 
 async def test_copies_on_a_simulated_dgx1_take_the_planned_routes(dgx1: TransferService) -> None:
@@ -286,3 +303,17 @@ async def test_the_sweeper_deletes_files_of_tubes_gone_from_kv(nodes: Nodes) -> 
     assert not (shm / gpu_copy.placement.segment).exists()
     assert (shm / kept.placements[0].segment).exists()  # still in KV
     assert (shm / young.placements[0].segment).exists()  # may not be in KV yet
+
+
+async def test_gpu_copies_take_their_room_from_the_memory_service(nodes: Nodes) -> None:
+    memory = subjects.node("node-a", "memory", subjects.MEMORY_ALLOC)
+    gpu = 32 * 2**30  # dgx1-v100: 32 GB per GPU
+    hog = MemAllocRequest(device="gpu:0", nbytes=gpu - 2**20, owner="someone-else")
+    await request(nodes.b.nc, memory, hog, MemAllocation, timeout=5)
+    tube = await nodes.tube(os.urandom(4 * 2**20))
+    with pytest.raises(ResourceExhausted, match="gpu:0"):
+        await nodes.ensure(nodes.a, tube.id, tenant="t1", tier="gpu:0")
+    assert [p.tier for p in (await nodes.stored(tube.id)).placements] == ["host"]
+    assert not list((nodes.a.config.shm_dir / "gpu").rglob("*"))  # no file, not even a temp
+    ok = await nodes.ensure(nodes.a, tube.id, tenant="t1", tier="gpu:1")  # another GPU has room
+    assert ok.placement.segment.rsplit(".", 1)[1].isdigit()  # named after its memory block
