@@ -39,6 +39,7 @@ class _Segment:
     tensors: frozenset[str]
     nbytes: int
     memory: CudaSegment | None  # None: simulated, accounting only
+    block: int | None = None  # its room in the memory service's pool of this GPU
 
     def describe(self, seg_id: str, device_index: int) -> DeviceSegment:
         handle = self.memory.handle if self.memory is not None else None
@@ -50,8 +51,13 @@ class _Segment:
 class DeviceTier:
     """Device copies on one GPU, leased by the instances that use them."""
 
-    def __init__(self, name: str, index: int, capacity_bytes: int, *, cuda: bool) -> None:
+    def __init__(
+        self, name: str, index: int, capacity_bytes: int, *, cuda: bool, budgeted: bool = False
+    ) -> None:
         self.name = name
+        # Budgeted: new copies need a block from the node's memory service (one budget per
+        # GPU for model tensors and intermediates); else only this tier's capacity counts.
+        self.budgeted = budgeted
         self.index = index
         self.capacity = capacity_bytes
         self.cuda = cuda
@@ -60,6 +66,7 @@ class DeviceTier:
         self.sizes: dict[str, int] = {}  # tensor id -> bytes
         self.leases = LeaseTable()
         self.idle_since: dict[str, float] = {}  # segments no lease references
+        self.released_blocks: list[int] = []  # memory-service blocks of freed segments
 
     @property
     def used(self) -> int:
@@ -74,15 +81,20 @@ class DeviceTier:
         *,
         expires_at: float,
         now: float,
+        block: tuple[int, int] | None = None,
     ) -> DevicePlacement:
         """Lease a model's tensors on this GPU, copying only those not resident.
 
-        Idle segments are evicted (least recently used first) to make room. All or
-        nothing: if the new bytes still do not fit, nothing is evicted, copied or leased.
+        ``block`` (id, bytes) is the room the memory service granted for the new copies
+        (see ``missing_bytes``); it must cover them. Idle segments are evicted (least
+        recently used first) to make room. All or nothing: if the new bytes still do not
+        fit, nothing is evicted, copied or leased.
         """
         wanted = {ref.id: ref for ref in manifest.values()}
         new = [ref for tid, ref in wanted.items() if tid not in self.refs]
         layout, need = _pack(new)
+        if need and (block is None or block[1] < need) and self.budgeted:
+            raise NeedsRoom(need)
         self._make_room(need, set(wanted), now, model_bytes=sum(r.nbytes for r in wanted.values()))
         if new:
             seg_id = new_id(12)
@@ -95,10 +107,13 @@ class DeviceTier:
                 if memory is not None:
                     memory.free()
                 raise
-            self.segments[seg_id] = _Segment(frozenset(r.id for r in new), need, memory)
+            room = block[0] if block is not None else None
+            self.segments[seg_id] = _Segment(frozenset(r.id for r in new), need, memory, room)
             for ref, offset in layout:
                 self.refs[ref.id] = DeviceRef(segment=seg_id, offset=offset)
                 self.sizes[ref.id] = ref.nbytes
+        elif block is not None:  # granted but not needed (placed meanwhile): give it back
+            self.released_blocks.append(block[0])
         self.leases.put(lease_id, holder, list(wanted), expires_at)
         used_segments = {self.refs[tid].segment for tid in wanted}
         for seg_id in used_segments:
@@ -110,6 +125,25 @@ class DeviceTier:
             bytes_copied=need,
             used_bytes=self.used,
         )
+
+    def missing_bytes(self, manifest: Mapping[str, TensorRef]) -> int:
+        """Room the tensors of ``manifest`` not yet on this GPU would take."""
+        wanted = {ref.id: ref for ref in manifest.values()}
+        return _pack([ref for tid, ref in wanted.items() if tid not in self.refs])[1]
+
+    def evict_one_idle(self, now: float, keep: set[str]) -> bool:
+        """Free the least recently used idle segment holding none of ``keep``; False: none."""
+        self.leases.expire(now)
+        self._mark_idle(now)
+        victims = sorted(
+            (since, s)
+            for s, since in self.idle_since.items()
+            if not self.segments[s].tensors & keep
+        )
+        if not victims:
+            return False
+        self._free(victims[0][1])
+        return True
 
     def holds(self, manifest: Mapping[str, TensorRef]) -> bool:
         """Whether every tensor of ``manifest`` has its copy here (placing it copies nothing)."""
@@ -137,7 +171,7 @@ class DeviceTier:
             return False
         try:
             self.place(lease_id, holder, manifest, read, expires_at=expires_at, now=now)
-        except ResourceExhausted:
+        except (ResourceExhausted, NeedsRoom):  # a budgeted GPU: the instance is rebuilt
             return False
         return True
 
@@ -204,7 +238,17 @@ class DeviceTier:
             self.sizes.pop(tid, None)
         if seg.memory is not None:
             seg.memory.free()
+        if seg.block is not None:
+            self.released_blocks.append(seg.block)
         return seg.nbytes
+
+
+class NeedsRoom(Exception):
+    """The placement needs a block of at least ``nbytes`` from the memory service first."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.nbytes = nbytes
 
 
 def _pack(refs: Iterable[TensorRef]) -> tuple[list[tuple[TensorRef, int]], int]:

@@ -7,6 +7,7 @@ one executor thread, in order, so the reclaimer never races a registration.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,12 +22,24 @@ from gpufaas.shared import subjects
 from gpufaas.shared.catalog import model_file
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import parse_devices
-from gpufaas.shared.errors import InvalidArgument, ModelInvalid
+from gpufaas.shared.errors import (
+    InvalidArgument,
+    ModelInvalid,
+    PlatformError,
+    ResourceExhausted,
+    Unavailable,
+)
 from gpufaas.shared.messages import (
     DeviceInfo,
     DevicePlacement,
     LocalityReply,
     LocalityRequest,
+    MemAllocation,
+    MemAllocRequest,
+    MemFreeReply,
+    MemFreeRequest,
+    MemRenewReply,
+    MemRenewRequest,
     RegisterReply,
     RegisterRequest,
     ReleaseReply,
@@ -37,9 +50,10 @@ from gpufaas.shared.messages import (
     StoreStatsRequest,
     TensorRef,
 )
+from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import SegmentCache
-from gpufaas.tensorstore.device_tier import DeviceTier
+from gpufaas.tensorstore.device_tier import DeviceTier, NeedsRoom
 from gpufaas.tensorstore.store import HostStore, Registration
 
 log = structlog.get_logger()
@@ -58,9 +72,12 @@ class TensorStoreService(Service):
         self.device_info = {d.name: d for d in node_devices.devices if d.kind != "host"}
         cuda = node_devices.backend == "cuda"
         self.tiers = {
-            d.name: DeviceTier(d.name, i, d.memory_bytes, cuda=cuda)
+            d.name: DeviceTier(d.name, i, d.memory_bytes, cuda=cuda, budgeted=True)
             for i, d in enumerate(self.device_info.values())
         }
+        # Our blocks in the memory service's pools; a new process is a new owner, so a
+        # dead one's blocks lapse while ours are fresh.
+        self.mem_owner = f"tensorstore@{config.node_id}/{os.getpid()}/{time.time():.6f}"
         self._host_maps = SegmentCache(config.shm_dir)  # the source of copies to a GPU
         # One thread: registrations are serialised, so two loads of one model never race.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorstore")
@@ -79,6 +96,8 @@ class TensorStoreService(Service):
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._reclaim_loop(), "reclaimer")
+        if self.tiers:
+            self.spawn(self._memory_lease_loop(), "memory-lease")
 
     async def on_stop(self) -> None:
         # Off the loop: a registration still hashing finishes in its thread.
@@ -108,7 +127,21 @@ class TensorStoreService(Service):
         t0 = time.perf_counter()
         private = req.tenant if req.source.private else None
 
-        def register_and_lease() -> tuple[Registration, DevicePlacement | None]:
+        def place(reg: Registration, block: tuple[int, int] | None) -> DevicePlacement | NeedsRoom:
+            assert tier is not None
+            assert req.lease is not None
+            try:
+                return tier.place(
+                    req.lease, req.holder, reg.manifest, self._read_host,
+                    expires_at=self._lease_expiry(), now=time.time(), block=block,
+                )  # fmt: skip
+            except NeedsRoom as room:  # first a block from the memory service (below)
+                return room
+            except BaseException:
+                self.store.leases.drop(req.lease)  # all or nothing
+                raise
+
+        def register_and_lease() -> tuple[Registration, DevicePlacement | NeedsRoom | None]:
             # One call under the store's lock: the reclaimer cannot free the tensors
             # between their registration and the lease that keeps them.
             reg = self.store.register_file(Path(weights), private)
@@ -116,24 +149,23 @@ class TensorStoreService(Service):
                 return reg, None
             ids = [ref.id for ref in reg.manifest.values()]
             self.store.lease(req.lease, req.holder, ids, self._lease_expiry())
-            if tier is None:
-                return reg, None
-            try:
-                placement = tier.place(
-                    req.lease, req.holder, reg.manifest, self._read_host,
-                    expires_at=self._lease_expiry(), now=time.time(),
-                )  # fmt: skip
-            except BaseException:
-                self.store.leases.drop(req.lease)  # all or nothing
-                raise
-            return reg, placement
+            return reg, (None if tier is None else place(reg, None))
 
         # The common cold start, a model whose tensors are all resident, is a few dict
         # look-ups: done inline when the store thread is idle, saving a thread hop.
         resident = self.store.resident(weights, private)
         cheap = resident is not None and (tier is None or not tier.cuda or tier.holds(resident))
         done = self._inline(register_and_lease) if cheap else None
-        reg, placement = done if done is not None else await self._run(register_and_lease)
+        reg, placed = done if done is not None else await self._run(register_and_lease)
+        placement = None if isinstance(placed, NeedsRoom) else placed
+        if isinstance(placed, NeedsRoom):  # new copies on the GPU: room from its budget first
+            assert tier is not None
+            assert req.lease is not None
+            try:
+                placement = await self._place_with_room(tier, reg, placed.nbytes, place)
+            except BaseException:
+                await self._run(self.store.leases.drop, req.lease)  # all or nothing
+                raise
         took_us = int((time.perf_counter() - t0) * 1e6)
         self.after_reply(self._announce(req, model_dir, reg, took_us))
         return RegisterReply(
@@ -147,6 +179,68 @@ class TensorStoreService(Service):
             placement=placement,
             program=reg.program,
         )
+
+    async def _place_with_room(
+        self,
+        tier: DeviceTier,
+        reg: Registration,
+        nbytes: int,
+        place: Callable[[Registration, tuple[int, int] | None], DevicePlacement | NeedsRoom],
+    ) -> DevicePlacement:
+        """Get a block of the GPU's budget from the memory service, evicting this tier's idle
+        copies (least recently used first) while it has none, then place the copies."""
+        keep = {ref.id for ref in reg.manifest.values()}
+        for _ in range(3):  # a concurrent eviction may have made the need grow meanwhile
+            block = await self._reserve(tier, nbytes, keep)
+            placed = await self._run(place, reg, block)
+            await self._release_blocks(tier)
+            if not isinstance(placed, NeedsRoom):
+                return placed
+            await self._free_block(tier.name, block[0])
+            nbytes = placed.nbytes
+        raise Unavailable(f"{tier.name} kept changing while placing the model; retry")
+
+    async def _reserve(self, tier: DeviceTier, nbytes: int, keep: set[str]) -> tuple[int, int]:
+        subject = subjects.node(self.config.node_id, "memory", subjects.MEMORY_ALLOC)
+        ask = MemAllocRequest(device=tier.name, nbytes=nbytes, owner=self.mem_owner)
+        while True:
+            try:
+                block = await request(self.nc, subject, ask, MemAllocation, timeout=5,
+                                      what="memory service of this node")  # fmt: skip
+            except ResourceExhausted as full:
+                evicted = await self._run(tier.evict_one_idle, time.time(), keep)
+                await self._release_blocks(tier)
+                if not evicted:
+                    raise ResourceExhausted(
+                        f"{tier.name} has no room for the model's {nbytes} new bytes, and no "
+                        f"idle copy of ours to evict ({full.message})",
+                        field="model",
+                    ) from None
+            else:
+                return block.id, block.nbytes
+
+    async def _release_blocks(self, tier: DeviceTier) -> None:
+        while tier.released_blocks:
+            await self._free_block(tier.name, tier.released_blocks.pop())
+
+    async def _free_block(self, device: str, block: int) -> None:
+        subject = subjects.node(self.config.node_id, "memory", subjects.MEMORY_FREE)
+        try:
+            await request(self.nc, subject, MemFreeRequest(device=device, id=block),
+                          MemFreeReply, timeout=5)  # fmt: skip
+        except PlatformError as exc:  # our lease on the block lapses if the manager is away
+            log.warning("tensorstore.free_failed", device=device, block=block, error=exc.message)
+
+    async def _memory_lease_loop(self) -> None:
+        """Keep the lease on our GPU blocks (they lapse, and are freed, if we die)."""
+        subject = subjects.node(self.config.node_id, "memory", subjects.MEMORY_RENEW)
+        while self.looping:
+            try:
+                await request(self.nc, subject, MemRenewRequest(owner=self.mem_owner),
+                              MemRenewReply, timeout=5)  # fmt: skip
+            except PlatformError as exc:
+                log.warning("tensorstore.memory_renew_failed", error=exc.message)
+            await asyncio.sleep(self.config.heartbeat_s)
 
     async def _announce(
         self, req: RegisterRequest, model_dir: Path, reg: Registration, took_us: int
@@ -265,6 +359,8 @@ class TensorStoreService(Service):
             return freed + [("host", *seg) for seg in host]
 
         freed = await self._run(reclaim)
+        for t in self.tiers.values():  # give the freed copies' room back to the GPU budget
+            await self._release_blocks(t)
         for tier, seg, nbytes, reason in freed:
             log.info("tensorstore.reclaimed", tier=tier, segment=seg, bytes=nbytes, reason=reason)
             await self.publish_event(

@@ -80,3 +80,31 @@ async def test_a_model_that_does_not_fit_is_refused_cleanly(platform: Platform) 
     assert store["leases"] == 1  # the refused instance's lease was given back
     resp = await c.post("/v2/models/minilm/infer", json=text_request(["still fine"]))
     assert resp.status == 200
+
+
+async def test_model_copies_and_tube_copies_share_one_gpu_budget(platform: Platform) -> None:
+    from gpufaas.shared import subjects  # noqa: PLC0415
+    from gpufaas.shared.errors import ResourceExhausted  # noqa: PLC0415
+    from gpufaas.shared.messages import EnsureReply, EnsureRequest, encode_json  # noqa: PLC0415
+    from gpufaas.shared.rpc import request  # noqa: PLC0415
+    from gpufaas.shared.shm import write_tube  # noqa: PLC0415
+
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201  # 87 of 120 MiB
+    nc = platform.services["scheduler"].nc
+    data = bytes(40 * MIB)
+    tube = write_tube(platform.config.shm_dir, "node-t", "default", datatype="UINT8",
+                      shape=[len(data)], data=data)  # fmt: skip
+    await platform.services["scheduler"].buckets.tubes.put(tube.id, encode_json(tube))
+    subject = subjects.node("node-t", "transfer", subjects.TRANSFER_ENSURE)
+    ask = EnsureRequest(tube_id=tube.id, tier="gpu:0")
+    with pytest.raises(ResourceExhausted, match="gpu:0"):  # the model's copies hold the room
+        await request(nc, subject, ask, EnsureReply, timeout=10)
+    assert (await c.delete("/v1/functions/minilm")).status == 200
+    store = platform.services["tensorstore"]
+    assert isinstance(store, TensorStoreService)
+    now = time.time()
+    await store.reclaim_once(now)
+    await store.reclaim_once(now + platform.config.tensor_keep_alive_s)  # copies gone, room back
+    reply = await request(nc, subject, ask, EnsureReply, timeout=10)
+    assert reply.placement.tier == "gpu:0"
