@@ -208,8 +208,15 @@ class TensorStoreService(Service):
                 block = await request(self.nc, subject, ask, MemAllocation, timeout=5,
                                       what="memory service of this node")  # fmt: skip
             except ResourceExhausted as full:
+                used = tier.used
                 evicted = await self._run(tier.evict_one_idle, time.time(), keep)
                 await self._release_blocks(tier)
+                if evicted:
+                    await self.publish_event("memory.evicted", {
+                        "node": self.config.node_id, "device": tier.name,
+                        "bytes": used - tier.used, "reason": "room for a model's copies",
+                        "what": "idle model copies",
+                    })  # fmt: skip
                 if not evicted:
                     raise ResourceExhausted(
                         f"{tier.name} has no room for the model's {nbytes} new bytes, and no "

@@ -108,3 +108,17 @@ async def test_model_copies_and_tube_copies_share_one_gpu_budget(platform: Platf
     await store.reclaim_once(now + platform.config.tensor_keep_alive_s)  # copies gone, room back
     reply = await request(nc, subject, ask, EnsureReply, timeout=10)
     assert reply.placement.tier == "gpu:0"
+
+
+async def test_idle_copies_make_room_and_say_so(platform: Platform) -> None:
+    c = platform.client
+    store = platform.services["tensorstore"]
+    sub = await store.nc.subscribe("gpufaas.v1.events.memory.evicted")
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    assert (await c.delete("/v1/functions/minilm")).status == 200  # its copies stay, idle
+    private = {"name": "mine", "model": {"builtin": "all-minilm-l6-v2", "private": True}}
+    resp = await c.post("/v1/functions", json=private)  # 87 MiB more: only with the idle gone
+    assert resp.status == 201, await resp.json()
+    ev = json.loads((await sub.next_msg(timeout=5)).data)["data"]
+    assert (ev["device"], ev["reason"]) == ("gpu:0", "room for a model's copies")
+    assert ev["bytes"] >= 86 * MIB  # the MiniLM copies (86.6 MiB)
