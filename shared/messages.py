@@ -443,6 +443,16 @@ class MemRenewReply(Msg, frozen=True, tag="mem_renew_reply.v1"):
     allocations: Count  # how many it holds
 
 
+class MemObserve(Msg, frozen=True, tag="mem_observe.v1"):
+    """A request of a function started or ended on a GPU, with the bytes it holds there."""
+
+    device: Tier
+    function: str  # "<tenant>/<name>"
+    request_id: str
+    phase: Literal["start", "end"]
+    nbytes: Count = 0
+
+
 class MemStatsRequest(Msg, frozen=True, tag="mem_stats_request.v1"):
     pass
 
@@ -462,6 +472,7 @@ class MemPoolStats(Msg, frozen=True, tag="mem_pool_stats.v1"):
 class MemStatsReply(Msg, frozen=True, tag="mem_stats_reply.v1"):
     node: str
     pools: list[MemPoolStats]
+    reserved: dict[str, Count] = {}  # "<device> <function>" -> bytes held for intermediates
 
 
 class Ping(Msg, frozen=True, tag="ping.v1"):

@@ -86,4 +86,5 @@ MEMORY_ALLOC: Final = "alloc"
 MEMORY_FREE: Final = "free"
 MEMORY_RENEW: Final = "renew"
 MEMORY_STATS: Final = "stats"
+MEMORY_OBSERVE: Final = "observe"  # published by workers per request: no reply
 PING: Final = "ping"

@@ -8,6 +8,12 @@ owner that renews them; an owner that stops (a worker that died) has its allocat
 freed once its lease lapses (after the node TTL, and never during the grace period
 after a restart, while owners re-announce).
 
+Intermediates get elastic reservations: workers report each request's start and end
+(``observe``), and every reconcile pass holds, per function and GPU, ``R_size · R_con``
+bytes (p95 size times peak concurrency over a sliding window; ``reservations.py``), resized
+as the load changes and released when the function goes idle, so an idle platform holds
+little memory.
+
 On a simulated GPU the pool accounts the capacity; on a real GPU it budgets the same way
 until a CUDA backend (device segments exported by IPC handle) is added.
 """
@@ -22,6 +28,7 @@ import nats.js.errors
 import structlog
 
 from gpufaas.memory.pool import Allocation, PoolEvent, SegmentPool, SimBackend
+from gpufaas.memory.reservations import Reservation, ReservationTracker
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.constants import KV_MEMORY
@@ -36,6 +43,7 @@ from gpufaas.shared.messages import (
     MemAllocRequest,
     MemFreeReply,
     MemFreeRequest,
+    MemObserve,
     MemPoolStats,
     MemRenewReply,
     MemRenewRequest,
@@ -47,6 +55,9 @@ from gpufaas.shared.messages import (
 from gpufaas.shared.service import Service
 
 log = structlog.get_logger()
+
+RESERVATION_OWNER = "reservation:"  # blocks the manager holds for a function's intermediates
+RESERVATION_WINDOW_S = 60.0
 
 
 def _dev(device: str) -> str:
@@ -67,6 +78,8 @@ class MemoryService(Service):
             if d.kind != "host"
         }
         self._expiry: dict[str, float] = {}  # owner -> when its lease lapses
+        self.observed = {d: ReservationTracker(window_s=RESERVATION_WINDOW_S) for d in self.pools}
+        self._reserved: dict[tuple[str, str], tuple[int, int]] = {}  # (device, fn) -> block
         self._lock = asyncio.Lock()  # pool changes and their KV writes, in order
 
     def devices(self) -> list[DeviceInfo]:
@@ -81,6 +94,7 @@ class MemoryService(Service):
             (subjects.MEMORY_FREE, MemFreeRequest, self.free),
             (subjects.MEMORY_RENEW, MemRenewRequest, self.renew),
             (subjects.MEMORY_STATS, MemStatsRequest, self.stats),
+            (subjects.MEMORY_OBSERVE, MemObserve, self.observe),
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._reconcile_loop(), "reconcile")
@@ -103,31 +117,50 @@ class MemoryService(Service):
     async def alloc(self, req: MemAllocRequest) -> MemAllocation:
         pool = self._pool(req.device)
         async with self._lock:
-            try:
-                a = pool.alloc(req.nbytes, req.owner)
-            except ResourceExhausted as exc:
-                self.after_reply(self.publish_event("memory.pressure", {
-                    "node": self.config.node_id, "device": req.device, "bytes": req.nbytes,
-                    "reason": exc.message,
-                }))  # fmt: skip
-                raise
+            a = await self._alloc(pool, req.nbytes, req.owner)
             self._expiry.setdefault(req.owner, time.time() + self.config.node_ttl_s)
-            await self._persist_events(pool)
-            await self.buckets.memory.put(
-                self._alloc_key(req.device, a), encode_json(_msg(req.device, a))
-            )
         return _msg(req.device, a)
+
+    async def _alloc(self, pool: SegmentPool, nbytes: int, owner: str) -> Allocation:
+        """(Under the lock.) Allocate and record it in KV; pressure is announced."""
+        try:
+            a = pool.alloc(nbytes, owner)
+        except ResourceExhausted as exc:
+            self.after_reply(self.publish_event("memory.pressure", {
+                "node": self.config.node_id, "device": pool.device, "bytes": nbytes,
+                "reason": exc.message,
+            }))  # fmt: skip
+            raise
+        await self._persist_events(pool)
+        key, value = self._alloc_key(pool.device, a), encode_json(_msg(pool.device, a))
+        await self.buckets.memory.put(key, value)
+        return a
+
+    async def _free(self, pool: SegmentPool, alloc_id: int) -> None:
+        """(Under the lock.) Free and forget it in KV."""
+        a = pool.get(alloc_id)
+        pool.free(alloc_id)
+        await self.buckets.memory.delete(self._alloc_key(pool.device, a))
+        await self._persist_events(pool)
+
+    async def observe(self, req: MemObserve) -> MemFreeReply:
+        """A worker's report of a request starting or ending (fed to the reservations)."""
+        tracker = self.observed.get(req.device)
+        if tracker is None:
+            return MemFreeReply(freed=False)
+        if req.phase == "start":
+            tracker.observe_start(req.function, req.request_id, req.nbytes, time.time())
+        else:
+            tracker.observe_end(req.function, req.request_id, time.time())
+        return MemFreeReply(freed=True)
 
     async def free(self, req: MemFreeRequest) -> MemFreeReply:
         pool = self._pool(req.device)
         async with self._lock:
             try:
-                a = pool.get(req.id)
+                await self._free(pool, req.id)
             except NotFound:  # unknown or already freed: idempotent
                 return MemFreeReply(freed=False)
-            pool.free(a.id)
-            await self.buckets.memory.delete(self._alloc_key(req.device, a))
-            await self._persist_events(pool)
         return MemFreeReply(freed=True)
 
     async def renew(self, req: MemRenewRequest) -> MemRenewReply:
@@ -139,6 +172,7 @@ class MemoryService(Service):
         return MemStatsReply(
             node=self.config.node_id,
             pools=[MemPoolStats(**dataclasses.asdict(p.stats())) for p in self.pools.values()],
+            reserved={f"{d} {fn}": n for (d, fn), (_, n) in sorted(self._reserved.items())},
         )
 
     # --- the reconcile loop -------------------------------------------------------------------
@@ -158,9 +192,28 @@ class MemoryService(Service):
                     for a in gone:
                         await self.buckets.memory.delete(self._alloc_key(pool.device, a))
                 log.info("memory.owner_lapsed", owner=owner)
-            for pool in self.pools.values():
+            for device, pool in self.pools.items():
+                await self._resize_reservations(pool, self.observed[device].snapshot(now))
                 pool.release_idle(now, self.config.tensor_keep_alive_s)
                 await self._persist_events(pool)
+
+    async def _resize_reservations(self, pool: SegmentPool, wanted: dict[str, Reservation]) -> None:
+        """(Under the lock.) Hold R_size · R_con per function: grow at once, shrink when the
+        want falls below half of what is held, release when idle."""
+        for key in [k for k in self._reserved if k[0] == pool.device and k[1] not in wanted]:
+            await self._free(pool, self._reserved.pop(key)[0])
+        for fn, r in wanted.items():
+            key, held = (pool.device, fn), self._reserved.get((pool.device, fn))
+            if held is not None and r.desired_bytes <= held[1] < 2 * r.desired_bytes:
+                continue
+            if held is not None:
+                await self._free(pool, self._reserved.pop(key)[0])
+            if r.desired_bytes:
+                try:
+                    a = await self._alloc(pool, r.desired_bytes, f"{RESERVATION_OWNER}{fn}")
+                except ResourceExhausted:
+                    continue  # announced as pressure; requests still run, growing the pool
+                self._reserved[key] = (a.id, r.desired_bytes)
 
     async def _reconcile_loop(self) -> None:
         while self.looping:
@@ -214,7 +267,11 @@ class MemoryService(Service):
                     allocs.append(Allocation(m.id, m.segment, m.offset, m.nbytes, m.owner))
             pool.restore(segments, sorted(allocs, key=lambda a: a.id))
             for a in allocs:
-                self._expiry[a.owner] = grace
+                if a.owner.startswith(RESERVATION_OWNER):  # ours: re-sized by the next pass
+                    fn = a.owner.removeprefix(RESERVATION_OWNER)
+                    self._reserved[(device, fn)] = (a.id, a.nbytes)
+                else:
+                    self._expiry[a.owner] = grace
             if segments:
                 log.info("memory.restored", device=device, segments=len(segments),
                          allocations=len(allocs))  # fmt: skip

@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import nats.errors
 import structlog
 
 from gpufaas.shared import subjects
@@ -30,6 +32,7 @@ from gpufaas.shared.messages import (
     FunctionSpec,
     InvokeReply,
     LeaseClaim,
+    MemObserve,
     ModelSource,
     RegisterReply,
     RegisterRequest,
@@ -43,6 +46,7 @@ from gpufaas.shared.messages import (
     WorkerRunRequest,
     WorkerUnloadReply,
     WorkerUnloadRequest,
+    encode,
     encode_json,
 )
 from gpufaas.shared.registry import get_function
@@ -355,12 +359,14 @@ class WorkerService(Service):
         loop = asyncio.get_running_loop()
         inst.active += 1
         inst.idle.clear()
+        await self._observe(req, "start", sum(len(raw) for _, raw in inputs.values()))
         try:
             outputs = await loop.run_in_executor(self._executor, inst.runner.infer, inputs)
         finally:
             inst.active -= 1
             if not inst.active:
                 inst.idle.set()
+            await self._observe(req, "end")
         compute_us = _us(comp_t)
         xfer_t = time.perf_counter()
         payloads = [await self._output(name, out, req.spec.tenant) for name, out in outputs.items()]
@@ -381,6 +387,19 @@ class WorkerService(Service):
             device=inst.device,
             breakdown=breakdown,
         )
+
+    async def _observe(
+        self, req: WorkerRunRequest, phase: Literal["start", "end"], nbytes: int = 0
+    ) -> None:
+        """Tell the memory service what this request holds on the GPU (for the reservations
+        of intermediates); a plain publish, nothing waited for."""
+        if self.gpu is None:
+            return
+        msg = MemObserve(device=self.gpu, function=f"{req.spec.tenant}/{req.spec.name}",
+                         request_id=req.request_id, phase=phase, nbytes=nbytes)  # fmt: skip
+        subject = subjects.node(self.config.node_id, "memory", subjects.MEMORY_OBSERVE)
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(subject, encode(msg))
 
     async def _inputs(
         self, req: WorkerRunRequest, inst: Instance

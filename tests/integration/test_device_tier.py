@@ -122,3 +122,16 @@ async def test_idle_copies_make_room_and_say_so(platform: Platform) -> None:
     ev = json.loads((await sub.next_msg(timeout=5)).data)["data"]
     assert (ev["device"], ev["reason"]) == ("gpu:0", "room for a model's copies")
     assert ev["bytes"] >= 86 * MIB  # the MiniLM copies (86.6 MiB)
+
+
+async def test_a_workers_requests_drive_the_reservations(platform: Platform) -> None:
+    from gpufaas.memory.service import MemoryService  # noqa: PLC0415
+
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    resp = await c.post("/v2/models/minilm/infer", json=text_request(["reserve for me"]))
+    assert resp.status == 200
+    memory = platform.services["memory"]
+    assert isinstance(memory, MemoryService)
+    await memory.reconcile_once(time.time())
+    assert list(memory._reserved) == [("gpu:0", "default/minilm")]

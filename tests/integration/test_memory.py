@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufaas.memory.service import MemoryService
+from gpufaas.memory.service import RESERVATION_WINDOW_S, MemoryService
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import InvalidArgument, ResourceExhausted
@@ -19,11 +19,13 @@ from gpufaas.shared.messages import (
     MemAllocRequest,
     MemFreeReply,
     MemFreeRequest,
+    MemObserve,
     MemRenewReply,
     MemRenewRequest,
     MemStatsReply,
     MemStatsRequest,
     Msg,
+    encode,
 )
 from gpufaas.shared.rpc import request
 from tests.conftest import NatsServer
@@ -139,3 +141,34 @@ async def test_an_idle_pool_gives_its_segments_back(memory: MemoryService) -> No
     assert (await stats(memory))["reserved_bytes"] > 0  # kept for the keep-alive
     await memory.reconcile_once(time.time() + memory.config.tensor_keep_alive_s + 1)
     assert (await stats(memory))["reserved_bytes"] == 0
+
+
+async def test_reservations_follow_the_observed_load_and_go_when_idle(
+    memory: MemoryService,
+) -> None:
+    subject = subjects.node(memory.config.node_id, "memory", subjects.MEMORY_OBSERVE)
+
+    async def observe(rid: str, phase: str, nbytes: int = 0) -> None:
+        msg = MemObserve(device="gpu:0", function="t/f", request_id=rid, phase=phase,  # type: ignore[arg-type]
+                         nbytes=nbytes)  # fmt: skip
+        await memory.nc.publish(subject, encode(msg))
+
+    for i in range(3):  # three in flight at once, 4 MiB each
+        await observe(f"r{i}", "start", 4 * 2**20)
+    await memory.nc.flush()
+    await asyncio.sleep(0.1)  # the publishes are handled
+    await memory.reconcile_once(time.time())
+    r = await call(memory, subjects.MEMORY_STATS, MemStatsRequest(), MemStatsReply)
+    assert isinstance(r, MemStatsReply)
+    assert r.reserved == {"gpu:0 t/f": 12 * 2**20}  # R_size 4 MiB x R_con 3
+    for i in range(3):
+        await observe(f"r{i}", "end")
+    await memory.nc.flush()
+    await asyncio.sleep(0.1)
+    idle = time.time() + RESERVATION_WINDOW_S + 1  # a whole window without a request
+    await memory.reconcile_once(idle)
+    r = await call(memory, subjects.MEMORY_STATS, MemStatsRequest(), MemStatsReply)
+    assert isinstance(r, MemStatsReply)
+    assert r.reserved == {}
+    await memory.reconcile_once(idle + memory.config.tensor_keep_alive_s + 1)
+    assert (await stats(memory))["reserved_bytes"] == 0  # an idle node holds nothing
