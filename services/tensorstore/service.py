@@ -25,21 +25,15 @@ from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import (
     InvalidArgument,
     ModelInvalid,
-    PlatformError,
     ResourceExhausted,
     Unavailable,
 )
+from gpufaas.shared.memory_client import MemoryClient
 from gpufaas.shared.messages import (
     DeviceInfo,
     DevicePlacement,
     LocalityReply,
     LocalityRequest,
-    MemAllocation,
-    MemAllocRequest,
-    MemFreeReply,
-    MemFreeRequest,
-    MemRenewReply,
-    MemRenewRequest,
     RegisterReply,
     RegisterRequest,
     ReleaseReply,
@@ -50,7 +44,6 @@ from gpufaas.shared.messages import (
     StoreStatsRequest,
     TensorRef,
 )
-from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import SegmentCache
 from gpufaas.tensorstore.device_tier import DeviceTier, NeedsRoom
@@ -77,7 +70,8 @@ class TensorStoreService(Service):
         }
         # Our blocks in the memory service's pools; a new process is a new owner, so a
         # dead one's blocks lapse while ours are fresh.
-        self.mem_owner = f"tensorstore@{config.node_id}/{os.getpid()}/{time.time():.6f}"
+        owner = f"tensorstore@{config.node_id}/{os.getpid()}/{time.time():.6f}"
+        self.memory = MemoryClient(lambda: self.nc, config.node_id, owner, timeout_s=5)
         self._host_maps = SegmentCache(config.shm_dir)  # the source of copies to a GPU
         # One thread: registrations are serialised, so two loads of one model never race.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorstore")
@@ -97,7 +91,8 @@ class TensorStoreService(Service):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._reclaim_loop(), "reclaimer")
         if self.tiers:
-            self.spawn(self._memory_lease_loop(), "memory-lease")
+            lease = self.memory.keep_alive(lambda: self.looping, self.config.heartbeat_s)
+            self.spawn(lease, "memory-lease")
 
     async def on_stop(self) -> None:
         # Off the loop: a registration still hashing finishes in its thread.
@@ -196,17 +191,14 @@ class TensorStoreService(Service):
             await self._release_blocks(tier)
             if not isinstance(placed, NeedsRoom):
                 return placed
-            await self._free_block(tier.name, block[0])
+            await self.memory.free(tier.name, block[0])
             nbytes = placed.nbytes
         raise Unavailable(f"{tier.name} kept changing while placing the model; retry")
 
     async def _reserve(self, tier: DeviceTier, nbytes: int, keep: set[str]) -> tuple[int, int]:
-        subject = subjects.node(self.config.node_id, "memory", subjects.MEMORY_ALLOC)
-        ask = MemAllocRequest(device=tier.name, nbytes=nbytes, owner=self.mem_owner)
         while True:
             try:
-                block = await request(self.nc, subject, ask, MemAllocation, timeout=5,
-                                      what="memory service of this node")  # fmt: skip
+                block = await self.memory.alloc(tier.name, nbytes)
             except ResourceExhausted as full:
                 used = tier.used
                 evicted = await self._run(tier.evict_one_idle, time.time(), keep)
@@ -228,26 +220,7 @@ class TensorStoreService(Service):
 
     async def _release_blocks(self, tier: DeviceTier) -> None:
         while tier.released_blocks:
-            await self._free_block(tier.name, tier.released_blocks.pop())
-
-    async def _free_block(self, device: str, block: int) -> None:
-        subject = subjects.node(self.config.node_id, "memory", subjects.MEMORY_FREE)
-        try:
-            await request(self.nc, subject, MemFreeRequest(device=device, id=block),
-                          MemFreeReply, timeout=5)  # fmt: skip
-        except PlatformError as exc:  # our lease on the block lapses if the manager is away
-            log.warning("tensorstore.free_failed", device=device, block=block, error=exc.message)
-
-    async def _memory_lease_loop(self) -> None:
-        """Keep the lease on our GPU blocks (they lapse, and are freed, if we die)."""
-        subject = subjects.node(self.config.node_id, "memory", subjects.MEMORY_RENEW)
-        while self.looping:
-            try:
-                await request(self.nc, subject, MemRenewRequest(owner=self.mem_owner),
-                              MemRenewReply, timeout=5)  # fmt: skip
-            except PlatformError as exc:
-                log.warning("tensorstore.memory_renew_failed", error=exc.message)
-            await asyncio.sleep(self.config.heartbeat_s)
+            await self.memory.free(tier.name, tier.released_blocks.pop())
 
     async def _announce(
         self, req: RegisterRequest, model_dir: Path, reg: Registration, took_us: int

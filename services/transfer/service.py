@@ -28,17 +28,12 @@ from gpufaas.shared.config import Config
 from gpufaas.shared.cuda_ipc import CudaSegment
 from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import InvalidArgument, NotFound, PlatformError, Unavailable
+from gpufaas.shared.memory_client import MemoryClient
 from gpufaas.shared.messages import (
     EnsureReply,
     EnsureRequest,
     FetchReply,
     FetchRequest,
-    MemAllocation,
-    MemAllocRequest,
-    MemFreeReply,
-    MemFreeRequest,
-    MemRenewReply,
-    MemRenewRequest,
     Placement,
     ResolveReply,
     ResolveRequest,
@@ -82,7 +77,9 @@ class TransferService(Service):
         self.links = NodeLinks(node_devices.topology) if node_devices.topology else None
         # Simulated GPUs: copies emulated in real time by the simulated copy engine.
         self.emulator = EmulatedCopies(self.links.model) if self.links and self.simulated else None
-        self.mem_owner = f"transfer@{config.node_id}"  # stable: survives our restarts
+        # Our GPU blocks; a stable owner: the blocks of copies on disk survive our restarts.
+        self.memory = MemoryClient(lambda: self.nc, config.node_id, f"transfer@{config.node_id}",
+                                   timeout_s=config.request_timeout_s)  # fmt: skip
         self.maps = SegmentCache(config.shm_dir)
         self._copying: dict[tuple[str, str], asyncio.Task[EnsureReply]] = {}
         self._cuda = node_devices.backend == "cuda"
@@ -109,7 +106,8 @@ class TransferService(Service):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._sweep_loop(), "sweeper")
         if self.emulator is not None:
-            self.spawn(self._renew_loop(), "memory-lease")
+            lease = self.memory.keep_alive(lambda: self.looping, self.config.heartbeat_s)
+            self.spawn(lease, "memory-lease")
 
     async def on_stop(self) -> None:
         if self.emulator is not None:
@@ -143,7 +141,7 @@ class TransferService(Service):
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
                 await asyncio.to_thread(release_file, f)
                 if block.isdigit():
-                    await self._free_block(_tier(f.parent.name), int(block))
+                    await self.memory.free(_tier(f.parent.name), int(block))
                 swept.append(tube_id)
             except (ValueError, nats.js.errors.InvalidKeyError):
                 continue  # not a tube's name: not ours to delete
@@ -156,17 +154,6 @@ class TransferService(Service):
         if swept:
             log.info("transfer.swept", tubes=len(swept))
         return swept
-
-    async def _renew_loop(self) -> None:
-        """Keep the lease on the GPU blocks our tube copies hold."""
-        subject = subjects.node(self.config.node_id, "memory", subjects.MEMORY_RENEW)
-        while self.looping:
-            try:
-                await request(self.nc, subject, MemRenewRequest(owner=self.mem_owner),
-                              MemRenewReply, timeout=5)  # fmt: skip
-            except PlatformError as exc:
-                log.warning("transfer.memory_renew_failed", error=exc.message)
-            await asyncio.sleep(self.config.heartbeat_s)
 
     async def _sweep_loop(self) -> None:
         while self.looping:
@@ -372,11 +359,7 @@ class TransferService(Service):
         n = tube.nbytes
         # The GPU's budget is the memory service's: the copy's room comes from its pool,
         # and the file is named after the block, so the sweeper can give it back.
-        block = await request(
-            self.nc, subjects.node(self.config.node_id, "memory", subjects.MEMORY_ALLOC),
-            MemAllocRequest(device=req.tier, nbytes=n, owner=self.mem_owner), MemAllocation,
-            timeout=self.config.request_timeout_s, what="memory service of this node",
-        )  # fmt: skip
+        block = await self.memory.alloc(req.tier, n)
         relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(req.tier)}/{tube.id}.{block.id}"
         final = self.config.shm_dir / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -401,20 +384,11 @@ class TransferService(Service):
         except BaseException:
             f.close()
             tmp.unlink(missing_ok=True)
-            await self._free_block(req.tier, block.id)
+            await self.memory.free(req.tier, block.id)
             raise
         finally:
             view.release()
         return Placement(node=self.config.node_id, tier=req.tier, segment=relpath), record
-
-    async def _free_block(self, tier: str, block: int) -> None:
-        try:
-            await request(
-                self.nc, subjects.node(self.config.node_id, "memory", subjects.MEMORY_FREE),
-                MemFreeRequest(device=tier, id=block), MemFreeReply, timeout=5,
-            )  # fmt: skip
-        except PlatformError as exc:  # the owner's lease lapses if the manager is away
-            log.warning("transfer.free_failed", tier=tier, block=block, error=exc.message)
 
     def _gpu_copy(self, tube: Tube) -> Placement | None:
         """A copy of ``tube`` on one of this node's GPUs, the source of a GPU→GPU copy."""

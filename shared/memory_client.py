@@ -1,0 +1,68 @@
+"""A node service's side of the memory service: its blocks of a GPU's budget, and their lease.
+
+The tensor store (model copies) and the transfer service (tube copies) take room on a
+GPU from the node's memory service through this; the blocks belong to ``owner``, which
+must renew them (``keep_alive``) or they lapse and are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+from nats.aio.client import Client as NATS
+
+from gpufaas.shared import subjects
+from gpufaas.shared.errors import PlatformError
+from gpufaas.shared.messages import (
+    MemAllocation,
+    MemAllocRequest,
+    MemFreeReply,
+    MemFreeRequest,
+    MemRenewReply,
+    MemRenewRequest,
+)
+from gpufaas.shared.rpc import request
+
+log = structlog.get_logger()
+
+
+class MemoryClient:
+    """Allocations of one owner in one node's memory service."""
+
+    def __init__(self, nc: Callable[[], NATS], node: str, owner: str, timeout_s: float) -> None:
+        self._nc = nc  # the service's connection, made after this client
+        self.node = node
+        self.owner = owner
+        self.timeout_s = timeout_s
+
+    def _subject(self, verb: str) -> str:
+        return subjects.node(self.node, "memory", verb)
+
+    async def alloc(self, device: str, nbytes: int) -> MemAllocation:
+        """A block of ``nbytes`` on ``device``; ``ResourceExhausted`` when it has no room."""
+        return await request(
+            self._nc(), self._subject(subjects.MEMORY_ALLOC),
+            MemAllocRequest(device=device, nbytes=nbytes, owner=self.owner), MemAllocation,
+            timeout=self.timeout_s, what="memory service of this node",
+        )  # fmt: skip
+
+    async def free(self, device: str, block: int) -> None:
+        """Give a block back (best effort: if the manager is away, the lease lapses)."""
+        try:
+            await request(self._nc(), self._subject(subjects.MEMORY_FREE),
+                          MemFreeRequest(device=device, id=block), MemFreeReply, timeout=5)  # fmt: skip
+        except PlatformError as exc:
+            log.warning("memory.free_failed", owner=self.owner, device=device, block=block,
+                        error=exc.message)  # fmt: skip
+
+    async def keep_alive(self, looping: Callable[[], bool], interval_s: float) -> None:
+        """Renew the owner's lease every ``interval_s`` while ``looping()``."""
+        while looping():
+            try:
+                await request(self._nc(), self._subject(subjects.MEMORY_RENEW),
+                              MemRenewRequest(owner=self.owner), MemRenewReply, timeout=5)  # fmt: skip
+            except PlatformError as exc:
+                log.warning("memory.renew_failed", owner=self.owner, error=exc.message)
+            await asyncio.sleep(interval_s)
