@@ -46,7 +46,7 @@ def node_ids(count: int) -> list[str]:
 
 
 def start_node(sup: Supervisor, base: Config, node_id: str) -> list[Child]:
-    """Start one node's services (tensor store, transfer, memory, worker)."""
+    """Start one node's services (memory first: the others take GPU room from it)."""
     env = base.replace(node_id=node_id).to_env()
     env.pop("GPUFAAS_READY_FILE", None)
     return [sup.spawn_service(f"{node_id}.{svc}", svc, env) for svc in NODE_SERVICES]

@@ -51,5 +51,5 @@ NATS_MAX_PENDING: Final = 64 * 1024 * 1024
 SEGMENT_ALIGN: Final = 64
 
 # Names of node-local and cluster services, used in subjects and heartbeats.
-NODE_SERVICES: Final = ("tensorstore", "transfer", "memory", "worker")
+NODE_SERVICES: Final = ("memory", "tensorstore", "transfer", "worker")  # started in order
 CLUSTER_SERVICES: Final = ("scheduler", "gateway")

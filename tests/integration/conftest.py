@@ -20,7 +20,7 @@ from gpufaas.transfer.service import TransferService
 from gpufaas.worker.service import WorkerService
 from tests.conftest import NatsServer
 
-NODE_SERVICES = (TensorStoreService, TransferService, MemoryService, WorkerService)
+NODE_SERVICES = (MemoryService, TensorStoreService, TransferService, WorkerService)
 
 
 @dataclass
