@@ -1,9 +1,10 @@
 """The scheduler: function registry, placement and dispatch (replicas share a queue group).
 
-This is the walking skeleton's simple policy: a function is placed on the live node
-with the fewest functions, and invocations go to a node that has it loaded (or to
-any live node, which then cold-starts it). Locality, batching and autoscaling come
-with the scheduler issue.
+A function is placed by locality (``placement.py``): on a node with a warm instance,
+else where most of its model's tensors are already resident (θ from each node's tensor
+store), else on the least loaded node with room on its GPU. Invocations go to a node
+that has it loaded (or to any live node, which then cold-starts it). Queues, batching
+and autoscaling come with the rest of the scheduler issue.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections import Counter
 import nats.js.errors
 import structlog
 
+from gpufaas.scheduler.placement import NodeView, choose
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import validate_source
@@ -26,8 +28,11 @@ from gpufaas.shared.messages import (
     DeployReply,
     DeployRequest,
     FunctionRecord,
+    FunctionSpec,
     InvokeReply,
     InvokeRequest,
+    LocalityReply,
+    LocalityRequest,
     WorkerLoadReply,
     WorkerLoadRequest,
     WorkerRunRequest,
@@ -117,8 +122,7 @@ class SchedulerService(Service):
             raise AlreadyExists(
                 f"function {spec.name!r} exists with another spec; delete it first", field="name"
             )
-        load_counts = Counter(n for r in await list_functions(self.js, kv) for n in r.nodes)
-        node = min(await self._pick_nodes(), key=lambda n: (load_counts[n], n))
+        node = await self._place(spec)
         loaded = await request(
             self.nc,
             subjects.node(node, "worker", subjects.WORKER_LOAD),
@@ -164,6 +168,38 @@ class SchedulerService(Service):
             },
         )
         return DeployReply(function=record, created=True)
+
+    async def _place(self, spec: FunctionSpec) -> str:
+        """Locality-aware placement (``placement.py``) over the live nodes' facts."""
+        candidates = await self._pick_nodes()
+        records = await list_functions(self.js, self.buckets.functions)
+        load = Counter(n for r in records for n in r.nodes)
+        warm = {n for r in records if r.spec == spec for n in r.nodes}
+        beats = await live_nodes(self.js, self.buckets.nodes, self.config.node_ttl_s)
+        localities = await asyncio.gather(*(self._locality(n, spec) for n in candidates))
+        views = []
+        for node, loc in zip(candidates, localities, strict=True):
+            gpus = [d for b in beats.get(node, []) for d in b.devices if d.kind != "host"]
+            free = None
+            if gpus:  # the GPU instances go on (the first), as its busiest reporter sees it
+                first = min(gpus, key=lambda d: (d.name, -d.used_bytes))
+                free = first.memory_bytes - first.used_bytes
+            views.append(NodeView(node, node in warm, loc.theta if loc else 0.0,
+                                  loc.bytes_to_load if loc else 0, load[node], free))  # fmt: skip
+        node = choose(views)
+        log.info("placement.chosen", function=spec.name, node=node,
+                 views=[(v.node, v.warm, round(v.theta, 3), v.functions) for v in views])  # fmt: skip
+        return node
+
+    async def _locality(self, node: str, spec: FunctionSpec) -> LocalityReply | None:
+        """θ of the model on ``node`` (None if its tensor store does not answer at once)."""
+        try:
+            return await request(
+                self.nc, subjects.node(node, "tensorstore", subjects.TENSORSTORE_LOCALITY),
+                LocalityRequest(source=spec.model, tenant=spec.tenant), LocalityReply, timeout=1,
+            )  # fmt: skip
+        except PlatformError:
+            return None
 
     async def delete(self, req: DeleteRequest) -> DeleteReply:
         kv = self.buckets.functions
