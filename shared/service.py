@@ -70,19 +70,48 @@ async def connect_nats(config: Config, name: str) -> NATS:
 
 
 async def close_nats(nc: NATS, *, drain: bool = False, timeout: float = 5.0) -> None:
-    """Flush (or drain) and close within ``timeout``; a broken connection is just dropped."""
+    """Flush (or drain) and close within ``timeout``; a broken connection is just dropped.
+
+    The close runs in its own task and is waited for with a deadline rather than
+    cancelled at it: nats-py's internal ``wait_for`` can swallow a cancellation on Python
+    3.11, and a stuck server must not stall a shutdown.
+    """
     if nc.is_closed:
         return
-    try:
-        async with asyncio.timeout(timeout):
+
+    async def close() -> None:
+        try:
             if nc.is_connected and drain:
                 await nc.drain()  # drains subscriptions, flushes, closes
                 return
             if nc.is_connected:
                 await nc.flush(timeout=max(1, int(timeout / 2)))
             await nc.close()
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
-        log.warning("nats.close_failed", error=repr(exc))
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            log.warning("nats.close_failed", error=repr(exc))
+
+    task = asyncio.create_task(close())
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        log.warning("nats.close_timed_out", timeout_s=timeout)
+        task.cancel()  # best effort; not waited for
+
+
+async def cancel_and_wait(tasks: set[asyncio.Task[None]], deadline_s: float = 5.0) -> None:
+    """Cancel and await ``tasks``, cancelling again until they end or the deadline.
+
+    Again, because asyncio.wait_for on Python 3.11 (used inside nats-py) can turn a
+    cancellation into a TimeoutError that a retry loop then swallows.
+    """
+    end = time.monotonic() + deadline_s
+    pending = [t for t in tasks if not t.done()]
+    while pending and time.monotonic() < end:
+        for t in pending:
+            t.cancel()
+        await asyncio.wait(pending, timeout=0.25)
+        pending = [t for t in pending if not t.done()]
+    if pending:
+        log.error("tasks.not_cancelled", tasks=[t.get_name() for t in pending])
 
 
 class Service:
@@ -339,20 +368,7 @@ class Service:
 
     @staticmethod
     async def _cancel(tasks: set[asyncio.Task[None]], deadline_s: float = 5.0) -> None:
-        """Cancel and await ``tasks``, cancelling again until they end or the deadline.
-
-        Again, because asyncio.wait_for on Python 3.11 (used inside nats-py) can turn a
-        cancellation into a TimeoutError that a retry loop then swallows.
-        """
-        end = time.monotonic() + deadline_s
-        pending = [t for t in tasks if not t.done()]
-        while pending and time.monotonic() < end:
-            for t in pending:
-                t.cancel()
-            await asyncio.wait(pending, timeout=0.25)
-            pending = [t for t in pending if not t.done()]
-        if pending:
-            log.error("tasks.not_cancelled", tasks=[t.get_name() for t in pending])
+        await cancel_and_wait(tasks, deadline_s)
 
 
 def stop_signals() -> asyncio.Event:

@@ -58,7 +58,7 @@ from gpufaas.shared.messages import (
 )
 from gpufaas.shared.registry import FunctionCache, list_functions, live_nodes
 from gpufaas.shared.rpc import request as nats_request
-from gpufaas.shared.service import close_nats, connect_nats
+from gpufaas.shared.service import cancel_and_wait, close_nats, connect_nats
 from gpufaas.shared.shm import delete_tube, read_tube, write_tube
 from gpufaas.shared.tensors import json_to_raw, raw_to_json
 
@@ -606,9 +606,12 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     app[FUNCTIONS] = FunctionCache(app[BUCKETS].functions)
     watch = asyncio.create_task(app[FUNCTIONS].run(), name="gateway:functions-watch")
     yield
-    watch.cancel()
-    with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
-        await watch
+    # Cancelled again until it ends (nats-py can swallow one cancellation), never awaited
+    # without a deadline: a stuck watch must not hang the gateway's shutdown.
+    await cancel_and_wait({watch})
+    if watch.done() and not watch.cancelled():
+        with contextlib.suppress(nats.errors.Error):
+            watch.result()
     await close_nats(nc, drain=True)
 
 

@@ -24,7 +24,7 @@ TICK_S = 0.0005  # how often the clock catches up while copies are in flight
 # copies (5-8 GB/s on the 2-core box) keep pace with the modelled links (up to 150 GB/s
 # of NVLink per GPU): copies that overlap on the links overlap here too. Durations
 # reported are simulated time; a copy takes DILATION times longer in wall time.
-DILATION = 20.0
+DILATION = 50.0
 
 
 class EmulatedCopies:

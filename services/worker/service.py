@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -24,7 +27,13 @@ import structlog
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import NodeDevices, parse_devices
-from gpufaas.shared.errors import InvalidArgument, ModelInvalid, NotFound, PlatformError
+from gpufaas.shared.errors import (
+    InvalidArgument,
+    ModelInvalid,
+    NotFound,
+    PlatformError,
+    Unavailable,
+)
 from gpufaas.shared.messages import (
     Breakdown,
     EnsureReply,
@@ -77,6 +86,7 @@ class Instance:
     tensors: list[str]  # ids of the tensors it uses, leased from the tensor store
     held: frozenset[str]  # the segments its weights view (see TensorMap)
     active: int = 0  # batches computing on it now
+    compute_s: float = 0.0  # moving average of a batch's compute time (dispatch order)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while active == 0
 
     def __post_init__(self) -> None:
@@ -117,6 +127,11 @@ class WorkerService(Service):
         # The store's last answer per model: what a new instance is built over while the
         # store confirms it (see _build).
         self._known: dict[tuple[ModelSource, str], RegisterReply] = {}
+        # Batches ready to compute, by deadline slack (see _compute); one runs at a time.
+        self._ready: list[tuple[float, int, asyncio.Future[dict[str, Output]], Instance,
+                                Mapping[str, tuple[list[int], bytes]]]] = []  # fmt: skip
+        self._ready_seq = itertools.count()
+        self._dispatcher: asyncio.Task[None] | None = None
         # Who holds this process's leases on the tensor store: unique per process life.
         self.holder = f"{config.node_id}/{os.getpid()}/{self.started_at:.6f}"
 
@@ -139,6 +154,13 @@ class WorkerService(Service):
         )
 
     async def on_stop(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        for *_, fut, _, _ in self._ready:  # never silence: the callers hear why
+            if not fut.done():
+                fut.set_exception(Unavailable("the worker is stopping"))
+        self._ready.clear()
         for task in list(self._loading.values()):
             task.cancel()
         await asyncio.gather(*self._loading.values(), return_exceptions=True)
@@ -356,12 +378,11 @@ class WorkerService(Service):
         inputs = await self._inputs(req, inst)
         transfer_us = _us(xfer_t)
         comp_t = time.perf_counter()
-        loop = asyncio.get_running_loop()
         inst.active += 1
         inst.idle.clear()
         await self._observe(req, "start", sum(len(raw) for _, raw in inputs.values()))
         try:
-            outputs = await loop.run_in_executor(self._executor, inst.runner.infer, inputs)
+            outputs = await self._compute(inst, req.deadline, inputs)
         finally:
             inst.active -= 1
             if not inst.active:
@@ -387,6 +408,39 @@ class WorkerService(Service):
             device=inst.device,
             breakdown=breakdown,
         )
+
+    async def _compute(
+        self, inst: Instance, deadline: float, inputs: Mapping[str, tuple[list[int], bytes]]
+    ) -> dict[str, Output]:
+        """Run a batch on the device thread, ready batches ordered by deadline slack.
+
+        Slack is the deadline minus the batch's expected compute time (the instance's
+        moving average), so a short urgent request is not stuck behind a long batch that
+        arrived first; without a deadline a batch waits behind every batch that has one.
+        """
+        fut: asyncio.Future[dict[str, Output]] = asyncio.get_running_loop().create_future()
+        slack_key = (deadline or math.inf) - inst.compute_s
+        heapq.heappush(self._ready, (slack_key, next(self._ready_seq), fut, inst, inputs))
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch())
+        return await fut
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._ready:
+            *_, fut, inst, inputs = heapq.heappop(self._ready)
+            if fut.cancelled():
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self._executor, inst.runner.infer, inputs)
+            except Exception as exc:  # the request's own error: its caller gets it
+                if not fut.done():
+                    fut.set_exception(exc)
+                continue
+            inst.compute_s = 0.8 * inst.compute_s + 0.2 * (time.perf_counter() - t0)
+            if not fut.done():
+                fut.set_result(out)
 
     async def _observe(
         self, req: WorkerRunRequest, phase: Literal["start", "end"], nbytes: int = 0
