@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gpufaas.shared.errors import ResourceExhausted, Unavailable
+from gpufaas.shared.errors import Unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,17 +29,13 @@ class NodeView:
 def choose(views: Sequence[NodeView]) -> str:
     """The node to place on: warm, then highest θ, then least loaded, among those with room.
 
-    Raises ``Unavailable`` with no nodes, ``ResourceExhausted`` when none has room for what
-    the model still needs to load.
+    Free bytes count what is in use, idle copies included, which the node's tensor store
+    can evict: when no node has room by that count, every node is a candidate, and the
+    chosen node's store makes room or answers 507. Raises ``Unavailable`` with no nodes.
     """
     if not views:
         raise Unavailable("no node with a worker is up")
     fits = [v for v in views if v.free_bytes is None or v.free_bytes >= v.bytes_to_load]
-    if not fits:
-        best = max(views, key=lambda v: v.free_bytes or 0)
-        raise ResourceExhausted(
-            f"no node has room for the model: the most free is {best.free_bytes} bytes on "
-            f"{best.node}, which needs {best.bytes_to_load} more",
-            field="model",
-        )
-    return min(fits, key=lambda v: (not v.warm, -round(v.theta, 6), v.functions, v.node)).node
+    return min(
+        fits or views, key=lambda v: (not v.warm, -round(v.theta, 6), v.functions, v.node)
+    ).node

@@ -66,6 +66,7 @@ def platform_config(nats_server: NatsServer, tmp_path: Path) -> Config:
 async def test_a_model_that_does_not_fit_is_refused_cleanly(platform: Platform) -> None:
     c = platform.client
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    await platform.services["tensorstore"]._heartbeat_once()  # the scheduler sees it full
     # A private copy has its own tensor ids: it would need a second 87 MiB on the GPU.
     private = {"name": "mine", "model": {"builtin": "all-minilm-l6-v2", "private": True}}
     resp = await c.post("/v1/functions", json=private)
@@ -116,6 +117,7 @@ async def test_idle_copies_make_room_and_say_so(platform: Platform) -> None:
     sub = await store.nc.subscribe("gpufaas.v1.events.memory.evicted")
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
     assert (await c.delete("/v1/functions/minilm")).status == 200  # its copies stay, idle
+    await store._heartbeat_once()  # the scheduler sees the GPU as full (idle copies count)
     private = {"name": "mine", "model": {"builtin": "all-minilm-l6-v2", "private": True}}
     resp = await c.post("/v1/functions", json=private)  # 87 MiB more: only with the idle gone
     assert resp.status == 201, await resp.json()
