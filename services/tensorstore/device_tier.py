@@ -161,17 +161,18 @@ class DeviceTier:
     ) -> bool:
         """Renew a lease; False when its copies are gone and cannot come back as they were.
 
-        After a restart of the store a simulated GPU re-accounts the copies (nothing moved);
-        a real GPU's copies died with the old process, so the instance must be rebuilt.
+        After a restart of the store a real GPU's copies died with the old process, and a
+        budgeted GPU's room lapsed with the old store's memory lease: the instance is
+        rebuilt. Only an unbudgeted simulated tier re-accounts the copies (nothing moved).
         """
         if self.holds(manifest):
             self.leases.put(lease_id, holder, [r.id for r in manifest.values()], expires_at)
             return True
-        if self.cuda:
+        if self.cuda or self.budgeted:
             return False
         try:
             self.place(lease_id, holder, manifest, read, expires_at=expires_at, now=now)
-        except (ResourceExhausted, NeedsRoom):  # a budgeted GPU: the instance is rebuilt
+        except ResourceExhausted:
             return False
         return True
 

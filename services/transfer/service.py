@@ -45,7 +45,7 @@ from gpufaas.shared.objects import ensure_object_bucket, get_object, put_object
 from gpufaas.shared.registry import live_nodes
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
-from gpufaas.shared.shm import TUBES_DIR, SegmentCache, release_file, write_segment
+from gpufaas.shared.shm import TUBES_DIR, SegmentCache, release_file
 from gpufaas.transfer.cuda_engine import CudaCopyEngine, multipath_host_to_device
 from gpufaas.transfer.discovery import calibrate, discover_topology
 from gpufaas.transfer.emulator import EmulatedCopies
@@ -400,40 +400,26 @@ class TransferService(Service):
         return None
 
     def _to_gpu(self, tube: Tube, src: Placement, tier: str) -> tuple[Placement, float, str]:
-        """(Off the loop.) Copy this node's host or GPU copy to a GPU, by the planned routes.
-
-        Returns the placement, the copy's time (the link model's on a simulated GPU,
-        measured on a real one) and the routes taken.
-        """
+        """(Off the loop; real GPUs, simulated ones go through ``_emulated_copy``.) Copy this
+        node's host or GPU copy to a GPU by the planned routes into a device segment others
+        open by its IPC handle; returns the placement, the measured time and the routes."""
         assert self.links is not None, "a node with GPUs has a topology"
         with self.links.copying(src.tier, tier, tube.nbytes) as plan:
-            if self._cuda:  # a device segment others open by its IPC handle
-                seg = CudaSegment(int(tier.split(":")[1]), tube.nbytes)
-                assert seg.tensor is not None
-                engine = self.engines[tier]
-                if src.tier == "host":  # over every route the plan chose, at once
-                    view = memoryview(self.maps.map(src.segment))
-                    parts = [(p.route.hops, p.offset, p.nbytes) for p in plan.parts]
-                    took = multipath_host_to_device(
-                        self.engines, view[src.offset : src.offset + tube.nbytes], seg.tensor,
-                        parts,
-                    )  # fmt: skip
-                else:
-                    peer = self._device_copies[(tube.id, src.tier)].tensor
-                    assert peer is not None
-                    took = engine.device_to_device(peer, seg.tensor)
-                self._device_copies[(tube.id, tier)] = seg
-                ipc = f"ipc:{seg.handle.hex()}"
-                return (
-                    Placement(node=self.config.node_id, tier=tier, segment=ipc),
-                    took,
-                    describe(plan),
+            seg = CudaSegment(int(tier.split(":")[1]), tube.nbytes)
+            assert seg.tensor is not None
+            if src.tier == "host":  # over every route the plan chose, at once
+                view = memoryview(self.maps.map(src.segment))
+                parts = [(p.route.hops, p.offset, p.nbytes) for p in plan.parts]
+                took = multipath_host_to_device(
+                    self.engines, view[src.offset : src.offset + tube.nbytes], seg.tensor, parts
                 )
-            view = memoryview(self.maps.map(src.segment))[src.offset : src.offset + tube.nbytes]
-            relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(tier)}/{tube.id}"
-            write_segment(self.config.shm_dir, relpath, [view])
-        here = Placement(node=self.config.node_id, tier=tier, segment=relpath)
-        return here, plan.modelled_time_s, describe(plan)
+            else:
+                peer = self._device_copies[(tube.id, src.tier)].tensor
+                assert peer is not None
+                took = self.engines[tier].device_to_device(peer, seg.tensor)
+            self._device_copies[(tube.id, tier)] = seg
+        ipc = f"ipc:{seg.handle.hex()}"
+        return Placement(node=self.config.node_id, tier=tier, segment=ipc), took, describe(plan)
 
     async def _fetch_remote(self, tube: Tube) -> tuple[Placement, str]:
         """Copy another live node's host copy here, in chunks, a window of them in flight."""
