@@ -60,6 +60,10 @@ class Config:
     tensor_keep_alive_s: float = c.DEFAULT_TENSOR_KEEP_ALIVE_S
     reclaim_interval_s: float = c.DEFAULT_RECLAIM_INTERVAL_S
     host_tensor_bytes: int = 0
+    # Worker: dynamic batching. An idle device waits up to batch_wait_s for a batch to
+    # fill (never past a request's slack); device_streams batches may run at once.
+    batch_wait_s: float = c.DEFAULT_BATCH_WAIT_S
+    device_streams: int = c.DEFAULT_DEVICE_STREAMS
     log_format: str = "auto"  # auto | console | json
     log_level: str = "info"
     ready_file: str = ""  # touched once the service is ready (used by `gpufaas up`)

@@ -41,6 +41,8 @@ DEFAULT_TUBE_TTL_S: Final = 600.0
 DEFAULT_TENSOR_KEEP_ALIVE_S: Final = 300.0
 DEFAULT_RECLAIM_INTERVAL_S: Final = 5.0
 DEFAULT_TENANT: Final = "default"
+DEFAULT_BATCH_WAIT_S: Final = 0.002  # how long an idle device waits to fill a batch
+DEFAULT_DEVICE_STREAMS: Final = 2  # batches one device may run at once (across instances)
 EVENTS_MAX_AGE_S: Final = 7 * 24 * 3600.0
 
 # NATS server settings written into the generated config of the embedded server.

@@ -172,6 +172,7 @@ class Breakdown(Msg, frozen=True, tag="breakdown.v1"):
     compute_us: Count = 0
     total_us: Count = 0
     cold: bool = False
+    batch: Count = 1  # requests computed together in the batch this one ran in
 
 
 class InvokeRequest(Msg, frozen=True, tag="invoke_request.v1"):
@@ -222,6 +223,10 @@ class WorkerRunRequest(Msg, frozen=True, tag="worker_run_request.v1"):
     inputs: list[TensorPayload]
     queue_us: Count = 0
     deadline: float = 0.0
+    # The instance's configuration from its profile (DTS): rows per batch and batches in
+    # flight at once. None: the spec's max_batch_size, one batch at a time.
+    max_batch: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 # --- node services -------------------------------------------------------------------

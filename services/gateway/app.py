@@ -377,6 +377,7 @@ async def infer(request: web.Request) -> web.Response:
         "Gpufaas-Load-Us": str(b.load_us),
         "Gpufaas-Compute-Us": str(b.compute_us),
         "Gpufaas-Cold": "1" if b.cold else "0",
+        "Gpufaas-Batch": str(b.batch),
     }
     result: dict[str, Any] = {"model_name": name, "model_version": "1", "outputs": outputs}
     if body.id is not None:
@@ -391,6 +392,7 @@ async def infer(request: web.Request) -> web.Response:
             "compute": b.compute_us,
             "total": b.total_us,
         },
+        "batch": b.batch,
     }
     return json_response(result, headers=headers)
 

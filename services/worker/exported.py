@@ -10,6 +10,7 @@ resolves call targets by name), so whatever it would evaluate is checked first.
 from __future__ import annotations
 
 import json
+import math
 import re
 import zipfile
 from collections.abc import Mapping
@@ -297,8 +298,11 @@ class ExportedRunner:
     """Runs an exported program over borrowed weights: raw tensors in, raw tensors out.
 
     Inputs and outputs follow the program's signature (outputs are ``output__<i>``, or the
-    keys of a returned dict); inputs are checked against it before the graph runs.
+    keys of a returned dict); inputs are checked against it before the graph runs. Not
+    batchable: a program's dimensions need not be a batch, so requests run one at a time.
     """
+
+    batchable = False
 
     def __init__(self, model_dir: Path, weights: Mapping[str, torch.Tensor]) -> None:
         """For ``RUNNERS``: the program is read from ``model_dir/model.pt2``, not its weights."""
@@ -375,6 +379,16 @@ class ExportedRunner:
                 )
             )
         return specs
+
+    def sample(self, batch: int) -> Mapping[str, tuple[list[int], bytes]]:
+        """Zero inputs at each dynamic dimension's lower bound (``batch`` is not a dimension
+        an exported program is known to have)."""
+        out = {}
+        for spec in self._inputs:
+            shape = [d.size if d.size is not None else max(d.low or 1, 1) for d in spec.dims]
+            nbytes = math.prod(shape) * torch.empty((), dtype=spec.dtype).element_size()
+            out[spec.name] = (shape, bytes(nbytes))
+        return out
 
     def infer(self, inputs: Mapping[str, tuple[list[int], bytes]]) -> dict[str, Output]:
         unknown = sorted(set(inputs) - {i.name for i in self._inputs})

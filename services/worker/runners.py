@@ -6,7 +6,7 @@ A runner turns decoded inputs into outputs; ``RUNNERS`` maps an architecture nam
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -15,9 +15,14 @@ import numpy as np
 import tokenizers
 import torch
 
-from gpufaas.shared.errors import InvalidArgument, ModelInvalid
+from gpufaas.shared.errors import Internal, InvalidArgument, ModelInvalid
 from gpufaas.shared.messages import TensorSpec
-from gpufaas.shared.tensors import decode_bytes_elements
+from gpufaas.shared.tensors import (
+    decode_bytes_elements,
+    element_count,
+    encode_bytes_elements,
+    raw_nbytes,
+)
 from gpufaas.worker.models.bert import (
     BertConfig,
     BertEmbedder,
@@ -36,13 +41,79 @@ class Output:
     data: bytes | memoryview
 
 
+Inputs = Mapping[str, tuple[list[int], bytes]]  # name -> (shape, raw little-endian bytes)
+
+
 class Runner(Protocol):
-    """A built model instance."""
+    """A built model instance.
+
+    A runner is ``batchable`` when every input and output has the batch as its first
+    dimension and rows are independent: requests can then be concatenated into one batch
+    (:func:`merge`) and the outputs cut back per request (:func:`split`).
+    """
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    batchable: bool
 
-    def infer(self, inputs: Mapping[str, tuple[list[int], bytes]]) -> dict[str, Output]: ...
+    def infer(self, inputs: Inputs) -> dict[str, Output]: ...
+
+    def sample(self, batch: int) -> Inputs:
+        """Typical inputs of ``batch`` rows, for profiling."""
+        ...
+
+
+def rows(inputs: Inputs) -> int:
+    """The batch rows of a request (the first dimension of its first input; 1 if scalar)."""
+    shape = next(iter(inputs.values()))[0] if inputs else []
+    return shape[0] if shape else 1
+
+
+def merge(requests: Sequence[Inputs]) -> Inputs:
+    """One batch from several requests: each input concatenated along its first dimension.
+
+    Raw bytes concatenate as they are (``BYTES`` elements are length-prefixed, fixed-size
+    types are row-major). Raises ``InvalidArgument`` when the requests' trailing
+    dimensions differ, which the caller answers by running them one at a time.
+    """
+    first = requests[0]
+    out: dict[str, tuple[list[int], bytes]] = {}
+    for name, (shape, _) in first.items():
+        parts = [r[name] for r in requests]
+        if any(len(s) != len(shape) or s[1:] != shape[1:] for s, _ in parts) or not shape:
+            raise InvalidArgument(f"input {name!r} shapes differ across the batch")
+        out[name] = ([sum(s[0] for s, _ in parts), *shape[1:]], b"".join(raw for _, raw in parts))
+    return out
+
+
+def split(outputs: Mapping[str, Output], counts: Sequence[int]) -> list[dict[str, Output]]:
+    """Cut a batch's outputs back into one result per request (``counts`` rows each)."""
+    total = sum(counts)
+    results: list[dict[str, Output]] = [{} for _ in counts]
+    for name, out in outputs.items():
+        if not out.shape or out.shape[0] != total or out.datatype == "BYTES":
+            raise Internal(f"output {name!r} is not batched along its first dimension")
+        view = memoryview(out.data).cast("B")
+        row = len(view) // total if total else 0
+        start = 0
+        for i, n in enumerate(counts):
+            results[i][name] = Output(
+                out.datatype, [n, *out.shape[1:]], view[start : start + n * row]
+            )
+            start += n * row
+    return results
+
+
+def sample_inputs(specs: Sequence[TensorSpec], batch: int) -> Inputs:
+    """Zero inputs of ``batch`` rows for specs with fixed trailing dimensions (profiling)."""
+    out: dict[str, tuple[list[int], bytes]] = {}
+    for spec in specs:
+        shape = [batch, *(max(d, 1) for d in spec.shape[1:])] if spec.shape else []
+        if spec.datatype == "BYTES":
+            out[spec.name] = (shape, encode_bytes_elements([b"sample"] * element_count(shape)))
+        else:
+            out[spec.name] = (shape, bytes(raw_nbytes(spec.datatype, shape) or 0))
+    return out
 
 
 _TOKENIZERS: dict[tuple[str, int, int, int], tokenizers.Tokenizer] = {}
@@ -67,8 +138,14 @@ def shared_tokenizer(model_dir: Path, max_seq_length: int) -> tokenizers.Tokeniz
     return tok
 
 
+# A sentence of typical length for profiling (about 20 tokens).
+SAMPLE_TEXT = b"A serverless platform shares model weights across every instance on a GPU."
+
+
 class BertEmbeddingRunner:
     """Sentence embeddings: ``text`` (BYTES [N]) -> ``embedding`` (FP32 [N, dim])."""
+
+    batchable = True
 
     def __init__(self, model_dir: Path, weights: Mapping[str, torch.Tensor]) -> None:
         try:
@@ -81,7 +158,10 @@ class BertEmbeddingRunner:
         self.inputs = [TensorSpec(name="text", datatype="BYTES", shape=[-1])]
         self.outputs = [TensorSpec(name="embedding", datatype="FP32", shape=[-1, self.model.dim])]
 
-    def infer(self, inputs: Mapping[str, tuple[list[int], bytes]]) -> dict[str, Output]:
+    def sample(self, batch: int) -> Inputs:
+        return {"text": ([batch], encode_bytes_elements([SAMPLE_TEXT] * batch))}
+
+    def infer(self, inputs: Inputs) -> dict[str, Output]:
         shape, raw = inputs["text"]
         if len(shape) != 1:
             raise InvalidArgument(

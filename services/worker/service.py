@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nats.errors
 import structlog
@@ -63,7 +63,7 @@ from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import write_tube
 from gpufaas.worker.exported import ExportedRunner
-from gpufaas.worker.runners import RUNNERS, Output, Runner
+from gpufaas.worker.runners import RUNNERS, Inputs, Output, Runner, merge, rows, split
 from gpufaas.worker.tensor_map import TensorMap
 
 log = structlog.get_logger()
@@ -85,12 +85,32 @@ class Instance:
     load_us: int
     tensors: list[str]  # ids of the tensors it uses, leased from the tensor store
     held: frozenset[str]  # the segments its weights view (see TensorMap)
-    active: int = 0  # batches computing on it now
+    active: int = 0  # requests computing on it now
+    streams: int = 0  # batches computing on it now
+    concurrency: int = 1  # batches it may run at once (from its profile, see _compute)
     compute_s: float = 0.0  # moving average of a batch's compute time (dispatch order)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while active == 0
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+
+@dataclass(slots=True)
+class _Ready:
+    """A request waiting for the device, ordered by slack then arrival."""
+
+    slack: float
+    seq: int
+    inst: Instance
+    inputs: Inputs
+    rows: int
+    queued_at: float  # loop time
+    fut: asyncio.Future[dict[str, Output]]
+    max_batch: int  # rows its instance's batches may hold
+    batch: int = 1  # requests in the batch it ran in
+
+    def __lt__(self, other: _Ready) -> bool:
+        return (self.slack, self.seq) < (other.slack, other.seq)
 
 
 def _us(since: float) -> int:
@@ -120,17 +140,19 @@ class WorkerService(Service):
         # capacity and compute runs on the CPU over the shared host pages).
         self.gpu = gpus[0].name if gpus else None
         self.device = self.gpu or "cpu"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dev-{self.device}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=config.device_streams, thread_name_prefix=f"dev-{self.device}"
+        )
         self.tensors = TensorMap(config.shm_dir)
         self.instances: dict[tuple[str, str], Instance] = {}
         self._loading: dict[tuple[str, str], asyncio.Task[Instance]] = {}
         # The store's last answer per model: what a new instance is built over while the
         # store confirms it (see _build).
         self._known: dict[tuple[ModelSource, str], RegisterReply] = {}
-        # Batches ready to compute, by deadline slack (see _compute); one runs at a time.
-        self._ready: list[tuple[float, int, asyncio.Future[dict[str, Output]], Instance,
-                                Mapping[str, tuple[list[int], bytes]]]] = []  # fmt: skip
+        # Requests ready to compute, by deadline slack, batched per instance (see _compute).
+        self._ready: list[_Ready] = []
         self._ready_seq = itertools.count()
+        self._wake = asyncio.Event()  # a request arrived or a batch finished
         self._dispatcher: asyncio.Task[None] | None = None
         # Who holds this process's leases on the tensor store: unique per process life.
         self.holder = f"{config.node_id}/{os.getpid()}/{self.started_at:.6f}"
@@ -157,9 +179,9 @@ class WorkerService(Service):
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        for *_, fut, _, _ in self._ready:  # never silence: the callers hear why
-            if not fut.done():
-                fut.set_exception(Unavailable("the worker is stopping"))
+        for r in self._ready:  # never silence: the callers hear why
+            if not r.fut.done():
+                r.fut.set_exception(Unavailable("the worker is stopping"))
         self._ready.clear()
         for task in list(self._loading.values()):
             task.cancel()
@@ -382,7 +404,8 @@ class WorkerService(Service):
         inst.idle.clear()
         await self._observe(req, "start", sum(len(raw) for _, raw in inputs.values()))
         try:
-            outputs = await self._compute(inst, req.deadline, inputs)
+            ran = await self._compute(inst, req, inputs)
+            outputs = ran.fut.result()
         finally:
             inst.active -= 1
             if not inst.active:
@@ -399,6 +422,7 @@ class WorkerService(Service):
             compute_us=compute_us,
             total_us=req.queue_us + _us(t_start),
             cold=cold,
+            batch=ran.batch,
         )
         return InvokeReply(
             function=req.spec.name,
@@ -409,38 +433,145 @@ class WorkerService(Service):
             breakdown=breakdown,
         )
 
-    async def _compute(
-        self, inst: Instance, deadline: float, inputs: Mapping[str, tuple[list[int], bytes]]
-    ) -> dict[str, Output]:
-        """Run a batch on the device thread, ready batches ordered by deadline slack.
+    async def _compute(self, inst: Instance, req: WorkerRunRequest, inputs: Inputs) -> _Ready:
+        """Queue a request for its instance's next batch; returns it once computed.
 
-        Slack is the deadline minus the batch's expected compute time (the instance's
-        moving average), so a short urgent request is not stuck behind a long batch that
-        arrived first; without a deadline a batch waits behind every batch that has one.
+        Ready requests are ordered by deadline slack (the deadline minus the instance's
+        moving-average batch time), so a short urgent request is not stuck behind a long
+        batch that arrived first; without a deadline a request waits behind every one that
+        has one. The dispatcher batches a request with the other ready requests of its
+        instance (dynamic batching, up to the profile's batch size).
         """
-        fut: asyncio.Future[dict[str, Output]] = asyncio.get_running_loop().create_future()
-        slack_key = (deadline or math.inf) - inst.compute_s
-        heapq.heappush(self._ready, (slack_key, next(self._ready_seq), fut, inst, inputs))
+        loop = asyncio.get_running_loop()
+        item = _Ready(
+            slack=(req.deadline or math.inf) - inst.compute_s,
+            seq=next(self._ready_seq),
+            inst=inst,
+            inputs=inputs,
+            rows=rows(inputs),
+            queued_at=loop.time(),
+            fut=loop.create_future(),
+            max_batch=max(1, req.max_batch or req.spec.options.max_batch_size),
+        )
+        if req.concurrency:
+            inst.concurrency = min(req.concurrency, self.config.device_streams)
+        heapq.heappush(self._ready, item)
+        self._wake.set()
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
-        return await fut
+        await item.fut
+        return item
 
     async def _dispatch(self) -> None:
+        """Start batches while the device has a free stream, in slack order (see _compute).
+
+        An idle device waits up to ``batch_wait_s`` for the head request's batch to fill,
+        never past that request's slack; a busy one does not wait (requests gather while
+        the running batches compute).
+        """
         loop = asyncio.get_running_loop()
-        while self._ready:
-            *_, fut, inst, inputs = heapq.heappop(self._ready)
-            if fut.cancelled():
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while self._ready or running:
+                self._wake.clear()
+                head = self._next_head(running)
+                if head is not None and not running:
+                    wait = self._fill_wait(head, loop.time())
+                    if wait > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), wait)
+                        continue
+                if head is not None:
+                    batch = self._take_batch(head)
+                    head.inst.streams += 1
+                    task = asyncio.create_task(self._run_batch(batch))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                    continue
+                waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
+                await asyncio.wait([*running, *waits], return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+        finally:
+            for task in running:
+                task.cancel()
+
+    def _next_head(self, running: set[asyncio.Task[None]]) -> _Ready | None:
+        """The most urgent ready request that may start now (a free stream, its instance
+        under its concurrency), dropping cancelled ones; None if none may."""
+        while self._ready and self._ready[0].fut.done():
+            heapq.heappop(self._ready)
+        if len(running) >= self.config.device_streams:
+            return None
+        return next((r for r in sorted(self._ready) if not r.fut.done()
+                     and r.inst.streams < r.inst.concurrency), None)  # fmt: skip
+
+    def _fill_wait(self, head: _Ready, now: float) -> float:
+        """How much longer an idle device should wait for ``head``'s batch to fill."""
+        if not head.inst.runner.batchable or head.max_batch <= 1:
+            return 0.0
+        queued = sum(r.rows for r in self._ready if r.inst is head.inst and not r.fut.done())
+        if queued >= head.max_batch:
+            return 0.0
+        budget = self.config.batch_wait_s - (now - head.queued_at)
+        if head.slack != math.inf:  # never wait past the request's slack
+            budget = min(budget, head.slack - time.time())
+        return max(budget, 0.0)
+
+    def _take_batch(self, head: _Ready) -> list[_Ready]:
+        """``head`` and, in slack order, its instance's other ready requests that fit."""
+        batch, rest, total = [head], [], head.rows
+        for r in sorted(self._ready):
+            if r is head or r.fut.done():
                 continue
+            if (r.inst is head.inst and head.inst.runner.batchable
+                    and total + r.rows <= head.max_batch):  # fmt: skip
+                batch.append(r)
+                total += r.rows
+            else:
+                rest.append(r)
+        self._ready[:] = rest
+        heapq.heapify(self._ready)
+        return batch
+
+    async def _run_batch(self, batch: list[_Ready]) -> None:
+        """Compute one batch on the device thread and hand each request its own rows.
+
+        A batch that fails is retried one request at a time, so each caller gets its own
+        result or its own error (one bad input does not fail its neighbours).
+        """
+        inst = batch[0].inst
+        loop = asyncio.get_running_loop()
+        try:
             t0 = time.perf_counter()
-            try:
-                out = await loop.run_in_executor(self._executor, inst.runner.infer, inputs)
-            except Exception as exc:  # the request's own error: its caller gets it
-                if not fut.done():
-                    fut.set_exception(exc)
-                continue
-            inst.compute_s = 0.8 * inst.compute_s + 0.2 * (time.perf_counter() - t0)
-            if not fut.done():
-                fut.set_result(out)
+            if len(batch) > 1:
+                try:
+                    merged = merge([r.inputs for r in batch])
+                    out = await loop.run_in_executor(self._executor, inst.runner.infer, merged)
+                    parts = split(out, [r.rows for r in batch])
+                except Exception:  # some request's own fault: find out whose, one by one
+                    parts = None
+                if parts is not None:
+                    inst.compute_s = 0.8 * inst.compute_s + 0.2 * (time.perf_counter() - t0)
+                    for r, result in zip(batch, parts, strict=True):
+                        r.batch = len(batch)
+                        if not r.fut.done():
+                            r.fut.set_result(result)
+                    return
+            for r in batch:
+                t0 = time.perf_counter()
+                try:
+                    result = await loop.run_in_executor(self._executor, inst.runner.infer, r.inputs)
+                except Exception as exc:  # the request's own error: its caller gets it
+                    if not r.fut.done():
+                        r.fut.set_exception(exc)
+                    continue
+                inst.compute_s = 0.8 * inst.compute_s + 0.2 * (time.perf_counter() - t0)
+                if not r.fut.done():
+                    r.fut.set_result(result)
+        finally:
+            inst.streams -= 1
+            self._wake.set()
 
     async def _observe(
         self, req: WorkerRunRequest, phase: Literal["start", "end"], nbytes: int = 0

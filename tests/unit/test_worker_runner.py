@@ -14,7 +14,7 @@ from gpufaas.shared.catalog import DEMO_MODEL, resolve_model_dir
 from gpufaas.shared.errors import InvalidArgument, ModelInvalid
 from gpufaas.shared.messages import ModelSource, TensorSpec
 from gpufaas.shared.tensors import encode_bytes_elements
-from gpufaas.worker.runners import RUNNERS, BertEmbeddingRunner
+from gpufaas.worker.runners import RUNNERS, BertEmbeddingRunner, merge, sample_inputs, split
 
 pytestmark = pytest.mark.unit
 
@@ -108,3 +108,29 @@ def test_missing_weights_are_model_invalid(model_dir: Path) -> None:
     with pytest.raises(ModelInvalid, match="is missing") as info:
         BertEmbeddingRunner(model_dir, {})
     assert info.value.field == "model"
+
+
+def test_merged_requests_give_each_its_own_rows(runner: BertEmbeddingRunner) -> None:
+    requests = [
+        {"text": ([n], encode_bytes_elements([t.encode() for t in TEXTS[:n]]))} for n in (1, 3, 2)
+    ]
+    merged = merge(requests)
+    assert merged["text"][0] == [6]
+    parts = split(runner.infer(merged), [1, 3, 2])
+    for req, part in zip(requests, parts, strict=True):
+        alone = runner.infer(req)["embedding"]
+        assert part["embedding"].shape == alone.shape
+        got = np.frombuffer(part["embedding"].data, dtype=np.float32)
+        np.testing.assert_allclose(got, np.frombuffer(alone.data, dtype=np.float32), atol=1e-5)
+
+
+def test_requests_of_other_trailing_shapes_do_not_merge() -> None:
+    with pytest.raises(InvalidArgument):
+        merge([{"x": ([1, 2], b"\0" * 8)}, {"x": ([1, 3], b"\0" * 12)}])
+
+
+def test_sample_inputs_have_the_batch_rows(runner: BertEmbeddingRunner) -> None:
+    out = runner.infer(runner.sample(4))
+    assert out["embedding"].shape == [4, DIM]
+    zeros = sample_inputs([TensorSpec(name="x", datatype="FP32", shape=[-1, 3])], 2)
+    assert zeros == {"x": ([2, 3], bytes(24))}
