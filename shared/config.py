@@ -64,6 +64,12 @@ class Config:
     # fill (never past a request's slack); device_streams batches may run at once.
     batch_wait_s: float = c.DEFAULT_BATCH_WAIT_S
     device_streams: int = c.DEFAULT_DEVICE_STREAMS
+    # Scheduler: autoscaling tick, scale to zero after instance_keep_alive_s idle, and the
+    # device time a deploy's background profile may take (0: batch-1 point only).
+    autoscale_interval_s: float = c.DEFAULT_AUTOSCALE_INTERVAL_S
+    instance_keep_alive_s: float = c.DEFAULT_INSTANCE_KEEP_ALIVE_S
+    max_instances: int = 8
+    profile_s: float = c.DEFAULT_PROFILE_S
     log_format: str = "auto"  # auto | console | json
     log_level: str = "info"
     ready_file: str = ""  # touched once the service is ready (used by `gpufaas up`)

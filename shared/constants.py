@@ -17,6 +17,13 @@ KV_NODES: Final = "gpufaas_nodes"
 KV_TUBES: Final = "gpufaas_tubes"
 KV_TENSORS: Final = "gpufaas_tensors"
 KV_MEMORY: Final = "gpufaas_memory"  # each node's pools: segments and allocations
+KV_PROFILES: Final = "gpufaas_profiles"  # per function: measured configurations, DTS choice
+KV_WORKFLOWS: Final = "gpufaas_workflows"
+KV_LEASES: Final = "gpufaas_leases"  # short-lived ownership (the autoscaling leader), TTL
+SCHEDULER_LEADER_KEY: Final = "scheduler-leader"
+DEFAULT_AUTOSCALE_INTERVAL_S: Final = 1.0
+DEFAULT_INSTANCE_KEEP_ALIVE_S: Final = 120.0  # an idle function scales to zero after this
+DEFAULT_PROFILE_S: Final = 10.0  # background profiling budget per deploy; 0 = off
 
 # Headers carried on NATS messages.
 HDR_REQUEST_ID: Final = "Gpufaas-Request-Id"

@@ -25,6 +25,9 @@ class Buckets:
     tubes: KeyValue
     tensors: KeyValue
     memory: KeyValue
+    profiles: KeyValue
+    workflows: KeyValue
+    leases: KeyValue
 
 
 async def _kv(
@@ -54,6 +57,9 @@ async def ensure_jetstream(
         tubes=await _kv(js, c.KV_TUBES, ttl=tube_ttl_s),
         tensors=await _kv(js, c.KV_TENSORS),
         memory=await _kv(js, c.KV_MEMORY),
+        profiles=await _kv(js, c.KV_PROFILES),
+        workflows=await _kv(js, c.KV_WORKFLOWS, history=5),
+        leases=await _kv(js, c.KV_LEASES, ttl=node_ttl_s),
     )
 
 

@@ -208,6 +208,79 @@ class WorkerLoadReply(Msg, frozen=True, tag="worker_load_reply.v1"):
     device: str
 
 
+class WorkerProfileRequest(Msg, frozen=True, tag="worker_profile_request.v1"):
+    """Measure an instance of ``spec`` at each batch size and concurrency (see profiling)."""
+
+    spec: FunctionSpec
+    batches: list[Annotated[int, msgspec.Meta(ge=1)]]
+    concurrencies: list[Annotated[int, msgspec.Meta(ge=1)]] = msgspec.field(
+        default_factory=lambda: [1]
+    )
+    repeats: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    deadline_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+
+
+class ProfilePointMsg(Msg, frozen=True, tag="profile_point.v1"):
+    batch: int
+    concurrency: int
+    latency_s: float
+    memory_bytes: Count
+
+
+class WorkerProfileReply(Msg, frozen=True, tag="worker_profile_reply.v1"):
+    device: str
+    points: list[ProfilePointMsg]
+
+
+class ProfileRecord(Msg, frozen=True, tag="profile.v1"):
+    """A function's profile and the configuration chosen from it, in the profiles bucket."""
+
+    spec: FunctionSpec
+    device: str
+    points: list[ProfilePointMsg]
+    batch: int  # the chosen configuration (Decreased Throughput Selection)
+    concurrency: int
+    reason: str
+    complete: bool  # False: only the batch-1 point measured so far
+    measured_at: float
+
+
+class FunctionLoadReport(Msg, frozen=True, tag="function_load.v1"):
+    """One function as one scheduler replica sees it."""
+
+    function: str  # tenant/name
+    arrivals: Count  # since the replica's previous report
+    queued: Count
+    in_flight: Count
+
+
+class SchedulerLoad(Msg, frozen=True, tag="scheduler_load.v1"):
+    """A scheduler replica's load report, published each autoscaling tick."""
+
+    replica: str
+    at: float
+    functions: list[FunctionLoadReport]
+
+
+class QueueEntry(Msg, frozen=True, tag="queue_entry.v1"):
+    """What a function's requests will touch on a node: its model, queued and running."""
+
+    function: str  # tenant/name
+    model: ModelSource
+    queued: Count
+    running: Count
+    next_deadline: float | None = None
+
+
+class QueueView(Msg, frozen=True, tag="queue_view.v1"):
+    """A scheduler replica's view of one node's work, for the node's memory manager."""
+
+    replica: str
+    node: str
+    at: float
+    entries: list[QueueEntry]
+
+
 class WorkerUnloadRequest(Msg, frozen=True, tag="worker_unload_request.v1"):
     function: Name
     tenant: Tenant = DEFAULT_TENANT

@@ -97,6 +97,10 @@ class FunctionCache:
         record = self._records.get(function_key(tenant, name))
         return record if record is not None else await get_function(self._kv, tenant, name)
 
+    def remember(self, record: FunctionRecord) -> None:
+        """Take a record this process has just written (before the watch says so)."""
+        self._records[function_key(record.spec.tenant, record.spec.name)] = record
+
     def forget(self, tenant: str, name: str) -> None:
         """Drop a record this process has just deleted (before the watch says so)."""
         self._records.pop(function_key(tenant, name), None)

@@ -68,11 +68,18 @@ def event_filter(kind_pattern: str) -> str:
 SCHED_DEPLOY: Final = cluster("scheduler", "deploy")
 SCHED_DELETE: Final = cluster("scheduler", "delete")
 SCHED_INVOKE: Final = cluster("scheduler", "invoke")
+SCHED_WORKFLOW_DEPLOY: Final = cluster("scheduler", "workflow_deploy")
+SCHED_WORKFLOW_DELETE: Final = cluster("scheduler", "workflow_delete")
+SCHED_WORKFLOW_INVOKE: Final = cluster("scheduler", "workflow_invoke")
+# Every replica's load each tick (arrivals, queued, in flight per function): the leader
+# autoscales from the sum; published, no reply.
+SCHED_LOAD: Final = cluster("scheduler", "load")
 
 # Node-local verbs, completed with a node id by :func:`node`.
 WORKER_LOAD: Final = "load"
 WORKER_UNLOAD: Final = "unload"
 WORKER_RUN: Final = "run"
+WORKER_PROFILE: Final = "profile"
 TENSORSTORE_REGISTER: Final = "register"
 TENSORSTORE_STATS: Final = "stats"
 TENSORSTORE_RENEW: Final = "renew"
@@ -87,4 +94,5 @@ MEMORY_FREE: Final = "free"
 MEMORY_RENEW: Final = "renew"
 MEMORY_STATS: Final = "stats"
 MEMORY_OBSERVE: Final = "observe"  # published by workers per request: no reply
+MEMORY_QUEUE_VIEW: Final = "queue_view"  # published by scheduler replicas: no reply
 PING: Final = "ping"

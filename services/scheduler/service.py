@@ -1,43 +1,77 @@
-"""The scheduler: function registry, placement and dispatch (replicas share a queue group).
+"""The scheduler: function registry, placement, queues, profiles and autoscaling.
 
-A function is placed by locality (``placement.py``): on a node with a warm instance,
-else where most of its model's tensors are already resident (θ from each node's tensor
-store), else on the least loaded node with room on its GPU. Invocations go to a node
-that has it loaded (or to any live node, which then cold-starts it). Queues, batching
-and autoscaling come with the rest of the scheduler issue.
+Replicas share the cluster-wide verbs through a NATS queue group; what they must agree on
+lives in KV (functions and where their instances are, profiles, the autoscaling leader).
+
+* **Placement** (``placement.py``): a node with a warm instance, else where most of the
+  model's tensors are resident (θ from each node's tensor store), else the least loaded
+  node with room on its GPU.
+* **Queues** (``queues.py``): every invocation waits in its function's queue, earliest
+  deadline first, until one of the function's instances has room (its batch size times
+  its concurrency, twice over); the worker forms the batches. A function with no instance
+  left (scaled to zero, or its node gone) is cold-started by the replica that queued it.
+* **Profiles** (``profiles.py``): on deploy the worker measures batch 1 (a deploy whose SLO
+  that cannot meet fails), then the batch sizes and concurrencies in the background; the
+  configuration is chosen by Decreased Throughput Selection and kept in KV.
+* **Autoscaling** (``autoscale.py``): every replica publishes its load each tick; the
+  leader (a KV lease) sums them and scales each function out, in, or to zero.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections import Counter
+from collections.abc import Callable
 
+import nats.errors
 import nats.js.errors
 import structlog
+from msgspec.structs import replace as msgspec_replace
 
+from gpufaas.scheduler.autoscale import Autoscaler, FunctionLoad
 from gpufaas.scheduler.placement import NodeView, choose
+from gpufaas.scheduler.profiles import ProfilePoint, batch_sizes, choose_config
+from gpufaas.scheduler.queues import FunctionQueue, Pending
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import validate_source
 from gpufaas.shared.config import Config
-from gpufaas.shared.errors import AlreadyExists, NotFound, PlatformError, Unavailable
+from gpufaas.shared.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    NotFound,
+    PlatformError,
+    Unavailable,
+)
 from gpufaas.shared.messages import (
     DeleteReply,
     DeleteRequest,
     DeployReply,
     DeployRequest,
+    FunctionLoadReport,
     FunctionRecord,
     FunctionSpec,
     InvokeReply,
     InvokeRequest,
     LocalityReply,
     LocalityRequest,
+    ProfilePointMsg,
+    ProfileRecord,
+    QueueEntry,
+    QueueView,
+    SchedulerLoad,
     WorkerLoadReply,
     WorkerLoadRequest,
+    WorkerProfileReply,
+    WorkerProfileRequest,
     WorkerRunRequest,
     WorkerUnloadReply,
     WorkerUnloadRequest,
+    decode_json,
+    encode,
     encode_json,
     to_builtins,
 )
@@ -64,6 +98,17 @@ class SchedulerService(Service):
         super().__init__(config)
         self.workers: dict[str, float] = {}  # live node -> its worker's start time
         self._functions: FunctionCache | None = None
+        self.replica = f"{config.node_id}/{os.getpid()}/{self.started_at:.6f}"
+        self.queues: dict[str, FunctionQueue] = {}  # tenant/name -> its queue here
+        self.autoscaler = Autoscaler(
+            keep_alive_s=config.instance_keep_alive_s, max_instances=config.max_instances
+        )
+        self.leader = False
+        self._leader_rev = 0
+        self._reports: dict[str, SchedulerLoad] = {}  # replica -> its latest load report
+        self._profiles: dict[str, tuple[float, ProfileRecord | None]] = {}  # key -> (read at, …)
+        self._cold: dict[str, asyncio.Task[None]] = {}  # key -> cold start from zero here
+        self._draining: dict[tuple[str, str], float] = {}  # (key, node) -> left the record at
 
     async def on_start(self) -> None:
         q = c.SCHEDULER_QUEUE
@@ -72,8 +117,10 @@ class SchedulerService(Service):
         await self.serve(subjects.SCHED_DEPLOY, DeployRequest, self.deploy, queue=q)
         await self.serve(subjects.SCHED_DELETE, DeleteRequest, self.delete, queue=q)
         await self.serve(subjects.SCHED_INVOKE, InvokeRequest, self.invoke, queue=q)
+        await self.serve(subjects.SCHED_LOAD, SchedulerLoad, self._on_load)  # every replica
         await self.reconcile_once(time.time(), announce=False)
         self.spawn(self._membership_loop(), "membership")
+        self.spawn(self._autoscale_loop(), "autoscale")
 
     # --- membership --------------------------------------------------------------------
 
@@ -131,6 +178,12 @@ class SchedulerService(Service):
             timeout=self.config.deploy_timeout_s,
             what=f"worker of node {node}",
         )
+        try:
+            first = await self._profile(node, spec, [1], repeats=3, deadline_s=30)
+            choice = self._check_slo(spec, first.points)
+        except BaseException:
+            await self._unload(node, spec.tenant, spec.name)
+            raise
         record = FunctionRecord(
             spec=spec,
             inputs=loaded.inputs,
@@ -154,6 +207,9 @@ class SchedulerService(Service):
         except BaseException:
             await self._unload(node, spec.tenant, spec.name)
             raise
+        await self._put_profile(spec, first, complete=False, reason=choice)
+        if self.config.profile_s > 0:
+            self.after_reply(self._profile_sweep(node, spec))
         await self.publish_event(
             "function.deployed",
             {
@@ -169,9 +225,11 @@ class SchedulerService(Service):
         )
         return DeployReply(function=record, created=True)
 
-    async def _place(self, spec: FunctionSpec) -> str:
-        """Locality-aware placement (``placement.py``) over the live nodes' facts."""
+    async def _place(self, spec: FunctionSpec, exclude: set[str] | None = None) -> str:
+        """Locality-aware placement (``placement.py``) over the live nodes' facts; nodes in
+        ``exclude`` (that already hold an instance) only when there is no other."""
         candidates = await self._pick_nodes()
+        candidates = [n for n in candidates if n not in (exclude or set())] or candidates
         records = await list_functions(self.js, self.buckets.functions)
         load = Counter(n for r in records for n in r.nodes)
         warm = {n for r in records if r.spec == spec for n in r.nodes}
@@ -227,34 +285,167 @@ class SchedulerService(Service):
         except PlatformError as exc:
             log.warning("unload.failed", node=node, function=name, error=exc.message)
 
+    # --- profiles ------------------------------------------------------------------------
+
+    async def _profile(
+        self, node: str, spec: FunctionSpec, batches: list[int], *, repeats: int,
+        deadline_s: float,
+    ) -> WorkerProfileReply:  # fmt: skip
+        return await request(
+            self.nc,
+            subjects.node(node, "worker", subjects.WORKER_PROFILE),
+            WorkerProfileRequest(
+                spec=spec,
+                batches=batches,
+                repeats=repeats,
+                concurrencies=self._concurrencies(),
+                deadline_s=deadline_s,
+            ),
+            WorkerProfileReply,
+            timeout=deadline_s + self.config.deploy_timeout_s,
+            what=f"worker of node {node}",
+        )
+
+    def _concurrencies(self) -> list[int]:
+        return list(range(1, max(self.config.device_streams, 1) + 1))
+
+    @staticmethod
+    def _points(points: list[ProfilePointMsg]) -> list[ProfilePoint]:
+        return [ProfilePoint(p.batch, p.concurrency, p.latency_s, p.memory_bytes) for p in points]
+
+    def _check_slo(self, spec: FunctionSpec, points: list[ProfilePointMsg]) -> str:
+        """Refuse a deploy whose SLO not even batch 1 meets (raises naming options.slo_ms)."""
+        slo = spec.options.slo_ms / 1e3 if spec.options.slo_ms else None
+        choice = choose_config(self._points(points), slo, max_batch=1)
+        return f"batch 1 measured ({choice.latency_s * 1e3:.1f} ms); the full profile follows"
+
+    async def _put_profile(
+        self, spec: FunctionSpec, reply: WorkerProfileReply, *, complete: bool, reason: str,
+        batch: int | None = None, concurrency: int = 1,
+    ) -> ProfileRecord:  # fmt: skip
+        record = ProfileRecord(
+            spec=spec, device=reply.device, points=reply.points,
+            batch=batch or spec.options.max_batch_size, concurrency=concurrency,
+            reason=reason, complete=complete, measured_at=time.time(),
+        )  # fmt: skip
+        key = function_key(spec.tenant, spec.name)
+        await self.buckets.profiles.put(key, encode_json(record))
+        self._profiles[key] = (time.monotonic(), record)
+        return record
+
+    async def _profile_sweep(self, node: str, spec: FunctionSpec) -> None:
+        """The full profile, one batch size per request so that requests interleave; then
+        the DTS choice into KV (``profile.completed``). Failures are logged, not raised:
+        the function keeps its default configuration."""
+        budget = self.config.profile_s
+        start = time.monotonic()
+        points: list[ProfilePointMsg] = []
+        device = ""
+        try:
+            for b in batch_sizes(spec.options.max_batch_size):
+                left = budget - (time.monotonic() - start)
+                current = await get_function(self.buckets.functions, spec.tenant, spec.name)
+                if (
+                    left <= 0
+                    or current is None
+                    or current.spec != spec
+                    or node not in current.nodes
+                ):
+                    break  # out of time, or the function is gone or moved
+                reply = await self._profile(node, spec, [b], repeats=3, deadline_s=left)
+                device = reply.device
+                points += [p for p in reply.points if p.batch == b]
+            if not points:
+                return
+            slo = spec.options.slo_ms / 1e3 if spec.options.slo_ms else None
+            choice = choose_config(self._points(points), slo,
+                                   max_batch=spec.options.max_batch_size)  # fmt: skip
+        except PlatformError as exc:
+            log.warning("profile.failed", function=spec.name, error=exc.message)
+            return
+        current = await get_function(self.buckets.functions, spec.tenant, spec.name)
+        if current is None or current.spec != spec:
+            return  # deleted or redeployed meanwhile
+        await self._put_profile(spec, WorkerProfileReply(device=device, points=points),
+                                complete=True, reason=choice.reason, batch=choice.batch,
+                                concurrency=choice.concurrency)  # fmt: skip
+        await self.publish_event("profile.completed", {
+            "function": spec.name, "tenant": spec.tenant, "device": device,
+            "batch": choice.batch, "concurrency": choice.concurrency,
+            "latency_ms": round(choice.latency_s * 1e3, 3),
+            "throughput_rps": round(choice.throughput_rps, 1), "reason": choice.reason,
+            "points": len(points),
+        })  # fmt: skip
+
+    async def profile_of(self, tenant: str, name: str) -> ProfileRecord | None:
+        """A function's profile record, cached for a few seconds (it changes once or twice)."""
+        key = function_key(tenant, name)
+        cached = self._profiles.get(key)
+        if cached is not None and time.monotonic() - cached[0] < 5.0:
+            return cached[1]
+        try:
+            entry = await self.buckets.profiles.get(key)
+            record = None if entry.value is None else decode_json(entry.value, ProfileRecord)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            record = None
+        self._profiles[key] = (time.monotonic(), record)
+        return record
+
     # --- invoke ------------------------------------------------------------------------
 
     async def invoke(self, req: InvokeRequest) -> InvokeReply:
+        """Queue the request on its function, wait for an instance with room, run it there."""
         t0 = time.perf_counter()
         assert self._functions is not None
         record = await self._functions.get(req.tenant, req.function)
         if record is None:
             raise NotFound(f"function {req.function!r} not found", field="model")
-        candidates = await self._pick_nodes()
-        node = next((n for n in record.nodes if n in self.workers), candidates[0])
         deadline = req.deadline or (time.time() + self.config.request_timeout_s)
-        timeout = max(deadline - time.time(), 0.001)
-        run = WorkerRunRequest(
-            spec=record.spec,
-            request_id=req.request_id,
-            inputs=req.inputs,
-            queue_us=int((time.perf_counter() - t0) * 1e6),
-            deadline=deadline,
-        )
-        reply = await request(
-            self.nc,
-            subjects.node(node, "worker", subjects.WORKER_RUN),
-            run,
-            InvokeReply,
-            timeout=timeout,
-            request_id=req.request_id,
-            what=f"worker of node {node}",
-        )
+        key = function_key(req.tenant, req.function)
+        fq = self.queues.get(key)
+        if fq is None:
+            fq = self.queues[key] = FunctionQueue(key)
+        pending = Pending(deadline, req.request_id, asyncio.get_running_loop().create_future())
+        fq.push(pending)
+        profile = await self.profile_of(req.tenant, req.function)
+        await self._pump(fq, record)
+        try:
+            async with asyncio.timeout(max(deadline - time.time(), 0.001)):
+                node = await pending.node
+        except TimeoutError:
+            pending.node.cancel()
+            raise DeadlineExceeded(
+                f"request waited past its deadline in the queue of {req.function!r}"
+            ) from None
+        finally:
+            if not pending.node.done():
+                pending.node.cancel()
+        try:
+            run = WorkerRunRequest(
+                spec=record.spec,
+                request_id=req.request_id,
+                inputs=req.inputs,
+                queue_us=int((time.perf_counter() - t0) * 1e6),
+                deadline=deadline,
+                max_batch=profile.batch if profile and profile.complete else None,
+                concurrency=profile.concurrency if profile and profile.complete else None,
+            )
+            reply = await request(
+                self.nc,
+                subjects.node(node, "worker", subjects.WORKER_RUN),
+                run,
+                InvokeReply,
+                timeout=max(deadline - time.time(), 0.001),
+                request_id=req.request_id,
+                what=f"worker of node {node}",
+            )
+        finally:
+            fq.release(node)
+            await self._pump(fq, None)
+        if pending.cold_us:  # the instance was built for it before the worker saw it
+            b = reply.breakdown
+            reply = msgspec_replace(reply, breakdown=msgspec_replace(
+                b, cold=True, load_us=b.load_us + pending.cold_us))  # fmt: skip
         await self.publish_event(
             "invocation.completed",
             {
@@ -268,3 +459,236 @@ class SchedulerService(Service):
             ack=False,
         )
         return reply
+
+    async def _pump(self, fq: FunctionQueue, record: FunctionRecord | None) -> None:
+        """Hand waiting requests to instances with room; start one if the function has none."""
+        if not fq.waiting:
+            return
+        tenant, _, name = fq.key.partition(".")
+        if record is None:
+            assert self._functions is not None
+            record = await self._functions.get(tenant, name)
+            if record is None:  # deleted while requests waited
+                for p in fq.waiting:
+                    if not p.node.done():
+                        p.node.set_exception(NotFound(f"function {name!r} not found",
+                                                      field="model"))  # fmt: skip
+                fq.waiting.clear()
+                return
+        nodes = [n for n in record.nodes if n in self.workers]
+        if not nodes:
+            if fq.key not in self._cold or self._cold[fq.key].done():
+                self._cold[fq.key] = self.spawn(self._cold_start(fq, record), f"cold-{fq.key}")
+            return
+        profile = await self.profile_of(tenant, name)
+        batch = (
+            profile.batch if profile and profile.complete else record.spec.options.max_batch_size
+        )
+        capacity = 2 * batch * (profile.concurrency if profile and profile.complete else 1)
+        for pending, node in fq.assign(nodes, capacity):
+            pending.node.set_result(node)
+
+    async def _cold_start(self, fq: FunctionQueue, record: FunctionRecord) -> None:
+        """A function with requests waiting and no live instance: place and build one."""
+        spec = record.spec
+        t0 = time.perf_counter()
+        try:
+            node = await self._place(spec)
+            await request(
+                self.nc, subjects.node(node, "worker", subjects.WORKER_LOAD),
+                WorkerLoadRequest(spec=spec), WorkerLoadReply,
+                timeout=self.config.deploy_timeout_s, what=f"worker of node {node}",
+            )  # fmt: skip
+            updated = await self._update_nodes(spec, lambda ns: [n for n in ns
+                                               if n in self.workers and n != node] + [node])  # fmt: skip
+        except PlatformError as exc:
+            log.warning("cold_start.failed", function=spec.name, error=exc.message)
+            for p in fq.waiting:
+                if not p.node.done():
+                    p.node.set_exception(exc)
+            fq.waiting.clear()
+            return
+        cold_us = int((time.perf_counter() - t0) * 1e6)
+        for p in fq.waiting:  # every request that waited for it reports a cold start
+            p.cold_us = cold_us
+        if updated is not None:
+            await self.publish_event("function.scaled", {
+                "function": spec.name, "tenant": spec.tenant, "from": 0,
+                "to": len(updated.nodes), "nodes": updated.nodes,
+                "reason": "requests waiting and no live instance",
+            })  # fmt: skip
+            await self._pump(fq, updated)
+
+    async def _update_nodes(
+        self, spec: FunctionSpec, change: Callable[[list[str]], list[str]]
+    ) -> FunctionRecord | None:
+        """Change a function's instance nodes in KV (compare-and-set, retried); None when
+        the function is gone or was redeployed with another spec."""
+        kv = self.buckets.functions
+        key = function_key(spec.tenant, spec.name)
+        for _ in range(20):
+            try:
+                entry = await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return None
+            if entry.value is None:
+                return None
+            record = decode_json(entry.value, FunctionRecord)
+            if record.spec != spec:
+                return None
+            new = msgspec_replace(record, nodes=change(list(record.nodes)))
+            try:
+                await kv.update(key, encode_json(new), last=entry.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            assert self._functions is not None
+            self._functions.remember(new)
+            return new
+        raise Unavailable(f"function {spec.name!r} is being changed by others; try again")
+
+    # --- autoscaling -----------------------------------------------------------------------
+
+    async def _on_load(self, msg: SchedulerLoad) -> SchedulerLoad:
+        if msg.replica != self.replica:
+            self._reports[msg.replica] = msg
+        return msg
+
+    async def _autoscale_loop(self) -> None:
+        while self.looping:
+            await asyncio.sleep(self.config.autoscale_interval_s)
+            try:
+                await self.autoscale_once(time.time())
+            except PlatformError as exc:
+                log.warning("autoscale.failed", error=exc.message)
+
+    async def autoscale_once(self, now: float) -> None:
+        """One tick: publish this replica's load and queue views; if leader, scale."""
+        await self._publish_load(now)
+        if not await self._lead():
+            return
+        fresh = [r for r in self._reports.values()
+                 if now - r.at <= 3 * self.config.autoscale_interval_s + 1]  # fmt: skip
+        totals: dict[str, list[int]] = {}
+        for report in fresh:
+            for f in report.functions:
+                t = totals.setdefault(f.function, [0, 0, 0])
+                t[0] += f.arrivals
+                t[1] += f.queued
+                t[2] += f.in_flight
+        for report in fresh:  # counted once: arrivals are since each replica's last report
+            self._reports[report.replica] = msgspec_replace(
+                report, functions=[msgspec_replace(f, arrivals=0) for f in report.functions]
+            )
+        records = await list_functions(self.js, self.buckets.functions)
+        loads = []
+        for record in records:
+            key = function_key(record.spec.tenant, record.spec.name)
+            arrivals, queued, in_flight = totals.get(key, [0, 0, 0])
+            if arrivals:
+                self.autoscaler.observe(key, now, arrivals)
+            profile = await self.profile_of(record.spec.tenant, record.spec.name)
+            batch = (
+                profile.batch
+                if profile and profile.complete
+                else record.spec.options.max_batch_size
+            )
+            conc = profile.concurrency if profile and profile.complete else 1
+            rps = 0.0
+            if profile and profile.complete:
+                point = next((p for p in profile.points
+                              if (p.batch, p.concurrency) == (batch, conc)), None)  # fmt: skip
+                rps = point.batch * point.concurrency / point.latency_s if point else 0.0
+            live = [n for n in record.nodes if n in self.workers]
+            loads.append(FunctionLoad(key, len(live), queued, in_flight, batch * conc, rps))
+        by_key = {function_key(r.spec.tenant, r.spec.name): r for r in records}
+        for key, decision in self.autoscaler.decide(now, loads).items():
+            if decision.desired != decision.current:
+                await self._scale(by_key[key], decision.desired, decision.reason, now)
+        await self._finish_draining(now)
+
+    async def _publish_load(self, now: float) -> None:
+        reports = []
+        views: dict[str, list[QueueEntry]] = {}
+        assert self._functions is not None
+        for key, fq in list(self.queues.items()):
+            queued, in_flight = fq.queued(), sum(fq.in_flight.values())
+            if not (fq.arrivals or queued or in_flight):
+                del self.queues[key]
+                continue
+            reports.append(FunctionLoadReport(key, fq.arrivals, queued, in_flight))
+            shown = key.replace(".", "/", 1)  # as workers name functions to the memory service
+            fq.arrivals = 0
+            tenant, _, name = key.partition(".")
+            record = await self._functions.get(tenant, name)
+            if record is None:
+                continue
+            for node in record.nodes:  # queued requests will run on one of its instances
+                views.setdefault(node, []).append(QueueEntry(
+                    shown, record.spec.model, queued, fq.in_flight.get(node, 0),
+                    fq.next_deadline()))  # fmt: skip
+        load = SchedulerLoad(replica=self.replica, at=now, functions=reports)
+        self._reports[self.replica] = load  # our own, without waiting for it to loop back
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(subjects.SCHED_LOAD, encode(load))
+            for node, entries in views.items():
+                view = QueueView(replica=self.replica, node=node, at=now, entries=entries)
+                await self.nc.publish(
+                    subjects.node(node, "memory", subjects.MEMORY_QUEUE_VIEW), encode(view)
+                )
+
+    async def _lead(self) -> bool:
+        """Take or keep the autoscaling lease (a KV key with the leases bucket's TTL)."""
+        kv = self.buckets.leases
+        value = self.replica.encode()
+        try:
+            if self.leader:
+                self._leader_rev = await kv.update(c.SCHEDULER_LEADER_KEY, value,
+                                                   last=self._leader_rev)  # fmt: skip
+            else:
+                self._leader_rev = await kv.create(c.SCHEDULER_LEADER_KEY, value)
+                log.info("autoscale.leader", replica=self.replica)
+            self.leader = True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            self.leader = False
+        return self.leader
+
+    async def _scale(self, record: FunctionRecord, desired: int, reason: str, now: float) -> None:
+        spec = record.spec
+        key = function_key(spec.tenant, spec.name)
+        live = [n for n in record.nodes if n in self.workers]
+        if desired > len(live):
+            node = await self._place(spec, exclude=set(live))
+            if node in live:
+                return  # no other node to scale out to
+            await request(
+                self.nc, subjects.node(node, "worker", subjects.WORKER_LOAD),
+                WorkerLoadRequest(spec=spec), WorkerLoadReply,
+                timeout=self.config.deploy_timeout_s, what=f"worker of node {node}",
+            )  # fmt: skip
+            updated = await self._update_nodes(
+                spec, lambda ns: [n for n in ns if n in self.workers and n != node] + [node]
+            )
+        else:
+            fq = self.queues.get(key)
+            busy = fq.in_flight if fq else Counter[str]()
+            drop = set(live) if desired == 0 else {min(live, key=lambda n: (busy[n], n))}
+            updated = await self._update_nodes(spec, lambda ns: [n for n in ns if n not in drop])
+            for node in drop:  # unloaded next tick, once requests already sent have arrived
+                self._draining[(key, node)] = now
+        if updated is not None:
+            await self.publish_event("function.scaled", {
+                "function": spec.name, "tenant": spec.tenant, "from": len(live),
+                "to": len(updated.nodes), "nodes": updated.nodes, "reason": reason,
+            })  # fmt: skip
+
+    async def _finish_draining(self, now: float) -> None:
+        assert self._functions is not None
+        for (key, node), since in list(self._draining.items()):
+            if now - since < self.config.autoscale_interval_s:
+                continue
+            del self._draining[(key, node)]
+            tenant, _, name = key.partition(".")
+            record = await self._functions.get(tenant, name)
+            if record is not None and node in record.nodes:
+                continue  # scaled back onto it meanwhile
+            await self._unload(node, tenant, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import math
@@ -43,6 +44,7 @@ from gpufaas.shared.messages import (
     LeaseClaim,
     MemObserve,
     ModelSource,
+    ProfilePointMsg,
     RegisterReply,
     RegisterRequest,
     ReleaseReply,
@@ -52,6 +54,8 @@ from gpufaas.shared.messages import (
     TensorPayload,
     WorkerLoadReply,
     WorkerLoadRequest,
+    WorkerProfileReply,
+    WorkerProfileRequest,
     WorkerRunRequest,
     WorkerUnloadReply,
     WorkerUnloadRequest,
@@ -63,6 +67,7 @@ from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import write_tube
 from gpufaas.worker.exported import ExportedRunner
+from gpufaas.worker.profiling import profile
 from gpufaas.worker.runners import RUNNERS, Inputs, Output, Runner, merge, rows, split
 from gpufaas.worker.tensor_map import TensorMap
 
@@ -168,6 +173,11 @@ class WorkerService(Service):
         )
         await self.serve(
             subjects.node(node, self.name, subjects.WORKER_UNLOAD), WorkerUnloadRequest, self.unload
+        )
+        await self.serve(
+            subjects.node(node, self.name, subjects.WORKER_PROFILE),
+            WorkerProfileRequest,
+            self.profile,
         )
         await self.publish_event(
             "node.joined",
@@ -328,6 +338,38 @@ class WorkerService(Service):
             cached=not cold,
             device=inst.device,
         )
+
+    async def profile(self, req: WorkerProfileRequest) -> WorkerProfileReply:
+        """Measure the loaded instance of ``req.spec`` on this node's device.
+
+        Runs on the device's threads like a batch: requests wait behind it, so the
+        scheduler asks for the full sweep only in the background, under a time limit.
+        """
+        inst = self.instances.get((req.spec.tenant, req.spec.name))
+        if inst is None or inst.spec != req.spec:  # never builds: it may have been unloaded
+            raise NotFound(f"function {req.spec.name!r} has no instance here", field="spec")
+        inst.active += 1
+        inst.idle.clear()
+        try:
+            samples = await asyncio.get_running_loop().run_in_executor(
+                self._executor,
+                functools.partial(
+                    profile,
+                    inst.runner,
+                    req.batches,
+                    req.concurrencies,
+                    repeats=req.repeats,
+                    cuda=self.node_devices.backend == "cuda",
+                    deadline_s=req.deadline_s,
+                ),
+            )
+        finally:
+            inst.active -= 1
+            if not inst.active:
+                inst.idle.set()
+        points = [ProfilePointMsg(s.batch, s.concurrency, s.latency_s, s.memory_bytes)
+                  for s in samples]  # fmt: skip
+        return WorkerProfileReply(device=inst.device, points=points)
 
     async def unload(self, req: WorkerUnloadRequest) -> WorkerUnloadReply:
         inst = self.instances.pop((req.tenant, req.function), None)

@@ -58,6 +58,7 @@ def make_config(nats: NatsServer, tmp_path: Path, **overrides: Any) -> Config:
         node_ttl_s=2.0,
         connect_deadline_s=3.0,
         shutdown_deadline_s=5.0,
+        profile_s=0.0,  # the batch-1 point only: a background sweep would slow every test
     )
     return base.replace(**overrides)
 

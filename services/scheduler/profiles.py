@@ -1,0 +1,162 @@
+"""Batch size and concurrency from a profile: Decreased Throughput Selection (DTS).
+
+From "GPU-enabled FaaS for ML inference" (Zhao, Jha, Hong, IPDPS 2023): among the
+(batch, concurrency) configurations a function was profiled at, keep those that meet its
+SLO and score each by throughput per unit of latency and memory, ``(b·p) / (l·m)``, so a
+configuration that buys a little throughput with a lot of memory or latency loses. Pure:
+the profiler measures, this picks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from gpufaas.shared.errors import InvalidArgument
+
+MEMORY_FLOOR_BYTES: Final = 2**20  # so a configuration that holds no memory scores finitely
+NEAR_BEST: Final = 0.95  # scores within 5% of the best count as a tie
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilePoint:
+    """One profiled configuration: ``concurrency`` batches of ``batch`` running at once.
+
+    ``latency_s`` is the time one batch takes while the others run beside it;
+    ``memory_bytes`` is the intermediate (activation) memory all of them hold together,
+    model weights excluded since every configuration shares them.
+    """
+
+    batch: int
+    concurrency: int
+    latency_s: float
+    memory_bytes: int
+
+    @property
+    def throughput_rps(self) -> float:
+        """Requests per second this configuration serves when kept full."""
+        return self.batch * self.concurrency / self.latency_s
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The configuration chosen, its figures, its DTS score and why it won."""
+
+    batch: int
+    concurrency: int
+    latency_s: float
+    memory_bytes: int
+    throughput_rps: float
+    score: float
+    reason: str
+
+
+def score(point: ProfilePoint) -> float:
+    """DTS score ``(b·p) / (l·m)``, with m floored at 1 MiB (requests per second per byte)."""
+    return point.throughput_rps / (point.memory_bytes + MEMORY_FLOOR_BYTES)
+
+
+def worst_case_latency_s(point: ProfilePoint) -> float:
+    """A request's worst latency: it waits one batch's time to be batched, then runs one.
+
+    A request may arrive just after a batch of its size has started, so it waits up to
+    ``latency_s`` for the next one to form and start, then takes ``latency_s`` to run.
+    """
+    return 2 * point.latency_s
+
+
+def choose_config(points: Sequence[ProfilePoint], slo_s: float | None, *, max_batch: int) -> Choice:
+    """The DTS configuration among ``points`` with batch <= ``max_batch`` that meet the SLO.
+
+    A point meets the SLO when its worst case, ``2 * latency_s`` (batch-forming wait plus
+    the batch itself, see :func:`worst_case_latency_s`), is at most ``slo_s``; with no SLO
+    every point does. The highest score wins; points within 5% of it are a tie, broken by
+    the least memory, then the highest throughput, then the smallest batch. Raises
+    ``InvalidArgument`` naming ``options.slo_ms`` when no point meets the SLO (or
+    ``options.max_batch_size`` when no point is small enough), ``ValueError`` when
+    ``points`` is empty or ``max_batch`` < 1.
+    """
+    if not points:
+        raise ValueError("no profile points to choose from")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if slo_s is not None and not slo_s > 0:
+        raise InvalidArgument(f"slo_ms must be > 0, got {slo_s * 1e3:g}", field="options.slo_ms")
+    small = [p for p in points if p.batch <= max_batch]
+    if not small:
+        smallest = min(p.batch for p in points)
+        raise InvalidArgument(
+            f"no configuration has batch <= max_batch_size={max_batch}: "
+            f"the smallest profiled batch is {smallest}",
+            field="options.max_batch_size",
+        )
+    feasible = [p for p in small if slo_s is None or worst_case_latency_s(p) <= slo_s]
+    if not feasible:
+        assert slo_s is not None  # with no SLO every small point is feasible
+        fastest = min(small, key=lambda p: (p.latency_s, p.batch, p.concurrency))
+        raise InvalidArgument(
+            f"no configuration meets slo_ms={slo_s * 1e3:g}: the fastest, batch "
+            f"{fastest.batch} x {fastest.concurrency}, takes {fastest.latency_s * 1e3:.1f} ms "
+            f"per batch ({worst_case_latency_s(fastest) * 1e3:.1f} ms worst case)",
+            field="options.slo_ms",
+        )
+    best_score = max(score(p) for p in feasible)
+    near = [p for p in feasible if score(p) >= NEAR_BEST * best_score]
+    pick = min(near, key=lambda p: (p.memory_bytes, -p.throughput_rps, p.batch, p.concurrency))
+    return Choice(
+        batch=pick.batch,
+        concurrency=pick.concurrency,
+        latency_s=pick.latency_s,
+        memory_bytes=pick.memory_bytes,
+        throughput_rps=pick.throughput_rps,
+        score=score(pick),
+        reason=_reason(
+            pick,
+            best=best_score,
+            near=len(near),
+            feasible=len(feasible),
+            total=len(points),
+            slo_s=slo_s,
+            max_batch=max_batch,
+        ),
+    )
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a profile sweeps: powers of two up to ``max_batch``, and ``max_batch``."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = []
+    b = 1
+    while b <= max_batch:
+        sizes.append(b)
+        b *= 2
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+def _reason(
+    pick: ProfilePoint,
+    *,
+    best: float,
+    near: int,
+    feasible: int,
+    total: int,
+    slo_s: float | None,
+    max_batch: int,
+) -> str:
+    limits = f"batch <= {max_batch}"
+    if slo_s is not None:
+        limits += f" and 2 x latency <= slo_ms={slo_s * 1e3:g}"
+    what = (
+        f"batch {pick.batch} x {pick.concurrency}: {pick.throughput_rps:.1f} req/s, "
+        f"{pick.latency_s * 1e3:.1f} ms per batch, {pick.memory_bytes / 2**20:.1f} MiB"
+    )
+    if near > 1:
+        why = f"least memory of {near} within 5% of the best score"
+    else:
+        why = "best throughput per latency and memory"
+    share = score(pick) / best
+    return f"{what}; {why} ({share:.0%} of it; {feasible} of {total} configurations have {limits})"

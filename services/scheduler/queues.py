@@ -1,0 +1,75 @@
+"""Per-function queues: requests wait here, earliest deadline first, for room on an instance.
+
+An instance holds at most ``capacity`` requests at once (its batch size times its
+concurrency, twice over: one batch forming while one computes); the rest wait in the
+scheduler, where the autoscaler sees them and the memory manager is told about them
+(the queue view). No I/O: the service owns the futures' resolution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+_seq = itertools.count()
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """A request waiting for an instance; ``node`` resolves to where it may run."""
+
+    deadline: float
+    request_id: str
+    node: asyncio.Future[str]
+    seq: int = field(default_factory=lambda: next(_seq))
+    cold_us: int = 0  # it waited for an instance to be built: how long that took
+
+    def __lt__(self, other: Pending) -> bool:
+        return (self.deadline, self.seq) < (other.deadline, other.seq)
+
+
+@dataclass(slots=True)
+class FunctionQueue:
+    """One function's waiting requests and what each of its instances holds now."""
+
+    key: str  # tenant.name, as in the functions bucket
+    waiting: list[Pending] = field(default_factory=list)  # a heap
+    in_flight: Counter[str] = field(default_factory=Counter)
+    arrivals: int = 0  # since the last load report
+    last_deadline_miss: float = 0.0
+
+    def push(self, p: Pending) -> None:
+        self.arrivals += 1
+        heapq.heappush(self.waiting, p)
+
+    def queued(self) -> int:
+        return sum(1 for p in self.waiting if not p.node.done())
+
+    def assign(self, nodes: Sequence[str], capacity: int) -> list[tuple[Pending, str]]:
+        """Give waiting requests, most urgent first, to the least busy instance with room."""
+        out = []
+        while self.waiting and nodes:
+            head = self.waiting[0]
+            if head.node.done():  # cancelled, or timed out while waiting
+                heapq.heappop(self.waiting)
+                continue
+            node = min(nodes, key=lambda n: (self.in_flight[n], n))
+            if self.in_flight[node] >= capacity:
+                break
+            heapq.heappop(self.waiting)
+            self.in_flight[node] += 1
+            out.append((head, node))
+        return out
+
+    def release(self, node: str) -> None:
+        self.in_flight[node] -= 1
+        if self.in_flight[node] <= 0:
+            del self.in_flight[node]
+
+    def next_deadline(self) -> float | None:
+        live = [p.deadline for p in self.waiting if not p.node.done()]
+        return min(live) if live else None

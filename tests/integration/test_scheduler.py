@@ -1,0 +1,210 @@
+"""The scheduler's queues, profiles and autoscaling, one reconcile step at a time.
+
+The autoscaling loop is slowed to an hour so that the tests drive ``autoscale_once(now)``
+themselves with a fake clock; requests, workers and KV are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gpufaas.gateway.app import create_app
+from gpufaas.scheduler.profiles import batch_sizes
+from gpufaas.scheduler.service import SchedulerService
+from gpufaas.shared import subjects
+from gpufaas.shared.config import Config
+from gpufaas.shared.messages import FunctionRecord, ProfileRecord, decode_json
+from gpufaas.shared.registry import function_key, get_function
+from gpufaas.shared.service import Service
+from gpufaas.worker.service import WorkerService
+from tests.conftest import NatsServer
+from tests.integration.conftest import (
+    DEMO_BODY,
+    NODE_SERVICES,
+    Platform,
+    make_config,
+    text_request,
+)
+
+pytestmark = pytest.mark.integration
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def platform_config(nats_server: NatsServer, tmp_path: Path) -> Config:
+    return make_config(nats_server, tmp_path, autoscale_interval_s=HOUR,
+                       instance_keep_alive_s=10.0)  # fmt: skip
+
+
+def scheduler(p: Platform) -> SchedulerService:
+    svc = p.services["scheduler"]
+    assert isinstance(svc, SchedulerService)
+    return svc
+
+
+async def record_of(sched: SchedulerService, name: str) -> FunctionRecord:
+    record = await get_function(sched.buckets.functions, "default", name)
+    assert record is not None
+    return record
+
+
+async def test_an_slo_that_no_configuration_meets_is_refused_at_deploy(platform: Platform) -> None:
+    c = platform.client
+    body = {**DEMO_BODY, "options": {"slo_ms": 0.001}}
+    resp = await c.post("/v1/functions", json=body)
+    assert resp.status == 400
+    err = await resp.json()
+    assert err["field"] == "options.slo_ms"
+    assert "no configuration meets slo_ms=0.001" in err["error"]
+    assert (await c.get("/v1/functions/minilm")).status == 404  # nothing written
+    worker = platform.services["worker"]
+    assert isinstance(worker, WorkerService)
+    assert not worker.instances  # nothing left loaded
+
+
+async def test_a_function_scales_to_zero_after_keep_alive_and_comes_back(
+    platform: Platform,
+) -> None:
+    c, sched = platform.client, scheduler(platform)
+    worker = platform.services["worker"]
+    assert isinstance(worker, WorkerService)
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    assert (await c.post("/v2/models/minilm/infer", json=text_request(["hi"]))).status == 200
+    now = time.time()
+    await sched.autoscale_once(now)  # leader now; the arrival seen; warm
+    assert (await record_of(sched, "minilm")).nodes == ["node-t"]
+    await sched.autoscale_once(now + 5)  # idle 5 s < keep-alive 10 s: stays
+    assert (await record_of(sched, "minilm")).nodes == ["node-t"]
+    await sched.autoscale_once(now + 11)  # idle past keep-alive: out of the record first
+    assert (await record_of(sched, "minilm")).nodes == []
+    assert worker.instances  # unloaded a tick later, once requests already sent are in
+    await sched.autoscale_once(now + 11 + HOUR)
+    assert not worker.instances
+    # Back from zero: the request waits in the queue while an instance is built.
+    resp = await c.post("/v2/models/minilm/infer", json=text_request(["back"]))
+    assert resp.status == 200
+    assert resp.headers["Gpufaas-Cold"] == "1"
+    assert (await record_of(sched, "minilm")).nodes == ["node-t"]
+    scaled = [
+        (e["data"]["from"], e["data"]["to"]) for e in await events(platform, "function.scaled")
+    ]
+    assert scaled == [(1, 0), (0, 1)]
+
+
+async def events(p: Platform, kind: str) -> list[dict[str, Any]]:
+    """Every event of ``kind`` so far (read from the EVENTS stream until it has no more)."""
+    js = p.services["scheduler"].js
+    sub = await js.subscribe(subjects.event_filter(kind), ordered_consumer=True)
+    out: list[dict[str, Any]] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                return out
+            out.append(json.loads(msg.data))
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_requests_wait_in_the_queue_for_room_on_the_instance(platform: Platform) -> None:
+    c, sched = platform.client, scheduler(platform)
+    body = {**DEMO_BODY, "options": {"max_batch_size": 1}}  # room for 2 at once
+    assert (await c.post("/v1/functions", json=body)).status == 201
+    long = text_request(["a longer sentence for the encoder to chew on " * 8] * 16)
+    tasks = [asyncio.create_task(c.post("/v2/models/minilm/infer", json=long)) for _ in range(6)]
+    fq = None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # until the scheduler holds some back
+        fq = sched.queues.get(function_key("default", "minilm"))
+        if fq is not None and fq.queued() > 0:
+            break
+        await asyncio.sleep(0.01)
+    assert fq is not None
+    assert fq.queued() > 0
+    assert sum(fq.in_flight.values()) <= 2
+    for resp in await asyncio.gather(*tasks):
+        assert resp.status == 200
+
+
+@pytest.fixture
+async def two_nodes(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Platform]:
+    services: dict[str, Service] = {}
+    for node in ("node-a", "node-b"):
+        config = make_config(nats_server, tmp_path, node_id=node, shm_dir=tmp_path / node)
+        for cls in NODE_SERVICES:
+            services[f"{cls.name}@{node}"] = cls(config)
+    base = make_config(nats_server, tmp_path, node_id="node-a", autoscale_interval_s=HOUR)
+    services["scheduler"] = SchedulerService(base)
+    for svc in services.values():
+        await svc.start()
+    client = TestClient(TestServer(create_app(base)))
+    await client.start_server()
+    p = Platform(base, nats_server, client, services)
+    yield p
+    await p.stop()
+
+
+async def test_a_queue_longer_than_an_instance_holds_scales_out_to_another_node(
+    two_nodes: Platform,
+) -> None:
+    c, sched = two_nodes.client, scheduler(two_nodes)
+    body = {**DEMO_BODY, "options": {"max_batch_size": 1}}
+    assert (await c.post("/v1/functions", json=body)).status == 201
+    (first,) = (await record_of(sched, "minilm")).nodes
+    long = text_request(["a longer sentence for the encoder to chew on " * 8] * 16)
+    tasks = [asyncio.create_task(c.post("/v2/models/minilm/infer", json=long)) for _ in range(8)]
+    key = function_key("default", "minilm")
+    for _ in range(2000):  # until the scheduler holds some back (20 s at most)
+        if key in sched.queues and sched.queues[key].queued() > 2:
+            break
+        await asyncio.sleep(0.01)
+    await sched.autoscale_once(time.time())  # 8 waiting, room for 2: more instances
+    nodes = (await record_of(sched, "minilm")).nodes
+    assert sorted(nodes) == ["node-a", "node-b"]
+    assert nodes[0] == first
+    for resp in await asyncio.gather(*tasks):
+        assert resp.status == 200
+    served = {r.headers.get("Gpufaas-Node") for r in await asyncio.gather(*tasks)}
+    assert served <= {"node-a", "node-b", None}
+
+
+async def test_a_background_profile_chooses_the_batch(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    from tests.integration.conftest import start_platform  # noqa: PLC0415
+
+    config = make_config(nats_server, tmp_path, profile_s=20.0, autoscale_interval_s=HOUR)
+    p = await start_platform(config, nats_server)
+    try:
+        body = {**DEMO_BODY, "options": {"max_batch_size": 8}}
+        assert (await p.client.post("/v1/functions", json=body)).status == 201
+        sched = scheduler(p)
+        deadline = time.monotonic() + 60
+        record = None
+        while time.monotonic() < deadline:
+            entry = await sched.buckets.profiles.get(function_key("default", "minilm"))
+            assert entry.value is not None
+            record = decode_json(entry.value, ProfileRecord)
+            if record.complete:
+                break
+            await asyncio.sleep(0.1)
+        assert record is not None
+        assert record.complete
+        assert record.batch in batch_sizes(8)
+        assert {pt.batch for pt in record.points} <= set(batch_sizes(8))
+        assert record.reason
+        resp = await p.client.post("/v2/models/minilm/infer", json=text_request(["x", "y"]))
+        assert resp.status == 200
+    finally:
+        await p.stop()
