@@ -300,6 +300,9 @@ class WorkerRunRequest(Msg, frozen=True, tag="worker_run_request.v1"):
     # flight at once. None: the spec's max_batch_size, one batch at a time.
     max_batch: Annotated[int, msgspec.Meta(ge=1)] | None = None
     concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # A workflow step whose outputs feed other steps: every output becomes a tube, kept on
+    # the worker's GPU tier where it can be (a simulated GPU), else on the host tier.
+    intermediate: bool = False
 
 
 # --- node services -------------------------------------------------------------------
@@ -451,6 +454,19 @@ class EnsureReply(Msg, frozen=True, tag="ensure_reply.v1"):
     simulated: bool = False  # duration from the link model of simulated GPUs, not measured
     deadline_met: bool | None = None  # None: no SLO given
     at_risk: list[str] = []  # why the copy could not get the bandwidth its SLO needed
+
+
+class AdoptRequest(Msg, frozen=True, tag="adopt_request.v1"):
+    """Take a tube a worker of this node has just written as a file under ``tubes/`` onto
+    ``tier`` (a simulated GPU: the file joins that GPU's memory, no bytes move), and
+    record it in the tube directory. ``tube.placements`` names the written file."""
+
+    tube: Tube
+    tier: Tier
+
+
+class AdoptReply(Msg, frozen=True, tag="adopt_reply.v1"):
+    tube: Tube  # as recorded: its one placement on the tier
 
 
 class FetchRequest(Msg, frozen=True, tag="fetch_request.v1"):

@@ -87,6 +87,7 @@ TENSORSTORE_RELEASE: Final = "release"
 TENSORSTORE_LOCALITY: Final = "locality"
 TRANSFER_RESOLVE: Final = "resolve"
 TRANSFER_ENSURE: Final = "ensure"
+TRANSFER_ADOPT: Final = "adopt"  # a worker's new output tube onto a (simulated) GPU tier
 TRANSFER_FETCH: Final = "fetch"  # between transfer services: a chunk of a local tube
 MEMORY_CAPACITY: Final = "capacity"
 MEMORY_ALLOC: Final = "alloc"

@@ -38,10 +38,12 @@ from gpufaas.shared.constants import DEFAULT_TENANT
 from gpufaas.shared.errors import InvalidArgument, NotFound
 from gpufaas.shared.messages import (
     NAME_PATTERN,
+    Breakdown,
     FunctionRecord,
     Msg,
     Name,
     Tenant,
+    TensorPayload,
     TensorSpec,
 )
 
@@ -78,6 +80,52 @@ class WorkflowRecord(Msg, frozen=True, tag="workflow.v1"):
     inputs: list[TensorSpec]  # what the invoker supplies, in order of first use
     outputs: list[TensorSpec]  # what the workflow returns, in the order of ``spec.outputs``
     created_at: float
+
+
+class WorkflowDeployRequest(Msg, frozen=True, tag="workflow_deploy_request.v1"):
+    spec: WorkflowSpec
+
+
+class WorkflowDeployReply(Msg, frozen=True, tag="workflow_deploy_reply.v1"):
+    workflow: WorkflowRecord
+    created: bool
+
+
+class WorkflowDeleteRequest(Msg, frozen=True, tag="workflow_delete_request.v1"):
+    name: Name
+    tenant: Tenant = DEFAULT_TENANT
+
+
+class WorkflowDeleteReply(Msg, frozen=True, tag="workflow_delete_reply.v1"):
+    name: str
+
+
+class WorkflowInvokeRequest(Msg, frozen=True, tag="workflow_invoke_request.v1"):
+    workflow: Name
+    request_id: str
+    inputs: list[TensorPayload]
+    tenant: Tenant = DEFAULT_TENANT
+    deadline: float = 0.0  # unix time; 0 = the platform default
+
+
+class StepReport(Msg, frozen=True, tag="step_report.v1"):
+    """How one step ran: where, its breakdown, and how many times (>1: recomputed)."""
+
+    step: str
+    function: str
+    node: str
+    device: str
+    breakdown: Breakdown
+    runs: int = 1
+    output_tiers: list[str] = msgspec.field(default_factory=list)  # where its outputs were
+
+
+class WorkflowInvokeReply(Msg, frozen=True, tag="workflow_invoke_reply.v1"):
+    workflow: str
+    request_id: str
+    outputs: list[TensorPayload]
+    steps: list[StepReport]
+    total_us: int = 0
 
 
 class Ref(NamedTuple):

@@ -13,9 +13,10 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import nats.errors
+import nats.js.errors
 import orjson
 import structlog
 from aiohttp import web
@@ -23,11 +24,12 @@ from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from gpufaas.gateway.bodies import DeployBody, InferBody
+from gpufaas.gateway.bodies import DeployBody, InferBody, WorkflowBody
 from gpufaas.gateway.openapi import RouteDoc, build_openapi
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
+from gpufaas.shared.constants import KV_WORKFLOWS
 from gpufaas.shared.errors import (
     InvalidArgument,
     NotFound,
@@ -37,7 +39,7 @@ from gpufaas.shared.errors import (
     UnsupportedMediaType,
     http_status,
 )
-from gpufaas.shared.jetstream import Buckets, ensure_jetstream
+from gpufaas.shared.jetstream import Buckets, bucket_keys, ensure_jetstream
 from gpufaas.shared.messages import (
     NAME_PATTERN,
     DeleteReply,
@@ -51,8 +53,10 @@ from gpufaas.shared.messages import (
     StoreStats,
     StoreStatsRequest,
     TensorPayload,
+    TensorSpec,
     Tube,
     convert,
+    decode_json,
     encode_json,
     to_builtins,
 )
@@ -61,6 +65,16 @@ from gpufaas.shared.rpc import request as nats_request
 from gpufaas.shared.service import cancel_and_wait, close_nats, connect_nats
 from gpufaas.shared.shm import delete_tube, read_tube, write_tube
 from gpufaas.shared.tensors import json_to_raw, raw_to_json
+from gpufaas.shared.workflows import (
+    WorkflowDeleteReply,
+    WorkflowDeleteRequest,
+    WorkflowDeployReply,
+    WorkflowDeployRequest,
+    WorkflowInvokeReply,
+    WorkflowInvokeRequest,
+    WorkflowRecord,
+    WorkflowSpec,
+)
 
 log = structlog.get_logger()
 
@@ -260,15 +274,18 @@ async def model_ready(request: web.Request) -> web.Response:
     return json_response({"name": record.spec.name, "ready": True})
 
 
-def _validate_inputs(body: InferBody, record: FunctionRecord) -> None:
-    declared = {s.name: s for s in record.inputs}
+def _validate_inputs(
+    body: InferBody, name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
+) -> None:
+    """Check an infer body against what a function (or workflow) takes and returns."""
+    declared = {s.name: s for s in inputs}
     seen: set[str] = set()
     for i, inp in enumerate(body.inputs):
         field = f"inputs[{i}]"
         spec = declared.get(inp.name)
         if spec is None:
             raise InvalidArgument(
-                f"unknown input {inp.name!r}; {record.spec.name} takes {', '.join(declared)}",
+                f"unknown input {inp.name!r}; {name} takes {', '.join(declared)}",
                 field=f"{field}.name",
             )
         if inp.name in seen:
@@ -291,49 +308,71 @@ def _validate_inputs(body: InferBody, record: FunctionRecord) -> None:
     missing = [n for n in declared if n not in seen]
     if missing:
         raise InvalidArgument(f"missing input {missing[0]!r}", field="inputs")
-    known_out = {s.name for s in record.outputs}
+    known_out = {s.name for s in outputs}
     for j, out in enumerate(body.outputs or []):
         if out.name not in known_out:
             raise InvalidArgument(f"unknown output {out.name!r}", field=f"outputs[{j}].name")
 
 
+async def _payloads(
+    request: web.Request, body: InferBody, tenant: str, tubes: list[Tube]
+) -> list[TensorPayload]:
+    """The body's inputs as payloads: inline when small, else written as host tubes (added
+    to ``tubes`` so that the caller drops them when the request is over)."""
+    config = request.app[CONFIG]
+    payloads: list[TensorPayload] = []
+    for i, inp in enumerate(body.inputs):
+        raw = json_to_raw(inp.datatype, inp.shape, inp.data, f"inputs[{i}].data")
+        if len(raw) > config.inline_threshold:
+            tube = await asyncio.to_thread(
+                write_tube, config.shm_dir, config.node_id, tenant,
+                datatype=inp.datatype, shape=inp.shape, data=raw,
+            )  # fmt: skip
+            tubes.append(tube)
+            await request.app[BUCKETS].tubes.put(tube.id, encode_json(tube))
+            payloads.append(
+                TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, tube=tube)
+            )
+        else:
+            payloads.append(
+                TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, data=raw)
+            )
+    return payloads
+
+
+async def _outputs_json(
+    request: web.Request, body: InferBody, outs: list[TensorPayload], tubes: list[Tube]
+) -> list[dict[str, Any]]:
+    """Reply payloads as JSON tensors (those the body asked for), tubes read once."""
+    wanted = {o.name for o in body.outputs} if body.outputs else None
+    outputs = []
+    for out in outs:
+        data = out.data
+        if out.tube is not None:
+            tubes.append(out.tube)
+            data = await asyncio.to_thread(read_tube, request.app[CONFIG].shm_dir, out.tube)
+        if wanted is not None and out.name not in wanted:
+            continue
+        assert data is not None
+        outputs.append({"name": out.name, "datatype": out.datatype, "shape": out.shape,
+                        "data": raw_to_json(out.datatype, out.shape, data)})  # fmt: skip
+    return outputs
+
+
 async def infer(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     name = request.match_info["name"]
-    raw_body = await read_json(request)
-    body = convert(raw_body, InferBody)
+    body = convert(await read_json(request), InferBody)
     record = await require_function(request, name)
     tenant = record.spec.tenant
-    _validate_inputs(body, record)
-    nc = nats_of(request)
+    _validate_inputs(body, record.spec.name, record.inputs, record.outputs)
     request_id = request[REQUEST_ID]
     tubes: list[Tube] = []
-    payloads: list[TensorPayload] = []
     try:
-        for i, inp in enumerate(body.inputs):
-            raw = json_to_raw(inp.datatype, inp.shape, inp.data, f"inputs[{i}].data")
-            if len(raw) > config.inline_threshold:
-                tube = await asyncio.to_thread(
-                    write_tube,
-                    config.shm_dir,
-                    config.node_id,
-                    tenant,
-                    datatype=inp.datatype,
-                    shape=inp.shape,
-                    data=raw,
-                )
-                tubes.append(tube)
-                await request.app[BUCKETS].tubes.put(tube.id, encode_json(tube))
-                payloads.append(
-                    TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, tube=tube)
-                )
-            else:
-                payloads.append(
-                    TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, data=raw)
-                )
+        payloads = await _payloads(request, body, tenant, tubes)
         deadline = time.time() + config.request_timeout_s
         reply = await nats_request(
-            nc,
+            nats_of(request),
             subjects.SCHED_INVOKE,
             InvokeRequest(
                 function=name,
@@ -347,24 +386,7 @@ async def infer(request: web.Request) -> web.Response:
             request_id=request_id,
             what="scheduler",
         )
-        wanted = {o.name for o in body.outputs} if body.outputs else None
-        outputs = []
-        for out in reply.outputs:
-            data = out.data
-            if out.tube is not None:
-                tubes.append(out.tube)
-                data = await asyncio.to_thread(read_tube, config.shm_dir, out.tube)
-            if wanted is not None and out.name not in wanted:
-                continue
-            assert data is not None
-            outputs.append(
-                {
-                    "name": out.name,
-                    "datatype": out.datatype,
-                    "shape": out.shape,
-                    "data": raw_to_json(out.datatype, out.shape, data),
-                }
-            )
+        outputs = await _outputs_json(request, body, reply.outputs, tubes)
     finally:
         for tube in tubes:
             await _drop_tube(request.app, tube)
@@ -452,6 +474,114 @@ async def function_delete(request: web.Request) -> web.Response:
         what="scheduler",
     )
     return json_response({"deleted": reply.name})
+
+
+# --- workflows -----------------------------------------------------------------------------
+
+
+async def _require_workflow(request: web.Request, name: str) -> WorkflowRecord:
+    if not _NAME.match(name):
+        raise NotFound(f"workflow {name!r} not found", field="name")
+    try:
+        entry = await request.app[BUCKETS].workflows.get(f"{tenant_of(request)}.{name}")
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        entry = None
+    if entry is None or entry.value is None:
+        raise NotFound(f"workflow {name!r} not found", field="name")
+    return decode_json(entry.value, WorkflowRecord)
+
+
+def workflow_json(record: WorkflowRecord) -> dict[str, Any]:
+    return cast(dict[str, Any], untagged(to_builtins(record)))
+
+
+async def workflows_post(request: web.Request) -> web.Response:
+    body = convert(await read_json(request), WorkflowBody)
+    spec = WorkflowSpec(name=body.name, steps=body.steps, outputs=body.outputs,
+                        slo_ms=body.slo_ms, tenant=tenant_of(request))  # fmt: skip
+    reply = await nats_request(
+        nats_of(request),
+        subjects.SCHED_WORKFLOW_DEPLOY,
+        WorkflowDeployRequest(spec=spec),
+        WorkflowDeployReply,
+        timeout=request.app[CONFIG].request_timeout_s,
+        request_id=request[REQUEST_ID],
+        what="scheduler",
+    )
+    return json_response(workflow_json(reply.workflow), 201 if reply.created else 200)
+
+
+async def workflows_list(request: web.Request) -> web.Response:
+    kv = request.app[BUCKETS].workflows
+    tenant = tenant_of(request)
+    out = []
+    for key in await bucket_keys(nats_of(request).jetstream(), KV_WORKFLOWS):
+        if key.partition(".")[0] != tenant:
+            continue
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            entry = await kv.get(key)
+            if entry.value:
+                out.append(workflow_json(decode_json(entry.value, WorkflowRecord)))
+    return json_response({"workflows": out})
+
+
+async def workflow_get(request: web.Request) -> web.Response:
+    return json_response(
+        workflow_json(await _require_workflow(request, request.match_info["name"]))
+    )
+
+
+async def workflow_delete(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await _require_workflow(request, name)
+    reply = await nats_request(
+        nats_of(request),
+        subjects.SCHED_WORKFLOW_DELETE,
+        WorkflowDeleteRequest(name=name, tenant=tenant_of(request)),
+        WorkflowDeleteReply,
+        timeout=request.app[CONFIG].request_timeout_s,
+        request_id=request[REQUEST_ID],
+        what="scheduler",
+    )
+    return json_response({"deleted": reply.name})
+
+
+async def workflow_infer(request: web.Request) -> web.Response:
+    """Invoke a workflow with Open Inference Protocol inputs; each step's run is reported."""
+    config = request.app[CONFIG]
+    body = convert(await read_json(request), InferBody)
+    record = await _require_workflow(request, request.match_info["name"])
+    spec = record.spec
+    _validate_inputs(body, spec.name, record.inputs, record.outputs)
+    request_id = request[REQUEST_ID]
+    tubes: list[Tube] = []
+    try:
+        payloads = await _payloads(request, body, spec.tenant, tubes)
+        reply = await nats_request(
+            nats_of(request),
+            subjects.SCHED_WORKFLOW_INVOKE,
+            WorkflowInvokeRequest(
+                workflow=spec.name,
+                request_id=request_id,
+                inputs=payloads,
+                tenant=spec.tenant,
+                deadline=time.time() + config.request_timeout_s,
+            ),
+            WorkflowInvokeReply,
+            timeout=config.request_timeout_s + 1,
+            request_id=request_id,
+            what="scheduler",
+        )
+        outputs = await _outputs_json(request, body, reply.outputs, tubes)
+    finally:
+        for tube in tubes:
+            await _drop_tube(request.app, tube)
+    steps = [untagged(to_builtins(s)) for s in reply.steps]
+    result: dict[str, Any] = {"model_name": spec.name, "outputs": outputs,
+                              "parameters": {"steps": steps, "total_us": reply.total_us}}  # fmt: skip
+    if body.id is not None:
+        result["id"] = body.id
+    return json_response(result)
 
 
 def _device_order(device: dict[str, Any]) -> tuple[int, int]:
@@ -592,6 +722,21 @@ ROUTES: list[tuple[RouteDoc, Handler]] = [
     (RouteDoc("GET", "/v1/functions", "List functions"), functions_list),
     (RouteDoc("GET", "/v1/functions/{name}", "Get a function"), function_get),
     (RouteDoc("DELETE", "/v1/functions/{name}", "Delete a function"), function_delete),
+    (
+        RouteDoc(
+            "POST", "/v1/workflows", "Deploy a workflow (a DAG of functions)", WorkflowBody, ok=201
+        ),
+        workflows_post,
+    ),
+    (RouteDoc("GET", "/v1/workflows", "List workflows"), workflows_list),
+    (RouteDoc("GET", "/v1/workflows/{name}", "Get a workflow"), workflow_get),
+    (RouteDoc("DELETE", "/v1/workflows/{name}", "Delete a workflow"), workflow_delete),
+    (
+        RouteDoc(
+            "POST", "/v1/workflows/{name}/infer", "Invoke a workflow (JSON tensors)", InferBody
+        ),
+        workflow_infer,
+    ),
     (RouteDoc("GET", "/v1/nodes", "Live nodes, their services and devices"), nodes_list),
     (RouteDoc("GET", "/v1/events", "Server-Sent Events from the EVENTS stream"), events_sse),
     (RouteDoc("GET", "/metrics", "Prometheus metrics"), metrics),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from gpufaas.shared.messages import Datatype, FunctionOptions, ModelSource, Name
+from gpufaas.shared.workflows import WorkflowStep
 
 
 class Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -19,6 +20,17 @@ class DeployBody(Body):
     name: Name
     model: ModelSource
     options: FunctionOptions = msgspec.field(default_factory=FunctionOptions)
+
+
+class WorkflowBody(Body):
+    """``POST /v1/workflows``: steps wire function inputs to ``$input.<name>`` or
+    ``<step>.<output>``; ``outputs`` maps names to ``<step>.<output>`` (default: the outputs
+    of the steps nothing consumes)."""
+
+    name: Name
+    steps: Annotated[list[WorkflowStep], msgspec.Meta(min_length=1, max_length=64)]
+    outputs: dict[str, str] | None = None
+    slo_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 class InferInput(Body):

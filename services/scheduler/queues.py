@@ -27,6 +27,7 @@ class Pending:
     node: asyncio.Future[str]
     seq: int = field(default_factory=lambda: next(_seq))
     cold_us: int = 0  # it waited for an instance to be built: how long that took
+    prefer: str | None = None  # the node to run on when it has room (where the inputs are)
 
     def __lt__(self, other: Pending) -> bool:
         return (self.deadline, self.seq) < (other.deadline, other.seq)
@@ -57,7 +58,9 @@ class FunctionQueue:
             if head.node.done():  # cancelled, or timed out while waiting
                 heapq.heappop(self.waiting)
                 continue
-            node = min(nodes, key=lambda n: (self.in_flight[n], n))
+            node = min(nodes, key=lambda n: (n != head.prefer, self.in_flight[n], n))
+            if self.in_flight[node] >= capacity:
+                node = min(nodes, key=lambda n: (self.in_flight[n], n))
             if self.in_flight[node] >= capacity:
                 break
             heapq.heappop(self.waiting)

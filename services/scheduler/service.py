@@ -24,7 +24,7 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import nats.errors
 import nats.js.errors
@@ -35,6 +35,7 @@ from gpufaas.scheduler.autoscale import Autoscaler, FunctionLoad
 from gpufaas.scheduler.placement import NodeView, choose
 from gpufaas.scheduler.profiles import ProfilePoint, batch_sizes, choose_config
 from gpufaas.scheduler.queues import FunctionQueue, Pending
+from gpufaas.scheduler.workflow_run import WorkflowRun
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import validate_source
@@ -42,6 +43,7 @@ from gpufaas.shared.config import Config
 from gpufaas.shared.errors import (
     AlreadyExists,
     DeadlineExceeded,
+    InvalidArgument,
     NotFound,
     PlatformError,
     Unavailable,
@@ -63,6 +65,8 @@ from gpufaas.shared.messages import (
     QueueEntry,
     QueueView,
     SchedulerLoad,
+    TensorPayload,
+    Tube,
     WorkerLoadReply,
     WorkerLoadRequest,
     WorkerProfileReply,
@@ -84,6 +88,18 @@ from gpufaas.shared.registry import (
 )
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
+from gpufaas.shared.workflows import (
+    WorkflowDeleteReply,
+    WorkflowDeleteRequest,
+    WorkflowDeployReply,
+    WorkflowDeployRequest,
+    WorkflowInvokeReply,
+    WorkflowInvokeRequest,
+    WorkflowRecord,
+    WorkflowSpec,
+    producers,
+    validate_workflow,
+)
 
 log = structlog.get_logger()
 
@@ -109,6 +125,8 @@ class SchedulerService(Service):
         self._profiles: dict[str, tuple[float, ProfileRecord | None]] = {}  # key -> (read at, …)
         self._cold: dict[str, asyncio.Task[None]] = {}  # key -> cold start from zero here
         self._draining: dict[tuple[str, str], float] = {}  # (key, node) -> left the record at
+        # Called after each workflow step (a test seam: stop a node between two steps).
+        self.step_done: Callable[[str], Awaitable[None]] | None = None
 
     async def on_start(self) -> None:
         q = c.SCHEDULER_QUEUE
@@ -117,6 +135,12 @@ class SchedulerService(Service):
         await self.serve(subjects.SCHED_DEPLOY, DeployRequest, self.deploy, queue=q)
         await self.serve(subjects.SCHED_DELETE, DeleteRequest, self.delete, queue=q)
         await self.serve(subjects.SCHED_INVOKE, InvokeRequest, self.invoke, queue=q)
+        await self.serve(subjects.SCHED_WORKFLOW_DEPLOY, WorkflowDeployRequest,
+                         self.workflow_deploy, queue=q)  # fmt: skip
+        await self.serve(subjects.SCHED_WORKFLOW_DELETE, WorkflowDeleteRequest,
+                         self.workflow_delete, queue=q)  # fmt: skip
+        await self.serve(subjects.SCHED_WORKFLOW_INVOKE, WorkflowInvokeRequest,
+                         self.workflow_invoke, queue=q)  # fmt: skip
         await self.serve(subjects.SCHED_LOAD, SchedulerLoad, self._on_load)  # every replica
         await self.reconcile_once(time.time(), announce=False)
         self.spawn(self._membership_loop(), "membership")
@@ -394,20 +418,28 @@ class SchedulerService(Service):
     # --- invoke ------------------------------------------------------------------------
 
     async def invoke(self, req: InvokeRequest) -> InvokeReply:
-        """Queue the request on its function, wait for an instance with room, run it there."""
+        deadline = req.deadline or (time.time() + self.config.request_timeout_s)
+        return await self._invoke(req.tenant, req.function, req.request_id, req.inputs, deadline)
+
+    async def _invoke(
+        self, tenant: str, function: str, request_id: str, inputs: list[TensorPayload],
+        deadline: float, *, intermediate: bool = False, prefer: str | None = None,
+    ) -> InvokeReply:  # fmt: skip
+        """Queue a request on its function, wait for an instance with room, run it there
+        (on ``prefer`` when that node has an instance with room: where its inputs are)."""
         t0 = time.perf_counter()
         assert self._functions is not None
-        record = await self._functions.get(req.tenant, req.function)
+        record = await self._functions.get(tenant, function)
         if record is None:
-            raise NotFound(f"function {req.function!r} not found", field="model")
-        deadline = req.deadline or (time.time() + self.config.request_timeout_s)
-        key = function_key(req.tenant, req.function)
+            raise NotFound(f"function {function!r} not found", field="model")
+        key = function_key(tenant, function)
         fq = self.queues.get(key)
         if fq is None:
             fq = self.queues[key] = FunctionQueue(key)
-        pending = Pending(deadline, req.request_id, asyncio.get_running_loop().create_future())
+        pending = Pending(deadline, request_id, asyncio.get_running_loop().create_future(),
+                          prefer=prefer)  # fmt: skip
         fq.push(pending)
-        profile = await self.profile_of(req.tenant, req.function)
+        profile = await self.profile_of(tenant, function)
         await self._pump(fq, record)
         try:
             async with asyncio.timeout(max(deadline - time.time(), 0.001)):
@@ -415,7 +447,7 @@ class SchedulerService(Service):
         except TimeoutError:
             pending.node.cancel()
             raise DeadlineExceeded(
-                f"request waited past its deadline in the queue of {req.function!r}"
+                f"request waited past its deadline in the queue of {function!r}"
             ) from None
         finally:
             if not pending.node.done():
@@ -423,12 +455,13 @@ class SchedulerService(Service):
         try:
             run = WorkerRunRequest(
                 spec=record.spec,
-                request_id=req.request_id,
-                inputs=req.inputs,
+                request_id=request_id,
+                inputs=inputs,
                 queue_us=int((time.perf_counter() - t0) * 1e6),
                 deadline=deadline,
                 max_batch=profile.batch if profile and profile.complete else None,
                 concurrency=profile.concurrency if profile and profile.complete else None,
+                intermediate=intermediate,
             )
             reply = await request(
                 self.nc,
@@ -436,7 +469,7 @@ class SchedulerService(Service):
                 run,
                 InvokeReply,
                 timeout=max(deadline - time.time(), 0.001),
-                request_id=req.request_id,
+                request_id=request_id,
                 what=f"worker of node {node}",
             )
         finally:
@@ -449,13 +482,13 @@ class SchedulerService(Service):
         await self.publish_event(
             "invocation.completed",
             {
-                "function": req.function,
-                "tenant": req.tenant,
+                "function": function,
+                "tenant": tenant,
                 "node": reply.node,
                 "device": reply.device,
                 "breakdown": to_builtins(reply.breakdown),
             },
-            request_id=req.request_id,
+            request_id=request_id,
             ack=False,
         )
         return reply
@@ -692,3 +725,119 @@ class SchedulerService(Service):
             if record is not None and node in record.nodes:
                 continue  # scaled back onto it meanwhile
             await self._unload(node, tenant, name)
+
+    # --- workflows -------------------------------------------------------------------------
+
+    async def workflow_deploy(self, req: WorkflowDeployRequest) -> WorkflowDeployReply:
+        """Validate a workflow against its tenant's functions and record it (all or nothing)."""
+        spec = req.spec
+        records = await list_functions(self.js, self.buckets.functions, spec.tenant)
+        record = validate_workflow(spec, {r.spec.name: r for r in records}, now=time.time())
+        if spec.slo_ms is not None:
+            await self._check_workflow_slo(record)
+        kv = self.buckets.workflows
+        key = function_key(spec.tenant, spec.name)
+        existing = await self._workflow(spec.tenant, spec.name)
+        if existing is not None:
+            if existing.spec == record.spec:
+                return WorkflowDeployReply(workflow=existing, created=False)
+            raise AlreadyExists(
+                f"workflow {spec.name!r} exists with another spec; delete it first", field="name"
+            )
+        try:
+            await kv.create(key, encode_json(record))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            winner = await self._workflow(spec.tenant, spec.name)
+            if winner is not None and winner.spec == record.spec:
+                return WorkflowDeployReply(workflow=winner, created=False)
+            raise AlreadyExists(
+                f"workflow {spec.name!r} was deployed concurrently", field="name"
+            ) from None
+        await self.publish_event("workflow.deployed", {
+            "workflow": spec.name, "tenant": spec.tenant, "order": record.order})  # fmt: skip
+        return WorkflowDeployReply(workflow=record, created=True)
+
+    async def _check_workflow_slo(self, record: WorkflowRecord) -> None:
+        """Refuse a workflow whose SLO is shorter than its critical path at batch 1 (each
+        step's fastest profiled batch, along the longest chain of dependent steps)."""
+        spec = record.spec
+        assert spec.slo_ms is not None
+        deps = producers(spec)
+        fastest: dict[str, float] = {}
+        finish: dict[str, float] = {}
+        for name in record.order:
+            step = next(s for s in spec.steps if s.name == name)
+            if step.function not in fastest:
+                profile = await self.profile_of(spec.tenant, step.function)
+                times = [p.latency_s for p in profile.points] if profile else []
+                fastest[step.function] = min(times, default=0.0)
+            finish[name] = (
+                max((finish[d] for d in deps[name]), default=0.0) + fastest[step.function]
+            )
+        path_ms = max(finish.values(), default=0.0) * 1e3
+        if path_ms > spec.slo_ms:
+            raise InvalidArgument(
+                f"no configuration meets slo_ms={spec.slo_ms:g}: the steps' fastest runs, "
+                f"one after another along the longest chain, take {path_ms:.1f} ms",
+                field="slo_ms",
+            )
+
+    async def _workflow(self, tenant: str, name: str) -> WorkflowRecord | None:
+        try:
+            entry = await self.buckets.workflows.get(function_key(tenant, name))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return None if entry.value is None else decode_json(entry.value, WorkflowRecord)
+
+    async def workflow_delete(self, req: WorkflowDeleteRequest) -> WorkflowDeleteReply:
+        if await self._workflow(req.tenant, req.name) is None:
+            raise NotFound(f"workflow {req.name!r} not found", field="name")
+        await self.buckets.workflows.delete(function_key(req.tenant, req.name))
+        await self.publish_event("workflow.deleted", {"workflow": req.name, "tenant": req.tenant})
+        return WorkflowDeleteReply(name=req.name)
+
+    async def workflow_invoke(self, req: WorkflowInvokeRequest) -> WorkflowInvokeReply:
+        """Run a workflow (``workflow_run.py``): steps as their inputs become ready, tube ids
+        between them, lost intermediates recomputed from the steps that made them."""
+        wf = await self._workflow(req.tenant, req.workflow)
+        if wf is None:
+            raise NotFound(f"workflow {req.workflow!r} not found", field="workflow")
+        deadline = req.deadline or (time.time() + self.config.request_timeout_s)
+
+        async def invoke(function: str, step: str, inputs: list[TensorPayload], *,
+                         intermediate: bool, prefer: str | None) -> InvokeReply:  # fmt: skip
+            return await self._invoke(req.tenant, function, f"{req.request_id}.{step}", inputs,
+                                      deadline, intermediate=intermediate, prefer=prefer)  # fmt: skip
+
+        run = WorkflowRun(wf, req, invoke, self._lost_steps, self.step_done)
+        try:
+            return await run.run()
+        finally:
+            self.after_reply(self._drop_intermediates(run.intermediates()))
+
+    async def _lost_steps(
+        self, spec: WorkflowSpec, step: str, produced: Mapping[str, Mapping[str, TensorPayload]]
+    ) -> set[str]:
+        """The producers of ``step`` whose output tubes have no copy on a live node left."""
+        await self.reconcile_once(time.time(), announce=False)
+        lost = set()
+        for producer in producers(spec)[step]:
+            for out in produced.get(producer, {}).values():
+                if out.tube is None:
+                    continue
+                try:
+                    entry = await self.buckets.tubes.get(out.tube.id)
+                    tube = decode_json(entry.value or b"", Tube)
+                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError,
+                        PlatformError):  # fmt: skip
+                    lost.add(producer)
+                    continue
+                if not any(p.node in self.workers or p.tier == "object" for p in tube.placements):
+                    lost.add(producer)
+        return lost
+
+    async def _drop_intermediates(self, tubes: list[str]) -> None:
+        """Forget a finished workflow's intermediate tubes (each holder's sweeper frees them)."""
+        for tube_id in tubes:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await self.buckets.tubes.delete(tube_id)

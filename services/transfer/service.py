@@ -30,6 +30,8 @@ from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import InvalidArgument, NotFound, PlatformError, Unavailable
 from gpufaas.shared.memory_client import MemoryClient
 from gpufaas.shared.messages import (
+    AdoptReply,
+    AdoptRequest,
     EnsureReply,
     EnsureRequest,
     FetchReply,
@@ -102,6 +104,7 @@ class TransferService(Service):
             (subjects.TRANSFER_RESOLVE, ResolveRequest, self.resolve),
             (subjects.TRANSFER_ENSURE, EnsureRequest, self.ensure),
             (subjects.TRANSFER_FETCH, FetchRequest, self.fetch),
+            (subjects.TRANSFER_ADOPT, AdoptRequest, self.adopt),
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._sweep_loop(), "sweeper")
@@ -247,10 +250,48 @@ class TransferService(Service):
             task.add_done_callback(lambda _: self._copying.pop(key, None))
         return await asyncio.shield(task)
 
+    async def adopt(self, req: AdoptRequest) -> AdoptReply:
+        """Move a worker's freshly written output file onto a simulated GPU's memory (its
+        room from the memory service, the file renamed: no bytes move) and record the tube.
+
+        Real GPUs are not adopted this way (their outputs would be device tensors exported
+        by IPC handle); the worker keeps a host tube there. Raises 507 when the GPU has no
+        room, and then the file is left as it was, for the worker to record as a host tube.
+        """
+        self._check_tier(req.tier)
+        tube = req.tube
+        if self.emulator is None or not req.tier.startswith("gpu"):
+            raise InvalidArgument(f"tier {req.tier!r} does not adopt files here", field="tier")
+        (src,) = tube.placements
+        source = self.config.shm_dir / src.segment
+        if (
+            src.node != self.config.node_id
+            or not src.segment.startswith(f"{TUBES_DIR}/")
+            or (not source.is_file())
+        ):
+            raise InvalidArgument("the tube's file is not a tube of this node", field="tube")
+        block = await self.memory.alloc(req.tier, tube.nbytes)
+        relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(req.tier)}/{tube.id}.{block.id}"
+        final = self.config.shm_dir / relpath
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, final)
+            placed = msgspec.structs.replace(tube, placements=[
+                Placement(node=self.config.node_id, tier=req.tier, segment=relpath)])  # fmt: skip
+            await self.buckets.tubes.create(tube.id, encode_json(placed))
+        except BaseException:
+            if final.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(final, source)
+            await self.memory.free(req.tier, block.id)
+            raise
+        return AdoptReply(tube=placed)
+
     async def fetch(self, req: FetchRequest) -> FetchReply:
-        """A chunk of this node's host copy, for another node's transfer service."""
+        """A chunk of this node's host copy (or simulated-GPU copy: a file too), for another
+        node's transfer service."""
         tube, _ = await self._tube(req.tube_id, req.tenant)
-        here = self._local(tube, "host")
+        here = self._local(tube, "host") or (None if self._cuda else self._gpu_copy(tube))
         if here is None:
             raise NotFound(f"tube {req.tube_id!r} has no host copy on this node", field="tube")
         if req.nbytes > FETCH_CHUNK_BYTES or req.offset + req.nbytes > tube.nbytes:
@@ -424,7 +465,9 @@ class TransferService(Service):
     async def _fetch_remote(self, tube: Tube) -> tuple[Placement, str]:
         """Copy another live node's host copy here, in chunks, a window of them in flight."""
         alive = await live_nodes(self.js, self.buckets.nodes, self.config.node_ttl_s)
-        remote = [p for p in tube.placements if p.tier == "host" and p.node != self.config.node_id]
+        # Host copies, and on simulated GPUs their copies too (files the holder serves).
+        remote = [p for p in tube.placements if p.node != self.config.node_id
+                  and (p.tier == "host" or (p.tier.startswith("gpu") and not self._cuda))]  # fmt: skip
         gone = {p.node for p in remote if p.node not in alive}
         if gone:
             await self._drop_placements(tube.id, tube.tenant, gone)

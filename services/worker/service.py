@@ -33,9 +33,12 @@ from gpufaas.shared.errors import (
     ModelInvalid,
     NotFound,
     PlatformError,
+    ResourceExhausted,
     Unavailable,
 )
 from gpufaas.shared.messages import (
+    AdoptReply,
+    AdoptRequest,
     Breakdown,
     EnsureReply,
     EnsureRequest,
@@ -455,7 +458,8 @@ class WorkerService(Service):
             await self._observe(req, "end")
         compute_us = _us(comp_t)
         xfer_t = time.perf_counter()
-        payloads = [await self._output(name, out, req.spec.tenant) for name, out in outputs.items()]
+        payloads = [await self._output(name, out, req.spec.tenant, req.intermediate)
+                    for name, out in outputs.items()]  # fmt: skip
         transfer_us += _us(xfer_t)
         breakdown = Breakdown(
             queue_us=req.queue_us,
@@ -650,11 +654,21 @@ class WorkerService(Service):
                 f"input {p.name!r} has neither data nor a tube", field=f"inputs[{p.name}]"
             )
         # Resident on this node's host tier: a no-op for a tube written on this machine,
-        # a chunked copy from the node that holds it otherwise.
+        # a chunked copy from the node that holds it otherwise. A workflow intermediate
+        # this node's simulated GPU holds is read where it is (compute is on the CPU).
+        tier = "host"
+        if (
+            self.gpu is not None
+            and self.node_devices.backend == "sim"
+            and any(
+                pl.node == self.config.node_id and pl.tier == self.gpu for pl in p.tube.placements
+            )
+        ):
+            tier = self.gpu
         here = await request(
             self.nc,
             subjects.node(self.config.node_id, "transfer", subjects.TRANSFER_ENSURE),
-            EnsureRequest(tube_id=p.tube.id, tenant=tenant, tier="host"),
+            EnsureRequest(tube_id=p.tube.id, tenant=tenant, tier=tier),
             EnsureReply,
             timeout=self.config.request_timeout_s,
             what="transfer service of this node",
@@ -670,8 +684,13 @@ class WorkerService(Service):
             else data
         )
 
-    async def _output(self, name: str, out: Output, tenant: str) -> TensorPayload:
-        if len(out.data) <= self.config.inline_threshold:
+    async def _output(
+        self, name: str, out: Output, tenant: str, intermediate: bool = False
+    ) -> TensorPayload:
+        """An output inline when small, else as a host tube; a workflow's intermediate
+        always as a tube, adopted onto this node's (simulated) GPU tier when there is room,
+        so the next step on this GPU reads it where it is."""
+        if len(out.data) <= self.config.inline_threshold and not intermediate:
             data = bytes(out.data)  # small: into the message
             return TensorPayload(name=name, datatype=out.datatype, shape=out.shape, data=data)  # type: ignore[arg-type]
         tube = await asyncio.to_thread(
@@ -683,5 +702,19 @@ class WorkerService(Service):
             shape=out.shape,
             data=out.data,
         )
-        await self.buckets.tubes.put(tube.id, encode_json(tube))
+        if intermediate and self.gpu is not None and self.node_devices.backend == "sim":
+            try:
+                adopted = await request(
+                    self.nc,
+                    subjects.node(self.config.node_id, "transfer", subjects.TRANSFER_ADOPT),
+                    AdoptRequest(tube=tube, tier=self.gpu),
+                    AdoptReply,
+                    timeout=self.config.request_timeout_s,
+                    what="transfer service of this node",
+                )
+                tube = adopted.tube
+            except ResourceExhausted:  # no room on the GPU: it stays a host tube
+                await self.buckets.tubes.put(tube.id, encode_json(tube))
+        else:
+            await self.buckets.tubes.put(tube.id, encode_json(tube))
         return TensorPayload(name=name, datatype=out.datatype, shape=out.shape, tube=tube)  # type: ignore[arg-type]

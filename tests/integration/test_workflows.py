@@ -1,0 +1,209 @@
+"""Workflows through the gateway: two steps whose intermediate stays on the GPU tier, bad
+definitions refused at deploy, and an intermediate lost with its node recomputed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import numpy as np
+import pytest
+import torch
+from aiohttp.test_utils import TestClient, TestServer
+
+from gpufaas.gateway.app import create_app
+from gpufaas.scheduler.service import SchedulerService
+from gpufaas.shared import subjects
+from gpufaas.shared.service import Service
+from tests.conftest import NatsServer
+from tests.integration.conftest import (
+    DEMO_BODY,
+    NODE_SERVICES,
+    Platform,
+    make_config,
+    text_request,
+)
+
+pytestmark = pytest.mark.integration
+
+DIM = 384
+
+
+class Scorer(torch.nn.Module):
+    """Scores embeddings against one query vector: ``x`` FP32 [N, 384] -> ``scores`` [N]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = torch.nn.Parameter(torch.linspace(-1, 1, DIM))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"scores": x @ self.query}
+
+
+@pytest.fixture(scope="module")
+def scorer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("scorer")
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    ep = torch.export.export(Scorer(), (torch.randn(3, DIM),), dynamic_shapes=({0: batch},))
+    torch.export.save(ep, out / "model.pt2")
+    return out
+
+
+def scorer_body(model_dir: Path) -> dict[str, Any]:
+    return {"name": "scorer", "model": {"path": str(model_dir), "architecture": "torch-export"}}
+
+
+WORKFLOW = {
+    "name": "embed-score",
+    "steps": [
+        {"name": "embed", "function": "minilm", "inputs": {"text": "$input.text"}},
+        {"name": "score", "function": "scorer", "inputs": {"x": "embed.embedding"}},
+    ],
+}
+
+
+async def events(p: Platform, kind: str) -> list[dict[str, Any]]:
+    js = p.services["scheduler"].js
+    sub = await js.subscribe(subjects.event_filter(kind), ordered_consumer=True)
+    out: list[dict[str, Any]] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                return out
+            out.append(json.loads(msg.data))
+    finally:
+        await sub.unsubscribe()
+
+
+async def expected_scores(c: TestClient[Any, Any], texts: list[str]) -> np.ndarray[Any, Any]:
+    resp = await c.post("/v2/models/minilm/infer", json=text_request(texts))
+    emb = np.array((await resp.json())["outputs"][0]["data"], dtype=np.float32).reshape(-1, DIM)
+    return emb @ np.linspace(-1, 1, DIM, dtype=np.float32)
+
+
+async def test_two_steps_pass_a_tube_that_never_leaves_the_gpu_tier(
+    platform: Platform, scorer_dir: Path
+) -> None:
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    assert (await c.post("/v1/functions", json=scorer_body(scorer_dir))).status == 201
+    resp = await c.post("/v1/workflows", json=WORKFLOW)
+    body = await resp.json()
+    assert resp.status == 201, body
+    assert body["order"] == ["embed", "score"]
+    assert body["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    again = await c.post("/v1/workflows", json=WORKFLOW)  # the same spec: idempotent
+    assert again.status == 200
+    listed = await (await c.get("/v1/workflows")).json()
+    assert [w["spec"]["name"] for w in listed["workflows"]] == ["embed-score"]
+
+    texts = ["a cat sits on the mat"]
+    resp = await c.post("/v1/workflows/embed-score/infer", json=text_request(texts))
+    result = await resp.json()
+    assert resp.status == 200, result
+    (out,) = result["outputs"]
+    assert out["name"] == "scores"
+    assert out["shape"] == [1]
+    np.testing.assert_allclose(out["data"], await expected_scores(c, texts), rtol=1e-4)
+    embed, score = result["parameters"]["steps"]
+    assert embed["step"] == "embed"
+    assert embed["output_tiers"] == ["gpu:0"]  # the intermediate: a tube on the GPU tier
+    assert embed["node"] == score["node"] == "node-t"
+    assert embed["device"] == score["device"] == "gpu:0"
+    # Nothing was copied between tiers: the second step read it where it was.
+    assert await events(platform, "transfer.completed") == []
+
+    assert (await c.delete("/v1/workflows/embed-score")).status == 200
+    assert (await c.get("/v1/workflows/embed-score")).status == 404
+
+
+async def test_bad_workflows_are_refused_at_deploy_naming_the_field(
+    platform: Platform, scorer_dir: Path
+) -> None:
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    assert (await c.post("/v1/functions", json=scorer_body(scorer_dir))).status == 201
+
+    async def refused(body: dict[str, Any], status: int, field: str, words: str) -> None:
+        resp = await c.post("/v1/workflows", json=body)
+        err = await resp.json()
+        assert resp.status == status, err
+        assert err["field"] == field
+        assert words in err["error"]
+
+    cycle = {"name": "loop", "steps": [
+        {"name": "a", "function": "scorer", "inputs": {"x": "b.scores"}},
+        {"name": "b", "function": "scorer", "inputs": {"x": "a.scores"}},
+    ]}  # fmt: skip
+    await refused(cycle, 400, "steps", "cycle")
+    unknown = {"name": "w", "steps": [
+        {"name": "embed", "function": "minilm", "inputs": {"text": "$input.text"}},
+        {"name": "rank", "function": "reranker", "inputs": {"x": "embed.embedding"}},
+    ]}  # fmt: skip
+    await refused(unknown, 404, "steps[1].function", "'reranker', which is not deployed")
+    mismatched = {"name": "w", "steps": [
+        {"name": "embed", "function": "minilm", "inputs": {"text": "$input.text"}},
+        {"name": "again", "function": "minilm", "inputs": {"text": "embed.embedding"}},
+    ]}  # fmt: skip
+    await refused(mismatched, 400, "steps[1].inputs.text", "BYTES")
+    await refused({**WORKFLOW, "slo_ms": 0.001}, 400, "slo_ms", "no configuration meets")
+    await refused({**WORKFLOW, "retries": 3}, 400, "retries", "")
+    assert (await c.get("/v1/workflows")).status == 200
+    assert (await (await c.get("/v1/workflows")).json())["workflows"] == []  # nothing written
+
+
+@pytest.fixture
+async def two_nodes(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Platform]:
+    services: dict[str, Service] = {}
+    for node in ("node-a", "node-b"):
+        config = make_config(nats_server, tmp_path, node_id=node, shm_dir=tmp_path / node)
+        for cls in NODE_SERVICES:
+            services[f"{cls.name}@{node}"] = cls(config)
+    base = make_config(nats_server, tmp_path, node_id="node-b", shm_dir=tmp_path / "node-b")
+    services["scheduler"] = SchedulerService(base)
+    for svc in services.values():
+        await svc.start()
+    client = TestClient(TestServer(create_app(base)))
+    await client.start_server()
+    p = Platform(base, nats_server, client, services)
+    yield p
+    await p.stop()
+
+
+async def test_an_intermediate_lost_with_its_node_is_recomputed(
+    two_nodes: Platform, scorer_dir: Path
+) -> None:
+    c, p = two_nodes.client, two_nodes
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    assert (await c.post("/v1/functions", json=scorer_body(scorer_dir))).status == 201
+    nodes = {n: (await (await c.get(f"/v1/functions/{n}")).json())["nodes"]
+             for n in ("minilm", "scorer")}  # fmt: skip
+    assert nodes == {"minilm": ["node-a"], "scorer": ["node-b"]}  # least loaded, then the other
+    assert (await c.post("/v1/workflows", json=WORKFLOW)).status == 201
+    texts = ["a dog runs in the park"]
+    want = await expected_scores(c, texts)
+
+    sched = p.services["scheduler"]
+    assert isinstance(sched, SchedulerService)
+
+    async def kill_node_a(step: str) -> None:
+        if step == "embed" and sched.step_done is not None:
+            sched.step_done = None  # once
+            for name, svc in p.services.items():
+                if name.endswith("@node-a"):
+                    await svc.stop()
+
+    sched.step_done = kill_node_a
+    resp = await c.post("/v1/workflows/embed-score/infer", json=text_request(texts))
+    result = await resp.json()
+    assert resp.status == 200, result
+    np.testing.assert_allclose(result["outputs"][0]["data"], want, rtol=1e-4)
+    embed, score = result["parameters"]["steps"]
+    assert embed["runs"] == 2  # recomputed from its step, on the node that is left
+    assert embed["node"] == score["node"] == "node-b"
+    assert score["runs"] == 1
