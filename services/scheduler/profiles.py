@@ -33,6 +33,16 @@ class ProfilePoint:
     latency_s: float
     memory_bytes: int
 
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.concurrency < 1:
+            raise ValueError(
+                f"batch and concurrency must be >= 1, got {self.batch}, {self.concurrency}"
+            )
+        if not self.latency_s > 0 or self.memory_bytes < 0:
+            raise ValueError(
+                f"latency_s must be > 0 and memory_bytes >= 0, got {self.latency_s}, {self.memory_bytes}"
+            )
+
     @property
     def throughput_rps(self) -> float:
         """Requests per second this configuration serves when kept full."""

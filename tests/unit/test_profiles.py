@@ -97,6 +97,10 @@ def test_bad_arguments() -> None:
     with pytest.raises(InvalidArgument) as info:
         choose_config(TABLE, 0.0, max_batch=8)
     assert info.value.field == "options.slo_ms"
+    with pytest.raises(ValueError, match="latency_s"):
+        point(1, 1, 0.0, 1)
+    with pytest.raises(ValueError, match="batch and concurrency"):
+        point(0, 1, 1.0, 1)
 
 
 def test_batch_sizes_are_powers_of_two_and_the_maximum() -> None:
