@@ -140,8 +140,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+async def wait_profiled(port: int, function: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """The function's profile once its background sweep is done (the batch size it chose)."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as s:
+        while True:
+            async with s.get(f"http://{harness.HOST}:{port}/v1/functions/{function}") as resp:
+                profile: dict[str, Any] = (await resp.json()).get("profile") or {}
+            if profile.get("complete") or time.monotonic() > deadline:
+                return profile
+            await asyncio.sleep(0.5)
+
+
 async def measure(port: int, args: argparse.Namespace) -> dict[str, list[Round]]:
     await deploy_unbatched(port)
+    for fn in (BATCHED, UNBATCHED):  # measure steady state, not the profiling
+        p = await wait_profiled(port, fn)
+        print(f"profile : {fn:<10} batch {p.get('batch')} x {p.get('concurrency')} "
+              f"({p.get('reason', 'no profile')})")  # fmt: skip
     rounds: dict[str, list[Round]] = {BATCHED: [], UNBATCHED: []}
     for i in range(args.rounds):
         order = (BATCHED, UNBATCHED) if i % 2 == 0 else (UNBATCHED, BATCHED)

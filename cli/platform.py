@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -49,7 +50,13 @@ def start_node(sup: Supervisor, base: Config, node_id: str) -> list[Child]:
     """Start one node's services (memory first: the others take GPU room from it)."""
     env = base.replace(node_id=node_id).to_env()
     env.pop("GPUFAAS_READY_FILE", None)
-    return [sup.spawn_service(f"{node_id}.{svc}", svc, env) for svc in NODE_SERVICES]
+    # The worker's torch threads sleep between operators instead of spinning: on one
+    # machine they share its cores with the gateway, scheduler and NATS, and a spinning
+    # OpenMP pool starves them (bench/batching.py: 3.6x with it, 2.5x without). A value
+    # the user exported wins.
+    worker_env = {**env, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    return [sup.spawn_service(f"{node_id}.{svc}", svc, worker_env if svc == "worker" else env)
+            for svc in NODE_SERVICES]  # fmt: skip
 
 
 class StopSignal:

@@ -61,7 +61,8 @@ class Config:
     reclaim_interval_s: float = c.DEFAULT_RECLAIM_INTERVAL_S
     host_tensor_bytes: int = 0
     # Worker: dynamic batching. An idle device waits up to batch_wait_s for a batch to
-    # fill (never past a request's slack); device_streams batches may run at once.
+    # fill (never past a request's slack); device_streams batches may run at once (0: by
+    # backend, see constants).
     batch_wait_s: float = c.DEFAULT_BATCH_WAIT_S
     device_streams: int = c.DEFAULT_DEVICE_STREAMS
     # Scheduler: autoscaling tick, scale to zero after instance_keep_alive_s idle, and the

@@ -19,6 +19,9 @@ KV_TENSORS: Final = "gpufaas_tensors"
 KV_MEMORY: Final = "gpufaas_memory"  # each node's pools: segments and allocations
 KV_PROFILES: Final = "gpufaas_profiles"  # per function: measured configurations, DTS choice
 KV_WORKFLOWS: Final = "gpufaas_workflows"
+KV_INFLIGHT: Final = "gpufaas_inflight"  # invocations a scheduler replica has accepted
+KV_INFLIGHT_MAX_AGE_S: Final = 3600.0  # records and markers older than this lapse
+KV_REPLICAS: Final = "gpufaas_replicas"  # scheduler replicas that ever ran (until cleaned up)
 KV_LEASES: Final = "gpufaas_leases"  # short-lived ownership (the autoscaling leader), TTL
 SCHEDULER_LEADER_KEY: Final = "scheduler-leader"
 DEFAULT_AUTOSCALE_INTERVAL_S: Final = 1.0
@@ -49,7 +52,11 @@ DEFAULT_TENSOR_KEEP_ALIVE_S: Final = 300.0
 DEFAULT_RECLAIM_INTERVAL_S: Final = 5.0
 DEFAULT_TENANT: Final = "default"
 DEFAULT_BATCH_WAIT_S: Final = 0.002  # how long an idle device waits to fill a batch
-DEFAULT_DEVICE_STREAMS: Final = 2  # batches one device may run at once (across instances)
+# Batches one device may run at once (across instances); 0 = by backend: 2 on a CUDA GPU
+# (kernels of two streams overlap), 1 where compute is on the CPU (cpu, sim:N): torch
+# already spreads one batch over every core, and two at once only contend.
+DEFAULT_DEVICE_STREAMS: Final = 0
+CUDA_DEVICE_STREAMS: Final = 2
 EVENTS_MAX_AGE_S: Final = 7 * 24 * 3600.0
 
 # NATS server settings written into the generated config of the embedded server.

@@ -28,6 +28,8 @@ class Buckets:
     profiles: KeyValue
     workflows: KeyValue
     leases: KeyValue
+    inflight: KeyValue
+    replicas: KeyValue
 
 
 async def _kv(
@@ -60,19 +62,21 @@ async def ensure_jetstream(
         profiles=await _kv(js, c.KV_PROFILES),
         workflows=await _kv(js, c.KV_WORKFLOWS, history=5),
         leases=await _kv(js, c.KV_LEASES, ttl=node_ttl_s),
+        inflight=await _kv(js, c.KV_INFLIGHT, ttl=c.KV_INFLIGHT_MAX_AGE_S),
+        replicas=await _kv(js, c.KV_REPLICAS),
     )
 
 
-async def bucket_keys(js: JetStreamContext, bucket: str) -> list[str]:
+async def bucket_keys(js: JetStreamContext, bucket: str, prefix: str = "") -> list[str]:
     """The keys of a KV bucket (deleted ones included: a get then says so), sorted.
 
     Read from the bucket stream's subject list in one request. nats-py's ``kv.keys()``
     watches instead, and can report no keys at all when its consumer-info check races
     the first delivery, which under load made every node look gone.
     """
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
-    prefix = f"$KV.{bucket}."
-    return sorted(s[len(prefix) :] for s in (info.state.subjects or {}))
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{prefix}>")
+    start = f"$KV.{bucket}."
+    return sorted(s[len(start) :] for s in (info.state.subjects or {}))
 
 
 async def ensure_events_stream(js: JetStreamContext) -> None:

@@ -245,6 +245,17 @@ class ProfileRecord(Msg, frozen=True, tag="profile.v1"):
     measured_at: float
 
 
+class InflightRecord(Msg, frozen=True, tag="inflight.v1"):
+    """An invocation a scheduler replica accepted, kept in KV until it is answered, so
+    that another replica answers the caller (``reply_to``) if this one dies."""
+
+    replica: str
+    reply_to: str
+    request: InvokeRequest
+    dispatch_id: str
+    accepted_at: float
+
+
 class FunctionLoadReport(Msg, frozen=True, tag="function_load.v1"):
     """One function as one scheduler replica sees it."""
 
@@ -300,6 +311,9 @@ class WorkerRunRequest(Msg, frozen=True, tag="worker_run_request.v1"):
     # flight at once. None: the spec's max_batch_size, one batch at a time.
     max_batch: Annotated[int, msgspec.Meta(ge=1)] | None = None
     concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # One accepted invocation, however many times it is sent (a replica taking over a dead
+    # one's requests sends it again): the worker runs it once and answers repeats alike.
+    dispatch_id: str = ""
     # A workflow step whose outputs feed other steps: every output becomes a tube, kept on
     # the worker's GPU tier where it can be (a simulated GPU), else on the host tier.
     intermediate: bool = False

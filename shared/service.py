@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -112,6 +113,11 @@ async def cancel_and_wait(tasks: set[asyncio.Task[None]], deadline_s: float = 5.
         pending = [t for t in pending if not t.done()]
     if pending:
         log.error("tasks.not_cancelled", tasks=[t.get_name() for t in pending])
+
+
+# The reply subject of the request a handler is serving (None for a plain publish): what
+# a scheduler replica records so that another can answer the caller if it dies.
+REPLY_TO: ContextVar[str | None] = ContextVar("gpufaas_reply_to", default=None)
 
 
 class Service:
@@ -256,6 +262,7 @@ class Service:
 
     async def _handle(self, msg: NatsMsg, req_type: type[M], handler: Handler[M]) -> None:
         request_id = (msg.headers or {}).get(c.HDR_REQUEST_ID)
+        REPLY_TO.set(msg.reply or None)
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 reply = await handler(decode(msg.data, req_type))

@@ -57,6 +57,12 @@ def event_kind(subject: str) -> str:
     return subject[len(EVENTS_PREFIX) + 1 :]
 
 
+def kv_key(bucket: str, key: str) -> str:
+    """The subject a KV bucket stores ``key`` under (a plain publish to it is a put that
+    waits for no acknowledgement)."""
+    return f"$KV.{bucket}.{key}"
+
+
 def event_filter(kind_pattern: str) -> str:
     """A subscription filter for events: ``function.*``, ``invocation.completed``, ``>``."""
     if not _KIND_PATTERN.match(kind_pattern):

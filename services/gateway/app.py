@@ -50,6 +50,7 @@ from gpufaas.shared.messages import (
     FunctionSpec,
     InvokeReply,
     InvokeRequest,
+    ProfileRecord,
     StoreStats,
     StoreStatsRequest,
     TensorPayload,
@@ -457,7 +458,21 @@ async def functions_list(request: web.Request) -> web.Response:
 
 
 async def function_get(request: web.Request) -> web.Response:
-    return json_response(function_json(await require_function(request, request.match_info["name"])))
+    """A function's record, with the configuration its profile chose (``profile``: batch
+    size, concurrency, why, and the measured points; ``complete`` false while the
+    background profile runs)."""
+    record = await require_function(request, request.match_info["name"])
+    out = function_json(record)
+    key = f"{record.spec.tenant}.{record.spec.name}"
+    try:
+        entry = await request.app[BUCKETS].profiles.get(key)
+        profile = None if entry.value is None else decode_json(entry.value, ProfileRecord)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        profile = None
+    if profile is not None and profile.spec == record.spec:
+        out["profile"] = untagged(to_builtins(profile))
+        del out["profile"]["spec"]
+    return json_response(out)
 
 
 async def function_delete(request: web.Request) -> web.Response:

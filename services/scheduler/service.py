@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -30,6 +32,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from msgspec.structs import replace as msgspec_replace
+from nats.js.kv import KeyValue
 
 from gpufaas.scheduler.autoscale import Autoscaler, FunctionLoad
 from gpufaas.scheduler.placement import NodeView, choose
@@ -48,6 +51,7 @@ from gpufaas.shared.errors import (
     PlatformError,
     Unavailable,
 )
+from gpufaas.shared.jetstream import bucket_keys
 from gpufaas.shared.messages import (
     DeleteReply,
     DeleteRequest,
@@ -56,6 +60,7 @@ from gpufaas.shared.messages import (
     FunctionLoadReport,
     FunctionRecord,
     FunctionSpec,
+    InflightRecord,
     InvokeReply,
     InvokeRequest,
     LocalityReply,
@@ -74,6 +79,7 @@ from gpufaas.shared.messages import (
     WorkerRunRequest,
     WorkerUnloadReply,
     WorkerUnloadRequest,
+    decode,
     decode_json,
     encode,
     encode_json,
@@ -86,8 +92,8 @@ from gpufaas.shared.registry import (
     list_functions,
     live_nodes,
 )
-from gpufaas.shared.rpc import request
-from gpufaas.shared.service import Service
+from gpufaas.shared.rpc import error_reply, request
+from gpufaas.shared.service import REPLY_TO, Service
 from gpufaas.shared.workflows import (
     WorkflowDeleteReply,
     WorkflowDeleteRequest,
@@ -120,6 +126,8 @@ class SchedulerService(Service):
             keep_alive_s=config.instance_keep_alive_s, max_instances=config.max_instances
         )
         self.leader = False
+        self._adopted: set[str] = set()  # inflight keys taken over from dead replicas
+        self._member = False  # listed in the replicas bucket
         self._leader_rev = 0
         self._reports: dict[str, SchedulerLoad] = {}  # replica -> its latest load report
         self._profiles: dict[str, tuple[float, ProfileRecord | None]] = {}  # key -> (read at, …)
@@ -145,6 +153,15 @@ class SchedulerService(Service):
         await self.reconcile_once(time.time(), announce=False)
         self.spawn(self._membership_loop(), "membership")
         self.spawn(self._autoscale_loop(), "autoscale")
+
+    async def on_stop(self) -> None:
+        """Leave cleanly: every request was answered (or told we stopped), so this
+        replica's records and its name go, and no survivor answers them again."""
+        me = _token(self.replica)
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, PlatformError):
+            for bucket, subject in ((c.KV_INFLIGHT, f"{me}.>"), (c.KV_REPLICAS, me),
+                                    (c.KV_LEASES, f"replica.{me}")):  # fmt: skip
+                await self.js.purge_stream(f"KV_{bucket}", subject=subjects.kv_key(bucket, subject))
 
     # --- membership --------------------------------------------------------------------
 
@@ -331,7 +348,8 @@ class SchedulerService(Service):
         )
 
     def _concurrencies(self) -> list[int]:
-        return list(range(1, max(self.config.device_streams, 1) + 1))
+        """Concurrencies to profile; each worker measures those its device can run."""
+        return list(range(1, max(self.config.device_streams, c.CUDA_DEVICE_STREAMS) + 1))
 
     @staticmethod
     def _points(points: list[ProfilePointMsg]) -> list[ProfilePoint]:
@@ -382,8 +400,9 @@ class SchedulerService(Service):
             if not points:
                 return
             slo = spec.options.slo_ms / 1e3 if spec.options.slo_ms else None
-            choice = choose_config(self._points(points), slo,
-                                   max_batch=spec.options.max_batch_size)  # fmt: skip
+            record = await get_function(self.buckets.functions, spec.tenant, spec.name)
+            choice = choose_config(self._points(points), slo, max_batch=spec.options.max_batch_size,
+                                   weights_bytes=record.model_bytes if record else 0)  # fmt: skip
         except PlatformError as exc:
             log.warning("profile.failed", function=spec.name, error=exc.message)
             return
@@ -418,12 +437,38 @@ class SchedulerService(Service):
     # --- invoke ------------------------------------------------------------------------
 
     async def invoke(self, req: InvokeRequest) -> InvokeReply:
+        """Accept an invocation: recorded in KV (with the caller's reply subject) before it
+        is queued, forgotten once answered; a replica that outlives us answers it if we die."""
         deadline = req.deadline or (time.time() + self.config.request_timeout_s)
-        return await self._invoke(req.tenant, req.function, req.request_id, req.inputs, deadline)
+        dispatch_id = uuid.uuid4().hex
+        reply_to = REPLY_TO.get()
+        if reply_to:
+            record = InflightRecord(replica=self.replica, reply_to=reply_to, request=req,
+                                    dispatch_id=dispatch_id, accepted_at=time.time())  # fmt: skip
+            # A plain publish to the bucket's subject, not an acknowledged put: it leaves
+            # on this connection before the request does, so it is stored unless this
+            # process dies within that instant; an ack round trip per request cost 10-20%
+            # of the throughput of small batched requests (bench/batching.py).
+            key = self._inflight_key(dispatch_id)
+            await self.nc.publish(subjects.kv_key(c.KV_INFLIGHT, key), encode(record))
+        try:
+            return await self._invoke(req.tenant, req.function, req.request_id, req.inputs,
+                                      deadline, dispatch_id=dispatch_id)  # fmt: skip
+        finally:
+            if reply_to:  # once the reply is out (this runs after it is queued)
+                self.after_reply(self._forget_inflight(self._inflight_key(dispatch_id)))
+
+    async def _forget_inflight(self, key: str) -> None:
+        """Delete an answered request's record (a delete marker, published like the put;
+        markers lapse with the bucket's age limit, or with the replica's prefix)."""
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(subjects.kv_key(c.KV_INFLIGHT, key), b"",
+                                  headers={"KV-Operation": "DEL"})  # fmt: skip
 
     async def _invoke(
         self, tenant: str, function: str, request_id: str, inputs: list[TensorPayload],
         deadline: float, *, intermediate: bool = False, prefer: str | None = None,
+        dispatch_id: str = "",
     ) -> InvokeReply:  # fmt: skip
         """Queue a request on its function, wait for an instance with room, run it there
         (on ``prefer`` when that node has an instance with room: where its inputs are)."""
@@ -462,6 +507,7 @@ class SchedulerService(Service):
                 max_batch=profile.batch if profile and profile.complete else None,
                 concurrency=profile.concurrency if profile and profile.complete else None,
                 intermediate=intermediate,
+                dispatch_id=dispatch_id,
             )
             reply = await request(
                 self.nc,
@@ -597,6 +643,7 @@ class SchedulerService(Service):
     async def autoscale_once(self, now: float) -> None:
         """One tick: publish this replica's load and queue views; if leader, scale."""
         await self._publish_load(now)
+        await self._take_over(now)
         if not await self._lead():
             return
         fresh = [r for r in self._reports.values()
@@ -668,6 +715,78 @@ class SchedulerService(Service):
                 await self.nc.publish(
                     subjects.node(node, "memory", subjects.MEMORY_QUEUE_VIEW), encode(view)
                 )
+
+    def _inflight_key(self, dispatch_id: str, replica: str | None = None) -> str:
+        return f"{_token(replica or self.replica)}.{dispatch_id}"
+
+    async def _take_over(self, now: float) -> None:
+        """Renew this replica's liveness key; answer the callers of replicas whose key lapsed.
+
+        Each replica records what it accepted under its own prefix of the inflight bucket
+        and is listed in the replicas bucket, so only a dead replica's prefix is read.
+        Its live records are claimed (compare-and-set, so one survivor answers each) and
+        run again; requests it had already sent on are answered from the worker's memory,
+        not run twice (``dispatch_id``). Once none is left, its prefix is purged.
+        """
+        me = _token(self.replica)
+        await self.buckets.leases.put(f"replica.{me}", b"1")
+        if not self._member:
+            await self.buckets.replicas.put(me, self.replica.encode())
+            self._member = True
+        for dead in await bucket_keys(self.js, c.KV_REPLICAS):
+            if dead == me or await _exists(self.buckets.leases, f"replica.{dead}"):
+                continue
+            pending = 0
+            for key in await bucket_keys(self.js, c.KV_INFLIGHT, prefix=f"{dead}."):
+                pending += await self._claim(key, now)
+            if not pending and not any(k.startswith(f"{dead}.") for k in self._adopted):
+                # Gone for good: its records and markers, then its name (whole subjects,
+                # so that no marker is left for the next tick to read).
+                with contextlib.suppress(nats.js.errors.Error):
+                    for bucket, subject in ((c.KV_INFLIGHT, f"{dead}.>"), (c.KV_REPLICAS, dead)):
+                        await self.js.purge_stream(f"KV_{bucket}",
+                                                   subject=subjects.kv_key(bucket, subject))  # fmt: skip
+                log.info("scheduler.replica_gone", replica=dead)
+
+    async def _claim(self, key: str, now: float) -> int:
+        """Claim one of a dead replica's records and answer it; 1 if it is still pending."""
+        if key in self._adopted:
+            return 1
+        try:
+            entry = await self.buckets.inflight.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return 0
+        if entry.value is None or entry.revision is None:
+            return 0
+        record = decode(entry.value, InflightRecord)
+        if record.request.deadline and record.request.deadline < now:
+            await self._forget_inflight(key)  # its caller has given up
+            return 0
+        mine = msgspec_replace(record, replica=self.replica)
+        try:
+            await self.buckets.inflight.update(key, encode(mine), last=entry.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return 1  # another replica claimed it
+        log.warning("invoke.taken_over", request_id=record.request.request_id,
+                    from_replica=record.replica)  # fmt: skip
+        self._adopted.add(key)
+        self.spawn(self._answer(key, mine), f"takeover-{record.dispatch_id}")
+        return 1
+
+    async def _answer(self, key: str, record: InflightRecord) -> None:
+        """Run a dead replica's request and answer its caller directly."""
+        req = record.request
+        deadline = req.deadline or (record.accepted_at + self.config.request_timeout_s)
+        try:
+            reply = await self._invoke(req.tenant, req.function, req.request_id, req.inputs,
+                                       deadline, dispatch_id=record.dispatch_id)  # fmt: skip
+            data, headers = encode(reply), None
+        except PlatformError as exc:
+            data, headers = error_reply(exc)
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(record.reply_to, data, headers=headers)
+        await self._forget_inflight(key)
+        self._adopted.discard(key)
 
     async def _lead(self) -> bool:
         """Take or keep the autoscaling lease (a KV key with the leases bucket's TTL)."""
@@ -841,3 +960,16 @@ class SchedulerService(Service):
         for tube_id in tubes:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
                 await self.buckets.tubes.delete(tube_id)
+
+
+def _token(replica: str) -> str:
+    """A replica id as one KV key token (no dots or slashes)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", replica)
+
+
+async def _exists(kv: KeyValue, key: str) -> bool:
+    try:
+        entry = await kv.get(key)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        return False
+    return entry.value is not None

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import nats.errors
 import structlog
 
+from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import NodeDevices, parse_devices
@@ -77,6 +78,7 @@ from gpufaas.worker.tensor_map import TensorMap
 log = structlog.get_logger()
 
 KNOWN_MODELS = 256  # store answers remembered for overlapping builds (see _build)
+ANSWERS_KEPT = 4096  # answers kept by dispatch id for repeats (see run)
 
 
 @dataclass(slots=True)
@@ -148,8 +150,11 @@ class WorkerService(Service):
         # capacity and compute runs on the CPU over the shared host pages).
         self.gpu = gpus[0].name if gpus else None
         self.device = self.gpu or "cpu"
+        self.streams = config.device_streams or (
+            c.CUDA_DEVICE_STREAMS if self.node_devices.backend == "cuda" else 1
+        )
         self._executor = ThreadPoolExecutor(
-            max_workers=config.device_streams, thread_name_prefix=f"dev-{self.device}"
+            max_workers=self.streams, thread_name_prefix=f"dev-{self.device}"
         )
         self.tensors = TensorMap(config.shm_dir)
         self.instances: dict[tuple[str, str], Instance] = {}
@@ -161,6 +166,11 @@ class WorkerService(Service):
         self._ready: list[_Ready] = []
         self._ready_seq = itertools.count()
         self._wake = asyncio.Event()  # a request arrived or a batch finished
+        # Answers by dispatch id, so that a request sent again (a scheduler replica taking
+        # over a dead one's) is answered, not run twice: the running ones, the last answers.
+        self._answering: dict[str, asyncio.Task[InvokeReply]] = {}
+        self._answered: dict[str, InvokeReply] = {}
+        self.repeats = 0  # dispatches answered without running again
         self._dispatcher: asyncio.Task[None] | None = None
         # Who holds this process's leases on the tensor store: unique per process life.
         self.holder = f"{config.node_id}/{os.getpid()}/{self.started_at:.6f}"
@@ -196,8 +206,9 @@ class WorkerService(Service):
             if not r.fut.done():
                 r.fut.set_exception(Unavailable("the worker is stopping"))
         self._ready.clear()
-        for task in list(self._loading.values()):
+        for task in [*self._loading.values(), *self._answering.values()]:
             task.cancel()
+        await asyncio.gather(*self._answering.values(), return_exceptions=True)
         await asyncio.gather(*self._loading.values(), return_exceptions=True)
         self.instances.clear()
         # Off the loop: a batch still computing finishes in its thread.
@@ -360,7 +371,7 @@ class WorkerService(Service):
                     profile,
                     inst.runner,
                     req.batches,
-                    req.concurrencies,
+                    [n for n in req.concurrencies if n <= self.streams] or [1],
                     repeats=req.repeats,
                     cuda=self.node_devices.backend == "cuda",
                     deadline_s=req.deadline_s,
@@ -435,6 +446,30 @@ class WorkerService(Service):
     # --- invocation ------------------------------------------------------------------
 
     async def run(self, req: WorkerRunRequest) -> InvokeReply:
+        """Run one request; a repeat of a dispatch already run (or running) gets its answer."""
+        if not req.dispatch_id:
+            return await self._run(req)
+        done = self._answered.get(req.dispatch_id)
+        if done is not None:
+            self.repeats += 1
+            return done
+        task = self._answering.get(req.dispatch_id)
+        if task is None:
+            task = asyncio.create_task(self._run(req))
+            self._answering[req.dispatch_id] = task
+            task.add_done_callback(lambda t: self._remember(req.dispatch_id, t))
+        else:
+            self.repeats += 1
+        return await asyncio.shield(task)
+
+    def _remember(self, dispatch_id: str, task: asyncio.Task[InvokeReply]) -> None:
+        self._answering.pop(dispatch_id, None)
+        if not task.cancelled() and task.exception() is None:
+            self._answered[dispatch_id] = task.result()
+            while len(self._answered) > ANSWERS_KEPT:
+                del self._answered[next(iter(self._answered))]
+
+    async def _run(self, req: WorkerRunRequest) -> InvokeReply:
         t_start = time.perf_counter()
         load_t = time.perf_counter()
         if (req.spec.tenant, req.spec.name) not in self.instances:
@@ -500,7 +535,7 @@ class WorkerService(Service):
             max_batch=max(1, req.max_batch or req.spec.options.max_batch_size),
         )
         if req.concurrency:
-            inst.concurrency = min(req.concurrency, self.config.device_streams)
+            inst.concurrency = min(req.concurrency, self.streams)
         heapq.heappush(self._ready, item)
         self._wake.set()
         if self._dispatcher is None or self._dispatcher.done():
@@ -547,7 +582,7 @@ class WorkerService(Service):
         under its concurrency), dropping cancelled ones; None if none may."""
         while self._ready and self._ready[0].fut.done():
             heapq.heappop(self._ready)
-        if len(running) >= self.config.device_streams:
+        if len(running) >= self.streams:
             return None
         return next((r for r in sorted(self._ready) if not r.fut.done()
                      and r.inst.streams < r.inst.concurrency), None)  # fmt: skip

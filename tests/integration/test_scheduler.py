@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -208,3 +209,63 @@ async def test_a_background_profile_chooses_the_batch(
         assert resp.status == 200
     finally:
         await p.stop()
+
+
+async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_twice(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    from tests.integration.conftest import start_platform  # noqa: PLC0415
+
+    config = make_config(nats_server, tmp_path, autoscale_interval_s=0.2)
+    p = await start_platform(config, nats_server)
+    survivor: SchedulerService | None = None
+    try:
+        c, first = p.client, scheduler(p)
+        worker = p.services["worker"]
+        assert isinstance(worker, WorkerService)
+        assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+        long = text_request(["a longer sentence for the encoder to chew on " * 8] * 64)
+        call = asyncio.create_task(c.post("/v2/models/minilm/infer", json=long))
+        for _ in range(2000):  # until the worker is running it (20 s at most)
+            if worker._answering:
+                break
+            await asyncio.sleep(0.01)
+        assert worker._answering
+        # The replica dies: no reply, no clean-up; its liveness key lapses (TTL 2 s).
+        await first.nc.close()
+        for task in [*first._background, *first._inflight]:
+            task.cancel()
+        survivor = SchedulerService(config)
+        await survivor.start()
+        resp = await asyncio.wait_for(call, 30)
+        assert resp.status == 200, await resp.text()
+        assert len((await resp.json())["outputs"][0]["data"]) == 64 * 384
+        assert worker.repeats == 1  # sent twice, run once
+        assert [k async for k in keys(survivor)] == []  # answered: forgotten
+        from gpufaas.shared.constants import KV_REPLICAS  # noqa: PLC0415
+        from gpufaas.shared.jetstream import bucket_keys  # noqa: PLC0415
+
+        for _ in range(500):  # the dead replica's prefix is purged on a later tick (5 s at most)
+            if len(await bucket_keys(survivor.js, KV_REPLICAS)) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert await bucket_keys(survivor.js, KV_REPLICAS) == [
+            survivor._inflight_key("x").removesuffix(".x")
+        ]
+    finally:
+        if survivor is not None:
+            p.services["scheduler"] = survivor
+        await p.stop()
+
+
+async def keys(svc: SchedulerService) -> AsyncIterator[str]:
+    from gpufaas.shared.constants import KV_INFLIGHT  # noqa: PLC0415
+    from gpufaas.shared.jetstream import bucket_keys  # noqa: PLC0415
+
+    for key in await bucket_keys(svc.js, KV_INFLIGHT):
+        try:
+            entry = await svc.buckets.inflight.get(key)
+        except (nats.js.errors.KeyDeletedError, nats.js.errors.KeyNotFoundError):
+            continue
+        if entry.value:
+            yield key

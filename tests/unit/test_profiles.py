@@ -110,3 +110,13 @@ def test_batch_sizes_are_powers_of_two_and_the_maximum() -> None:
     assert batch_sizes(33) == [1, 2, 4, 8, 16, 32, 33]
     with pytest.raises(ValueError, match="max_batch"):
         batch_sizes(0)
+
+
+def test_counting_the_weights_lets_throughput_win_over_a_few_mib_of_activations() -> None:
+    mib = 2**20
+    points = [
+        ProfilePoint(batch=4, concurrency=1, latency_s=0.0192, memory_bytes=1 * mib),
+        ProfilePoint(batch=32, concurrency=1, latency_s=0.094, memory_bytes=9 * mib),
+    ]
+    assert choose_config(points, None, max_batch=32).batch == 4  # activations alone
+    assert choose_config(points, None, max_batch=32, weights_bytes=87 * mib).batch == 32
