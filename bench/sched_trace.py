@@ -184,7 +184,10 @@ def make_models(cfg: SimConfig, rng: random.Random) -> list[Model]:
     for i, (name, gib, a_ms, c_ms) in enumerate(CATALOG):
         slo_s = (cfg.slo_factor * (a_ms + c_ms) + cfg.slo_extra_ms) / 1e3
         choice = choose_config(
-            profile(gib, a_ms, c_ms, cfg.max_batch), slo_s, max_batch=cfg.max_batch
+            profile(gib, a_ms, c_ms, cfg.max_batch),
+            slo_s,
+            max_batch=cfg.max_batch,
+            weights_bytes=int(gib * GIB),
         )
         models.append(Model(i, name, int(gib * GIB), a_ms, c_ms, slo_s, choice, weights[i] / total))
     return models
