@@ -24,10 +24,13 @@ class NodeView:
     bytes_to_load: int  # model bytes not yet resident there
     functions: int  # instances placed there (the load)
     free_bytes: int | None  # room on its GPU; None when unknown (no GPU, or not reported)
+    near: bool = False  # it holds the request's input tubes (no copy between nodes)
 
 
 def choose(views: Sequence[NodeView]) -> str:
-    """The node to place on: warm, then highest θ, then least loaded, among those with room.
+    """The node to place on: warm, then highest θ, then where the inputs are (a tie on θ
+    goes to the node holding the request's input tubes: on it they need no copy), then
+    least loaded, among those with room.
 
     Free bytes count what is in use, idle copies included, which the node's tensor store
     can evict: when no node has room by that count, every node is a candidate, and the
@@ -37,5 +40,6 @@ def choose(views: Sequence[NodeView]) -> str:
         raise Unavailable("no node with a worker is up")
     fits = [v for v in views if v.free_bytes is None or v.free_bytes >= v.bytes_to_load]
     return min(
-        fits or views, key=lambda v: (not v.warm, -round(v.theta, 6), v.functions, v.node)
+        fits or views,
+        key=lambda v: (not v.warm, -round(v.theta, 6), not v.near, v.functions, v.node),
     ).node

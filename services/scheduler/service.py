@@ -266,7 +266,9 @@ class SchedulerService(Service):
         )
         return DeployReply(function=record, created=True)
 
-    async def _place(self, spec: FunctionSpec, exclude: set[str] | None = None) -> str:
+    async def _place(
+        self, spec: FunctionSpec, exclude: set[str] | None = None, near: str | None = None
+    ) -> str:
         """Locality-aware placement (``placement.py``) over the live nodes' facts; nodes in
         ``exclude`` (that already hold an instance) only when there is no other."""
         candidates = await self._pick_nodes()
@@ -284,7 +286,8 @@ class SchedulerService(Service):
                 first = min(gpus, key=lambda d: (d.name, -d.used_bytes))
                 free = first.memory_bytes - first.used_bytes
             views.append(NodeView(node, node in warm, loc.theta if loc else 0.0,
-                                  loc.bytes_to_load if loc else 0, load[node], free))  # fmt: skip
+                                  loc.bytes_to_load if loc else 0, load[node], free,
+                                  near=node == near))  # fmt: skip
         node = choose(views)
         log.info("placement.chosen", function=spec.name, node=node,
                  views=[(v.node, v.warm, round(v.theta, 3), v.functions) for v in views])  # fmt: skip
@@ -572,7 +575,9 @@ class SchedulerService(Service):
         spec = record.spec
         t0 = time.perf_counter()
         try:
-            node = await self._place(spec)
+            # Where the most urgent waiting request's inputs are, on a tie of θ.
+            head = min((p for p in fq.waiting if not p.node.done()), default=None)
+            node = await self._place(spec, near=head.prefer if head else None)
             await request(
                 self.nc, subjects.node(node, "worker", subjects.WORKER_LOAD),
                 WorkerLoadRequest(spec=spec), WorkerLoadReply,

@@ -39,3 +39,9 @@ def test_nodes_with_room_for_what_is_left_to_load_come_first() -> None:
     assert choose([full, view("c", free=0, to_load=GB)]) == "a"
     with pytest.raises(Unavailable):
         choose([])
+
+
+def test_a_tie_on_theta_goes_to_the_node_holding_the_inputs() -> None:
+    near = NodeView("b", False, 0.5, GB, 3, 10 * GB, near=True)
+    assert choose([view("a", theta=0.5, load=0), near]) == "b"
+    assert choose([view("a", theta=0.6), near]) == "a"  # θ first
