@@ -84,6 +84,7 @@ def deploy(
     path: Annotated[str | None, typer.Option(help="a model directory on the node")] = None,
     architecture: Annotated[str, typer.Option(help="model architecture")] = "bert-embedding",
     max_batch_size: Annotated[int, typer.Option(help="largest batch")] = 32,
+    slo_ms: Annotated[float | None, typer.Option(help="latency objective per request")] = None,
     url: GatewayUrl = DEFAULT_URL,
 ) -> None:
     """Deploy a model as a function."""
@@ -92,7 +93,10 @@ def deploy(
         model["builtin"] = builtin
     if path:
         model["path"] = path
-    body = {"name": name, "model": model, "options": {"max_batch_size": max_batch_size}}
+    options: dict[str, float] = {"max_batch_size": max_batch_size}
+    if slo_ms is not None:
+        options["slo_ms"] = slo_ms
+    body = {"name": name, "model": model, "options": options}
     try:
         with console.status(f"Deploying {name} (loading the model)…"):
             rec = call(f"{url}/v1/functions", "POST", body)
@@ -199,6 +203,71 @@ def events(
         pass
     except OSError as exc:
         raise _fail(f"cannot follow events from {url}: {exc}") from None
+
+
+workflow_app = typer.Typer(help="Workflows: DAGs of functions exchanging tube ids.",
+                           no_args_is_help=True)  # fmt: skip
+app.add_typer(workflow_app, name="workflow")
+
+
+@workflow_app.command("deploy")
+def workflow_deploy(
+    file: Annotated[Path, typer.Argument(help="a JSON file: {name, steps, outputs, slo_ms}")],
+    url: GatewayUrl = DEFAULT_URL,
+) -> None:
+    """Deploy a workflow from a JSON definition (see the README)."""
+    try:
+        body = json.loads(file.read_text())
+        rec = call(f"{url}/v1/workflows", "POST", body)
+    except (OSError, ValueError) as exc:
+        raise _fail(f"cannot read {file}: {exc}") from None
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"[green]deployed[/green] workflow {rec['spec']['name']}: "
+                  f"{' -> '.join(rec['order'])}")  # fmt: skip
+
+
+@workflow_app.command("invoke")
+def workflow_invoke(
+    name: Annotated[str, typer.Argument(help="workflow name")],
+    texts: Annotated[list[str], typer.Argument(help="the workflow's text input")],
+    input_name: Annotated[str, typer.Option("--input", help="its input's name")] = "text",
+    url: GatewayUrl = DEFAULT_URL,
+) -> None:
+    """Run a workflow whose input is text; prints its outputs and where each step ran."""
+    body = {"inputs": [{"name": input_name, "datatype": "BYTES", "shape": [len(texts)],
+                        "data": texts}]}  # fmt: skip
+    try:
+        res = call(f"{url}/v1/workflows/{name}/infer", "POST", body)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    for out in res["outputs"]:
+        console.print(f"{out['name']} {out['datatype']} {out['shape']}: {out['data'][:6]}")
+    for step in res["parameters"]["steps"]:
+        console.print(f"[dim]{step['step']}: {step['function']} on {step['node']} "
+                      f"{step['device']}, outputs on {', '.join(step['output_tiers'])}, "
+                      f"runs {step['runs']}[/dim]")  # fmt: skip
+
+
+@workflow_app.command("list")
+def workflow_list(url: GatewayUrl = DEFAULT_URL) -> None:
+    """List the workflows."""
+    try:
+        res = call(f"{url}/v1/workflows")
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    for w in res["workflows"]:
+        console.print(f"{w['spec']['name']}: {' -> '.join(w['order'])}")
+
+
+@workflow_app.command("delete")
+def workflow_delete(name: Annotated[str, typer.Argument()], url: GatewayUrl = DEFAULT_URL) -> None:
+    """Delete a workflow."""
+    try:
+        call(f"{url}/v1/workflows/{name}", "DELETE")
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"deleted workflow {name}")
 
 
 def main() -> None:

@@ -132,6 +132,16 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
     assert cli.returncode == 0, cli.stderr
     assert "embedding FP32 [1, 384]" in cli.stdout
 
+    wf = up.data_dir / "wf.json"  # a one-step workflow through the CLI
+    wf.write_text(json.dumps({"name": "embed", "steps": [
+        {"name": "e", "function": "minilm", "inputs": {"text": "$input.text"}}]}))  # fmt: skip
+    for argv in (["workflow", "deploy", str(wf)], ["workflow", "invoke", "embed", "hi"]):
+        cli = subprocess.run([GPUFAAS, *argv, "--url", up.url], capture_output=True, text=True,
+                             timeout=60, check=False)  # fmt: skip
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "embedding FP32 [1, 384]" in cli.stdout
+    assert "e: minilm on node-" in cli.stdout
+
     events = subprocess.Popen([GPUFAAS, "events", "--replay", "all", "--kinds", "function.*",
                                "--url", up.url], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "COLUMNS": "200"})  # fmt: skip
