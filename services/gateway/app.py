@@ -50,6 +50,8 @@ from gpufaas.shared.messages import (
     FunctionSpec,
     InvokeReply,
     InvokeRequest,
+    M,
+    Msg,
     ProfileRecord,
     StoreStats,
     StoreStatsRequest,
@@ -208,6 +210,23 @@ def nats_of(request: web.Request) -> NATS:
     if not nc.is_connected:
         raise Unavailable("NATS is not reachable from the gateway; retry later")
     return nc
+
+
+async def ask_scheduler(
+    request: web.Request, subject: str, msg: Msg, reply_type: type[M], *,
+    timeout: float | None = None,
+) -> M:  # fmt: skip
+    """A request to a scheduler replica on behalf of an HTTP request (its request id
+    travels along; the timeout defaults to the platform's request timeout)."""
+    return await nats_request(
+        nats_of(request),
+        subject,
+        msg,
+        reply_type,
+        timeout=request.app[CONFIG].request_timeout_s if timeout is None else timeout,
+        request_id=request[REQUEST_ID],
+        what="scheduler",
+    )
 
 
 async def require_function(request: web.Request, name: str) -> FunctionRecord:
@@ -437,15 +456,10 @@ async def functions_post(request: web.Request) -> web.Response:
     spec = FunctionSpec(
         name=body.name, model=body.model, options=body.options, tenant=tenant_of(request)
     )
-    reply = await nats_request(
-        nats_of(request),
-        subjects.SCHED_DEPLOY,
-        DeployRequest(spec=spec),
-        DeployReply,
+    reply = await ask_scheduler(
+        request, subjects.SCHED_DEPLOY, DeployRequest(spec=spec), DeployReply,
         timeout=config.deploy_timeout_s + 5,
-        request_id=request[REQUEST_ID],
-        what="scheduler",
-    )
+    )  # fmt: skip
     return json_response(function_json(reply.function), 201 if reply.created else 200)
 
 
@@ -479,15 +493,10 @@ async def function_delete(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not _NAME.match(name):
         raise NotFound(f"function {name!r} not found", field="name")
-    reply = await nats_request(
-        nats_of(request),
-        subjects.SCHED_DELETE,
-        DeleteRequest(name=name, tenant=tenant_of(request)),
+    reply = await ask_scheduler(
+        request, subjects.SCHED_DELETE, DeleteRequest(name=name, tenant=tenant_of(request)),
         DeleteReply,
-        timeout=request.app[CONFIG].request_timeout_s,
-        request_id=request[REQUEST_ID],
-        what="scheduler",
-    )
+    )  # fmt: skip
     return json_response({"deleted": reply.name})
 
 
@@ -514,14 +523,11 @@ async def workflows_post(request: web.Request) -> web.Response:
     body = convert(await read_json(request), WorkflowBody)
     spec = WorkflowSpec(name=body.name, steps=body.steps, outputs=body.outputs,
                         slo_ms=body.slo_ms, tenant=tenant_of(request))  # fmt: skip
-    reply = await nats_request(
-        nats_of(request),
+    reply = await ask_scheduler(
+        request,
         subjects.SCHED_WORKFLOW_DEPLOY,
         WorkflowDeployRequest(spec=spec),
         WorkflowDeployReply,
-        timeout=request.app[CONFIG].request_timeout_s,
-        request_id=request[REQUEST_ID],
-        what="scheduler",
     )
     return json_response(workflow_json(reply.workflow), 201 if reply.created else 200)
 
@@ -549,14 +555,11 @@ async def workflow_get(request: web.Request) -> web.Response:
 async def workflow_delete(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     await _require_workflow(request, name)
-    reply = await nats_request(
-        nats_of(request),
+    reply = await ask_scheduler(
+        request,
         subjects.SCHED_WORKFLOW_DELETE,
         WorkflowDeleteRequest(name=name, tenant=tenant_of(request)),
         WorkflowDeleteReply,
-        timeout=request.app[CONFIG].request_timeout_s,
-        request_id=request[REQUEST_ID],
-        what="scheduler",
     )
     return json_response({"deleted": reply.name})
 

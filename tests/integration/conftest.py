@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gpufaas.gateway.app import create_app
 from gpufaas.memory.service import MemoryService
 from gpufaas.scheduler.service import SchedulerService
+from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.service import Service
 from gpufaas.tensorstore.service import TensorStoreService
@@ -92,3 +95,19 @@ DEMO_BODY = {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}}
 
 def text_request(texts: list[str]) -> dict[str, Any]:
     return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+
+
+async def read_events(p: Platform, kind: str) -> list[dict[str, Any]]:
+    """Every event of ``kind`` so far (read from the EVENTS stream until it has no more)."""
+    js = p.services["scheduler"].js
+    sub = await js.subscribe(subjects.event_filter(kind), ordered_consumer=True)
+    out: list[dict[str, Any]] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                return out
+            out.append(json.loads(msg.data))
+    finally:
+        await sub.unsubscribe()

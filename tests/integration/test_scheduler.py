@@ -7,11 +7,9 @@ themselves with a fake clock; requests, workers and KV are real.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -21,7 +19,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from gpufaas.gateway.app import create_app
 from gpufaas.scheduler.profiles import batch_sizes
 from gpufaas.scheduler.service import SchedulerService
-from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.messages import FunctionRecord, ProfileRecord, decode_json
 from gpufaas.shared.registry import function_key, get_function
@@ -33,6 +30,7 @@ from tests.integration.conftest import (
     NODE_SERVICES,
     Platform,
     make_config,
+    read_events,
     text_request,
 )
 
@@ -97,25 +95,9 @@ async def test_a_function_scales_to_zero_after_keep_alive_and_comes_back(
     assert resp.headers["Gpufaas-Cold"] == "1"
     assert (await record_of(sched, "minilm")).nodes == ["node-t"]
     scaled = [
-        (e["data"]["from"], e["data"]["to"]) for e in await events(platform, "function.scaled")
+        (e["data"]["from"], e["data"]["to"]) for e in await read_events(platform, "function.scaled")
     ]
     assert scaled == [(1, 0), (0, 1)]
-
-
-async def events(p: Platform, kind: str) -> list[dict[str, Any]]:
-    """Every event of ``kind`` so far (read from the EVENTS stream until it has no more)."""
-    js = p.services["scheduler"].js
-    sub = await js.subscribe(subjects.event_filter(kind), ordered_consumer=True)
-    out: list[dict[str, Any]] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except nats.errors.TimeoutError:
-                return out
-            out.append(json.loads(msg.data))
-    finally:
-        await sub.unsubscribe()
 
 
 async def test_requests_wait_in_the_queue_for_room_on_the_instance(platform: Platform) -> None:

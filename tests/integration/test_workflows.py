@@ -3,12 +3,10 @@ definitions refused at deploy, and an intermediate lost with its node recomputed
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import nats.errors
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,6 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gpufaas.gateway.app import create_app
 from gpufaas.scheduler.service import SchedulerService
-from gpufaas.shared import subjects
 from gpufaas.shared.service import Service
 from tests.conftest import NatsServer
 from tests.integration.conftest import (
@@ -24,6 +21,7 @@ from tests.integration.conftest import (
     NODE_SERVICES,
     Platform,
     make_config,
+    read_events,
     text_request,
 )
 
@@ -65,21 +63,6 @@ WORKFLOW = {
 }
 
 
-async def events(p: Platform, kind: str) -> list[dict[str, Any]]:
-    js = p.services["scheduler"].js
-    sub = await js.subscribe(subjects.event_filter(kind), ordered_consumer=True)
-    out: list[dict[str, Any]] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except nats.errors.TimeoutError:
-                return out
-            out.append(json.loads(msg.data))
-    finally:
-        await sub.unsubscribe()
-
-
 async def expected_scores(c: TestClient[Any, Any], texts: list[str]) -> np.ndarray[Any, Any]:
     resp = await c.post("/v2/models/minilm/infer", json=text_request(texts))
     emb = np.array((await resp.json())["outputs"][0]["data"], dtype=np.float32).reshape(-1, DIM)
@@ -116,7 +99,7 @@ async def test_two_steps_pass_a_tube_that_never_leaves_the_gpu_tier(
     assert embed["node"] == score["node"] == "node-t"
     assert embed["device"] == score["device"] == "gpu:0"
     # Nothing was copied between tiers: the second step read it where it was.
-    assert await events(platform, "transfer.completed") == []
+    assert await read_events(platform, "transfer.completed") == []
 
     assert (await c.delete("/v1/workflows/embed-score")).status == 200
     assert (await c.get("/v1/workflows/embed-score")).status == 404
