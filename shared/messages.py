@@ -438,6 +438,81 @@ class DeviceTierStats(Msg, frozen=True, tag="device_tier_stats.v1"):
     bytes_without_sharing: Count
 
 
+class ModelQuery(Msg, frozen=True, tag="model_query.v1"):
+    """A model a queued request will need, as the memory manager asks the store about it."""
+
+    source: ModelSource
+    tenant: Tenant = DEFAULT_TENANT  # the scope of a private model
+
+
+class ModelItem(Msg, frozen=True, tag="model_item.v1"):
+    """How the store names a model (its item for the memory manager) and its size."""
+
+    item: str  # the store's key of the model file in its scope; "" when it cannot be found
+    nbytes: Count  # its tensors' bytes, each once (an estimate, the file's size, if not known)
+    known: bool  # the store has the model's manifest (else nbytes is the estimate)
+    error: str | None = None  # why ``item`` is ""
+
+
+class ResidentModel(Msg, frozen=True, tag="resident_model.v1"):
+    """A model all of whose tensors have their copy on a GPU."""
+
+    item: str
+    nbytes: Count  # its tensors' bytes, each once
+    last_used: float  # when its copies were last leased or placed (now while leased)
+    leased: bool  # an instance holds the copies (or shares a segment with it): never evicted
+    file: str = ""  # the model file, when registered since the store started
+    tenant: str | None = None  # set for a tenant's private model
+
+
+class DeviceResidency(Msg, frozen=True, tag="device_residency.v1"):
+    """One GPU's device tier: its capacity, the bytes it holds and the models complete on it."""
+
+    device: str
+    capacity_bytes: Count
+    used_bytes: Count
+    models: list[ResidentModel]
+
+
+class ResidencyRequest(Msg, frozen=True, tag="residency_request.v1"):
+    models: list[ModelQuery] = []  # also resolve these to items (answered in order)
+
+
+class ResidencyReply(Msg, frozen=True, tag="residency_reply.v1"):
+    node: str
+    owner: str  # the store's owner of blocks in the memory service's pools
+    devices: list[DeviceResidency]
+    models: list[ModelItem] = []  # one per query, in order
+
+
+class EvictModelRequest(Msg, frozen=True, tag="evict_model_request.v1"):
+    """Drop a model's idle copies from a GPU (the host tier keeps its tensors)."""
+
+    device: Tier
+    item: str
+
+
+class EvictModelReply(Msg, frozen=True, tag="evict_model_reply.v1"):
+    evicted: bool
+    nbytes: Count  # bytes freed on the GPU
+    reason: str = ""  # why nothing was freed: "not resident" or "leased"
+
+
+class PrefetchRequest(Msg, frozen=True, tag="prefetch_request.v1"):
+    """Place a model's copies on a GPU ahead of a queued request, without a lease."""
+
+    device: Tier
+    source: ModelSource
+    tenant: Tenant = DEFAULT_TENANT
+
+
+class PrefetchReply(Msg, frozen=True, tag="prefetch_reply.v1"):
+    item: str
+    nbytes: Count  # the model's tensors' bytes, each once
+    bytes_copied: Count  # 0: every copy was resident already
+    used_bytes: Count  # the GPU's tier after the placement
+
+
 class ResolveRequest(Msg, frozen=True, tag="resolve_request.v1"):
     tube_id: str
     tenant: Tenant = DEFAULT_TENANT
@@ -581,6 +656,43 @@ class MemStatsReply(Msg, frozen=True, tag="mem_stats_reply.v1"):
     node: str
     pools: list[MemPoolStats]
     reserved: dict[str, Count] = {}  # "<device> <function>" -> bytes held for intermediates
+
+
+class MemViewAck(Msg, frozen=True, tag="mem_view_ack.v1"):
+    """The memory service's answer to a queue view (scheduler replicas publish, not ask)."""
+
+    accepted: bool  # False: older than the view held from that replica
+
+
+class CachedModel(Msg, frozen=True, tag="cached_model.v1"):
+    """One model complete on a GPU, in a node's published model cache."""
+
+    item: str
+    nbytes: Count
+    leased: bool
+    file: str = ""
+    tenant: str | None = None
+
+
+class ModelCache(Msg, frozen=True, tag="model_cache.v1"):
+    """What one GPU of a node holds, in the memory bucket (``<node>.<gpuN>.m``); rewritten,
+    with a ``memory.residency`` event, when it changes."""
+
+    node: str
+    device: str
+    at: float
+    models: list[CachedModel]
+
+
+class MemRejection(Msg, frozen=True, tag="mem_rejection.v1"):
+    """A function whose working set can never fit on a GPU (``<node>.<gpuN>.r.<tenant>.<name>``)."""
+
+    device: str
+    function: str
+    working_set_bytes: Count
+    capacity_bytes: Count
+    reason: str
+    at: float
 
 
 class Ping(Msg, frozen=True, tag="ping.v1"):

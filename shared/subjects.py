@@ -91,6 +91,11 @@ TENSORSTORE_STATS: Final = "stats"
 TENSORSTORE_RENEW: Final = "renew"
 TENSORSTORE_RELEASE: Final = "release"
 TENSORSTORE_LOCALITY: Final = "locality"
+# Asked by the node's memory manager: which models' copies each GPU holds, and the two
+# actions it takes on them (drop an idle copy; place one ahead of a queued request).
+TENSORSTORE_RESIDENCY: Final = "residency"
+TENSORSTORE_EVICT: Final = "evict"
+TENSORSTORE_PREFETCH: Final = "prefetch"
 TRANSFER_RESOLVE: Final = "resolve"
 TRANSFER_ENSURE: Final = "ensure"
 TRANSFER_ADOPT: Final = "adopt"  # a worker's new output tube onto a (simulated) GPU tier

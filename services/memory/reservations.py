@@ -128,6 +128,11 @@ class ReservationTracker:
         """Bytes all functions want together."""
         return sum(r.desired_bytes for r in self.snapshot(now).values())
 
+    def in_flight(self, function: str) -> int:
+        """Requests of ``function`` running now (started, not ended)."""
+        f = self._functions.get(function)
+        return 0 if f is None else len(f.in_flight)
+
     def functions(self) -> list[str]:
         """Functions with state (dropped by :meth:`snapshot` once idle for a window)."""
         return sorted(self._functions)

@@ -14,6 +14,14 @@ bytes (p95 size times peak concurrency over a sliding window; ``reservations.py`
 as the load changes and released when the function goes idle, so an idle platform holds
 little memory.
 
+Queue-aware residency of model copies (``policy.py``, snapshot from ``planner.py``): every
+pass also reads what each GPU's tensor store holds and what the scheduler's queue views say
+queued and running requests will touch, evicts the copies no queued request needs first
+(LRU among them), then those needed latest, never a leased one, prefetches a queued
+request's model before it reaches the head of its queue, and refuses (announces) working
+sets that can never fit. The latest view of each replica is kept in KV with the rejections
+and the published model cache, so a restarted manager decides as before and repeats nothing.
+
 On a simulated GPU the pool accounts the capacity; on a real GPU it budgets the same way
 until a CUDA backend (device segments exported by IPC handle) is added.
 """
@@ -22,46 +30,77 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
+from typing import Final
 
+import nats.errors
 import nats.js.errors
 import structlog
 
+from gpufaas.memory import planner, policy
 from gpufaas.memory.pool import Allocation, PoolEvent, SegmentPool, SimBackend
 from gpufaas.memory.reservations import Reservation, ReservationTracker
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.constants import KV_MEMORY
 from gpufaas.shared.devices import NodeDevices, parse_devices
-from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from gpufaas.shared.errors import (
+    InvalidArgument,
+    NotFound,
+    PlatformError,
+    ResourceExhausted,
+    Unavailable,
+)
 from gpufaas.shared.jetstream import bucket_keys
 from gpufaas.shared.messages import (
+    CachedModel,
     CapacityReply,
     CapacityRequest,
     DeviceInfo,
+    EvictModelReply,
+    EvictModelRequest,
+    M,
     MemAllocation,
     MemAllocRequest,
     MemFreeReply,
     MemFreeRequest,
     MemObserve,
     MemPoolStats,
+    MemRejection,
     MemRenewReply,
     MemRenewRequest,
     MemStatsReply,
     MemStatsRequest,
+    MemViewAck,
+    ModelCache,
+    Msg,
+    PrefetchReply,
+    PrefetchRequest,
+    QueueView,
+    ResidencyReply,
+    ResidencyRequest,
     decode_json,
     encode_json,
 )
+from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 
 log = structlog.get_logger()
 
 RESERVATION_OWNER = "reservation:"  # blocks the manager holds for a function's intermediates
 RESERVATION_WINDOW_S = 60.0
+DEFAULT_H2D_BPS: Final = 12e9  # host->GPU rate when the topology names no link (PCIe 3 x16)
+STORE_TIMEOUT_S: Final = 5.0  # residency and evictions: bookkeeping on the store's thread
+VIEW_TICKS: Final = 3  # a replica's queue view older than this many ticks is dropped
 
 
 def _dev(device: str) -> str:
     return device.replace(":", "")  # "gpu:0" -> "gpu0": a KV key token
+
+
+def _token(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)  # a replica or function as one KV key token
 
 
 class MemoryService(Service):
@@ -80,7 +119,22 @@ class MemoryService(Service):
         self._expiry: dict[str, float] = {}  # owner -> when its lease lapses
         self.observed = {d: ReservationTracker(window_s=RESERVATION_WINDOW_S) for d in self.pools}
         self._reserved: dict[tuple[str, str], tuple[int, int]] = {}  # (device, fn) -> block
+        self._short: dict[tuple[str, str], int] = {}  # (device, fn) -> bytes the pool refused
         self._lock = asyncio.Lock()  # pool changes and their KV writes, in order
+        # The queue-aware residency pass (see _policy_pass); never under ``_lock``: the store
+        # it calls gives blocks back to this service while it evicts.
+        self._policy_lock = asyncio.Lock()
+        self._views: dict[str, QueueView] = {}  # scheduler replica -> its latest view of us
+        self._rejected: dict[tuple[str, str], MemRejection] = {}  # (device, fn) -> announced
+        self._cache: dict[str, list[CachedModel]] = {}  # device -> the published model cache
+        self._pressed: set[str] = set()  # devices whose pressure was announced
+        self.typical_compute_s = planner.TYPICAL_COMPUTE_S
+        topo = self.node_devices.topology
+        self._h2d_bps = {
+            d: (ln.gbps * 1e9 if (ln := topo.link("host", d)) else DEFAULT_H2D_BPS)
+            if topo is not None else DEFAULT_H2D_BPS
+            for d in self.pools
+        }  # fmt: skip
 
     def devices(self) -> list[DeviceInfo]:
         return self.node_devices.devices
@@ -95,6 +149,7 @@ class MemoryService(Service):
             (subjects.MEMORY_RENEW, MemRenewRequest, self.renew),
             (subjects.MEMORY_STATS, MemStatsRequest, self.stats),
             (subjects.MEMORY_OBSERVE, MemObserve, self.observe),
+            (subjects.MEMORY_QUEUE_VIEW, QueueView, self.queue_view),
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._reconcile_loop(), "reconcile")
@@ -154,6 +209,20 @@ class MemoryService(Service):
             tracker.observe_end(req.function, req.request_id, time.time())
         return MemFreeReply(freed=True)
 
+    async def queue_view(self, view: QueueView) -> MemViewAck:
+        """A scheduler replica's view of this node's queued and running work (each tick).
+
+        The latest per replica is kept, in KV too: a restarted manager still knows what the
+        queued requests need before the next tick."""
+        if view.node != self.config.node_id:
+            return MemViewAck(accepted=False)
+        held = self._views.get(view.replica)
+        if held is not None and held.at > view.at:
+            return MemViewAck(accepted=False)  # arrived out of order
+        self._views[view.replica] = view
+        await self.buckets.memory.put(self._view_key(view.replica), encode_json(view))
+        return MemViewAck(accepted=True)
+
     async def free(self, req: MemFreeRequest) -> MemFreeReply:
         pool = self._pool(req.device)
         async with self._lock:
@@ -177,10 +246,11 @@ class MemoryService(Service):
 
     # --- the reconcile loop -------------------------------------------------------------------
 
-    async def reconcile_once(self, now: float) -> None:
-        """Free lapsed owners' allocations, give back segments idle for the keep-alive.
+    async def reconcile_once(self, now: float, *, horizon_s: float = 0.0) -> policy.Actions:
+        """Free lapsed owners' allocations, resize the reservations, give back segments idle
+        for the keep-alive; then the queue-aware residency pass (:meth:`policy_once`).
 
-        Tests call it with a chosen ``now``.
+        Tests call it with a chosen ``now``. Returns the residency actions carried out.
         """
         async with self._lock:
             lapsed = [o for o, t in self._expiry.items() if t < now]
@@ -196,14 +266,18 @@ class MemoryService(Service):
                 await self._resize_reservations(pool, self.observed[device].snapshot(now))
                 pool.release_idle(now, self.config.tensor_keep_alive_s)
                 await self._persist_events(pool)
+        return await self.policy_once(now, horizon_s=horizon_s)
 
     async def _resize_reservations(self, pool: SegmentPool, wanted: dict[str, Reservation]) -> None:
         """(Under the lock.) Hold R_size · R_con per function: grow at once, shrink when the
         want falls below half of what is held, release when idle."""
         for key in [k for k in self._reserved if k[0] == pool.device and k[1] not in wanted]:
             await self._free(pool, self._reserved.pop(key)[0])
+        for key in [k for k in self._short if k[0] == pool.device and k[1] not in wanted]:
+            del self._short[key]
         for fn, r in wanted.items():
             key, held = (pool.device, fn), self._reserved.get((pool.device, fn))
+            self._short.pop(key, None)
             if held is not None and r.desired_bytes <= held[1] < 2 * r.desired_bytes:
                 continue
             if held is not None:
@@ -212,13 +286,237 @@ class MemoryService(Service):
                 try:
                     a = await self._alloc(pool, r.desired_bytes, f"{RESERVATION_OWNER}{fn}")
                 except ResourceExhausted:
-                    continue  # announced as pressure; requests still run, growing the pool
+                    # Announced as pressure; requests still run, growing the pool. The
+                    # residency pass counts the bytes as wanted: idle copies make way.
+                    self._short[key] = r.desired_bytes
+                    continue
                 self._reserved[key] = (a.id, r.desired_bytes)
 
     async def _reconcile_loop(self) -> None:
+        """The residency pass at the queue views' pace, the pool upkeep every reclaim interval.
+
+        Each pass prefetches what falls due before the next one (``horizon_s``)."""
+        tick = min(self.config.reclaim_interval_s, self.config.autoscale_interval_s)
+        upkeep_at = time.time() + self.config.reclaim_interval_s
         while self.looping:
-            await asyncio.sleep(self.config.reclaim_interval_s)
-            await self.reconcile_once(time.time())
+            await asyncio.sleep(tick)
+            now = time.time()
+            if now >= upkeep_at:
+                upkeep_at = now + self.config.reclaim_interval_s
+                await self.reconcile_once(now, horizon_s=tick)
+            else:
+                await self.policy_once(now, horizon_s=tick)
+
+    # --- queue-aware residency -------------------------------------------------------------
+
+    async def policy_once(self, now: float, *, horizon_s: float = 0.0) -> policy.Actions:
+        """One queue-aware residency pass at ``now``: evict, prefetch, reject; publish the
+        model cache. Idempotent: a second pass at the same ``now`` does nothing.
+
+        ``horizon_s``: the time to the next pass; prefetches due before it start now.
+        Returns the actions carried out.
+        """
+        if not self.pools:
+            return policy.Actions()
+        async with self._policy_lock:
+            try:
+                return await self._policy_pass(now, horizon_s)
+            except Unavailable as exc:  # no tensor store (yet): nothing to decide on
+                log.info("memory.residency_pass_skipped", error=exc.message)
+                return policy.Actions()
+            except (PlatformError, nats.errors.Error) as exc:
+                code = exc.code if isinstance(exc, PlatformError) else "nats"
+                log.warning("memory.residency_pass_failed", code=code, error=str(exc))
+                return policy.Actions()
+
+    def _fresh_views(self, now: float) -> list[QueueView]:
+        max_age = VIEW_TICKS * self.config.autoscale_interval_s + 1.0
+        for replica in [r for r, v in self._views.items() if now - v.at > max_age]:
+            del self._views[replica]
+            self.after_reply(self._forget(self._view_key(replica)))
+        return list(self._views.values())
+
+    async def _forget(self, key: str) -> None:
+        try:
+            await self.buckets.memory.delete(key)
+        except nats.errors.Error as exc:
+            log.warning("memory.kv_delete_failed", key=key, error=repr(exc))
+
+    async def _store(self, verb: str, msg: Msg, reply: type[M], timeout: float) -> M:
+        subject = subjects.node(self.config.node_id, "tensorstore", verb)
+        return await request(self.nc, subject, msg, reply, timeout=timeout,
+                             what="tensor store of this node")  # fmt: skip
+
+    def _budgets(self, store_owner: str) -> dict[str, planner.Budget]:
+        out = {}
+        for device, pool in self.pools.items():
+            align = pool.align
+            foreign = sum(-(-a.nbytes // align) * align
+                          for a in pool.allocations() if a.owner != store_owner)  # fmt: skip
+            foreign += sum(n for (d, _), n in self._short.items() if d == device)
+            out[device] = planner.Budget(device, pool.capacity, self._h2d_bps[device], foreign)
+        return out
+
+    def _running_on(self, functions: list[str]) -> dict[str, str]:
+        return {fn: device for device, tracker in self.observed.items() for fn in functions
+                if tracker.in_flight(fn)}  # fmt: skip
+
+    async def _policy_pass(self, now: float, horizon_s: float) -> policy.Actions:
+        demands = planner.merge_views(self._fresh_views(now))
+        residency = await self._store(
+            subjects.TENSORSTORE_RESIDENCY,
+            ResidencyRequest(models=[d.query for d in demands]), ResidencyReply, STORE_TIMEOUT_S,
+        )  # fmt: skip
+        plan = planner.build(
+            now, demands, residency, self._budgets(residency.owner),
+            running_on=self._running_on([d.function for d in demands]),
+            typical_compute_s=self.typical_compute_s,
+        )  # fmt: skip
+        for fn, why in plan.unresolved.items():
+            log.info("memory.model_unresolved", function=fn, error=why)
+        slack = policy.DEFAULT_SLACK_S + horizon_s
+        evicted: list[policy.Evict] = []
+        prefetched: list[policy.Prefetch] = []
+        rejected: list[policy.Rejected] = []
+        for device in plan.state.devices:
+            actions = policy.reconcile_once(now, policy.MemoryState((device,)), slack_s=slack)
+            rejected += actions.rejected
+            done_evict, done_prefetch = await self._carry_out(plan, actions, now)
+            evicted += done_evict
+            prefetched += done_prefetch
+            await self._announce_pressure(device, actions)
+        rejected = await self._announce_rejections(plan, rejected, now)
+        if evicted or prefetched:
+            residency = await self._store(subjects.TENSORSTORE_RESIDENCY, ResidencyRequest(),
+                                          ResidencyReply, STORE_TIMEOUT_S)  # fmt: skip
+        await self._publish_cache(residency, now)
+        return policy.Actions(tuple(evicted), tuple(prefetched), tuple(rejected),
+                              any(d.name in self._pressed for d in plan.state.devices))  # fmt: skip
+
+    async def _carry_out(
+        self, plan: planner.Plan, actions: policy.Actions, now: float
+    ) -> tuple[list[policy.Evict], list[policy.Prefetch]]:
+        """Evictions first, then prefetches (into the room they made), in the policy's order.
+
+        An eviction the store refuses (the copy was leased meanwhile) leaves no room for the
+        prefetches: they wait for the next pass, as does any after a prefetch that failed.
+        """
+        evicted: list[policy.Evict] = []
+        for e in actions.evict:
+            reply = await self._store(
+                subjects.TENSORSTORE_EVICT, EvictModelRequest(device=e.device, item=e.item),
+                EvictModelReply, STORE_TIMEOUT_S,
+            )  # fmt: skip
+            if not reply.evicted:
+                log.info("memory.evict_refused", device=e.device, item=e.item, reason=reply.reason)
+                if reply.reason != "not resident":
+                    return evicted, []
+                continue
+            evicted.append(e)
+            await self.publish_event("memory.evicted", {
+                "node": self.config.node_id, "device": e.device, "bytes": reply.nbytes,
+                "reason": e.reason, "item": e.item, "needed_at": e.needed_at_s,
+                "what": "idle model copies",
+            })  # fmt: skip
+        prefetched: list[policy.Prefetch] = []
+        for p in actions.prefetch:
+            demand = plan.demand_of[p.request]
+            try:
+                placed = await self._store(
+                    subjects.TENSORSTORE_PREFETCH,
+                    PrefetchRequest(device=p.device, source=demand.source, tenant=demand.tenant),
+                    PrefetchReply, self.config.deploy_timeout_s,
+                )  # fmt: skip
+            except PlatformError as exc:
+                log.warning("memory.prefetch_failed", device=p.device, function=demand.function,
+                            code=exc.code, error=exc.message)  # fmt: skip
+                break
+            prefetched.append(p)
+            await self.publish_event("memory.prefetched", {
+                "node": self.config.node_id, "device": p.device, "bytes": p.nbytes,
+                "bytes_copied": placed.bytes_copied, "reason": "queued request",
+                "item": p.item, "function": demand.function, "tenant": demand.tenant,
+                "needed_at": p.needed_at_s, "lead_s": p.lead_s, "early_s": p.needed_at_s - now,
+            })  # fmt: skip
+        return evicted, prefetched
+
+    async def _announce_pressure(self, device: policy.DeviceState, actions: policy.Actions) -> None:
+        """``memory.pressure`` when a device becomes short of memory (not again while it is)."""
+        if not actions.pressure:
+            self._pressed.discard(device.name)
+            return
+        if device.name in self._pressed:
+            return
+        self._pressed.add(device.name)
+        gone = {e.item for e in actions.evict}
+        held = device.used_bytes - sum(e.nbytes for e in actions.evict)
+        held += sum(p.nbytes for p in actions.prefetch)
+        wanted = {i.id: i.nbytes for q in device.queue for i in q.items}
+        resident = {r.id for r in device.resident} - gone
+        missing = sum(n for i, n in wanted.items()
+                      if i not in resident and i not in {p.item for p in actions.prefetch})  # fmt: skip
+        short = max(0, held + missing - device.capacity_bytes)
+        await self.publish_event("memory.pressure", {
+            "node": self.config.node_id, "device": device.name, "bytes": short,
+            "reason": (f"queued and running requests need {short} bytes more than "
+                       f"{device.name} holds; copies in use stay"),
+        })  # fmt: skip
+
+    async def _announce_rejections(
+        self, plan: planner.Plan, rejected: list[policy.Rejected], now: float
+    ) -> list[policy.Rejected]:
+        """Announce (once, and in KV) working sets that can never fit; forget the others.
+
+        Returns those announced now."""
+        announced = []
+        current = {(r.device, r.function): r for r in rejected}
+        for key in [k for k in self._rejected if k not in current]:
+            del self._rejected[key]
+            await self._forget(self._rejection_key(*key))
+        for key, r in current.items():
+            held = self._rejected.get(key)
+            if held is not None and held.working_set_bytes == r.working_set_bytes:
+                continue
+            record = MemRejection(device=r.device, function=r.function,
+                                  working_set_bytes=r.working_set_bytes,
+                                  capacity_bytes=r.capacity_bytes, reason=r.reason, at=now)  # fmt: skip
+            await self.buckets.memory.put(self._rejection_key(*key), encode_json(record))
+            self._rejected[key] = record
+            announced.append(r)
+            demand = plan.demand_of[r.request]
+            log.warning("memory.rejected", device=r.device, function=r.function,
+                        bytes=r.working_set_bytes, reason=r.reason)  # fmt: skip
+            await self.publish_event("memory.rejected", {
+                "node": self.config.node_id, "device": r.device, "function": r.function,
+                "tenant": demand.tenant, "bytes": r.working_set_bytes,
+                "capacity_bytes": r.capacity_bytes, "reason": r.reason,
+            })  # fmt: skip
+        return announced
+
+    async def _publish_cache(self, residency: ResidencyReply, now: float) -> None:
+        """The model cache: per GPU, the models complete on it, in KV and as an event when it
+        changes (what the scheduler can place by)."""
+        for dev in residency.devices:
+            if dev.device not in self.pools:
+                continue
+            models = sorted(
+                (CachedModel(item=m.item, nbytes=m.nbytes, leased=m.leased, file=m.file,
+                             tenant=m.tenant) for m in dev.models),
+                key=lambda m: m.item,
+            )  # fmt: skip
+            if self._cache.get(dev.device) == models:
+                continue
+            cache = ModelCache(node=self.config.node_id, device=dev.device, at=now, models=models)
+            await self.buckets.memory.put(self._cache_key(dev.device), encode_json(cache))
+            self._cache[dev.device] = models
+            # Items are opaque keys; files and tenants stay in KV (a tenant's private model
+            # is not shown to others on the event stream).
+            await self.publish_event("memory.residency", {
+                "node": self.config.node_id, "device": dev.device,
+                "bytes": sum(m.nbytes for m in models), "reason": "changed",
+                "models": [{"item": m.item, "bytes": m.nbytes, "leased": m.leased}
+                           for m in models],
+            })  # fmt: skip
 
     # --- state in KV ----------------------------------------------------------------------------
 
@@ -227,6 +525,15 @@ class MemoryService(Service):
 
     def _alloc_key(self, device: str, a: Allocation) -> str:
         return f"{self._prefix(device)}.a.{a.id}"
+
+    def _view_key(self, replica: str) -> str:
+        return f"{self.config.node_id}.v.{_token(replica)}"
+
+    def _rejection_key(self, device: str, function: str) -> str:
+        return f"{self._prefix(device)}.r.{_token(function)}"
+
+    def _cache_key(self, device: str) -> str:
+        return f"{self._prefix(device)}.m"
 
     async def _persist_events(self, pool: SegmentPool) -> None:
         for ev in pool.drain_events():
@@ -243,28 +550,40 @@ class MemoryService(Service):
             "bytes": ev.segment_bytes, "reserved_bytes": ev.reserved_bytes,
         })  # fmt: skip
 
+    async def _get(self, key: str) -> bytes | None:
+        try:
+            entry = await self.buckets.memory.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return entry.value
+
     async def _restore(self) -> None:
-        """Rebuild the pools from KV; owners get a grace period to renew."""
+        """Rebuild the pools from KV; owners get a grace period to renew. Then the residency
+        pass's state: each replica's latest queue view, the rejections and the model cache
+        announced (so none is announced again)."""
         grace = time.time() + self.config.node_ttl_s
+        keys = await bucket_keys(self.js, KV_MEMORY, prefix=f"{self.config.node_id}.")
         for device, pool in self.pools.items():
             prefix = f"{self._prefix(device)}."
             segments: dict[str, int] = {}
             allocs: list[Allocation] = []
-            for key in await bucket_keys(self.js, KV_MEMORY):
+            for key in keys:
                 if not key.startswith(prefix):
                     continue
-                try:
-                    entry = await self.buckets.memory.get(key)
-                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                    continue
-                if entry.value is None:
+                value = await self._get(key)
+                if value is None:
                     continue
                 kind, _, rest = key[len(prefix) :].partition(".")
                 if kind == "s":
-                    segments[rest] = int(entry.value)
+                    segments[rest] = int(value)
                 elif kind == "a":
-                    m = decode_json(entry.value, MemAllocation)
+                    m = decode_json(value, MemAllocation)
                     allocs.append(Allocation(m.id, m.segment, m.offset, m.nbytes, m.owner))
+                elif kind == "r":
+                    r = decode_json(value, MemRejection)
+                    self._rejected[(r.device, r.function)] = r
+                elif kind == "m":
+                    self._cache[device] = decode_json(value, ModelCache).models
             pool.restore(segments, sorted(allocs, key=lambda a: a.id))
             for a in allocs:
                 if a.owner.startswith(RESERVATION_OWNER):  # ours: re-sized by the next pass
@@ -275,6 +594,15 @@ class MemoryService(Service):
             if segments:
                 log.info("memory.restored", device=device, segments=len(segments),
                          allocations=len(allocs))  # fmt: skip
+        await self._restore_views(keys)
+
+    async def _restore_views(self, keys: list[str]) -> None:
+        views = f"{self.config.node_id}.v."
+        for key in keys:
+            value = await self._get(key) if key.startswith(views) else None
+            if value is not None:
+                view = decode_json(value, QueueView)
+                self._views[view.replica] = view
 
 
 def _msg(device: str, a: Allocation) -> MemAllocation:

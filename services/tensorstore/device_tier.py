@@ -176,8 +176,66 @@ class DeviceTier:
             return False
         return True
 
-    def release(self, lease_id: str) -> bool:
-        return self.leases.drop(lease_id)
+    def release(self, lease_id: str, now: float | None = None) -> bool:
+        """Drop a lease; with ``now``, copies it leaves unreferenced are idle from ``now``
+        (their last use, the order in which idle copies are evicted)."""
+        dropped = self.leases.drop(lease_id)
+        if dropped and now is not None:
+            self._mark_idle(now)
+        return dropped
+
+    def prefetch(
+        self,
+        manifest: Mapping[str, TensorRef],
+        read: ReadHost,
+        *,
+        now: float,
+        block: tuple[int, int] | None = None,
+    ) -> DevicePlacement:
+        """Place a model's copies without a lease (ahead of a queued request): they stay as
+        idle copies, last used ``now``, so the next instance built finds them resident.
+
+        As :meth:`place` (``NeedsRoom``, all or nothing), placed under a lease dropped at once.
+        """
+        lease_id = f"prefetch:{new_id(12)}"
+        placed = self.place(lease_id, "prefetch", manifest, read, expires_at=now, now=now,
+                            block=block)  # fmt: skip
+        self.leases.drop(lease_id)
+        self._mark_idle(now)  # ``place`` un-idled its segments: idle again, from now
+        return placed
+
+    def resident_models(
+        self, models: Mapping[str, Mapping[str, str]], now: float
+    ) -> list[tuple[str, int, float, bool]]:
+        """(model, bytes, last use, pinned) of each of ``models`` (model -> parameter ->
+        tensor id) whose every tensor has its copy here. Pinned: a segment holding one of its
+        copies is leased, so evicting the model's copies would be refused."""
+        self.leases.expire(now)
+        self._mark_idle(now)
+        out = []
+        for key, ids in models.items():
+            tids = set(ids.values())
+            if not tids or not all(t in self.refs for t in tids):
+                continue
+            segs = {self.refs[t].segment for t in tids}
+            pinned = any(s not in self.idle_since for s in segs)
+            last = now if pinned else max(self.idle_since[s] for s in segs)
+            out.append((key, sum(self.sizes[t] for t in tids), last, pinned))
+        return out
+
+    def evict_tensors(self, tensor_ids: Iterable[str], now: float) -> int | None:
+        """Free every segment holding a copy of one of ``tensor_ids``, all or nothing.
+
+        Returns the bytes freed (0: none was resident), or None when one of those segments
+        is leased (nothing is freed then). A segment shared with another model goes too: that
+        model's idle copies are incomplete afterwards, and come back with its next placement.
+        """
+        self.leases.expire(now)
+        self._mark_idle(now)
+        segs = {self.refs[t].segment for t in tensor_ids if t in self.refs}
+        if any(s not in self.idle_since for s in segs):
+            return None
+        return sum(self._free(s) for s in sorted(segs))
 
     def reclaim_once(self, now: float, keep_alive_s: float) -> list[tuple[str, int, str]]:
         """Free segments unreferenced for ``keep_alive_s``; returns (segment, bytes, reason)."""

@@ -25,6 +25,8 @@ from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import (
     InvalidArgument,
     ModelInvalid,
+    NotFound,
+    PlatformError,
     ResourceExhausted,
     Unavailable,
 )
@@ -32,20 +34,30 @@ from gpufaas.shared.memory_client import MemoryClient
 from gpufaas.shared.messages import (
     DeviceInfo,
     DevicePlacement,
+    DeviceResidency,
+    EvictModelReply,
+    EvictModelRequest,
     LocalityReply,
     LocalityRequest,
+    ModelItem,
+    ModelQuery,
+    PrefetchReply,
+    PrefetchRequest,
     RegisterReply,
     RegisterRequest,
     ReleaseReply,
     ReleaseRequest,
     RenewReply,
     RenewRequest,
+    ResidencyReply,
+    ResidencyRequest,
+    ResidentModel,
     StoreStats,
     StoreStatsRequest,
     TensorRef,
 )
 from gpufaas.shared.service import Service
-from gpufaas.shared.shm import SegmentCache
+from gpufaas.shared.shm import SegmentCache, new_id
 from gpufaas.tensorstore.device_tier import DeviceTier, NeedsRoom
 from gpufaas.tensorstore.store import HostStore, Registration
 
@@ -87,6 +99,9 @@ class TensorStoreService(Service):
             (subjects.TENSORSTORE_RENEW, RenewRequest, self.renew),
             (subjects.TENSORSTORE_RELEASE, ReleaseRequest, self.release),
             (subjects.TENSORSTORE_LOCALITY, LocalityRequest, self.locality),
+            (subjects.TENSORSTORE_RESIDENCY, ResidencyRequest, self.residency),
+            (subjects.TENSORSTORE_EVICT, EvictModelRequest, self.evict),
+            (subjects.TENSORSTORE_PREFETCH, PrefetchRequest, self.prefetch),
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._reclaim_loop(), "reclaimer")
@@ -181,12 +196,17 @@ class TensorStoreService(Service):
         reg: Registration,
         nbytes: int,
         place: Callable[[Registration, tuple[int, int] | None], DevicePlacement | NeedsRoom],
+        *,
+        evict: bool = True,
     ) -> DevicePlacement:
         """Get a block of the GPU's budget from the memory service, evicting this tier's idle
-        copies (least recently used first) while it has none, then place the copies."""
+        copies (least recently used first) while it has none, then place the copies.
+
+        ``evict=False`` (a prefetch): no room is a 507, nothing evicted; the memory manager,
+        which asked, makes room first by its own order."""
         keep = {ref.id for ref in reg.manifest.values()}
         for _ in range(3):  # a concurrent eviction may have made the need grow meanwhile
-            block = await self._reserve(tier, nbytes, keep)
+            block = await self._reserve(tier, nbytes, keep, evict=evict)
             placed = await self._run(place, reg, block)
             await self._release_blocks(tier)
             if not isinstance(placed, NeedsRoom):
@@ -195,11 +215,19 @@ class TensorStoreService(Service):
             nbytes = placed.nbytes
         raise Unavailable(f"{tier.name} kept changing while placing the model; retry")
 
-    async def _reserve(self, tier: DeviceTier, nbytes: int, keep: set[str]) -> tuple[int, int]:
+    async def _reserve(
+        self, tier: DeviceTier, nbytes: int, keep: set[str], *, evict: bool = True
+    ) -> tuple[int, int]:
         while True:
             try:
                 block = await self.memory.alloc(tier.name, nbytes)
             except ResourceExhausted as full:
+                if not evict:
+                    raise ResourceExhausted(
+                        f"{tier.name} has no room for the model's {nbytes} new bytes "
+                        f"({full.message})",
+                        field="device",
+                    ) from None
                 used = tier.used
                 evicted = await self._run(tier.evict_one_idle, time.time(), keep)
                 await self._release_blocks(tier)
@@ -283,6 +311,116 @@ class TensorStoreService(Service):
 
         return await self._run(collect)
 
+    # --- the memory manager's verbs: residency, evict, prefetch -----------------------
+
+    def _tier(self, device: str) -> DeviceTier:
+        tier = self.tiers.get(device)
+        if tier is None:
+            raise InvalidArgument(
+                f"device {device!r} is not a GPU of node {self.config.node_id} "
+                f"(it has {sorted(self.tiers) or 'none'})",
+                field="device",
+            )
+        return tier
+
+    async def residency(self, req: ResidencyRequest) -> ResidencyReply:
+        """Per GPU, the models complete on it (the memory manager's items), and what the
+        queried models are called and weigh."""
+
+        def collect() -> ResidencyReply:
+            now = time.time()
+            devices = []
+            for name, tier in self.tiers.items():
+                models = []
+                for key, nbytes, last, pinned in tier.resident_models(self.store.models, now):
+                    file, tenant = self.store.sources.get(key, ("", None))
+                    models.append(ResidentModel(item=key, nbytes=nbytes, last_used=last,
+                                                leased=pinned, file=file, tenant=tenant))  # fmt: skip
+                devices.append(DeviceResidency(device=name, capacity_bytes=tier.capacity,
+                                               used_bytes=tier.used, models=models))  # fmt: skip
+            return ResidencyReply(
+                node=self.config.node_id,
+                owner=self.memory.owner,
+                devices=devices,
+                models=[self._model_item(q) for q in req.models],
+            )
+
+        return await self._run(collect)
+
+    def _model_item(self, query: ModelQuery) -> ModelItem:
+        """(On the store thread.) A queried model's item and size, or why it has none."""
+        try:
+            weights = model_file(query.source)
+        except PlatformError as exc:
+            return ModelItem(item="", nbytes=0, known=False, error=exc.message)
+        private = query.tenant if query.source.private else None
+        try:
+            key, nbytes, known = self.store.model_item(weights, private)
+        except OSError as exc:
+            return ModelItem(item="", nbytes=0, known=False,
+                             error=f"cannot read {weights.name}: {exc.strerror}")  # fmt: skip
+        return ModelItem(item=key, nbytes=nbytes, known=known)
+
+    async def evict(self, req: EvictModelRequest) -> EvictModelReply:
+        """Drop a model's idle copies from a GPU, all or nothing; never a leased copy.
+
+        Idempotent: a model not (or no longer) resident frees nothing. Its host tensors stay.
+        """
+        tier = self._tier(req.device)
+
+        def drop() -> int | None:
+            ids = self.store.models.get(req.item)
+            if ids is None:
+                raise NotFound(f"no model {req.item!r} on node {self.config.node_id}",
+                               field="item")  # fmt: skip
+            return tier.evict_tensors(set(ids.values()), time.time())
+
+        freed = await self._run(drop)
+        await self._release_blocks(tier)  # the freed copies' room, back to the GPU budget
+        if freed is None:
+            return EvictModelReply(evicted=False, nbytes=0, reason="leased")
+        if freed == 0:
+            return EvictModelReply(evicted=False, nbytes=0, reason="not resident")
+        log.info("tensorstore.evicted", device=tier.name, item=req.item, bytes=freed)
+        return EvictModelReply(evicted=True, nbytes=freed)
+
+    async def prefetch(self, req: PrefetchRequest) -> PrefetchReply:
+        """Place a model's copies on a GPU without a lease (the register path's placement):
+        kept as idle copies, so the next instance built there copies nothing.
+
+        Room comes from the GPU's budget without evicting (507 when there is none); all or
+        nothing. Idempotent: a model already resident copies nothing.
+        """
+        tier = self._tier(req.device)
+        weights = model_file(req.source)
+        if not weights.is_file():
+            raise ModelInvalid(f"{weights.parent} has no {weights.name}", field="source")
+        private = req.tenant if req.source.private else None
+        hold = f"prefetch:{new_id(12)}"  # keeps the host tensors until the copies are made
+
+        def place(reg: Registration, block: tuple[int, int] | None) -> DevicePlacement | NeedsRoom:
+            try:
+                return tier.prefetch(reg.manifest, self._read_host, now=time.time(), block=block)
+            except NeedsRoom as room:
+                return room
+
+        def register_and_place() -> tuple[Registration, DevicePlacement | NeedsRoom]:
+            reg = self.store.register_file(Path(weights), private)
+            ids = [ref.id for ref in reg.manifest.values()]
+            self.store.lease(hold, "prefetch", ids, self._lease_expiry())
+            return reg, place(reg, None)
+
+        try:
+            reg, placed = await self._run(register_and_place)
+            if isinstance(placed, NeedsRoom):
+                placed = await self._place_with_room(tier, reg, placed.nbytes, place, evict=False)
+        finally:
+            await self._run(self.store.leases.drop, hold)
+        key, nbytes, _ = await self._run(self.store.model_item, Path(weights), private)
+        log.info("tensorstore.prefetched", device=tier.name, item=key, copied=placed.bytes_copied)
+        return PrefetchReply(item=key, nbytes=nbytes, bytes_copied=placed.bytes_copied,
+                             used_bytes=placed.used_bytes)  # fmt: skip
+
     # --- leases and reclaiming ---------------------------------------------------------
 
     def _lease_expiry(self) -> float:
@@ -311,7 +449,8 @@ class TensorStoreService(Service):
 
     async def release(self, req: ReleaseRequest) -> ReleaseReply:
         def drop() -> bool:
-            on_devices = [tier.release(req.lease) for tier in self.tiers.values()]
+            now = time.time()
+            on_devices = [tier.release(req.lease, now) for tier in self.tiers.values()]
             return self.store.leases.drop(req.lease) or any(on_devices)
 
         return ReleaseReply(released=await self._run(drop))

@@ -90,6 +90,8 @@ class HostStore:
         self.models: dict[str, dict[str, str]] = {}
         self.sizes: dict[str, int] = {}  # tensor id -> bytes, for every manifest's tensors
         self.programs: set[str] = set()  # models (by key) that are exported programs
+        # model key -> (file, tenant of a private model), for models registered since start
+        self.sources: dict[str, tuple[str, str | None]] = {}
         self.files_read = 0
         self.segment_ids: dict[str, set[str]] = {}  # segment -> the tensors packed in it
         self.leases = LeaseTable()
@@ -167,6 +169,7 @@ class HostStore:
             key = model_key(path, private_to)
         except OSError as exc:
             raise ModelInvalid(f"cannot read {path.name}: {exc.strerror}", field="model") from None
+        self.sources[key] = (str(path), private_to)
         manifest = self._resident(key)
         if manifest is not None:
             model_bytes = sum(ref.nbytes for ref in manifest.values())
@@ -209,6 +212,16 @@ class HostStore:
         if ids is None or not all(tid in self.index for tid in ids.values()):
             return None
         return {name: self.index[tid] for name, tid in ids.items()}
+
+    def model_item(self, path: Path, private_to: str | None = None) -> tuple[str, int, bool]:
+        """(model key, bytes of its tensors each once, known) of a model file; not known: the
+        store has no manifest for it, and the bytes are the file's size (an estimate).
+        ``OSError`` when the file cannot be read."""
+        key = model_key(path, private_to)
+        ids = self.models.get(key)
+        if ids is None:
+            return key, path.stat().st_size, False
+        return key, sum(self.sizes.get(t, 0) for t in set(ids.values())), True
 
     def _register(self, f: SafetensorsFile | Pt2File, key: bytes | None) -> Registration:
         ids: dict[str, str] = {}

@@ -1,0 +1,202 @@
+"""From the scheduler's queue views and the tensor store's residency to the policy's snapshot.
+
+Pure functions: the memory service gathers the inputs over NATS and carries out what
+:func:`gpufaas.memory.policy.reconcile_once` decides on the snapshot built here.
+
+* An **item** is a model's set of tensor copies on a GPU, named by the store's key of the
+  model file (per scope: public or one tenant's private registration). Input tubes are
+  not items yet: a queue view names a function's model, not its requests' tubes.
+* A queued function runs on the GPU where its model is leased (a warm instance), else
+  where its copies are resident, else on the node's first GPU (where the worker builds
+  instances); requests a worker reports running pin the function to their GPU.
+* **Expected start** of a queued function: ``now + ahead * typical_compute_s``, where
+  ``ahead`` counts the requests queued before it on its GPU (functions ordered by their
+  next deadline, none last), and no later than its next deadline minus one typical
+  compute (it must start by then to have a chance). Simple and documented, not a forecast:
+  as the queue ahead drains, the start nears and the prefetch falls due.
+* Every byte of the GPU's budget that is not a complete model's copy (other owners'
+  blocks, such as tube copies and reservations for intermediates, reservations the pool
+  could not hold, copies of incomplete models) is one pinned item, so the policy counts
+  it as used and never tries to evict it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from gpufaas.memory.policy import (
+    DeviceState,
+    ItemRef,
+    MemoryState,
+    QueuedRequest,
+    Resident,
+    RunningRequest,
+)
+from gpufaas.shared.constants import DEFAULT_TENANT
+from gpufaas.shared.messages import (
+    DeviceResidency,
+    ModelItem,
+    ModelQuery,
+    ModelSource,
+    QueueView,
+    ResidencyReply,
+)
+
+TYPICAL_COMPUTE_S: Final = 0.05  # one batch of a typical function, when nothing better is known
+OTHER_ITEM: Final = "@other"  # the pinned item of bytes that are not complete models' copies
+PINNED: Final = "@pinned"  # the running request that pins leased copies and OTHER_ITEM
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """A function's work on this node, summed over every scheduler replica's view."""
+
+    function: str  # tenant/name
+    source: ModelSource
+    queued: int
+    running: int
+    next_deadline: float | None
+
+    @property
+    def tenant(self) -> str:
+        return self.function.partition("/")[0] or DEFAULT_TENANT
+
+    @property
+    def query(self) -> ModelQuery:
+        return ModelQuery(source=self.source, tenant=self.tenant)
+
+
+def merge_views(views: Iterable[QueueView]) -> list[Demand]:
+    """One demand per function: queued and running summed, the earliest deadline."""
+    merged: dict[str, Demand] = {}
+    for view in views:
+        for e in view.entries:
+            seen = merged.get(e.function)
+            if seen is None:
+                merged[e.function] = Demand(e.function, e.model, e.queued, e.running,
+                                            e.next_deadline)  # fmt: skip
+                continue
+            deadlines = [d for d in (seen.next_deadline, e.next_deadline) if d is not None]
+            merged[e.function] = Demand(
+                e.function, seen.source, seen.queued + e.queued, seen.running + e.running,
+                min(deadlines) if deadlines else None,
+            )  # fmt: skip
+    return [merged[f] for f in sorted(merged)]
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """What the memory service knows of one GPU beyond the store's copies."""
+
+    device: str
+    capacity_bytes: int  # the pool's: the whole device
+    h2d_bps: float
+    foreign_bytes: int  # other owners' blocks, plus reservations the pool could not hold
+
+
+@dataclass(slots=True)
+class Plan:
+    """The snapshot, and what the service needs to carry out and announce the actions."""
+
+    state: MemoryState
+    device_of: dict[str, str] = field(default_factory=dict)  # function -> its GPU
+    demand_of: dict[str, Demand] = field(default_factory=dict)  # request id -> demand
+    item_of: dict[str, ModelItem] = field(default_factory=dict)  # function -> its model item
+    unresolved: dict[str, str] = field(default_factory=dict)  # function -> why it has no item
+
+
+def build(
+    now: float,
+    demands: list[Demand],
+    residency: ResidencyReply,
+    budgets: Mapping[str, Budget],
+    *,
+    running_on: Mapping[str, str] | None = None,
+    typical_compute_s: float = TYPICAL_COMPUTE_S,
+) -> Plan:
+    """The policy's snapshot for every GPU with a budget.
+
+    ``residency.models`` answers ``[d.query for d in demands]`` in order; ``running_on``
+    maps a function the workers report running to its GPU.
+    """
+    plan = Plan(MemoryState(()))
+    residents = {d.device: d for d in residency.devices if d.device in budgets}
+    default = next(iter(budgets), "")
+    queues: dict[str, list[tuple[Demand, ModelItem]]] = {d: [] for d in budgets}
+    pins: dict[str, set[str]] = {d: set() for d in budgets}
+    for demand, item in zip(demands, residency.models, strict=True):
+        if not item.item:
+            plan.unresolved[demand.function] = item.error or "unknown model"
+            continue
+        device = (running_on or {}).get(demand.function) or _home(item.item, residents, default)
+        if device not in budgets:
+            continue
+        plan.device_of[demand.function] = device
+        plan.item_of[demand.function] = item
+        if demand.running:
+            pins[device].add(item.item)
+        if demand.queued:
+            queues[device].append((demand, item))
+    devices = []
+    for name, budget in budgets.items():
+        queue = _queue(now, queues[name], typical_compute_s)
+        for q in queue:
+            plan.demand_of[q.id] = next(d for d, _ in queues[name] if d.function == q.id)
+        devices.append(_device(budget, residents.get(name), pins[name], queue))
+    plan.state = MemoryState(tuple(devices))
+    return plan
+
+
+def _home(item: str, residents: Mapping[str, DeviceResidency], default: str) -> str:
+    """Where a model's requests run: its leased copy's GPU, else a resident copy's, else
+    the default GPU."""
+    for want_leased in (True, False):
+        for name, dev in residents.items():
+            if any(m.item == item and (m.leased or not want_leased) for m in dev.models):
+                return name
+    return default
+
+
+def _queue(
+    now: float, entries: list[tuple[Demand, ModelItem]], typical_compute_s: float
+) -> tuple[QueuedRequest, ...]:
+    order = sorted(entries, key=lambda e: (_deadline_key(e[0].next_deadline), e[0].function))
+    out = []
+    ahead = 0
+    for demand, item in order:
+        start = now + ahead * typical_compute_s
+        if demand.next_deadline is not None:
+            start = min(start, max(now, demand.next_deadline - typical_compute_s))
+        refs = (ItemRef(item.item, item.nbytes),)
+        out.append(QueuedRequest(demand.function, demand.function, refs, start))
+        ahead += demand.queued
+    return tuple(out)
+
+
+def _deadline_key(deadline: float | None) -> float:
+    return math.inf if deadline is None else deadline
+
+
+def _device(
+    budget: Budget,
+    residency: DeviceResidency | None,
+    pins: set[str],
+    queue: tuple[QueuedRequest, ...],
+) -> DeviceState:
+    models = residency.models if residency is not None else []
+    stored = residency.used_bytes if residency is not None else 0
+    resident = [Resident(m.item, m.nbytes, m.last_used) for m in models]
+    pinned = {m.item for m in models if m.leased} | pins
+    # Bytes not in complete models' copies, and other owners' blocks: used, never evicted.
+    # Models sharing tensors count them twice: the surplus is given back as capacity.
+    other = budget.foreign_bytes + stored - sum(m.nbytes for m in models)
+    capacity = budget.capacity_bytes + max(0, -other)
+    if other > 0:
+        resident.append(Resident(OTHER_ITEM, other, 0.0))
+        pinned.add(OTHER_ITEM)
+    running = (RunningRequest(PINNED, tuple(sorted(pinned))),) if pinned else ()
+    return DeviceState(budget.device, max(1, capacity), budget.h2d_bps, tuple(resident),
+                       running, queue)  # fmt: skip

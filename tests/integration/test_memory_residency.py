@@ -1,0 +1,369 @@
+"""Queue-aware residency on one small simulated GPU, driven step by step with a fake clock.
+
+The memory service and the tensor store run for real over NATS; queue views are sent
+straight on the memory service's subject (as a scheduler replica publishes them), and
+``reconcile_once(now)`` is called with chosen times. Models are 4 MiB safetensors files
+on a GPU of 13 MiB: three fit, a fourth needs room.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from nats.aio.subscription import Subscription
+
+from gpufaas.memory.planner import TYPICAL_COMPUTE_S
+from gpufaas.memory.policy import DEFAULT_SLACK_S
+from gpufaas.memory.service import MemoryService
+from gpufaas.shared import subjects
+from gpufaas.shared.config import Config
+from gpufaas.shared.constants import EVENTS_STREAM
+from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from gpufaas.shared.messages import (
+    EvictModelReply,
+    EvictModelRequest,
+    MemRejection,
+    MemStatsReply,
+    MemStatsRequest,
+    MemViewAck,
+    ModelCache,
+    ModelQuery,
+    ModelSource,
+    Msg,
+    PrefetchReply,
+    PrefetchRequest,
+    QueueEntry,
+    QueueView,
+    RegisterReply,
+    RegisterRequest,
+    ReleaseReply,
+    ReleaseRequest,
+    ResidencyReply,
+    ResidencyRequest,
+    decode_json,
+)
+from gpufaas.shared.rpc import request
+from gpufaas.tensorstore.service import TensorStoreService
+from tests.conftest import NatsServer
+from tests.integration.conftest import make_config
+
+pytestmark = pytest.mark.integration
+
+MIB = 2**20
+HOUR = 3600.0
+MODEL_BYTES = 4 * MIB
+GBPS = 25.0
+LEAD_S = MODEL_BYTES / (GBPS * 1e9) + DEFAULT_SLACK_S  # how early a 4 MiB prefetch is due
+NODE = "node-t"
+
+
+@pytest.fixture
+def config(nats_server: NatsServer, tmp_path: Path) -> Config:
+    topo = {"name": "small", "gpus": [{"index": 0, "model": "small (simulated)",
+                                       "memory_bytes": 13 * MIB}],
+            "links": [{"a": "host", "b": "gpu:0", "kind": "pcie4", "gbps": GBPS,
+                       "latency_us": 10}]}  # fmt: skip
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(topo))
+    # No background passes (every step is taken by the test), leases that outlive the test.
+    return make_config(nats_server, tmp_path, devices="sim:1", topology=str(path),
+                       autoscale_interval_s=HOUR, reclaim_interval_s=HOUR, node_ttl_s=60.0)  # fmt: skip
+
+
+@dataclass
+class Node:
+    """The memory service and the tensor store of one node, and model files to play with."""
+
+    config: Config
+    memory: MemoryService
+    store: TensorStoreService
+    models: Path
+
+    def source(self, name: str, mib: int = 4) -> ModelSource:
+        """A model of ``mib`` MiB with its own tensor (a distinct content per name)."""
+        d = self.models / name
+        if not d.exists():
+            d.mkdir(parents=True)
+            seed = float(sum(map(ord, name)))
+            tensor = torch.full((mib * MIB // 4,), seed, dtype=torch.float32)
+            safetensors.torch.save_file({"w": tensor}, str(d / "model.safetensors"))
+        return ModelSource(path=str(d))
+
+    async def ask(self, service: str, verb: str, msg: Msg, reply: type[Any]) -> Any:
+        subject = subjects.node(NODE, service, verb)
+        return await request(self.store.nc, subject, msg, reply, timeout=10)
+
+    async def leased(self, name: str) -> RegisterReply:
+        """An instance's registration: the model's copies on gpu:0, leased."""
+        req = RegisterRequest(source=self.source(name), lease=f"l-{name}", holder="test",
+                              device="gpu:0")  # fmt: skip
+        reply: RegisterReply = await self.ask("tensorstore", subjects.TENSORSTORE_REGISTER, req,
+                                              RegisterReply)  # fmt: skip
+        return reply
+
+    async def idle(self, name: str) -> None:
+        """A model whose instance came and went: its copies stay on gpu:0, idle."""
+        await self.leased(name)
+        await self.ask("tensorstore", subjects.TENSORSTORE_RELEASE,
+                       ReleaseRequest(lease=f"l-{name}"), ReleaseReply)  # fmt: skip
+
+    async def item(self, name: str) -> str:
+        """The store's item for a model (its key of the model file)."""
+        ask = ResidencyRequest(models=[ModelQuery(source=self.source(name))])
+        reply = await self.ask("tensorstore", subjects.TENSORSTORE_RESIDENCY, ask, ResidencyReply)
+        return str(reply.models[0].item)
+
+    async def resident(self) -> dict[str, bool]:
+        """Models complete on gpu:0, by name: whether leased."""
+        reply = await self.ask("tensorstore", subjects.TENSORSTORE_RESIDENCY, ResidencyRequest(),
+                               ResidencyReply)  # fmt: skip
+        (gpu,) = reply.devices
+        return {Path(m.file).parent.name: m.leased for m in gpu.models}
+
+    async def view(self, at: float, *entries: QueueEntry) -> None:
+        """A scheduler replica's queue view, sent as it publishes one (asked, to know it landed)."""
+        view = QueueView(replica="sched-1", node=NODE, at=at, entries=list(entries))
+        ack = await self.ask("memory", subjects.MEMORY_QUEUE_VIEW, view, MemViewAck)
+        assert ack == MemViewAck(accepted=True)
+
+    def entry(self, name: str, *, queued: int = 0, running: int = 0,
+              deadline: float | None = None, mib: int = 4) -> QueueEntry:  # fmt: skip
+        return QueueEntry(function=f"default/f{name}", model=self.source(name, mib),
+                          queued=queued, running=running, next_deadline=deadline)  # fmt: skip
+
+    async def events(self, kind: str) -> int:
+        """How many ``kind`` events the EVENTS stream holds."""
+        subject = subjects.event(kind)
+        info = await self.store.js.stream_info(EVENTS_STREAM, subjects_filter=subject)
+        return (info.state.subjects or {}).get(subject, 0)
+
+
+@pytest.fixture
+async def node(config: Config, tmp_path: Path) -> AsyncIterator[Node]:
+    memory, store = MemoryService(config), TensorStoreService(config)
+    await memory.start()
+    await store.start()
+    n = Node(config, memory, store, tmp_path / "models")
+    yield n
+    await n.store.stop()
+    await n.memory.stop()
+
+
+async def next_data(sub: Subscription) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((await sub.next_msg(timeout=5)).data)["data"]
+    return data
+
+
+async def test_unneeded_copies_go_first_and_leased_ones_never(node: Node) -> None:
+    evicted = await node.store.nc.subscribe(subjects.event("memory.evicted"))
+    pressure = await node.store.nc.subscribe(subjects.event("memory.pressure"))
+    await node.leased("a")  # a warm instance: its copies are leased
+    await node.idle("b")  # least recently used, but a queued request needs it (later)
+    await node.idle("c")  # used more recently, and no queued request needs it
+    assert await node.resident() == {"a": True, "b": False, "c": False}  # 12 of 13 MiB
+    t = time.time()
+
+    # D is due now (head of the queue) and needs 4 MiB: C goes, not B, never A.
+    await node.view(t, node.entry("a", queued=1000, running=1, deadline=t + 1),
+                    node.entry("d", queued=1, deadline=t + 0.5),
+                    node.entry("b", queued=1))  # fmt: skip
+    done = await node.memory.reconcile_once(t)
+    assert [(e.item, e.reason) for e in done.evict] == [(await node.item("c"), "unneeded")]
+    assert [p.item for p in done.prefetch] == [await node.item("d")]
+    assert await node.resident() == {"a": True, "b": False, "d": False}
+    ev = await next_data(evicted)
+    assert (ev["device"], ev["bytes"], ev["reason"]) == ("gpu:0", MODEL_BYTES, "unneeded")
+    assert (await next_data(pressure))["device"] == "gpu:0"
+    again = await node.memory.reconcile_once(t)  # idempotent: nothing left to do
+    assert again.empty
+    assert not again.pressure
+
+    # E is due; D right after it, B much later: B (needed latest) goes, D stays.
+    t1 = t + 1
+    await node.view(t1, node.entry("e", queued=1, deadline=t1 + 0.5),
+                    node.entry("d", queued=1, deadline=t1 + 0.6),
+                    node.entry("a", queued=1000, running=1, deadline=t1 + 1),
+                    node.entry("b", queued=1))  # fmt: skip
+    done = await node.memory.reconcile_once(t1)
+    assert [(e.item, e.reason) for e in done.evict] == [(await node.item("b"), "needed-later")]
+    assert done.evict[0].needed_at_s == pytest.approx(t1 + 1002 * TYPICAL_COMPUTE_S)
+    assert [p.item for p in done.prefetch] == [await node.item("e")]
+    assert await node.resident() == {"a": True, "d": False, "e": False}
+    assert (await next_data(evicted))["reason"] == "needed-later"
+    assert (await node.memory.reconcile_once(t1)).empty
+
+    # F is due, but every copy is in use (A leased; D and E running): nothing is evicted,
+    # the device is announced under pressure.
+    t2 = t + 2
+    await node.view(t2, node.entry("d", running=1), node.entry("e", running=1),
+                    node.entry("f", queued=1, deadline=t2 + 0.5),
+                    node.entry("a", queued=1000, running=1, deadline=t2 + 1))  # fmt: skip
+    done = await node.memory.reconcile_once(t2)
+    assert done.empty
+    assert done.pressure
+    assert await node.resident() == {"a": True, "d": False, "e": False}
+    ev = await next_data(pressure)
+    # A, D and E: 12 MiB, and F: the size of its file (the store has not read it), of 13 MiB.
+    f_bytes = (node.models / "f" / "model.safetensors").stat().st_size
+    assert (ev["device"], ev["bytes"]) == ("gpu:0", 12 * MIB + f_bytes - 13 * MIB)
+    # The store itself refuses to drop a leased copy.
+    refused = await node.ask("tensorstore", subjects.TENSORSTORE_EVICT,
+                             EvictModelRequest(device="gpu:0", item=await node.item("a")),
+                             EvictModelReply)  # fmt: skip
+    assert refused == EvictModelReply(evicted=False, nbytes=0, reason="leased")
+    # The model cache, as published for placement: what gpu:0 holds now.
+    entry = await node.memory.buckets.memory.get(f"{NODE}.gpu0.m")
+    assert entry.value is not None
+    cache = decode_json(entry.value, ModelCache)
+    assert sorted(Path(m.file).parent.name for m in cache.models) == ["a", "d", "e"]
+
+
+async def test_an_evicted_model_comes_back_before_its_request_starts(node: Node) -> None:
+    prefetched = await node.store.nc.subscribe(subjects.event("memory.prefetched"))
+    await node.leased("a")
+    await node.idle("c")  # least recently used: evicted first below
+    await node.idle("b")
+    t = time.time()
+    await node.view(t, node.entry("a", queued=1000, running=1, deadline=t + 9),
+                    node.entry("d", queued=1, deadline=t + 0.5))  # fmt: skip
+    done = await node.memory.reconcile_once(t)
+    assert [e.item for e in done.evict] == [await node.item("c")]
+    assert await node.resident() == {"a": True, "b": False, "d": False}
+    await next_data(prefetched)  # D's
+
+    # C is queued behind A's 1000 requests, its deadline at t + 10: it must start by
+    # t + 10 - one typical compute; until its lead time before that, nothing moves.
+    starts = t + 10 - TYPICAL_COMPUTE_S
+    view = (node.entry("a", queued=1000, running=1, deadline=t + 9),
+            node.entry("c", queued=1, deadline=t + 10))  # fmt: skip
+    await node.view(t + 5, *view)
+    assert (await node.memory.reconcile_once(t + 5)).empty
+    assert "c" not in await node.resident()
+
+    now = starts - LEAD_S + 0.01  # within the lead time: the copy starts now
+    await node.view(now, *view)
+    done = await node.memory.reconcile_once(now)
+    assert [p.item for p in done.prefetch] == [await node.item("c")]
+    assert [(e.item, e.reason) for e in done.evict] == [(await node.item("b"), "unneeded")]
+    assert await node.resident() == {"a": True, "c": False, "d": False}
+    ev = await next_data(prefetched)
+    assert (ev["device"], ev["bytes"], ev["function"]) == ("gpu:0", MODEL_BYTES, "default/fc")
+    assert ev["needed_at"] == pytest.approx(starts)
+    assert ev["needed_at"] > now  # resident before the request starts
+    assert ev["lead_s"] == pytest.approx(LEAD_S)
+    assert (await node.memory.reconcile_once(now)).empty
+
+
+async def mem_stats(node: Node, memory: MemoryService) -> MemStatsReply:
+    subject = subjects.node(NODE, "memory", subjects.MEMORY_STATS)
+    return await request(memory.nc, subject, MemStatsRequest(), MemStatsReply, timeout=5)
+
+
+async def test_a_restarted_manager_decides_as_before_and_repeats_nothing(node: Node) -> None:
+    await node.leased("a")
+    await node.idle("b")
+    t = time.time()
+    view = (
+        node.entry("a", queued=1000, running=1, deadline=t + 9),
+        node.entry("g", queued=1, deadline=t + 9.5, mib=16),  # can never fit: 16 > 13 MiB
+        node.entry("c", queued=1, deadline=t + 10),
+    )  # never registered on this node
+    await node.view(t, *view)
+    done = await node.memory.reconcile_once(t)
+    assert [r.function for r in done.rejected] == ["default/fg"]
+    assert not done.evict
+    assert not done.prefetch  # C is not due yet
+    counts = {k: await node.events(k) for k in ("memory.rejected", "memory.residency")}
+    assert counts == {"memory.rejected": 1, "memory.residency": 1}
+    before = await mem_stats(node, node.memory)
+
+    await node.memory.stop()
+    node.memory = MemoryService(node.config)
+    await node.memory.start()
+    assert await mem_stats(node, node.memory) == before  # the pools, the store's blocks in them
+    assert (await node.memory.reconcile_once(t)).empty  # nothing decided twice...
+    counts_after = {k: await node.events(k) for k in ("memory.rejected", "memory.residency")}
+    assert counts_after == counts  # ...nor announced twice
+
+    # No view arrived since the restart: the one kept in KV still brings C in on time.
+    starts = t + 10 - TYPICAL_COMPUTE_S
+    now = starts - LEAD_S + 0.01
+    done = await node.memory.reconcile_once(now)
+    assert [p.request for p in done.prefetch] == ["default/fc"]
+    assert not done.evict  # A, B and C fit: 12 MiB and C's few header bytes
+    assert await node.resident() == {"a": True, "b": False, "c": False}
+    assert (await node.memory.reconcile_once(now)).empty
+
+
+async def test_a_working_set_bigger_than_the_gpu_is_rejected_with_a_reason(node: Node) -> None:
+    rejected = await node.store.nc.subscribe(subjects.event("memory.rejected"))
+    await node.idle("b")
+    t = time.time()
+    await node.view(t, node.entry("g", queued=3, deadline=t + 0.5, mib=16))
+    done = await node.memory.reconcile_once(t)
+    (r,) = done.rejected
+    assert (r.device, r.function, r.capacity_bytes) == ("gpu:0", "default/fg", 13 * MIB)
+    assert r.working_set_bytes > 16 * MIB  # the file's size: the store never read it
+    assert not done.evict  # no thrashing: B stays, nothing is copied
+    assert not done.prefetch
+    assert await node.resident() == {"b": False}
+    ev = await next_data(rejected)
+    assert (ev["device"], ev["function"], ev["tenant"]) == ("gpu:0", "default/fg", "default")
+    assert "exceeds the capacity of gpu:0" in ev["reason"]
+    key = f"{NODE}.gpu0.r.default-fg"
+    entry = await node.memory.buckets.memory.get(key)
+    assert entry.value is not None
+    assert decode_json(entry.value, MemRejection).function == "default/fg"
+    assert (await node.memory.reconcile_once(t)).empty
+    assert await node.events("memory.rejected") == 1  # announced once
+
+    await node.view(t + 1)  # its queue drained: the rejection is forgotten
+    await node.memory.reconcile_once(t + 1)
+    assert "default/fg" not in {f for _, f in node.memory._rejected}
+
+
+async def test_the_store_verbs_are_typed_and_all_or_nothing(node: Node) -> None:
+    await node.leased("a")
+    await node.leased("b")
+    await node.leased("c")  # 12 of 13 MiB, all leased
+    with pytest.raises(ResourceExhausted, match="gpu:0"):  # a prefetch never evicts
+        await node.ask("tensorstore", subjects.TENSORSTORE_PREFETCH,
+                       PrefetchRequest(device="gpu:0", source=node.source("d")), PrefetchReply)  # fmt: skip
+    assert await node.resident() == {"a": True, "b": True, "c": True}
+    store_stats = node.store.tiers["gpu:0"].stats()
+    assert store_stats.bytes_stored == 3 * MODEL_BYTES  # nothing of D left behind
+    with pytest.raises(InvalidArgument) as err:
+        await node.ask("tensorstore", subjects.TENSORSTORE_PREFETCH,
+                       PrefetchRequest(device="gpu:7", source=node.source("d")), PrefetchReply)  # fmt: skip
+    assert err.value.field == "device"
+    with pytest.raises(NotFound) as missing:
+        await node.ask("tensorstore", subjects.TENSORSTORE_EVICT,
+                       EvictModelRequest(device="gpu:0", item="0" * 32), EvictModelReply)  # fmt: skip
+    assert missing.value.field == "item"
+    # Released, B can go; twice is a no-op; a prefetch of A (resident) copies nothing.
+    await node.ask("tensorstore", subjects.TENSORSTORE_RELEASE, ReleaseRequest(lease="l-b"),
+                   ReleaseReply)  # fmt: skip
+    b = await node.item("b")
+    gone = await node.ask("tensorstore", subjects.TENSORSTORE_EVICT,
+                          EvictModelRequest(device="gpu:0", item=b), EvictModelReply)  # fmt: skip
+    assert gone == EvictModelReply(evicted=True, nbytes=MODEL_BYTES)
+    again = await node.ask("tensorstore", subjects.TENSORSTORE_EVICT,
+                           EvictModelRequest(device="gpu:0", item=b), EvictModelReply)  # fmt: skip
+    assert again == EvictModelReply(evicted=False, nbytes=0, reason="not resident")
+    placed = await node.ask("tensorstore", subjects.TENSORSTORE_PREFETCH,
+                            PrefetchRequest(device="gpu:0", source=node.source("a")),
+                            PrefetchReply)  # fmt: skip
+    assert (placed.item, placed.bytes_copied) == (await node.item("a"), 0)
+    placed = await node.ask("tensorstore", subjects.TENSORSTORE_PREFETCH,
+                            PrefetchRequest(device="gpu:0", source=node.source("d")),
+                            PrefetchReply)  # fmt: skip
+    assert placed.bytes_copied == MODEL_BYTES  # into B's room, given back to the pool
+    assert await node.resident() == {"a": True, "c": True, "d": False}
