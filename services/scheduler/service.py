@@ -32,6 +32,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from msgspec.structs import replace as msgspec_replace
+from nats.aio.msg import Msg as NatsMsg
 from nats.js.kv import KeyValue
 
 from gpufaas.scheduler.autoscale import Autoscaler, FunctionLoad
@@ -49,6 +50,7 @@ from gpufaas.shared.errors import (
     InvalidArgument,
     NotFound,
     PlatformError,
+    ResourceExhausted,
     Unavailable,
 )
 from gpufaas.shared.jetstream import bucket_keys
@@ -57,6 +59,7 @@ from gpufaas.shared.messages import (
     DeleteRequest,
     DeployReply,
     DeployRequest,
+    Event,
     FunctionLoadReport,
     FunctionRecord,
     FunctionSpec,
@@ -150,6 +153,8 @@ class SchedulerService(Service):
         await self.serve(subjects.SCHED_WORKFLOW_INVOKE, WorkflowInvokeRequest,
                          self.workflow_invoke, queue=q)  # fmt: skip
         await self.serve(subjects.SCHED_LOAD, SchedulerLoad, self._on_load)  # every replica
+        self._subs.append(await self.nc.subscribe(subjects.event("memory.rejected"),
+                                                  cb=self._on_rejected))  # fmt: skip
         await self.reconcile_once(time.time(), announce=False)
         self.spawn(self._membership_loop(), "membership")
         self.spawn(self._autoscale_loop(), "autoscale")
@@ -631,6 +636,30 @@ class SchedulerService(Service):
         raise Unavailable(f"function {spec.name!r} is being changed by others; try again")
 
     # --- autoscaling -----------------------------------------------------------------------
+
+    async def _on_rejected(self, msg: NatsMsg) -> None:
+        """A node's memory manager found a function's working set bigger than its GPU:
+        fail the requests waiting for it there (507 with the reason) instead of letting
+        them thrash the device, unless another live node has the function too."""
+        try:
+            event = decode_json(msg.data, Event)
+            tenant, name = str(event.data["function"]).split("/", 1)
+            node, reason = str(event.data["node"]), str(event.data["reason"])
+        except (PlatformError, KeyError, ValueError):
+            return
+        fq = self.queues.get(function_key(tenant, name))
+        if fq is None:
+            return
+        assert self._functions is not None
+        record = await self._functions.get(tenant, name)
+        others = [n for n in (record.nodes if record else []) if n != node and n in self.workers]
+        if others:
+            return
+        error = ResourceExhausted(f"function {name!r} cannot run on {node}: {reason}")
+        for p in fq.waiting:
+            if not p.node.done():
+                p.node.set_exception(error)
+        fq.waiting.clear()
 
     async def _on_load(self, msg: SchedulerLoad) -> SchedulerLoad:
         if msg.replica != self.replica:

@@ -19,8 +19,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from gpufaas.gateway.app import create_app
 from gpufaas.scheduler.profiles import batch_sizes
 from gpufaas.scheduler.service import SchedulerService
+from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
-from gpufaas.shared.messages import FunctionRecord, ProfileRecord, decode_json
+from gpufaas.shared.messages import (
+    FunctionRecord,
+    ProfileRecord,
+    decode_json,
+    encode_json,
+    new_event,
+)
 from gpufaas.shared.registry import function_key, get_function
 from gpufaas.shared.service import Service
 from gpufaas.worker.service import WorkerService
@@ -251,3 +258,31 @@ async def keys(svc: SchedulerService) -> AsyncIterator[str]:
             continue
         if entry.value:
             yield key
+
+
+async def test_waiting_requests_fail_with_the_reason_when_the_memory_manager_rejects(
+    platform: Platform,
+) -> None:
+    c, sched = platform.client, scheduler(platform)
+    body = {**DEMO_BODY, "options": {"max_batch_size": 1}}  # room for 2 at once
+    assert (await c.post("/v1/functions", json=body)).status == 201
+    long = text_request(["a longer sentence for the encoder to chew on " * 8] * 16)
+    tasks = [asyncio.create_task(c.post("/v2/models/minilm/infer", json=long)) for _ in range(6)]
+    key = function_key("default", "minilm")
+    for _ in range(2000):  # until the scheduler holds some back (20 s at most)
+        if key in sched.queues and sched.queues[key].queued() > 0:
+            break
+        await asyncio.sleep(0.01)
+    event = new_event("memory.rejected", "memory@node-t", {
+        "node": "node-t", "device": "gpu:0", "function": "default/minilm",
+        "reason": "working set 99 GiB > gpu:0 capacity 16 GiB"})  # fmt: skip
+    await sched.nc.publish(subjects.event("memory.rejected"), encode_json(event))
+    statuses = []
+    for resp in await asyncio.gather(*tasks):
+        statuses.append(resp.status)
+        if resp.status == 507:
+            err = await resp.json()
+            assert err["code"] == "resource_exhausted"
+            assert "working set 99 GiB" in err["error"]
+    assert 507 in statuses  # those still waiting
+    assert 200 in statuses  # those already running finish
