@@ -281,6 +281,9 @@ class QueueEntry(Msg, frozen=True, tag="queue_entry.v1"):
     queued: Count
     running: Count
     next_deadline: float | None = None
+    # Seconds one request of it takes on the device, from its profile (a batch's time over
+    # its size); None when not profiled yet.
+    compute_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
 class QueueView(Msg, frozen=True, tag="queue_view.v1"):

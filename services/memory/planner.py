@@ -9,10 +9,11 @@ Pure functions: the memory service gathers the inputs over NATS and carries out 
 * A queued function runs on the GPU where its model is leased (a warm instance), else
   where its copies are resident, else on the node's first GPU (where the worker builds
   instances); requests a worker reports running pin the function to their GPU.
-* **Expected start** of a queued function: ``now + ahead * typical_compute_s``, where
-  ``ahead`` counts the requests queued before it on its GPU (functions ordered by their
-  next deadline, none last), and no later than its next deadline minus one typical
-  compute (it must start by then to have a chance). Simple and documented, not a forecast:
+* **Expected start** of a queued function: ``now +`` the device time of the requests
+  queued ahead (each function's own per-request time from its profile, carried in the
+  queue view, else ``typical_compute_s``), counting the requests queued before it on its
+  GPU (functions ordered by their next deadline, none last), and no later than its next
+  deadline minus one request's time (it must start by then to have a chance). Simple and documented, not a forecast:
   as the queue ahead drains, the start nears and the prefetch falls due.
 * Every byte of the GPU's budget that is not a complete model's copy (other owners'
   blocks, such as tube copies and reservations for intermediates, reservations the pool
@@ -59,6 +60,7 @@ class Demand:
     queued: int
     running: int
     next_deadline: float | None
+    compute_s: float | None = None  # one request's device time, from the function's profile
 
     @property
     def tenant(self) -> str:
@@ -77,12 +79,12 @@ def merge_views(views: Iterable[QueueView]) -> list[Demand]:
             seen = merged.get(e.function)
             if seen is None:
                 merged[e.function] = Demand(e.function, e.model, e.queued, e.running,
-                                            e.next_deadline)  # fmt: skip
+                                            e.next_deadline, e.compute_s)  # fmt: skip
                 continue
             deadlines = [d for d in (seen.next_deadline, e.next_deadline) if d is not None]
             merged[e.function] = Demand(
                 e.function, seen.source, seen.queued + e.queued, seen.running + e.running,
-                min(deadlines) if deadlines else None,
+                min(deadlines) if deadlines else None, seen.compute_s or e.compute_s,
             )  # fmt: skip
     return [merged[f] for f in sorted(merged)]
 
@@ -165,14 +167,15 @@ def _queue(
 ) -> tuple[QueuedRequest, ...]:
     order = sorted(entries, key=lambda e: (_deadline_key(e[0].next_deadline), e[0].function))
     out = []
-    ahead = 0
+    ahead_s = 0.0  # device time of the requests queued ahead
     for demand, item in order:
-        start = now + ahead * typical_compute_s
+        each = demand.compute_s if demand.compute_s is not None else typical_compute_s
+        start = now + ahead_s
         if demand.next_deadline is not None:
-            start = min(start, max(now, demand.next_deadline - typical_compute_s))
+            start = min(start, max(now, demand.next_deadline - each))
         refs = (ItemRef(item.item, item.nbytes),)
         out.append(QueuedRequest(demand.function, demand.function, refs, start))
-        ahead += demand.queued
+        ahead_s += demand.queued * each
     return tuple(out)
 
 

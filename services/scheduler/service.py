@@ -736,10 +736,17 @@ class SchedulerService(Service):
             record = await self._functions.get(tenant, name)
             if record is None:
                 continue
+            profile = await self.profile_of(tenant, name)
+            compute_s = None
+            if profile is not None and profile.points:
+                chosen = [p for p in profile.points
+                          if (p.batch, p.concurrency) == (profile.batch, profile.concurrency)]  # fmt: skip
+                point = chosen[0] if chosen else min(profile.points, key=lambda p: p.batch)
+                compute_s = point.latency_s / (point.batch * point.concurrency)
             for node in record.nodes:  # queued requests will run on one of its instances
                 views.setdefault(node, []).append(QueueEntry(
                     shown, record.spec.model, queued, fq.in_flight.get(node, 0),
-                    fq.next_deadline()))  # fmt: skip
+                    fq.next_deadline(), compute_s))  # fmt: skip
         load = SchedulerLoad(replica=self.replica, at=now, functions=reports)
         self._reports[self.replica] = load  # our own, without waiting for it to loop back
         with contextlib.suppress(nats.errors.Error):

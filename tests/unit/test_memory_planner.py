@@ -117,3 +117,15 @@ def test_a_function_runs_where_its_model_is_leased_and_unknown_models_are_skippe
     # A worker's report of a running request pins the function to its GPU.
     plan = build(NOW, demands, reply, budgets, running_on={"t1/f": "gpu:0"})
     assert plan.device_of == {"t1/f": "gpu:0"}
+
+
+def test_the_queue_ahead_counts_each_functions_profiled_time() -> None:
+    from gpufaas.memory.planner import Demand, _queue  # noqa: PLC0415
+    from gpufaas.shared.messages import ModelItem, ModelSource  # noqa: PLC0415
+
+    src = ModelSource(builtin="all-minilm-l6-v2")
+    first = Demand("t/a", src, queued=10, running=0, next_deadline=100.0, compute_s=0.2)
+    second = Demand("t/b", src, queued=1, running=0, next_deadline=None)
+    items = [ModelItem(item="a", nbytes=1, known=True), ModelItem(item="b", nbytes=1, known=True)]
+    q = _queue(0.0, [(first, items[0]), (second, items[1])], typical_compute_s=0.05)
+    assert [r.expected_start_s for r in q] == [0.0, 2.0]  # 10 requests x 0.2 s ahead of b
