@@ -299,6 +299,7 @@ class WorkerService(Service):
             if built is not None and not _same_build(guess, reg):
                 self.tensors.release(built[1])
                 built = None
+        overlapped = built is not None  # the early build was kept
         try:
             if built is None:
                 built = await loop.run_in_executor(self._executor, self._make_runner, spec, reg)
@@ -324,7 +325,7 @@ class WorkerService(Service):
             await self._let_go(old)
         log.info("instance.built", function=spec.name, tenant=spec.tenant, us=inst.load_us,
                  register_us=registered_us, store_us=reg.register_us,
-                 overlapped=early is not None and built is not None)  # fmt: skip
+                 overlapped=overlapped)  # fmt: skip
         return inst
 
     def _make_runner(self, spec: FunctionSpec, reg: RegisterReply) -> tuple[Runner, frozenset[str]]:
