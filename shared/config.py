@@ -63,6 +63,14 @@ class Config:
     # Worker: dynamic batching. An idle device waits up to batch_wait_s for a batch to
     # fill (never past a request's slack); device_streams batches may run at once (0: by
     # backend, see constants).
+    # Worker processes: "shared" (one process serves every tenant: tests, development),
+    # "pool" (the node's pool manager: a process per tenant, from warm spares), "spare"
+    # (a warm process waiting to be bound), "tenant" (bound to worker_tenant at start).
+    worker_role: str = "shared"
+    worker_tenant: str = ""
+    worker_spare_id: str = ""
+    worker_spares: int = c.DEFAULT_WORKER_SPARES  # ready spares per device the pool keeps
+    worker_idle_s: float = c.DEFAULT_WORKER_IDLE_S  # a tenant's process with no instance exits
     batch_wait_s: float = c.DEFAULT_BATCH_WAIT_S
     device_streams: int = c.DEFAULT_DEVICE_STREAMS
     # Scheduler: autoscaling tick, scale to zero after instance_keep_alive_s idle, and the

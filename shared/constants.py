@@ -51,6 +51,8 @@ DEFAULT_TUBE_TTL_S: Final = 600.0
 DEFAULT_TENSOR_KEEP_ALIVE_S: Final = 300.0
 DEFAULT_RECLAIM_INTERVAL_S: Final = 5.0
 DEFAULT_TENANT: Final = "default"
+DEFAULT_WORKER_SPARES: Final = 1
+DEFAULT_WORKER_IDLE_S: Final = 300.0
 DEFAULT_BATCH_WAIT_S: Final = 0.002  # how long an idle device waits to fill a batch
 # Batches one device may run at once (across instances); 0 = by backend: 2 on a CUDA GPU
 # (kernels of two streams overlap), 1 where compute is on the CPU (cpu, sim:N): torch

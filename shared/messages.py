@@ -173,6 +173,8 @@ class Breakdown(Msg, frozen=True, tag="breakdown.v1"):
     total_us: Count = 0
     cold: bool = False
     batch: Count = 1  # requests computed together in the batch this one ran in
+    worker_us: Count = 0  # waiting for a worker process for the tenant (inside queue_us)
+    new_process: bool = False  # none was ready: one was started (the slow fall-back)
 
 
 class InvokeRequest(Msg, frozen=True, tag="invoke_request.v1"):
@@ -206,6 +208,18 @@ class WorkerLoadReply(Msg, frozen=True, tag="worker_load_reply.v1"):
     load_us: Count
     cached: bool
     device: str
+
+
+class WorkerBindRequest(Msg, frozen=True, tag="worker_bind_request.v1"):
+    """Give ``tenant`` a worker process on this node (a warm spare, else a new process)."""
+
+    tenant: Tenant
+
+
+class WorkerBindReply(Msg, frozen=True, tag="worker_bind_reply.v1"):
+    worker: str  # the process's id
+    waited_us: Count  # how long the caller waited for it
+    new_process: bool  # no spare was ready: a process was started for it
 
 
 class WorkerProfileRequest(Msg, frozen=True, tag="worker_profile_request.v1"):

@@ -38,6 +38,16 @@ def node(node_id: str, service: str, verb: str) -> str:
     return f"{PREFIX}.node.{token(node_id, 'node id')}.{token(service, 'service')}.{token(verb, 'verb')}"
 
 
+ANY_TENANT: Final = "*"
+
+
+def worker(node_id: str, tenant: str, verb: str) -> str:
+    """A worker verb for one tenant's functions on a node, served by that tenant's worker
+    process (``ANY_TENANT``: the wildcard a node's single shared worker serves)."""
+    who = tenant if tenant == ANY_TENANT else token(tenant, "tenant")
+    return f"{PREFIX}.node.{token(node_id, 'node id')}.worker.{who}.{token(verb, 'verb')}"
+
+
 def node_service_all(node_id: str, service: str) -> str:
     """Wildcard over every verb of one node's service."""
     return f"{PREFIX}.node.{token(node_id, 'node id')}.{token(service, 'service')}.*"
@@ -86,6 +96,10 @@ WORKER_LOAD: Final = "load"
 WORKER_UNLOAD: Final = "unload"
 WORKER_RUN: Final = "run"
 WORKER_PROFILE: Final = "profile"
+# The node's worker pool (``node(node, "worker", verb)``): bind a tenant to a worker
+# process; a spare process says it is ready; the pool binds a spare by its own subject.
+WORKER_BIND: Final = "bind"
+WORKER_SPARE_READY: Final = "spare_ready"
 TENSORSTORE_REGISTER: Final = "register"
 TENSORSTORE_STATS: Final = "stats"
 TENSORSTORE_RENEW: Final = "renew"

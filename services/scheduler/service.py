@@ -68,6 +68,8 @@ from gpufaas.shared.messages import (
     InvokeRequest,
     LocalityReply,
     LocalityRequest,
+    M,
+    Msg,
     ProfilePointMsg,
     ProfileRecord,
     QueueEntry,
@@ -75,6 +77,8 @@ from gpufaas.shared.messages import (
     SchedulerLoad,
     TensorPayload,
     Tube,
+    WorkerBindReply,
+    WorkerBindRequest,
     WorkerLoadReply,
     WorkerLoadRequest,
     WorkerProfileReply,
@@ -216,14 +220,9 @@ class SchedulerService(Service):
                 f"function {spec.name!r} exists with another spec; delete it first", field="name"
             )
         node = await self._place(spec)
-        loaded = await request(
-            self.nc,
-            subjects.node(node, "worker", subjects.WORKER_LOAD),
-            WorkerLoadRequest(spec=spec),
-            WorkerLoadReply,
-            timeout=self.config.deploy_timeout_s,
-            what=f"worker of node {node}",
-        )
+        loaded, _ = await self._worker(node, spec.tenant, subjects.WORKER_LOAD,
+                                       WorkerLoadRequest(spec=spec), WorkerLoadReply,
+                                       timeout=self.config.deploy_timeout_s)  # fmt: skip
         try:
             first = await self._profile(node, spec, [1], repeats=3, deadline_s=30)
             choice = self._check_slo(spec, first.points)
@@ -321,16 +320,43 @@ class SchedulerService(Service):
         await self.publish_event("function.deleted", {"function": req.name, "tenant": req.tenant})
         return DeleteReply(name=req.name)
 
+    async def _worker(
+        self, node: str, tenant: str, verb: str, msg: Msg, reply_type: type[M], *,
+        timeout: float, request_id: str | None = None, bind: bool = True,
+    ) -> tuple[M, WorkerBindReply | None]:  # fmt: skip
+        """A worker verb for ``tenant`` on ``node``. When no process of the tenant answers
+        there (its first function on the node, or its process went idle and exited), the
+        node's pool binds one (a warm spare, else a new process) and the request is sent
+        again; the bind's reply says how long that took."""
+        subject = subjects.worker(node, tenant, verb)
+        what = f"worker of node {node}"
+        try:
+            return await request(self.nc, subject, msg, reply_type, timeout=timeout,
+                                 request_id=request_id, what=what), None  # fmt: skip
+        except Unavailable as exc:
+            if not bind:
+                raise
+            try:
+                bound = await request(
+                    self.nc, subjects.node(node, "worker", subjects.WORKER_BIND),
+                    WorkerBindRequest(tenant=tenant), WorkerBindReply,
+                    timeout=self.config.deploy_timeout_s, request_id=request_id, what=what,
+                )  # fmt: skip
+            except Unavailable:
+                raise exc from None  # no pool on that node: the first error stands
+        log.info("worker.bound", node=node, tenant=tenant, waited_us=bound.waited_us,
+                 new_process=bound.new_process)  # fmt: skip
+        reply = await request(self.nc, subject, msg, reply_type, timeout=timeout,
+                              request_id=request_id, what=what)  # fmt: skip
+        return reply, bound
+
     async def _unload(self, node: str, tenant: str, name: str) -> None:
         try:
-            await request(
-                self.nc,
-                subjects.node(node, "worker", subjects.WORKER_UNLOAD),
-                WorkerUnloadRequest(function=name, tenant=tenant),
-                WorkerUnloadReply,
-                timeout=5,
-                what=f"worker of node {node}",
-            )
+            await self._worker(node, tenant, subjects.WORKER_UNLOAD,
+                               WorkerUnloadRequest(function=name, tenant=tenant),
+                               WorkerUnloadReply, timeout=5, bind=False)  # fmt: skip
+        except Unavailable:
+            pass  # no process of the tenant there: nothing loaded
         except PlatformError as exc:
             log.warning("unload.failed", node=node, function=name, error=exc.message)
 
@@ -340,9 +366,10 @@ class SchedulerService(Service):
         self, node: str, spec: FunctionSpec, batches: list[int], *, repeats: int,
         deadline_s: float,
     ) -> WorkerProfileReply:  # fmt: skip
-        return await request(
-            self.nc,
-            subjects.node(node, "worker", subjects.WORKER_PROFILE),
+        reply, _ = await self._worker(
+            node,
+            spec.tenant,
+            subjects.WORKER_PROFILE,
             WorkerProfileRequest(
                 spec=spec,
                 batches=batches,
@@ -352,8 +379,8 @@ class SchedulerService(Service):
             ),
             WorkerProfileReply,
             timeout=deadline_s + self.config.deploy_timeout_s,
-            what=f"worker of node {node}",
         )
+        return reply
 
     def _concurrencies(self) -> list[int]:
         """Concurrencies to profile; each worker measures those its device can run."""
@@ -517,15 +544,14 @@ class SchedulerService(Service):
                 intermediate=intermediate,
                 dispatch_id=dispatch_id,
             )
-            reply = await request(
-                self.nc,
-                subjects.node(node, "worker", subjects.WORKER_RUN),
-                run,
-                InvokeReply,
-                timeout=max(deadline - time.time(), 0.001),
-                request_id=request_id,
-                what=f"worker of node {node}",
-            )
+            reply, bound = await self._worker(
+                node, tenant, subjects.WORKER_RUN, run, InvokeReply,
+                timeout=max(deadline - time.time(), 0.001), request_id=request_id,
+            )  # fmt: skip
+            if bound is not None:  # it waited for a worker process of its tenant
+                reply = msgspec_replace(reply, breakdown=msgspec_replace(
+                    reply.breakdown, worker_us=bound.waited_us, new_process=bound.new_process,
+                    queue_us=reply.breakdown.queue_us + bound.waited_us))  # fmt: skip
         finally:
             fq.release(node)
             await self._pump(fq, None)
@@ -583,11 +609,9 @@ class SchedulerService(Service):
             # Where the most urgent waiting request's inputs are, on a tie of θ.
             head = min((p for p in fq.waiting if not p.node.done()), default=None)
             node = await self._place(spec, near=head.prefer if head else None)
-            await request(
-                self.nc, subjects.node(node, "worker", subjects.WORKER_LOAD),
-                WorkerLoadRequest(spec=spec), WorkerLoadReply,
-                timeout=self.config.deploy_timeout_s, what=f"worker of node {node}",
-            )  # fmt: skip
+            await self._worker(node, spec.tenant, subjects.WORKER_LOAD,
+                               WorkerLoadRequest(spec=spec), WorkerLoadReply,
+                               timeout=self.config.deploy_timeout_s)  # fmt: skip
             updated = await self._update_nodes(spec, lambda ns: [n for n in ns
                                                if n in self.workers and n != node] + [node])  # fmt: skip
         except PlatformError as exc:
@@ -853,11 +877,9 @@ class SchedulerService(Service):
             node = await self._place(spec, exclude=set(live))
             if node in live:
                 return  # no other node to scale out to
-            await request(
-                self.nc, subjects.node(node, "worker", subjects.WORKER_LOAD),
-                WorkerLoadRequest(spec=spec), WorkerLoadReply,
-                timeout=self.config.deploy_timeout_s, what=f"worker of node {node}",
-            )  # fmt: skip
+            await self._worker(node, spec.tenant, subjects.WORKER_LOAD,
+                               WorkerLoadRequest(spec=spec), WorkerLoadReply,
+                               timeout=self.config.deploy_timeout_s)  # fmt: skip
             updated = await self._update_nodes(
                 spec, lambda ns: [n for n in ns if n in self.workers and n != node] + [node]
             )

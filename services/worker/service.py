@@ -30,6 +30,7 @@ from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import NodeDevices, parse_devices
 from gpufaas.shared.errors import (
+    AlreadyExists,
     InvalidArgument,
     ModelInvalid,
     NotFound,
@@ -56,6 +57,8 @@ from gpufaas.shared.messages import (
     RenewReply,
     RenewRequest,
     TensorPayload,
+    WorkerBindReply,
+    WorkerBindRequest,
     WorkerLoadReply,
     WorkerLoadRequest,
     WorkerProfileReply,
@@ -172,31 +175,65 @@ class WorkerService(Service):
         self._answered: dict[str, InvokeReply] = {}
         self.repeats = 0  # dispatches answered without running again
         self._dispatcher: asyncio.Task[None] | None = None
+        self.role = config.worker_role
+        if self.role not in ("shared", "spare", "tenant"):
+            raise InvalidArgument(f"worker role {self.role!r} is not shared, spare or tenant",
+                                  field="GPUFAAS_WORKER_ROLE")  # fmt: skip
+        self.tenant: str | None = config.worker_tenant or None
+        if self.role == "tenant" and self.tenant is None:
+            raise InvalidArgument("a tenant worker needs GPUFAAS_WORKER_TENANT",
+                                  field="GPUFAAS_WORKER_TENANT")  # fmt: skip
+        self._idle_since = time.monotonic()  # last moment it had an instance (tenant workers)
         # Who holds this process's leases on the tensor store: unique per process life.
         self.holder = f"{config.node_id}/{os.getpid()}/{self.started_at:.6f}"
 
     async def on_start(self) -> None:
         node = self.config.node_id
         self.spawn(self._upkeep_loop(), "upkeep")
-        await self.serve(
-            subjects.node(node, self.name, subjects.WORKER_LOAD), WorkerLoadRequest, self.load
-        )
-        await self.serve(
-            subjects.node(node, self.name, subjects.WORKER_RUN), WorkerRunRequest, self.run
-        )
-        await self.serve(
-            subjects.node(node, self.name, subjects.WORKER_UNLOAD), WorkerUnloadRequest, self.unload
-        )
-        await self.serve(
-            subjects.node(node, self.name, subjects.WORKER_PROFILE),
-            WorkerProfileRequest,
-            self.profile,
-        )
+        if self.role == "spare":  # warm, waiting to be given a tenant by the node's pool
+            await self.serve(self._spare_subject(), WorkerBindRequest, self.bind)
+            with contextlib.suppress(nats.errors.Error):
+                await self.nc.publish(subjects.node(node, "worker", subjects.WORKER_SPARE_READY),
+                                      self.config.worker_spare_id.encode())  # fmt: skip
+            return
+        await self._serve_tenant(self.tenant or subjects.ANY_TENANT)
+        if self.role != "shared":
+            return  # the node's pool manager speaks for the node
         await self.publish_event(
             "node.joined",
             {"node": node, "devices": [d.name for d in self.node_devices.devices]},
             dedupe_id=f"node.joined.{node}.{self.started_at}",
         )
+
+    def _spare_subject(self) -> str:
+        return subjects.node(self.config.node_id, "worker",
+                             f"spare-{self.config.worker_spare_id}")  # fmt: skip
+
+    async def _serve_tenant(self, tenant: str) -> None:
+        """Serve the worker verbs of ``tenant``'s functions (``ANY_TENANT``: every tenant)."""
+        node = self.config.node_id
+        for verb, req_type, handler in (
+            (subjects.WORKER_LOAD, WorkerLoadRequest, self.load),
+            (subjects.WORKER_RUN, WorkerRunRequest, self.run),
+            (subjects.WORKER_UNLOAD, WorkerUnloadRequest, self.unload),
+            (subjects.WORKER_PROFILE, WorkerProfileRequest, self.profile),
+        ):
+            await self.serve(subjects.worker(node, tenant, verb), req_type, handler)  # type: ignore[arg-type]
+
+    async def bind(self, req: WorkerBindRequest) -> WorkerBindReply:
+        """(A spare.) Serve ``req.tenant`` from now on, and only it, for this process's life."""
+        if self.tenant is not None:
+            raise AlreadyExists(f"this worker serves tenant {self.tenant!r}", field="tenant")
+        self.tenant = req.tenant
+        self._idle_since = time.monotonic()
+        await self._serve_tenant(req.tenant)
+        log.info("worker.bound", tenant=req.tenant)
+        return WorkerBindReply(worker=self.holder, waited_us=0, new_process=False)
+
+    def _check_tenant(self, tenant: str) -> None:
+        """A process bound to a tenant refuses another's functions (isolation)."""
+        if self.tenant is not None and tenant != self.tenant:
+            raise NotFound("no such function on this worker", field="spec.tenant")
 
     async def on_stop(self) -> None:
         if self._dispatcher is not None:
@@ -213,6 +250,8 @@ class WorkerService(Service):
         self.instances.clear()
         # Off the loop: a batch still computing finishes in its thread.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        if self.role != "shared":
+            return
         await self.publish_event(
             "node.left",
             {"node": self.config.node_id, "reason": "stopped"},
@@ -341,6 +380,7 @@ class WorkerService(Service):
             raise
 
     async def load(self, req: WorkerLoadRequest) -> WorkerLoadReply:
+        self._check_tenant(req.spec.tenant)
         inst, cold = await self.instance(req.spec)
         return WorkerLoadReply(
             inputs=inst.runner.inputs,
@@ -387,6 +427,7 @@ class WorkerService(Service):
         return WorkerProfileReply(device=inst.device, points=points)
 
     async def unload(self, req: WorkerUnloadRequest) -> WorkerUnloadReply:
+        self._check_tenant(req.tenant)
         inst = self.instances.pop((req.tenant, req.function), None)
         if inst is not None:
             await self._let_go(inst)
@@ -436,9 +477,17 @@ class WorkerService(Service):
             await self._release(self._lease_id(*key))
 
     async def _upkeep_loop(self) -> None:
-        """Each heartbeat: renew the leases."""
+        """Each heartbeat: renew the leases; a tenant's process idle too long exits (its pool
+        starts a spare when one is needed)."""
         while self.looping:
             await asyncio.sleep(self.config.heartbeat_s)
+            if self.role != "shared" and self.tenant is not None:
+                if self.instances or self._loading:
+                    self._idle_since = time.monotonic()
+                elif time.monotonic() - self._idle_since > self.config.worker_idle_s:
+                    log.info("worker.idle_exit", tenant=self.tenant)
+                    asyncio.get_running_loop().create_task(self.stop())
+                    return
             try:
                 await self.renew_leases()
             except PlatformError as exc:
@@ -448,6 +497,7 @@ class WorkerService(Service):
 
     async def run(self, req: WorkerRunRequest) -> InvokeReply:
         """Run one request; a repeat of a dispatch already run (or running) gets its answer."""
+        self._check_tenant(req.spec.tenant)
         if not req.dispatch_id:
             return await self._run(req)
         done = self._answered.get(req.dispatch_id)
@@ -754,3 +804,10 @@ class WorkerService(Service):
         else:
             await self.buckets.tubes.put(tube.id, encode_json(tube))
         return TensorPayload(name=name, datatype=out.datatype, shape=out.shape, tube=tube)  # type: ignore[arg-type]
+
+
+class PooledWorkerService(WorkerService):
+    """A worker process of a node's pool (a spare, or bound to one tenant): no heartbeat of
+    its own, since the pool manager speaks for the node."""
+
+    node_scoped = False

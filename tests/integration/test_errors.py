@@ -215,7 +215,7 @@ async def test_worker_refuses_to_cold_start_a_deleted_function(platform: Platfor
     )
     nc = platform.services["scheduler"].nc
     with pytest.raises(NotFound):
-        await request(nc, subjects.node("node-t", "worker", subjects.WORKER_RUN), stale,
+        await request(nc, subjects.worker("node-t", "default", subjects.WORKER_RUN), stale,
                       InvokeReply, timeout=5)  # fmt: skip
     worker = platform.services["worker"]
     assert isinstance(worker, WorkerService)
