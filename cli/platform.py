@@ -54,7 +54,10 @@ def start_node(sup: Supervisor, base: Config, node_id: str) -> list[Child]:
     # machine they share its cores with the gateway, scheduler and NATS, and a spinning
     # OpenMP pool starves them (bench/batching.py: 3.6x with it, 2.5x without). A value
     # the user exported wins.
-    worker_env = {**env, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # The node's worker is a pool of worker processes, one per tenant, drawn from warm
+    # spares (``gpufaas.worker.pool``), unless GPUFAAS_WORKER_ROLE says otherwise.
+    worker_env = {**env, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                  "GPUFAAS_WORKER_ROLE": os.environ.get("GPUFAAS_WORKER_ROLE", "pool")}  # fmt: skip
     return [sup.spawn_service(f"{node_id}.{svc}", svc, worker_env if svc == "worker" else env)
             for svc in NODE_SERVICES]  # fmt: skip
 

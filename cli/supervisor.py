@@ -7,7 +7,6 @@ is left running whatever happens to the supervisor.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -17,19 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
+from gpufaas.shared.process import die_with_parent
 
 
 class StartError(RuntimeError):
     """A child failed to become ready; the message says which and shows its log's tail."""
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: the supervisor's own stop() still cleans up
-        pass
 
 
 @dataclass
@@ -83,7 +74,7 @@ class Supervisor:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, no locks
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl, no locks
             )
 
     def restart(self, child: Child, *, limit: int, window_s: float) -> bool:

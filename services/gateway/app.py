@@ -420,6 +420,8 @@ async def infer(request: web.Request) -> web.Response:
         "Gpufaas-Compute-Us": str(b.compute_us),
         "Gpufaas-Cold": "1" if b.cold else "0",
         "Gpufaas-Batch": str(b.batch),
+        "Gpufaas-Worker-Us": str(b.worker_us),
+        "Gpufaas-New-Process": "1" if b.new_process else "0",
     }
     result: dict[str, Any] = {"model_name": name, "model_version": "1", "outputs": outputs}
     if body.id is not None:
@@ -433,8 +435,10 @@ async def infer(request: web.Request) -> web.Response:
             "load": b.load_us,
             "compute": b.compute_us,
             "total": b.total_us,
+            "worker": b.worker_us,
         },
         "batch": b.batch,
+        "new_process": b.new_process,
     }
     return json_response(result, headers=headers)
 

@@ -27,6 +27,8 @@ class Pending:
     node: asyncio.Future[str]
     seq: int = field(default_factory=lambda: next(_seq))
     cold_us: int = 0  # it waited for an instance to be built: how long that took
+    worker_us: int = 0  # of which waiting for a worker process of its tenant
+    new_process: bool = False  # that process had to be started (no spare was ready)
     prefer: str | None = None  # the node to run on when it has room (where the inputs are)
 
     def __lt__(self, other: Pending) -> bool:

@@ -558,7 +558,9 @@ class SchedulerService(Service):
         if pending.cold_us:  # the instance was built for it before the worker saw it
             b = reply.breakdown
             reply = msgspec_replace(reply, breakdown=msgspec_replace(
-                b, cold=True, load_us=b.load_us + pending.cold_us))  # fmt: skip
+                b, cold=True, load_us=b.load_us + pending.cold_us,
+                worker_us=b.worker_us + pending.worker_us,
+                new_process=b.new_process or pending.new_process))  # fmt: skip
         await self.publish_event(
             "invocation.completed",
             {
@@ -609,9 +611,9 @@ class SchedulerService(Service):
             # Where the most urgent waiting request's inputs are, on a tie of θ.
             head = min((p for p in fq.waiting if not p.node.done()), default=None)
             node = await self._place(spec, near=head.prefer if head else None)
-            await self._worker(node, spec.tenant, subjects.WORKER_LOAD,
-                               WorkerLoadRequest(spec=spec), WorkerLoadReply,
-                               timeout=self.config.deploy_timeout_s)  # fmt: skip
+            _, bound = await self._worker(node, spec.tenant, subjects.WORKER_LOAD,
+                                          WorkerLoadRequest(spec=spec), WorkerLoadReply,
+                                          timeout=self.config.deploy_timeout_s)  # fmt: skip
             updated = await self._update_nodes(spec, lambda ns: [n for n in ns
                                                if n in self.workers and n != node] + [node])  # fmt: skip
         except PlatformError as exc:
@@ -624,6 +626,8 @@ class SchedulerService(Service):
         cold_us = int((time.perf_counter() - t0) * 1e6)
         for p in fq.waiting:  # every request that waited for it reports a cold start
             p.cold_us = cold_us
+            if bound is not None:
+                p.worker_us, p.new_process = bound.waited_us, bound.new_process
         if updated is not None:
             await self.publish_event("function.scaled", {
                 "function": spec.name, "tenant": spec.tenant, "from": 0,

@@ -192,13 +192,14 @@ class WorkerService(Service):
         self.spawn(self._upkeep_loop(), "upkeep")
         if self.role == "spare":  # warm, waiting to be given a tenant by the node's pool
             await self.serve(self._spare_subject(), WorkerBindRequest, self.bind)
-            with contextlib.suppress(nats.errors.Error):
+        else:
+            await self._serve_tenant(self.tenant or subjects.ANY_TENANT)
+        if self.role != "shared":  # the node's pool manager speaks for the node
+            await self.nc.flush()
+            with contextlib.suppress(nats.errors.Error):  # serving: tell the pool
                 await self.nc.publish(subjects.node(node, "worker", subjects.WORKER_SPARE_READY),
                                       self.config.worker_spare_id.encode())  # fmt: skip
             return
-        await self._serve_tenant(self.tenant or subjects.ANY_TENANT)
-        if self.role != "shared":
-            return  # the node's pool manager speaks for the node
         await self.publish_event(
             "node.joined",
             {"node": node, "devices": [d.name for d in self.node_devices.devices]},
