@@ -174,6 +174,7 @@ class Breakdown(Msg, frozen=True, tag="breakdown.v1"):
     cold: bool = False
     batch: Count = 1  # requests computed together in the batch this one ran in
     worker_us: Count = 0  # waiting for a worker process for the tenant (inside queue_us)
+    loaded_bytes: Count = 0  # a cold start's bytes the tensor store had to read (not resident)
     new_process: bool = False  # none was ready: one was started (the slow fall-back)
 
 

@@ -422,6 +422,7 @@ async def infer(request: web.Request) -> web.Response:
         "Gpufaas-Batch": str(b.batch),
         "Gpufaas-Worker-Us": str(b.worker_us),
         "Gpufaas-New-Process": "1" if b.new_process else "0",
+        "Gpufaas-Loaded-Bytes": str(b.loaded_bytes),
     }
     result: dict[str, Any] = {"model_name": name, "model_version": "1", "outputs": outputs}
     if body.id is not None:
@@ -439,6 +440,7 @@ async def infer(request: web.Request) -> web.Response:
         },
         "batch": b.batch,
         "new_process": b.new_process,
+        "loaded_bytes": b.loaded_bytes,
     }
     return json_response(result, headers=headers)
 

@@ -29,6 +29,7 @@ class Pending:
     cold_us: int = 0  # it waited for an instance to be built: how long that took
     worker_us: int = 0  # of which waiting for a worker process of its tenant
     new_process: bool = False  # that process had to be started (no spare was ready)
+    loaded_bytes: int = 0  # bytes the tensor store read for that instance (not resident)
     prefer: str | None = None  # the node to run on when it has room (where the inputs are)
 
     def __lt__(self, other: Pending) -> bool:

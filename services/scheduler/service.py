@@ -560,6 +560,7 @@ class SchedulerService(Service):
             reply = msgspec_replace(reply, breakdown=msgspec_replace(
                 b, cold=True, load_us=b.load_us + pending.cold_us,
                 worker_us=b.worker_us + pending.worker_us,
+                loaded_bytes=b.loaded_bytes + pending.loaded_bytes,
                 new_process=b.new_process or pending.new_process))  # fmt: skip
         await self.publish_event(
             "invocation.completed",
@@ -611,7 +612,7 @@ class SchedulerService(Service):
             # Where the most urgent waiting request's inputs are, on a tie of θ.
             head = min((p for p in fq.waiting if not p.node.done()), default=None)
             node = await self._place(spec, near=head.prefer if head else None)
-            _, bound = await self._worker(node, spec.tenant, subjects.WORKER_LOAD,
+            loaded, bound = await self._worker(node, spec.tenant, subjects.WORKER_LOAD,
                                           WorkerLoadRequest(spec=spec), WorkerLoadReply,
                                           timeout=self.config.deploy_timeout_s)  # fmt: skip
             updated = await self._update_nodes(spec, lambda ns: [n for n in ns
@@ -626,6 +627,7 @@ class SchedulerService(Service):
         cold_us = int((time.perf_counter() - t0) * 1e6)
         for p in fq.waiting:  # every request that waited for it reports a cold start
             p.cold_us = cold_us
+            p.loaded_bytes = loaded.bytes_stored
             if bound is not None:
                 p.worker_us, p.new_process = bound.waited_us, bound.new_process
         if updated is not None:

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,31 @@ from gpufaas.shared.service import Service
 log = structlog.get_logger()
 
 START_TIMEOUT_S = 120.0  # a new worker process must be serving within this
+DEMAND_WINDOW_S = 60.0  # binds of new tenants counted for sizing the pool
+MAX_EXTRA_SPARES = 3  # spares kept beyond the configured ones under a burst of tenants
+PROCESS_BYTES = 512 * 2**20  # what a spare costs (torch imported): kept free besides it
+
+
+def spares_wanted(base: int, recent_binds: int, free_bytes: int | None) -> int:
+    """How many spares to keep ready: the configured ones (``base``, 1 by default), more
+    while new tenants keep arriving (one per recent bind, at most ``MAX_EXTRA_SPARES``
+    more), and only as many as the free memory holds twice over."""
+    want = max(base, min(recent_binds, base + MAX_EXTRA_SPARES)) if base > 0 else 0
+    if free_bytes is not None:
+        want = min(want, max(free_bytes // (2 * PROCESS_BYTES), 0))
+    return want
+
+
+def free_memory_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 @dataclass(eq=False)
@@ -72,15 +98,19 @@ class WorkerPoolService(Service):
         self._by_id: dict[str, WorkerProcess] = {}
         self._ids = itertools.count(1)
         self.started = 0  # processes started, spares and fall-backs
+        self._binds: deque[float] = deque()  # when new tenants were bound (demand)
 
     def devices(self) -> list[DeviceInfo]:
         return self.node_devices.devices
 
     @property
     def want_spares(self) -> int:
-        """Spares kept ready: ``worker_spares`` per device the node computes on."""
-        gpus = [d for d in self.node_devices.devices if d.kind != "host"]
-        return max(self.config.worker_spares, 0) * max(len(gpus[:1]), 1)
+        """Spares kept ready for the device the node's workers compute on (see
+        :func:`spares_wanted`: configured, recent demand, free memory)."""
+        cutoff = time.monotonic() - DEMAND_WINDOW_S
+        while self._binds and self._binds[0] < cutoff:
+            self._binds.popleft()
+        return spares_wanted(self.config.worker_spares, len(self._binds), free_memory_bytes())
 
     async def on_start(self) -> None:
         node = self.config.node_id
@@ -150,10 +180,17 @@ class WorkerPoolService(Service):
             proc.ready.set()
 
     def _refill(self) -> None:
-        """Start spares until ``want_spares`` are ready or starting."""
+        """Start spares until ``want_spares`` are ready or starting; stop the ones beyond it
+        (a burst of new tenants is over, or memory got short)."""
         self.spares = [p for p in self.spares if p.alive]
-        for _ in range(self.want_spares - len(self.spares)):
+        want = self.want_spares
+        for _ in range(want - len(self.spares)):
             self.spares.append(self._start(None))
+        while len(self.spares) > want:
+            extra = self.spares.pop()
+            self._by_id.pop(extra.id, None)
+            extra.popen.terminate()
+            log.info("worker.spare_stopped", worker=extra.id, spares=want)
 
     async def _watch_loop(self) -> None:
         """Each heartbeat: forget processes that exited (a tenant's idle one, or a crash);
@@ -204,6 +241,7 @@ class WorkerPoolService(Service):
         if own is not None and own.alive:
             await self._wait_ready(own)
             return own, False
+        self._binds.append(time.monotonic())
         spare = next((p for p in self.spares if p.alive and p.ready.is_set()), None)
         if spare is not None:
             self.spares.remove(spare)

@@ -126,6 +126,14 @@ class _Ready:
         return (self.slack, self.seq) < (other.slack, other.seq)
 
 
+def _init_cuda(index: int) -> None:
+    """Create the CUDA context of GPU ``index`` on the calling (device) thread."""
+    import torch  # noqa: PLC0415 - only on a CUDA node
+
+    torch.cuda.set_device(index)
+    torch.zeros(1, device=f"cuda:{index}")
+
+
 def _us(since: float) -> int:
     return int((time.perf_counter() - since) * 1e6)
 
@@ -190,6 +198,10 @@ class WorkerService(Service):
     async def on_start(self) -> None:
         node = self.config.node_id
         self.spawn(self._upkeep_loop(), "upkeep")
+        if self.node_devices.backend == "cuda" and self.gpu is not None:
+            # The device context, once, on the device's own thread: not in a cold start.
+            index = int(self.gpu.split(":")[1])
+            await asyncio.get_running_loop().run_in_executor(self._executor, _init_cuda, index)
         if self.role == "spare":  # warm, waiting to be given a tenant by the node's pool
             await self.serve(self._spare_subject(), WorkerBindRequest, self.bind)
         else:
@@ -556,6 +568,7 @@ class WorkerService(Service):
             total_us=req.queue_us + _us(t_start),
             cold=cold,
             batch=ran.batch,
+            loaded_bytes=inst.bytes_stored if cold else 0,
         )
         return InvokeReply(
             function=req.spec.name,

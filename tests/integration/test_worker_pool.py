@@ -149,4 +149,5 @@ async def test_back_from_zero_the_instance_goes_into_a_warm_spare(pooled: Platfo
     assert resp.headers["Gpufaas-Cold"] == "1"
     assert resp.headers["Gpufaas-New-Process"] == "0"  # a ready spare, not a new process
     assert int(resp.headers["Gpufaas-Worker-Us"]) > 0
+    assert resp.headers["Gpufaas-Loaded-Bytes"] == "0"  # its tensors were resident
     assert pool.bound["default"] is not first
