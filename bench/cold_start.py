@@ -1,23 +1,34 @@
 """Cold start: request to first result for a function with no instance (issue 8).
 
 Three kinds of cold request, ``--runs`` timed rounds each (after one untimed round), in
-one run:
+one run, plus (a) again without the worker pool for reference:
 
-(a) gpufaas, tensors resident. ``gpufaas up --demo --devices cpu`` with instances kept
-    only 1 s after their last request (``GPUFAAS_INSTANCE_KEEP_ALIVE_S=1``, autoscaling
-    tick 0.2 s). Each round deploys a new function of the demo model
-    (``{"builtin": "all-minilm-l6-v2"}``, whose tensors the demo ``minilm`` put in the
-    node's tensor store), waits until it has scaled to zero (``GET /v1/functions/<name>``
-    lists no node and the tensor store holds no lease: the worker has dropped every
-    instance), then times ``POST /v2/models/<name>/infer`` from sending it to having the
-    decoded reply, which must say ``Gpufaas-Cold: 1``. The store must hold the same bytes
-    before and after (nothing was read from the model file).
-(b) gpufaas, tensors not resident. A second ``gpufaas up --devices cpu`` whose tensor
-    store frees unreferenced tensors after 0.5 s. Each round writes a new fine-tuned
-    variant (``scripts/make_variants.py``, new seed: new bytes in its top layer), deploys
-    it by path, waits until it has scaled to zero *and* the store holds no tensor at all,
-    then times the first request the same way: the store reads, hashes and stores the
-    whole file (from the page cache: it was just written) before the worker builds.
+(a) gpufaas, tensors resident, through a ready worker from the pool. ``gpufaas up --demo
+    --devices cpu`` (the node's worker is a pool: one process per tenant, bound from warm
+    spares) with instances kept only 1 s after their last request
+    (``GPUFAAS_INSTANCE_KEEP_ALIVE_S=1``, autoscaling tick 0.2 s), one spare
+    (``GPUFAAS_WORKER_SPARES=1``) and a tenant's process leaving 1 s after its last
+    instance (``GPUFAAS_WORKER_IDLE_S=1``). Each round deploys a new function of the demo
+    model (``{"builtin": "all-minilm-l6-v2"}``, whose tensors the demo ``minilm`` put in
+    the node's tensor store; the model is not tenant-private, so they are shared across
+    tenants) under a NEW tenant (``X-Gpufaas-Tenant: r<N>``), waits until it has scaled to
+    zero (``GET /v1/functions/<name>`` lists no node and the store holds no lease), the
+    tenant's process has exited, and every spare of the pool is ready (the pool's
+    processes are read from ``/proc`` and their logs, see :func:`pool_state`), then
+    times ``POST /v2/models/<name>/infer`` from sending it to having the decoded reply,
+    which must say ``Gpufaas-Cold: 1``: the pool binds a ready spare to the tenant
+    (``Gpufaas-Worker-Us``, ``Gpufaas-New-Process: 0``) and the spare builds the
+    instance. The store must hold the same bytes before and after.
+(a') the same rounds on a second ``gpufaas up --demo`` with ``GPUFAAS_WORKER_ROLE=shared``
+    (the old single worker process of every tenant, no pool); not interleaved with (c).
+(b) gpufaas, tensors not resident. A third ``gpufaas up --devices cpu`` (with the pool)
+    whose tensor store frees unreferenced tensors after 0.5 s. Each round writes a new
+    fine-tuned variant (``scripts/make_variants.py``, new seed: new bytes in its top
+    layer), deploys it by path (default tenant, whose process stays: the default
+    ``GPUFAAS_WORKER_IDLE_S``), waits until it has scaled to zero, the store holds no
+    tensor at all and no spare is starting, then times the first request the same way:
+    the store reads, hashes and stores the whole file (from the page cache: it was just
+    written) before the worker builds.
 (c) the typical path, interleaved round by round with (a): a new Python process
     (``bench/_cold_start_child.py``) imports torch and transformers, loads tokenizer and
     model with ``from_pretrained`` from the demo model's directory, and embeds the same
@@ -28,8 +39,9 @@ Deploys build an instance, hence the scale-to-zero before each timed request; ba
 profiling is off (``GPUFAAS_PROFILE_S=0``) so that no sweep runs on the cores meanwhile.
 After each timed request one warm request to the same instance is timed for reference,
 and the function is deleted. Prints median and p95 of each kind, the ratio (c)/(a), the
-target (a <= 100 ms and >= 30x faster than c), the platform's breakdown, the worker's
-build and tensor-store times from its log, and the idle platform's memory after the runs.
+target (a <= 100 ms and >= 30x faster than c), the platform's breakdown (the wait for a
+worker process included), the worker's build and tensor-store times from its log, and the
+memory held by the idle node (every function at zero) with the pool and without it.
 
 Run:  .venv/bin/python bench/cold_start.py [--runs 20 | --quick] [--json out.json]
 """
@@ -38,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import http.client
 import json
 import os
@@ -59,23 +72,42 @@ from gpufaas.shared.messages import ModelSource
 
 BUILTIN = "all-minilm-l6-v2"
 DEMO_FUNCTION = "minilm"
+DEFAULT_TENANT = "default"
 TEXT = "A function with no instance answers its first request."
 CHILD = Path(__file__).with_name("_cold_start_child.py")
 TARGET_MS = 100.0
 TARGET_RATIO = 30.0
 MAX_ABS_DIFF = 1e-4  # platform vs transformers embedding of the same sentence
+SPARES = 1  # GPUFAAS_WORKER_SPARES of the pool platforms (the default)
 
-# Settings of both platforms: scale to zero 1 s after the last request, no background
-# profile sweep. The second platform also frees unreferenced tensors after 0.5 s.
+# Settings of every platform: scale to zero 1 s after the last request, no background
+# profile sweep. (a): the pool, one spare, a tenant's process leaves 1 s after its last
+# instance (so that each round's tenant finds no process of its own and binds a spare).
+# (a'): no pool. (b): the pool (its tenant's process stays), and the store frees
+# unreferenced tensors after 0.5 s.
 SCALE_ENV = {
     "GPUFAAS_INSTANCE_KEEP_ALIVE_S": "1",
     "GPUFAAS_AUTOSCALE_INTERVAL_S": "0.2",
     "GPUFAAS_PROFILE_S": "0",
 }
-FREE_ENV = {**SCALE_ENV, "GPUFAAS_TENSOR_KEEP_ALIVE_S": "0.5", "GPUFAAS_RECLAIM_INTERVAL_S": "0.2"}
+POOL_ENV = {
+    **SCALE_ENV,
+    "GPUFAAS_WORKER_ROLE": "pool",
+    "GPUFAAS_WORKER_SPARES": str(SPARES),
+    "GPUFAAS_WORKER_IDLE_S": "1",
+}
+SHARED_ENV = {**SCALE_ENV, "GPUFAAS_WORKER_ROLE": "shared"}
+FREE_ENV = {
+    **SCALE_ENV,
+    "GPUFAAS_WORKER_ROLE": "pool",
+    "GPUFAAS_WORKER_SPARES": str(SPARES),
+    "GPUFAAS_TENSOR_KEEP_ALIVE_S": "0.5",
+    "GPUFAAS_RECLAIM_INTERVAL_S": "0.2",
+}
 # The typical path reads a local directory; never let it look for the hub.
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+POLL_S = 0.1  # how often the waits look at the platform (each look walks /proc)
 
 
 # --- the platform -------------------------------------------------------------------
@@ -116,9 +148,30 @@ def demo_ready(port: int) -> bool:
     return harness.http_status(port, f"/v2/models/{DEMO_FUNCTION}/ready") == 200
 
 
+def api(
+    port: int, method: str, path: str, body: Any = None, *, tenant: str = DEFAULT_TENANT
+) -> tuple[int, Any]:
+    """One request of ``tenant`` (``X-Gpufaas-Tenant``); (status, decoded JSON or text)."""
+    conn = http.client.HTTPConnection(harness.HOST, port, timeout=120)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"X-Gpufaas-Tenant": tenant}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            return resp.status, raw.decode(errors="replace")
+    finally:
+        conn.close()
+
+
 def store_stats(port: int) -> dict[str, Any]:
     """The host tier of the (only) node's tensor store: tensors, bytes_stored, leases, ..."""
-    status, body = ts.http_json(port, "GET", "/v1/nodes", timeout=10)
+    status, body = api(port, "GET", "/v1/nodes")
     if status != 200 or not isinstance(body, dict) or not body.get("nodes"):
         raise RuntimeError(f"GET /v1/nodes: HTTP {status}: {body}")
     store = body["nodes"][0].get("tensor_store") or {}
@@ -128,50 +181,202 @@ def store_stats(port: int) -> dict[str, Any]:
     return host
 
 
-def function_nodes(port: int, name: str) -> list[str]:
-    status, body = ts.http_json(port, "GET", f"/v1/functions/{name}", timeout=10)
+def function_nodes(port: int, name: str, tenant: str) -> list[str]:
+    status, body = api(port, "GET", f"/v1/functions/{name}", tenant=tenant)
     if status != 200 or not isinstance(body, dict):
-        raise RuntimeError(f"GET /v1/functions/{name}: HTTP {status}: {body}")
+        raise RuntimeError(f"GET /v1/functions/{name} (tenant {tenant}): HTTP {status}: {body}")
     return list(body["nodes"])
 
 
+# --- the node's worker processes --------------------------------------------------------
+
+
+def logs_dir(plat: harness.Platform) -> Path:
+    return plat.data_dir / "run" / f"up-{plat.http_port}" / "logs"
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of one service log (nothing if it is not there yet)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rec = json.loads(line)
+                if isinstance(rec, dict):
+                    out.append(rec)
+    return out
+
+
+@dataclass
+class WorkerProc:
+    """A live ``python -m gpufaas.worker`` of the platform, as its environment and log say."""
+
+    pid: int
+    role: str  # pool (the manager), spare, tenant (started for one), shared (no pool)
+    wid: str  # GPUFAAS_WORKER_SPARE_ID: names its log, node-0.worker-<wid>.log
+    tenant: str | None  # the tenant it serves (a spare: once its log says worker.bound)
+    ready: bool  # serving: its log says service.started (after it told the pool)
+    stopping: bool  # its log says service.stopping (idle exit, or a spare stopped)
+
+
+def worker_processes(plat: harness.Platform) -> list[WorkerProc]:
+    """Every live worker process of the platform. The environment says the role and the
+    pool's id; a pool process's own log (``*.worker-<id>.log``) says whether it is serving
+    yet and to which tenant it was bound. A process in its last moments of exit (its
+    command line already empty, not yet a zombie) is listed as ``exiting``; zombies are
+    left out. ``GET /v1/nodes`` does not list the pool's processes: the pool manager alone
+    heartbeats as the node's worker."""
+    out = []
+    for pid in sorted(ts.descendants(plat.proc.pid)):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone
+        if state in ("Z", "X"):
+            continue  # a zombie: exited, not reaped yet (the pool reaps stopped spares late)
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        except OSError:
+            argv, raw = [], ""
+        if not any(argv):  # exiting (or gone)
+            if Path(f"/proc/{pid}").exists():
+                out.append(WorkerProc(pid, "exiting", "", None, False, True))
+            continue
+        if b"gpufaas.worker" not in argv:
+            continue
+        env = dict(e.split("=", 1) for e in raw.split("\0") if "=" in e)
+        role = env.get("GPUFAAS_WORKER_ROLE", "shared")
+        wid = env.get("GPUFAAS_WORKER_SPARE_ID", "")
+        tenant = env.get("GPUFAAS_WORKER_TENANT") or None
+        if role in ("spare", "tenant"):
+            recs = []
+            for log in logs_dir(plat).glob(f"*.worker-{wid}.log"):
+                recs += log_records(log)
+            events = {str(r.get("event")) for r in recs}
+            bound = [r for r in recs if r.get("event") == "worker.bound"]
+            tenant = str(bound[-1]["tenant"]) if bound else tenant
+            ready, stopping = "service.started" in events, "service.stopping" in events
+        else:
+            ready, stopping = True, False
+        out.append(WorkerProc(pid, role, wid, tenant, ready, stopping))
+    return out
+
+
+def pool_bound_tenants(plat: harness.Platform) -> set[str]:
+    """The tenants the pool manager still counts as having a process (its ``bound``), from
+    its log: bound by ``worker.spare_bound`` or started for by ``worker.process_started``,
+    until its ``worker.process_exited`` (logged by its watch loop, each heartbeat, after the
+    process has exited). Until then a request of the tenant that finds no process is bound
+    to that dying process and fails with 503 (see the README), so the waits follow the
+    pool's view, not only /proc."""
+    bound: set[str] = set()
+    for rec in log_records(next(iter(sorted(logs_dir(plat).glob("*.worker.log"))), Path())):
+        tenant, event = rec.get("tenant"), rec.get("event")
+        if tenant is None:
+            continue
+        if event in ("worker.spare_bound", "worker.process_started"):
+            bound.add(str(tenant))
+        elif event == "worker.process_exited":
+            bound.discard(str(tenant))
+    return bound
+
+
+@dataclass
+class PoolState:
+    spares_ready: int  # unbound, serving, not being stopped
+    spares_starting: int  # unbound, not serving yet
+    tenants: list[str]  # tenants with a live process (exiting ones included), or that the
+    # pool manager has not yet seen exit
+    stopping: int  # processes exiting (a tenant's idle one, or a spare the pool stopped)
+    processes: int  # every live worker process, the manager included
+
+    @staticmethod
+    def of(procs: list[WorkerProc], pool_bound: set[str]) -> PoolState:
+        pool = [p for p in procs if p.role in ("spare", "tenant")]
+        spares = [p for p in pool if p.tenant is None and not p.stopping]
+        return PoolState(
+            spares_ready=sum(1 for p in spares if p.ready),
+            spares_starting=sum(1 for p in spares if not p.ready),
+            tenants=sorted({p.tenant for p in pool if p.tenant is not None} | pool_bound),
+            stopping=sum(1 for p in procs if p.stopping),
+            processes=len(procs),
+        )
+
+    def __str__(self) -> str:
+        return (f"{self.spares_ready} spare(s) ready, {self.spares_starting} starting, "
+                f"{self.stopping} exiting, tenant processes {self.tenants or 'none'}")  # fmt: skip
+
+
+def pool_state(plat: harness.Platform) -> PoolState:
+    return PoolState.of(worker_processes(plat), pool_bound_tenants(plat))
+
+
+@dataclass
+class PoolWant:
+    """What a wait needs of the pool before the timed request (or the memory figure)."""
+
+    no_tenants: bool  # no process of any tenant alive (the round's own has exited)
+    spares: int | None = None  # exactly this many spares (None: at least one)
+
+    def met(self, st: PoolState) -> bool:
+        """As asked, and no process starting or exiting (none busy on the cores)."""
+        if st.spares_starting or st.stopping or (self.no_tenants and st.tenants):
+            return False
+        return st.spares_ready >= 1 if self.spares is None else st.spares_ready == self.spares
+
+
 def wait_idle(
-    plat: harness.Platform, name: str, *, store_empty: bool, timeout_s: float = 60.0
-) -> float:
-    """Poll until ``name`` has scaled to zero and the worker holds no instance (no lease
-    on the store); with ``store_empty``, also until the store has freed every tensor.
-    Returns the seconds waited."""
+    plat: harness.Platform,
+    name: str,
+    *,
+    tenant: str = DEFAULT_TENANT,
+    store_empty: bool,
+    pool: PoolWant | None,
+    timeout_s: float = 150.0,
+) -> tuple[float, PoolState | None]:
+    """Poll until ``name`` (of ``tenant``) has scaled to zero and no worker holds an
+    instance (no lease on the store); with ``store_empty``, until the store has freed every
+    tensor; with ``pool``, until the pool's processes are as it asks (a spare ready and
+    nothing starting, so that no torch import runs on the cores during the timed request).
+    Returns the seconds waited and the pool's last state."""
     t0 = time.monotonic()
     while True:
         if plat.proc.poll() is not None:
             raise RuntimeError(f"gpufaas up exited:\n{harness.log_tail(plat.log_path)}")
-        nodes = function_nodes(plat.http_port, name) if name else []
+        nodes = function_nodes(plat.http_port, name, tenant) if name else []
         host = store_stats(plat.http_port)
+        state = None
         if not nodes and host["leases"] == 0 and (not store_empty or host["tensors"] == 0):
-            return time.monotonic() - t0
+            if pool is None:
+                return time.monotonic() - t0, None
+            state = pool_state(plat)
+            if pool.met(state):
+                return time.monotonic() - t0, state
         if time.monotonic() - t0 > timeout_s:
             raise RuntimeError(
                 f"{name or 'the platform'} not idle after {timeout_s:.0f} s: nodes {nodes}, "
-                f"store {host}"
+                f"store {host}, pool {state or pool_state(plat)}"
             )
         with contextlib.suppress(subprocess.TimeoutExpired):
-            plat.proc.wait(timeout=0.05)  # the poll interval, cut short if up exits
+            plat.proc.wait(timeout=POLL_S)  # the poll interval, cut short if up exits
 
 
-def deploy(port: int, name: str, model: dict[str, str]) -> float:
+def deploy(port: int, name: str, model: dict[str, str], tenant: str) -> float:
     """``POST /v1/functions``; seconds end to end."""
     t0 = time.perf_counter()
-    status, reply = ts.http_json(port, "POST", "/v1/functions", {"name": name, "model": model})
+    status, reply = api(port, "POST", "/v1/functions", {"name": name, "model": model},
+                        tenant=tenant)  # fmt: skip
     took = time.perf_counter() - t0
     if status != 201:
-        raise RuntimeError(f"deploy {name}: HTTP {status}: {reply}")
+        raise RuntimeError(f"deploy {name} (tenant {tenant}): HTTP {status}: {reply}")
     return took
 
 
-def delete(port: int, name: str) -> None:
-    status, reply = ts.http_json(port, "DELETE", f"/v1/functions/{name}")
+def delete(port: int, name: str, tenant: str) -> None:
+    status, reply = api(port, "DELETE", f"/v1/functions/{name}", tenant=tenant)
     if status != 200:
-        raise RuntimeError(f"delete {name}: HTTP {status}: {reply}")
+        raise RuntimeError(f"delete {name} (tenant {tenant}): HTTP {status}: {reply}")
 
 
 @dataclass
@@ -179,19 +384,23 @@ class Reply:
     ms: float  # sending the request to having the decoded reply, new connection
     cold: bool  # Gpufaas-Cold
     load_header_us: int  # Gpufaas-Load-Us
+    worker_header_us: int  # Gpufaas-Worker-Us
+    new_process_header: bool  # Gpufaas-New-Process
+    new_process: bool  # parameters.new_process
     breakdown: dict[str, int]  # parameters.breakdown_us
     embedding: list[float]
 
 
-def infer(port: int, name: str) -> Reply:
+def infer(port: int, name: str, tenant: str) -> Reply:
     """One request with ``TEXT`` over a new connection, timed end to end."""
     body = json.dumps(
         {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [TEXT]}]}
     ).encode()
+    headers = {"Content-Type": "application/json", "X-Gpufaas-Tenant": tenant}
     conn = http.client.HTTPConnection(harness.HOST, port, timeout=120)
     try:
         t0 = time.perf_counter()
-        conn.request("POST", f"/v2/models/{name}/infer", body, {"Content-Type": "application/json"})
+        conn.request("POST", f"/v2/models/{name}/infer", body, headers)
         resp = conn.getresponse()
         raw = resp.read()
         reply = json.loads(raw)
@@ -199,27 +408,33 @@ def infer(port: int, name: str) -> Reply:
     finally:
         conn.close()
     if resp.status != 200 or not isinstance(reply, dict):
-        raise RuntimeError(f"infer {name}: HTTP {resp.status}: {raw[:500]!r}")
+        raise RuntimeError(f"infer {name} (tenant {tenant}): HTTP {resp.status}: {raw[:500]!r}")
     out = next(o for o in reply["outputs"] if o["name"] == "embedding")
+    params = reply["parameters"]
     return Reply(
         ms=ms,
         cold=resp.getheader("Gpufaas-Cold") == "1",
         load_header_us=int(resp.getheader("Gpufaas-Load-Us") or 0),
-        breakdown={k: int(v) for k, v in reply["parameters"]["breakdown_us"].items()},
+        worker_header_us=int(resp.getheader("Gpufaas-Worker-Us") or 0),
+        new_process_header=resp.getheader("Gpufaas-New-Process") == "1",
+        new_process=bool(params.get("new_process")),
+        breakdown={k: int(v) for k, v in params["breakdown_us"].items()},
         embedding=[float(x) for x in out["data"]],
     )
 
 
-def log_events(plat: harness.Platform, service: str, event: str) -> list[dict[str, Any]]:
-    """Every ``event`` line of a node service's JSON log (``node-0.<service>.log``)."""
+def log_events(plat: harness.Platform, pattern: str, event: str) -> list[dict[str, Any]]:
+    """Every ``event`` line of the service logs matching ``pattern`` (``*.worker*.log``:
+    the worker, or the pool manager and each of its processes)."""
     out = []
-    for log in plat.data_dir.glob(f"run/up-{plat.http_port}/logs/*.{service}.log"):
-        for line in log.read_text(errors="replace").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rec = json.loads(line)
-                if isinstance(rec, dict) and rec.get("event") == event:
-                    out.append(rec)
+    for log in sorted(logs_dir(plat).glob(pattern)):
+        out += [r for r in log_records(log) if r.get("event") == event]
     return out
+
+
+def log_time(rec: dict[str, Any]) -> float:
+    """A log line's timestamp (UTC ISO 8601) as seconds since the epoch."""
+    return datetime.datetime.fromisoformat(str(rec["timestamp"])).timestamp()
 
 
 def cpu_seconds(pids: set[int]) -> float:
@@ -241,6 +456,7 @@ class ColdRun:
 
     kind: str
     function: str
+    tenant: str
     warmup: bool
     deploy_s: float
     idle_wait_s: float
@@ -249,14 +465,22 @@ class ColdRun:
     client_ms: float
     cold: bool
     load_header_us: int
+    worker_header_us: int
+    new_process: bool  # Gpufaas-New-Process (the JSON's parameters.new_process agreed)
     breakdown: dict[str, int]
     warm_client_ms: float
     warm_breakdown: dict[str, int]
+    spares_ready: int | None  # the pool's ready spares when the request was sent
     # From the worker's log (its instance.built line of this cold start).
     build_us: int | None = None
     register_us: int | None = None
     store_us: int | None = None
     overlapped: bool | None = None
+    # From the pool manager's log: replacement spares started (Popen) inside the bind,
+    # before the spare was asked to serve the tenant, and the time from the bind's start
+    # to the last of them.
+    refill_started: int | None = None
+    refill_us: int | None = None
 
 
 def cold_round(
@@ -265,42 +489,77 @@ def cold_round(
     name: str,
     model: dict[str, str],
     *,
+    tenant: str,
     store_empty: bool,
+    pool: PoolWant | None,
     warmup: bool,
 ) -> tuple[ColdRun, list[float]]:
-    """Deploy ``name``, wait until it has no instance, time its first request; delete it."""
+    """Deploy ``name`` for ``tenant``, wait until it has no instance (and the pool is as
+    ``pool`` asks), time its first request; delete it."""
     port = plat.http_port
-    took = deploy(port, name, model)
-    waited = wait_idle(plat, name, store_empty=store_empty)
+    took = deploy(port, name, model, tenant)
+    waited, state = wait_idle(plat, name, tenant=tenant, store_empty=store_empty, pool=pool)
     before = store_stats(port)["bytes_stored"]
-    first = infer(port, name)
+    first = infer(port, name, tenant)
     after = store_stats(port)["bytes_stored"]
-    warm = infer(port, name)
-    delete(port, name)
+    warm = infer(port, name, tenant)
+    delete(port, name, tenant)
     if not first.cold or warm.cold:
         raise RuntimeError(
             f"{name}: first request cold={first.cold}, second cold={warm.cold}: the "
             "function was not at zero, or the platform did not say so"
         )
+    if (first.worker_header_us != first.breakdown.get("worker", 0)
+            or first.new_process_header != first.new_process):  # fmt: skip
+        raise RuntimeError(
+            f"{name}: headers Gpufaas-Worker-Us {first.worker_header_us}, New-Process "
+            f"{first.new_process_header} disagree with the JSON's {first.breakdown}, "
+            f"new_process {first.new_process}"
+        )
     run = ColdRun(
-        kind, name, warmup, took, waited, before, after, first.ms, first.cold,
-        first.load_header_us, first.breakdown, warm.ms, warm.breakdown,
+        kind, name, tenant, warmup, took, waited, before, after, first.ms, first.cold,
+        first.load_header_us, first.worker_header_us, first.new_process, first.breakdown,
+        warm.ms, warm.breakdown, state.spares_ready if state else None,
     )  # fmt: skip
     return run, first.embedding
 
 
 def add_build_times(plat: harness.Platform, runs: list[ColdRun]) -> None:
     """The worker's build of each cold start: the second ``instance.built`` of its function
-    (the first is the deploy's)."""
-    built: dict[str, list[dict[str, Any]]] = {}
-    for rec in log_events(plat, "worker", "instance.built"):
-        built.setdefault(str(rec.get("function")), []).append(rec)
+    (the first is the deploy's; with the pool, the two are in different processes' logs)."""
+    built: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in log_events(plat, "*.worker*.log", "instance.built"):
+        key = (str(rec.get("tenant")), str(rec.get("function")))
+        built.setdefault(key, []).append(rec)
     for r in runs:
-        recs = built.get(r.function, [])
+        recs = sorted(built.get((r.tenant, r.function), []), key=log_time)
         if len(recs) == 2:
             rec = recs[1]
             r.build_us, r.register_us = int(rec["us"]), int(rec["register_us"])
             r.store_us, r.overlapped = int(rec["store_us"]), bool(rec["overlapped"])
+
+
+def add_bind_details(plat: harness.Platform, runs: list[ColdRun]) -> None:
+    """For each cold request that bound a ready spare: the replacement spares the pool
+    started (``worker.process_started``) between the bind's start (``worker.spare_bound``
+    less the reply's wait) and the spare being bound, and how long from the start to the
+    last of them (each Popen forks the pool manager, torch imported)."""
+    pool_log = sorted(logs_dir(plat).glob("*.worker.log"))
+    recs = log_records(pool_log[0]) if pool_log else []
+    started = [log_time(r) for r in recs
+               if r.get("event") == "worker.process_started" and r.get("tenant") is None]  # fmt: skip
+    for r in runs:
+        if r.new_process or not r.worker_header_us:
+            continue
+        bound = [log_time(x) for x in recs
+                 if x.get("event") == "worker.spare_bound" and x.get("tenant") == r.tenant]  # fmt: skip
+        if not bound:
+            continue
+        t_bound = bound[-1]  # the cold request's (the deploy's came first)
+        t_start = t_bound - r.worker_header_us / 1e6
+        inside = [t for t in started if t_start - 0.002 <= t <= t_bound]
+        r.refill_started = len(inside)
+        r.refill_us = int(max((max(inside) - t_start) * 1e6, 0)) if inside else 0
 
 
 @dataclass
@@ -380,25 +639,81 @@ class ProcMem:
     label: str
     pss: int
     rss: int
+    uss: int  # private pages (Private_Clean + Private_Dirty): no other process shares them
     segment_pss: int  # of its mappings of the tensor store's segments
 
 
+def process_label(pid: int, workers: dict[int, WorkerProc]) -> str:
+    """tensor_sharing's label; a worker process also says its role in the pool."""
+    label = ts.process_label(pid)
+    w = workers.get(pid)
+    if w is None:
+        return label
+    if w.role == "pool":
+        return f"{label} (pool manager)"
+    if w.role in ("spare", "tenant"):
+        what = f"tenant {w.tenant}" if w.tenant else "spare" + ("" if w.ready else ", starting")
+        return f"{label}-{w.wid} ({what}{', exiting' if w.stopping else ''})"
+    return f"{label} ({w.role})"
+
+
 def platform_memory(plat: harness.Platform) -> list[ProcMem]:
-    """PSS and RSS of every platform process (up, its descendants, any naming its data dir)."""
+    """PSS, RSS and USS of every platform process (up, its descendants, any naming its data
+    dir)."""
     prefix = f"{plat.shm_dir}/tensors/"
+    workers = {w.pid: w for w in worker_processes(plat)}
     out = []
     for pid in sorted(ts.platform_pids(plat)):
         try:
             maps = ts.smaps(pid)
         except OSError:
             continue  # exited meanwhile
+        if not maps:
+            continue  # a zombie (an exited process not reaped yet): it holds no memory
         seg = sum(m.pss for m in maps if m.path.startswith(prefix))
-        out.append(
-            ProcMem(
-                pid, ts.process_label(pid), sum(m.pss for m in maps), sum(m.rss for m in maps), seg
-            )
-        )
+        pss, rss = sum(m.pss for m in maps), sum(m.rss for m in maps)
+        uss = sum(m.private for m in maps)
+        out.append(ProcMem(pid, process_label(pid, workers), pss, rss, uss, seg))
     return out
+
+
+@dataclass
+class IdleMemory:
+    """The idle node (every function at zero) of one platform."""
+
+    platform: str  # "pool" or "shared"
+    waited_s: float  # from the end of the runs to the figure (the pool settling)
+    procs: list[ProcMem]
+    segments: tuple[int, int, int]  # tensor segment files in /dev/shm: files, bytes, allocated
+    pool_after_runs: PoolState | None = None  # the pool right after the runs
+    pss_after_runs: int | None = None  # total PSS then
+
+    @property
+    def pss(self) -> int:
+        return sum(m.pss for m in self.procs)
+
+    @property
+    def uss(self) -> int:
+        return sum(m.uss for m in self.procs)
+
+    @property
+    def rss(self) -> int:
+        return sum(m.rss for m in self.procs)
+
+
+def idle_memory(plat: harness.Platform, platform: str) -> IdleMemory:
+    """Wait until every function is at zero (no lease; with the pool: no tenant's process
+    left, exactly the configured spares, all ready: the pool keeps up to 3 more for 60 s
+    after a burst of new tenants), then measure every process."""
+    t0 = time.monotonic()
+    after_runs = pss_after = None
+    if platform == "pool":
+        after_runs = pool_state(plat)
+        pss_after = sum(m.pss for m in platform_memory(plat))
+    wait_idle(plat, "", store_empty=False,
+              pool=PoolWant(no_tenants=True, spares=SPARES) if platform == "pool" else None)  # fmt: skip
+    return IdleMemory(platform, time.monotonic() - t0, platform_memory(plat),
+                      ts.segment_files(plat), after_runs, pss_after)  # fmt: skip
 
 
 # --- statistics and the report -----------------------------------------------------------
@@ -422,24 +737,85 @@ def dist_of(rows: list[Any], attr: str, scale: float = 1.0) -> Dist:
 
 def bd(rows: list[ColdRun], key: str, warm: bool = False) -> Dist:
     """A breakdown field (ms) of the cold (or the warm) requests."""
-    return Dist.of([(r.warm_breakdown if warm else r.breakdown)[key] / 1e3 for r in rows])
+    return Dist.of([(r.warm_breakdown if warm else r.breakdown).get(key, 0) / 1e3 for r in rows])
 
 
 def fmt(d: Dist) -> str:
-    return f"{d.median:9.1f} / {d.p95:8.1f}"
+    return f"{d.median:9.1f} / {d.p95:8.1f}" if d.n else f"{'-':>9} / {'-':>8}"
 
 
-def print_results(a: list[ColdRun], b: list[ColdRun], c: list[TypicalRun]) -> dict[str, Any]:
+def print_breakdown(label: str, rows: list[ColdRun]) -> None:
+    outside = Dist.of([r.client_ms - r.breakdown["total"] / 1e3 for r in rows])
+    sched = Dist.of(
+        [(r.breakdown["load"] - r.breakdown.get("worker", 0) - r.build_us) / 1e3
+         for r in rows if r.build_us is not None]
+    )  # fmt: skip
+    in_build = Dist.of(
+        [(r.build_us - r.register_us) / 1e3 for r in rows
+         if r.build_us is not None and r.register_us is not None]
+    )  # fmt: skip
+    print(f"  {label}")
+    for name, d in (
+        ("client, end to end", dist_of(rows, "client_ms")),
+        ("platform total (breakdown total)", bd(rows, "total")),
+        ("  queue (waiting for the instance: includes the cold start)", bd(rows, "queue")),
+        ("  load = the cold start, scheduler's clock (Gpufaas-Load-Us)", bd(rows, "load")),
+        ("    waiting for a process of the tenant (Gpufaas-Worker-Us)", bd(rows, "worker")),
+        ("      starting replacement spare(s) before the bind (pool log)",
+         dist_of(rows, "refill_us", 1e-3)),
+        ("    worker build of the instance (its log)", dist_of(rows, "build_us", 1e-3)),
+        ("      round trip to the tensor store", dist_of(rows, "register_us", 1e-3)),
+        ("        the store's own time (read + hash + store, or look-up)",
+         dist_of(rows, "store_us", 1e-3)),
+        ("      the rest of the build (model from the tensors, tokenizer)", in_build),
+        ("    rest: placement, registry update, NATS hops", sched),
+        ("  transfer", bd(rows, "transfer")),
+        ("  compute (first inference on the new instance)", bd(rows, "compute")),
+        ("outside total: HTTP, JSON, gateway, NATS", outside),
+        ("warm request right after: client, end to end", dist_of(rows, "warm_client_ms")),
+        ("warm request right after: compute", bd(rows, "compute", warm=True)),
+    ):  # fmt: skip
+        print(f"    {name:<64}{fmt(d)}")
+    stored = {r.store_bytes_after - r.store_bytes_before for r in rows}
+    before = {r.store_bytes_before for r in rows}
+    overlapped = sum(1 for r in rows if r.overlapped)
+    print(
+        f"    store held {', '.join(harness.mib(x) for x in sorted(before))} before the "
+        f"request and stored {', '.join(harness.mib(x) for x in sorted(stored))} during it; "
+        f"worker log overlapped=true in {overlapped}/{len(rows)} (a build over the manifest "
+        "remembered from the deploy started while the store answered; kept only if the "
+        "store's answer is the same)"
+    )
+    new = sum(1 for r in rows if r.new_process)
+    waited = sum(1 for r in rows if r.worker_header_us > 0)
+    spares = sorted({r.spares_ready for r in rows if r.spares_ready is not None})
+    started = sorted({r.refill_started for r in rows if r.refill_started is not None})
+    print(
+        f"    Gpufaas-New-Process: 1 in {new}/{len(rows)}; Gpufaas-Worker-Us > 0 (a process "
+        f"was bound) in {waited}/{len(rows)}"
+        + (f"; spares ready when the request was sent: {', '.join(map(str, spares))}"
+           if spares else "")
+        + (f"; replacement spares started inside the bind: {', '.join(map(str, started))}"
+           if started else "")
+    )  # fmt: skip
+
+
+def print_results(
+    a: list[ColdRun], a_shared: list[ColdRun], b: list[ColdRun], c: list[TypicalRun]
+) -> dict[str, Any]:
     da, db, dc = dist_of(a, "client_ms"), dist_of(b, "client_ms"), dist_of(c, "wall_ms")
+    das = dist_of(a_shared, "client_ms")
     n = len(a)
     print(f"\nrequest -> first result of a function with no instance, {n} runs each (ms)")
     print(f"  {'':<66}{'median':>9} / {'p95':>8}")
-    print(f"  {'(a) gpufaas, tensors resident in the store':<66}{fmt(da)}")
+    print(f"  {'(a) gpufaas, tensors resident, a ready spare from the pool':<66}{fmt(da)}")
+    print(f"  {'(a`) the same without the pool (GPUFAAS_WORKER_ROLE=shared)':<66}{fmt(das)}")
     print(f"  {'(b) gpufaas, tensors not resident (new variant, store empty)':<66}{fmt(db)}")
     print(f"  {'(c) typical: new process, import + from_pretrained + 1st inference':<66}{fmt(dc)}")
     ratio_med, ratio_p95 = dc.median / da.median, dc.p95 / da.p95
     print(f"  ratio (c)/(a): {ratio_med:.1f}x at the median, {ratio_p95:.1f}x at p95; "
-          f"(c)/(b): {dc.median / db.median:.1f}x; (b)/(a): {db.median / da.median:.2f}x")  # fmt: skip
+          f"(c)/(b): {dc.median / db.median:.1f}x; (b)/(a): {db.median / da.median:.2f}x; "
+          f"(a)/(a`): {da.median / das.median:.2f}x")  # fmt: skip
     met_ms = da.median <= TARGET_MS
     met_ratio = ratio_med >= TARGET_RATIO
     print(
@@ -451,39 +827,9 @@ def print_results(a: list[ColdRun], b: list[ColdRun], c: list[TypicalRun]) -> di
     )
 
     print("\nwhere a cold request's time goes (ms, median / p95)")
-    for label, rows in (("(a) tensors resident", a), ("(b) tensors not resident", b)):
-        outside = Dist.of([r.client_ms - r.breakdown["total"] / 1e3 for r in rows])
-        sched = Dist.of(
-            [(r.breakdown["load"] - r.build_us) / 1e3 for r in rows if r.build_us is not None]
-        )
-        print(f"  {label}")
-        for name, d in (
-            ("client, end to end", dist_of(rows, "client_ms")),
-            ("platform total (breakdown total)", bd(rows, "total")),
-            ("  queue (waiting for the instance: includes the cold start)", bd(rows, "queue")),
-            ("  load = the cold start, scheduler's clock (Gpufaas-Load-Us)", bd(rows, "load")),
-            ("    worker build of the instance (its log)", dist_of(rows, "build_us", 1e-3)),
-            ("      round trip to the tensor store", dist_of(rows, "register_us", 1e-3)),
-            ("        the store's own time (read + hash + store, or look-up)",
-             dist_of(rows, "store_us", 1e-3)),
-            ("    rest: placement, registry update, NATS hops", sched),
-            ("  transfer", bd(rows, "transfer")),
-            ("  compute (first inference on the new instance)", bd(rows, "compute")),
-            ("outside total: HTTP, JSON, gateway, NATS", outside),
-            ("warm request right after: client, end to end", dist_of(rows, "warm_client_ms")),
-            ("warm request right after: compute", bd(rows, "compute", warm=True)),
-        ):  # fmt: skip
-            print(f"    {name:<64}{fmt(d)}")
-        stored = {r.store_bytes_after - r.store_bytes_before for r in rows}
-        before = {r.store_bytes_before for r in rows}
-        overlapped = sum(1 for r in rows if r.overlapped)
-        print(
-            f"    store held {', '.join(harness.mib(x) for x in sorted(before))} before the "
-            f"request and stored {', '.join(harness.mib(x) for x in sorted(stored))} during it; "
-            f"worker log overlapped=true in {overlapped}/{len(rows)} (a build over the manifest "
-            "remembered from the deploy started while the store answered; kept only if the "
-            "store's answer is the same)"
-        )
+    print_breakdown("(a) tensors resident, a ready spare from the pool", a)
+    print_breakdown("(a`) tensors resident, no pool (one shared worker process)", a_shared)
+    print_breakdown("(b) tensors not resident (the tenant's own process)", b)
     print("  (c) typical path, phases inside the child")
     for name, attr in (
         ("spawn to first result (the figure above)", "wall_ms"),
@@ -498,29 +844,65 @@ def print_results(a: list[ColdRun], b: list[ColdRun], c: list[TypicalRun]) -> di
         print(f"    {name:<64}{fmt(dist_of(c, attr))}")
     return {
         "a_ms": asdict(da),
+        "a_shared_ms": asdict(das),
         "b_ms": asdict(db),
         "c_ms": asdict(dc),
         "ratio_c_over_a_median": ratio_med,
         "ratio_c_over_a_p95": ratio_p95,
         "target_a_ms_met_median": met_ms,
         "target_ratio_met_median": met_ratio,
+        "a_new_process": sum(1 for r in a if r.new_process),
+        "a_worker_us": asdict(bd(a, "worker")),
     }
 
 
-def print_memory(mems: list[ProcMem], segments: tuple[int, int, int]) -> None:
-    total_pss, total_rss = sum(m.pss for m in mems), sum(m.rss for m in mems)
-    print(f"\nidle platform (a) after the runs: every function at zero, {len(mems)} processes")
-    for m in sorted(mems, key=lambda m: -m.pss):
-        print(f"    {m.label:<34} pid {m.pid:>7}  PSS {harness.mib(m.pss):>12}  "
-              f"RSS {harness.mib(m.rss):>12}")  # fmt: skip
-    print(f"  total PSS {harness.mib(total_pss)} (RSS sum {harness.mib(total_rss)}: shared pages "
-          "counted in every process that maps them)")  # fmt: skip
-    files, _, alloc = segments
-    mapped = sum(m.segment_pss for m in mems)
+def print_memory_table(mem: IdleMemory, title: str) -> None:
+    print(f"\n{title}: every function at zero, {len(mem.procs)} processes")
+    if mem.pool_after_runs is not None and mem.pss_after_runs is not None:
+        print(f"  right after the runs: {mem.pool_after_runs}, total PSS "
+              f"{harness.mib(mem.pss_after_runs)}; the figure below {mem.waited_s:.0f} s "
+              f"later, with the pool at its {SPARES} configured spare(s)")  # fmt: skip
+    for m in sorted(mem.procs, key=lambda m: -m.pss):
+        print(f"    {m.label:<40} pid {m.pid:>7}  PSS {harness.mib(m.pss):>12}  "
+              f"USS {harness.mib(m.uss):>12}  RSS {harness.mib(m.rss):>12}")  # fmt: skip
+    print(f"  total PSS {harness.mib(mem.pss)}, USS {harness.mib(mem.uss)} (RSS sum "
+          f"{harness.mib(mem.rss)}: shared pages counted in every process that maps them)")  # fmt: skip
+    files, _, alloc = mem.segments
+    mapped = sum(m.segment_pss for m in mem.procs)
     print(f"  tensor store's segments in /dev/shm: {harness.mib(alloc)} in {files} file(s), kept "
           f"for the next cold start; PSS of their mappings in the processes above: "
           f"{harness.mib(mapped)} (tmpfs pages no process maps count in no PSS)")  # fmt: skip
-    print("  a figure only: the pool-vs-no-pool comparison will come when the pool exists")
+
+
+def print_memory(pool: IdleMemory, shared: IdleMemory) -> dict[str, Any]:
+    print_memory_table(pool, "idle node WITH the pool (platform (a), after its runs)")
+    print_memory_table(shared, "idle node WITHOUT a pool (platform (a`), after its runs)")
+    workers_pool = sum(m.pss for m in pool.procs if ".worker" in m.label)
+    workers_shared = sum(m.pss for m in shared.procs if ".worker" in m.label)
+    d_pss, d_uss = pool.pss - shared.pss, pool.uss - shared.uss
+    print(
+        f"\nmemory held by an idle node with the pool, compared with no pool: total PSS "
+        f"{harness.mib(pool.pss)} vs {harness.mib(shared.pss)}: {d_pss / 2**20:+.1f} MiB "
+        f"({100 * d_pss / shared.pss:+.0f}%); USS {d_uss / 2**20:+.1f} MiB; the worker "
+        f"processes alone: {harness.mib(workers_pool)} vs {harness.mib(workers_shared)} PSS "
+        f"({(workers_pool - workers_shared) / 2**20:+.1f} MiB)"
+    )
+    return {"pss_difference": d_pss, "uss_difference": d_uss,
+            "worker_pss_pool": workers_pool, "worker_pss_shared": workers_shared}  # fmt: skip
+
+
+def memory_json(mem: IdleMemory) -> dict[str, Any]:
+    return {
+        "pss": mem.pss,
+        "uss": mem.uss,
+        "rss_sum": mem.rss,
+        "waited_s": round(mem.waited_s, 1),
+        "pool_after_runs": asdict(mem.pool_after_runs) if mem.pool_after_runs else None,
+        "pss_after_runs": mem.pss_after_runs,
+        "shm_segment_files": mem.segments[0],
+        "shm_segment_bytes_allocated": mem.segments[2],
+        "processes": [asdict(p) for p in mem.procs],
+    }
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -542,51 +924,68 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def tag_of(i: int, warmup: int) -> str:
+    return "warm-up" if i < warmup else f"run {i - warmup + 1:>2}"
+
+
+def cold_line(run: ColdRun) -> str:
+    b = run.breakdown
+    return (f"{run.client_ms:7.1f} ms (worker {b.get('worker', 0) / 1e3:5.1f}"
+            f"{' NEW PROCESS' if run.new_process else ''}, load {b['load'] / 1e3:5.1f}, "
+            f"compute {b['compute'] / 1e3:5.1f}; warm after {run.warm_client_ms:5.1f})")  # fmt: skip
+
+
 @dataclass
 class ResidentPhase:
-    """What the platform with the demo gave: (a), (c), its idle memory, one embedding each."""
+    """What a platform with the demo gave: (a) (and (c) with the pool), its idle memory."""
 
     a: list[ColdRun]
     c: list[TypicalRun]
-    memory: list[ProcMem]
-    segments: tuple[int, int, int]  # tensor segment files in /dev/shm: files, bytes, allocated
+    memory: IdleMemory
     emb_a: list[float]
     emb_c: list[float]
 
 
-def run_resident(args: argparse.Namespace, data_dir: Path, model_dir: Path) -> ResidentPhase:
-    """(a) interleaved with (c) on the platform with the demo; then its idle memory."""
-    plat = start_platform(data_dir / "resident", demo=True, env=SCALE_ENV)
+def run_resident(
+    args: argparse.Namespace, data_dir: Path, model_dir: Path, *, pool: bool
+) -> ResidentPhase:
+    """With the pool: (a) interleaved with (c); without it: (a) alone. Then the idle node's
+    memory."""
+    env = POOL_ENV if pool else SHARED_ENV
+    name = "(a)" if pool else "(a`)"
+    plat = start_platform(data_dir / ("pool" if pool else "shared"), demo=True, env=env)
     a: list[ColdRun] = []
     c: list[TypicalRun] = []
     emb_a: list[float] = []
     emb_c: list[float] = []
     try:
         took = harness.wait_ready(plat, args.ready_timeout, demo_ready)
-        print(f"\nplatform (a): gpufaas up --demo --devices cpu on port {plat.http_port}, "
-              f"ready in {took:.1f} s; {' '.join(f'{k}={v}' for k, v in SCALE_ENV.items())}")  # fmt: skip
+        print(f"\nplatform {name}: gpufaas up --demo --devices cpu on port {plat.http_port}, "
+              f"ready in {took:.1f} s; {' '.join(f'{k}={v}' for k, v in env.items())}")  # fmt: skip
         pids = ts.platform_pids(plat)
+        want = PoolWant(no_tenants=True) if pool else None
         for i in range(args.warmup + args.runs):
             warmup = i < args.warmup
-            run, emb = cold_round(plat, "a", f"cold-a-{i}", {"builtin": BUILTIN},
-                                  store_empty=False, warmup=warmup)  # fmt: skip
+            tenant = f"r{i}"
+            run, emb = cold_round(plat, "a" if pool else "a_shared", f"cold-a-{i}",
+                                  {"builtin": BUILTIN}, tenant=tenant, store_empty=False,
+                                  pool=want, warmup=warmup)  # fmt: skip
             a.append(run)
             emb_a = emb_a or emb
-            typical = typical_round(model_dir, pids, warmup=warmup)
-            c.append(typical)
-            emb_c = emb_c or typical.embedding
-            tag = "warm-up" if warmup else f"run {i - args.warmup + 1:>2}"
-            print(f"  {tag}: (a) {run.client_ms:7.1f} ms (load {run.breakdown['load'] / 1e3:5.1f}, "
-                  f"compute {run.breakdown['compute'] / 1e3:5.1f}; warm after {run.warm_client_ms:5.1f})"
-                  f"   (c) {typical.wall_ms:7.0f} ms", flush=True)  # fmt: skip
+            line = f"  {tag_of(i, args.warmup)}: {name} tenant {tenant:<4} {cold_line(run)}"
+            if pool:
+                typical = typical_round(model_dir, pids, warmup=warmup)
+                c.append(typical)
+                emb_c = emb_c or typical.embedding
+                line += f"   (c) {typical.wall_ms:7.0f} ms"
+            print(line, flush=True)
         add_build_times(plat, a)
-        wait_idle(plat, "", store_empty=False)
-        mems = platform_memory(plat)
-        segments = ts.segment_files(plat)
+        add_bind_details(plat, a)
+        memory = idle_memory(plat, "pool" if pool else "shared")
     finally:
         status = harness.stop_platform(plat)
-        print(f"platform (a) stopped (exit status {status})")
-    return ResidentPhase(a, c, mems, segments, emb_a, emb_c)
+        print(f"platform {name} stopped (exit status {status})")
+    return ResidentPhase(a, c, memory, emb_a, emb_c)
 
 
 def run_not_resident(args: argparse.Namespace, data_dir: Path, base_dir: Path) -> list[ColdRun]:
@@ -602,12 +1001,11 @@ def run_not_resident(args: argparse.Namespace, data_dir: Path, base_dir: Path) -
             out = data_dir / "variants" / f"v{i}"
             (vdir,) = make_variants(base_dir, out, 1, 1, 1000 + i)  # a new seed: new bytes
             run, _ = cold_round(plat, "b", f"cold-b-{i}", {"path": str(vdir)},
-                                store_empty=True, warmup=i < args.warmup)  # fmt: skip
+                                tenant=DEFAULT_TENANT, store_empty=True,
+                                pool=PoolWant(no_tenants=False), warmup=i < args.warmup)  # fmt: skip
             b.append(run)
-            tag = "warm-up" if i < args.warmup else f"run {i - args.warmup + 1:>2}"
-            print(f"  {tag}: (b) {run.client_ms:7.1f} ms (load {run.breakdown['load'] / 1e3:5.1f}, "
-                  f"compute {run.breakdown['compute'] / 1e3:5.1f}; store read "
-                  f"{harness.mib(run.store_bytes_after - run.store_bytes_before)})", flush=True)  # fmt: skip
+            print(f"  {tag_of(i, args.warmup)}: (b) {cold_line(run)}; store read "
+                  f"{harness.mib(run.store_bytes_after - run.store_bytes_before)}", flush=True)  # fmt: skip
             shutil.rmtree(out, ignore_errors=True)
         add_build_times(plat, b)
     finally:
@@ -629,16 +1027,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(f'{k}={v}' for k, v in CHILD_ENV.items())}")  # fmt: skip
     print(f"model   : {BUILTIN} ({base_dir}); one sentence, batch 1")
     print(f"runs    : {args.runs} timed of each kind after {args.warmup} untimed; "
-          "(a) and (c) interleaved round by round, then (b)")  # fmt: skip
+          "(a) and (c) interleaved round by round, then (a`), then (b)")  # fmt: skip
     data_dir = Path(tempfile.mkdtemp(prefix="gpufaas-bench-cold-"))
     try:
-        res = run_resident(args, data_dir, base_dir)
+        res = run_resident(args, data_dir, base_dir, pool=True)
         diff = max(abs(x - y) for x, y in zip(res.emb_a, res.emb_c, strict=True))
         if diff > MAX_ABS_DIFF:
             raise RuntimeError(
                 f"platform and typical-path embeddings differ: max |diff| {diff:.2e}"
             )
         load_mid = round(os.getloadavg()[0], 2)
+        shared = run_resident(args, data_dir, base_dir, pool=False)
         b = run_not_resident(args, data_dir, base_dir)
     finally:
         if args.keep_data_dir:
@@ -647,16 +1046,17 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(data_dir, ignore_errors=True)
     print(f"\ncheck: the platform's embedding equals the typical path's (max |diff| {diff:.1e})")
     timed_a = [r for r in res.a if not r.warmup]
+    timed_as = [r for r in shared.a if not r.warmup]
     timed_b = [r for r in b if not r.warmup]
     timed_c = [r for r in res.c if not r.warmup]
-    summary = print_results(timed_a, timed_b, timed_c)
-    print_memory(res.memory, res.segments)
+    summary = print_results(timed_a, timed_as, timed_b, timed_c)
+    summary["memory"] = print_memory(res.memory, shared.memory)
     m["loadavg_1m_between"] = load_mid
     m["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
     m["bench_s"] = round(time.monotonic() - t_start, 1)
     print(
         f"\nload average (1 min): {m['loadavg_1m_before']} before, {load_mid} after (a)+(c), "
-        f"{m['loadavg_1m_after']} after (b); bench took {m['bench_s']} s"
+        f"{m['loadavg_1m_after']} after (a`) and (b); bench took {m['bench_s']} s"
     )
     if args.json is not None:
         doc = {
@@ -667,21 +1067,20 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup": args.warmup,
                 "model": BUILTIN,
                 "text": TEXT,
-                "platform_a_env": SCALE_ENV,
+                "platform_a_env": POOL_ENV,
+                "platform_a_shared_env": SHARED_ENV,
                 "platform_b_env": FREE_ENV,
                 "typical_path": {**versions, "env": CHILD_ENV},
             },
             "summary": summary,
             "embedding_max_abs_diff": diff,
             "idle_memory": {
-                "pss": sum(p.pss for p in res.memory),
-                "rss_sum": sum(p.rss for p in res.memory),
-                "shm_segment_files": res.segments[0],
-                "shm_segment_bytes_allocated": res.segments[2],
-                "processes": [asdict(p) for p in res.memory],
+                "pool": memory_json(res.memory),
+                "shared": memory_json(shared.memory),
             },
             "runs": {
                 "a": [asdict(r) for r in res.a],
+                "a_shared": [asdict(r) for r in shared.a],
                 "b": [asdict(r) for r in b],
                 "c": [{k: v for k, v in asdict(r).items() if k != "embedding"} for r in res.c],
             },
