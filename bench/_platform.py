@@ -86,8 +86,11 @@ class Platform:
         return default_shm_dir() / f"up-{self.http_port}"
 
 
-def start_platform(data_dir: Path, log_path: Path, *, demo: bool = False) -> Platform:
-    """Start ``gpufaas up --devices cpu`` (``--demo`` if asked) on free ports, logging to a file."""
+def start_platform(
+    data_dir: Path, log_path: Path, *, demo: bool = False, devices: str = "cpu"
+) -> Platform:
+    """Start ``gpufaas up --devices <devices>`` (``--demo`` if asked) on free ports, logging
+    to a file."""
     http_port, nats_port = free_ports(2)
     argv = [
         str(Path(sys.executable).parent / "gpufaas"),
@@ -99,7 +102,7 @@ def start_platform(data_dir: Path, log_path: Path, *, demo: bool = False) -> Pla
         "--data-dir",
         str(data_dir),
         "--devices",
-        "cpu",
+        devices,
     ]
     if demo:
         argv.append("--demo")

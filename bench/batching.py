@@ -132,6 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients")
     ap.add_argument("--seconds", type=float, default=8.0, help="length of one round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per function, alternating")
+    ap.add_argument("--devices", default="cpu", help="gpufaas up --devices (auto: real GPUs)")
     ap.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for up")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
     args = ap.parse_args(argv)
@@ -171,20 +172,24 @@ async def measure(port: int, args: argparse.Namespace) -> dict[str, list[Round]]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, harness.terminate)
-    m = harness.machine("CPU (no GPU)", extra={"torch_threads": torch.get_num_threads()})
+    gpu = args.devices != "cpu" and torch.cuda.is_available()
+    label = torch.cuda.get_device_name(0) if gpu else "CPU (no GPU)"
+    m = harness.machine(label, extra={"torch_threads": torch.get_num_threads()})
     harness.print_machine(m)
     print(f"clients : {args.clients} concurrent, one sentence per request, {args.rounds} "
           f"rounds of {args.seconds:g} s per function, alternating")  # fmt: skip
     data_dir = Path(tempfile.mkdtemp(prefix="gpufaas-bench-"))
     plat: harness.Platform | None = None
     try:
-        plat = harness.start_platform(data_dir, data_dir / "up.log", demo=True)
+        plat = harness.start_platform(
+            data_dir, data_dir / "up.log", demo=True, devices=args.devices
+        )
         took = harness.wait_ready(
             plat,
             args.ready_timeout,
             lambda port: harness.http_status(port, f"/v2/models/{BATCHED}/ready") == 200,
         )
-        print(f"platform: gpufaas up --demo --devices cpu, ready in {took:.1f} s")
+        print(f"platform: gpufaas up --demo --devices {args.devices}, ready in {took:.1f} s")
         rounds = asyncio.run(measure(plat.http_port, args))
     finally:
         if plat is not None:

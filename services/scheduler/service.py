@@ -810,6 +810,8 @@ class SchedulerService(Service):
             pending = 0
             for key in await bucket_keys(self.js, c.KV_INFLIGHT, prefix=f"{dead}."):
                 pending += await self._claim(key, now)
+            if pending:
+                log.info("scheduler.replica_dead", replica=dead, pending=pending)
             if not pending and not any(k.startswith(f"{dead}.") for k in self._adopted):
                 # Gone for good: its records and markers, then its name (whole subjects,
                 # so that no marker is left for the next tick to read).
@@ -854,6 +856,8 @@ class SchedulerService(Service):
             data, headers = encode(reply), None
         except PlatformError as exc:
             data, headers = error_reply(exc)
+        log.info("invoke.takeover_answered", request_id=req.request_id,
+                 error=headers is not None)  # fmt: skip
         with contextlib.suppress(nats.errors.Error):
             await self.nc.publish(record.reply_to, data, headers=headers)
         await self._forget_inflight(key)

@@ -21,6 +21,8 @@ from gpufaas.scheduler.profiles import batch_sizes
 from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
+from gpufaas.shared.constants import KV_INFLIGHT, KV_REPLICAS
+from gpufaas.shared.jetstream import bucket_keys
 from gpufaas.shared.messages import (
     FunctionRecord,
     ProfileRecord,
@@ -226,14 +228,18 @@ async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_
             task.cancel()
         survivor = SchedulerService(config)
         await survivor.start()
-        resp = await asyncio.wait_for(call, 30)
+        done, _ = await asyncio.wait([call], timeout=60)
+        assert done, (  # what the survivor knew, if it never answered
+            f"workers={survivor.workers} adopted={survivor._adopted} "
+            f"inflight={[k async for k in keys(survivor)]} "
+            f"replicas={await bucket_keys(survivor.js, KV_REPLICAS)} "
+            f"worker answering={list(worker._answering)} answered={len(worker._answered)}"
+        )
+        resp = call.result()
         assert resp.status == 200, await resp.text()
         assert len((await resp.json())["outputs"][0]["data"]) == 64 * 384
         assert worker.repeats == 1  # sent twice, run once
         assert [k async for k in keys(survivor)] == []  # answered: forgotten
-        from gpufaas.shared.constants import KV_REPLICAS  # noqa: PLC0415
-        from gpufaas.shared.jetstream import bucket_keys  # noqa: PLC0415
-
         for _ in range(500):  # the dead replica's prefix is purged on a later tick (5 s at most)
             if len(await bucket_keys(survivor.js, KV_REPLICAS)) == 1:
                 break
@@ -248,9 +254,6 @@ async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_
 
 
 async def keys(svc: SchedulerService) -> AsyncIterator[str]:
-    from gpufaas.shared.constants import KV_INFLIGHT  # noqa: PLC0415
-    from gpufaas.shared.jetstream import bucket_keys  # noqa: PLC0415
-
     for key in await bucket_keys(svc.js, KV_INFLIGHT):
         try:
             entry = await svc.buckets.inflight.get(key)
