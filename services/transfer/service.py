@@ -95,7 +95,7 @@ class TransferService(Service):
             topology = await asyncio.to_thread(discover_topology)
             if topology is not None:
                 self.links = NodeLinks(await asyncio.to_thread(calibrate, topology))
-            for tier in sorted(self.tiers - {"host"}):
+            for tier in sorted(t for t in self.tiers if t.startswith("gpu:")):
                 index = int(tier.split(":")[1])
                 self.engines[tier] = await asyncio.to_thread(CudaCopyEngine, index)
                 log.info("transfer.calibrated", gpu=tier, **dataclasses.asdict(
