@@ -1,9 +1,11 @@
 """Where a function's instance goes: locality first (GPU-enabled FaaS, Tetris).
 
-Prefer a node that already has a warm instance of the function; else the node where the
-largest share of the model's tensors is already resident (θ, from the tensor store), so
-a new instance starts without loading weights; else the least loaded node that has room
-for what is left to load. Pure: the scheduler gathers the facts, this orders them.
+Prefer a node that already has a warm instance of the function; else a node where the
+whole model is on a GPU (the memory manager's published model cache: an instance there
+starts without a host-to-GPU copy); else the node where the largest share of the model's
+tensors is already resident (θ, from the tensor store), so a new instance starts without
+loading weights; else the least loaded node that has room for what is left to load.
+Pure: the scheduler gathers the facts, this orders them.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ class NodeView:
     functions: int  # instances placed there (the load)
     free_bytes: int | None  # room on its GPU; None when unknown (no GPU, or not reported)
     near: bool = False  # it holds the request's input tubes (no copy between nodes)
+    on_gpu: bool = False  # the whole model is on one of its GPUs (the model cache)
 
 
 def choose(views: Sequence[NodeView]) -> str:
-    """The node to place on: warm, then highest θ, then where the inputs are (a tie on θ
+    """The node to place on: warm, then the model on a GPU, then highest θ, then where the
+    inputs are (a tie on θ
     goes to the node holding the request's input tubes: on it they need no copy), then
     least loaded, among those with room.
 
@@ -41,5 +45,12 @@ def choose(views: Sequence[NodeView]) -> str:
     fits = [v for v in views if v.free_bytes is None or v.free_bytes >= v.bytes_to_load]
     return min(
         fits or views,
-        key=lambda v: (not v.warm, -round(v.theta, 6), not v.near, v.functions, v.node),
+        key=lambda v: (
+            not v.warm,
+            not v.on_gpu,
+            -round(v.theta, 6),
+            not v.near,
+            v.functions,
+            v.node,
+        ),
     ).node

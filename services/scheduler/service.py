@@ -42,7 +42,7 @@ from gpufaas.scheduler.queues import FunctionQueue, Pending
 from gpufaas.scheduler.workflow_run import WorkflowRun
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
-from gpufaas.shared.catalog import validate_source
+from gpufaas.shared.catalog import model_file, validate_source
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import (
     AlreadyExists,
@@ -69,6 +69,7 @@ from gpufaas.shared.messages import (
     LocalityReply,
     LocalityRequest,
     M,
+    ModelCache,
     Msg,
     ProfilePointMsg,
     ProfileRecord,
@@ -282,6 +283,7 @@ class SchedulerService(Service):
         warm = {n for r in records if r.spec == spec for n in r.nodes}
         beats = await live_nodes(self.js, self.buckets.nodes, self.config.node_ttl_s)
         localities = await asyncio.gather(*(self._locality(n, spec) for n in candidates))
+        on_gpu = await self._gpu_cached(spec)
         views = []
         for node, loc in zip(candidates, localities, strict=True):
             gpus = [d for b in beats.get(node, []) for d in b.devices if d.kind != "host"]
@@ -291,11 +293,37 @@ class SchedulerService(Service):
                 free = first.memory_bytes - first.used_bytes
             views.append(NodeView(node, node in warm, loc.theta if loc else 0.0,
                                   loc.bytes_to_load if loc else 0, load[node], free,
-                                  near=node == near))  # fmt: skip
+                                  near=node == near, on_gpu=node in on_gpu))  # fmt: skip
         node = choose(views)
         log.info("placement.chosen", function=spec.name, node=node,
-                 views=[(v.node, v.warm, round(v.theta, 3), v.functions) for v in views])  # fmt: skip
+                 views=[(v.node, v.warm, v.on_gpu, round(v.theta, 3), v.functions)
+                        for v in views])  # fmt: skip
         return node
+
+    async def _gpu_cached(self, spec: FunctionSpec) -> set[str]:
+        """The nodes with the function's whole model on a GPU, from the model caches the
+        memory managers publish (KV ``<node>.<gpuN>.m``); a tenant's private model counts
+        only for that tenant."""
+        try:
+            file = str(model_file(spec.model))
+        except PlatformError:  # a path this process cannot resolve: no cache to match
+            return set()
+        nodes: set[str] = set()
+        with contextlib.suppress(nats.js.errors.Error):
+            for key in await bucket_keys(self.js, c.KV_MEMORY):
+                node = key.split(".", 1)[0]
+                if not key.endswith(".m") or node in nodes:
+                    continue
+                try:
+                    entry = await self.buckets.memory.get(key)
+                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                    continue
+                if not entry.value:
+                    continue
+                cache = decode_json(entry.value, ModelCache)
+                if any(m.file == file and m.tenant in (None, spec.tenant) for m in cache.models):
+                    nodes.add(node)
+        return nodes
 
     async def _locality(self, node: str, spec: FunctionSpec) -> LocalityReply | None:
         """θ of the model on ``node`` (None if its tensor store does not answer at once)."""

@@ -7,6 +7,7 @@ themselves with a fake clock; requests, workers and KV are real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +25,10 @@ from gpufaas.shared.config import Config
 from gpufaas.shared.constants import KV_INFLIGHT, KV_REPLICAS
 from gpufaas.shared.jetstream import bucket_keys
 from gpufaas.shared.messages import (
+    CachedModel,
     FunctionRecord,
+    ModelCache,
+    ModelSource,
     ProfileRecord,
     decode_json,
     encode_json,
@@ -169,6 +173,34 @@ async def test_a_queue_longer_than_an_instance_holds_scales_out_to_another_node(
         assert resp.status == 200
     served = {r.headers.get("Gpufaas-Node") for r in await asyncio.gather(*tasks)}
     assert served <= {"node-a", "node-b", None}
+
+
+async def test_a_node_whose_gpu_holds_the_model_is_chosen(two_nodes: Platform) -> None:
+    """The memory managers' model caches count in placement: node-b's GPU holds the model
+    (and node-a is first by name and load), so the function goes to node-b."""
+    from gpufaas.shared.catalog import model_file  # noqa: PLC0415
+
+    file = str(model_file(ModelSource(builtin="all-minilm-l6-v2")))
+    sched = scheduler(two_nodes)
+    other = CachedModel(item="x", nbytes=1, leased=False, file="/elsewhere/model.safetensors")
+    mine = CachedModel(item="m", nbytes=90_000_000, leased=False, file=file)
+    for node, models in (("node-a", [other]), ("node-b", [other, mine])):
+        cache = ModelCache(node=node, device="gpu:9", at=time.time(), models=models)
+        await sched.buckets.memory.put(f"{node}.gpu9.m", encode_json(cache))
+    assert (await two_nodes.client.post("/v1/functions", json=DEMO_BODY)).status == 201
+    assert (await record_of(sched, "minilm")).nodes == ["node-b"]
+    # And node-b's own memory manager now publishes the model on its GPU, under the file
+    # name the scheduler matches.
+    for _ in range(1000):  # 10 s at most
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            entry = await sched.buckets.memory.get("node-b.gpu0.m")
+            if entry.value and file in {
+                m.file for m in decode_json(entry.value, ModelCache).models
+            }:
+                break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("node-b's model cache never listed the model")
 
 
 async def test_a_background_profile_chooses_the_batch(

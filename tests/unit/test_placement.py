@@ -45,3 +45,9 @@ def test_a_tie_on_theta_goes_to_the_node_holding_the_inputs() -> None:
     near = NodeView("b", False, 0.5, GB, 3, 10 * GB, near=True)
     assert choose([view("a", theta=0.5, load=0), near]) == "b"
     assert choose([view("a", theta=0.6), near]) == "a"  # θ first
+
+
+def test_a_model_already_on_a_gpu_comes_before_theta() -> None:
+    cached = NodeView("b", False, 0.5, GB // 2, 3, 10 * GB, on_gpu=True)
+    assert choose([view("a", theta=0.9), cached]) == "b"
+    assert choose([view("a", warm=True), cached]) == "a"  # a warm instance still wins
