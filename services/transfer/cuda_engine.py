@@ -28,6 +28,7 @@ OVERHEAD_SHARE = 0.05  # launch overhead as a share of one chunk's copy time, at
 MIN_CHUNK_BYTES = 2 * 2**20
 MAX_CHUNK_BYTES = 64 * 2**20
 RING_SLOTS = 4
+PIPELINE_CHUNKS = 16  # a copy is cut into this many chunks at least, down to the minimum
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,14 @@ def chunk_size(overhead_s: float, bandwidth_bps: float) -> int:
     want = overhead_s * bandwidth_bps / OVERHEAD_SHARE
     size = 1 << max(0, int(want - 1).bit_length())  # a power of two, rounded up
     return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, size))
+
+
+def copy_chunk(nbytes: int, calibrated: int) -> int:
+    """The chunk for one copy: the calibrated size, smaller for a copy of few chunks, so
+    that staging the first chunk (before any DMA overlaps it) is at most about a
+    ``PIPELINE_CHUNKS``-th of the copy: a power of two, ``MIN_CHUNK_BYTES`` at least."""
+    want = 1 << max(0, int(-(-nbytes // PIPELINE_CHUNKS) - 1).bit_length())
+    return max(MIN_CHUNK_BYTES, min(calibrated, want))
 
 
 class CudaCopyEngine:
@@ -86,7 +95,7 @@ class CudaCopyEngine:
         """Copy host bytes into a uint8 device tensor through the ring; returns seconds."""
         import torch  # noqa: PLC0415
 
-        n = self.calibration.chunk_bytes
+        n = copy_chunk(len(src), self.calibration.chunk_bytes)
         host = torch.frombuffer(src, dtype=torch.uint8) if len(src) else None
         t0 = time.perf_counter()
         with torch.cuda.stream(self.stream):

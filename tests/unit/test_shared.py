@@ -860,6 +860,20 @@ def test_copy_chunks_amortise_the_launch_overhead() -> None:
     assert chunk_size(1e-3, 400e9) == MAX_CHUNK_BYTES
 
 
+def test_a_short_copy_is_cut_finer_so_the_pipeline_fills_fast() -> None:
+    from gpufaas.transfer.cuda_engine import (  # noqa: PLC0415
+        MIN_CHUNK_BYTES,
+        PIPELINE_CHUNKS,
+        copy_chunk,
+    )
+
+    mib = 2**20
+    assert copy_chunk(1024 * mib, 16 * mib) == 16 * mib  # long: the calibrated chunk
+    assert copy_chunk(64 * mib, 16 * mib) == 64 * mib // PIPELINE_CHUNKS
+    assert copy_chunk(100 * mib, 16 * mib) == 8 * mib  # a power of two, rounded up
+    assert copy_chunk(1, 16 * mib) == MIN_CHUNK_BYTES
+
+
 def test_released_tube_files_are_reused_and_cut_to_the_new_tube(tmp_path: Path) -> None:
     def tube_file(t: Tube) -> Path:
         return tmp_path / t.placements[0].segment
