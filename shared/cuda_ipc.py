@@ -1,17 +1,24 @@
 """GPU segments shared across processes through CUDA IPC handles (real GPUs only).
 
-The tensor store allocates one segment per registration with ``cudaMalloc`` (not
-torch's caching allocator, whose blocks are sub-allocated and would export a handle to
-a larger block) and exports its IPC handle once. A worker opens a handle once per
-process and caches the mapping; the mapping is closed when the last tensor viewing it
-is gone, so an instance still computing keeps its weights mapped. Freeing is decided
-by the store's leases, never by a worker. CUDA refuses to open a handle in the process
-that exported it, so there (services run in one process in tests) the segment's own
-tensor is used.
+A segment is one ``cudaMalloc`` (not torch's caching allocator, whose blocks are
+sub-allocated and would export a handle to a larger block) whose IPC handle is exported
+once. The node's memory service holds its GPU budget as such segments and hands out
+blocks of them (``gpufaas.memory.pool.CudaBackend``); the tensor store and the transfer
+service write into their blocks and publish (handle, offset) references. Without a
+memory service they allocate a segment of their own (the same class), as before.
+
+Any process opens a handle once and caches the mapping (:func:`open_segment`: one IPC
+mapping per handle and process, however many views are taken, since CUDA refuses to map
+one allocation twice in a process); the mapping is closed when the last tensor viewing
+it is gone, so an instance still computing keeps its weights mapped. Freeing is decided
+by the owner of the segment (the memory service, by its blocks' leases), never by a
+reader. CUDA also refuses to open a handle in the process that exported it, so there
+(services run in one process in tests) the segment's own memory is viewed.
 
 cupy (the ``gpu`` extra) provides the runtime calls; torch sees the memory through
-DLPack. Nothing here runs on a machine without CUDA, and torch is imported only when it
-does: the tensor store imports this module and otherwise never needs torch (~180 MiB).
+DLPack. Nothing here runs on a machine without CUDA, and torch is imported only when a
+tensor is asked for: the memory service allocates, exports and frees segments without it
+(~180 MiB), and the tensor store imports this module and otherwise never needs torch.
 """
 
 from __future__ import annotations
@@ -31,30 +38,45 @@ def _cupy() -> Any:
     return cupy
 
 
-_EXPORTED: weakref.WeakValueDictionary[bytes, torch.Tensor] = weakref.WeakValueDictionary()
-
-
 class _Mapping:
-    """Owner of one raw device allocation; ``close`` runs when the last view is gone."""
+    """One raw device allocation (ours, or another process's opened by handle).
 
-    def __init__(self, ptr: int, nbytes: int, device_index: int) -> None:
+    Tensors over it keep it alive; an opened one is closed when it is garbage."""
+
+    def __init__(self, ptr: int, device_index: int) -> None:
         self.ptr = ptr
-        self.nbytes = nbytes
         self.device_index = device_index
 
 
-def _as_tensor(owner: _Mapping) -> torch.Tensor:
-    """A uint8 torch tensor over ``owner``'s memory; it keeps ``owner`` alive."""
+# Segments this process exported (handle -> its memory), and handles it opened.
+_EXPORTED: dict[bytes, _Mapping] = {}
+_OPENED: weakref.WeakValueDictionary[bytes, _Mapping] = weakref.WeakValueDictionary()
+
+
+def _as_tensor(owner: _Mapping, nbytes: int) -> torch.Tensor:
+    """A uint8 torch tensor over the first ``nbytes`` of ``owner``; it keeps ``owner`` alive."""
     import torch.utils.dlpack  # noqa: PLC0415 - see the module docstring
 
     cupy = _cupy()
-    mem = cupy.cuda.UnownedMemory(owner.ptr, owner.nbytes, owner, owner.device_index)
-    arr = cupy.ndarray((owner.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+    mem = cupy.cuda.UnownedMemory(owner.ptr, nbytes, owner, owner.device_index)
+    arr = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
     return torch.utils.dlpack.from_dlpack(arr)
 
 
+def write_at(dst: torch.Tensor, offset: int, data: memoryview) -> None:
+    """Copy host bytes into the uint8 device tensor ``dst`` at ``offset`` (synchronous)."""
+    if not len(data):
+        return  # torch.frombuffer refuses an empty buffer
+    import torch  # noqa: PLC0415 - see the module docstring
+
+    if data.readonly:  # torch warns on a read-only buffer (host segments are mapped writable)
+        data = memoryview(bytearray(data))
+    src = torch.frombuffer(data, dtype=torch.uint8)
+    dst.narrow(0, offset, len(data)).copy_(src)
+
+
 class CudaSegment:
-    """A device allocation owned by the tensor store, exported once through CUDA IPC."""
+    """A device allocation of ``nbytes``, exported once through CUDA IPC; freed by :meth:`free`."""
 
     def __init__(self, device_index: int, nbytes: int) -> None:
         cupy = _cupy()
@@ -62,51 +84,73 @@ class CudaSegment:
         self.nbytes = nbytes
         with cupy.cuda.Device(device_index):
             ptr = cupy.cuda.runtime.malloc(max(nbytes, 1))
-            self.handle: bytes = bytes(cupy.cuda.runtime.ipcGetMemHandle(ptr))
-        self._owner = _Mapping(ptr, nbytes, device_index)
-        self.tensor: torch.Tensor | None = _as_tensor(self._owner)
-        _EXPORTED[self.handle] = self.tensor
+            try:
+                self.handle: bytes = bytes(cupy.cuda.runtime.ipcGetMemHandle(ptr))
+            except BaseException:
+                cupy.cuda.runtime.free(ptr)
+                raise
+        self.ptr = ptr
+        self._owner: _Mapping | None = _Mapping(ptr, device_index)
+        self._tensor: torch.Tensor | None = None
+        _EXPORTED[self.handle] = self._owner
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """The whole segment as a uint8 torch tensor (made on first use); None once freed."""
+        if self._owner is None:
+            return None
+        if self._tensor is None:
+            self._tensor = _as_tensor(self._owner, self.nbytes)
+        return self._tensor
 
     def write(self, offset: int, data: memoryview) -> None:
         """Copy host bytes into the segment at ``offset`` (synchronous)."""
-        import torch  # noqa: PLC0415 - see the module docstring
-
-        assert self.tensor is not None, "segment freed"
-        src = torch.frombuffer(data, dtype=torch.uint8)
-        self.tensor.narrow(0, offset, len(data)).copy_(src)
+        tensor = self.tensor
+        assert tensor is not None, "segment freed"
+        write_at(tensor, offset, data)
 
     def free(self) -> None:
-        """Give the memory back; callers guarantee no lease references it."""
-        if self.tensor is None:
+        """Give the memory back; callers guarantee no lease references it. Idempotent."""
+        if self._owner is None:
             return
-        import torch  # noqa: PLC0415 - see the module docstring
-
-        torch.cuda.synchronize(self.device_index)
-        _EXPORTED.pop(self.handle, None)
-        self.tensor = None
         cupy = _cupy()
+        _EXPORTED.pop(self.handle, None)
+        self._owner = None
+        self._tensor = None
         with cupy.cuda.Device(self.device_index):
-            cupy.cuda.runtime.free(self._owner.ptr)
+            # Copies into it from this process (on any stream) are done before it goes.
+            cupy.cuda.runtime.deviceSynchronize()
+            cupy.cuda.runtime.free(self.ptr)
 
 
 def open_segment(handle: bytes, nbytes: int, device_index: int) -> torch.Tensor:
-    """Map a segment exported by another process (once per process: the caller caches it).
+    """A uint8 tensor over the first ``nbytes`` of the allocation exported as ``handle``.
 
-    The returned uint8 tensor, and every view of it, keep the mapping open; the handle is
-    closed when the last of them is garbage.
+    The handle is opened once per process: while any tensor from an earlier call is
+    alive, its mapping is reused (so two blocks of one memory-service segment share
+    one mapping), and the handle is closed when the last of them is garbage. In the
+    exporting process the segment's own memory is viewed.
     """
-    local = _EXPORTED.get(handle)
-    if local is not None:
-        return local
-    cupy = _cupy()
-    with cupy.cuda.Device(device_index):
-        ptr = cupy.cuda.runtime.ipcOpenMemHandle(handle)
-    owner = _Mapping(ptr, nbytes, device_index)
-    weakref.finalize(owner, _close, ptr, device_index)
-    return _as_tensor(owner)
+    owner = _EXPORTED.get(handle) or _OPENED.get(handle)
+    if owner is None:
+        cupy = _cupy()
+        with cupy.cuda.Device(device_index):
+            ptr = cupy.cuda.runtime.ipcOpenMemHandle(handle)
+        owner = _Mapping(ptr, device_index)
+        weakref.finalize(owner, _close, ptr, device_index)
+        _OPENED[handle] = owner
+    return _as_tensor(owner, nbytes)
 
 
 def _close(ptr: int, device_index: int) -> None:
     cupy = _cupy()
     with cupy.cuda.Device(device_index):
         cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+
+
+def mem_get_info(device_index: int) -> tuple[int, int]:
+    """(free, total) bytes of the GPU as the driver sees them, every process included."""
+    cupy = _cupy()
+    with cupy.cuda.Device(device_index):
+        free, total = cupy.cuda.runtime.memGetInfo()
+    return int(free), int(total)

@@ -223,6 +223,19 @@ class WorkerBindReply(Msg, frozen=True, tag="worker_bind_reply.v1"):
     new_process: bool  # no spare was ready: a process was started for it
 
 
+class WorkerRetireRequest(Msg, frozen=True, tag="worker_retire_request.v1"):
+    """(A tenant's worker process, idle.) May it exit? The pool says yes only after it has
+    stopped counting the process as the tenant's, so that no bind returns it from then on;
+    the process serves until that answer (see ``gpufaas.worker.pool``)."""
+
+    worker: str  # its id in the pool (GPUFAAS_WORKER_SPARE_ID)
+    tenant: Tenant
+
+
+class WorkerRetireReply(Msg, frozen=True, tag="worker_retire_reply.v1"):
+    retire: bool  # false: a bind of its tenant is under way or has just returned it: stay
+
+
 class WorkerProfileRequest(Msg, frozen=True, tag="worker_profile_request.v1"):
     """Measure an instance of ``spec`` at each batch size and concurrency (see profiling)."""
 
@@ -375,16 +388,23 @@ class ReleaseReply(Msg, frozen=True, tag="release_reply.v1"):
 
 
 class DeviceSegment(Msg, frozen=True, tag="device_segment.v1"):
-    """One allocation on a GPU holding the device copies of some tensors."""
+    """Device copies of some tensors, in one allocation on a GPU opened by ``ipc_handle``.
+
+    The copies lie from ``offset`` (their block in a segment of the memory service's
+    pool; 0 in an allocation of their own) to ``nbytes`` from the allocation's start:
+    map ``nbytes`` from the handle. Their ``DeviceRef`` offsets count from that start too.
+    """
 
     id: str
     nbytes: Count
     device_index: Count = 0
     ipc_handle: bytes | None = None  # CUDA IPC handle; None on a simulated GPU
+    offset: Count = 0
 
 
 class DeviceRef(Msg, frozen=True, tag="device_ref.v1"):
-    """Where one tensor's device copy lies: a segment and a byte offset in it."""
+    """Where one tensor's device copy lies: a segment, and a byte offset from the start of
+    the allocation its handle opens (the block's offset included)."""
 
     segment: str
     offset: Count
@@ -617,12 +637,17 @@ class MemAllocRequest(Msg, frozen=True, tag="mem_alloc_request.v1"):
 
 
 class MemAllocation(Msg, frozen=True, tag="mem_allocation.v1"):
+    """A block: ``nbytes`` at ``offset`` in a segment of the device's pool."""
+
     id: Count
     device: str
     segment: str
     offset: Count
     nbytes: Count
     owner: str
+    # A real GPU's segment: its CUDA IPC handle (open it once, work at ``offset``). None on
+    # a simulated GPU, and from an older memory service that only budgeted.
+    handle: bytes | None = None
 
 
 class MemFreeRequest(Msg, frozen=True, tag="mem_free_request.v1"):

@@ -1,8 +1,11 @@
 """A per-device segment pool: large segments held from the device, sub-allocated fast.
 
 The pool is bookkeeping only. It asks a :class:`SegmentBackend` for whole segments
-(a ``/dev/shm`` file, a simulated GPU's capacity, later a CUDA allocation) and hands
-out aligned blocks inside them, so the request path never calls the device allocator.
+(a ``/dev/shm`` file, a simulated GPU's capacity, or on a real GPU one ``cudaMalloc``
+exported by CUDA IPC handle, :class:`CudaBackend`) and hands out aligned blocks inside
+them, so the request path never calls the device allocator. Each block names its
+segment, its offset in it and the segment's IPC handle (None but on a real GPU): the
+holder opens the handle once per segment and works at the offset.
 
 Free blocks of every segment sit in one list sorted by ``(size, segment seq, offset)``:
 an allocation bisects it for the smallest block that fits (best fit, older segments
@@ -17,18 +20,26 @@ request; the grow and shrink events are queued for the memory service to publish
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
+from gpufaas.shared.cuda_ipc import CudaSegment
 from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from gpufaas.shared.shm import new_id
 
 DEFAULT_SEGMENT_BYTES: Final = 64 << 20
 DEFAULT_ALIGN_BYTES: Final = 256  # cudaMalloc's alignment: every block starts on it
+# A real GPU's segments: few large cudaMalloc's (each one costs ~0.1-1 ms and an IPC
+# open in every reader); a larger request gets a segment of its own size.
+CUDA_SEGMENT_BYTES: Final = 256 << 20
+# Blocks of a real GPU start on 512 B, as torch's caching allocator rounds its blocks
+# (cudaMalloc guarantees 256): any dtype and vectorised kernel is happy there.
+CUDA_ALIGN_BYTES: Final = 512
+_CUDA_OUT_OF_MEMORY: Final = 2  # cudaErrorMemoryAllocation
 EMPTY_SEGMENT: Final = ""  # the segment of a zero-byte allocation: it needs none
 
 PoolEventKind = Literal["grow", "shrink"]
@@ -42,6 +53,9 @@ class SegmentBackend(Protocol):
 
     def destroy(self, segment_id: str) -> None:
         """Give the segment's memory back to the device (idempotent)."""
+
+    def handle(self, segment_id: str) -> bytes | None:
+        """How other processes open the segment (a CUDA IPC handle); None: by its id."""
 
 
 class SimBackend:
@@ -63,6 +77,9 @@ class SimBackend:
     def destroy(self, segment_id: str) -> None:
         if self.segments.pop(segment_id, None) is not None:
             self.destroyed += 1
+
+    def handle(self, segment_id: str) -> bytes | None:
+        return None
 
 
 class HostBackend:
@@ -105,19 +122,69 @@ class HostBackend:
     def destroy(self, segment_id: str) -> None:
         self.path(segment_id).unlink(missing_ok=True)
 
+    def handle(self, segment_id: str) -> bytes | None:
+        return None  # opened by path (``path``)
 
-@dataclass(frozen=True, slots=True)
+
+class CudaBackend:
+    """A real GPU: each segment one ``cudaMalloc`` on GPU ``device_index``, exported once
+    by CUDA IPC handle (``shared/cuda_ipc.CudaSegment``, cupy imported on first use).
+
+    ``destroy`` is a ``cudaFree``: the driver gives the memory back once no other process
+    has the handle open any more (readers close it with their last view). Memory of a
+    previous process cannot be taken over: ``adopt`` (a restarted memory service) makes
+    new memory under the old id, with a new handle; the old segment's bytes are gone.
+    Blocking device calls: the memory service calls the pool off its event loop.
+    """
+
+    def __init__(self, device_index: int) -> None:
+        self.device_index = device_index
+        self.segments: dict[str, CudaSegment] = {}
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(s.nbytes for s in self.segments.values())
+
+    def create(self, segment_id: str, nbytes: int) -> None:
+        try:
+            self.segments[segment_id] = CudaSegment(self.device_index, nbytes)
+        except Exception as exc:  # cupy's CUDARuntimeError, imported lazily
+            if getattr(exc, "status", None) != _CUDA_OUT_OF_MEMORY:
+                raise
+            raise ResourceExhausted(
+                f"gpu:{self.device_index}: cudaMalloc of a {nbytes}-byte segment failed: "
+                "out of memory (other processes hold the rest)",
+                field="nbytes",
+            ) from None
+
+    def adopt(self, segment_id: str, nbytes: int) -> None:
+        self.create(segment_id, nbytes)
+
+    def destroy(self, segment_id: str) -> None:
+        seg = self.segments.pop(segment_id, None)
+        if seg is not None:
+            seg.free()
+
+    def handle(self, segment_id: str) -> bytes | None:
+        return self.segments[segment_id].handle
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Allocation:
-    """A block of a segment: ``nbytes`` as asked, starting at an aligned ``offset``."""
+    """A block of a segment: ``nbytes`` as asked, starting at an aligned ``offset``.
+
+    ``handle``: the segment's CUDA IPC handle on a real GPU (open it, work at ``offset``).
+    """
 
     id: int
     segment: str  # EMPTY_SEGMENT for a zero-byte allocation
     offset: int
     nbytes: int
     owner: str
+    handle: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class PoolEvent:
     """A segment taken from or given back to the device (published as ``memory.pool.resized``)."""
 
@@ -129,7 +196,7 @@ class PoolEvent:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class PoolStats:
     """A pool's figures; ``fragmentation`` = 1 - largest free block / free bytes."""
 
@@ -144,13 +211,14 @@ class PoolStats:
     allocations: int
 
 
-@dataclass(slots=True)
+@dataclasses.dataclass(slots=True)
 class _Segment:
     id: str
     seq: int  # orders segments in the free list: older first
     nbytes: int
-    free_at: dict[int, int] = field(default_factory=dict)  # free block start -> size
-    free_end: dict[int, int] = field(default_factory=dict)  # free block end -> start
+    handle: bytes | None = None  # the backend's, for the blocks' holders
+    free_at: dict[int, int] = dataclasses.field(default_factory=dict)  # free block start -> size
+    free_end: dict[int, int] = dataclasses.field(default_factory=dict)  # free block end -> start
     live: int = 0
     empty_since: float | None = None
 
@@ -227,7 +295,12 @@ class SegmentPool:
         seg.live += 1
         seg.empty_since = None
         self._allocated += need
-        return self._record(Allocation(self._take_id(), seg.id, offset, nbytes, owner))
+        return self._record(Allocation(self._take_id(), seg.id, offset, nbytes, owner, seg.handle))
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``alloc(nbytes)`` would find room in a held segment, calling no device."""
+        need = _align_up(max(nbytes, 0), self.align)
+        return need == 0 or (bool(self._free) and self._free[-1][0] >= need)
 
     def free(self, alloc_id: int) -> None:
         """Give a block back, merged with its free neighbours."""
@@ -279,6 +352,13 @@ class SegmentPool:
         """Every live allocation, in the order they were made."""
         return list(self._allocs.values())
 
+    def handle(self, segment_id: str) -> bytes | None:
+        """A held segment's IPC handle (None but on a real GPU)."""
+        seg = self._segments.get(segment_id)
+        if seg is None:
+            raise NotFound(f"{self.device}: no segment {segment_id!r}", field="segment")
+        return seg.handle
+
     # -- segments -----------------------------------------------------------------
 
     def release_idle(self, now: float, keep_alive_s: float) -> list[str]:
@@ -297,14 +377,16 @@ class SegmentPool:
 
         ``segments`` maps segment id -> bytes; each allocation is carved out of its
         segment at its offset. The backend adopts the segments (``adopt`` if it has one,
-        else ``create``): a simulated device's are accounting only.
+        else ``create``): a simulated device's are accounting only; a real GPU's are new
+        memory with new handles, which the restored allocations carry.
         """
         if self._segments or self._allocs:
             raise InvalidArgument("restore needs an empty pool", field="pool")
         adopt = getattr(self.backend, "adopt", self.backend.create)
         for seg_id, size in segments.items():
             adopt(seg_id, size)
-            seg = _Segment(seg_id, self._next_seq, size, empty_since=self.clock())
+            seg = _Segment(seg_id, self._next_seq, size, self.backend.handle(seg_id),
+                           empty_since=self.clock())  # fmt: skip
             self._next_seq += 1
             self._segments[seg_id] = seg
             self._by_seq[seg.seq] = seg
@@ -326,7 +408,9 @@ class SegmentPool:
                 seg.live += 1
                 seg.empty_since = None
                 self._allocated += need
-            self._record(a)
+            # Its segment's handle now (a real GPU's restored segments are new memory).
+            handle = self._segments[a.segment].handle if need else None
+            self._record(dataclasses.replace(a, handle=handle))
 
     def drain_events(self) -> list[PoolEvent]:
         """The grow and shrink events since the last call, oldest first."""
@@ -417,7 +501,7 @@ class SegmentPool:
             self._release(seg, now)
         seg_id = new_id(9)
         self.backend.create(seg_id, size)
-        seg = _Segment(seg_id, self._next_seq, size)
+        seg = _Segment(seg_id, self._next_seq, size, self.backend.handle(seg_id))
         self._next_seq += 1
         self._segments[seg_id] = seg
         self._by_seq[seg.seq] = seg

@@ -22,8 +22,15 @@ request's model before it reaches the head of its queue, and refuses (announces)
 sets that can never fit. The latest view of each replica is kept in KV with the rejections
 and the published model cache, so a restarted manager decides as before and repeats nothing.
 
-On a simulated GPU the pool accounts the capacity; on a real GPU it budgets the same way
-until a CUDA backend (device segments exported by IPC handle) is added.
+The backend is chosen once, by the node's probed devices: on a simulated GPU the pool
+accounts the capacity (``SimBackend``); on a real GPU its segments are real ``cudaMalloc``
+allocations (``CudaBackend``, 256 MiB or the request if larger, blocks aligned to 512 B),
+and every allocation reply carries the segment's CUDA IPC handle with the block's offset:
+the tensor store and the transfer service write their copies there, and workers map them
+by (handle, offset). Segment creation and release are device calls: they run on one thread
+per GPU, never on the event loop. A manager restarted on a real GPU cannot take over the
+old process's memory: restored segments are new memory with new handles (same ids, sizes
+and blocks), and what holders had written there is gone.
 """
 
 from __future__ import annotations
@@ -32,14 +39,24 @@ import asyncio
 import dataclasses
 import re
 import time
-from typing import Final
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final, TypeVar
 
 import nats.errors
 import nats.js.errors
 import structlog
 
 from gpufaas.memory import planner, policy
-from gpufaas.memory.pool import Allocation, PoolEvent, SegmentPool, SimBackend
+from gpufaas.memory.pool import (
+    CUDA_ALIGN_BYTES,
+    CUDA_SEGMENT_BYTES,
+    Allocation,
+    CudaBackend,
+    PoolEvent,
+    SegmentPool,
+    SimBackend,
+)
 from gpufaas.memory.reservations import Reservation, ReservationTracker
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
@@ -87,6 +104,7 @@ from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 RESERVATION_OWNER = "reservation:"  # blocks the manager holds for a function's intermediates
 RESERVATION_WINDOW_S = 60.0
@@ -108,13 +126,26 @@ class MemoryService(Service):
 
     name = "memory"
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, cuda_segment_bytes: int = CUDA_SEGMENT_BYTES) -> None:
         super().__init__(config)
         self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
-        self.pools = {
-            d.name: SegmentPool(d.name, d.memory_bytes, SimBackend(), clock=time.time)
-            for d in self.node_devices.devices
-            if d.kind != "host"
+        gpus = [d for d in self.node_devices.devices if d.kind != "host"]
+        self.cuda = self.node_devices.backend == "cuda"
+        if self.cuda:  # real memory, by IPC handle; its device calls on a thread per GPU
+            self.pools = {
+                d.name: SegmentPool(d.name, d.memory_bytes, CudaBackend(_index(d.name)),
+                                    segment_bytes=cuda_segment_bytes,
+                                    align_bytes=CUDA_ALIGN_BYTES, clock=time.time)
+                for d in gpus
+            }  # fmt: skip
+        else:
+            self.pools = {
+                d.name: SegmentPool(d.name, d.memory_bytes, SimBackend(), clock=time.time)
+                for d in gpus
+            }
+        self._device_threads = {
+            d: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"memory-{_dev(d)}")
+            for d in (self.pools if self.cuda else ())
         }
         self._expiry: dict[str, float] = {}  # owner -> when its lease lapses
         self.observed = {d: ReservationTracker(window_s=RESERVATION_WINDOW_S) for d in self.pools}
@@ -154,6 +185,24 @@ class MemoryService(Service):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._reconcile_loop(), "reconcile")
 
+    async def on_stop(self) -> None:
+        """A real GPU's segments go back to the driver (a restart re-creates them from KV)."""
+        if not self.cuda:
+            return
+        async with self._lock:
+            for pool in self.pools.values():
+                await self._on_device(pool, pool.close)
+        for executor in self._device_threads.values():
+            await asyncio.to_thread(executor.shutdown, wait=True)
+
+    async def _on_device(self, pool: SegmentPool, fn: Callable[..., T], *args: object) -> T:
+        """Run pool work that may call the device (grow, release) on the GPU's thread;
+        a simulated pool's bookkeeping runs inline (a few microseconds)."""
+        executor = self._device_threads.get(pool.device)
+        if executor is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
     async def capacity(self, _: CapacityRequest) -> CapacityReply:
         return CapacityReply(node=self.config.node_id, devices=self.node_devices.devices)
 
@@ -179,8 +228,12 @@ class MemoryService(Service):
     async def _alloc(self, pool: SegmentPool, nbytes: int, owner: str) -> Allocation:
         """(Under the lock.) Allocate and record it in KV; pressure is announced."""
         try:
-            a = pool.alloc(nbytes, owner)
+            if pool.fits(nbytes):  # the common case: bookkeeping only, inline
+                a = pool.alloc(nbytes, owner)
+            else:
+                a = await self._on_device(pool, pool.alloc, nbytes, owner)
         except ResourceExhausted as exc:
+            await self._persist_events(pool)  # idle segments it gave back trying to grow
             self.after_reply(self.publish_event("memory.pressure", {
                 "node": self.config.node_id, "device": pool.device, "bytes": nbytes,
                 "reason": exc.message,
@@ -264,7 +317,8 @@ class MemoryService(Service):
                 log.info("memory.owner_lapsed", owner=owner)
             for device, pool in self.pools.items():
                 await self._resize_reservations(pool, self.observed[device].snapshot(now))
-                pool.release_idle(now, self.config.tensor_keep_alive_s)
+                await self._on_device(pool, pool.release_idle, now,
+                                      self.config.tensor_keep_alive_s)  # fmt: skip
                 await self._persist_events(pool)
         return await self.policy_once(now, horizon_s=horizon_s)
 
@@ -584,7 +638,7 @@ class MemoryService(Service):
                     self._rejected[(r.device, r.function)] = r
                 elif kind == "m":
                     self._cache[device] = decode_json(value, ModelCache).models
-            pool.restore(segments, sorted(allocs, key=lambda a: a.id))
+            await self._on_device(pool, pool.restore, segments, sorted(allocs, key=lambda a: a.id))
             for a in allocs:
                 if a.owner.startswith(RESERVATION_OWNER):  # ours: re-sized by the next pass
                     fn = a.owner.removeprefix(RESERVATION_OWNER)
@@ -605,6 +659,10 @@ class MemoryService(Service):
                 self._views[view.replica] = view
 
 
+def _index(device: str) -> int:
+    return int(device.removeprefix("gpu:"))  # a probed GPU "gpu:N" is CUDA device N
+
+
 def _msg(device: str, a: Allocation) -> MemAllocation:
     return MemAllocation(id=a.id, device=device, segment=a.segment, offset=a.offset,
-                         nbytes=a.nbytes, owner=a.owner)  # fmt: skip
+                         nbytes=a.nbytes, owner=a.owner, handle=a.handle)  # fmt: skip

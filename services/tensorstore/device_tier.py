@@ -3,10 +3,18 @@
 The tensor store owns the copies; workers hold leases on them, like on the host tier.
 A placement packs the tensors not yet on the GPU into one new device segment; instances
 of one model, and fine-tuned variants sharing tensors, reference the same copies, from
-any worker process (on a real GPU through the segment's CUDA IPC handle, see
-``shared/cuda_ipc.py``). A segment none of whose tensors is leased stays resident for a
-keep-alive, so a new instance starts without copying; idle segments are evicted least
-recently used first when a new model needs the room; a leased copy is never freed.
+any worker process (on a real GPU through a CUDA IPC handle, see ``shared/cuda_ipc.py``).
+A segment none of whose tensors is leased stays resident for a keep-alive, so a new
+instance starts without copying; idle segments are evicted least recently used first
+when a new model needs the room; a leased copy is never freed.
+
+On a real GPU the segment's bytes are the block the memory service granted
+(``MemAllocation``: a segment of its pool by IPC handle, and an offset): the store opens
+the pool segment once per process and writes the copies at the block's offset, and the
+placement names the pool segment's handle, with offsets counted from its start (block
+offset + offset in the block), so workers map the same memory. The fall-back, when no
+block comes with a handle (an unbudgeted tier: no memory service; or a memory service
+that only budgets), is an allocation of the tier's own per segment (``CudaSegment``).
 
 On a simulated GPU no bytes move (instances compute over the host pages) and only the
 capacity is accounted, so placement, sharing and "out of memory" behave as on a GPU.
@@ -16,20 +24,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from gpufaas.shared.cuda_ipc import CudaSegment
+from gpufaas.shared.cuda_ipc import CudaSegment, open_segment, write_at
 from gpufaas.shared.errors import ResourceExhausted
 from gpufaas.shared.messages import (
     DevicePlacement,
     DeviceRef,
     DeviceSegment,
     DeviceTierStats,
+    MemAllocation,
     TensorRef,
 )
 from gpufaas.shared.shm import new_id
 from gpufaas.tensorstore.leases import LeaseTable
 
 DEVICE_ALIGN = 256  # cudaMalloc's alignment: every tensor starts on it
+
+if TYPE_CHECKING:
+    import torch
 
 ReadHost = Callable[[TensorRef], memoryview]
 
@@ -38,14 +51,16 @@ ReadHost = Callable[[TensorRef], memoryview]
 class _Segment:
     tensors: frozenset[str]
     nbytes: int
-    memory: CudaSegment | None  # None: simulated, accounting only
+    memory: CudaSegment | None = None  # an allocation of our own (the fall-back)
     block: int | None = None  # its room in the memory service's pool of this GPU
+    handle: bytes | None = None  # real GPU: the allocation the copies lie in (pool's or own)
+    offset: int = 0  # where they start in it: the block's offset
+    view: torch.Tensor | None = None  # real GPU: their bytes (keeps the allocation mapped)
 
     def describe(self, seg_id: str, device_index: int) -> DeviceSegment:
-        handle = self.memory.handle if self.memory is not None else None
-        return DeviceSegment(
-            id=seg_id, nbytes=self.nbytes, device_index=device_index, ipc_handle=handle
-        )
+        return DeviceSegment(id=seg_id, nbytes=self.offset + self.nbytes,
+                             device_index=device_index, ipc_handle=self.handle,
+                             offset=self.offset)  # fmt: skip
 
 
 class DeviceTier:
@@ -81,39 +96,37 @@ class DeviceTier:
         *,
         expires_at: float,
         now: float,
-        block: tuple[int, int] | None = None,
+        block: MemAllocation | None = None,
     ) -> DevicePlacement:
         """Lease a model's tensors on this GPU, copying only those not resident.
 
-        ``block`` (id, bytes) is the room the memory service granted for the new copies
-        (see ``missing_bytes``); it must cover them. Idle segments are evicted (least
-        recently used first) to make room. All or nothing: if the new bytes still do not
-        fit, nothing is evicted, copied or leased.
+        ``block`` is the room the memory service granted for the new copies (see
+        ``missing_bytes``); it must cover them, and on a real GPU they are written into it.
+        Idle segments are evicted (least recently used first) to make room. All or
+        nothing: if the new bytes still do not fit, nothing is evicted, copied or leased
+        (a block granted is then back in ``released_blocks``).
         """
         wanted = {ref.id: ref for ref in manifest.values()}
         new = [ref for tid, ref in wanted.items() if tid not in self.refs]
         layout, need = _pack(new)
-        if need and (block is None or block[1] < need) and self.budgeted:
+        if need and (block is None or block.nbytes < need) and self.budgeted:
             raise NeedsRoom(need)
-        self._make_room(need, set(wanted), now, model_bytes=sum(r.nbytes for r in wanted.values()))
-        if new:
+        try:
+            self._make_room(need, set(wanted), now,
+                            model_bytes=sum(r.nbytes for r in wanted.values()))  # fmt: skip
+            seg = self._copy(new, layout, need, read, block) if new else None
+        except BaseException:
+            if block is not None:
+                self.released_blocks.append(block.id)
+            raise
+        if seg is not None:
             seg_id = new_id(12)
-            memory = CudaSegment(self.index, need) if self.cuda else None
-            try:
-                if memory is not None:
-                    for ref, offset in layout:
-                        memory.write(offset, read(ref))
-            except BaseException:
-                if memory is not None:
-                    memory.free()
-                raise
-            room = block[0] if block is not None else None
-            self.segments[seg_id] = _Segment(frozenset(r.id for r in new), need, memory, room)
+            self.segments[seg_id] = seg
             for ref, offset in layout:
-                self.refs[ref.id] = DeviceRef(segment=seg_id, offset=offset)
+                self.refs[ref.id] = DeviceRef(segment=seg_id, offset=seg.offset + offset)
                 self.sizes[ref.id] = ref.nbytes
         elif block is not None:  # granted but not needed (placed meanwhile): give it back
-            self.released_blocks.append(block[0])
+            self.released_blocks.append(block.id)
         self.leases.put(lease_id, holder, list(wanted), expires_at)
         used_segments = {self.refs[tid].segment for tid in wanted}
         for seg_id in used_segments:
@@ -161,9 +174,11 @@ class DeviceTier:
     ) -> bool:
         """Renew a lease; False when its copies are gone and cannot come back as they were.
 
-        After a restart of the store a real GPU's copies died with the old process, and a
-        budgeted GPU's room lapsed with the old store's memory lease: the instance is
-        rebuilt. Only an unbudgeted simulated tier re-accounts the copies (nothing moved).
+        After a restart of the store the new process knows none of the old copies: a
+        budgeted GPU's blocks (a real GPU's bytes with them) lapse with the old store's
+        memory lease, and an unbudgeted real GPU's own allocations died with the old
+        process: the instance is rebuilt. Only an unbudgeted simulated tier re-accounts the
+        copies (nothing moved).
         """
         if self.holds(manifest):
             self.leases.put(lease_id, holder, [r.id for r in manifest.values()], expires_at)
@@ -190,7 +205,7 @@ class DeviceTier:
         read: ReadHost,
         *,
         now: float,
-        block: tuple[int, int] | None = None,
+        block: MemAllocation | None = None,
     ) -> DevicePlacement:
         """Place a model's copies without a lease (ahead of a queued request): they stay as
         idle copies, last used ``now``, so the next instance built finds them resident.
@@ -261,6 +276,37 @@ class DeviceTier:
 
     # --- internals -----------------------------------------------------------------------
 
+    def _copy(
+        self,
+        new: list[TensorRef],
+        layout: list[tuple[TensorRef, int]],
+        need: int,
+        read: ReadHost,
+        block: MemAllocation | None,
+    ) -> _Segment:
+        """A segment of ``need`` bytes holding ``new``: on a real GPU in the pool block
+        granted (or, without a handle, an allocation of our own), the bytes copied in."""
+        tensors = frozenset(r.id for r in new)
+        room = block.id if block is not None else None
+        if not self.cuda:
+            return _Segment(tensors, need, block=room)
+        if block is not None and block.handle is not None:
+            base = open_segment(block.handle, block.offset + need, self.index)  # once: cached
+            seg = _Segment(tensors, need, block=room, handle=block.handle, offset=block.offset,
+                           view=base.narrow(0, block.offset, need))  # fmt: skip
+        else:
+            memory = CudaSegment(self.index, need)
+            seg = _Segment(tensors, need, memory, room, memory.handle, 0, memory.tensor)
+        assert seg.view is not None
+        try:
+            for ref, offset in layout:
+                write_at(seg.view, offset, read(ref))
+        except BaseException:
+            if seg.memory is not None:
+                seg.memory.free()
+            raise
+        return seg
+
     def _mark_idle(self, now: float) -> None:
         for seg_id, seg in self.segments.items():
             if self.leases.referenced(seg.tensors):
@@ -295,6 +341,7 @@ class DeviceTier:
         for tid in seg.tensors:
             self.refs.pop(tid, None)
             self.sizes.pop(tid, None)
+        seg.view = None  # the last view here unmaps a pool segment (its handle is closed)
         if seg.memory is not None:
             seg.memory.free()
         if seg.block is not None:

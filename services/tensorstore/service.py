@@ -39,6 +39,7 @@ from gpufaas.shared.messages import (
     EvictModelRequest,
     LocalityReply,
     LocalityRequest,
+    MemAllocation,
     ModelItem,
     ModelQuery,
     PrefetchReply,
@@ -137,7 +138,7 @@ class TensorStoreService(Service):
         t0 = time.perf_counter()
         private = req.tenant if req.source.private else None
 
-        def place(reg: Registration, block: tuple[int, int] | None) -> DevicePlacement | NeedsRoom:
+        def place(reg: Registration, block: MemAllocation | None) -> DevicePlacement | NeedsRoom:
             assert tier is not None
             assert req.lease is not None
             try:
@@ -195,7 +196,7 @@ class TensorStoreService(Service):
         tier: DeviceTier,
         reg: Registration,
         nbytes: int,
-        place: Callable[[Registration, tuple[int, int] | None], DevicePlacement | NeedsRoom],
+        place: Callable[[Registration, MemAllocation | None], DevicePlacement | NeedsRoom],
         *,
         evict: bool = True,
     ) -> DevicePlacement:
@@ -203,21 +204,24 @@ class TensorStoreService(Service):
         copies (least recently used first) while it has none, then place the copies.
 
         ``evict=False`` (a prefetch): no room is a 507, nothing evicted; the memory manager,
-        which asked, makes room first by its own order."""
+        which asked, makes room first by its own order. On a real GPU the copies are
+        written into the block (see ``device_tier``)."""
         keep = {ref.id for ref in reg.manifest.values()}
         for _ in range(3):  # a concurrent eviction may have made the need grow meanwhile
             block = await self._reserve(tier, nbytes, keep, evict=evict)
-            placed = await self._run(place, reg, block)
-            await self._release_blocks(tier)
+            try:
+                placed = await self._run(place, reg, block)
+            finally:  # a failed placement gave its block back too
+                await self._release_blocks(tier)
             if not isinstance(placed, NeedsRoom):
                 return placed
-            await self.memory.free(tier.name, block[0])
+            await self.memory.free(tier.name, block.id)
             nbytes = placed.nbytes
         raise Unavailable(f"{tier.name} kept changing while placing the model; retry")
 
     async def _reserve(
         self, tier: DeviceTier, nbytes: int, keep: set[str], *, evict: bool = True
-    ) -> tuple[int, int]:
+    ) -> MemAllocation:
         while True:
             try:
                 block = await self.memory.alloc(tier.name, nbytes)
@@ -244,7 +248,7 @@ class TensorStoreService(Service):
                         field="model",
                     ) from None
             else:
-                return block.id, block.nbytes
+                return block
 
     async def _release_blocks(self, tier: DeviceTier) -> None:
         while tier.released_blocks:
@@ -398,7 +402,7 @@ class TensorStoreService(Service):
         private = req.tenant if req.source.private else None
         hold = f"prefetch:{new_id(12)}"  # keeps the host tensors until the copies are made
 
-        def place(reg: Registration, block: tuple[int, int] | None) -> DevicePlacement | NeedsRoom:
+        def place(reg: Registration, block: MemAllocation | None) -> DevicePlacement | NeedsRoom:
             try:
                 return tier.prefetch(reg.manifest, self._read_host, now=time.time(), block=block)
             except NeedsRoom as room:

@@ -7,6 +7,12 @@ object tier. The bytes are written first and the placement is added to the tube'
 entry after (compare-and-set), so no placement ever points at half-written bytes; a
 copy that fails leaves nothing behind. Placements on nodes that left are dropped when
 found. Only the tube's tenant can resolve or move it; for anyone else it does not exist.
+
+A copy to a GPU takes its room from the node's memory service (``MemoryClient``). On a
+real GPU the block is a piece of a pool segment exported by CUDA IPC handle: the bytes
+are written there, and the placement names the segment's handle (``ipc:<hex>``) and the
+block's offset; a reader maps ``offset + nbytes`` from the handle. When no memory service
+answers, the copy falls back to an allocation of its own (offset 0), unbudgeted.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import dataclasses
 import mmap
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import nats.js.errors
@@ -25,7 +33,7 @@ import structlog
 
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
-from gpufaas.shared.cuda_ipc import CudaSegment
+from gpufaas.shared.cuda_ipc import CudaSegment, open_segment
 from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import InvalidArgument, NotFound, PlatformError, Unavailable
 from gpufaas.shared.memory_client import MemoryClient
@@ -36,6 +44,7 @@ from gpufaas.shared.messages import (
     EnsureRequest,
     FetchReply,
     FetchRequest,
+    MemAllocation,
     Placement,
     ResolveReply,
     ResolveRequest,
@@ -54,6 +63,9 @@ from gpufaas.transfer.emulator import EmulatedCopies
 from gpufaas.transfer.links import NodeLinks, describe, describe_routes
 from gpufaas.transfer.simengine import TransferRecord
 
+if TYPE_CHECKING:
+    import torch
+
 log = structlog.get_logger()
 
 FETCH_CHUNK_BYTES = 4 * 2**20  # one fetch reply: well under the server's max payload
@@ -62,6 +74,34 @@ GPU_DIR = "gpu"  # simulated GPU memory: host segments under <shm>/gpu/<node>/<g
 OBJECT_BUCKET = "tubes"  # the object tier: durable, readable from every node
 OBJECT_NODE = "*"  # an object-tier placement belongs to no node
 SWEEP_GRACE_S = 30.0  # a tube file younger than this may not be in KV yet (written first)
+
+
+@dataclass(slots=True)
+class _DeviceCopy:
+    """A tube's copy on a real GPU: its bytes, and the allocation and offset they lie at."""
+
+    tensor: torch.Tensor  # the copy's bytes: a view of a pool segment, or of ``own``
+    handle: bytes  # the allocation's CUDA IPC handle
+    offset: int  # the block's offset in it
+    block: int | None  # the memory service's block (None: no memory service answered)
+    own: CudaSegment | None  # the fall-back: an allocation of our own
+
+    def free(self) -> None:
+        """Free our own allocation (a pool block goes back to the memory service)."""
+        if self.own is not None:
+            self.own.free()
+
+
+def _device_copy(index: int, nbytes: int, block: MemAllocation | None) -> _DeviceCopy:
+    """Room for a copy on GPU ``index``: the pool block granted (its segment opened once
+    per process), or, without a handle, an allocation of our own."""
+    if block is not None and block.handle is not None:
+        base = open_segment(block.handle, block.offset + nbytes, index)
+        view = base.narrow(0, block.offset, nbytes)
+        return _DeviceCopy(view, block.handle, block.offset, block.id, None)
+    own = CudaSegment(index, nbytes)
+    assert own.tensor is not None
+    return _DeviceCopy(own.tensor, own.handle, 0, block.id if block is not None else None, own)
 
 
 class TransferService(Service):
@@ -79,14 +119,19 @@ class TransferService(Service):
         self.links = NodeLinks(node_devices.topology) if node_devices.topology else None
         # Simulated GPUs: copies emulated in real time by the simulated copy engine.
         self.emulator = EmulatedCopies(self.links.model) if self.links and self.simulated else None
-        # Our GPU blocks; a stable owner: the blocks of copies on disk survive our restarts.
-        self.memory = MemoryClient(lambda: self.nc, config.node_id, f"transfer@{config.node_id}",
+        self._cuda = node_devices.backend == "cuda"
+        # Our GPU blocks. Simulated GPUs: a stable owner, the blocks of copies on disk survive
+        # our restarts. Real GPUs: the directory of copies is this process's, so a new
+        # process is a new owner and a dead one's blocks lapse.
+        owner = f"transfer@{config.node_id}"
+        if self._cuda:
+            owner = f"{owner}/{os.getpid()}/{time.time():.6f}"
+        self.memory = MemoryClient(lambda: self.nc, config.node_id, owner,
                                    timeout_s=config.request_timeout_s)  # fmt: skip
         self.maps = SegmentCache(config.shm_dir)
         self._copying: dict[tuple[str, str], asyncio.Task[EnsureReply]] = {}
-        self._cuda = node_devices.backend == "cuda"
         self.engines: dict[str, CudaCopyEngine] = {}  # real GPUs: set up once at start
-        self._device_copies: dict[tuple[str, str], CudaSegment] = {}  # (tube, gpu) -> copy
+        self._device_copies: dict[tuple[str, str], _DeviceCopy] = {}  # (tube, gpu) -> copy
 
     async def on_start(self) -> None:
         node = self.config.node_id
@@ -108,7 +153,7 @@ class TransferService(Service):
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._sweep_loop(), "sweeper")
-        if self.emulator is not None:
+        if self.emulator is not None or self._cuda:
             lease = self.memory.keep_alive(lambda: self.looping, self.config.heartbeat_s)
             self.spawn(lease, "memory-lease")
 
@@ -152,7 +197,10 @@ class TransferService(Service):
             try:
                 await self.buckets.tubes.get(tube_id)
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                self._device_copies.pop((tube_id, tier)).free()
+                copy = self._device_copies.pop((tube_id, tier))
+                await asyncio.to_thread(copy.free)
+                if copy.block is not None:
+                    await self.memory.free(tier, copy.block)
                 swept.append(tube_id)
         if swept:
             log.info("transfer.swept", tubes=len(swept))
@@ -348,9 +396,15 @@ class TransferService(Service):
             path = f"{path}, {route}" if path else route
             nbytes += tube.nbytes
         elif req.tier != "host":  # from a GPU copy (over NVLink when a route exists) or host
-            placement, modelled_s, route = await asyncio.to_thread(
-                self._to_gpu, tube, source, req.tier
-            )
+            block = await self._device_block(req.tier, tube.nbytes)
+            try:
+                placement, modelled_s, route = await asyncio.to_thread(
+                    self._to_gpu, tube, source, req.tier, block
+                )
+            except BaseException:
+                if block is not None:
+                    await self.memory.free(req.tier, block.id)
+                raise
             path = f"{path}, {route}" if path else route
             nbytes += tube.nbytes
         if placement != source:
@@ -440,27 +494,43 @@ class TransferService(Service):
                     return here
         return None
 
-    def _to_gpu(self, tube: Tube, src: Placement, tier: str) -> tuple[Placement, float, str]:
+    async def _device_block(self, tier: str, nbytes: int) -> MemAllocation | None:
+        """Room on a real GPU from its budget; None when no memory service runs (the copy
+        then takes an allocation of its own). No room is a 507, as on simulated GPUs."""
+        try:
+            return await self.memory.alloc(tier, nbytes)
+        except Unavailable as exc:
+            log.warning("transfer.unbudgeted_copy", tier=tier, bytes=nbytes, error=exc.message)
+            return None
+
+    def _to_gpu(
+        self, tube: Tube, src: Placement, tier: str, block: MemAllocation | None
+    ) -> tuple[Placement, float, str]:
         """(Off the loop; real GPUs, simulated ones go through ``_emulated_copy``.) Copy this
-        node's host or GPU copy to a GPU by the planned routes into a device segment others
-        open by its IPC handle; returns the placement, the measured time and the routes."""
+        node's host or GPU copy to a GPU by the planned routes into ``block`` (a pool
+        segment others open by its IPC handle, at the block's offset); returns the
+        placement, the measured time and the routes."""
         assert self.links is not None, "a node with GPUs has a topology"
         with self.links.copying(src.tier, tier, tube.nbytes) as plan:
-            seg = CudaSegment(int(tier.split(":")[1]), tube.nbytes)
-            assert seg.tensor is not None
-            if src.tier == "host":  # over every route the plan chose, at once
-                view = memoryview(self.maps.map(src.segment))
-                parts = [(p.route.hops, p.offset, p.nbytes) for p in plan.parts]
-                took = multipath_host_to_device(
-                    self.engines, view[src.offset : src.offset + tube.nbytes], seg.tensor, parts
-                )
-            else:
-                peer = self._device_copies[(tube.id, src.tier)].tensor
-                assert peer is not None
-                took = self.engines[tier].device_to_device(peer, seg.tensor)
-            self._device_copies[(tube.id, tier)] = seg
-        ipc = f"ipc:{seg.handle.hex()}"
-        return Placement(node=self.config.node_id, tier=tier, segment=ipc), took, describe(plan)
+            copy = _device_copy(int(tier.split(":")[1]), tube.nbytes, block)
+            try:
+                if src.tier == "host":  # over every route the plan chose, at once
+                    view = memoryview(self.maps.map(src.segment))
+                    parts = [(p.route.hops, p.offset, p.nbytes) for p in plan.parts]
+                    took = multipath_host_to_device(
+                        self.engines, view[src.offset : src.offset + tube.nbytes], copy.tensor,
+                        parts,
+                    )  # fmt: skip
+                else:
+                    peer = self._device_copies[(tube.id, src.tier)].tensor
+                    took = self.engines[tier].device_to_device(peer, copy.tensor)
+            except BaseException:
+                copy.free()
+                raise
+            self._device_copies[(tube.id, tier)] = copy
+        ipc = f"ipc:{copy.handle.hex()}"
+        placed = Placement(node=self.config.node_id, tier=tier, segment=ipc, offset=copy.offset)
+        return placed, took, describe(plan)
 
     async def _fetch_remote(self, tube: Tube) -> tuple[Placement, str]:
         """Copy another live node's host copy here, in chunks, a window of them in flight."""
