@@ -60,6 +60,9 @@ class Config:
     tensor_keep_alive_s: float = c.DEFAULT_TENSOR_KEEP_ALIVE_S
     reclaim_interval_s: float = c.DEFAULT_RECLAIM_INTERVAL_S
     host_tensor_bytes: int = 0
+    # Memory service: a real GPU's pool grows by cudaMalloc'd segments of this size (or
+    # the request, if larger), each shared by CUDA IPC handle.
+    memory_segment_bytes: int = c.DEFAULT_MEMORY_SEGMENT_BYTES
     # Worker: dynamic batching. An idle device waits up to batch_wait_s for a batch to
     # fill (never past a request's slack); device_streams batches may run at once (0: by
     # backend, see constants).

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
+from gpufaas.shared import constants as c
 from gpufaas.shared.cuda_ipc import CudaSegment
 from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from gpufaas.shared.shm import new_id
@@ -35,7 +36,7 @@ DEFAULT_SEGMENT_BYTES: Final = 64 << 20
 DEFAULT_ALIGN_BYTES: Final = 256  # cudaMalloc's alignment: every block starts on it
 # A real GPU's segments: few large cudaMalloc's (each one costs ~0.1-1 ms and an IPC
 # open in every reader); a larger request gets a segment of its own size.
-CUDA_SEGMENT_BYTES: Final = 256 << 20
+CUDA_SEGMENT_BYTES: Final = c.DEFAULT_MEMORY_SEGMENT_BYTES
 # Blocks of a real GPU start on 512 B, as torch's caching allocator rounds its blocks
 # (cudaMalloc guarantees 256): any dtype and vectorised kernel is happy there.
 CUDA_ALIGN_BYTES: Final = 512

@@ -50,7 +50,6 @@ import structlog
 from gpufaas.memory import planner, policy
 from gpufaas.memory.pool import (
     CUDA_ALIGN_BYTES,
-    CUDA_SEGMENT_BYTES,
     Allocation,
     CudaBackend,
     PoolEvent,
@@ -126,7 +125,7 @@ class MemoryService(Service):
 
     name = "memory"
 
-    def __init__(self, config: Config, *, cuda_segment_bytes: int = CUDA_SEGMENT_BYTES) -> None:
+    def __init__(self, config: Config, *, cuda_segment_bytes: int | None = None) -> None:
         super().__init__(config)
         self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
         gpus = [d for d in self.node_devices.devices if d.kind != "host"]
@@ -134,7 +133,8 @@ class MemoryService(Service):
         if self.cuda:  # real memory, by IPC handle; its device calls on a thread per GPU
             self.pools = {
                 d.name: SegmentPool(d.name, d.memory_bytes, CudaBackend(_index(d.name)),
-                                    segment_bytes=cuda_segment_bytes,
+                                    segment_bytes=cuda_segment_bytes
+                                    or config.memory_segment_bytes,
                                     align_bytes=CUDA_ALIGN_BYTES, clock=time.time)
                 for d in gpus
             }  # fmt: skip
