@@ -17,7 +17,7 @@ import torch
 from gpufaas.memory.service import MemoryService
 from gpufaas.shared import subjects
 from gpufaas.shared.cuda_ipc import open_segment
-from gpufaas.shared.messages import EnsureReply, EnsureRequest, encode_json
+from gpufaas.shared.messages import EnsureReply, EnsureRequest, Tube, encode_json
 from gpufaas.shared.rpc import request
 from gpufaas.shared.shm import write_tube
 from gpufaas.transfer.discovery import calibrate, discover_topology
@@ -47,16 +47,22 @@ async def transfer(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Tra
     await svc.stop()
 
 
+async def copy_to_gpu(transfer: TransferService, data: bytes) -> tuple[Tube, EnsureReply]:
+    """Write ``data`` as a host tube of tenant t1 and ensure it on gpu:0."""
+    node = transfer.config.node_id
+    tube = write_tube(transfer.config.shm_dir, node, "t1", datatype="UINT8",
+                      shape=[len(data)], data=data)  # fmt: skip
+    await transfer.buckets.tubes.put(tube.id, encode_json(tube))
+    subject = subjects.node(node, "transfer", subjects.TRANSFER_ENSURE)
+    req = EnsureRequest(tube_id=tube.id, tenant="t1", tier="gpu:0")
+    return tube, await request(transfer.nc, subject, req, EnsureReply, timeout=60)
+
+
 async def test_a_tube_is_copied_to_the_gpu_through_the_pinned_ring(
     transfer: TransferService,
 ) -> None:
     data = os.urandom(96 * 2**20)
-    tube = write_tube(transfer.config.shm_dir, "node-g", "t1", datatype="UINT8",
-                      shape=[len(data)], data=data)  # fmt: skip
-    await transfer.buckets.tubes.put(tube.id, encode_json(tube))
-    subject = subjects.node("node-g", "transfer", subjects.TRANSFER_ENSURE)
-    req = EnsureRequest(tube_id=tube.id, tenant="t1", tier="gpu:0")
-    reply = await request(transfer.nc, subject, req, EnsureReply, timeout=60)
+    _, reply = await copy_to_gpu(transfer, data)
     assert not reply.simulated
     assert reply.placement.segment.startswith("ipc:")
     assert reply.placement.offset == 0  # no memory service: an allocation of its own
@@ -95,12 +101,7 @@ async def test_a_copy_lands_in_a_memory_service_block_another_process_reads(
     pool = memory.pools["gpu:0"]
     first = await transfer.memory.alloc("gpu:0", 2**20)  # the copy's block comes after it
     data = os.urandom(40 * 2**20 + 123)
-    tube = write_tube(transfer.config.shm_dir, "node-m", "t1", datatype="UINT8",
-                      shape=[len(data)], data=data)  # fmt: skip
-    await transfer.buckets.tubes.put(tube.id, encode_json(tube))
-    subject = subjects.node("node-m", "transfer", subjects.TRANSFER_ENSURE)
-    req = EnsureRequest(tube_id=tube.id, tenant="t1", tier="gpu:0")
-    reply = await request(transfer.nc, subject, req, EnsureReply, timeout=60)
+    tube, reply = await copy_to_gpu(transfer, data)
     placed = reply.placement
     (block,) = [a for a in pool.allocations() if a.nbytes == len(data)]
     assert block.owner == transfer.memory.owner
