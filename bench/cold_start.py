@@ -233,7 +233,7 @@ def worker_processes(plat: harness.Platform) -> list[WorkerProc]:
         except (OSError, IndexError):
             continue  # gone
         if state in ("Z", "X"):
-            continue  # a zombie: exited, not reaped yet (the pool reaps stopped spares late)
+            continue  # a zombie: exited, not reaped yet (the pool reaps each heartbeat)
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
@@ -266,10 +266,10 @@ def worker_processes(plat: harness.Platform) -> list[WorkerProc]:
 def pool_bound_tenants(plat: harness.Platform) -> set[str]:
     """The tenants the pool manager still counts as having a process (its ``bound``), from
     its log: bound by ``worker.spare_bound`` or started for by ``worker.process_started``,
-    until its ``worker.process_exited`` (logged by its watch loop, each heartbeat, after the
-    process has exited). Until then a request of the tenant that finds no process is bound
-    to that dying process and fails with 503 (see the README), so the waits follow the
-    pool's view, not only /proc."""
+    until the process's ``worker.process_retired`` (the pool agreed to its idle exit, before
+    it stopped serving) or ``worker.process_lost`` / ``worker.process_exited`` (it died).
+    From then on a request of the tenant is bound to a spare; the waits also follow /proc
+    (the exiting process must be gone, so that its exit does not compete for the cores)."""
     bound: set[str] = set()
     for rec in log_records(next(iter(sorted(logs_dir(plat).glob("*.worker.log"))), Path())):
         tenant, event = rec.get("tenant"), rec.get("event")
@@ -277,7 +277,8 @@ def pool_bound_tenants(plat: harness.Platform) -> set[str]:
             continue
         if event in ("worker.spare_bound", "worker.process_started"):
             bound.add(str(tenant))
-        elif event == "worker.process_exited":
+        elif event in ("worker.process_retired", "worker.process_lost",
+                       "worker.process_exited"):  # fmt: skip
             bound.discard(str(tenant))
     return bound
 
@@ -476,11 +477,20 @@ class ColdRun:
     register_us: int | None = None
     store_us: int | None = None
     overlapped: bool | None = None
-    # From the pool manager's log: replacement spares started (Popen) inside the bind,
-    # before the spare was asked to serve the tenant, and the time from the bind's start
-    # to the last of them.
+    # From the pool manager's log: replacement spares started (Popen) inside the bind
+    # (there should be none: the pool starts the replacement REFILL_DELAY_S after the
+    # reply), and the time from the bind's start to the last of them.
     refill_started: int | None = None
     refill_us: int | None = None
+    refill_in_request: int | None = None  # ... and started before the request's reply
+
+
+def spare_warm_ups(plat: harness.Platform) -> list[dict[str, int]]:
+    """Each spare's warm-up before it said it was ready (its ``worker.warmed`` line: the
+    builtin tokenizer parsed and run, the encoder run over random weights), in µs."""
+    keys = ("us", "tokenizer_us", "encode_us", "forward_us")
+    return [{k: int(r[k]) for k in keys if k in r}
+            for r in log_events(plat, "*.worker-*.log", "worker.warmed")]  # fmt: skip
 
 
 def cold_round(
@@ -543,7 +553,8 @@ def add_bind_details(plat: harness.Platform, runs: list[ColdRun]) -> None:
     """For each cold request that bound a ready spare: the replacement spares the pool
     started (``worker.process_started``) between the bind's start (``worker.spare_bound``
     less the reply's wait) and the spare being bound, and how long from the start to the
-    last of them (each Popen forks the pool manager, torch imported)."""
+    last of them; and those started before the request had its reply (their start and
+    torch import would compete with it for the cores)."""
     pool_log = sorted(logs_dir(plat).glob("*.worker.log"))
     recs = log_records(pool_log[0]) if pool_log else []
     started = [log_time(r) for r in recs
@@ -560,6 +571,8 @@ def add_bind_details(plat: harness.Platform, runs: list[ColdRun]) -> None:
         inside = [t for t in started if t_start - 0.002 <= t <= t_bound]
         r.refill_started = len(inside)
         r.refill_us = int(max((max(inside) - t_start) * 1e6, 0)) if inside else 0
+        r.refill_in_request = sum(1 for t in started
+                                  if t_start - 0.002 <= t <= t_start + r.client_ms / 1e3)  # fmt: skip
 
 
 @dataclass
@@ -790,6 +803,7 @@ def print_breakdown(label: str, rows: list[ColdRun]) -> None:
     waited = sum(1 for r in rows if r.worker_header_us > 0)
     spares = sorted({r.spares_ready for r in rows if r.spares_ready is not None})
     started = sorted({r.refill_started for r in rows if r.refill_started is not None})
+    during = sorted({r.refill_in_request for r in rows if r.refill_in_request is not None})
     print(
         f"    Gpufaas-New-Process: 1 in {new}/{len(rows)}; Gpufaas-Worker-Us > 0 (a process "
         f"was bound) in {waited}/{len(rows)}"
@@ -797,11 +811,29 @@ def print_breakdown(label: str, rows: list[ColdRun]) -> None:
            if spares else "")
         + (f"; replacement spares started inside the bind: {', '.join(map(str, started))}"
            if started else "")
+        + (f", before the request's reply: {', '.join(map(str, during))}" if during else "")
     )  # fmt: skip
 
 
+def print_warm_ups(warm: list[dict[str, int]]) -> dict[str, Any]:
+    """The spares' warm-up (their logs), median / p95 in ms."""
+    print(f"  spares' warm-up before they said they were ready, {len(warm)} spares (their logs)")
+    out = {}
+    for key, name in (("us", "in all"), ("tokenizer_us", "builtin tokenizer parsed"),
+                      ("encode_us", "tokenizer run once"),
+                      ("forward_us", "encoder run once over random weights")):  # fmt: skip
+        d = Dist.of([w[key] / 1e3 for w in warm if key in w])
+        out[key] = asdict(d)
+        print(f"    {name:<64}{fmt(d)}")
+    return out
+
+
 def print_results(
-    a: list[ColdRun], a_shared: list[ColdRun], b: list[ColdRun], c: list[TypicalRun]
+    a: list[ColdRun],
+    a_shared: list[ColdRun],
+    b: list[ColdRun],
+    c: list[TypicalRun],
+    warm: list[dict[str, int]],
 ) -> dict[str, Any]:
     da, db, dc = dist_of(a, "client_ms"), dist_of(b, "client_ms"), dist_of(c, "wall_ms")
     das = dist_of(a_shared, "client_ms")
@@ -830,6 +862,7 @@ def print_results(
     print_breakdown("(a) tensors resident, a ready spare from the pool", a)
     print_breakdown("(a`) tensors resident, no pool (one shared worker process)", a_shared)
     print_breakdown("(b) tensors not resident (the tenant's own process)", b)
+    warm_ups = print_warm_ups(warm)
     print("  (c) typical path, phases inside the child")
     for name, attr in (
         ("spawn to first result (the figure above)", "wall_ms"),
@@ -853,6 +886,7 @@ def print_results(
         "target_ratio_met_median": met_ratio,
         "a_new_process": sum(1 for r in a if r.new_process),
         "a_worker_us": asdict(bd(a, "worker")),
+        "spare_warm_up_ms": warm_ups,
     }
 
 
@@ -944,6 +978,7 @@ class ResidentPhase:
     memory: IdleMemory
     emb_a: list[float]
     emb_c: list[float]
+    warm_ups: list[dict[str, int]]
 
 
 def run_resident(
@@ -981,11 +1016,12 @@ def run_resident(
             print(line, flush=True)
         add_build_times(plat, a)
         add_bind_details(plat, a)
+        warm_ups = spare_warm_ups(plat)
         memory = idle_memory(plat, "pool" if pool else "shared")
     finally:
         status = harness.stop_platform(plat)
         print(f"platform {name} stopped (exit status {status})")
-    return ResidentPhase(a, c, memory, emb_a, emb_c)
+    return ResidentPhase(a, c, memory, emb_a, emb_c, warm_ups)
 
 
 def run_not_resident(args: argparse.Namespace, data_dir: Path, base_dir: Path) -> list[ColdRun]:
@@ -1049,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
     timed_as = [r for r in shared.a if not r.warmup]
     timed_b = [r for r in b if not r.warmup]
     timed_c = [r for r in res.c if not r.warmup]
-    summary = print_results(timed_a, timed_as, timed_b, timed_c)
+    summary = print_results(timed_a, timed_as, timed_b, timed_c, res.warm_ups)
     summary["memory"] = print_memory(res.memory, shared.memory)
     m["loadavg_1m_between"] = load_mid
     m["loadavg_1m_after"] = round(os.getloadavg()[0], 2)

@@ -100,6 +100,9 @@ WORKER_PROFILE: Final = "profile"
 # process; a spare process says it is ready; the pool binds a spare by its own subject.
 WORKER_BIND: Final = "bind"
 WORKER_SPARE_READY: Final = "spare_ready"
+# A tenant's process, idle, asks the pool whether it may exit: the pool says yes only once
+# it no longer counts the process as the tenant's, so no bind can return a dying process.
+WORKER_RETIRE: Final = "retire"
 TENSORSTORE_REGISTER: Final = "register"
 TENSORSTORE_STATS: Final = "stats"
 TENSORSTORE_RENEW: Final = "renew"

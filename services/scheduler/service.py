@@ -355,28 +355,44 @@ class SchedulerService(Service):
         """A worker verb for ``tenant`` on ``node``. When no process of the tenant answers
         there (its first function on the node, or its process went idle and exited), the
         node's pool binds one (a warm spare, else a new process) and the request is sent
-        again; the bind's reply says how long that took."""
+        again; the bind's reply says how long that took. The pool never returns a process
+        that is retiring (see ``gpufaas.worker.pool``); should the bound one still not
+        answer (it crashed meanwhile), the pool is asked once more."""
         subject = subjects.worker(node, tenant, verb)
         what = f"worker of node {node}"
-        try:
+
+        async def send() -> M:
             return await request(self.nc, subject, msg, reply_type, timeout=timeout,
-                                 request_id=request_id, what=what), None  # fmt: skip
+                                 request_id=request_id, what=what)  # fmt: skip
+
+        async def bind_one() -> WorkerBindReply:
+            bound = await request(
+                self.nc, subjects.node(node, "worker", subjects.WORKER_BIND),
+                WorkerBindRequest(tenant=tenant), WorkerBindReply,
+                timeout=self.config.deploy_timeout_s, request_id=request_id, what=what,
+            )  # fmt: skip
+            log.info("worker.bound", node=node, tenant=tenant, worker=bound.worker,
+                     waited_us=bound.waited_us, new_process=bound.new_process)  # fmt: skip
+            return bound
+
+        try:
+            return await send(), None
         except Unavailable as exc:
             if not bind:
                 raise
             try:
-                bound = await request(
-                    self.nc, subjects.node(node, "worker", subjects.WORKER_BIND),
-                    WorkerBindRequest(tenant=tenant), WorkerBindReply,
-                    timeout=self.config.deploy_timeout_s, request_id=request_id, what=what,
-                )  # fmt: skip
+                bound = await bind_one()
             except Unavailable:
                 raise exc from None  # no pool on that node: the first error stands
-        log.info("worker.bound", node=node, tenant=tenant, waited_us=bound.waited_us,
-                 new_process=bound.new_process)  # fmt: skip
-        reply = await request(self.nc, subject, msg, reply_type, timeout=timeout,
-                              request_id=request_id, what=what)  # fmt: skip
-        return reply, bound
+        try:
+            return await send(), bound
+        except Unavailable:
+            log.warning("worker.bound_not_answering", node=node, tenant=tenant,
+                        worker=bound.worker)  # fmt: skip
+        again = await bind_one()
+        bound = WorkerBindReply(worker=again.worker, waited_us=bound.waited_us + again.waited_us,
+                                new_process=bound.new_process or again.new_process)  # fmt: skip
+        return await send(), bound
 
     async def _unload(self, node: str, tenant: str, name: str) -> None:
         try:

@@ -3,13 +3,30 @@
 A cold start is won in the runtime, not the loader: starting Python and importing torch
 take over a second, building an instance over resident tensors a few milliseconds. So
 the node keeps ``GPUFAAS_WORKER_SPARES`` spare worker processes ready (torch and the
-platform imported, NATS connected, the device set up), and the first request of a tenant
-on the node binds one of them to that tenant (``WorkerBindRequest``, sent by the
-scheduler when no process of the tenant answers). A bound process serves that tenant
-only, for its whole life: processes are never handed from one tenant to another. The
-pool refills in the background; when no spare is ready it starts a process for the
-tenant and says so (``new_process``). A tenant's process with no instance for
-``GPUFAAS_WORKER_IDLE_S`` exits, so an idle node holds only its spares.
+platform imported, NATS connected, the device set up, the model code and the builtin
+models' tokenizers warmed up), and the first request of a tenant on the node binds one
+of them to that tenant (``WorkerBindRequest``, sent by the scheduler when no process of
+the tenant answers). A bound process serves that tenant only, for its whole life:
+processes are never handed from one tenant to another. When no spare is ready a process
+is started for the tenant and the reply says so (``new_process``).
+
+The bind answers first; the replacement spare starts ``REFILL_DELAY_S`` later, from the
+pool's watch loop, so that neither its start nor its torch import (seconds of CPU) runs
+during the bound tenant's first request. Processes are started without a ``preexec_fn``
+(so with vfork: ~0.3 ms, not a fork of the pool); each arranges to die with the pool
+itself (``python -m gpufaas.worker --parent-pid``). The pool manager computes nothing
+and never imports torch.
+
+Idle exit is a handshake, so that no request can meet a dying process: a tenant's process
+with no instance for ``GPUFAAS_WORKER_IDLE_S`` asks the pool (``WorkerRetireRequest``),
+still serving. The pool refuses while a bind of that tenant is under way or within
+``RETIRE_GRACE_S`` of one returning the process (its caller's request is on its way);
+otherwise it stops counting the process as the tenant's *before* it answers yes (one
+event loop: no bind can interleave), and only then does the process drain its
+subscriptions and exit. A request that reached it before is answered by it; one after
+finds no responder, and the scheduler's bind then gets a spare, never the dying process
+(the scheduler also binds once more if a process it was given does not answer, for a
+crash). Exited processes, idle, stopped or crashed, are reaped by the watch loop.
 
 The pool manager heartbeats as the node's ``worker`` (membership, ``node.joined`` and
 ``node.left`` come from it); its processes have no heartbeat of their own.
@@ -18,6 +35,7 @@ The pool manager heartbeats as the node's ``worker`` (membership, ``node.joined`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import subprocess
@@ -33,9 +51,14 @@ from nats.aio.msg import Msg as NatsMsg
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import NodeDevices, parse_devices
-from gpufaas.shared.errors import Unavailable
-from gpufaas.shared.messages import DeviceInfo, WorkerBindReply, WorkerBindRequest
-from gpufaas.shared.process import die_with_parent
+from gpufaas.shared.errors import PlatformError, Unavailable
+from gpufaas.shared.messages import (
+    DeviceInfo,
+    WorkerBindReply,
+    WorkerBindRequest,
+    WorkerRetireReply,
+    WorkerRetireRequest,
+)
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 
@@ -45,6 +68,13 @@ START_TIMEOUT_S = 120.0  # a new worker process must be serving within this
 DEMAND_WINDOW_S = 60.0  # binds of new tenants counted for sizing the pool
 MAX_EXTRA_SPARES = 3  # spares kept beyond the configured ones under a burst of tenants
 PROCESS_BYTES = 512 * 2**20  # what a spare costs (torch imported): kept free besides it
+# After a bind, the replacement spare starts this much later: the bound process's first
+# request (a build and an inference, tens of ms) then has the cores to itself.
+REFILL_DELAY_S = 0.5
+# A process a bind returned may not retire this soon after: its caller's request is on
+# its way to it (an idle exit takes GPUFAAS_WORKER_IDLE_S anyway).
+RETIRE_GRACE_S = 1.0
+SPARE_BIND_TIMEOUT_S = 10.0  # a ready spare answers its bind in milliseconds
 
 
 def spares_wanted(base: int, recent_binds: int, free_bytes: int | None) -> int:
@@ -78,9 +108,12 @@ class WorkerProcess:
     log_path: Path
     tenant: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    returned_at: float = -1e9  # when a bind last returned it (monotonic)
+    retired: bool = False  # stopped or allowed to exit: no longer counted, not yet reaped
 
     @property
     def alive(self) -> bool:
+        """Not exited (``poll`` also reaps it once it has)."""
         return self.popen.poll() is None
 
 
@@ -94,11 +127,14 @@ class WorkerPoolService(Service):
         self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
         self.spares: list[WorkerProcess] = []
         self.bound: dict[str, WorkerProcess] = {}
+        self.exiting: list[WorkerProcess] = []  # retired or stopped, not reaped yet
         self._binding: dict[str, asyncio.Task[tuple[WorkerProcess, bool]]] = {}
         self._by_id: dict[str, WorkerProcess] = {}
         self._ids = itertools.count(1)
         self.started = 0  # processes started, spares and fall-backs
         self._binds: deque[float] = deque()  # when new tenants were bound (demand)
+        self._refill_at: float | None = None  # when the watch loop tops the spares up
+        self._wake = asyncio.Event()  # the watch loop has something to do sooner
 
     def devices(self) -> list[DeviceInfo]:
         return self.node_devices.devices
@@ -118,6 +154,8 @@ class WorkerPoolService(Service):
         self._subs.append(await self.nc.subscribe(ready, cb=self._on_ready))
         await self.serve(subjects.node(node, "worker", subjects.WORKER_BIND),
                          WorkerBindRequest, self.bind)  # fmt: skip
+        await self.serve(subjects.node(node, "worker", subjects.WORKER_RETIRE),
+                         WorkerRetireRequest, self.retire)  # fmt: skip
         self._refill()
         self.spawn(self._watch_loop(), "watch")
         await self.publish_event(
@@ -127,7 +165,7 @@ class WorkerPoolService(Service):
         )
 
     async def on_stop(self) -> None:
-        procs = [*self.spares, *self.bound.values()]
+        procs = [*self.spares, *self.bound.values(), *self.exiting]
         for p in procs:
             if p.alive:
                 p.popen.terminate()
@@ -154,7 +192,14 @@ class WorkerPoolService(Service):
         return self.config.data_dir / "logs"
 
     def _start(self, tenant: str | None) -> WorkerProcess:
-        """Start a worker process: a spare, or one bound to ``tenant`` from the start."""
+        """Start a worker process: a spare, or one bound to ``tenant`` from the start.
+
+        No ``preexec_fn``, so Python spawns it with vfork (~0.3 ms) instead of forking this
+        process; the child makes itself die with us (``--parent-pid``, see the worker's
+        ``__main__``), so a killed ``gpufaas up`` still leaves no worker behind. Called on
+        the event loop's thread, which lives as long as the pool: PR_SET_PDEATHSIG fires
+        when the thread that started the child ends.
+        """
         wid = f"{os.getpid()}-{next(self._ids)}"
         env = {**os.environ, **self.config.to_env(), "GPUFAAS_READY_FILE": "",
                "GPUFAAS_WORKER_ROLE": "spare" if tenant is None else "tenant",
@@ -164,15 +209,21 @@ class WorkerPoolService(Service):
         log_path = logs / f"{self.config.node_id}.worker-{wid}.log"
         with log_path.open("ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "gpufaas.worker"], env=env, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl, no locks
+                [sys.executable, "-m", "gpufaas.worker", "--parent-pid", str(os.getpid())],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         proc = WorkerProcess(wid, popen, log_path, tenant)
         self._by_id[wid] = proc
         self.started += 1
         log.info("worker.process_started", worker=wid, tenant=tenant, pid=popen.pid)
         return proc
+
+    def _let_go(self, proc: WorkerProcess, *, terminate: bool) -> None:
+        """Count ``proc`` out (no bind returns it again); the watch loop reaps it."""
+        proc.retired = True
+        self.exiting.append(proc)
+        if terminate and proc.alive:
+            proc.popen.terminate()
 
     async def _on_ready(self, msg: NatsMsg) -> None:
         proc = self._by_id.get(msg.data.decode(errors="replace"))
@@ -188,22 +239,52 @@ class WorkerPoolService(Service):
             self.spares.append(self._start(None))
         while len(self.spares) > want:
             extra = self.spares.pop()
-            self._by_id.pop(extra.id, None)
-            extra.popen.terminate()
+            self._let_go(extra, terminate=True)
             log.info("worker.spare_stopped", worker=extra.id, spares=want)
 
+    def _refill_later(self) -> None:
+        """Top the spares up ``REFILL_DELAY_S`` from now (not later: a stream of binds does
+        not keep postponing it)."""
+        if self._refill_at is None:
+            self._refill_at = time.monotonic() + REFILL_DELAY_S
+            self._wake.set()
+
+    def _reap(self) -> None:
+        """Forget (and wait for) the processes that exited: a tenant's after its idle exit,
+        a stopped spare, a crash. Nothing is left a zombie."""
+        lost: list[tuple[str | None, WorkerProcess]] = [
+            (t, p) for t, p in self.bound.items() if not p.alive
+        ]
+        lost += [(None, p) for p in self.spares if not p.alive]
+        for tenant, p in lost:  # exited without being let go: a crash, or killed
+            log.warning("worker.process_lost", worker=p.id, tenant=tenant,
+                        status=p.popen.returncode, log=str(p.log_path))  # fmt: skip
+            if tenant is None:
+                self.spares.remove(p)
+            else:
+                del self.bound[tenant]
+            self._let_go(p, terminate=False)
+        for p in [p for p in self.exiting if not p.alive]:
+            log.info("worker.process_exited", worker=p.id, tenant=p.tenant,
+                     status=p.popen.returncode)  # fmt: skip
+            self.exiting.remove(p)
+            self._by_id.pop(p.id, None)
+
     async def _watch_loop(self) -> None:
-        """Each heartbeat: forget processes that exited (a tenant's idle one, or a crash);
-        keep the spares topped up."""
+        """Each heartbeat (or sooner, when a bind asks for a refill): reap the processes
+        that exited and keep the spares topped up."""
         while self.looping:
-            await asyncio.sleep(self.config.heartbeat_s)
-            for tenant, p in list(self.bound.items()):
-                if not p.alive:
-                    log.info("worker.process_exited", worker=p.id, tenant=tenant,
-                             status=p.popen.returncode)  # fmt: skip
-                    del self.bound[tenant]
-                    self._by_id.pop(p.id, None)
-            self._refill()
+            wait = self.config.heartbeat_s
+            if self._refill_at is not None:
+                wait = min(wait, max(self._refill_at - time.monotonic(), 0.0))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            self._wake.clear()
+            self._reap()
+            if self._refill_at is None or time.monotonic() >= self._refill_at:
+                self._refill_at = None
+                self._refill()
 
     async def _wait_ready(self, proc: WorkerProcess) -> None:
         try:
@@ -237,32 +318,70 @@ class WorkerPoolService(Service):
         return WorkerBindReply(worker=proc.id, waited_us=waited, new_process=new)
 
     async def _bind(self, tenant: str) -> tuple[WorkerProcess, bool]:
+        proc, new = await self._find(tenant)
+        proc.returned_at = time.monotonic()  # see retire: its caller's request is on its way
+        return proc, new
+
+    async def _find(self, tenant: str) -> tuple[WorkerProcess, bool]:
         own = self.bound.get(tenant)
-        if own is not None and own.alive:
+        if own is not None and own.alive:  # never a retired one: retire removed it first
             await self._wait_ready(own)
             return own, False
+        if own is not None:  # died (a crash) since the last reap: reaped with the others
+            del self.bound[tenant]
+            log.warning("worker.process_lost", worker=own.id, tenant=tenant,
+                        status=own.popen.returncode, log=str(own.log_path))  # fmt: skip
+            self._let_go(own, terminate=False)
         self._binds.append(time.monotonic())
-        spare = next((p for p in self.spares if p.alive and p.ready.is_set()), None)
-        if spare is not None:
+        while (spare := next((p for p in self.spares if p.alive and p.ready.is_set()),
+                             None)) is not None:  # fmt: skip
             self.spares.remove(spare)
-            self._refill()  # in the background: the next tenant finds one ready too
-            await request(
-                self.nc, subjects.node(self.config.node_id, "worker", f"spare-{spare.id}"),
-                WorkerBindRequest(tenant=tenant), WorkerBindReply, timeout=10,
-                what=f"spare worker {spare.id}",
-            )  # fmt: skip
             spare.tenant = tenant
             self.bound[tenant] = spare
+            try:
+                await request(
+                    self.nc, subjects.node(self.config.node_id, "worker", f"spare-{spare.id}"),
+                    WorkerBindRequest(tenant=tenant), WorkerBindReply,
+                    timeout=SPARE_BIND_TIMEOUT_S, what=f"spare worker {spare.id}",
+                )  # fmt: skip
+            except PlatformError as exc:  # a broken spare: stop it, take another
+                log.warning("worker.spare_bind_failed", worker=spare.id, error=exc.message)
+                if self.bound.get(tenant) is spare:
+                    del self.bound[tenant]
+                spare.tenant = None
+                self._let_go(spare, terminate=True)
+                continue
             log.info("worker.spare_bound", worker=spare.id, tenant=tenant)
+            self._refill_later()  # after the reply: the next tenant finds one ready too
             return spare, False
         proc = self._start(tenant)  # nothing ready: the slow way, said in the reply
         self.bound[tenant] = proc
         try:
             await self._wait_ready(proc)
         except BaseException:
-            self.bound.pop(tenant, None)
-            if proc.alive:
-                proc.popen.terminate()
+            if self.bound.get(tenant) is proc:
+                del self.bound[tenant]
+            self._let_go(proc, terminate=True)
             raise
-        self._refill()
+        self._refill_later()
         return proc, True
+
+    async def retire(self, req: WorkerRetireRequest) -> WorkerRetireReply:
+        """(Asked by a tenant's idle process.) Yes once the process no longer counts as the
+        tenant's (a later bind gets a spare); no while a bind of the tenant is under way or
+        has just returned it. The check and the removal run with no await between them, so
+        no bind interleaves."""
+        proc = self._by_id.get(req.worker)
+        if proc is None or proc.retired:  # unknown (not ours), or asked again: go
+            return WorkerRetireReply(retire=True)
+        if proc.tenant is not None and self.bound.get(proc.tenant) is proc:
+            if (proc.tenant in self._binding
+                    or time.monotonic() - proc.returned_at < RETIRE_GRACE_S):  # fmt: skip
+                log.info("worker.retire_refused", worker=proc.id, tenant=proc.tenant)
+                return WorkerRetireReply(retire=False)
+            del self.bound[proc.tenant]
+        elif proc in self.spares:
+            self.spares.remove(proc)
+        self._let_go(proc, terminate=False)
+        log.info("worker.process_retired", worker=proc.id, tenant=proc.tenant)
+        return WorkerRetireReply(retire=True)

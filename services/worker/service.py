@@ -27,6 +27,7 @@ import structlog
 
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
+from gpufaas.shared.catalog import BUILTIN, resolve_model_dir
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import NodeDevices, parse_devices
 from gpufaas.shared.errors import (
@@ -44,6 +45,7 @@ from gpufaas.shared.messages import (
     Breakdown,
     EnsureReply,
     EnsureRequest,
+    FunctionRecord,
     FunctionSpec,
     InvokeReply,
     LeaseClaim,
@@ -63,9 +65,13 @@ from gpufaas.shared.messages import (
     WorkerLoadRequest,
     WorkerProfileReply,
     WorkerProfileRequest,
+    WorkerRetireReply,
+    WorkerRetireRequest,
     WorkerRunRequest,
     WorkerUnloadReply,
     WorkerUnloadRequest,
+    decode,
+    decode_json,
     encode,
     encode_json,
 )
@@ -75,7 +81,16 @@ from gpufaas.shared.service import Service
 from gpufaas.shared.shm import write_tube
 from gpufaas.worker.exported import ExportedRunner
 from gpufaas.worker.profiling import profile
-from gpufaas.worker.runners import RUNNERS, Inputs, Output, Runner, merge, rows, split
+from gpufaas.worker.runners import (
+    RUNNERS,
+    Inputs,
+    Output,
+    Runner,
+    merge,
+    rows,
+    split,
+    warm_up_bert,
+)
 from gpufaas.worker.tensor_map import TensorMap
 
 log = structlog.get_logger()
@@ -132,6 +147,31 @@ def _init_cuda(index: int) -> None:
 
     torch.cuda.set_device(index)
     torch.zeros(1, device=f"cuda:{index}")
+
+
+def _builtin_model_dirs() -> list[Path]:
+    """The installed packaged bert-embedding models (public files: what a spare warms)."""
+    dirs = []
+    for name, pkg in BUILTIN.items():
+        if pkg.architecture != "bert-embedding":
+            continue
+        with contextlib.suppress(PlatformError):  # not installed here
+            dirs.append(resolve_model_dir(ModelSource(builtin=name)))
+    return dirs
+
+
+# What a cold start decodes, each with a decoder built on first use (up to 0.5 ms each).
+_COLD_PATH_MESSAGES = (WorkerLoadRequest, WorkerRunRequest, RegisterReply, EnsureReply)
+
+
+def _build_decoders() -> None:
+    """Build (and keep, see ``messages.decode``) the decoders of a cold start's messages:
+    decoding nothing fails, after the decoder is made."""
+    for typ in _COLD_PATH_MESSAGES:
+        with contextlib.suppress(InvalidArgument):
+            decode(b"", typ)
+    with contextlib.suppress(InvalidArgument):
+        decode_json(b"", FunctionRecord)  # the registry's record (_check_deployed)
 
 
 def _us(since: float) -> int:
@@ -192,6 +232,7 @@ class WorkerService(Service):
             raise InvalidArgument("a tenant worker needs GPUFAAS_WORKER_TENANT",
                                   field="GPUFAAS_WORKER_TENANT")  # fmt: skip
         self._idle_since = time.monotonic()  # last moment it had an instance (tenant workers)
+        self._exit: asyncio.Task[None] | None = None  # its idle exit (see _retire)
         # Who holds this process's leases on the tensor store: unique per process life.
         self.holder = f"{config.node_id}/{os.getpid()}/{self.started_at:.6f}"
 
@@ -203,6 +244,7 @@ class WorkerService(Service):
             index = int(self.gpu.split(":")[1])
             await asyncio.get_running_loop().run_in_executor(self._executor, _init_cuda, index)
         if self.role == "spare":  # warm, waiting to be given a tenant by the node's pool
+            await self._warm_up()
             await self.serve(self._spare_subject(), WorkerBindRequest, self.bind)
         else:
             await self._serve_tenant(self.tenant or subjects.ANY_TENANT)
@@ -217,6 +259,27 @@ class WorkerService(Service):
             {"node": node, "devices": [d.name for d in self.node_devices.devices]},
             dedupe_id=f"node.joined.{node}.{self.started_at}",
         )
+
+    async def _warm_up(self) -> None:
+        """(A spare, before it says it is ready.) Pay on the device thread what a cold start
+        in a new process would otherwise pay: the builtin models' tokenizers parsed and
+        run, the encoder run once over random weights (``runners.warm_up_bert``), the
+        decoders of a cold start's messages built. Nothing of any tenant: a spare may be
+        bound to anyone. Best effort: a failure is logged."""
+        device = "cpu"  # a simulated GPU computes on the host
+        if self.node_devices.backend == "cuda" and self.gpu is not None:
+            device = f"cuda:{self.gpu.split(':')[1]}"  # "gpu:N" is the platform's name
+        t0 = time.perf_counter()
+        try:
+            _build_decoders()
+            dirs = await asyncio.to_thread(_builtin_model_dirs)
+            took = await asyncio.get_running_loop().run_in_executor(
+                self._executor, warm_up_bert, dirs, device
+            )
+        except Exception as exc:  # never keeps a spare from serving
+            log.warning("worker.warm_up_failed", error=repr(exc))
+            return
+        log.info("worker.warmed", us=_us(t0), models=len(dirs), **took)
 
     def _spare_subject(self) -> str:
         return subjects.node(self.config.node_id, "worker",
@@ -497,14 +560,45 @@ class WorkerService(Service):
             if self.role != "shared" and self.tenant is not None:
                 if self.instances or self._loading:
                     self._idle_since = time.monotonic()
-                elif time.monotonic() - self._idle_since > self.config.worker_idle_s:
-                    log.info("worker.idle_exit", tenant=self.tenant)
-                    asyncio.get_running_loop().create_task(self.stop())
+                elif (time.monotonic() - self._idle_since > self.config.worker_idle_s
+                        and await self._retire()):  # fmt: skip
                     return
             try:
                 await self.renew_leases()
             except PlatformError as exc:
                 log.warning("lease.renew_failed", error=exc.message)
+
+    async def _retire(self) -> bool:
+        """(A tenant's idle process.) Exit if the node's pool agrees; False: stay.
+
+        The pool answers yes only once it no longer counts this process as the tenant's,
+        so no bind returns it from then on; until that answer it serves as before (see
+        ``gpufaas.worker.pool``). Then its subscriptions are drained, not dropped: every
+        request already routed here is answered (``stop`` waits for it); one sent later
+        finds no responder and the scheduler binds another process.
+        """
+        assert self.tenant is not None
+        try:
+            reply = await request(
+                self.nc, subjects.node(self.config.node_id, "worker", subjects.WORKER_RETIRE),
+                WorkerRetireRequest(worker=self.config.worker_spare_id, tenant=self.tenant),
+                WorkerRetireReply, timeout=5, what="worker pool of this node",
+            )  # fmt: skip
+            retire = reply.retire
+        except Unavailable:  # no pool to bind this process again: nothing to agree with
+            retire = True
+        except PlatformError as exc:  # asked again next time (a yes is given again)
+            log.warning("worker.retire_failed", error=exc.message)
+            retire = False
+        if not retire:
+            self._idle_since = time.monotonic()
+            return False
+        log.info("worker.idle_exit", tenant=self.tenant)
+        for sub in list(self._subs):
+            with contextlib.suppress(nats.errors.Error):
+                await sub.drain()  # type: ignore[no-untyped-call]
+        self._exit = asyncio.get_running_loop().create_task(self.stop())
+        return True
 
     # --- invocation ------------------------------------------------------------------
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -22,14 +26,16 @@ from gpufaas.shared.messages import (
     ModelSource,
     WorkerBindReply,
     WorkerBindRequest,
+    WorkerRetireReply,
+    WorkerRetireRequest,
     WorkerRunRequest,
 )
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.tensorstore.service import TensorStoreService
 from gpufaas.transfer.service import TransferService
-from gpufaas.worker.pool import WorkerPoolService
-from tests.conftest import NatsServer
+from gpufaas.worker.pool import RETIRE_GRACE_S, WorkerPoolService, WorkerProcess
+from tests.conftest import NatsServer, wait_for
 from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -127,17 +133,27 @@ def test_a_pool_config_round_trips_through_the_environment(tmp_path: Path) -> No
     assert Config.from_env(environ=config.to_env()).worker_spares == 2
 
 
-async def test_back_from_zero_the_instance_goes_into_a_warm_spare(pooled: Platform) -> None:
+async def deploy_then_scale_to_zero(pooled: Platform, *, refilled: bool = False) -> WorkerProcess:
+    """Deploy the demo into a ready spare, then let the autoscaler scale it to zero and
+    unload it (idle past keep-alive); returns the tenant's process, left with no instance.
+    ``refilled``: wait for the replacement spare before scaling down."""
     c, pool = pooled.client, pool_of(pooled)
     sched = pooled.services["scheduler"]
     assert isinstance(sched, SchedulerService)
     await ready_spares(pool, 1)
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
     first = pool.bound["default"]
+    if refilled:
+        await ready_spares(pool, 1)
     now = time.time()
-    await sched.autoscale_once(now)
-    await sched.autoscale_once(now + 11)  # idle past keep-alive: scaled to zero
-    await sched.autoscale_once(now + 11 + 3600)  # unloaded
+    for later in (0, 11, 11 + 3600):  # idle past keep-alive: scaled to zero, then unloaded
+        await sched.autoscale_once(now + later)
+    return first
+
+
+async def test_back_from_zero_the_instance_goes_into_a_warm_spare(pooled: Platform) -> None:
+    c, pool = pooled.client, pool_of(pooled)
+    first = await deploy_then_scale_to_zero(pooled)
     for _ in range(300):  # its process, left with no instance, exits (idle 0.5 s)
         if first.popen.poll() is not None:
             break
@@ -151,3 +167,135 @@ async def test_back_from_zero_the_instance_goes_into_a_warm_spare(pooled: Platfo
     assert int(resp.headers["Gpufaas-Worker-Us"]) > 0
     assert resp.headers["Gpufaas-Loaded-Bytes"] == "0"  # its tensors were resident
     assert pool.bound["default"] is not first
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    """Poll ``predicate`` every 20 ms until it holds (fail after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting until {what}")
+        await asyncio.sleep(0.02)
+
+
+def reaped(pid: int) -> bool:
+    """Gone from the process table (a zombie still has its /proc entry)."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+async def test_an_idle_exit_loses_no_request(pooled: Platform) -> None:
+    """The 503 race: a request right after the tenant's process decided to exit is served
+    (by a spare: the pool stopped counting the dying process before it stopped serving)."""
+    c, pool = pooled.client, pool_of(pooled)
+    first = await deploy_then_scale_to_zero(pooled, refilled=True)
+    await wait_until(lambda: first.retired, "the idle process asked to exit and the pool agreed")
+    assert "default" not in pool.bound  # counted out before it stops serving
+    assert first.alive  # and still exiting: the request below meets the old race's window
+    resp = await c.post("/v2/models/minilm/infer", json=text_request(["right after"]))
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Gpufaas-New-Process"] == "0"  # a ready spare, bound to the tenant
+    assert pool.bound["default"] is not first
+    await wait_until(lambda: first not in pool.exiting and reaped(first.popen.pid),
+                     "the exited process is reaped")  # fmt: skip
+    assert first.popen.returncode == 0
+
+
+async def test_a_process_just_bound_is_not_let_go(pooled: Platform) -> None:
+    """The pool refuses a retirement while a bind of the tenant is under way or has just
+    returned the process; once it agrees, a bind gets another process."""
+    pool = pool_of(pooled)
+    await ready_spares(pool, 1)
+    nc = pooled.services["scheduler"].nc
+    bind = subjects.node("node-t", "worker", subjects.WORKER_BIND)
+    retire = subjects.node("node-t", "worker", subjects.WORKER_RETIRE)
+    a = await request(nc, bind, WorkerBindRequest(tenant="a"), WorkerBindReply, timeout=120)
+    proc = pool.bound["a"]
+    ask = WorkerRetireRequest(worker=a.worker, tenant="a")
+    early = await request(nc, retire, ask, WorkerRetireReply, timeout=10)
+    assert not early.retire  # within RETIRE_GRACE_S of the bind: its request is on its way
+    proc.returned_at -= RETIRE_GRACE_S
+    assert (await request(nc, retire, ask, WorkerRetireReply, timeout=10)).retire
+    assert (await request(nc, retire, ask, WorkerRetireReply, timeout=10)).retire  # asked again
+    assert proc.alive
+    assert proc in pool.exiting
+    assert "a" not in pool.bound
+    await ready_spares(pool, 1)
+    again = await request(nc, bind, WorkerBindRequest(tenant="a"), WorkerBindReply, timeout=120)
+    assert again.worker != a.worker  # never the retiring process
+
+
+async def test_the_bind_answers_before_the_replacement_spare_starts(pooled: Platform) -> None:
+    pool = pool_of(pooled)
+    await ready_spares(pool, 1)
+    await wait_until(lambda: pool.started == 1 and not pool.exiting, "the pool is quiet")
+    nc = pooled.services["scheduler"].nc
+    bind = subjects.node("node-t", "worker", subjects.WORKER_BIND)
+    reply = await request(nc, bind, WorkerBindRequest(tenant="a"), WorkerBindReply, timeout=120)
+    assert not reply.new_process
+    assert pool.started == 1  # nothing started inside the bind
+    await wait_until(lambda: pool.started > 1, "the replacement spare is started")
+    await ready_spares(pool, 1)
+
+
+async def test_stopped_spares_are_reaped(pooled: Platform) -> None:
+    pool = pool_of(pooled)
+    await ready_spares(pool, 1)
+    extra = pool._start(None)  # one more than wanted: the next refill stops it
+    pool.spares.append(extra)
+    pool._refill()
+    assert extra.retired
+    assert extra in pool.exiting
+    await wait_until(lambda: extra not in pool.exiting and reaped(extra.popen.pid),
+                     "the stopped spare is reaped")  # fmt: skip
+
+
+def children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+def gone(pid: int) -> bool:
+    """Exited: no /proc entry, or a zombie its new parent has not reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def test_a_killed_pool_leaves_no_worker_behind(pool_config: Config, tmp_path: Path) -> None:
+    """The pool's processes are started without a preexec_fn; each asks for its parent's
+    death signal itself (``--parent-pid``)."""
+    env = {**os.environ, **pool_config.to_env(), "GPUFAAS_LOG_FORMAT": "json"}
+    with (tmp_path / "pool.log").open("wb") as out:
+        manager = subprocess.Popen([sys.executable, "-m", "gpufaas.worker"], env=env,
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: bool(children(manager.pid)), 60, "the pool to start a spare")
+        spares = children(manager.pid)
+        manager.kill()
+        manager.wait(10)
+        wait_for(lambda: all(gone(pid) for pid in spares), 30, "its spares to exit")
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+            manager.wait(10)
+
+
+async def test_a_crashed_process_is_replaced_on_the_next_request(pooled: Platform) -> None:
+    c, pool = pooled.client, pool_of(pooled)
+    await ready_spares(pool, 1)
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    crashed = pool.bound["default"]
+    await ready_spares(pool, 1)
+    crashed.popen.kill()
+    await asyncio.to_thread(crashed.popen.wait, 10)
+    resp = await c.post("/v2/models/minilm/infer", json=text_request(["after a crash"]))
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Gpufaas-Cold"] == "1"  # built again, in the spare now bound
+    assert pool.bound["default"] is not crashed
+    await wait_until(lambda: crashed not in pool.exiting and crashed.id not in pool._by_id,
+                     "the crashed process is forgotten")  # fmt: skip

@@ -6,6 +6,7 @@ memory), so nothing here copies, converts or writes to a weight.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -199,6 +200,26 @@ def check_weights(weights: Mapping[str, torch.Tensor], config: BertConfig) -> No
             raise ModelFormatError(
                 f"parameter {name!r} is on {tensor.device}, the others are on {device}"
             )
+
+
+WARM_UP_VOCAB = 128  # rows of the random embedding table warm_up runs over
+
+
+def warm_up(config: BertConfig, device: str = "cpu", tokens: int = 16) -> None:
+    """Run the encoder once over random weights of ``config``'s widths (one layer, a small
+    vocabulary), so that a process pays torch's first-call costs of this code (operator
+    dispatch, kernel and thread-pool set-up) before it serves anyone. Reads no model's
+    weights; what it allocates is freed on return."""
+    small = dataclasses.replace(config, vocab_size=WARM_UP_VOCAB, num_layers=1)
+    gen = torch.Generator().manual_seed(0)
+    weights = {
+        name: (torch.randn(shape, generator=gen, dtype=dtype) * 0.02).to(device)
+        for name, (dtype, shape) in expected_parameters(small).items()
+    }
+    with torch.inference_mode():
+        input_ids = torch.randint(0, WARM_UP_VOCAB, (1, tokens), generator=gen).to(device)
+        mask = torch.ones_like(input_ids)
+        _mean_pool_normalize(_encode(weights, small, input_ids, mask), mask).cpu()
 
 
 def load_tokenizer(model_dir: Path, max_seq_length: int) -> tokenizers.Tokenizer:
