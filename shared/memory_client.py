@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Final
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -27,6 +28,14 @@ from gpufaas.shared.rpc import request
 
 log = structlog.get_logger()
 
+# A block's ``item`` when it holds a tube's copy on a GPU: the memory manager may evict it
+# (through the transfer service, to the host tier) and bring it back for a queued request.
+TUBE_ITEM: Final = "tube:"
+
+
+def tube_item(tube_id: str) -> str:
+    return f"{TUBE_ITEM}{tube_id}"
+
 
 class MemoryClient:
     """Allocations of one owner in one node's memory service."""
@@ -40,11 +49,13 @@ class MemoryClient:
     def _subject(self, verb: str) -> str:
         return subjects.node(self.node, "memory", verb)
 
-    async def alloc(self, device: str, nbytes: int) -> MemAllocation:
-        """A block of ``nbytes`` on ``device``; ``ResourceExhausted`` when it has no room."""
+    async def alloc(self, device: str, nbytes: int, item: str = "") -> MemAllocation:
+        """A block of ``nbytes`` on ``device``; ``ResourceExhausted`` when it has no room.
+        ``item``: what it holds, when the manager may move it (see MemAllocRequest)."""
         return await request(
             self._nc(), self._subject(subjects.MEMORY_ALLOC),
-            MemAllocRequest(device=device, nbytes=nbytes, owner=self.owner), MemAllocation,
+            MemAllocRequest(device=device, nbytes=nbytes, owner=self.owner, item=item),
+            MemAllocation,
             timeout=self.timeout_s, what="memory service of this node",
         )  # fmt: skip
 

@@ -301,8 +301,19 @@ class SchedulerLoad(Msg, frozen=True, tag="scheduler_load.v1"):
     functions: list[FunctionLoadReport]
 
 
+class QueuedTube(Msg, frozen=True, tag="queued_tube.v1"):
+    """An input tube of a queued request that has a copy on the view's node (an item of the
+    memory manager's policy: kept on, or brought back to, the GPU the request runs on)."""
+
+    id: str
+    tenant: Tenant
+    nbytes: Count
+    position: Count  # which of the function's queued requests reads it (0: the next to run)
+
+
 class QueueEntry(Msg, frozen=True, tag="queue_entry.v1"):
-    """What a function's requests will touch on a node: its model, queued and running."""
+    """What a function's requests will touch on a node: its model, queued and running, and
+    the input tubes of its first queued requests that have a copy on that node."""
 
     function: str  # tenant/name
     model: ModelSource
@@ -312,6 +323,7 @@ class QueueEntry(Msg, frozen=True, tag="queue_entry.v1"):
     # Seconds one request of it takes on the device, from its profile (a batch's time over
     # its size); None when not profiled yet.
     compute_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    tubes: list[QueuedTube] = []
 
 
 class QueueView(Msg, frozen=True, tag="queue_view.v1"):
@@ -596,6 +608,22 @@ class AdoptReply(Msg, frozen=True, tag="adopt_reply.v1"):
     tube: Tube  # as recorded: its one placement on the tier
 
 
+class TubeReleaseRequest(Msg, frozen=True, tag="tube_release_request.v1"):
+    """(The memory manager, making room on a GPU.) Drop this node's copy of a tube on
+    ``tier``, keeping its bytes on this node's host tier: copied there first when the node
+    has no host copy (the swap). A platform verb: the tube is named by id alone."""
+
+    tube_id: str
+    tier: Tier
+
+
+class TubeReleaseReply(Msg, frozen=True, tag="tube_release_reply.v1"):
+    released: bool
+    nbytes: Count = 0  # the GPU bytes given back
+    swapped_bytes: Count = 0  # bytes copied to the host tier first (0: a host copy existed)
+    reason: str = ""  # why not released: "not resident", "copy in flight", "unknown tube"
+
+
 class FetchRequest(Msg, frozen=True, tag="fetch_request.v1"):
     """One chunk of a tube's host copy, asked by another node's transfer service."""
 
@@ -634,6 +662,9 @@ class MemAllocRequest(Msg, frozen=True, tag="mem_alloc_request.v1"):
     device: Tier
     nbytes: Count
     owner: str
+    # What the block holds, when the memory manager may move it: "tube:<id>" for a tube's
+    # copy (evicted to the host tier through the transfer service). "" for anything else.
+    item: str = ""
 
 
 class MemAllocation(Msg, frozen=True, tag="mem_allocation.v1"):
@@ -648,6 +679,8 @@ class MemAllocation(Msg, frozen=True, tag="mem_allocation.v1"):
     # A real GPU's segment: its CUDA IPC handle (open it once, work at ``offset``). None on
     # a simulated GPU, and from an older memory service that only budgeted.
     handle: bytes | None = None
+    item: str = ""  # as asked
+    at: float = 0.0  # when it was made (wall clock): the LRU order of movable items
 
 
 class MemFreeRequest(Msg, frozen=True, tag="mem_free_request.v1"):

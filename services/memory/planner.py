@@ -4,8 +4,14 @@ Pure functions: the memory service gathers the inputs over NATS and carries out 
 :func:`gpufaas.memory.policy.reconcile_once` decides on the snapshot built here.
 
 * An **item** is a model's set of tensor copies on a GPU, named by the store's key of the
-  model file (per scope: public or one tenant's private registration). Input tubes are
-  not items yet: a queue view names a function's model, not its requests' tubes.
+  model file (per scope: public or one tenant's private registration), or a tube's copy on
+  a GPU (``tube:<id>``: a block of the pool the transfer service allocated for it). A queue
+  view names, besides each function's model, the input tubes of its first queued requests
+  that have a copy on the node (``QueueEntry.tubes``, with each one's position in the
+  queue): the request at position ``k`` is a queued request of its own in the snapshot,
+  expected ``k`` requests' time after the function's first, needing the model and its
+  tubes. Tubes count only where the model and they fit on the GPU together: an input
+  that cannot be kept on the GPU is read from the host tier, never a reason to reject.
 * A queued function runs on the GPU where its model is leased (a warm instance), else
   where its copies are resident, else on the node's first GPU (where the worker builds
   instances); requests a worker reports running pin the function to their GPU.
@@ -15,8 +21,8 @@ Pure functions: the memory service gathers the inputs over NATS and carries out 
   GPU (functions ordered by their next deadline, none last), and no later than its next
   deadline minus one request's time (it must start by then to have a chance). Simple and documented, not a forecast:
   as the queue ahead drains, the start nears and the prefetch falls due.
-* Every byte of the GPU's budget that is not a complete model's copy (other owners'
-  blocks, such as tube copies and reservations for intermediates, reservations the pool
+* Every byte of the GPU's budget that is neither a complete model's copy nor a tube's
+  (other owners' blocks, such as reservations for intermediates, reservations the pool
   could not hold, copies of incomplete models) is one pinned item, so the policy counts
   it as used and never tries to evict it.
 """
@@ -37,11 +43,13 @@ from gpufaas.memory.policy import (
     RunningRequest,
 )
 from gpufaas.shared.constants import DEFAULT_TENANT
+from gpufaas.shared.memory_client import tube_item
 from gpufaas.shared.messages import (
     DeviceResidency,
     ModelItem,
     ModelQuery,
     ModelSource,
+    QueuedTube,
     QueueView,
     ResidencyReply,
 )
@@ -61,6 +69,7 @@ class Demand:
     running: int
     next_deadline: float | None
     compute_s: float | None = None  # one request's device time, from the function's profile
+    tubes: tuple[QueuedTube, ...] = ()  # its queued requests' input tubes with a copy here
 
     @property
     def tenant(self) -> str:
@@ -79,14 +88,25 @@ def merge_views(views: Iterable[QueueView]) -> list[Demand]:
             seen = merged.get(e.function)
             if seen is None:
                 merged[e.function] = Demand(e.function, e.model, e.queued, e.running,
-                                            e.next_deadline, e.compute_s)  # fmt: skip
+                                            e.next_deadline, e.compute_s,
+                                            _merge_tubes((), e.tubes))  # fmt: skip
                 continue
             deadlines = [d for d in (seen.next_deadline, e.next_deadline) if d is not None]
             merged[e.function] = Demand(
                 e.function, seen.source, seen.queued + e.queued, seen.running + e.running,
                 min(deadlines) if deadlines else None, seen.compute_s or e.compute_s,
+                _merge_tubes(seen.tubes, e.tubes),
             )  # fmt: skip
     return [merged[f] for f in sorted(merged)]
+
+
+def _merge_tubes(a: Iterable[QueuedTube], b: Iterable[QueuedTube]) -> tuple[QueuedTube, ...]:
+    """Each tube once, at its earliest position (two replicas may both queue a reader)."""
+    first: dict[str, QueuedTube] = {}
+    for t in (*a, *b):
+        if t.id not in first or t.position < first[t.id].position:
+            first[t.id] = t
+    return tuple(sorted(first.values(), key=lambda t: (t.position, t.id)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +117,8 @@ class Budget:
     capacity_bytes: int  # the pool's: the whole device
     h2d_bps: float
     foreign_bytes: int  # other owners' blocks, plus reservations the pool could not hold
+    tubes: tuple[Resident, ...] = ()  # tube copies' blocks (``tube:<id>``), not in foreign
+    align_bytes: int = 1  # the pool's block alignment (a tube's block is rounded up to it)
 
 
 @dataclass(slots=True)
@@ -108,6 +130,7 @@ class Plan:
     demand_of: dict[str, Demand] = field(default_factory=dict)  # request id -> demand
     item_of: dict[str, ModelItem] = field(default_factory=dict)  # function -> its model item
     unresolved: dict[str, str] = field(default_factory=dict)  # function -> why it has no item
+    tube_of: dict[str, QueuedTube] = field(default_factory=dict)  # tube item -> the tube
 
 
 def build(
@@ -144,9 +167,12 @@ def build(
             queues[device].append((demand, item))
     devices = []
     for name, budget in budgets.items():
-        queue = _queue(now, queues[name], typical_compute_s)
+        queue = _queue(now, queues[name], typical_compute_s, budget)
+        by_function = {d.function: d for d, _ in queues[name]}
         for q in queue:
-            plan.demand_of[q.id] = next(d for d, _ in queues[name] if d.function == q.id)
+            plan.demand_of[q.id] = by_function[q.function]
+        for d, _ in queues[name]:
+            plan.tube_of.update((tube_item(t.id), t) for t in d.tubes)
         devices.append(_device(budget, residents.get(name), pins[name], queue))
     plan.state = MemoryState(tuple(devices))
     return plan
@@ -163,8 +189,11 @@ def _home(item: str, residents: Mapping[str, DeviceResidency], default: str) -> 
 
 
 def _queue(
-    now: float, entries: list[tuple[Demand, ModelItem]], typical_compute_s: float
-) -> tuple[QueuedRequest, ...]:
+    now: float, entries: list[tuple[Demand, ModelItem]], typical_compute_s: float,
+    budget: Budget,
+) -> tuple[QueuedRequest, ...]:  # fmt: skip
+    """One queued request per function (its next), and one per later position that reads
+    tubes, ``k`` requests' time after the first."""
     order = sorted(entries, key=lambda e: (_deadline_key(e[0].next_deadline), e[0].function))
     out = []
     ahead_s = 0.0  # device time of the requests queued ahead
@@ -173,8 +202,20 @@ def _queue(
         start = now + ahead_s
         if demand.next_deadline is not None:
             start = min(start, max(now, demand.next_deadline - each))
-        refs = (ItemRef(item.item, item.nbytes),)
-        out.append(QueuedRequest(demand.function, demand.function, refs, start))
+        model = ItemRef(item.item, item.nbytes)
+        at: dict[int, list[ItemRef]] = {0: []}
+        for t in demand.tubes:
+            if t.position < max(demand.queued, 1):
+                size = -(-t.nbytes // budget.align_bytes) * budget.align_bytes
+                at.setdefault(t.position, []).append(ItemRef(tube_item(t.id), size))
+        for k in sorted(at):
+            tubes = at[k]
+            if model.nbytes + sum(r.nbytes for r in tubes) > budget.capacity_bytes:
+                tubes = []  # read from the host tier instead (see the module docstring)
+            if k and not tubes:
+                continue
+            rid = demand.function if k == 0 else f"{demand.function}#{k}"
+            out.append(QueuedRequest(rid, demand.function, (model, *tubes), start + k * each))
         ahead_s += demand.queued * each
     return tuple(out)
 
@@ -192,6 +233,7 @@ def _device(
     models = residency.models if residency is not None else []
     stored = residency.used_bytes if residency is not None else 0
     resident = [Resident(m.item, m.nbytes, m.last_used) for m in models]
+    resident += budget.tubes
     pinned = {m.item for m in models if m.leased} | pins
     # Bytes not in complete models' copies, and other owners' blocks: used, never evicted.
     # Models sharing tensors count them twice: the surplus is given back as capacity.

@@ -14,12 +14,15 @@ bytes (p95 size times peak concurrency over a sliding window; ``reservations.py`
 as the load changes and released when the function goes idle, so an idle platform holds
 little memory.
 
-Queue-aware residency of model copies (``policy.py``, snapshot from ``planner.py``): every
-pass also reads what each GPU's tensor store holds and what the scheduler's queue views say
-queued and running requests will touch, evicts the copies no queued request needs first
-(LRU among them), then those needed latest, never a leased one, prefetches a queued
-request's model before it reaches the head of its queue, and refuses (announces) working
-sets that can never fit. The latest view of each replica is kept in KV with the rejections
+Queue-aware residency of model copies and tube copies (``policy.py``, snapshot from
+``planner.py``): every pass also reads what each GPU's tensor store holds, which of the
+pool's blocks hold tube copies (the transfer service names them when it allocates), and
+what the scheduler's queue views say queued and running requests will touch (their
+functions' models, their input tubes); it evicts what no queued request needs first (LRU
+among them), then what is needed latest, never a leased model copy; a tube's copy goes
+to the host tier (the transfer service's ``release``: swapped there first when the node
+has no host copy). It prefetches a queued request's model and input tubes before it
+reaches the head of its queue, and refuses (announces) working sets that can never fit. The latest view of each replica is kept in KV with the rejections
 and the published model cache, so a restarted manager decides as before and repeats nothing.
 
 The backend is chosen once, by the node's probed devices: on a simulated GPU the pool
@@ -69,11 +72,14 @@ from gpufaas.shared.errors import (
     Unavailable,
 )
 from gpufaas.shared.jetstream import bucket_keys
+from gpufaas.shared.memory_client import TUBE_ITEM
 from gpufaas.shared.messages import (
     CachedModel,
     CapacityReply,
     CapacityRequest,
     DeviceInfo,
+    EnsureReply,
+    EnsureRequest,
     EvictModelReply,
     EvictModelRequest,
     M,
@@ -96,6 +102,8 @@ from gpufaas.shared.messages import (
     QueueView,
     ResidencyReply,
     ResidencyRequest,
+    TubeReleaseReply,
+    TubeReleaseRequest,
     decode_json,
     encode_json,
 )
@@ -151,6 +159,8 @@ class MemoryService(Service):
         self.observed = {d: ReservationTracker(window_s=RESERVATION_WINDOW_S) for d in self.pools}
         self._reserved: dict[tuple[str, str], tuple[int, int]] = {}  # (device, fn) -> block
         self._short: dict[tuple[str, str], int] = {}  # (device, fn) -> bytes the pool refused
+        # Movable blocks (tube copies): (device, block) -> (item, when made), for the policy.
+        self._items: dict[tuple[str, int], tuple[str, float]] = {}
         self._lock = asyncio.Lock()  # pool changes and their KV writes, in order
         # The queue-aware residency pass (see _policy_pass); never under ``_lock``: the store
         # it calls gives blocks back to this service while it evicts.
@@ -221,11 +231,13 @@ class MemoryService(Service):
     async def alloc(self, req: MemAllocRequest) -> MemAllocation:
         pool = self._pool(req.device)
         async with self._lock:
-            a = await self._alloc(pool, req.nbytes, req.owner)
+            a = await self._alloc(pool, req.nbytes, req.owner, req.item)
             self._expiry.setdefault(req.owner, time.time() + self.config.node_ttl_s)
-        return _msg(req.device, a)
+        return self._msg(req.device, a)
 
-    async def _alloc(self, pool: SegmentPool, nbytes: int, owner: str) -> Allocation:
+    async def _alloc(
+        self, pool: SegmentPool, nbytes: int, owner: str, item: str = ""
+    ) -> Allocation:
         """(Under the lock.) Allocate and record it in KV; pressure is announced."""
         try:
             if pool.fits(nbytes):  # the common case: bookkeeping only, inline
@@ -240,7 +252,9 @@ class MemoryService(Service):
             }))  # fmt: skip
             raise
         await self._persist_events(pool)
-        key, value = self._alloc_key(pool.device, a), encode_json(_msg(pool.device, a))
+        if item:
+            self._items[(pool.device, a.id)] = (item, time.time())
+        key, value = self._alloc_key(pool.device, a), encode_json(self._msg(pool.device, a))
         await self.buckets.memory.put(key, value)
         return a
 
@@ -248,6 +262,7 @@ class MemoryService(Service):
         """(Under the lock.) Free and forget it in KV."""
         a = pool.get(alloc_id)
         pool.free(alloc_id)
+        self._items.pop((pool.device, alloc_id), None)
         await self.buckets.memory.delete(self._alloc_key(pool.device, a))
         await self._persist_events(pool)
 
@@ -313,6 +328,7 @@ class MemoryService(Service):
                     gone = [a for a in pool.allocations() if a.owner == owner]
                     pool.free_owner(owner)
                     for a in gone:
+                        self._items.pop((pool.device, a.id), None)
                         await self.buckets.memory.delete(self._alloc_key(pool.device, a))
                 log.info("memory.owner_lapsed", owner=owner)
             for device, pool in self.pools.items():
@@ -401,14 +417,29 @@ class MemoryService(Service):
         return await request(self.nc, subject, msg, reply, timeout=timeout,
                              what="tensor store of this node")  # fmt: skip
 
+    async def _transfer(self, verb: str, msg: Msg, reply: type[M], timeout: float) -> M:
+        subject = subjects.node(self.config.node_id, "transfer", verb)
+        return await request(self.nc, subject, msg, reply, timeout=timeout,
+                             what="transfer service of this node")  # fmt: skip
+
     def _budgets(self, store_owner: str) -> dict[str, planner.Budget]:
+        """Per GPU: the blocks the store's copies do not account for, and the tube copies
+        (movable items of the policy, by the ``item`` their allocation named)."""
         out = {}
         for device, pool in self.pools.items():
             align = pool.align
-            foreign = sum(-(-a.nbytes // align) * align
-                          for a in pool.allocations() if a.owner != store_owner)  # fmt: skip
+            foreign = 0
+            tubes: dict[str, policy.Resident] = {}
+            for a in pool.allocations():
+                nbytes = -(-a.nbytes // align) * align
+                item, at = self._items.get((device, a.id), ("", 0.0))
+                if item.startswith(TUBE_ITEM) and item not in tubes:
+                    tubes[item] = policy.Resident(item, nbytes, at)
+                elif a.owner != store_owner:
+                    foreign += nbytes
             foreign += sum(n for (d, _), n in self._short.items() if d == device)
-            out[device] = planner.Budget(device, pool.capacity, self._h2d_bps[device], foreign)
+            out[device] = planner.Budget(device, pool.capacity, self._h2d_bps[device], foreign,
+                                         tuple(tubes.values()), align)  # fmt: skip
         return out
 
     def _running_on(self, functions: list[str]) -> dict[str, str]:
@@ -452,47 +483,85 @@ class MemoryService(Service):
     ) -> tuple[list[policy.Evict], list[policy.Prefetch]]:
         """Evictions first, then prefetches (into the room they made), in the policy's order.
 
-        An eviction the store refuses (the copy was leased meanwhile) leaves no room for the
-        prefetches: they wait for the next pass, as does any after a prefetch that failed.
+        Model copies are the tensor store's to drop and place; a tube's copy is the transfer
+        service's (``release``: swapped to the host tier first when it has no host copy;
+        ``ensure``: copied back). An eviction refused because the item is in use (a model
+        copy leased meanwhile, a tube being copied) leaves no room for the prefetches: they
+        wait for the next pass, as does any after a prefetch that failed.
         """
         evicted: list[policy.Evict] = []
         for e in actions.evict:
-            reply = await self._store(
-                subjects.TENSORSTORE_EVICT, EvictModelRequest(device=e.device, item=e.item),
-                EvictModelReply, STORE_TIMEOUT_S,
-            )  # fmt: skip
-            if not reply.evicted:
-                log.info("memory.evict_refused", device=e.device, item=e.item, reason=reply.reason)
-                if reply.reason != "not resident":
-                    return evicted, []
+            done, nbytes, detail = await self._evict(e)
+            if done is None:
+                return evicted, []
+            if not done:
                 continue
             evicted.append(e)
             await self.publish_event("memory.evicted", {
-                "node": self.config.node_id, "device": e.device, "bytes": reply.nbytes,
-                "reason": e.reason, "item": e.item, "needed_at": e.needed_at_s,
-                "what": "idle model copies",
+                "node": self.config.node_id, "device": e.device, "bytes": nbytes,
+                "reason": e.reason, "item": e.item, "needed_at": e.needed_at_s, **detail,
             })  # fmt: skip
         prefetched: list[policy.Prefetch] = []
         for p in actions.prefetch:
             demand = plan.demand_of[p.request]
             try:
-                placed = await self._store(
-                    subjects.TENSORSTORE_PREFETCH,
-                    PrefetchRequest(device=p.device, source=demand.source, tenant=demand.tenant),
-                    PrefetchReply, self.config.deploy_timeout_s,
-                )  # fmt: skip
+                copied = await self._prefetch(plan, p, demand)
             except PlatformError as exc:
                 log.warning("memory.prefetch_failed", device=p.device, function=demand.function,
-                            code=exc.code, error=exc.message)  # fmt: skip
+                            item=p.item, code=exc.code, error=exc.message)  # fmt: skip
                 break
             prefetched.append(p)
             await self.publish_event("memory.prefetched", {
                 "node": self.config.node_id, "device": p.device, "bytes": p.nbytes,
-                "bytes_copied": placed.bytes_copied, "reason": "queued request",
+                "bytes_copied": copied, "reason": "queued request",
                 "item": p.item, "function": demand.function, "tenant": demand.tenant,
+                "what": "tube" if p.item.startswith(TUBE_ITEM) else "model",
                 "needed_at": p.needed_at_s, "lead_s": p.lead_s, "early_s": p.needed_at_s - now,
             })  # fmt: skip
         return evicted, prefetched
+
+    async def _evict(self, e: policy.Evict) -> tuple[bool | None, int, dict[str, object]]:
+        """Carry out one eviction: (done, GPU bytes given back, event details); done None:
+        refused because the item is in use, so stop this pass's actions."""
+        if e.item.startswith(TUBE_ITEM):
+            tube_id = e.item.removeprefix(TUBE_ITEM)
+            released = await self._transfer(
+                subjects.TRANSFER_RELEASE, TubeReleaseRequest(tube_id=tube_id, tier=e.device),
+                TubeReleaseReply, self.config.request_timeout_s,
+            )  # fmt: skip
+            if not released.released:
+                log.info("memory.evict_refused", device=e.device, item=e.item,
+                         reason=released.reason)  # fmt: skip
+                return (None if released.reason == "copy in flight" else False), 0, {}
+            return True, released.nbytes, {"what": "tube copy", "tube": tube_id,
+                                           "swapped_bytes": released.swapped_bytes}  # fmt: skip
+        reply = await self._store(
+            subjects.TENSORSTORE_EVICT, EvictModelRequest(device=e.device, item=e.item),
+            EvictModelReply, STORE_TIMEOUT_S,
+        )  # fmt: skip
+        if not reply.evicted:
+            log.info("memory.evict_refused", device=e.device, item=e.item, reason=reply.reason)
+            return (False if reply.reason == "not resident" else None), 0, {}
+        return True, reply.nbytes, {"what": "idle model copies"}
+
+    async def _prefetch(
+        self, plan: planner.Plan, p: policy.Prefetch, demand: planner.Demand
+    ) -> int:
+        """Carry out one prefetch; returns the bytes copied (0: it was resident)."""
+        tube = plan.tube_of.get(p.item)
+        if tube is not None:
+            ensured = await self._transfer(
+                subjects.TRANSFER_ENSURE,
+                EnsureRequest(tube_id=tube.id, tenant=tube.tenant, tier=p.device),
+                EnsureReply, self.config.request_timeout_s,
+            )  # fmt: skip
+            return ensured.nbytes
+        placed = await self._store(
+            subjects.TENSORSTORE_PREFETCH,
+            PrefetchRequest(device=p.device, source=demand.source, tenant=demand.tenant),
+            PrefetchReply, self.config.deploy_timeout_s,
+        )  # fmt: skip
+        return placed.bytes_copied
 
     async def _announce_pressure(self, device: policy.DeviceState, actions: policy.Actions) -> None:
         """``memory.pressure`` when a device becomes short of memory (not again while it is)."""
@@ -574,6 +643,12 @@ class MemoryService(Service):
 
     # --- state in KV ----------------------------------------------------------------------------
 
+    def _msg(self, device: str, a: Allocation) -> MemAllocation:
+        item, at = self._items.get((device, a.id), ("", 0.0))
+        return MemAllocation(id=a.id, device=device, segment=a.segment, offset=a.offset,
+                             nbytes=a.nbytes, owner=a.owner, handle=a.handle, item=item,
+                             at=at)  # fmt: skip
+
     def _prefix(self, device: str) -> str:
         return f"{self.config.node_id}.{_dev(device)}"
 
@@ -631,8 +706,7 @@ class MemoryService(Service):
                 if kind == "s":
                     segments[rest] = int(value)
                 elif kind == "a":
-                    m = decode_json(value, MemAllocation)
-                    allocs.append(Allocation(m.id, m.segment, m.offset, m.nbytes, m.owner))
+                    allocs.append(self._restored_alloc(device, value))
                 elif kind == "r":
                     r = decode_json(value, MemRejection)
                     self._rejected[(r.device, r.function)] = r
@@ -650,6 +724,12 @@ class MemoryService(Service):
                          allocations=len(allocs))  # fmt: skip
         await self._restore_views(keys)
 
+    def _restored_alloc(self, device: str, value: bytes) -> Allocation:
+        m = decode_json(value, MemAllocation)
+        if m.item:
+            self._items[(device, m.id)] = (m.item, m.at)
+        return Allocation(m.id, m.segment, m.offset, m.nbytes, m.owner)
+
     async def _restore_views(self, keys: list[str]) -> None:
         views = f"{self.config.node_id}.v."
         for key in keys:
@@ -661,8 +741,3 @@ class MemoryService(Service):
 
 def _index(device: str) -> int:
     return int(device.removeprefix("gpu:"))  # a probed GPU "gpu:N" is CUDA device N
-
-
-def _msg(device: str, a: Allocation) -> MemAllocation:
-    return MemAllocation(id=a.id, device=device, segment=a.segment, offset=a.offset,
-                         nbytes=a.nbytes, owner=a.owner, handle=a.handle)  # fmt: skip

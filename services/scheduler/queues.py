@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gpufaas.shared.messages import QueuedTube, Tube
+
 _seq = itertools.count()
 
 
@@ -31,6 +33,7 @@ class Pending:
     new_process: bool = False  # that process had to be started (no spare was ready)
     loaded_bytes: int = 0  # bytes the tensor store read for that instance (not resident)
     prefer: str | None = None  # the node to run on when it has room (where the inputs are)
+    tubes: tuple[Tube, ...] = ()  # its input tubes (told to the memory managers, see view)
 
     def __lt__(self, other: Pending) -> bool:
         return (self.deadline, self.seq) < (other.deadline, other.seq)
@@ -79,3 +82,19 @@ class FunctionQueue:
     def next_deadline(self) -> float | None:
         live = [p.deadline for p in self.waiting if not p.node.done()]
         return min(live) if live else None
+
+    def queued_tubes(self, node: str, limit: int) -> list[QueuedTube]:
+        """The input tubes with a copy on ``node`` of the first waiting requests, each with
+        its request's position in the queue (0: the next to run), at most ``limit``. Only
+        copies on the node itself: its memory manager brings a tube from its host tier to
+        its GPU, never across nodes."""
+        out: list[QueuedTube] = []
+        live = sorted(p for p in self.waiting if not p.node.done())
+        for position, p in enumerate(live):
+            for t in p.tubes:
+                if len(out) >= limit:
+                    return out
+                if any(pl.node == node for pl in t.placements):
+                    out.append(QueuedTube(id=t.id, tenant=t.tenant, nbytes=t.nbytes,
+                                          position=position))  # fmt: skip
+        return out

@@ -116,6 +116,9 @@ from gpufaas.shared.workflows import (
 )
 
 log = structlog.get_logger()
+# Input tubes per function and node in a queue view: the first queued requests' (what the
+# memory manager can bring to a GPU before they run), not the whole queue's.
+VIEW_TUBES = 64
 
 
 class SchedulerService(Service):
@@ -560,8 +563,9 @@ class SchedulerService(Service):
         fq = self.queues.get(key)
         if fq is None:
             fq = self.queues[key] = FunctionQueue(key)
+        tubes = tuple(p.tube for p in inputs if p.tube is not None)
         pending = Pending(deadline, request_id, asyncio.get_running_loop().create_future(),
-                          prefer=prefer)  # fmt: skip
+                          prefer=prefer, tubes=tubes)  # fmt: skip
         fq.push(pending)
         profile = await self.profile_of(tenant, function)
         await self._pump(fq, record)
@@ -820,7 +824,7 @@ class SchedulerService(Service):
             for node in record.nodes:  # queued requests will run on one of its instances
                 views.setdefault(node, []).append(QueueEntry(
                     shown, record.spec.model, queued, fq.in_flight.get(node, 0),
-                    fq.next_deadline(), compute_s))  # fmt: skip
+                    fq.next_deadline(), compute_s, fq.queued_tubes(node, VIEW_TUBES)))  # fmt: skip
         load = SchedulerLoad(replica=self.replica, at=now, functions=reports)
         self._reports[self.replica] = load  # our own, without waiting for it to loop back
         with contextlib.suppress(nats.errors.Error):

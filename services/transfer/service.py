@@ -12,7 +12,12 @@ A copy to a GPU takes its room from the node's memory service (``MemoryClient``)
 real GPU the block is a piece of a pool segment exported by CUDA IPC handle: the bytes
 are written there, and the placement names the segment's handle (``ipc:<hex>``) and the
 block's offset; a reader maps ``offset + nbytes`` from the handle. When no memory service
-answers, the copy falls back to an allocation of its own (offset 0), unbudgeted.
+answers, the copy falls back to an allocation of its own (offset 0), unbudgeted. The
+block is allocated naming the tube (``tube:<id>``), so the memory manager can weigh it
+against what queued requests need: ``release(tube, tier)`` (the manager's) drops this
+node's GPU copy, swapping it to the host tier first when the node has no host copy; the
+placement is removed before the bytes are freed, and a worker that read the old
+placement meanwhile re-reads the host copy.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from gpufaas.shared.config import Config
 from gpufaas.shared.cuda_ipc import CudaSegment, open_segment
 from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import InvalidArgument, NotFound, PlatformError, Unavailable
-from gpufaas.shared.memory_client import MemoryClient
+from gpufaas.shared.memory_client import MemoryClient, tube_item
 from gpufaas.shared.messages import (
     AdoptReply,
     AdoptRequest,
@@ -49,6 +54,8 @@ from gpufaas.shared.messages import (
     ResolveReply,
     ResolveRequest,
     Tube,
+    TubeReleaseReply,
+    TubeReleaseRequest,
     decode_json,
     encode_json,
 )
@@ -132,6 +139,7 @@ class TransferService(Service):
         self._copying: dict[tuple[str, str], asyncio.Task[EnsureReply]] = {}
         self.engines: dict[str, CudaCopyEngine] = {}  # real GPUs: set up once at start
         self._device_copies: dict[tuple[str, str], _DeviceCopy] = {}  # (tube, gpu) -> copy
+        self._releasing: dict[tuple[str, str], asyncio.Task[TubeReleaseReply]] = {}
 
     async def on_start(self) -> None:
         node = self.config.node_id
@@ -150,6 +158,7 @@ class TransferService(Service):
             (subjects.TRANSFER_ENSURE, EnsureRequest, self.ensure),
             (subjects.TRANSFER_FETCH, FetchRequest, self.fetch),
             (subjects.TRANSFER_ADOPT, AdoptRequest, self.adopt),
+            (subjects.TRANSFER_RELEASE, TubeReleaseRequest, self.release),
         ):
             await self.serve(subjects.node(node, self.name, verb), req_type, handler)  # type: ignore[arg-type]
         self.spawn(self._sweep_loop(), "sweeper")
@@ -218,6 +227,13 @@ class TransferService(Service):
 
     async def _tube(self, tube_id: str, tenant: str) -> tuple[Tube, int]:
         """The tenant's tube and its KV revision; anyone else's is simply 'not found'."""
+        tube, revision = await self._entry(tube_id)
+        if tube.tenant != tenant:
+            raise NotFound(f"tube {tube_id!r} not found", field="tube")
+        return tube, revision
+
+    async def _entry(self, tube_id: str) -> tuple[Tube, int]:
+        """Any tenant's tube and its KV revision (platform verbs only)."""
         missing = NotFound(f"tube {tube_id!r} not found", field="tube")
         try:
             entry = await self.buckets.tubes.get(tube_id)
@@ -227,10 +243,7 @@ class TransferService(Service):
             raise missing from None
         if entry.value is None or entry.revision is None:
             raise missing
-        tube = decode_json(entry.value, Tube)
-        if tube.tenant != tenant:
-            raise missing
-        return tube, entry.revision
+        return decode_json(entry.value, Tube), entry.revision
 
     def _local(self, tube: Tube, tier: str) -> Placement | None:
         """This node's copy of ``tube`` on ``tier`` whose bytes are all there; for the host
@@ -262,6 +275,24 @@ class TransferService(Service):
             return updated
         raise Unavailable(f"tube {tube_id!r} is changing too often to record a copy")
 
+    async def _remove_placement(self, tube_id: str, gone: Placement) -> None:
+        """Forget one copy (compare-and-set, retried: a racing writer does not undo it)."""
+        for _ in range(10):
+            try:
+                tube, revision = await self._entry(tube_id)
+            except NotFound:
+                return
+            if gone not in tube.placements:
+                return
+            kept = [p for p in tube.placements if p != gone]
+            updated = msgspec.structs.replace(tube, placements=kept)
+            try:
+                await self.buckets.tubes.update(tube_id, encode_json(updated), last=revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            return
+        raise Unavailable(f"tube {tube_id!r} is changing too often to drop a copy")
+
     async def _drop_placements(self, tube_id: str, tenant: str, nodes: set[str]) -> None:
         """Forget copies on nodes that left (best effort: a racing writer wins)."""
         tube, revision = await self._tube(tube_id, tenant)
@@ -285,12 +316,15 @@ class TransferService(Service):
     async def ensure(self, req: EnsureRequest) -> EnsureReply:
         """Make the tube resident on ``req.tier`` of this node; one copy however many ask."""
         self._check_tier(req.tier)
+        key = (req.tube_id, req.tier)
+        releasing = self._releasing.get(key)
+        if releasing is not None:  # a copy on its way out: ask again once it is gone
+            await asyncio.wait([releasing])
         tube, _ = await self._tube(req.tube_id, req.tenant)
         here = self._local(tube, req.tier)
         if here is not None:
             return EnsureReply(tube=tube, placement=here, path="resident", nbytes=0,
                                duration_us=0, simulated=False, deadline_met=_met(req, 0.0))  # fmt: skip
-        key = (req.tube_id, req.tier)
         task = self._copying.get(key)
         if task is None:
             task = asyncio.create_task(self._copy(tube, req))
@@ -318,7 +352,7 @@ class TransferService(Service):
             or (not source.is_file())
         ):
             raise InvalidArgument("the tube's file is not a tube of this node", field="tube")
-        block = await self.memory.alloc(req.tier, tube.nbytes)
+        block = await self.memory.alloc(req.tier, tube.nbytes, tube_item(tube.id))
         relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(req.tier)}/{tube.id}.{block.id}"
         final = self.config.shm_dir / relpath
         try:
@@ -334,6 +368,97 @@ class TransferService(Service):
             await self.memory.free(req.tier, block.id)
             raise
         return AdoptReply(tube=placed)
+
+    async def release(self, req: TubeReleaseRequest) -> TubeReleaseReply:
+        """(The memory manager, making room on a GPU.) Drop this node's copy of a tube on a
+        GPU tier; its bytes stay on this node's host tier, copied there first when the node
+        has no host copy (the swap). Refused while a copy to that tier is under way; an
+        ``ensure`` of the tier meanwhile waits for the release, then copies it back."""
+        self._check_tier(req.tier)
+        if not req.tier.startswith("gpu"):
+            raise InvalidArgument(f"only GPU copies are released, not {req.tier!r}", field="tier")
+        key = (req.tube_id, req.tier)
+        if key in self._copying or key in self._releasing:
+            return TubeReleaseReply(released=False, reason="copy in flight")
+        task = asyncio.create_task(self._release(req))
+        self._releasing[key] = task
+        task.add_done_callback(lambda _: self._releasing.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _release(self, req: TubeReleaseRequest) -> TubeReleaseReply:
+        try:
+            tube, _ = await self._entry(req.tube_id)
+        except NotFound:  # gone from the directory: the sweeper frees its copies
+            return TubeReleaseReply(released=False, reason="unknown tube")
+        gpu = self._local(tube, req.tier)
+        if gpu is None:
+            return TubeReleaseReply(released=False, reason="not resident")
+        swapped = 0
+        if self._local(tube, "host") is None:  # the swap: keep its bytes on the host tier
+            host = await self._swap_out(tube, gpu)
+            await self._add_placement(tube.id, tube.tenant, host)
+            swapped = tube.nbytes
+        await self._remove_placement(tube.id, gpu)
+        await self._free_gpu_copy(tube.id, gpu)
+        log.info("transfer.released", tube=tube.id, tier=req.tier, bytes=tube.nbytes,
+                 swapped=swapped)  # fmt: skip
+        return TubeReleaseReply(released=True, nbytes=tube.nbytes, swapped_bytes=swapped)
+
+    async def _swap_out(self, tube: Tube, gpu: Placement) -> Placement:
+        """Copy a GPU copy to a host file of this node (simulated GPUs: over the emulated
+        link, so it takes the link's time; real GPUs: device to host)."""
+        relpath = f"{TUBES_DIR}/{self.config.node_id}/{tube.id}"
+        final = self.config.shm_dir / relpath
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        n = tube.nbytes
+        try:
+            f = await asyncio.to_thread(open, tmp, "wb+")
+            with f:
+                f.truncate(n)
+                if n:
+                    with mmap.mmap(f.fileno(), n) as dst:
+                        await self._copy_out(tube, gpu, dst)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return Placement(node=self.config.node_id, tier="host", segment=relpath)
+
+    async def _copy_out(self, tube: Tube, gpu: Placement, dst: mmap.mmap) -> None:
+        n = tube.nbytes
+        if self._cuda:  # untested without a GPU
+            held = self._device_copies[(tube.id, gpu.tier)]
+            await asyncio.to_thread(_device_to_host, held.tensor, dst)
+            return
+        view = memoryview(self.maps.map(gpu.segment))[gpu.offset : gpu.offset + n]
+        try:
+            if self.emulator is None:
+                dst[:n] = view
+                return
+
+            def copy(offset: int, size: int) -> None:
+                dst[offset : offset + size] = view[offset : offset + size]
+
+            await self.emulator.copy(gpu.tier, "host", n, copy)
+        finally:
+            view.release()
+
+    async def _free_gpu_copy(self, tube_id: str, gpu: Placement) -> None:
+        """Delete a GPU copy this node no longer lists, and give its block back."""
+        if self._cuda:
+            copy = self._device_copies.pop((tube_id, gpu.tier), None)
+            if copy is not None:
+                await asyncio.to_thread(copy.free)
+                if copy.block is not None:
+                    await self.memory.free(gpu.tier, copy.block)
+            return
+        path = self.config.shm_dir / gpu.segment
+        self.maps.forget(gpu.segment)
+        await asyncio.to_thread(release_file, path)
+        block = path.name.partition(".")[2]  # <tube>.<memory block>
+        if block.isdigit():
+            await self.memory.free(gpu.tier, int(block))
 
     async def fetch(self, req: FetchRequest) -> FetchReply:
         """A chunk of this node's host copy (or simulated-GPU copy: a file too), for another
@@ -396,7 +521,7 @@ class TransferService(Service):
             path = f"{path}, {route}" if path else route
             nbytes += tube.nbytes
         elif req.tier != "host":  # from a GPU copy (over NVLink when a route exists) or host
-            block = await self._device_block(req.tier, tube.nbytes)
+            block = await self._device_block(req.tier, tube.nbytes, tube.id)
             try:
                 placement, modelled_s, route = await asyncio.to_thread(
                     self._to_gpu, tube, source, req.tier, block
@@ -454,7 +579,7 @@ class TransferService(Service):
         n = tube.nbytes
         # The GPU's budget is the memory service's: the copy's room comes from its pool,
         # and the file is named after the block, so the sweeper can give it back.
-        block = await self.memory.alloc(req.tier, n)
+        block = await self.memory.alloc(req.tier, n, tube_item(tube.id))
         relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(req.tier)}/{tube.id}.{block.id}"
         final = self.config.shm_dir / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -494,11 +619,11 @@ class TransferService(Service):
                     return here
         return None
 
-    async def _device_block(self, tier: str, nbytes: int) -> MemAllocation | None:
+    async def _device_block(self, tier: str, nbytes: int, tube_id: str) -> MemAllocation | None:
         """Room on a real GPU from its budget; None when no memory service runs (the copy
         then takes an allocation of its own). No room is a 507, as on simulated GPUs."""
         try:
-            return await self.memory.alloc(tier, nbytes)
+            return await self.memory.alloc(tier, nbytes, tube_item(tube_id))
         except Unavailable as exc:
             log.warning("transfer.unbudgeted_copy", tier=tier, bytes=nbytes, error=exc.message)
             return None
@@ -599,6 +724,14 @@ class TransferService(Service):
                     for t in tasks:
                         t.cancel()
                     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _device_to_host(src: torch.Tensor, dst: mmap.mmap) -> None:
+    """(Real GPUs, off the loop.) A device copy's bytes into a host mapping."""
+    import torch  # noqa: PLC0415 - only nodes with GPUs get here
+
+    torch.frombuffer(dst, dtype=torch.uint8).copy_(src.reshape(-1).view(torch.uint8))
+    torch.cuda.synchronize(src.device)
 
 
 def _met(req: EnsureRequest, took_s: float) -> bool | None:

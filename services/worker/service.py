@@ -859,16 +859,14 @@ class WorkerService(Service):
             )
         ):
             tier = self.gpu
-        here = await request(
-            self.nc,
-            subjects.node(self.config.node_id, "transfer", subjects.TRANSFER_ENSURE),
-            EnsureRequest(tube_id=p.tube.id, tenant=tenant, tier=tier),
-            EnsureReply,
-            timeout=self.config.request_timeout_s,
-            what="transfer service of this node",
-        )
+        here = await self._ensure(p.tube.id, tenant, tier)
         path = self.config.shm_dir / here.placement.segment
-        data = await asyncio.to_thread(path.read_bytes)
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:  # the GPU's copy was evicted (swapped to host) meanwhile
+            here = await self._ensure(p.tube.id, tenant, "host")
+            path = self.config.shm_dir / here.placement.segment
+            data = await asyncio.to_thread(path.read_bytes)
         start = here.placement.offset
         if len(data) < start + here.tube.nbytes:
             raise NotFound(f"tube {p.tube.id} is truncated", field=f"inputs[{p.name}]")
@@ -876,6 +874,16 @@ class WorkerService(Service):
             data[start : start + here.tube.nbytes]
             if start or len(data) > here.tube.nbytes
             else data
+        )
+
+    async def _ensure(self, tube_id: str, tenant: str, tier: str) -> EnsureReply:
+        return await request(
+            self.nc,
+            subjects.node(self.config.node_id, "transfer", subjects.TRANSFER_ENSURE),
+            EnsureRequest(tube_id=tube_id, tenant=tenant, tier=tier),
+            EnsureReply,
+            timeout=self.config.request_timeout_s,
+            what="transfer service of this node",
         )
 
     async def _output(

@@ -8,13 +8,16 @@ on a GPU of 13 MiB: three fit, a fourth needs room.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import safetensors.torch
 import torch
@@ -27,7 +30,12 @@ from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.constants import EVENTS_STREAM
 from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from gpufaas.shared.memory_client import tube_item
 from gpufaas.shared.messages import (
+    AdoptReply,
+    AdoptRequest,
+    EnsureReply,
+    EnsureRequest,
     EvictModelReply,
     EvictModelRequest,
     MemRejection,
@@ -40,6 +48,7 @@ from gpufaas.shared.messages import (
     Msg,
     PrefetchReply,
     PrefetchRequest,
+    QueuedTube,
     QueueEntry,
     QueueView,
     RegisterReply,
@@ -48,10 +57,16 @@ from gpufaas.shared.messages import (
     ReleaseRequest,
     ResidencyReply,
     ResidencyRequest,
+    Tube,
+    TubeReleaseReply,
+    TubeReleaseRequest,
     decode_json,
+    encode_json,
 )
 from gpufaas.shared.rpc import request
+from gpufaas.shared.shm import write_tube
 from gpufaas.tensorstore.service import TensorStoreService
+from gpufaas.transfer.service import TransferService
 from tests.conftest import NatsServer
 from tests.integration.conftest import make_config
 
@@ -367,3 +382,112 @@ async def test_the_store_verbs_are_typed_and_all_or_nothing(node: Node) -> None:
                             PrefetchReply)  # fmt: skip
     assert placed.bytes_copied == MODEL_BYTES  # into B's room, given back to the pool
     assert await node.resident() == {"a": True, "c": True, "d": False}
+
+
+# --- tube copies as items of the policy ---------------------------------------------------
+
+
+@pytest.fixture
+async def with_transfer(node: Node) -> AsyncIterator[TransferService]:
+    """The node's transfer service too: tube copies on gpu:0 take blocks of the pool."""
+    transfer = TransferService(node.config)
+    await transfer.start()
+    yield transfer
+    await transfer.stop()
+
+
+async def gpu_tube(node: Node, data: bytes, *, host_copy: bool) -> Tube:
+    """A tube with a copy on gpu:0: copied there from its host file (``host_copy``), or a
+    worker's output adopted onto the GPU (its only copy)."""
+    tube = await asyncio.to_thread(write_tube, node.config.shm_dir, NODE, "default",
+                                   datatype="UINT8", shape=[len(data)], data=data)  # fmt: skip
+    if host_copy:
+        await node.store.buckets.tubes.put(tube.id, encode_json(tube))
+        reply = await node.ask("transfer", subjects.TRANSFER_ENSURE,
+                               EnsureRequest(tube_id=tube.id, tier="gpu:0"), EnsureReply)  # fmt: skip
+        return reply.tube  # type: ignore[no-any-return]
+    adopted = await node.ask("transfer", subjects.TRANSFER_ADOPT,
+                             AdoptRequest(tube=tube, tier="gpu:0"), AdoptReply)  # fmt: skip
+    return adopted.tube  # type: ignore[no-any-return]
+
+
+async def stored_tube(node: Node, tube_id: str) -> Tube:
+    entry = await node.store.buckets.tubes.get(tube_id)
+    assert entry.value is not None
+    return decode_json(entry.value, Tube)
+
+
+def reading(tube: Tube, position: int = 0) -> QueuedTube:
+    return QueuedTube(id=tube.id, tenant=tube.tenant, nbytes=tube.nbytes, position=position)
+
+
+async def test_an_unneeded_tube_copy_is_swapped_to_the_host_before_a_needed_one(
+    node: Node, with_transfer: TransferService
+) -> None:
+    evicted = await node.store.nc.subscribe(subjects.event("memory.evicted"))
+    await node.leased("a")  # 4 MiB, leased
+    x_bytes, y_bytes = os.urandom(3 * MIB), os.urandom(3 * MIB)
+    y = await gpu_tube(node, y_bytes, host_copy=True)  # the input of a queued request
+    x = await gpu_tube(node, x_bytes, host_copy=False)  # a finished step's output: GPU only
+    x_gpu = node.config.shm_dir / x.placements[0].segment
+    t = time.time()
+    # D (4 MiB) is due now: 4 + 3 + 3 + 4 > 13 MiB. X goes (no queued request reads it),
+    # not Y (queued fb's next request reads it), never A (leased).
+    await node.view(t, node.entry("a", queued=5, running=1, deadline=t + 1),
+                    msgspec.structs.replace(node.entry("b", queued=1, deadline=t + 2),
+                                        tubes=[reading(y)]),
+                    node.entry("d", queued=1, deadline=t + 0.5))  # fmt: skip
+    done = await node.memory.reconcile_once(t)
+    assert [(e.item, e.reason) for e in done.evict] == [(tube_item(x.id), "unneeded")]
+    assert [p.item for p in done.prefetch] == [await node.item("d")]
+    ev = await next_data(evicted)
+    assert (ev["what"], ev["tube"], ev["bytes"], ev["swapped_bytes"]) == (
+        "tube copy", x.id, 3 * MIB, 3 * MIB)  # fmt: skip
+    # Swapped: its bytes now on the node's host tier, its GPU copy and block gone.
+    (host,) = (await stored_tube(node, x.id)).placements
+    assert host.tier == "host"
+    assert (node.config.shm_dir / host.segment).read_bytes() == x_bytes
+    assert not x_gpu.exists()
+    items = {i for i, _ in node.memory._items.values()}
+    assert items == {tube_item(y.id)}
+    assert {p.tier for p in (await stored_tube(node, y.id)).placements} == {"host", "gpu:0"}
+    assert (await node.memory.reconcile_once(t)).empty  # idempotent
+
+    # Now a queued request reads X: it comes back to gpu:0 before the request starts.
+    prefetched = await node.store.nc.subscribe(subjects.event("memory.prefetched"))
+    t1 = t + 1
+    await node.view(t1, node.entry("a", queued=5, running=1, deadline=t1 + 9),
+                    msgspec.structs.replace(node.entry("c", queued=2, deadline=t1 + 0.5),
+                                        tubes=[reading(y, 1)]),
+                    msgspec.structs.replace(node.entry("b", queued=1, deadline=t1 + 0.5),
+                                        tubes=[reading(x)]))  # fmt: skip
+    done = await node.memory.reconcile_once(t1)
+    assert tube_item(x.id) in [p.item for p in done.prefetch]
+    ev = await next_data(prefetched)
+    while ev["item"] != tube_item(x.id):
+        ev = await next_data(prefetched)
+    assert (ev["what"], ev["bytes_copied"]) == ("tube", 3 * MIB)
+    back = await stored_tube(node, x.id)
+    gpu = next(p for p in back.placements if p.tier == "gpu:0")
+    assert (node.config.shm_dir / gpu.segment).read_bytes() == x_bytes
+
+
+async def test_a_tube_release_is_typed_and_refused_when_there_is_nothing_to_release(
+    node: Node, with_transfer: TransferService
+) -> None:
+    tube = await gpu_tube(node, b"x" * 1000, host_copy=True)
+    release = TubeReleaseRequest(tube_id=tube.id, tier="gpu:0")
+    ask = node.ask
+    done = await ask("transfer", subjects.TRANSFER_RELEASE, release, TubeReleaseReply)
+    assert done == TubeReleaseReply(released=True, nbytes=1000, swapped_bytes=0)  # had a host copy
+    again = await ask("transfer", subjects.TRANSFER_RELEASE, release, TubeReleaseReply)
+    assert again == TubeReleaseReply(released=False, reason="not resident")
+    unknown = TubeReleaseRequest(tube_id="0" * 26, tier="gpu:0")
+    gone = await ask("transfer", subjects.TRANSFER_RELEASE, unknown, TubeReleaseReply)
+    assert gone == TubeReleaseReply(released=False, reason="unknown tube")
+    for tier in ("host", "gpu:9"):
+        with pytest.raises(InvalidArgument) as err:
+            await ask("transfer", subjects.TRANSFER_RELEASE,
+                      TubeReleaseRequest(tube_id=tube.id, tier=tier), TubeReleaseReply)  # fmt: skip
+        assert err.value.field == "tier"
+    assert not node.memory._items  # its block went back to the pool

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import msgspec
 import pytest
 
 from gpufaas.memory.planner import (
@@ -12,11 +15,13 @@ from gpufaas.memory.planner import (
     build,
     merge_views,
 )
-from gpufaas.memory.policy import RunningRequest
+from gpufaas.memory.policy import Resident, RunningRequest
+from gpufaas.shared.memory_client import tube_item
 from gpufaas.shared.messages import (
     DeviceResidency,
     ModelItem,
     ModelSource,
+    QueuedTube,
     QueueEntry,
     QueueView,
     ResidencyReply,
@@ -120,12 +125,49 @@ def test_a_function_runs_where_its_model_is_leased_and_unknown_models_are_skippe
 
 
 def test_the_queue_ahead_counts_each_functions_profiled_time() -> None:
-    from gpufaas.memory.planner import Demand, _queue  # noqa: PLC0415
+    from gpufaas.memory.planner import Budget, Demand, _queue  # noqa: PLC0415
     from gpufaas.shared.messages import ModelItem, ModelSource  # noqa: PLC0415
 
     src = ModelSource(builtin="all-minilm-l6-v2")
     first = Demand("t/a", src, queued=10, running=0, next_deadline=100.0, compute_s=0.2)
     second = Demand("t/b", src, queued=1, running=0, next_deadline=None)
     items = [ModelItem(item="a", nbytes=1, known=True), ModelItem(item="b", nbytes=1, known=True)]
-    q = _queue(0.0, [(first, items[0]), (second, items[1])], typical_compute_s=0.05)
+    budget = Budget("gpu:0", capacity_bytes=100, h2d_bps=1e9, foreign_bytes=0)
+    q = _queue(0.0, [(first, items[0]), (second, items[1])], 0.05, budget)
     assert [r.expected_start_s for r in q] == [0.0, 2.0]  # 10 requests x 0.2 s ahead of b
+
+
+def tube(tid: str, position: int, mib: int = 1) -> QueuedTube:
+    return QueuedTube(id=tid, tenant="t1", nbytes=mib * MIB, position=position)
+
+
+def test_input_tubes_are_items_of_the_request_at_their_position() -> None:
+    one = QueueView(replica="r1", node="n", at=NOW, entries=[msgspec.structs.replace(
+        entry("f", queued=3, deadline=NOW + 5), tubes=[tube("x", 0), tube("y", 2)])])  # fmt: skip
+    two = QueueView(replica="r2", node="n", at=NOW, entries=[msgspec.structs.replace(
+        entry("f", queued=1, deadline=NOW + 5), tubes=[tube("y", 0), tube("late", 9)])])  # fmt: skip
+    (f,) = merge_views([one, two])
+    assert [(t.id, t.position) for t in f.tubes] == [("x", 0), ("y", 0), ("late", 9)]
+    resident_tube = Resident(tube_item("old"), 2 * MIB, 5.0)  # a block of the pool, no reader
+    budgets = {"gpu:0": Budget("gpu:0", 100 * MIB, 10e9, 0, (resident_tube,))}
+    item = ModelItem(item="f", nbytes=10 * MIB, known=True)
+    plan = build(NOW, [f], residency([], [item], 0), budgets)
+    (gpu,) = plan.state.devices
+    (q,) = gpu.queue  # "late" is past the 4 queued requests: not an item
+    assert [i.id for i in q.items] == ["f", tube_item("x"), tube_item("y")]
+    assert plan.tube_of[tube_item("x")].tenant == "t1"
+    assert resident_tube in gpu.resident
+    assert gpu.running == ()  # tube copies are movable, not pinned
+
+    # A later position is a request of its own, expected that many requests later.
+    later = dataclasses.replace(f, tubes=(tube("x", 0), tube("z", 2)))
+    (gpu,) = build(NOW, [later], residency([], [item], 0), budgets).state.devices
+    assert [(q.id, [i.id for i in q.items]) for q in gpu.queue] == [
+        ("t1/f", ["f", tube_item("x")]), ("t1/f#2", ["f", tube_item("z")])]  # fmt: skip
+    assert gpu.queue[1].expected_start_s == pytest.approx(NOW + 2 * TYPICAL_COMPUTE_S)
+    assert plan.demand_of["t1/f"].function == "t1/f"
+
+    # Tubes that do not fit beside the model are read from the host: never a rejection.
+    big = dataclasses.replace(f, tubes=(tube("huge", 0, mib=95),))
+    (gpu,) = build(NOW, [big], residency([], [item], 0), budgets).state.devices
+    assert [[i.id for i in q.items] for q in gpu.queue] == [["f"]]
