@@ -726,6 +726,7 @@ class MemPoolStats(Msg, frozen=True, tag="mem_pool_stats.v1"):
     fragmentation: float
     segments: Count
     allocations: Count
+    held_bytes: Count = 0  # room kept for functions' intermediates (torch allocates them)
 
 
 class MemStatsReply(Msg, frozen=True, tag="mem_stats_reply.v1"):

@@ -15,6 +15,11 @@ and ends. Both are a bisect plus a list insert or delete: a few microseconds wit
 thousands of live blocks. A segment left with no allocation is kept for a keep-alive
 (:meth:`SegmentPool.release_idle`) so a burst does not pay a device allocation per
 request; the grow and shrink events are queued for the memory service to publish.
+
+A **hold** is room of the device's budget kept for memory another allocator takes: a
+function's intermediates, which torch's allocator makes in the worker process. The pool
+never grows a segment into held room, but holds no memory for it (no segment, no device
+call): the budget counts those bytes once, where the worker really allocates them.
 """
 
 from __future__ import annotations
@@ -204,6 +209,7 @@ class PoolStats:
     device: str
     capacity_bytes: int
     reserved_bytes: int  # segments held from the device
+    held_bytes: int  # room kept for other allocators (holds): no segment, but not free
     allocated_bytes: int  # aligned blocks handed out
     free_bytes: int  # inside held segments
     largest_free_block_bytes: int
@@ -266,6 +272,39 @@ class SegmentPool:
         self._next_seq = 0
         self._reserved = 0
         self._allocated = 0
+        self._holds: dict[str, int] = {}
+        self._held = 0
+
+    # -- holds --------------------------------------------------------------------
+
+    def hold(self, key: str, nbytes: int) -> None:
+        """Set ``key``'s hold to ``nbytes`` (0 lets it go): room no segment may grow into.
+
+        Empty segments in their keep-alive are given back when that is what it takes (a
+        device call on a real GPU). ``ResourceExhausted``, the hold unchanged, when the
+        segments in use leave too little of the device.
+        """
+        if nbytes < 0:
+            raise InvalidArgument(f"nbytes must not be negative, got {nbytes}", field="nbytes")
+        held = self._held - self._holds.get(key, 0) + nbytes
+        if self._reserved + held > self.capacity:
+            self._release_empties(self.capacity - held, self.clock())
+            if self._reserved + held > self.capacity:
+                raise ResourceExhausted(
+                    f"{self.device}: cannot hold {nbytes} bytes: segments in use take "
+                    f"{self._reserved} of {self.capacity} bytes and other holds "
+                    f"{held - nbytes}",
+                    field="nbytes",
+                )
+        if nbytes:
+            self._holds[key] = nbytes
+        else:
+            self._holds.pop(key, None)
+        self._held = held
+
+    def holds(self) -> dict[str, int]:
+        """Every hold: key -> bytes."""
+        return dict(self._holds)
 
     # -- allocation ---------------------------------------------------------------
 
@@ -439,6 +478,7 @@ class SegmentPool:
             device=self.device,
             capacity_bytes=self.capacity,
             reserved_bytes=self._reserved,
+            held_bytes=self._held,
             allocated_bytes=self._allocated,
             free_bytes=free_bytes,
             largest_free_block_bytes=largest,
@@ -477,29 +517,23 @@ class SegmentPool:
         Empty segments still in their keep-alive are given back first when that is what
         it takes to fit (they are too small for ``need``, else the free list had found them).
         """
-        empties = sorted(
-            (s for s in self._segments.values() if s.empty_since is not None),
-            key=lambda s: (s.empty_since or 0.0, s.seq),
-        )
-        room = self.capacity - self._reserved
-        reclaimable = room + sum(s.nbytes for s in empties)
+        room = self.capacity - self._held - self._reserved
+        reclaimable = room + sum(s.nbytes for s in self._empties())
         size = max(need, self.segment_bytes)
         if size > reclaimable:
             size = reclaimable - reclaimable % self.align
         if size < need:
-            free_bytes = self.capacity - self._allocated
+            free_bytes = self.capacity - self._held - self._allocated
             largest = self._free[-1][0] if self._free else 0
+            held = f", {self._held} held for other allocators" if self._held else ""
             raise ResourceExhausted(
                 f"{self.device}: cannot allocate {nbytes} bytes: {free_bytes} of "
                 f"{self.capacity} bytes free, the largest free block {largest} bytes and "
-                f"{room} bytes not yet reserved",
+                f"{max(room, 0)} bytes not yet reserved{held}",
                 field="nbytes",
             )
         now = self.clock()
-        for seg in empties:
-            if self.capacity - self._reserved >= size:
-                break
-            self._release(seg, now)
+        self._release_empties(self.capacity - self._held - size, now)
         seg_id = new_id(9)
         self.backend.create(seg_id, size)
         seg = _Segment(seg_id, self._next_seq, size, self.backend.handle(seg_id))
@@ -509,6 +543,21 @@ class SegmentPool:
         self._reserved += size
         self._add_free(seg, 0, size)
         self._events.append(PoolEvent("grow", self.device, seg_id, size, self._reserved, now))
+
+    def _empties(self) -> list[_Segment]:
+        """Segments with no allocation, the longest empty first."""
+        return sorted(
+            (s for s in self._segments.values() if s.empty_since is not None),
+            key=lambda s: (s.empty_since or 0.0, s.seq),
+        )
+
+    def _release_empties(self, reserved_at_most: int, now: float) -> None:
+        """Give back empty segments, the longest empty first, until the segments held take
+        at most ``reserved_at_most`` bytes (or none is empty)."""
+        for seg in self._empties():
+            if self._reserved <= reserved_at_most:
+                break
+            self._release(seg, now)
 
     def _release(self, seg: _Segment, now: float) -> None:
         for start, size in list(seg.free_at.items()):

@@ -12,7 +12,10 @@ Intermediates get elastic reservations: workers report each request's start and 
 (``observe``), and every reconcile pass holds, per function and GPU, ``R_size · R_con``
 bytes (p95 size times peak concurrency over a sliding window; ``reservations.py``), resized
 as the load changes and released when the function goes idle, so an idle platform holds
-little memory.
+little memory. A reservation is a *hold* of the pool, room of the budget with no memory
+behind it: the worker's allocator (torch's caching allocator on a real GPU, emptied when
+the worker is idle) makes the intermediates there, so they are counted once. Holds are
+not kept in KV: a restarted manager sizes them again from the requests it sees.
 
 Queue-aware residency of model copies and tube copies (``policy.py``, snapshot from
 ``planner.py``): every pass also reads what each GPU's tensor store holds, which of the
@@ -113,7 +116,9 @@ from gpufaas.shared.service import Service
 log = structlog.get_logger()
 T = TypeVar("T")
 
-RESERVATION_OWNER = "reservation:"  # blocks the manager holds for a function's intermediates
+# The owner of an older manager's reservation blocks (reservations are holds now, see
+# _resize_reservations): freed when found in KV on restore.
+RESERVATION_OWNER = "reservation:"
 RESERVATION_WINDOW_S = 60.0
 DEFAULT_H2D_BPS: Final = 12e9  # host->GPU rate when the topology names no link (PCIe 3 x16)
 STORE_TIMEOUT_S: Final = 5.0  # residency and evictions: bookkeeping on the store's thread
@@ -157,7 +162,7 @@ class MemoryService(Service):
         }
         self._expiry: dict[str, float] = {}  # owner -> when its lease lapses
         self.observed = {d: ReservationTracker(window_s=RESERVATION_WINDOW_S) for d in self.pools}
-        self._reserved: dict[tuple[str, str], tuple[int, int]] = {}  # (device, fn) -> block
+        self._reserved: dict[tuple[str, str], int] = {}  # (device, fn) -> bytes held
         self._short: dict[tuple[str, str], int] = {}  # (device, fn) -> bytes the pool refused
         # Movable blocks (tube copies): (device, block) -> (item, when made), for the policy.
         self._items: dict[tuple[str, int], tuple[str, float]] = {}
@@ -309,7 +314,7 @@ class MemoryService(Service):
         return MemStatsReply(
             node=self.config.node_id,
             pools=[MemPoolStats(**dataclasses.asdict(p.stats())) for p in self.pools.values()],
-            reserved={f"{d} {fn}": n for (d, fn), (_, n) in sorted(self._reserved.items())},
+            reserved={f"{d} {fn}": n for (d, fn), n in sorted(self._reserved.items())},
         )
 
     # --- the reconcile loop -------------------------------------------------------------------
@@ -340,27 +345,36 @@ class MemoryService(Service):
 
     async def _resize_reservations(self, pool: SegmentPool, wanted: dict[str, Reservation]) -> None:
         """(Under the lock.) Hold R_size · R_con per function: grow at once, shrink when the
-        want falls below half of what is held, release when idle."""
+        want falls below half of what is held, release when idle.
+
+        A reservation is a hold of the pool (room of the GPU's budget, no memory): the
+        worker's allocator (torch's, on a real GPU) makes the intermediates in it, so the
+        bytes are counted once, where they really are."""
         for key in [k for k in self._reserved if k[0] == pool.device and k[1] not in wanted]:
-            await self._free(pool, self._reserved.pop(key)[0])
+            del self._reserved[key]
+            pool.hold(key[1], 0)
         for key in [k for k in self._short if k[0] == pool.device and k[1] not in wanted]:
             del self._short[key]
         for fn, r in wanted.items():
             key, held = (pool.device, fn), self._reserved.get((pool.device, fn))
             self._short.pop(key, None)
-            if held is not None and r.desired_bytes <= held[1] < 2 * r.desired_bytes:
+            if held is not None and r.desired_bytes <= held < 2 * r.desired_bytes:
                 continue
-            if held is not None:
-                await self._free(pool, self._reserved.pop(key)[0])
+            try:
+                await self._on_device(pool, pool.hold, fn, r.desired_bytes)
+            except ResourceExhausted:
+                # Announced as pressure; requests still run, growing the pool. The
+                # residency pass counts the bytes as wanted: idle copies make way.
+                pool.hold(fn, 0)
+                self._reserved.pop(key, None)
+                self._short[key] = r.desired_bytes
+                continue
+            finally:
+                await self._persist_events(pool)  # empty segments it gave back
             if r.desired_bytes:
-                try:
-                    a = await self._alloc(pool, r.desired_bytes, f"{RESERVATION_OWNER}{fn}")
-                except ResourceExhausted:
-                    # Announced as pressure; requests still run, growing the pool. The
-                    # residency pass counts the bytes as wanted: idle copies make way.
-                    self._short[key] = r.desired_bytes
-                    continue
-                self._reserved[key] = (a.id, r.desired_bytes)
+                self._reserved[key] = r.desired_bytes
+            else:
+                self._reserved.pop(key, None)
 
     async def _reconcile_loop(self) -> None:
         """The residency pass at the queue views' pace, the pool upkeep every reclaim interval.
@@ -437,6 +451,7 @@ class MemoryService(Service):
                     tubes[item] = policy.Resident(item, nbytes, at)
                 elif a.owner != store_owner:
                     foreign += nbytes
+            foreign += pool.stats().held_bytes  # reservations for intermediates
             foreign += sum(n for (d, _), n in self._short.items() if d == device)
             out[device] = planner.Budget(device, pool.capacity, self._h2d_bps[device], foreign,
                                          tuple(tubes.values()), align)  # fmt: skip
@@ -714,9 +729,8 @@ class MemoryService(Service):
                     self._cache[device] = decode_json(value, ModelCache).models
             await self._on_device(pool, pool.restore, segments, sorted(allocs, key=lambda a: a.id))
             for a in allocs:
-                if a.owner.startswith(RESERVATION_OWNER):  # ours: re-sized by the next pass
-                    fn = a.owner.removeprefix(RESERVATION_OWNER)
-                    self._reserved[(device, fn)] = (a.id, a.nbytes)
+                if a.owner.startswith(RESERVATION_OWNER):  # an older manager's: holds now
+                    await self._free(pool, a.id)
                 else:
                     self._expiry[a.owner] = grace
             if segments:

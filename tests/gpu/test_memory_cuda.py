@@ -122,3 +122,21 @@ def test_more_than_the_gpu_has_is_resource_exhausted_and_cuda_goes_on() -> None:
     assert a.handle is not None
     assert float(torch.ones(4, device="cuda:0").sum()) == 4.0
     pool.close()
+
+
+def test_an_idle_worker_gives_torchs_cached_intermediates_back() -> None:
+    from gpufaas.worker.service import _trim_cuda_cache  # noqa: PLC0415
+
+    x = torch.empty(64 * MIB, dtype=torch.uint8, device="cuda:0")
+    del x  # cached by torch's allocator, not yet the driver's
+    assert torch.cuda.memory_reserved(0) >= 64 * MIB
+    assert _trim_cuda_cache(0) >= 64 * MIB
+    assert torch.cuda.memory_reserved(0) < 64 * MIB
+
+
+def test_a_hold_takes_no_device_memory() -> None:
+    pool = cuda_pool()
+    before = driver_free()
+    pool.hold("t/f", GIB)
+    assert driver_free() >= before - 8 * MIB  # nothing allocated (allow driver noise)
+    assert pool.stats().held_bytes == GIB

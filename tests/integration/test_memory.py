@@ -161,6 +161,8 @@ async def test_reservations_follow_the_observed_load_and_go_when_idle(
     r = await call(memory, subjects.MEMORY_STATS, MemStatsRequest(), MemStatsReply)
     assert isinstance(r, MemStatsReply)
     assert r.reserved == {"gpu:0 t/f": 12 * 2**20}  # R_size 4 MiB x R_con 3
+    (pool,) = r.pools  # a hold: room of the budget, no segment (the worker allocates it)
+    assert (pool.held_bytes, pool.reserved_bytes) == (12 * 2**20, 0)
     for i in range(3):
         await observe(f"r{i}", "end")
     await memory.nc.flush()

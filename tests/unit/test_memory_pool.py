@@ -280,3 +280,31 @@ def test_a_restored_pool_is_the_pool_it_was_saved_from() -> None:
     check_exact(again)
     assert again.free_owner("w1") > 0
     check_exact(again)
+
+
+def test_a_hold_keeps_room_without_memory_and_segments_never_grow_into_it() -> None:
+    pool, backend, clock = make_pool(capacity=4 * SEG)
+    pool.hold("t/f", 2 * SEG)  # a function's intermediates: torch allocates them, not us
+    assert backend.held_bytes == 0  # no segment, no device call
+    st = pool.stats()
+    assert (st.held_bytes, st.reserved_bytes) == (2 * SEG, 0)
+    a = pool.alloc(2 * SEG, "store")  # the rest of the device
+    with pytest.raises(ResourceExhausted, match="held for other allocators"):
+        pool.alloc(A, "store")
+    # Growing the hold gives back an empty segment still in its keep-alive, not a live one.
+    pool.free(a.id)
+    clock.now = 1.0
+    pool.hold("t/f", 3 * SEG)
+    assert pool.segments() == {}
+    assert backend.destroyed == 1
+    b = pool.alloc(SEG, "store")
+    with pytest.raises(ResourceExhausted, match="cannot hold"):  # B is live: no room
+        pool.hold("t/g", SEG)
+    assert pool.holds() == {"t/f": 3 * SEG}  # unchanged
+    pool.hold("t/f", 0)  # let go
+    assert pool.stats().held_bytes == 0
+    pool.hold("t/g", 3 * SEG)
+    pool.free(b.id)
+    check_exact(pool)
+    with pytest.raises(InvalidArgument):
+        pool.hold("t/g", -1)
