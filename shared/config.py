@@ -63,6 +63,9 @@ class Config:
     # Memory service: a real GPU's pool grows by cudaMalloc'd segments of this size (or
     # the request, if larger), each shared by CUDA IPC handle.
     memory_segment_bytes: int = c.DEFAULT_MEMORY_SEGMENT_BYTES
+    # Memory service: the host tier's pool, where GPUs swap out what has no host copy
+    # (/dev/shm files of 64 MiB). 0: a quarter of the host's memory.
+    host_pool_bytes: int = 0
     # Worker: dynamic batching. An idle device waits up to batch_wait_s for a batch to
     # fill (never past a request's slack); device_streams batches may run at once (0: by
     # backend, see constants).

@@ -21,6 +21,8 @@ from gpufaas.shared.messages import (
     MemAllocRequest,
     MemFreeReply,
     MemFreeRequest,
+    MemListReply,
+    MemListRequest,
     MemRenewReply,
     MemRenewRequest,
 )
@@ -67,6 +69,15 @@ class MemoryClient:
         except PlatformError as exc:
             log.warning("memory.free_failed", owner=self.owner, device=device, block=block,
                         error=exc.message)  # fmt: skip
+
+    async def list(self, device: str) -> list[MemAllocation]:
+        """This owner's live blocks on ``device`` (with what each holds and when made)."""
+        reply = await request(
+            self._nc(), self._subject(subjects.MEMORY_LIST),
+            MemListRequest(device=device, owner=self.owner), MemListReply,
+            timeout=self.timeout_s, what="memory service of this node",
+        )  # fmt: skip
+        return reply.allocations
 
     async def keep_alive(self, looping: Callable[[], bool], interval_s: float) -> None:
         """Renew the owner's lease every ``interval_s`` while ``looping()``."""

@@ -712,6 +712,17 @@ class MemObserve(Msg, frozen=True, tag="mem_observe.v1"):
     nbytes: Count = 0
 
 
+class MemListRequest(Msg, frozen=True, tag="mem_list_request.v1"):
+    """An owner's live allocations on ``device`` (so it can free those it no longer needs)."""
+
+    device: Tier
+    owner: str
+
+
+class MemListReply(Msg, frozen=True, tag="mem_list_reply.v1"):
+    allocations: list[MemAllocation]
+
+
 class MemStatsRequest(Msg, frozen=True, tag="mem_stats_request.v1"):
     pass
 

@@ -22,6 +22,12 @@ from gpufaas.shared.messages import Placement, Tube
 
 TUBES_DIR: Final = "tubes"
 TENSORS_DIR: Final = "tensors"
+HOST_POOL_DIR: Final = "hostpool"  # the memory manager's host-tier segments: <dir>/<node>/
+
+
+def host_pool_segment(node: str, segment: str) -> str:
+    """The path (under the shared-memory root) of a segment of ``node``'s host pool."""
+    return f"{HOST_POOL_DIR}/{node}/{segment}"
 
 
 def new_id(nbytes: int = 18) -> str:

@@ -123,6 +123,7 @@ MEMORY_ALLOC: Final = "alloc"
 MEMORY_FREE: Final = "free"
 MEMORY_RENEW: Final = "renew"
 MEMORY_STATS: Final = "stats"
+MEMORY_LIST: Final = "list"  # an owner's allocations on a device (the transfer sweeper's)
 MEMORY_OBSERVE: Final = "observe"  # published by workers per request: no reply
 MEMORY_QUEUE_VIEW: Final = "queue_view"  # published by scheduler replicas: no reply
 PING: Final = "ping"

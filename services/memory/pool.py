@@ -125,6 +125,16 @@ class HostBackend:
                 field="nbytes",
             ) from e
 
+    def adopt(self, segment_id: str, nbytes: int) -> None:
+        """(A restarted manager.) Keep a segment's file, and the bytes in it, when it is
+        there whole; make it anew otherwise."""
+        try:
+            if self.path(segment_id).stat().st_size == nbytes:
+                return
+        except FileNotFoundError:
+            pass
+        self.create(segment_id, nbytes)
+
     def destroy(self, segment_id: str) -> None:
         self.path(segment_id).unlink(missing_ok=True)
 

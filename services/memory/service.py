@@ -58,6 +58,7 @@ from gpufaas.memory.pool import (
     CUDA_ALIGN_BYTES,
     Allocation,
     CudaBackend,
+    HostBackend,
     PoolEvent,
     SegmentPool,
     SimBackend,
@@ -90,6 +91,8 @@ from gpufaas.shared.messages import (
     MemAllocRequest,
     MemFreeReply,
     MemFreeRequest,
+    MemListReply,
+    MemListRequest,
     MemObserve,
     MemPoolStats,
     MemRejection,
@@ -112,6 +115,7 @@ from gpufaas.shared.messages import (
 )
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
+from gpufaas.shared.shm import HOST_POOL_DIR
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -120,6 +124,7 @@ T = TypeVar("T")
 # _resize_reservations): freed when found in KV on restore.
 RESERVATION_OWNER = "reservation:"
 RESERVATION_WINDOW_S = 60.0
+HOST_SEGMENT_BYTES: Final = 64 << 20  # the host pool's segments (/dev/shm files)
 DEFAULT_H2D_BPS: Final = 12e9  # host->GPU rate when the topology names no link (PCIe 3 x16)
 STORE_TIMEOUT_S: Final = 5.0  # residency and evictions: bookkeeping on the store's thread
 VIEW_TICKS: Final = 3  # a replica's queue view older than this many ticks is dropped
@@ -156,9 +161,19 @@ class MemoryService(Service):
                 d.name: SegmentPool(d.name, d.memory_bytes, SimBackend(), clock=time.time)
                 for d in gpus
             }
+        # The host tier's pool: where GPUs swap out what has no host copy (only on a node
+        # with GPUs). Its segments are /dev/shm files, kept across our restarts.
+        self.host_pool: SegmentPool | None = None
+        if gpus:
+            host = next(d for d in self.node_devices.devices if d.kind == "host")
+            self.host_pool = SegmentPool(
+                "host", config.host_pool_bytes or host.memory_bytes // 4,
+                HostBackend(config.shm_dir / HOST_POOL_DIR / config.node_id),
+                segment_bytes=HOST_SEGMENT_BYTES, clock=time.time,
+            )  # fmt: skip
         self._device_threads = {
             d: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"memory-{_dev(d)}")
-            for d in (self.pools if self.cuda else ())
+            for d in [*(self.pools if self.cuda else ()), *(["host"] if self.host_pool else [])]
         }
         self._expiry: dict[str, float] = {}  # owner -> when its lease lapses
         self.observed = {d: ReservationTracker(window_s=RESERVATION_WINDOW_S) for d in self.pools}
@@ -194,6 +209,7 @@ class MemoryService(Service):
             (subjects.MEMORY_FREE, MemFreeRequest, self.free),
             (subjects.MEMORY_RENEW, MemRenewRequest, self.renew),
             (subjects.MEMORY_STATS, MemStatsRequest, self.stats),
+            (subjects.MEMORY_LIST, MemListRequest, self.list_allocations),
             (subjects.MEMORY_OBSERVE, MemObserve, self.observe),
             (subjects.MEMORY_QUEUE_VIEW, QueueView, self.queue_view),
         ):
@@ -201,12 +217,12 @@ class MemoryService(Service):
         self.spawn(self._reconcile_loop(), "reconcile")
 
     async def on_stop(self) -> None:
-        """A real GPU's segments go back to the driver (a restart re-creates them from KV)."""
-        if not self.cuda:
-            return
-        async with self._lock:
-            for pool in self.pools.values():
-                await self._on_device(pool, pool.close)
+        """A real GPU's segments go back to the driver (a restart re-creates them from KV);
+        the host pool's files stay, with what was swapped into them (a restart adopts them)."""
+        if self.cuda:
+            async with self._lock:
+                for pool in self.pools.values():
+                    await self._on_device(pool, pool.close)
         for executor in self._device_threads.values():
             await asyncio.to_thread(executor.shutdown, wait=True)
 
@@ -223,12 +239,18 @@ class MemoryService(Service):
 
     # --- requests ----------------------------------------------------------------------------
 
+    def _all_pools(self) -> dict[str, SegmentPool]:
+        """Every pool: the GPUs' (``self.pools``) and the host tier's."""
+        host = {"host": self.host_pool} if self.host_pool is not None else {}
+        return {**self.pools, **host}
+
     def _pool(self, device: str) -> SegmentPool:
-        pool = self.pools.get(device)
+        pools = self._all_pools()
+        pool = pools.get(device)
         if pool is None:
             raise InvalidArgument(
                 f"device {device!r} has no pool on node {self.config.node_id} "
-                f"(it has {', '.join(sorted(self.pools)) or 'none'})",
+                f"(it has {', '.join(sorted(pools)) or 'none'})",
                 field="device",
             )
         return pool
@@ -307,13 +329,21 @@ class MemoryService(Service):
 
     async def renew(self, req: MemRenewRequest) -> MemRenewReply:
         self._expiry[req.owner] = time.time() + self.config.node_ttl_s
-        held = sum(1 for p in self.pools.values() for a in p.allocations() if a.owner == req.owner)
+        held = sum(1 for p in self._all_pools().values() for a in p.allocations()
+                   if a.owner == req.owner)  # fmt: skip
         return MemRenewReply(allocations=held)
+
+    async def list_allocations(self, req: MemListRequest) -> MemListReply:
+        pool = self._pool(req.device)
+        return MemListReply(allocations=[self._msg(req.device, a) for a in pool.allocations()
+                                         if a.owner == req.owner])  # fmt: skip
 
     async def stats(self, _: MemStatsRequest) -> MemStatsReply:
         return MemStatsReply(
             node=self.config.node_id,
-            pools=[MemPoolStats(**dataclasses.asdict(p.stats())) for p in self.pools.values()],
+            pools=[
+                MemPoolStats(**dataclasses.asdict(p.stats())) for p in self._all_pools().values()
+            ],
             reserved={f"{d} {fn}": n for (d, fn), n in sorted(self._reserved.items())},
         )
 
@@ -329,7 +359,7 @@ class MemoryService(Service):
             lapsed = [o for o, t in self._expiry.items() if t < now]
             for owner in lapsed:
                 del self._expiry[owner]
-                for pool in self.pools.values():
+                for pool in self._all_pools().values():
                     gone = [a for a in pool.allocations() if a.owner == owner]
                     pool.free_owner(owner)
                     for a in gone:
@@ -338,6 +368,7 @@ class MemoryService(Service):
                 log.info("memory.owner_lapsed", owner=owner)
             for device, pool in self.pools.items():
                 await self._resize_reservations(pool, self.observed[device].snapshot(now))
+            for pool in self._all_pools().values():
                 await self._on_device(pool, pool.release_idle, now,
                                       self.config.tensor_keep_alive_s)  # fmt: skip
                 await self._persist_events(pool)
@@ -540,10 +571,15 @@ class MemoryService(Service):
         refused because the item is in use, so stop this pass's actions."""
         if e.item.startswith(TUBE_ITEM):
             tube_id = e.item.removeprefix(TUBE_ITEM)
-            released = await self._transfer(
-                subjects.TRANSFER_RELEASE, TubeReleaseRequest(tube_id=tube_id, tier=e.device),
-                TubeReleaseReply, self.config.request_timeout_s,
-            )  # fmt: skip
+            try:
+                released = await self._transfer(
+                    subjects.TRANSFER_RELEASE, TubeReleaseRequest(tube_id=tube_id, tier=e.device),
+                    TubeReleaseReply, self.config.request_timeout_s,
+                )  # fmt: skip
+            except PlatformError as exc:  # the host pool is full, the transfer service away
+                log.warning("memory.evict_failed", device=e.device, item=e.item, code=exc.code,
+                            error=exc.message)  # fmt: skip
+                return None, 0, {}
             if not released.released:
                 log.info("memory.evict_refused", device=e.device, item=e.item,
                          reason=released.reason)  # fmt: skip
@@ -707,7 +743,7 @@ class MemoryService(Service):
         announced (so none is announced again)."""
         grace = time.time() + self.config.node_ttl_s
         keys = await bucket_keys(self.js, KV_MEMORY, prefix=f"{self.config.node_id}.")
-        for device, pool in self.pools.items():
+        for device, pool in self._all_pools().items():
             prefix = f"{self._prefix(device)}."
             segments: dict[str, int] = {}
             allocs: list[Allocation] = []
@@ -722,11 +758,8 @@ class MemoryService(Service):
                     segments[rest] = int(value)
                 elif kind == "a":
                     allocs.append(self._restored_alloc(device, value))
-                elif kind == "r":
-                    r = decode_json(value, MemRejection)
-                    self._rejected[(r.device, r.function)] = r
-                elif kind == "m":
-                    self._cache[device] = decode_json(value, ModelCache).models
+                else:
+                    self._restore_state(device, kind, value)
             await self._on_device(pool, pool.restore, segments, sorted(allocs, key=lambda a: a.id))
             for a in allocs:
                 if a.owner.startswith(RESERVATION_OWNER):  # an older manager's: holds now
@@ -736,7 +769,26 @@ class MemoryService(Service):
             if segments:
                 log.info("memory.restored", device=device, segments=len(segments),
                          allocations=len(allocs))  # fmt: skip
+        if self.host_pool is not None:
+            await asyncio.to_thread(self._remove_orphans, self.host_pool)
         await self._restore_views(keys)
+
+    def _remove_orphans(self, pool: SegmentPool) -> None:
+        """Delete host pool files no restored segment names (their KV record is gone)."""
+        assert isinstance(pool.backend, HostBackend)
+        known = pool.segments()
+        for f in pool.backend.root.iterdir():
+            if f.is_file() and f.name not in known:
+                f.unlink(missing_ok=True)
+                log.info("memory.orphan_removed", file=str(f))
+
+    def _restore_state(self, device: str, kind: str, value: bytes) -> None:
+        """The residency pass's state: a rejection announced, the model cache published."""
+        if kind == "r":
+            r = decode_json(value, MemRejection)
+            self._rejected[(r.device, r.function)] = r
+        elif kind == "m":
+            self._cache[device] = decode_json(value, ModelCache).models
 
     def _restored_alloc(self, device: str, value: bytes) -> Allocation:
         m = decode_json(value, MemAllocation)

@@ -41,7 +41,7 @@ from gpufaas.shared.config import Config
 from gpufaas.shared.cuda_ipc import CudaSegment, open_segment
 from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import InvalidArgument, NotFound, PlatformError, Unavailable
-from gpufaas.shared.memory_client import MemoryClient, tube_item
+from gpufaas.shared.memory_client import TUBE_ITEM, MemoryClient, tube_item
 from gpufaas.shared.messages import (
     AdoptReply,
     AdoptRequest,
@@ -63,7 +63,7 @@ from gpufaas.shared.objects import ensure_object_bucket, get_object, put_object
 from gpufaas.shared.registry import live_nodes
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
-from gpufaas.shared.shm import TUBES_DIR, SegmentCache, release_file
+from gpufaas.shared.shm import TUBES_DIR, SegmentCache, host_pool_segment, release_file
 from gpufaas.transfer.cuda_engine import CudaCopyEngine, multipath_host_to_device
 from gpufaas.transfer.discovery import calibrate, discover_topology
 from gpufaas.transfer.emulator import EmulatedCopies
@@ -135,6 +135,10 @@ class TransferService(Service):
             owner = f"{owner}/{os.getpid()}/{time.time():.6f}"
         self.memory = MemoryClient(lambda: self.nc, config.node_id, owner,
                                    timeout_s=config.request_timeout_s)  # fmt: skip
+        # Swapped-out copies in the host pool outlive this process (files): a stable owner.
+        self.host_memory = MemoryClient(lambda: self.nc, config.node_id,
+                                        f"transfer@{config.node_id}",
+                                        timeout_s=config.request_timeout_s)  # fmt: skip
         self.maps = SegmentCache(config.shm_dir)
         self._copying: dict[tuple[str, str], asyncio.Task[EnsureReply]] = {}
         self.engines: dict[str, CudaCopyEngine] = {}  # real GPUs: set up once at start
@@ -165,6 +169,9 @@ class TransferService(Service):
         if self.emulator is not None or self._cuda:
             lease = self.memory.keep_alive(lambda: self.looping, self.config.heartbeat_s)
             self.spawn(lease, "memory-lease")
+        if self._cuda:
+            lease = self.host_memory.keep_alive(lambda: self.looping, self.config.heartbeat_s)
+            self.spawn(lease, "host-memory-lease")
 
     async def on_stop(self) -> None:
         if self.emulator is not None:
@@ -211,8 +218,37 @@ class TransferService(Service):
                 if copy.block is not None:
                     await self.memory.free(tier, copy.block)
                 swept.append(tube_id)
+        swept += await self._sweep_host_blocks(now)
         if swept:
             log.info("transfer.swept", tubes=len(swept))
+        return swept
+
+    async def _sweep_host_blocks(self, now: float) -> list[str]:
+        """Give back the host pool's blocks (swapped-out copies) whose tube is gone from KV
+        or no longer names them. Blocks younger than SWEEP_GRACE_S are left alone."""
+        if self.emulator is None and not self._cuda:
+            return []
+        try:
+            blocks = await self.host_memory.list("host")
+        except PlatformError as exc:  # no memory service: nothing of ours in its pool
+            log.info("transfer.host_blocks_unknown", error=exc.message)
+            return []
+        swept = []
+        for a in blocks:
+            if not a.item.startswith(TUBE_ITEM) or now - a.at < SWEEP_GRACE_S:
+                continue
+            tube_id = a.item.removeprefix(TUBE_ITEM)
+            here = Placement(node=self.config.node_id, tier="host",
+                             segment=host_pool_segment(self.config.node_id, a.segment),
+                             offset=a.offset)  # fmt: skip
+            try:
+                tube, _ = await self._entry(tube_id)
+                if here in tube.placements:
+                    continue
+            except NotFound:
+                pass
+            await self.host_memory.free("host", a.id)
+            swept.append(tube_id)
         return swept
 
     async def _sweep_loop(self) -> None:
@@ -405,8 +441,32 @@ class TransferService(Service):
         return TubeReleaseReply(released=True, nbytes=tube.nbytes, swapped_bytes=swapped)
 
     async def _swap_out(self, tube: Tube, gpu: Placement) -> Placement:
-        """Copy a GPU copy to a host file of this node (simulated GPUs: over the emulated
-        link, so it takes the link's time; real GPUs: device to host)."""
+        """Copy a GPU copy to the host tier of this node (simulated GPUs: over the emulated
+        link, so it takes the link's time; real GPUs: device to host): into a block of the
+        memory manager's host pool, or, when no memory service answers, a file of its own.
+        A full host pool is a 507 (the GPU copy stays)."""
+        n = tube.nbytes
+        try:
+            block = await self.host_memory.alloc("host", n, tube_item(tube.id)) if n else None
+        except Unavailable as exc:
+            log.warning("transfer.unbudgeted_swap", bytes=n, error=exc.message)
+            block = None
+        if block is None:
+            return await self._swap_to_file(tube, gpu)
+        relpath = host_pool_segment(self.config.node_id, block.segment)
+        try:
+            dst = memoryview(self.maps.map(relpath))[block.offset : block.offset + n]
+            try:
+                await self._copy_out(tube, gpu, dst)
+            finally:
+                dst.release()
+        except BaseException:
+            await self.host_memory.free("host", block.id)
+            raise
+        return Placement(node=self.config.node_id, tier="host", segment=relpath,
+                         offset=block.offset)  # fmt: skip
+
+    async def _swap_to_file(self, tube: Tube, gpu: Placement) -> Placement:
         relpath = f"{TUBES_DIR}/{self.config.node_id}/{tube.id}"
         final = self.config.shm_dir / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -425,7 +485,7 @@ class TransferService(Service):
             raise
         return Placement(node=self.config.node_id, tier="host", segment=relpath)
 
-    async def _copy_out(self, tube: Tube, gpu: Placement, dst: mmap.mmap) -> None:
+    async def _copy_out(self, tube: Tube, gpu: Placement, dst: mmap.mmap | memoryview) -> None:
         n = tube.nbytes
         if self._cuda:  # untested without a GPU
             held = self._device_copies[(tube.id, gpu.tier)]
@@ -726,7 +786,7 @@ class TransferService(Service):
                     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _device_to_host(src: torch.Tensor, dst: mmap.mmap) -> None:
+def _device_to_host(src: torch.Tensor, dst: mmap.mmap | memoryview) -> None:
     """(Real GPUs, off the loop.) A device copy's bytes into a host mapping."""
     import torch  # noqa: PLC0415 - only nodes with GPUs get here
 

@@ -186,6 +186,9 @@ def _build_decoders() -> None:
         decode_json(b"", FunctionRecord)  # the registry's record (_check_deployed)
 
 
+_PREAD_MAX = 1 << 30  # the bytes of one read of a tube's copy
+
+
 def _us(since: float) -> int:
     return int((time.perf_counter() - since) * 1e6)
 
@@ -888,21 +891,26 @@ class WorkerService(Service):
         ):
             tier = self.gpu
         here = await self._ensure(p.tube.id, tenant, tier)
-        path = self.config.shm_dir / here.placement.segment
         try:
-            data = await asyncio.to_thread(path.read_bytes)
+            data = await asyncio.to_thread(self._read_copy, here)
         except FileNotFoundError:  # the GPU's copy was evicted (swapped to host) meanwhile
             here = await self._ensure(p.tube.id, tenant, "host")
-            path = self.config.shm_dir / here.placement.segment
-            data = await asyncio.to_thread(path.read_bytes)
-        start = here.placement.offset
-        if len(data) < start + here.tube.nbytes:
+            data = await asyncio.to_thread(self._read_copy, here)
+        if len(data) < here.tube.nbytes:
             raise NotFound(f"tube {p.tube.id} is truncated", field=f"inputs[{p.name}]")
-        return (
-            data[start : start + here.tube.nbytes]
-            if start or len(data) > here.tube.nbytes
-            else data
-        )
+        return data
+
+    def _read_copy(self, here: EnsureReply) -> bytes:
+        """The bytes of a tube's copy: its range of the file (a whole tube file, or a block
+        of a pool segment at its offset)."""
+        n, offset = here.tube.nbytes, here.placement.offset
+        with open(self.config.shm_dir / here.placement.segment, "rb") as f:
+            if n <= _PREAD_MAX:
+                return os.pread(f.fileno(), n, offset)
+            parts = []  # a read returns at most ~2 GiB on Linux
+            for start in range(0, n, _PREAD_MAX):
+                parts.append(os.pread(f.fileno(), min(_PREAD_MAX, n - start), offset + start))
+            return b"".join(parts)
 
     async def _ensure(self, tube_id: str, tenant: str, tier: str) -> EnsureReply:
         return await request(

@@ -64,7 +64,7 @@ async def alloc(svc: MemoryService, nbytes: int, owner: str = "w1") -> MemAlloca
 async def stats(svc: MemoryService) -> dict[str, int | float]:
     r = await call(svc, subjects.MEMORY_STATS, MemStatsRequest(), MemStatsReply)
     assert isinstance(r, MemStatsReply)
-    (pool,) = r.pools
+    (pool,) = [p for p in r.pools if p.device == "gpu:0"]
     return {k: getattr(pool, k) for k in ("reserved_bytes", "allocated_bytes", "allocations")}
 
 
@@ -161,7 +161,9 @@ async def test_reservations_follow_the_observed_load_and_go_when_idle(
     r = await call(memory, subjects.MEMORY_STATS, MemStatsRequest(), MemStatsReply)
     assert isinstance(r, MemStatsReply)
     assert r.reserved == {"gpu:0 t/f": 12 * 2**20}  # R_size 4 MiB x R_con 3
-    (pool,) = r.pools  # a hold: room of the budget, no segment (the worker allocates it)
+    (pool,) = [
+        p for p in r.pools if p.device == "gpu:0"
+    ]  # a hold: room of the budget, no segment (the worker allocates it)
     assert (pool.held_bytes, pool.reserved_bytes) == (12 * 2**20, 0)
     for i in range(3):
         await observe(f"r{i}", "end")

@@ -38,6 +38,8 @@ from gpufaas.shared.messages import (
     EnsureRequest,
     EvictModelReply,
     EvictModelRequest,
+    MemAllocRequest,
+    MemFreeRequest,
     MemRejection,
     MemStatsReply,
     MemStatsRequest,
@@ -46,6 +48,7 @@ from gpufaas.shared.messages import (
     ModelQuery,
     ModelSource,
     Msg,
+    Placement,
     PrefetchReply,
     PrefetchRequest,
     QueuedTube,
@@ -66,7 +69,7 @@ from gpufaas.shared.messages import (
 from gpufaas.shared.rpc import request
 from gpufaas.shared.shm import write_tube
 from gpufaas.tensorstore.service import TensorStoreService
-from gpufaas.transfer.service import TransferService
+from gpufaas.transfer.service import SWEEP_GRACE_S, TransferService
 from tests.conftest import NatsServer
 from tests.integration.conftest import make_config
 
@@ -417,6 +420,11 @@ async def stored_tube(node: Node, tube_id: str) -> Tube:
     return decode_json(entry.value, Tube)
 
 
+def read_copy(node: Node, at: Placement, nbytes: int) -> bytes:
+    with (node.config.shm_dir / at.segment).open("rb") as f:
+        return os.pread(f.fileno(), nbytes, at.offset)
+
+
 def reading(tube: Tube, position: int = 0) -> QueuedTube:
     return QueuedTube(id=tube.id, tenant=tube.tenant, nbytes=tube.nbytes, position=position)
 
@@ -446,10 +454,12 @@ async def test_an_unneeded_tube_copy_is_swapped_to_the_host_before_a_needed_one(
     # Swapped: its bytes now on the node's host tier, its GPU copy and block gone.
     (host,) = (await stored_tube(node, x.id)).placements
     assert host.tier == "host"
-    assert (node.config.shm_dir / host.segment).read_bytes() == x_bytes
+    assert host.segment.startswith(f"hostpool/{NODE}/")  # a block of the host tier's pool
+    assert read_copy(node, host, len(x_bytes)) == x_bytes
     assert not x_gpu.exists()
-    items = {i for i, _ in node.memory._items.values()}
-    assert items == {tube_item(y.id)}
+    items = {d: {i for (dev, _), (i, _) in node.memory._items.items() if dev == d}
+             for d in ("gpu:0", "host")}  # fmt: skip
+    assert items == {"gpu:0": {tube_item(y.id)}, "host": {tube_item(x.id)}}
     assert {p.tier for p in (await stored_tube(node, y.id)).placements} == {"host", "gpu:0"}
     assert (await node.memory.reconcile_once(t)).empty  # idempotent
 
@@ -469,7 +479,7 @@ async def test_an_unneeded_tube_copy_is_swapped_to_the_host_before_a_needed_one(
     assert (ev["what"], ev["bytes_copied"]) == ("tube", 3 * MIB)
     back = await stored_tube(node, x.id)
     gpu = next(p for p in back.placements if p.tier == "gpu:0")
-    assert (node.config.shm_dir / gpu.segment).read_bytes() == x_bytes
+    assert read_copy(node, gpu, len(x_bytes)) == x_bytes
 
 
 async def test_a_tube_release_is_typed_and_refused_when_there_is_nothing_to_release(
@@ -491,3 +501,41 @@ async def test_a_tube_release_is_typed_and_refused_when_there_is_nothing_to_rele
                       TubeReleaseRequest(tube_id=tube.id, tier=tier), TubeReleaseReply)  # fmt: skip
         assert err.value.field == "tier"
     assert not node.memory._items  # its block went back to the pool
+
+
+async def test_swapped_copies_live_in_the_host_pool_across_restarts_until_their_tube_goes(
+    node: Node, with_transfer: TransferService
+) -> None:
+    data = os.urandom(3 * MIB + 7)
+    x = await gpu_tube(node, data, host_copy=False)  # its only copy is on gpu:0
+    release = TubeReleaseRequest(tube_id=x.id, tier="gpu:0")
+
+    # A full host pool refuses the swap: a 507, and the GPU copy stays where it was.
+    assert node.memory.host_pool is not None
+    node.memory.host_pool.capacity = 4 * MIB
+    filler = await node.memory.alloc(MemAllocRequest(device="host", nbytes=2 * MIB, owner="t"))
+    with pytest.raises(ResourceExhausted, match="host"):
+        await node.ask("transfer", subjects.TRANSFER_RELEASE, release, TubeReleaseReply)
+    assert [p.tier for p in (await stored_tube(node, x.id)).placements] == ["gpu:0"]
+    await node.memory.free(MemFreeRequest(device="host", id=filler.id))
+
+    done = await node.ask("transfer", subjects.TRANSFER_RELEASE, release, TubeReleaseReply)
+    assert done.swapped_bytes == len(data)
+    (host,) = (await stored_tube(node, x.id)).placements
+
+    # The memory manager restarts: the pool's segment file, and the bytes in it, stay.
+    await node.memory.stop()
+    node.memory = MemoryService(node.config)
+    await node.memory.start()
+    assert node.memory.host_pool is not None
+    (block,) = node.memory.host_pool.allocations()
+    assert (block.offset, block.nbytes) == (host.offset, len(data))
+    assert read_copy(node, host, len(data)) == data
+
+    # The tube leaves the directory: the sweeper gives its block back (not before).
+    await with_transfer.sweep_once(time.time())  # still listed, and young: kept
+    assert node.memory.host_pool.allocations()
+    await node.store.buckets.tubes.delete(x.id)
+    swept = await with_transfer.sweep_once(time.time() + SWEEP_GRACE_S + 1)
+    assert x.id in swept
+    assert node.memory.host_pool.allocations() == []

@@ -262,6 +262,27 @@ def test_host_backend_creates_and_deletes_real_files(tmp_path: Path) -> None:
     assert pool.stats().reserved_bytes == 0
 
 
+def test_a_restored_host_pool_keeps_its_files_and_their_bytes(tmp_path: Path) -> None:
+    backend = HostBackend(tmp_path / "segments")
+    pool = SegmentPool("host", 4 * SEG, backend, segment_bytes=SEG, clock=FakeClock())
+    a = pool.alloc(100, "w")
+    path = backend.path(a.segment)
+    with path.open("r+b") as f:
+        f.seek(a.offset)
+        f.write(b"swapped")
+    again = SegmentPool("host", 4 * SEG, HostBackend(tmp_path / "segments"), segment_bytes=SEG,
+                        clock=FakeClock())  # fmt: skip
+    again.restore(pool.segments(), pool.allocations())
+    with path.open("rb") as f:
+        f.seek(a.offset)
+        assert f.read(7) == b"swapped"
+    path.unlink()  # a segment whose file is gone is made anew, whole
+    third = SegmentPool("host", 4 * SEG, HostBackend(tmp_path / "segments"), segment_bytes=SEG,
+                        clock=FakeClock())  # fmt: skip
+    third.restore(pool.segments(), pool.allocations())
+    assert path.stat().st_size == SEG
+
+
 def test_a_restored_pool_is_the_pool_it_was_saved_from() -> None:
     pool, _, _ = make_pool()
     rng = random.Random(7)
