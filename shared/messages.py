@@ -309,6 +309,7 @@ class QueuedTube(Msg, frozen=True, tag="queued_tube.v1"):
     tenant: Tenant
     nbytes: Count
     position: Count  # which of the function's queued requests reads it (0: the next to run)
+    running: bool = False  # read by a request already sent to the node: never to be evicted
 
 
 class QueueEntry(Msg, frozen=True, tag="queue_entry.v1"):

@@ -101,10 +101,12 @@ def merge_views(views: Iterable[QueueView]) -> list[Demand]:
 
 
 def _merge_tubes(a: Iterable[QueuedTube], b: Iterable[QueuedTube]) -> tuple[QueuedTube, ...]:
-    """Each tube once, at its earliest position (two replicas may both queue a reader)."""
+    """Each tube once, running first, then at its earliest position (two replicas may both
+    queue a reader)."""
     first: dict[str, QueuedTube] = {}
     for t in (*a, *b):
-        if t.id not in first or t.position < first[t.id].position:
+        seen = first.get(t.id)
+        if seen is None or (not t.running, t.position) < (not seen.running, seen.position):
             first[t.id] = t
     return tuple(sorted(first.values(), key=lambda t: (t.position, t.id)))
 
@@ -163,6 +165,7 @@ def build(
         plan.item_of[demand.function] = item
         if demand.running:
             pins[device].add(item.item)
+        pins[device].update(tube_item(t.id) for t in demand.tubes if t.running)
         if demand.queued:
             queues[device].append((demand, item))
     devices = []
@@ -205,7 +208,7 @@ def _queue(
         model = ItemRef(item.item, item.nbytes)
         at: dict[int, list[ItemRef]] = {0: []}
         for t in demand.tubes:
-            if t.position < max(demand.queued, 1):
+            if not t.running and t.position < max(demand.queued, 1):
                 size = -(-t.nbytes // budget.align_bytes) * budget.align_bytes
                 at.setdefault(t.position, []).append(ItemRef(tube_item(t.id), size))
         for k in sorted(at):

@@ -46,6 +46,8 @@ class FunctionQueue:
     key: str  # tenant.name, as in the functions bucket
     waiting: list[Pending] = field(default_factory=list)  # a heap
     in_flight: Counter[str] = field(default_factory=Counter)
+    # Requests sent to a node (by ``Pending.seq``): the node and their input tubes, pinned.
+    running_tubes: dict[int, tuple[str, tuple[Tube, ...]]] = field(default_factory=dict)
     arrivals: int = 0  # since the last load report
     last_deadline_miss: float = 0.0
 
@@ -84,11 +86,16 @@ class FunctionQueue:
         return min(live) if live else None
 
     def queued_tubes(self, node: str, limit: int) -> list[QueuedTube]:
-        """The input tubes with a copy on ``node`` of the first waiting requests, each with
-        its request's position in the queue (0: the next to run), at most ``limit``. Only
-        copies on the node itself: its memory manager brings a tube from its host tier to
-        its GPU, never across nodes."""
+        """The input tubes with a copy on ``node`` of the requests running there (``running``)
+        and of the first waiting requests, each with its request's position in the queue
+        (0: the next to run), at most ``limit``. Only copies on the node itself: its memory
+        manager brings a tube from its host tier to its GPU, never across nodes."""
         out: list[QueuedTube] = []
+        for where, tubes in self.running_tubes.values():
+            for t in tubes:
+                if where == node and len(out) < limit:
+                    out.append(QueuedTube(id=t.id, tenant=t.tenant, nbytes=t.nbytes,
+                                          position=0, running=True))  # fmt: skip
         live = sorted(p for p in self.waiting if not p.node.done())
         for position, p in enumerate(live):
             for t in p.tubes:

@@ -580,6 +580,8 @@ class SchedulerService(Service):
         finally:
             if not pending.node.done():
                 pending.node.cancel()
+        if tubes:  # pinned on that node until it is answered (see the queue view)
+            fq.running_tubes[pending.seq] = (node, tubes)
         try:
             run = WorkerRunRequest(
                 spec=record.spec,
@@ -602,6 +604,7 @@ class SchedulerService(Service):
                     queue_us=reply.breakdown.queue_us + bound.waited_us))  # fmt: skip
         finally:
             fq.release(node)
+            fq.running_tubes.pop(pending.seq, None)
             await self._pump(fq, None)
         if pending.cold_us:  # the instance was built for it before the worker saw it
             b = reply.breakdown

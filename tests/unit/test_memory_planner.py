@@ -167,6 +167,19 @@ def test_input_tubes_are_items_of_the_request_at_their_position() -> None:
     assert gpu.queue[1].expected_start_s == pytest.approx(NOW + 2 * TYPICAL_COMPUTE_S)
     assert plan.demand_of["t1/f"].function == "t1/f"
 
+    # A tube a request sent to the node reads is pinned, not a queued item.
+    sent = dataclasses.replace(f, tubes=(msgspec.structs.replace(tube("x", 0), running=True),))
+    (gpu,) = build(NOW, [sent], residency([], [item], 0), budgets).state.devices
+    assert [[i.id for i in q.items] for q in gpu.queue] == [["f"]]
+    assert gpu.running == (RunningRequest(PINNED, (tube_item("x"),)),)
+    both = merge_views([
+        QueueView(replica="r1", node="n", at=NOW, entries=[msgspec.structs.replace(
+            entry("f", queued=1), tubes=[tube("x", 0)])]),
+        QueueView(replica="r2", node="n", at=NOW, entries=[msgspec.structs.replace(
+            entry("f", running=1), tubes=[msgspec.structs.replace(tube("x", 3), running=True)])]),
+    ])  # fmt: skip
+    assert [(t.id, t.running) for t in both[0].tubes] == [("x", True)]
+
     # Tubes that do not fit beside the model are read from the host: never a rejection.
     big = dataclasses.replace(f, tubes=(tube("huge", 0, mib=95),))
     (gpu,) = build(NOW, [big], residency([], [item], 0), budgets).state.devices

@@ -33,3 +33,9 @@ async def test_queued_tubes_name_copies_on_the_node_by_queue_position() -> None:
         ("a", 0, "t1", 16), ("c", 1, "t1", 16)]  # fmt: skip
     assert [t.id for t in fq.queued_tubes("n2", limit=10)] == ["elsewhere"]
     assert [t.id for t in fq.queued_tubes("n1", limit=1)] == ["a"]
+    # Sent to n1 and not answered yet: its tubes are shown as running (pinned there).
+    fq.running_tubes[7] = ("n1", (tube("r", "n1"),))
+    shown = fq.queued_tubes("n1", limit=10)
+    assert [(t.id, t.position, t.running) for t in shown] == [
+        ("r", 0, True), ("a", 0, False), ("c", 1, False)]  # fmt: skip
+    assert [t.id for t in fq.queued_tubes("n2", limit=10)] == ["elsewhere"]
