@@ -600,19 +600,14 @@ class MemoryService(Service):
     ) -> int:
         """Carry out one prefetch; returns the bytes copied (0: it was resident)."""
         tube = plan.tube_of.get(p.item)
-        if tube is not None:
-            ensured = await self._transfer(
-                subjects.TRANSFER_ENSURE,
-                EnsureRequest(tube_id=tube.id, tenant=tube.tenant, tier=p.device),
-                EnsureReply, self.config.request_timeout_s,
-            )  # fmt: skip
-            return ensured.nbytes
-        placed = await self._store(
-            subjects.TENSORSTORE_PREFETCH,
-            PrefetchRequest(device=p.device, source=demand.source, tenant=demand.tenant),
-            PrefetchReply, self.config.deploy_timeout_s,
-        )  # fmt: skip
-        return placed.bytes_copied
+        if tube is not None:  # the transfer service copies it back from the host tier
+            ensure = EnsureRequest(tube_id=tube.id, tenant=tube.tenant, tier=p.device)
+            timeout = self.config.request_timeout_s
+            return (await self._transfer(subjects.TRANSFER_ENSURE, ensure, EnsureReply,
+                                         timeout)).nbytes  # fmt: skip
+        place = PrefetchRequest(device=p.device, source=demand.source, tenant=demand.tenant)
+        verb, timeout = subjects.TENSORSTORE_PREFETCH, self.config.deploy_timeout_s
+        return (await self._store(verb, place, PrefetchReply, timeout)).bytes_copied
 
     async def _announce_pressure(self, device: policy.DeviceState, actions: policy.Actions) -> None:
         """``memory.pressure`` when a device becomes short of memory (not again while it is)."""

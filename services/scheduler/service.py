@@ -305,12 +305,14 @@ class SchedulerService(Service):
 
     async def _gpu_cached(self, spec: FunctionSpec) -> set[str]:
         """The nodes with the function's whole model on a GPU, from the model caches the
-        memory managers publish (KV ``<node>.<gpuN>.m``); a tenant's private model counts
-        only for that tenant."""
+        memory managers publish (KV ``<node>.<gpuN>.m``). Copies are per scope: a private
+        model matches only its tenant's copies, a public one only public copies (a
+        tenant's private registration of the same file shares nothing with them)."""
         try:
             file = str(model_file(spec.model))
         except PlatformError:  # a path this process cannot resolve: no cache to match
             return set()
+        scope = spec.tenant if spec.model.private else None
         nodes: set[str] = set()
         with contextlib.suppress(nats.js.errors.Error):
             for key in await bucket_keys(self.js, c.KV_MEMORY):
@@ -324,7 +326,7 @@ class SchedulerService(Service):
                 if not entry.value:
                     continue
                 cache = decode_json(entry.value, ModelCache)
-                if any(m.file == file and m.tenant in (None, spec.tenant) for m in cache.models):
+                if any(m.file == file and m.tenant == scope for m in cache.models):
                     nodes.add(node)
         return nodes
 

@@ -17,7 +17,15 @@ import torch
 from gpufaas.memory.service import MemoryService
 from gpufaas.shared import subjects
 from gpufaas.shared.cuda_ipc import open_segment
-from gpufaas.shared.messages import EnsureReply, EnsureRequest, Tube, encode_json
+from gpufaas.shared.messages import (
+    EnsureReply,
+    EnsureRequest,
+    Tube,
+    TubeReleaseReply,
+    TubeReleaseRequest,
+    decode_json,
+    encode_json,
+)
 from gpufaas.shared.rpc import request
 from gpufaas.shared.shm import write_tube
 from gpufaas.transfer.discovery import calibrate, discover_topology
@@ -119,3 +127,23 @@ async def test_a_copy_lands_in_a_memory_service_block_another_process_reads(
     await transfer.buckets.tubes.delete(tube.id)
     assert await transfer.sweep_once(time.time()) == [tube.id]
     assert [a.id for a in pool.allocations()] == [first.id]
+
+
+async def test_a_gpu_only_copy_is_swapped_into_the_host_pool_by_release(
+    node: tuple[MemoryService, TransferService],
+) -> None:
+    memory, transfer = node
+    data = os.urandom(24 * 2**20 + 5)
+    tube, reply = await copy_to_gpu(transfer, data)
+    (host,) = [p for p in reply.tube.placements if p.tier == "host"]
+    await transfer._remove_placement(tube.id, host)  # as if produced on the GPU
+    subject = subjects.node(transfer.config.node_id, "transfer", subjects.TRANSFER_RELEASE)
+    done = await request(transfer.nc, subject, TubeReleaseRequest(tube_id=tube.id, tier="gpu:0"),
+                         TubeReleaseReply, timeout=60)  # fmt: skip
+    assert (done.released, done.swapped_bytes) == (True, len(data))
+    (swapped,) = decode_json((await transfer.buckets.tubes.get(tube.id)).value or b"",
+                             Tube).placements  # fmt: skip
+    assert swapped.segment.startswith("hostpool/")
+    with (transfer.config.shm_dir / swapped.segment).open("rb") as f:
+        assert os.pread(f.fileno(), len(data), swapped.offset) == data
+    assert not [a for a in memory.pools["gpu:0"].allocations() if a.nbytes == len(data)]

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import nats.errors
 import nats.js.errors
 import pytest
@@ -201,6 +202,18 @@ async def test_a_node_whose_gpu_holds_the_model_is_chosen(two_nodes: Platform) -
         await asyncio.sleep(0.01)
     else:
         raise AssertionError("node-b's model cache never listed the model")
+    # Copies are per scope: node-b's public copies are nothing to a tenant's private
+    # registration of the same file, nor is one tenant's private copy to another tenant.
+    private = msgspec.structs.replace(ModelSource(builtin="all-minilm-l6-v2"), private=True)
+    record_spec = (await record_of(sched, "minilm")).spec
+    spec = msgspec.structs.replace(record_spec, tenant="t2", model=private)
+    assert await sched._gpu_cached(record_spec) == {"node-b"}
+    assert await sched._gpu_cached(spec) == set()
+    t3_copy = msgspec.structs.replace(mine, tenant="t3")
+    cache = ModelCache(node="node-a", device="gpu:9", at=time.time(), models=[t3_copy])
+    await sched.buckets.memory.put("node-a.gpu9.m", encode_json(cache))
+    assert await sched._gpu_cached(spec) == set()
+    assert await sched._gpu_cached(msgspec.structs.replace(spec, tenant="t3")) == {"node-a"}
 
 
 async def test_a_background_profile_chooses_the_batch(
