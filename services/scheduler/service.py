@@ -149,6 +149,9 @@ class SchedulerService(Service):
 
     async def on_start(self) -> None:
         q = c.SCHEDULER_QUEUE
+        # Alive and a member before the first request is accepted: a replica that dies
+        # before its first tick must still be found, or its callers would wait in vain.
+        await self._renew_membership()
         self._functions = FunctionCache(self.buckets.functions)
         self.spawn(self._functions.run(), "functions-watch")
         await self.serve(subjects.SCHED_DEPLOY, DeployRequest, self.deploy, queue=q)
@@ -852,11 +855,7 @@ class SchedulerService(Service):
         run again; requests it had already sent on are answered from the worker's memory,
         not run twice (``dispatch_id``). Once none is left, its prefix is purged.
         """
-        me = _token(self.replica)
-        await self.buckets.leases.put(f"replica.{me}", b"1")
-        if not self._member:
-            await self.buckets.replicas.put(me, self.replica.encode())
-            self._member = True
+        me = await self._renew_membership()
         for dead in await bucket_keys(self.js, c.KV_REPLICAS):
             if dead == me or await _exists(self.buckets.leases, f"replica.{dead}"):
                 continue
@@ -873,6 +872,16 @@ class SchedulerService(Service):
                         await self.js.purge_stream(f"KV_{bucket}",
                                                    subject=subjects.kv_key(bucket, subject))  # fmt: skip
                 log.info("scheduler.replica_gone", replica=dead)
+
+    async def _renew_membership(self) -> str:
+        """This replica's liveness key (it lapses with the TTL unless renewed each tick) and,
+        once, its name among the replicas; returns its token."""
+        me = _token(self.replica)
+        await self.buckets.leases.put(f"replica.{me}", b"1")
+        if not self._member:
+            await self.buckets.replicas.put(me, self.replica.encode())
+            self._member = True
+        return me
 
     async def _claim(self, key: str, now: float) -> int:
         """Claim one of a dead replica's records and answer it; 1 if it is still pending."""

@@ -252,7 +252,9 @@ async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_
 ) -> None:
     from tests.integration.conftest import start_platform  # noqa: PLC0415
 
-    config = make_config(nats_server, tmp_path, autoscale_interval_s=0.2)
+    # The first replica dies before its first tick (its ticks are an hour apart): it must
+    # have made itself known when it started, or no survivor would find its requests.
+    config = make_config(nats_server, tmp_path, autoscale_interval_s=HOUR)
     p = await start_platform(config, nats_server)
     survivor: SchedulerService | None = None
     try:
@@ -271,7 +273,7 @@ async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_
         await first.nc.close()
         for task in [*first._background, *first._inflight]:
             task.cancel()
-        survivor = SchedulerService(config)
+        survivor = SchedulerService(config.replace(autoscale_interval_s=0.2))
         await survivor.start()
         done, _ = await asyncio.wait([call], timeout=60)
         assert done, (  # what the survivor knew, if it never answered
