@@ -165,6 +165,17 @@ def status(url: GatewayUrl = DEFAULT_URL) -> None:
             s.add_row(n["node"], tier, str(st["tensors"]), str(st["leases"]),
                       f"{st['bytes_stored'] / 2**20:.1f}", f"{private / 2**20:.1f}", saved)  # fmt: skip
     console.print(s)
+    m = Table(title="memory (per device: segments held, blocks in them, room held for "
+                    "intermediates)")  # fmt: skip
+    for col in ("node", "device", "capacity GiB", "segments MiB", "blocks MiB", "held MiB",
+                "fragmentation"):  # fmt: skip
+        m.add_column(col)
+    for n in nodes:
+        for device, p in ((n.get("memory") or {}).get("pools") or {}).items():
+            m.add_row(n["node"], device, f"{p['capacity_bytes'] / 2**30:.1f}",
+                      f"{p['reserved_bytes'] / 2**20:.1f}", f"{p['allocated_bytes'] / 2**20:.1f}",
+                      f"{p['held_bytes'] / 2**20:.1f}", f"{p['fragmentation']:.0%}")  # fmt: skip
+    console.print(m)
     f = Table(title="functions")
     for col in ("name", "tenant", "model", "nodes", "MiB"):
         f.add_column(col)

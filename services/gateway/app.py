@@ -51,6 +51,8 @@ from gpufaas.shared.messages import (
     InvokeReply,
     InvokeRequest,
     M,
+    MemStatsReply,
+    MemStatsRequest,
     Msg,
     ProfileRecord,
     StoreStats,
@@ -629,13 +631,28 @@ async def _store_stats(nc: NATS, node: str) -> dict[str, Any] | None:
     return tiers
 
 
+async def _memory_stats(nc: NATS, node: str) -> dict[str, Any] | None:
+    """A node's memory pools (per device: segments held, blocks, holds, fragmentation) and
+    reservations, or None if its memory service does not answer within a second."""
+    subject = subjects.node(node, "memory", subjects.MEMORY_STATS)
+    try:
+        stats = await nats_request(nc, subject, MemStatsRequest(), MemStatsReply, timeout=1)
+    except PlatformError:
+        return None
+    pools = {p.device: {k: v for k, v in untagged(to_builtins(p)).items() if k != "device"}
+             for p in stats.pools}  # fmt: skip
+    return {"pools": pools, "reserved": dict(stats.reserved)}
+
+
 async def nodes_list(request: web.Request) -> web.Response:
     nc = nats_of(request)
     config = request.app[CONFIG]
     nodes = await live_nodes(nc.jetstream(), request.app[BUCKETS].nodes, config.node_ttl_s)
     stores = await asyncio.gather(*(_store_stats(nc, node) for node in sorted(nodes)))
+    memories = await asyncio.gather(*(_memory_stats(nc, node) for node in sorted(nodes)))
     out = []
-    for (node, beats), store in zip(sorted(nodes.items()), stores, strict=True):
+    for (node, beats), store, memory in zip(sorted(nodes.items()), stores, memories,
+                                            strict=True):  # fmt: skip
         devices: dict[str, Any] = {}
         for beat in beats:
             for d in beat.devices:  # the memory service lists them; the worker adds usage
@@ -654,6 +671,7 @@ async def nodes_list(request: web.Request) -> web.Response:
                 },
                 "devices": sorted(devices.values(), key=_device_order),
                 "tensor_store": store,
+                "memory": memory,
             }
         )
     return json_response({"nodes": out})

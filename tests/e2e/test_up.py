@@ -127,6 +127,8 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
     assert cli.returncode == 0, cli.stderr
     assert "minilm" in cli.stdout
     assert "node-1" in cli.stdout
+    assert "memory (per device" in cli.stdout  # the pools of every node's memory service
+    assert all(n["memory"]["pools"].keys() == {"gpu:0", "gpu:1", "host"} for n in nodes["nodes"])
     cli = subprocess.run([GPUFAAS, "invoke", "minilm", "hello", "--url", up.url],
                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert cli.returncode == 0, cli.stderr

@@ -37,6 +37,12 @@ async def test_instances_on_a_gpu_share_one_copy(platform: Platform) -> None:
     tier = (await (await c.get("/v1/nodes")).json())["nodes"][0]["tensor_store"]["gpu:0"]
     assert tier["leases"] == 2
     assert tier["bytes_without_sharing"] == 2 * rec["model_bytes"]
+    # The memory service's side: the copies are blocks of gpu:0's pool; the host tier's
+    # pool holds nothing until a GPU swaps something out.
+    memory = (await (await c.get("/v1/nodes")).json())["nodes"][0]["memory"]
+    assert set(memory["pools"]) == {"gpu:0", "host"}
+    assert memory["pools"]["gpu:0"]["allocated_bytes"] >= rec["model_bytes"]
+    assert memory["pools"]["host"]["reserved_bytes"] == 0
     assert (await c.delete("/v1/functions/minilm")).status == 200
     await store._heartbeat_once()
     assert (await gpu0(platform))["used_bytes"] == used  # minilm-b still uses it
