@@ -11,7 +11,10 @@ just grows the pool. With fewer than 20 samples the nearest-rank p95 is the max,
 is the cautious answer while little is known.
 
 A function with nothing in flight and nothing in the window wants zero bytes, so an
-idle platform reserves nothing. Time is always passed in (``now``): no clock is read.
+idle platform reserves nothing. A start whose end never comes (its worker died) counts
+as ended once it is older than ``max_request_s``: no request runs that long (its deadline
+ends it first), so a dead worker's requests do not hold memory forever. Time is always
+passed in (``now``): no clock is read.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from gpufaas.shared.errors import InvalidArgument
 
 DEFAULT_WINDOW_S: Final = 60.0
 DEFAULT_SIZE_QUANTILE: Final = 0.95
+DEFAULT_MAX_REQUEST_S: Final = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +69,17 @@ class ReservationTracker:
     """Observed intermediate size and concurrency per function, over a sliding window."""
 
     def __init__(
-        self, *, window_s: float = DEFAULT_WINDOW_S, size_quantile: float = DEFAULT_SIZE_QUANTILE
+        self,
+        *,
+        window_s: float = DEFAULT_WINDOW_S,
+        size_quantile: float = DEFAULT_SIZE_QUANTILE,
+        max_request_s: float = DEFAULT_MAX_REQUEST_S,
     ) -> None:
         if window_s <= 0:
             raise InvalidArgument("window_s must be positive", field="window_s")
+        if max_request_s <= 0:
+            raise InvalidArgument("max_request_s must be positive", field="max_request_s")
+        self.max_request_s = max_request_s
         if not 0 < size_quantile <= 1:
             raise InvalidArgument("size_quantile must be in (0, 1]", field="size_quantile")
         self.window_s = window_s
@@ -101,6 +112,8 @@ class ReservationTracker:
         f = self._functions.get(function)
         if f is None:
             return Reservation(function, 0, 0, 0)
+        for rid in [r for r, (t0, _) in f.in_flight.items() if now - t0 > self.max_request_s]:
+            self.observe_end(function, rid, now)  # its worker died: it will never end
         f.prune(now - self.window_s)
         # every request that held its bytes at some time in the window: in flight or ended in it
         sizes = [n for _, n in f.ended]

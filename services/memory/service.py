@@ -176,7 +176,13 @@ class MemoryService(Service):
             for d in [*(self.pools if self.cuda else ()), *(["host"] if self.host_pool else [])]
         }
         self._expiry: dict[str, float] = {}  # owner -> when its lease lapses
-        self.observed = {d: ReservationTracker(window_s=RESERVATION_WINDOW_S) for d in self.pools}
+        # A request lasts until its deadline at most (request_timeout_s): one that never
+        # reports its end (a dead worker) stops counting after twice that.
+        self.observed = {
+            d: ReservationTracker(window_s=RESERVATION_WINDOW_S,
+                                  max_request_s=2 * config.request_timeout_s)
+            for d in self.pools
+        }  # fmt: skip
         self._reserved: dict[tuple[str, str], int] = {}  # (device, fn) -> bytes held
         self._short: dict[tuple[str, str], int] = {}  # (device, fn) -> bytes the pool refused
         # Movable blocks (tube copies): (device, block) -> (item, when made), for the policy.

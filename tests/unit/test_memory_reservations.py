@@ -76,6 +76,18 @@ def test_long_request_still_counts_after_the_window() -> None:
     assert r.desired("f", now=51.0 + W + 1) == 0
 
 
+def test_a_start_whose_end_never_comes_stops_counting() -> None:
+    r = ReservationTracker(window_s=W, max_request_s=30.0)
+    r.observe_start("f", "orphan", 8 * MB, now=0.0)  # its worker died mid-request
+    assert r.desired("f", now=29.0) == 8 * MB
+    assert r.desired("f", now=31.0) == 8 * MB  # ended now: still in the window
+    assert r.desired("f", now=31.0 + W + 1) == 0  # then it goes, as any request does
+    assert r.snapshot(now=31.0 + W + 2) == {}
+    assert not r.observe_end("f", "orphan", now=100.0)  # a late end changes nothing
+    with pytest.raises(InvalidArgument):
+        ReservationTracker(max_request_s=0)
+
+
 def test_starts_and_ends_are_idempotent() -> None:
     r = ReservationTracker(window_s=W)
     assert r.observe_start("f", "a", MB, now=0.0)
