@@ -215,5 +215,7 @@ def delete_tube(root: Path, tube: Tube) -> None:
     """Remove every file-backed copy of a tube on this machine: host copies, and the
     copies on simulated GPUs, which are host segments too (idempotent)."""
     for p in tube.placements:
-        if p.tier != "object":
+        # A block of the host pool lies in a segment shared with other blocks: the transfer
+        # service's sweeper gives it back once the tube is gone, never a file delete.
+        if p.tier != "object" and not p.segment.startswith(f"{HOST_POOL_DIR}/"):
             release_file(root / p.segment)

@@ -797,6 +797,15 @@ def test_tube_write_read_delete(tmp_path: Path) -> None:
     assert info.value.field == "tube"
     assert _files(tmp_path) == [other.placements[0].segment]
 
+    # A copy swapped into the host pool is a block of a shared segment: never deleted here.
+    segment = shm.host_pool_segment("n1", "seg1")
+    (tmp_path / segment).parent.mkdir(parents=True)
+    (tmp_path / segment).write_bytes(b"\0" * 64)
+    pooled = msgspec.structs.replace(other, placements=[
+        messages.Placement(node="n1", tier="host", segment=segment, offset=32)])  # fmt: skip
+    delete_tube(tmp_path, pooled)
+    assert (tmp_path / segment).stat().st_size == 64
+
 
 def test_read_tube_detects_truncation_and_missing_host_copy(tmp_path: Path) -> None:
     tube = write_tube(tmp_path, "n1", "default", datatype="UINT8", shape=[8], data=b"12345678")
