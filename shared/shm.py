@@ -79,6 +79,14 @@ class SegmentCache:
         """Drop a cached mapping (views that still hold it keep it alive)."""
         self._maps.pop(relpath, None)
 
+    def forget_missing(self) -> list[str]:
+        """Drop the mappings of segments whose file is gone (deleted by their owner: a
+        mapping would keep its pages alive); returns their paths."""
+        gone = [r for r in self._maps if not (self.root / r).exists()]
+        for relpath in gone:
+            del self._maps[relpath]
+        return gone
+
     def __len__(self) -> int:
         return len(self._maps)
 

@@ -219,6 +219,7 @@ class TransferService(Service):
                     await self.memory.free(tier, copy.block)
                 swept.append(tube_id)
         swept += await self._sweep_host_blocks(now)
+        await asyncio.to_thread(self.maps.forget_missing)  # swept files, released segments
         if swept:
             log.info("transfer.swept", tubes=len(swept))
         return swept

@@ -539,3 +539,10 @@ async def test_swapped_copies_live_in_the_host_pool_across_restarts_until_their_
     swept = await with_transfer.sweep_once(time.time() + SWEEP_GRACE_S + 1)
     assert x.id in swept
     assert node.memory.host_pool.allocations() == []
+    # Its segment, empty past the keep-alive, goes back; the transfer service lets go of
+    # its mapping at the next sweep (a mapping would keep the pages alive).
+    later = time.time() + node.config.tensor_keep_alive_s + 1
+    await node.memory.reconcile_once(later)
+    assert not (node.config.shm_dir / host.segment).exists()
+    await with_transfer.sweep_once(later)
+    assert host.segment not in with_transfer.maps._maps
