@@ -21,7 +21,20 @@ GPU's own link, one copy at a time. Three policies see the same trace and seed:
 Evicting weights costs no copy (the host tier keeps them); "bytes swapped" counts the
 host->GPU bytes loaded. Every time here is **simulated**, not measured.
 
-Run:  .venv/bin/python bench/memory_trace.py [--seed 1] [--requests 4000] [--json out.json]
+With ``--tube-gb X`` (X > 0) the same policies run a second time, on the same trace, with
+one input tube per request as a second item: an intermediate tensor a previous workflow
+step left on the request's home GPU, uniform 0.5X..1.5X GB (drawn from its own RNG, so
+the trace itself does not change). A tube is produced on the GPU at arrival when there is
+room, else written to the host (no copy) and loaded before the request runs; a request
+runs once its model and its tube are resident, and its tube is freed when it finishes.
+Unlike weights, evicting a tube that has no host copy yet costs a GPU->host copy (a swap
+out) on the GPU's link, in line with its loads. The queue-aware policy gives each queued
+request the items (model, tube); LRU evicts models and tubes alike; static keeps its model
+partition and fits tubes in the room left, evicting other tubes first (least recently used),
+then the reload slot's model, and only as a last resort a reserved model the head does not need.
+
+Run:  .venv/bin/python bench/memory_trace.py [--seed 1] [--requests 4000] [--tube-gb 0]
+      [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ import random
 import statistics
 import sys
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -91,11 +104,12 @@ class Model:
 
 @dataclass(frozen=True, slots=True)
 class Arrival:
-    """One request of the trace."""
+    """One request of the trace; ``tube_bytes`` is its input tube (0: none)."""
 
     id: str
     t_s: float
     model: int
+    tube_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,14 +122,22 @@ class Result:
     p50_s: float
     p99_s: float
     mean_s: float
-    bytes_swapped: int
+    bytes_swapped: int  # host->GPU bytes loaded (models and tubes)
+    bytes_swapped_out: int  # GPU->host bytes: tubes evicted without a host copy
     bytes_evicted: int
     loads: int
     makespan_s: float
+    tubes_to_host: int = 0  # tubes written to the host at arrival: no room on the GPU
 
 
-def make_trace(seed: int, requests: int, cfg: TraceConfig) -> tuple[list[Model], list[Arrival]]:
-    """Models with random sizes and Zipf weights, and an MMPP arrival trace."""
+def make_trace(
+    seed: int, requests: int, cfg: TraceConfig, tube_gb: float = 0.0
+) -> tuple[list[Model], list[Arrival]]:
+    """Models with random sizes and Zipf weights, and an MMPP arrival trace.
+
+    Tubes come from a second RNG (``seed + 1``) after the trace is drawn, so ``tube_gb``
+    changes neither the models nor the arrivals, only the tube each request carries.
+    """
     rng = random.Random(seed)
     step = GB // 2
     sizes = [
@@ -154,14 +176,20 @@ def make_trace(seed: int, requests: int, cfg: TraceConfig) -> tuple[list[Model],
             model = rng.choices(range(cfg.models), weights=weights)[0]
             arrivals.append(Arrival(f"r{len(arrivals)}", t, model))
         bursting = not bursting
+    if tube_gb > 0:
+        tube_rng = random.Random(seed + 1)
+        arrivals = [
+            replace(a, tube_bytes=int(tube_gb * GB * tube_rng.uniform(0.5, 1.5))) for a in arrivals
+        ]
     return models, arrivals
 
 
 @dataclass(slots=True)
 class _Gpu:
     index: int
-    resident: dict[int, float] = field(default_factory=dict)  # landed model -> last use
-    loading: dict[int, float] = field(default_factory=dict)  # model -> when its copy lands
+    resident: dict[int, float] = field(default_factory=dict)  # landed item -> last use
+    loading: dict[int, float] = field(default_factory=dict)  # item -> when its copy lands
+    draining: dict[int, float] = field(default_factory=dict)  # tube -> when its swap-out ends
     queue: deque[Arrival] = field(default_factory=deque)
     running: tuple[Arrival, float] | None = None  # request and its end time
     link_free_s: float = 0.0
@@ -169,7 +197,11 @@ class _Gpu:
 
 
 class Simulation:
-    """One policy over one trace: events in time order, one step per GPU after each."""
+    """One policy over one trace: events in time order, one step per GPU after each.
+
+    Items are ints: model ``m`` is ``m``, the tube of arrival ``i`` is ``len(models) + i``;
+    the policy sees them as ``"m"`` and ``"t<i>"``.
+    """
 
     def __init__(
         self, policy: PolicyName, models: list[Model], arrivals: list[Arrival], cfg: TraceConfig
@@ -184,9 +216,14 @@ class Simulation:
         self.latencies: list[float] = []
         self.rejected = 0
         self.swapped = 0
+        self.swapped_out = 0
         self.evicted = 0
         self.loads = 0
+        self.tubes_to_host = 0
         self.now_s = 0.0
+        self.item_bytes = [m.nbytes for m in models] + [a.tube_bytes for a in arrivals]
+        self.index = {a.id: i for i, a in enumerate(arrivals)}
+        self.on_host: set[int] = set()  # tubes with a host copy: evicting them is free
         if policy == "static":
             for gpu in self.gpus:
                 gpu.pinned_models = self._static_partition(gpu.index)
@@ -207,6 +244,21 @@ class Simulation:
         self.seq += 1
         heapq.heappush(self.events, (t_s, self.seq, kind, gpu, arg))
 
+    def _tube(self, req: Arrival) -> int | None:
+        return len(self.models) + self.index[req.id] if req.tube_bytes > 0 else None
+
+    def _items(self, req: Arrival) -> tuple[int, ...]:
+        """What ``req`` needs resident to run: its model, then its tube if it has one."""
+        tube = self._tube(req)
+        return (req.model,) if tube is None else (req.model, tube)
+
+    def _pid(self, item: int) -> str:
+        n = len(self.models)
+        return str(item) if item < n else f"t{item - n}"
+
+    def _item(self, pid: str) -> int:
+        return len(self.models) + int(pid[1:]) if pid.startswith("t") else int(pid)
+
     def run(self) -> Result:
         """Play the whole trace and summarise it."""
         for i, a in enumerate(self.arrivals):
@@ -217,6 +269,7 @@ class Simulation:
             gpu = self.gpus[g]
             if kind == "arrive":
                 gpu.queue.append(self.arrivals[arg])
+                self._produce_tube(gpu, self.arrivals[arg])
             elif kind == "landed":
                 del gpu.loading[arg]
                 gpu.resident[arg] = t_s
@@ -225,6 +278,7 @@ class Simulation:
                 req, _ = gpu.running
                 gpu.running = None
                 gpu.resident[req.model] = t_s
+                self._free_tube(gpu, req)
                 self.latencies.append(t_s - req.t_s)
             self._step(gpu)
         lat = sorted(self.latencies)
@@ -236,84 +290,150 @@ class Simulation:
             p99_s=_percentile(lat, 0.99),
             mean_s=statistics.fmean(lat) if lat else 0.0,
             bytes_swapped=self.swapped,
+            bytes_swapped_out=self.swapped_out,
             bytes_evicted=self.evicted,
             loads=self.loads,
             makespan_s=self.now_s,
+            tubes_to_host=self.tubes_to_host,
         )
 
-    def _load(self, gpu: _Gpu, m: int) -> None:
-        start = max(self.now_s, gpu.link_free_s)
-        gpu.link_free_s = start + self.models[m].nbytes / self.cfg.h2d_bps
-        gpu.loading[m] = gpu.link_free_s
-        self.swapped += self.models[m].nbytes
-        self.loads += 1
-        self._push(gpu.link_free_s, "landed", gpu.index, m)
+    def _produce_tube(self, gpu: _Gpu, req: Arrival) -> None:
+        """The previous step leaves the tube on the GPU if it fits there, else on the host.
 
-    def _evict(self, gpu: _Gpu, m: int) -> None:
-        del gpu.resident[m]
-        self.evicted += self.models[m].nbytes
+        Room counts tubes still being copied out: their bytes leave the GPU only then.
+        """
+        tube = self._tube(req)
+        if tube is None:
+            return
+        gpu.draining = {i: t for i, t in gpu.draining.items() if t > self.now_s}
+        draining = sum(self.item_bytes[i] for i in gpu.draining)
+        if self._used(gpu) + draining + self.item_bytes[tube] <= self.cfg.capacity_bytes:
+            gpu.resident[tube] = self.now_s
+        else:
+            self.on_host.add(tube)
+            self.tubes_to_host += 1
+
+    def _free_tube(self, gpu: _Gpu, req: Arrival) -> None:
+        """A finished or rejected request's tube is dropped: no copy, wherever it is."""
+        tube = self._tube(req)
+        if tube is not None:
+            assert tube not in gpu.loading
+            gpu.resident.pop(tube, None)
+            self.on_host.discard(tube)
+
+    def _load(self, gpu: _Gpu, item: int) -> None:
+        start = max(self.now_s, gpu.link_free_s)
+        gpu.link_free_s = start + self.item_bytes[item] / self.cfg.h2d_bps
+        gpu.loading[item] = gpu.link_free_s
+        self.swapped += self.item_bytes[item]
+        self.loads += 1
+        self._push(gpu.link_free_s, "landed", gpu.index, item)
+
+    def _evict(self, gpu: _Gpu, item: int) -> None:
+        """Weights, and tubes with a host copy, just go; other tubes are copied out first."""
+        del gpu.resident[item]
+        nbytes = self.item_bytes[item]
+        self.evicted += nbytes
+        if item >= len(self.models) and item not in self.on_host:
+            start = max(self.now_s, gpu.link_free_s)
+            gpu.link_free_s = start + nbytes / self.cfg.h2d_bps  # same link, one copy at a time
+            gpu.draining[item] = gpu.link_free_s
+            self.on_host.add(item)
+            self.swapped_out += nbytes
+
+    def _ready(self, gpu: _Gpu, req: Arrival) -> bool:
+        return all(i in gpu.resident for i in self._items(req))
 
     def _step(self, gpu: _Gpu) -> None:
         if self.policy == "queue-aware":
             self._reconcile(gpu)
         elif gpu.running is None and gpu.queue:
-            self._on_demand(gpu, gpu.queue[0].model)
-        if gpu.running is None and gpu.queue and gpu.queue[0].model in gpu.resident:
+            self._on_demand(gpu, gpu.queue[0])
+        if gpu.running is None and gpu.queue and self._ready(gpu, gpu.queue[0]):
             req = gpu.queue.popleft()
             end = self.now_s + self.models[req.model].infer_s
             gpu.running = (req, end)
-            gpu.resident[req.model] = self.now_s
+            for item in self._items(req):
+                gpu.resident[item] = self.now_s
             self._push(end, "done", gpu.index, 0)
 
-    def _on_demand(self, gpu: _Gpu, m: int) -> None:
-        """LRU and static: load the head's model when the GPU is free for it."""
-        if m in gpu.resident or m in gpu.loading:
-            return
-        need = self.models[m].nbytes
-        if self.policy == "static" and m not in gpu.pinned_models:
-            for other in [o for o in gpu.resident if o not in gpu.pinned_models]:
-                self._evict(gpu, other)  # the single reload slot
+    def _on_demand(self, gpu: _Gpu, req: Arrival) -> None:
+        """LRU and static: load what the head request lacks when the GPU is free for it."""
+        keep = self._items(req)
+        for item in keep:
+            if item not in gpu.resident and item not in gpu.loading:
+                self._make_room(gpu, item, keep)
+                self._load(gpu, item)
+
+    def _make_room(self, gpu: _Gpu, item: int, keep: tuple[int, ...]) -> None:
+        """Evict until ``item`` fits, never an item in ``keep`` (the head request's).
+
+        LRU: least recently used first, models and tubes alike. Static: a model outside the
+        reservation empties the reload slot first; then other tubes go (least recently used),
+        then the slot's model, and last a reserved model (only when a tube leaves no room).
+        """
+        n = len(self.models)
+        victims = [o for o in gpu.resident if o not in keep]
+        if self.policy == "static":
+            pinned = gpu.pinned_models
+            if item < n and item not in pinned:
+                for other in [o for o in victims if o < n and o not in pinned]:
+                    self._evict(gpu, other)  # the single reload slot
+            victims = sorted(
+                (o for o in gpu.resident if o not in keep),
+                key=lambda o: (o < n, o in pinned, gpu.resident[o], o),
+            )
         else:
-            for other in sorted(gpu.resident, key=lambda o: (gpu.resident[o], o)):
-                if self._used(gpu) + need <= self.cfg.capacity_bytes:
-                    break
-                self._evict(gpu, other)
-        self._load(gpu, m)
+            victims.sort(key=lambda o: (gpu.resident[o], o))
+        need = self.item_bytes[item]
+        for other in victims:
+            if self._used(gpu) + need <= self.cfg.capacity_bytes:
+                break
+            self._evict(gpu, other)
 
     def _used(self, gpu: _Gpu) -> int:
-        return sum(self.models[m].nbytes for m in (*gpu.resident, *gpu.loading))
+        return sum(self.item_bytes[i] for i in (*gpu.resident, *gpu.loading))
 
     def _reconcile(self, gpu: _Gpu) -> None:
         actions = reconcile_once(self.now_s, self._snapshot(gpu), slack_s=self.cfg.slack_s)
         for e in actions.evict:
-            self._evict(gpu, int(e.item))
+            self._evict(gpu, self._item(e.item))
         for p in actions.prefetch:
-            self._load(gpu, int(p.item))
+            self._load(gpu, self._item(p.item))
         for r in actions.rejected:
+            for q in [q for q in gpu.queue if q.id == r.request]:
+                self._free_tube(gpu, q)
             gpu.queue = deque(q for q in gpu.queue if q.id != r.request)
             self.rejected += 1
 
     def _snapshot(self, gpu: _Gpu) -> MemoryState:
-        """The policy's view of one GPU: in-flight copies pinned like running requests."""
+        """The policy's view of one GPU: in-flight copies pinned like running requests.
+
+        Tubes being copied out are left out: the room they free is what the loads queued
+        behind them on the same link will fill.
+        """
         now = self.now_s
-        resident = [Resident(str(m), self.models[m].nbytes, t) for m, t in gpu.resident.items()]
-        resident += [Resident(str(m), self.models[m].nbytes, now) for m in gpu.loading]
-        running = [RunningRequest(f"load:{m}", (str(m),)) for m in gpu.loading]
+        nbytes = self.item_bytes
+        resident = [Resident(self._pid(i), nbytes[i], t) for i, t in gpu.resident.items()]
+        resident += [Resident(self._pid(i), nbytes[i], now) for i in gpu.loading]
+        running = [RunningRequest(f"load:{self._pid(i)}", (self._pid(i),)) for i in gpu.loading]
         t = now
         if gpu.running is not None:
-            running.append(RunningRequest(gpu.running[0].id, (str(gpu.running[0].model),)))
+            req = gpu.running[0]
+            running.append(RunningRequest(req.id, tuple(self._pid(i) for i in self._items(req))))
             t = gpu.running[1]
         queue = []
         for req in gpu.queue:
             model = self.models[req.model]
+            items = self._items(req)
             start = max(t, now)
-            queue.append(
-                QueuedRequest(req.id, model.name, (ItemRef(str(req.model), model.nbytes),), start)
-            )
-            if req.model in gpu.loading:
-                start = max(start, gpu.loading[req.model])
-            elif req.model not in gpu.resident:
-                start += model.nbytes / self.cfg.h2d_bps
+            refs = tuple(ItemRef(self._pid(i), nbytes[i]) for i in items)
+            queue.append(QueuedRequest(req.id, model.name, refs, start))
+            for i in items:  # copies queue on one link: each missing item adds its copy time
+                if i in gpu.loading:
+                    start = max(start, gpu.loading[i])
+                elif i not in gpu.resident:
+                    start += nbytes[i] / self.cfg.h2d_bps
             t = start + model.infer_s
         device = DeviceState(
             f"sim:{gpu.index}",
@@ -332,10 +452,12 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def run_all(seed: int, requests: int, cfg: TraceConfig | None = None) -> list[Result]:
+def run_all(
+    seed: int, requests: int, cfg: TraceConfig | None = None, tube_gb: float = 0.0
+) -> list[Result]:
     """Every policy over the same trace (same seed), queue-aware first."""
     cfg = cfg or TraceConfig()
-    models, arrivals = make_trace(seed, requests, cfg)
+    models, arrivals = make_trace(seed, requests, cfg, tube_gb)
     return [Simulation(p, models, arrivals, cfg).run() for p in POLICIES]
 
 
@@ -345,11 +467,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE_PER_S)
+    parser.add_argument(
+        "--tube-gb",
+        type=float,
+        default=0.0,
+        help="also run with one input tube per request, uniform 0.5x..1.5x this many GB",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     cfg = TraceConfig(rate_per_s=args.rate)
     models, _ = make_trace(args.seed, args.requests, cfg)
     results = run_all(args.seed, args.requests, cfg)
+    tube_results = run_all(args.seed, args.requests, cfg, args.tube_gb) if args.tube_gb > 0 else []
     machine = {
         "cpu": harness.cpu_model(),
         "cores": os.cpu_count(),
@@ -369,18 +498,15 @@ def main(argv: list[str] | None = None) -> int:
             f"  {m.name}: {m.nbytes / GB:5.1f} GB, {m.infer_s * 1000:.0f} ms/request "
             f"({LABEL}), share {m.weight / sum(x.weight for x in models):5.1%}, home sim:{m.home}"
         )
-    base = results[0]
-    print(
-        f"\n{'policy':<12} {'p50 s':>8} {'p99 s':>8} {'mean s':>8} {'GB swapped':>11} "
-        f"{'loads':>6} {'p50/(a)':>8} {'p99/(a)':>8} {'swap/(a)':>9}  ({LABEL})"
-    )
-    for r in results:
+    print(f"\nmodels only: weights are the only items ({LABEL})")
+    _table(results, tubes=False)
+    if tube_results:
         print(
-            f"{r.policy:<12} {r.p50_s:8.3f} {r.p99_s:8.3f} {r.mean_s:8.3f} "
-            f"{r.bytes_swapped / GB:11.1f} {r.loads:6d} {_ratio(r.p50_s, base.p50_s):>8} "
-            f"{_ratio(r.p99_s, base.p99_s):>8} {_ratio(r.bytes_swapped, base.bytes_swapped):>9}"
-            f"  ({LABEL}; {r.completed} done, {r.rejected} rejected, makespan {r.makespan_s:.0f} s)"
+            f"\nwith input tubes: one per request, {0.5 * args.tube_gb:g}-{1.5 * args.tube_gb:g} GB "
+            f"(mean {args.tube_gb:g} GB), same trace; evicting a tube without a host copy swaps "
+            f"it out GPU->host on the link ({LABEL})"
         )
+        _table(tube_results, tubes=True)
     if args.json is not None:
         doc: dict[str, Any] = {
             "label": LABEL,
@@ -391,9 +517,32 @@ def main(argv: list[str] | None = None) -> int:
             "models": [asdict(m) for m in models],
             "results": [asdict(r) for r in results],
         }
+        if tube_results:
+            doc["tube_gb"] = args.tube_gb
+            doc["tube_results"] = [asdict(r) for r in tube_results]
         args.json.write_text(json.dumps(doc, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _table(results: list[Result], *, tubes: bool) -> None:
+    """One row per policy; with tubes, GPU->host bytes and tubes sent to the host too."""
+    base = results[0]
+    out = f" {'GB out':>8}" if tubes else ""
+    print(
+        f"{'policy':<12} {'p50 s':>8} {'p99 s':>8} {'mean s':>8} {'GB loaded':>10}{out} "
+        f"{'loads':>6} {'p50/(a)':>8} {'p99/(a)':>8} {'load/(a)':>9}  ({LABEL})"
+    )
+    for r in results:
+        out = f" {r.bytes_swapped_out / GB:8.1f}" if tubes else ""
+        note = f", {r.tubes_to_host} tubes to host at arrival" if tubes else ""
+        print(
+            f"{r.policy:<12} {r.p50_s:8.3f} {r.p99_s:8.3f} {r.mean_s:8.3f} "
+            f"{r.bytes_swapped / GB:10.1f}{out} {r.loads:6d} {_ratio(r.p50_s, base.p50_s):>8} "
+            f"{_ratio(r.p99_s, base.p99_s):>8} {_ratio(r.bytes_swapped, base.bytes_swapped):>9}"
+            f"  ({LABEL}; {r.completed} done, {r.rejected} rejected, makespan {r.makespan_s:.0f} s"
+            f"{note})"
+        )
 
 
 def _ratio(value: float, base: float) -> str:

@@ -6,6 +6,7 @@ import importlib
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -255,14 +256,33 @@ def test_invalid_state_is_refused() -> None:
         reconcile_once(0.0, device(1, {}), slack_s=-1.0)
 
 
-def test_bench_smoke_queue_aware_swaps_no_more_than_lru() -> None:
+def _memory_trace() -> Any:
     bench = Path(__file__).resolve().parents[2] / "bench"
     sys.path.insert(0, str(bench))
     try:
-        trace = importlib.import_module("memory_trace")
+        return importlib.import_module("memory_trace")
     finally:
         sys.path.remove(str(bench))
+
+
+def test_bench_smoke_queue_aware_swaps_no_more_than_lru() -> None:
+    trace = _memory_trace()
     results = trace.run_all(seed=3, requests=150)
     by_policy = {r.policy: r for r in results}
     assert by_policy["queue-aware"].completed == 150
     assert by_policy["queue-aware"].bytes_swapped <= by_policy["lru"].bytes_swapped
+
+
+def test_bench_smoke_tubes_queue_aware_p99_no_worse_than_lru() -> None:
+    trace = _memory_trace()
+    cfg = trace.TraceConfig()
+    _, plain = trace.make_trace(3, 300, cfg)
+    _, tubed = trace.make_trace(3, 300, cfg, 4.0)
+    assert [(a.id, a.t_s, a.model) for a in tubed] == [(a.id, a.t_s, a.model) for a in plain]
+    assert all(2 * trace.GB <= a.tube_bytes <= 6 * trace.GB for a in tubed)
+    results = trace.run_all(seed=3, requests=300, tube_gb=4.0)
+    by_policy = {r.policy: r for r in results}
+    assert all(r.completed + r.rejected == 300 for r in results)
+    assert by_policy["queue-aware"].completed == 300
+    assert by_policy["queue-aware"].bytes_swapped_out > 0  # 4 GB tubes do not all fit
+    assert by_policy["queue-aware"].p99_s <= by_policy["lru"].p99_s  # held for seeds 1-20
