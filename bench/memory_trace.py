@@ -406,6 +406,12 @@ class Simulation:
             gpu.queue = deque(q for q in gpu.queue if q.id != r.request)
             self.rejected += 1
 
+    def _swap_bytes(self, item: int) -> int:
+        """What evicting ``item`` copies to the host: a tube's bytes until it has a host copy."""
+        if item < len(self.models) or item in self.on_host:
+            return 0
+        return self.item_bytes[item]
+
     def _snapshot(self, gpu: _Gpu) -> MemoryState:
         """The policy's view of one GPU: in-flight copies pinned like running requests.
 
@@ -414,7 +420,8 @@ class Simulation:
         """
         now = self.now_s
         nbytes = self.item_bytes
-        resident = [Resident(self._pid(i), nbytes[i], t) for i, t in gpu.resident.items()]
+        resident = [Resident(self._pid(i), nbytes[i], t, self._swap_bytes(i))
+                    for i, t in gpu.resident.items()]  # fmt: skip
         resident += [Resident(self._pid(i), nbytes[i], now) for i in gpu.loading]
         running = [RunningRequest(f"load:{self._pid(i)}", (self._pid(i),)) for i in gpu.loading]
         t = now

@@ -51,12 +51,16 @@ class MemoryClient:
     def _subject(self, verb: str) -> str:
         return subjects.node(self.node, "memory", verb)
 
-    async def alloc(self, device: str, nbytes: int, item: str = "") -> MemAllocation:
+    async def alloc(
+        self, device: str, nbytes: int, item: str = "", *, swap_bytes: int = 0
+    ) -> MemAllocation:
         """A block of ``nbytes`` on ``device``; ``ResourceExhausted`` when it has no room.
-        ``item``: what it holds, when the manager may move it (see MemAllocRequest)."""
+        ``item``: what it holds, when the manager may move it, and ``swap_bytes`` what such
+        a move would copy (see MemAllocRequest)."""
         return await request(
             self._nc(), self._subject(subjects.MEMORY_ALLOC),
-            MemAllocRequest(device=device, nbytes=nbytes, owner=self.owner, item=item),
+            MemAllocRequest(device=device, nbytes=nbytes, owner=self.owner, item=item,
+                            swap_bytes=swap_bytes),
             MemAllocation,
             timeout=self.timeout_s, what="memory service of this node",
         )  # fmt: skip

@@ -666,6 +666,7 @@ class MemAllocRequest(Msg, frozen=True, tag="mem_alloc_request.v1"):
     # What the block holds, when the memory manager may move it: "tube:<id>" for a tube's
     # copy (evicted to the host tier through the transfer service). "" for anything else.
     item: str = ""
+    swap_bytes: Count = 0  # what moving it to the host would copy (0: the host has them)
 
 
 class MemAllocation(Msg, frozen=True, tag="mem_allocation.v1"):
@@ -682,6 +683,7 @@ class MemAllocation(Msg, frozen=True, tag="mem_allocation.v1"):
     handle: bytes | None = None
     item: str = ""  # as asked
     at: float = 0.0  # when it was made (wall clock): the LRU order of movable items
+    swap_bytes: Count = 0  # as asked
 
 
 class MemFreeRequest(Msg, frozen=True, tag="mem_free_request.v1"):

@@ -7,7 +7,10 @@ queue view, calls :func:`reconcile_once` with its clock, and carries out the act
 
 * **Evict** only under pressure (resident bytes over capacity, or room needed for a due
   prefetch): first items no queued request needs, least recently used first; then items
-  queued requests need, the one needed latest first. An item a running request uses is
+  queued requests need, the one needed latest first. Within each group, items free to
+  drop (weights, whose bytes the host keeps; a tube with a host copy) go before items
+  that must be copied out first (``Resident.swap_bytes``: a tube whose only copy is on
+  the GPU): that copy would hold the link ahead of the prefetch the room is for. An item a running request uses is
   never evicted, and a prefetch never evicts an item needed as soon as or sooner than
   the item it brings in, so two prefetches cannot evict each other back and forth.
 * **Prefetch** a non-resident item a queued request needs once
@@ -47,6 +50,7 @@ class Resident:
     id: str
     nbytes: int
     last_used_s: float
+    swap_bytes: int = 0  # bytes copied to the host to evict it (0: the host has them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,10 +256,11 @@ class _DevicePlan:
             if r.id in self.pinned:
                 continue
             needed_at = self._needed_at(r.id)
+            costly = r.swap_bytes > 0  # must be copied out first: after the free ones
             if needed_at is None:
-                key: tuple[int, float, float, str] = (0, r.last_used_s, 0.0, r.id)
+                key: tuple[int, bool, float, float, str] = (0, costly, r.last_used_s, 0.0, r.id)
             elif sooner_than_s is None or needed_at > sooner_than_s:
-                key = (1, -needed_at, r.last_used_s, r.id)
+                key = (1, costly, -needed_at, r.last_used_s, r.id)
             else:
                 continue
             candidates.append((key, r))

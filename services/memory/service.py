@@ -185,8 +185,9 @@ class MemoryService(Service):
         }  # fmt: skip
         self._reserved: dict[tuple[str, str], int] = {}  # (device, fn) -> bytes held
         self._short: dict[tuple[str, str], int] = {}  # (device, fn) -> bytes the pool refused
-        # Movable blocks (tube copies): (device, block) -> (item, when made), for the policy.
-        self._items: dict[tuple[str, int], tuple[str, float]] = {}
+        # Movable blocks (tube copies), for the policy: (device, block) -> (item, when made,
+        # bytes moving it to the host would copy).
+        self._items: dict[tuple[str, int], tuple[str, float, int]] = {}
         self._lock = asyncio.Lock()  # pool changes and their KV writes, in order
         # The queue-aware residency pass (see _policy_pass); never under ``_lock``: the store
         # it calls gives blocks back to this service while it evicts.
@@ -264,12 +265,12 @@ class MemoryService(Service):
     async def alloc(self, req: MemAllocRequest) -> MemAllocation:
         pool = self._pool(req.device)
         async with self._lock:
-            a = await self._alloc(pool, req.nbytes, req.owner, req.item)
+            a = await self._alloc(pool, req.nbytes, req.owner, req.item, req.swap_bytes)
             self._expiry.setdefault(req.owner, time.time() + self.config.node_ttl_s)
         return self._msg(req.device, a)
 
     async def _alloc(
-        self, pool: SegmentPool, nbytes: int, owner: str, item: str = ""
+        self, pool: SegmentPool, nbytes: int, owner: str, item: str = "", swap_bytes: int = 0
     ) -> Allocation:
         """(Under the lock.) Allocate and record it in KV; pressure is announced."""
         try:
@@ -286,7 +287,7 @@ class MemoryService(Service):
             raise
         await self._persist_events(pool)
         if item:
-            self._items[(pool.device, a.id)] = (item, time.time())
+            self._items[(pool.device, a.id)] = (item, time.time(), swap_bytes)
         key, value = self._alloc_key(pool.device, a), encode_json(self._msg(pool.device, a))
         await self.buckets.memory.put(key, value)
         return a
@@ -483,9 +484,9 @@ class MemoryService(Service):
             tubes: dict[str, policy.Resident] = {}
             for a in pool.allocations():
                 nbytes = -(-a.nbytes // align) * align
-                item, at = self._items.get((device, a.id), ("", 0.0))
+                item, at, swap = self._items.get((device, a.id), ("", 0.0, 0))
                 if item.startswith(TUBE_ITEM) and item not in tubes:
-                    tubes[item] = policy.Resident(item, nbytes, at)
+                    tubes[item] = policy.Resident(item, nbytes, at, swap)
                 elif a.owner != store_owner:
                     foreign += nbytes
             foreign += pool.stats().held_bytes  # reservations for intermediates
@@ -696,10 +697,10 @@ class MemoryService(Service):
     # --- state in KV ----------------------------------------------------------------------------
 
     def _msg(self, device: str, a: Allocation) -> MemAllocation:
-        item, at = self._items.get((device, a.id), ("", 0.0))
+        item, at, swap = self._items.get((device, a.id), ("", 0.0, 0))
         return MemAllocation(id=a.id, device=device, segment=a.segment, offset=a.offset,
                              nbytes=a.nbytes, owner=a.owner, handle=a.handle, item=item,
-                             at=at)  # fmt: skip
+                             at=at, swap_bytes=swap)  # fmt: skip
 
     def _prefix(self, device: str) -> str:
         return f"{self.config.node_id}.{_dev(device)}"
@@ -794,7 +795,7 @@ class MemoryService(Service):
     def _restored_alloc(self, device: str, value: bytes) -> Allocation:
         m = decode_json(value, MemAllocation)
         if m.item:
-            self._items[(device, m.id)] = (m.item, m.at)
+            self._items[(device, m.id)] = (m.item, m.at, m.swap_bytes)
         return Allocation(m.id, m.segment, m.offset, m.nbytes, m.owner)
 
     async def _restore_views(self, keys: list[str]) -> None:

@@ -389,7 +389,9 @@ class TransferService(Service):
             or (not source.is_file())
         ):
             raise InvalidArgument("the tube's file is not a tube of this node", field="tube")
-        block = await self.memory.alloc(req.tier, tube.nbytes, tube_item(tube.id))
+        # Its only copy from now on: moving it to the host would copy all of it.
+        block = await self.memory.alloc(req.tier, tube.nbytes, tube_item(tube.id),
+                                        swap_bytes=tube.nbytes)  # fmt: skip
         relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(req.tier)}/{tube.id}.{block.id}"
         final = self.config.shm_dir / relpath
         try:
@@ -582,7 +584,7 @@ class TransferService(Service):
             path = f"{path}, {route}" if path else route
             nbytes += tube.nbytes
         elif req.tier != "host":  # from a GPU copy (over NVLink when a route exists) or host
-            block = await self._device_block(req.tier, tube.nbytes, tube.id)
+            block = await self._device_block(req.tier, tube)
             try:
                 placement, modelled_s, route = await asyncio.to_thread(
                     self._to_gpu, tube, source, req.tier, block
@@ -640,7 +642,8 @@ class TransferService(Service):
         n = tube.nbytes
         # The GPU's budget is the memory service's: the copy's room comes from its pool,
         # and the file is named after the block, so the sweeper can give it back.
-        block = await self.memory.alloc(req.tier, n, tube_item(tube.id))
+        block = await self.memory.alloc(req.tier, n, tube_item(tube.id),
+                                        swap_bytes=self._swap_bytes(tube))  # fmt: skip
         relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(req.tier)}/{tube.id}.{block.id}"
         final = self.config.shm_dir / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -680,11 +683,18 @@ class TransferService(Service):
                     return here
         return None
 
-    async def _device_block(self, tier: str, nbytes: int, tube_id: str) -> MemAllocation | None:
+    def _swap_bytes(self, tube: Tube) -> int:
+        """What moving a new GPU copy of ``tube`` to the host would copy: nothing when this
+        node has a host copy already (the copy is made from it, as a rule)."""
+        return 0 if self._local(tube, "host") is not None else tube.nbytes
+
+    async def _device_block(self, tier: str, tube: Tube) -> MemAllocation | None:
         """Room on a real GPU from its budget; None when no memory service runs (the copy
         then takes an allocation of its own). No room is a 507, as on simulated GPUs."""
+        nbytes = tube.nbytes
         try:
-            return await self.memory.alloc(tier, nbytes, tube_item(tube_id))
+            return await self.memory.alloc(tier, nbytes, tube_item(tube.id),
+                                           swap_bytes=self._swap_bytes(tube))  # fmt: skip
         except Unavailable as exc:
             log.warning("transfer.unbudgeted_copy", tier=tier, bytes=nbytes, error=exc.message)
             return None

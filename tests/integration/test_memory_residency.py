@@ -438,6 +438,9 @@ async def test_an_unneeded_tube_copy_is_swapped_to_the_host_before_a_needed_one(
     y = await gpu_tube(node, y_bytes, host_copy=True)  # the input of a queued request
     x = await gpu_tube(node, x_bytes, host_copy=False)  # a finished step's output: GPU only
     x_gpu = node.config.shm_dir / x.placements[0].segment
+    # What evicting each would copy to the host: all of X (its only copy), none of Y.
+    swaps = {i: swap for (_, _), (i, _, swap) in node.memory._items.items()}
+    assert swaps == {tube_item(x.id): len(x_bytes), tube_item(y.id): 0}
     t = time.time()
     # D (4 MiB) is due now: 4 + 3 + 3 + 4 > 13 MiB. X goes (no queued request reads it),
     # not Y (queued fb's next request reads it), never A (leased).
@@ -457,7 +460,7 @@ async def test_an_unneeded_tube_copy_is_swapped_to_the_host_before_a_needed_one(
     assert host.segment.startswith(f"hostpool/{NODE}/")  # a block of the host tier's pool
     assert read_copy(node, host, len(x_bytes)) == x_bytes
     assert not x_gpu.exists()
-    items = {d: {i for (dev, _), (i, _) in node.memory._items.items() if dev == d}
+    items = {d: {i for (dev, _), (i, _, _) in node.memory._items.items() if dev == d}
              for d in ("gpu:0", "host")}  # fmt: skip
     assert items == {"gpu:0": {tube_item(y.id)}, "host": {tube_item(x.id)}}
     assert {p.tier for p in (await stored_tube(node, y.id)).placements} == {"host", "gpu:0"}

@@ -58,6 +58,26 @@ def reconcile(now_s: float, state: MemoryState) -> Actions:
     return reconcile_once(now_s, state, slack_s=SLACK_S)
 
 
+def test_items_free_to_drop_go_before_those_that_must_be_copied_out() -> None:
+    # Over capacity by 2 GB; nothing is queued. The LRU item is a tube whose only copy is
+    # on the GPU (evicting it copies 2 GB over the link): a weight of the same size, used
+    # later but free to drop, goes instead.
+    gpu_only = Resident("tube:x", 2 * GB, 1.0, swap_bytes=2 * GB)
+    weights = Resident("m", 2 * GB, 5.0)
+    state = MemoryState((DeviceState("gpu:0", 4 * GB, BPS, (gpu_only, weights,
+                                     Resident("k", 2 * GB, 9.0))),))  # fmt: skip
+    assert [e.item for e in reconcile(100.0, state).evict] == ["m"]
+    # Among items queued requests need, too: the free one needed sooner goes before the
+    # costly one needed later.
+    queue = (queued("r1", 130.0, ("tube:x", 2)), queued("r2", 120.0, ("m", 2)))
+    state = MemoryState((DeviceState("gpu:0", 4 * GB, BPS, (gpu_only, weights,
+                                     Resident("k", 2 * GB, 9.0)), (), queue),))  # fmt: skip
+    actions = reconcile(100.0, state)
+    assert [(e.item, e.reason) for e in actions.evict] == [("k", "unneeded")]
+    state = MemoryState((DeviceState("gpu:0", 2 * GB, BPS, (gpu_only, weights), (), queue),))
+    assert [(e.item, e.reason) for e in reconcile(100.0, state).evict] == [("m", "needed-later")]
+
+
 def test_no_pressure_no_actions() -> None:
     state = device(10, {"a": (4, 1.0), "b": (4, 2.0)}, queue=(queued("r1", 200.0, ("a", 4)),))
     actions = reconcile(100.0, state)
