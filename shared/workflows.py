@@ -108,6 +108,19 @@ class WorkflowInvokeRequest(Msg, frozen=True, tag="workflow_invoke_request.v1"):
     deadline: float = 0.0  # unix time; 0 = the platform default
 
 
+class WorkflowInflightRecord(Msg, frozen=True, tag="workflow_inflight.v1"):
+    """A workflow invocation a scheduler replica accepted, kept in KV until it is answered
+    (as ``InflightRecord`` for a function's): a replica that outlives it runs it again
+    under the same dispatch id, so each step already sent is answered from its worker's
+    memory, not run twice."""
+
+    replica: str
+    reply_to: str
+    request: WorkflowInvokeRequest
+    dispatch_id: str
+    accepted_at: float
+
+
 class StepReport(Msg, frozen=True, tag="step_report.v1"):
     """How one step ran: where, its breakdown, and how many times (>1: recomputed)."""
 

@@ -107,6 +107,7 @@ from gpufaas.shared.workflows import (
     WorkflowDeleteRequest,
     WorkflowDeployReply,
     WorkflowDeployRequest,
+    WorkflowInflightRecord,
     WorkflowInvokeReply,
     WorkflowInvokeRequest,
     WorkflowRecord,
@@ -528,22 +529,33 @@ class SchedulerService(Service):
         is queued, forgotten once answered; a replica that outlives us answers it if we die."""
         deadline = req.deadline or (time.time() + self.config.request_timeout_s)
         dispatch_id = uuid.uuid4().hex
-        reply_to = REPLY_TO.get()
-        if reply_to:
-            record = InflightRecord(replica=self.replica, reply_to=reply_to, request=req,
-                                    dispatch_id=dispatch_id, accepted_at=time.time())  # fmt: skip
-            # A plain publish to the bucket's subject, not an acknowledged put: it leaves
-            # on this connection before the request does, so it is stored unless this
-            # process dies within that instant; an ack round trip per request cost 10-20%
-            # of the throughput of small batched requests (bench/batching.py).
-            key = self._inflight_key(dispatch_id)
-            await self.nc.publish(subjects.kv_key(c.KV_INFLIGHT, key), encode(record))
+        reply_to = await self._record_inflight(
+            lambda to: InflightRecord(replica=self.replica, reply_to=to, request=req,
+                                      dispatch_id=dispatch_id, accepted_at=time.time()))  # fmt: skip
         try:
             return await self._invoke(req.tenant, req.function, req.request_id, req.inputs,
                                       deadline, dispatch_id=dispatch_id)  # fmt: skip
         finally:
             if reply_to:  # once the reply is out (this runs after it is queued)
                 self.after_reply(self._forget_inflight(self._inflight_key(dispatch_id)))
+
+    async def _record_inflight(
+        self, make: Callable[[str], InflightRecord | WorkflowInflightRecord]
+    ) -> str | None:
+        """Record the request being handled (made by ``make`` from the caller's reply
+        subject) under this replica's prefix; returns the reply subject (None: nobody
+        waits for an answer, nothing recorded).
+
+        A plain publish to the bucket's subject, not an acknowledged put: it leaves on this
+        connection before the request does, so it is stored unless this process dies
+        within that instant; an ack round trip per request cost 10-20% of the throughput
+        of small batched requests (bench/batching.py)."""
+        reply_to = REPLY_TO.get()
+        if reply_to:
+            record = make(reply_to)
+            key = self._inflight_key(record.dispatch_id)
+            await self.nc.publish(subjects.kv_key(c.KV_INFLIGHT, key), encode(record))
+        return reply_to
 
     async def _forget_inflight(self, key: str) -> None:
         """Delete an answered request's record (a delete marker, published like the put;
@@ -893,7 +905,11 @@ class SchedulerService(Service):
             return 0
         if entry.value is None or entry.revision is None:
             return 0
-        record = decode(entry.value, InflightRecord)
+        record: InflightRecord | WorkflowInflightRecord
+        try:
+            record = decode(entry.value, InflightRecord)
+        except InvalidArgument:  # a workflow's
+            record = decode(entry.value, WorkflowInflightRecord)
         if record.request.deadline and record.request.deadline < now:
             await self._forget_inflight(key)  # its caller has given up
             return 0
@@ -908,14 +924,20 @@ class SchedulerService(Service):
         self.spawn(self._answer(key, mine), f"takeover-{record.dispatch_id}")
         return 1
 
-    async def _answer(self, key: str, record: InflightRecord) -> None:
-        """Run a dead replica's request and answer its caller directly."""
+    async def _answer(self, key: str, record: InflightRecord | WorkflowInflightRecord) -> None:
+        """Run a dead replica's request (a function's or a workflow's) under the same
+        dispatch id and answer its caller directly."""
         req = record.request
         deadline = req.deadline or (record.accepted_at + self.config.request_timeout_s)
         try:
-            reply = await self._invoke(req.tenant, req.function, req.request_id, req.inputs,
-                                       deadline, dispatch_id=record.dispatch_id)  # fmt: skip
-            data, headers = encode(reply), None
+            if isinstance(record, WorkflowInflightRecord):
+                data = encode(await self._run_workflow(record.request, record.dispatch_id,
+                                                       deadline))  # fmt: skip
+            else:
+                data = encode(await self._invoke(
+                    record.request.tenant, record.request.function, req.request_id,
+                    record.request.inputs, deadline, dispatch_id=record.dispatch_id))  # fmt: skip
+            headers = None
         except PlatformError as exc:
             data, headers = error_reply(exc)
         log.info("invoke.takeover_answered", request_id=req.request_id,
@@ -1052,16 +1074,36 @@ class SchedulerService(Service):
 
     async def workflow_invoke(self, req: WorkflowInvokeRequest) -> WorkflowInvokeReply:
         """Run a workflow (``workflow_run.py``): steps as their inputs become ready, tube ids
-        between them, lost intermediates recomputed from the steps that made them."""
+        between them, lost intermediates recomputed from the steps that made them. Recorded
+        like a function's invocation, so a replica that outlives this one answers it."""
+        deadline = req.deadline or (time.time() + self.config.request_timeout_s)
+        dispatch_id = uuid.uuid4().hex
+        reply_to = await self._record_inflight(
+            lambda to: WorkflowInflightRecord(replica=self.replica, reply_to=to, request=req,
+                                              dispatch_id=dispatch_id, accepted_at=time.time()))  # fmt: skip
+        try:
+            return await self._run_workflow(req, dispatch_id, deadline)
+        finally:
+            if reply_to:
+                self.after_reply(self._forget_inflight(self._inflight_key(dispatch_id)))
+
+    async def _run_workflow(
+        self, req: WorkflowInvokeRequest, dispatch_id: str, deadline: float
+    ) -> WorkflowInvokeReply:
+        """Each step's n-th run is dispatched as ``<dispatch_id>.<step>.<n>``: run again by a
+        replica taking over, a step already sent is answered from its worker's memory; a
+        step run again to recompute a lost output (lineage) gets a new id, so it runs."""
         wf = await self._workflow(req.tenant, req.workflow)
         if wf is None:
             raise NotFound(f"workflow {req.workflow!r} not found", field="workflow")
-        deadline = req.deadline or (time.time() + self.config.request_timeout_s)
+        runs: Counter[str] = Counter()
 
         async def invoke(function: str, step: str, inputs: list[TensorPayload], *,
                          intermediate: bool, prefer: str | None) -> InvokeReply:  # fmt: skip
+            runs[step] += 1
             return await self._invoke(req.tenant, function, f"{req.request_id}.{step}", inputs,
-                                      deadline, intermediate=intermediate, prefer=prefer)  # fmt: skip
+                                      deadline, intermediate=intermediate, prefer=prefer,
+                                      dispatch_id=f"{dispatch_id}.{step}.{runs[step]}")  # fmt: skip
 
         run = WorkflowRun(wf, req, invoke, self._lost_steps, self.step_done)
         try:

@@ -3,6 +3,7 @@ definitions refused at deploy, and an intermediate lost with its node recomputed
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gpufaas.gateway.app import create_app
 from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared.service import Service
+from gpufaas.worker.service import WorkerService
 from tests.conftest import NatsServer
 from tests.integration.conftest import (
     DEMO_BODY,
@@ -190,3 +192,51 @@ async def test_an_intermediate_lost_with_its_node_is_recomputed(
     assert embed["runs"] == 2  # recomputed from its step, on the node that is left
     assert embed["node"] == score["node"] == "node-b"
     assert score["runs"] == 1
+
+
+async def test_a_workflow_whose_replica_dies_is_answered_by_another_without_rerunning_steps(
+    nats_server: NatsServer, tmp_path: Path, scorer_dir: Path
+) -> None:
+    """The replica running a workflow dies (before its first tick: it made itself known on
+    start) while the first step computes; a new replica runs the workflow again under the
+    same dispatch id: the step already sent is answered from the worker's memory."""
+    from tests.integration.conftest import start_platform  # noqa: PLC0415
+
+    config = make_config(nats_server, tmp_path, autoscale_interval_s=3600.0)
+    p = await start_platform(config, nats_server)
+    survivor: SchedulerService | None = None
+    try:
+        c, first = p.client, p.services["scheduler"]
+        worker = p.services["worker"]
+        assert isinstance(first, SchedulerService)
+        assert isinstance(worker, WorkerService)
+        assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+        assert (await c.post("/v1/functions", json=scorer_body(scorer_dir))).status == 201
+        assert (await c.post("/v1/workflows", json=WORKFLOW)).status == 201
+        texts = ["a longer sentence for the encoder to chew on " * 8] * 64
+        call = asyncio.create_task(
+            c.post("/v1/workflows/embed-score/infer", json=text_request(texts))
+        )
+        for _ in range(2000):  # until the worker is running the first step (20 s at most)
+            if worker._answering:
+                break
+            await asyncio.sleep(0.01)
+        assert worker._answering
+        await first.nc.close()  # dies: no reply, no clean-up
+        for task in [*first._background, *first._inflight]:
+            task.cancel()
+        survivor = SchedulerService(config.replace(autoscale_interval_s=0.2))
+        await survivor.start()
+        done, _ = await asyncio.wait([call], timeout=60)
+        assert done, f"adopted={survivor._adopted} answering={list(worker._answering)}"
+        resp = call.result()
+        result = await resp.json()
+        assert resp.status == 200, result
+        assert result["outputs"][0]["shape"] == [64]
+        assert worker.repeats >= 1  # the embed step: sent twice, run once
+        np.testing.assert_allclose(result["outputs"][0]["data"],
+                                   await expected_scores(c, texts), rtol=1e-4)  # fmt: skip
+    finally:
+        if survivor is not None:
+            p.services["scheduler"] = survivor
+        await p.stop()
