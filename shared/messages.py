@@ -453,11 +453,20 @@ class LocalityRequest(Msg, frozen=True, tag="locality_request.v1"):
 class LocalityReply(Msg, frozen=True, tag="locality_reply.v1"):
     """How much of a model is already resident on a node (the scheduler's θ)."""
 
-    known: bool  # the store has a manifest for this model file
+    known: bool  # the store has a manifest for this model file (its own, or a peer's)
     model_bytes: Count
     resident_bytes: Count
     bytes_to_load: Count
     theta: float  # resident_bytes / model_bytes (0 when unknown)
+
+
+class ModelManifest(Msg, frozen=True, tag="model_manifest.v1"):
+    """A model file's tensors as the first store to read it found them (KV ``tensors``,
+    key ``m.<model key>``): every node's store can then tell its θ for that file from its
+    own index, without reading it (content-addressed ids are the same on every node)."""
+
+    ids: dict[str, str]  # parameter -> tensor id
+    sizes: dict[str, Count]  # tensor id -> bytes
 
 
 class StoreStatsRequest(Msg, frozen=True, tag="store_stats_request.v1"):

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
+import nats.js.errors
 import structlog
 
 from gpufaas.shared import subjects
@@ -41,6 +43,7 @@ from gpufaas.shared.messages import (
     LocalityRequest,
     MemAllocation,
     ModelItem,
+    ModelManifest,
     ModelQuery,
     PrefetchReply,
     PrefetchRequest,
@@ -56,11 +59,13 @@ from gpufaas.shared.messages import (
     StoreStats,
     StoreStatsRequest,
     TensorRef,
+    decode_json,
+    encode_json,
 )
 from gpufaas.shared.service import Service
 from gpufaas.shared.shm import SegmentCache, new_id
 from gpufaas.tensorstore.device_tier import DeviceTier, NeedsRoom
-from gpufaas.tensorstore.store import HostStore, Registration
+from gpufaas.tensorstore.store import HostStore, Registration, model_key
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -86,6 +91,7 @@ class TensorStoreService(Service):
         owner = f"tensorstore@{config.node_id}/{os.getpid()}/{time.time():.6f}"
         self.memory = MemoryClient(lambda: self.nc, config.node_id, owner, timeout_s=5)
         self._host_maps = SegmentCache(config.shm_dir)  # the source of copies to a GPU
+        self._peer_manifests: dict[str, ModelManifest] = {}  # KV key -> another store's
         # One thread: registrations are serialised, so two loads of one model never race.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorstore")
         self._lock = threading.Lock()  # held by every change to the store
@@ -254,10 +260,47 @@ class TensorStoreService(Service):
         while tier.released_blocks:
             await self.memory.free(tier.name, tier.released_blocks.pop())
 
+    async def _peer_manifest(self, weights: Path, private_to: str | None) -> ModelManifest | None:
+        """The manifest another store published for this file (None: none has read it)."""
+        try:
+            key = f"m.{model_key(weights, private_to)}"
+        except OSError:
+            return None
+        cached = self._peer_manifests.get(key)
+        if cached is not None:
+            return cached
+        try:
+            entry = await self.buckets.tensors.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            log.info("tensorstore.peer_manifest_unavailable", error=repr(exc))
+            return None
+        if entry.value is None:
+            return None
+        manifest = decode_json(entry.value, ModelManifest)
+        self._peer_manifests[key] = manifest
+        return manifest
+
+    async def _publish_manifest(self, req: RegisterRequest, reg: Registration) -> None:
+        """Share a manifest this store has just computed (see ``locality``)."""
+        private_to = req.tenant if req.source.private else None
+        try:
+            key = f"m.{model_key(model_file(req.source), private_to)}"
+        except OSError:
+            return
+        manifest = ModelManifest(ids={n: r.id for n, r in reg.manifest.items()},
+                                 sizes={r.id: r.nbytes for r in reg.manifest.values()})  # fmt: skip
+        try:
+            await self.buckets.tensors.put(key, encode_json(manifest))
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            log.info("tensorstore.manifest_not_shared", error=repr(exc))
+
     async def _announce(
         self, req: RegisterRequest, model_dir: Path, reg: Registration, took_us: int
     ) -> None:
-        """Log a registration and publish what it deduplicated (after the reply went out)."""
+        """Log a registration, share a manifest just computed, and publish what it
+        deduplicated (after the reply went out)."""
         log.info(
             "tensorstore.registered",
             model=str(model_dir),
@@ -266,6 +309,8 @@ class TensorStoreService(Service):
             us=took_us,
             file_read=reg.file_read,
         )
+        if reg.file_read:
+            await self._publish_manifest(req, reg)
         if reg.bytes_deduplicated:
             await self.publish_event(
                 "tensor.deduplicated",
@@ -282,10 +327,19 @@ class TensorStoreService(Service):
         return memoryview(self._host_maps.map(ref.segment))[ref.offset : ref.offset + ref.nbytes]
 
     async def locality(self, req: LocalityRequest) -> LocalityReply:
-        """θ for the scheduler: how much of a model is resident here, without reading it."""
+        """θ for the scheduler: how much of a model is resident here, without reading it.
+
+        A file this store never read is known by the manifest another node's store
+        published when it read it (``ModelManifest``): θ then counts what this store holds
+        of the same tensors (another model's, a fine-tuned variant's or base's)."""
         weights = model_file(req.source)
         private_to = req.tenant if req.source.private else None
         known, total, resident = self.store.locality(weights, private_to)
+        if not known and total:
+            peer = await self._peer_manifest(weights, private_to)
+            if peer is not None:
+                known = True
+                total, resident = self.store.resident_bytes(peer.ids.values(), peer.sizes)
         return LocalityReply(
             known=known,
             model_bytes=total,

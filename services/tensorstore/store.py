@@ -13,7 +13,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,13 +274,17 @@ class HostStore:
         ids = self.models.get(key)
         if ids is None:
             return False, path.stat().st_size, 0
+        return (True, *self.resident_bytes(ids.values(), self.sizes))
+
+    def resident_bytes(self, ids: Iterable[str], sizes: Mapping[str, int]) -> tuple[int, int]:
+        """(bytes, resident bytes) of tensors, each once; ``sizes`` for those not stored."""
         total = resident = 0
-        for tid in set(ids.values()):
+        for tid in set(ids):
             ref = self.index.get(tid)
-            nbytes = ref.nbytes if ref is not None else self.sizes.get(tid, 0)
+            nbytes = ref.nbytes if ref is not None else sizes.get(tid, 0)
             total += nbytes
             resident += nbytes if ref is not None else 0
-        return True, total, resident
+        return total, resident
 
     # --- references and reclaiming -------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,17 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gpufaas.gateway.app import create_app
 from gpufaas.scheduler.service import SchedulerService
+from gpufaas.shared import subjects
+from gpufaas.shared.messages import (
+    LocalityReply,
+    LocalityRequest,
+    ModelSource,
+    RegisterReply,
+    RegisterRequest,
+)
+from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
+from gpufaas.tensorstore.service import TensorStoreService
 from tests.conftest import NatsServer
 from tests.integration.conftest import DEMO_BODY, NODE_SERVICES, make_config
 
@@ -57,3 +69,56 @@ async def test_a_model_goes_where_its_tensors_already_are(two_nodes: TestClient[
     assert (await c.post("/v1/functions", json=private, headers=t2)).status == 201
     record = await (await c.get("/v1/functions/mine", headers=t2)).json()
     assert record["nodes"] != [base_node]
+
+
+async def test_a_store_that_never_read_a_file_knows_its_theta_from_a_peers_manifest(
+    nats_server: NatsServer, tmp_path: Path, minilm_pt2: Path
+) -> None:
+    """node-a reads model.safetensors; node-b holds the same tensors from the exported
+    program (another file); node-c holds nothing. Neither b nor c ever read the
+    safetensors file, yet both tell its θ: from the manifest node-a shared."""
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    shutil.copy(minilm_pt2, export_dir / "model.pt2")
+    stores = {}
+    for node in ("node-a", "node-b", "node-c"):
+        config = make_config(nats_server, tmp_path, node_id=node, shm_dir=tmp_path / node,
+                             devices="cpu")  # fmt: skip
+        stores[node] = TensorStoreService(config)
+        await stores[node].start()
+    try:
+        safetensors = ModelSource(builtin="all-minilm-l6-v2")
+        exported = ModelSource(path=str(export_dir), architecture="torch-export")
+
+        async def ask(node: str, verb: str, msg: Any, reply: type[Any]) -> Any:
+            subject = subjects.node(node, "tensorstore", verb)
+            return await request(stores["node-a"].nc, subject, msg, reply, timeout=30)
+
+        before = await ask("node-b", subjects.TENSORSTORE_LOCALITY,
+                           LocalityRequest(source=safetensors), LocalityReply)  # fmt: skip
+        assert (before.known, before.theta) == (False, 0.0)
+        await ask("node-a", subjects.TENSORSTORE_REGISTER,
+                  RegisterRequest(source=safetensors), RegisterReply)  # fmt: skip
+        await ask("node-b", subjects.TENSORSTORE_REGISTER,
+                  RegisterRequest(source=exported), RegisterReply)  # fmt: skip
+        for _ in range(500):  # node-a shares its manifest after its reply (5 s at most)
+            b = await ask("node-b", subjects.TENSORSTORE_LOCALITY,
+                          LocalityRequest(source=safetensors), LocalityReply)  # fmt: skip
+            if b.known:
+                break
+            await asyncio.sleep(0.01)
+        a = await ask("node-a", subjects.TENSORSTORE_LOCALITY,
+                      LocalityRequest(source=safetensors), LocalityReply)  # fmt: skip
+        c = await ask("node-c", subjects.TENSORSTORE_LOCALITY,
+                      LocalityRequest(source=safetensors), LocalityReply)  # fmt: skip
+        assert (a.known, a.theta) == (True, 1.0)
+        assert (b.known, b.theta, b.model_bytes) == (True, 1.0, a.model_bytes)
+        assert (c.known, c.theta, c.bytes_to_load) == (True, 0.0, a.model_bytes)
+        # A tenant's private registration shares nothing with the public manifest.
+        private = LocalityRequest(source=ModelSource(builtin="all-minilm-l6-v2", private=True),
+                                  tenant="t2")  # fmt: skip
+        p = await ask("node-b", subjects.TENSORSTORE_LOCALITY, private, LocalityReply)
+        assert (p.known, p.theta) == (False, 0.0)
+    finally:
+        for store in stores.values():
+            await store.stop()
