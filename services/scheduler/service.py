@@ -27,6 +27,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -117,6 +118,7 @@ from gpufaas.shared.workflows import (
 )
 
 log = structlog.get_logger()
+R = TypeVar("R")
 # Input tubes per function and node in a queue view: the first queued requests' (what the
 # memory manager can bring to a GPU before they run), not the whole queue's.
 VIEW_TUBES = 64
@@ -527,35 +529,40 @@ class SchedulerService(Service):
     async def invoke(self, req: InvokeRequest) -> InvokeReply:
         """Accept an invocation: recorded in KV (with the caller's reply subject) before it
         is queued, forgotten once answered; a replica that outlives us answers it if we die."""
+
+        def run(dispatch_id: str, deadline: float) -> Awaitable[InvokeReply]:
+            return self._invoke(req.tenant, req.function, req.request_id, req.inputs,
+                                deadline, dispatch_id=dispatch_id)  # fmt: skip
+
+        return await self._accepted(InflightRecord, req, run)
+
+    async def _accepted(
+        self,
+        record_type: type[InflightRecord] | type[WorkflowInflightRecord],
+        req: InvokeRequest | WorkflowInvokeRequest,
+        run: Callable[[str, float], Awaitable[R]],
+    ) -> R:
+        """Run an accepted request under a new dispatch id, recorded meanwhile (with the
+        caller's reply subject) under this replica's prefix of the inflight bucket, so a
+        replica that outlives this one answers it; forgotten once answered.
+
+        The record is a plain publish to the bucket's subject, not an acknowledged put: it
+        leaves on this connection before the request does, so it is stored unless this
+        process dies within that instant; an ack round trip per request cost 10-20% of the
+        throughput of small batched requests (bench/batching.py)."""
         deadline = req.deadline or (time.time() + self.config.request_timeout_s)
         dispatch_id = uuid.uuid4().hex
-        reply_to = await self._record_inflight(
-            lambda to: InflightRecord(replica=self.replica, reply_to=to, request=req,
-                                      dispatch_id=dispatch_id, accepted_at=time.time()))  # fmt: skip
-        try:
-            return await self._invoke(req.tenant, req.function, req.request_id, req.inputs,
-                                      deadline, dispatch_id=dispatch_id)  # fmt: skip
-        finally:
-            if reply_to:  # once the reply is out (this runs after it is queued)
-                self.after_reply(self._forget_inflight(self._inflight_key(dispatch_id)))
-
-    async def _record_inflight(
-        self, make: Callable[[str], InflightRecord | WorkflowInflightRecord]
-    ) -> str | None:
-        """Record the request being handled (made by ``make`` from the caller's reply
-        subject) under this replica's prefix; returns the reply subject (None: nobody
-        waits for an answer, nothing recorded).
-
-        A plain publish to the bucket's subject, not an acknowledged put: it leaves on this
-        connection before the request does, so it is stored unless this process dies
-        within that instant; an ack round trip per request cost 10-20% of the throughput
-        of small batched requests (bench/batching.py)."""
+        key = self._inflight_key(dispatch_id)
         reply_to = REPLY_TO.get()
         if reply_to:
-            record = make(reply_to)
-            key = self._inflight_key(record.dispatch_id)
+            record = record_type(replica=self.replica, reply_to=reply_to, request=req,  # type: ignore[arg-type]
+                                 dispatch_id=dispatch_id, accepted_at=time.time())  # fmt: skip
             await self.nc.publish(subjects.kv_key(c.KV_INFLIGHT, key), encode(record))
-        return reply_to
+        try:
+            return await run(dispatch_id, deadline)
+        finally:
+            if reply_to:  # once the reply is out (this runs after it is queued)
+                self.after_reply(self._forget_inflight(key))
 
     async def _forget_inflight(self, key: str) -> None:
         """Delete an answered request's record (a delete marker, published like the put;
@@ -1076,16 +1083,9 @@ class SchedulerService(Service):
         """Run a workflow (``workflow_run.py``): steps as their inputs become ready, tube ids
         between them, lost intermediates recomputed from the steps that made them. Recorded
         like a function's invocation, so a replica that outlives this one answers it."""
-        deadline = req.deadline or (time.time() + self.config.request_timeout_s)
-        dispatch_id = uuid.uuid4().hex
-        reply_to = await self._record_inflight(
-            lambda to: WorkflowInflightRecord(replica=self.replica, reply_to=to, request=req,
-                                              dispatch_id=dispatch_id, accepted_at=time.time()))  # fmt: skip
-        try:
-            return await self._run_workflow(req, dispatch_id, deadline)
-        finally:
-            if reply_to:
-                self.after_reply(self._forget_inflight(self._inflight_key(dispatch_id)))
+        return await self._accepted(
+            WorkflowInflightRecord, req, lambda d, deadline: self._run_workflow(req, d, deadline)
+        )
 
     async def _run_workflow(
         self, req: WorkflowInvokeRequest, dispatch_id: str, deadline: float
