@@ -64,7 +64,8 @@ class Config:
     # the request, if larger), each shared by CUDA IPC handle.
     memory_segment_bytes: int = c.DEFAULT_MEMORY_SEGMENT_BYTES
     # Memory service: the host tier's pool, where GPUs swap out what has no host copy
-    # (/dev/shm files of 64 MiB). 0: a quarter of the host's memory.
+    # (/dev/shm files of 64 MiB). 0: a quarter of the host's memory, at most half of the
+    # shared-memory file system.
     host_pool_bytes: int = 0
     # Worker: dynamic batching. An idle device waits up to batch_wait_s for a batch to
     # fill (never past a request's slack); device_streams batches may run at once (0: by

@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Final, TypeVar
 
 import nats.errors
@@ -166,10 +168,10 @@ class MemoryService(Service):
         self.host_pool: SegmentPool | None = None
         if gpus:
             host = next(d for d in self.node_devices.devices if d.kind == "host")
+            backend = HostBackend(config.shm_dir / HOST_POOL_DIR / config.node_id)
             self.host_pool = SegmentPool(
-                "host", config.host_pool_bytes or host.memory_bytes // 4,
-                HostBackend(config.shm_dir / HOST_POOL_DIR / config.node_id),
-                segment_bytes=HOST_SEGMENT_BYTES, clock=time.time,
+                "host", config.host_pool_bytes or _default_host_pool(host, backend.root),
+                backend, segment_bytes=HOST_SEGMENT_BYTES, clock=time.time,
             )  # fmt: skip
         self._device_threads = {
             d: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"memory-{_dev(d)}")
@@ -805,6 +807,13 @@ class MemoryService(Service):
             if value is not None:
                 view = decode_json(value, QueueView)
                 self._views[view.replica] = view
+
+
+def _default_host_pool(host: DeviceInfo, root: Path) -> int:
+    """A quarter of the host's memory, and no more than half of the shared-memory file
+    system it lives on (a container's /dev/shm is often much smaller than the host)."""
+    fs = os.statvfs(root)
+    return min(host.memory_bytes // 4, fs.f_blocks * fs.f_frsize // 2)
 
 
 def _index(device: str) -> int:

@@ -329,3 +329,16 @@ def test_a_hold_keeps_room_without_memory_and_segments_never_grow_into_it() -> N
     check_exact(pool)
     with pytest.raises(InvalidArgument):
         pool.hold("t/g", -1)
+
+
+def test_the_default_host_pool_fits_the_shared_memory_file_system(tmp_path: Path) -> None:
+    import os  # noqa: PLC0415
+
+    from gpufaas.memory.service import _default_host_pool  # noqa: PLC0415
+    from gpufaas.shared.messages import DeviceInfo  # noqa: PLC0415
+
+    fs = os.statvfs(tmp_path)
+    huge = DeviceInfo(name="host", kind="host", model="host memory", memory_bytes=2**60)
+    assert _default_host_pool(huge, tmp_path) == fs.f_blocks * fs.f_frsize // 2
+    small = DeviceInfo(name="host", kind="host", model="host memory", memory_bytes=4 * 2**20)
+    assert _default_host_pool(small, tmp_path) == 2**20  # a quarter of the host's memory
