@@ -195,7 +195,7 @@ class TransferService(Service):
         files = await asyncio.to_thread(self._tube_files)
         swept: list[str] = []
         for f in files:
-            tube_id, _, block = f.name.partition(".")  # GPU copies: <tube>.<memory block>
+            tube_id = f.name.partition(".")[0]  # GPU copies: <tube>.<memory block>
             try:
                 if now - f.stat().st_mtime < SWEEP_GRACE_S:
                     continue
@@ -203,9 +203,7 @@ class TransferService(Service):
             except FileNotFoundError:
                 continue
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                await asyncio.to_thread(release_file, f)
-                if block.isdigit():
-                    await self.memory.free(_tier(f.parent.name), int(block))
+                await self._drop_file(f)
                 swept.append(tube_id)
             except (ValueError, nats.js.errors.InvalidKeyError):
                 continue  # not a tube's name: not ours to delete
@@ -213,10 +211,7 @@ class TransferService(Service):
             try:
                 await self.buckets.tubes.get(tube_id)
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                copy = self._device_copies.pop((tube_id, tier))
-                await asyncio.to_thread(copy.free)
-                if copy.block is not None:
-                    await self.memory.free(tier, copy.block)
+                await self._drop_device_copy(tube_id, tier)
                 swept.append(tube_id)
         swept += await self._sweep_host_blocks(now)
         await asyncio.to_thread(self.maps.forget_missing)  # swept files, released segments
@@ -454,7 +449,7 @@ class TransferService(Service):
         except Unavailable as exc:
             log.warning("transfer.unbudgeted_swap", bytes=n, error=exc.message)
             block = None
-        if block is None:
+        if block is None:  # nothing to allocate, or no memory service: a file of its own
             return await self._swap_to_file(tube, gpu)
         relpath = host_pool_segment(self.config.node_id, block.segment)
         try:
@@ -510,18 +505,27 @@ class TransferService(Service):
     async def _free_gpu_copy(self, tube_id: str, gpu: Placement) -> None:
         """Delete a GPU copy this node no longer lists, and give its block back."""
         if self._cuda:
-            copy = self._device_copies.pop((tube_id, gpu.tier), None)
-            if copy is not None:
-                await asyncio.to_thread(copy.free)
-                if copy.block is not None:
-                    await self.memory.free(gpu.tier, copy.block)
+            await self._drop_device_copy(tube_id, gpu.tier)
             return
-        path = self.config.shm_dir / gpu.segment
         self.maps.forget(gpu.segment)
+        await self._drop_file(self.config.shm_dir / gpu.segment)
+
+    async def _drop_file(self, path: Path) -> None:
+        """Delete a tube's file (into the pool of tube files when worth keeping); a
+        simulated GPU's copy, named ``<tube>.<memory block>``, gives its block back."""
         await asyncio.to_thread(release_file, path)
-        block = path.name.partition(".")[2]  # <tube>.<memory block>
+        block = path.name.partition(".")[2]
         if block.isdigit():
-            await self.memory.free(gpu.tier, int(block))
+            await self.memory.free(_tier(path.parent.name), int(block))
+
+    async def _drop_device_copy(self, tube_id: str, tier: str) -> None:
+        """(Real GPUs.) Free a tube's copy on ``tier`` and give its pool block back."""
+        copy = self._device_copies.pop((tube_id, tier), None)
+        if copy is None:
+            return
+        await asyncio.to_thread(copy.free)
+        if copy.block is not None:
+            await self.memory.free(tier, copy.block)
 
     async def fetch(self, req: FetchRequest) -> FetchReply:
         """A chunk of this node's host copy (or simulated-GPU copy: a file too), for another
