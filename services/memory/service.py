@@ -25,8 +25,9 @@ functions' models, their input tubes); it evicts what no queued request needs fi
 among them), then what is needed latest, never a leased model copy; a tube's copy goes
 to the host tier (the transfer service's ``release``: swapped there first when the node
 has no host copy). It prefetches a queued request's model and input tubes before it
-reaches the head of its queue, and refuses (announces) working sets that can never fit. The latest view of each replica is kept in KV with the rejections
-and the published model cache, so a restarted manager decides as before and repeats nothing.
+reaches the head of its queue, and refuses (announces) working sets that can never fit.
+The latest view of each replica is kept in KV with the rejections and the published
+model cache, so a restarted manager decides as before and repeats nothing.
 
 The backend is chosen once, by the node's probed devices: on a simulated GPU the pool
 accounts the capacity (``SimBackend``); on a real GPU its segments are real ``cudaMalloc``
@@ -369,11 +370,8 @@ class MemoryService(Service):
             for owner in lapsed:
                 del self._expiry[owner]
                 for pool in self._all_pools().values():
-                    gone = [a for a in pool.allocations() if a.owner == owner]
-                    pool.free_owner(owner)
-                    for a in gone:
-                        self._items.pop((pool.device, a.id), None)
-                        await self.buckets.memory.delete(self._alloc_key(pool.device, a))
+                    for a in [a for a in pool.allocations() if a.owner == owner]:
+                        await self._free(pool, a.id)
                 log.info("memory.owner_lapsed", owner=owner)
             for device, pool in self.pools.items():
                 await self._resize_reservations(pool, self.observed[device].snapshot(now))
