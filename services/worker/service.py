@@ -216,6 +216,12 @@ class WorkerService(Service):
         # capacity and compute runs on the CPU over the shared host pages).
         self.gpu = gpus[0].name if gpus else None
         self.device = self.gpu or "cpu"
+        # Its CUDA device ("gpu:N" is CUDA device N); None on the CPU or a simulated GPU.
+        self.cuda_index = (
+            int(self.gpu.split(":")[1])
+            if self.gpu is not None and self.node_devices.backend == "cuda"
+            else None
+        )
         self.streams = config.device_streams or (
             c.CUDA_DEVICE_STREAMS if self.node_devices.backend == "cuda" else 1
         )
@@ -255,10 +261,11 @@ class WorkerService(Service):
     async def on_start(self) -> None:
         node = self.config.node_id
         self.spawn(self._upkeep_loop(), "upkeep")
-        if self.node_devices.backend == "cuda" and self.gpu is not None:
+        if self.cuda_index is not None:
             # The device context, once, on the device's own thread: not in a cold start.
-            index = int(self.gpu.split(":")[1])
-            await asyncio.get_running_loop().run_in_executor(self._executor, _init_cuda, index)
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, _init_cuda, self.cuda_index
+            )
         if self.role == "spare":  # warm, waiting to be given a tenant by the node's pool
             await self._warm_up()
             await self.serve(self._spare_subject(), WorkerBindRequest, self.bind)
@@ -282,9 +289,8 @@ class WorkerService(Service):
         run, the encoder run once over random weights (``runners.warm_up_bert``), the
         decoders of a cold start's messages built. Nothing of any tenant: a spare may be
         bound to anyone. Best effort: a failure is logged."""
-        device = "cpu"  # a simulated GPU computes on the host
-        if self.node_devices.backend == "cuda" and self.gpu is not None:
-            device = f"cuda:{self.gpu.split(':')[1]}"  # "gpu:N" is the platform's name
+        # A simulated GPU computes on the host.
+        device = "cpu" if self.cuda_index is None else f"cuda:{self.cuda_index}"
         t0 = time.perf_counter()
         try:
             _build_decoders()
@@ -588,13 +594,10 @@ class WorkerService(Service):
                 log.warning("lease.renew_failed", error=exc.message)
 
     async def _trim_device_cache(self) -> None:
-        if self.node_devices.backend != "cuda" or self.gpu is None:
+        if self.cuda_index is None or any(inst.active for inst in self.instances.values()):
             return
-        if any(inst.active for inst in self.instances.values()):
-            return
-        index = int(self.gpu.split(":")[1])
         loop = asyncio.get_running_loop()
-        freed = await loop.run_in_executor(self._executor, _trim_cuda_cache, index)
+        freed = await loop.run_in_executor(self._executor, _trim_cuda_cache, self.cuda_index)
         if freed:
             log.info("worker.cuda_cache_trimmed", bytes=freed)
 
