@@ -175,7 +175,8 @@ def status(url: GatewayUrl = DEFAULT_URL) -> None:
             m.add_row(n["node"], device, f"{p['capacity_bytes'] / 2**30:.1f}",
                       f"{p['reserved_bytes'] / 2**20:.1f}", f"{p['allocated_bytes'] / 2**20:.1f}",
                       f"{p['held_bytes'] / 2**20:.1f}", f"{p['fragmentation']:.0%}")  # fmt: skip
-    console.print(m)
+    if m.row_count:  # nodes without GPUs have no pools
+        console.print(m)
     f = Table(title="functions")
     for col in ("name", "tenant", "model", "nodes", "MiB"):
         f.add_column(col)
