@@ -157,8 +157,10 @@ async def measure(port: int, args: argparse.Namespace) -> dict[str, list[Round]]
     await deploy_unbatched(port)
     for fn in (BATCHED, UNBATCHED):  # measure steady state, not the profiling
         p = await wait_profiled(port, fn)
-        print(f"profile : {fn:<10} batch {p.get('batch')} x {p.get('concurrency')} "
-              f"({p.get('reason', 'no profile')})")  # fmt: skip
+        print(
+            f"profile : {fn:<10} batch {p.get('batch')} x {p.get('concurrency')} "
+            f"({p.get('reason', 'no profile')})"
+        )
     rounds: dict[str, list[Round]] = {BATCHED: [], UNBATCHED: []}
     for i in range(args.rounds):
         order = (BATCHED, UNBATCHED) if i % 2 == 0 else (UNBATCHED, BATCHED)
@@ -176,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     label = torch.cuda.get_device_name(0) if gpu else "CPU (no GPU)"
     m = harness.machine(label, extra={"torch_threads": torch.get_num_threads()})
     harness.print_machine(m)
-    print(f"clients : {args.clients} concurrent, one sentence per request, {args.rounds} "
-          f"rounds of {args.seconds:g} s per function, alternating")  # fmt: skip
+    print(
+        f"clients : {args.clients} concurrent, one sentence per request, {args.rounds} "
+        f"rounds of {args.seconds:g} s per function, alternating"
+    )
     data_dir = Path(tempfile.mkdtemp(prefix="gpufaas-bench-"))
     plat: harness.Platform | None = None
     try:
@@ -201,15 +205,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>8}")
     for fn, label in ((BATCHED, "(a) dynamic batching (max 32)"), (UNBATCHED, "(b) no batching")):
         r = results[fn]
-        print(f"{label:<34}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-              f"{r['mean_batch']:>7.1f}{r['errors']:>8}")  # fmt: skip
+        print(
+            f"{label:<34}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+            f"{r['mean_batch']:>7.1f}{r['errors']:>8}"
+        )
     ratio = results[BATCHED]["rps"] / results[UNBATCHED]["rps"]
     print(f"\nthroughput ratio (a)/(b): {ratio:.2f}x  (target >= 3x)")
     m["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
     print(f"load average (1 min): {m['loadavg_1m_before']} before, {m['loadavg_1m_after']} after")
     if args.json is not None:
-        doc = {"machine": m, "settings": vars(args) | {"json": str(args.json)},
-               "results": results, "ratio": ratio}  # fmt: skip
+        doc = {
+            "machine": m,
+            "settings": vars(args) | {"json": str(args.json)},
+            "results": results,
+            "ratio": ratio,
+        }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 

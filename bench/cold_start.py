@@ -277,8 +277,7 @@ def pool_bound_tenants(plat: harness.Platform) -> set[str]:
             continue
         if event in ("worker.spare_bound", "worker.process_started"):
             bound.add(str(tenant))
-        elif event in ("worker.process_retired", "worker.process_lost",
-                       "worker.process_exited"):  # fmt: skip
+        elif event in ("worker.process_retired", "worker.process_lost", "worker.process_exited"):
             bound.discard(str(tenant))
     return bound
 
@@ -305,8 +304,10 @@ class PoolState:
         )
 
     def __str__(self) -> str:
-        return (f"{self.spares_ready} spare(s) ready, {self.spares_starting} starting, "
-                f"{self.stopping} exiting, tenant processes {self.tenants or 'none'}")  # fmt: skip
+        return (
+            f"{self.spares_ready} spare(s) ready, {self.spares_starting} starting, "
+            f"{self.stopping} exiting, tenant processes {self.tenants or 'none'}"
+        )
 
 
 def pool_state(plat: harness.Platform) -> PoolState:
@@ -366,8 +367,9 @@ def wait_idle(
 def deploy(port: int, name: str, model: dict[str, str], tenant: str) -> float:
     """``POST /v1/functions``; seconds end to end."""
     t0 = time.perf_counter()
-    status, reply = api(port, "POST", "/v1/functions", {"name": name, "model": model},
-                        tenant=tenant)  # fmt: skip
+    status, reply = api(
+        port, "POST", "/v1/functions", {"name": name, "model": model}, tenant=tenant
+    )
     took = time.perf_counter() - t0
     if status != 201:
         raise RuntimeError(f"deploy {name} (tenant {tenant}): HTTP {status}: {reply}")
@@ -489,8 +491,10 @@ def spare_warm_ups(plat: harness.Platform) -> list[dict[str, int]]:
     """Each spare's warm-up before it said it was ready (its ``worker.warmed`` line: the
     builtin tokenizer parsed and run, the encoder run over random weights), in µs."""
     keys = ("us", "tokenizer_us", "encode_us", "forward_us")
-    return [{k: int(r[k]) for k in keys if k in r}
-            for r in log_events(plat, "*.worker-*.log", "worker.warmed")]  # fmt: skip
+    return [
+        {k: int(r[k]) for k in keys if k in r}
+        for r in log_events(plat, "*.worker-*.log", "worker.warmed")
+    ]
 
 
 def cold_round(
@@ -519,18 +523,34 @@ def cold_round(
             f"{name}: first request cold={first.cold}, second cold={warm.cold}: the "
             "function was not at zero, or the platform did not say so"
         )
-    if (first.worker_header_us != first.breakdown.get("worker", 0)
-            or first.new_process_header != first.new_process):  # fmt: skip
+    if (
+        first.worker_header_us != first.breakdown.get("worker", 0)
+        or first.new_process_header != first.new_process
+    ):
         raise RuntimeError(
             f"{name}: headers Gpufaas-Worker-Us {first.worker_header_us}, New-Process "
             f"{first.new_process_header} disagree with the JSON's {first.breakdown}, "
             f"new_process {first.new_process}"
         )
     run = ColdRun(
-        kind, name, tenant, warmup, took, waited, before, after, first.ms, first.cold,
-        first.load_header_us, first.worker_header_us, first.new_process, first.breakdown,
-        warm.ms, warm.breakdown, state.spares_ready if state else None,
-    )  # fmt: skip
+        kind,
+        name,
+        tenant,
+        warmup,
+        took,
+        waited,
+        before,
+        after,
+        first.ms,
+        first.cold,
+        first.load_header_us,
+        first.worker_header_us,
+        first.new_process,
+        first.breakdown,
+        warm.ms,
+        warm.breakdown,
+        state.spares_ready if state else None,
+    )
     return run, first.embedding
 
 
@@ -557,13 +577,19 @@ def add_bind_details(plat: harness.Platform, runs: list[ColdRun]) -> None:
     torch import would compete with it for the cores)."""
     pool_log = sorted(logs_dir(plat).glob("*.worker.log"))
     recs = log_records(pool_log[0]) if pool_log else []
-    started = [log_time(r) for r in recs
-               if r.get("event") == "worker.process_started" and r.get("tenant") is None]  # fmt: skip
+    started = [
+        log_time(r)
+        for r in recs
+        if r.get("event") == "worker.process_started" and r.get("tenant") is None
+    ]
     for r in runs:
         if r.new_process or not r.worker_header_us:
             continue
-        bound = [log_time(x) for x in recs
-                 if x.get("event") == "worker.spare_bound" and x.get("tenant") == r.tenant]  # fmt: skip
+        bound = [
+            log_time(x)
+            for x in recs
+            if x.get("event") == "worker.spare_bound" and x.get("tenant") == r.tenant
+        ]
         if not bound:
             continue
         t_bound = bound[-1]  # the cold request's (the deploy's came first)
@@ -571,8 +597,9 @@ def add_bind_details(plat: harness.Platform, runs: list[ColdRun]) -> None:
         inside = [t for t in started if t_start - 0.002 <= t <= t_bound]
         r.refill_started = len(inside)
         r.refill_us = int(max((max(inside) - t_start) * 1e6, 0)) if inside else 0
-        r.refill_in_request = sum(1 for t in started
-                                  if t_start - 0.002 <= t <= t_start + r.client_ms / 1e3)  # fmt: skip
+        r.refill_in_request = sum(
+            1 for t in started if t_start - 0.002 <= t <= t_start + r.client_ms / 1e3
+        )
 
 
 @dataclass
@@ -723,10 +750,20 @@ def idle_memory(plat: harness.Platform, platform: str) -> IdleMemory:
     if platform == "pool":
         after_runs = pool_state(plat)
         pss_after = sum(m.pss for m in platform_memory(plat))
-    wait_idle(plat, "", store_empty=False,
-              pool=PoolWant(no_tenants=True, spares=SPARES) if platform == "pool" else None)  # fmt: skip
-    return IdleMemory(platform, time.monotonic() - t0, platform_memory(plat),
-                      ts.segment_files(plat), after_runs, pss_after)  # fmt: skip
+    wait_idle(
+        plat,
+        "",
+        store_empty=False,
+        pool=PoolWant(no_tenants=True, spares=SPARES) if platform == "pool" else None,
+    )
+    return IdleMemory(
+        platform,
+        time.monotonic() - t0,
+        platform_memory(plat),
+        ts.segment_files(plat),
+        after_runs,
+        pss_after,
+    )
 
 
 # --- statistics and the report -----------------------------------------------------------
@@ -760,13 +797,19 @@ def fmt(d: Dist) -> str:
 def print_breakdown(label: str, rows: list[ColdRun]) -> None:
     outside = Dist.of([r.client_ms - r.breakdown["total"] / 1e3 for r in rows])
     sched = Dist.of(
-        [(r.breakdown["load"] - r.breakdown.get("worker", 0) - r.build_us) / 1e3
-         for r in rows if r.build_us is not None]
-    )  # fmt: skip
+        [
+            (r.breakdown["load"] - r.breakdown.get("worker", 0) - r.build_us) / 1e3
+            for r in rows
+            if r.build_us is not None
+        ]
+    )
     in_build = Dist.of(
-        [(r.build_us - r.register_us) / 1e3 for r in rows
-         if r.build_us is not None and r.register_us is not None]
-    )  # fmt: skip
+        [
+            (r.build_us - r.register_us) / 1e3
+            for r in rows
+            if r.build_us is not None and r.register_us is not None
+        ]
+    )
     print(f"  {label}")
     for name, d in (
         ("client, end to end", dist_of(rows, "client_ms")),
@@ -774,12 +817,16 @@ def print_breakdown(label: str, rows: list[ColdRun]) -> None:
         ("  queue (waiting for the instance: includes the cold start)", bd(rows, "queue")),
         ("  load = the cold start, scheduler's clock (Gpufaas-Load-Us)", bd(rows, "load")),
         ("    waiting for a process of the tenant (Gpufaas-Worker-Us)", bd(rows, "worker")),
-        ("      starting replacement spare(s) before the bind (pool log)",
-         dist_of(rows, "refill_us", 1e-3)),
+        (
+            "      starting replacement spare(s) before the bind (pool log)",
+            dist_of(rows, "refill_us", 1e-3),
+        ),
         ("    worker build of the instance (its log)", dist_of(rows, "build_us", 1e-3)),
         ("      round trip to the tensor store", dist_of(rows, "register_us", 1e-3)),
-        ("        the store's own time (read + hash + store, or look-up)",
-         dist_of(rows, "store_us", 1e-3)),
+        (
+            "        the store's own time (read + hash + store, or look-up)",
+            dist_of(rows, "store_us", 1e-3),
+        ),
         ("      the rest of the build (model from the tensors, tokenizer)", in_build),
         ("    rest: placement, registry update, NATS hops", sched),
         ("  transfer", bd(rows, "transfer")),
@@ -787,7 +834,7 @@ def print_breakdown(label: str, rows: list[ColdRun]) -> None:
         ("outside total: HTTP, JSON, gateway, NATS", outside),
         ("warm request right after: client, end to end", dist_of(rows, "warm_client_ms")),
         ("warm request right after: compute", bd(rows, "compute", warm=True)),
-    ):  # fmt: skip
+    ):
         print(f"    {name:<64}{fmt(d)}")
     stored = {r.store_bytes_after - r.store_bytes_before for r in rows}
     before = {r.store_bytes_before for r in rows}
@@ -807,21 +854,30 @@ def print_breakdown(label: str, rows: list[ColdRun]) -> None:
     print(
         f"    Gpufaas-New-Process: 1 in {new}/{len(rows)}; Gpufaas-Worker-Us > 0 (a process "
         f"was bound) in {waited}/{len(rows)}"
-        + (f"; spares ready when the request was sent: {', '.join(map(str, spares))}"
-           if spares else "")
-        + (f"; replacement spares started inside the bind: {', '.join(map(str, started))}"
-           if started else "")
+        + (
+            f"; spares ready when the request was sent: {', '.join(map(str, spares))}"
+            if spares
+            else ""
+        )
+        + (
+            f"; replacement spares started inside the bind: {', '.join(map(str, started))}"
+            if started
+            else ""
+        )
         + (f", before the request's reply: {', '.join(map(str, during))}" if during else "")
-    )  # fmt: skip
+    )
 
 
 def print_warm_ups(warm: list[dict[str, int]]) -> dict[str, Any]:
     """The spares' warm-up (their logs), median / p95 in ms."""
     print(f"  spares' warm-up before they said they were ready, {len(warm)} spares (their logs)")
     out = {}
-    for key, name in (("us", "in all"), ("tokenizer_us", "builtin tokenizer parsed"),
-                      ("encode_us", "tokenizer run once"),
-                      ("forward_us", "encoder run once over random weights")):  # fmt: skip
+    for key, name in (
+        ("us", "in all"),
+        ("tokenizer_us", "builtin tokenizer parsed"),
+        ("encode_us", "tokenizer run once"),
+        ("forward_us", "encoder run once over random weights"),
+    ):
         d = Dist.of([w[key] / 1e3 for w in warm if key in w])
         out[key] = asdict(d)
         print(f"    {name:<64}{fmt(d)}")
@@ -845,9 +901,11 @@ def print_results(
     print(f"  {'(b) gpufaas, tensors not resident (new variant, store empty)':<66}{fmt(db)}")
     print(f"  {'(c) typical: new process, import + from_pretrained + 1st inference':<66}{fmt(dc)}")
     ratio_med, ratio_p95 = dc.median / da.median, dc.p95 / da.p95
-    print(f"  ratio (c)/(a): {ratio_med:.1f}x at the median, {ratio_p95:.1f}x at p95; "
-          f"(c)/(b): {dc.median / db.median:.1f}x; (b)/(a): {db.median / da.median:.2f}x; "
-          f"(a)/(a`): {da.median / das.median:.2f}x")  # fmt: skip
+    print(
+        f"  ratio (c)/(a): {ratio_med:.1f}x at the median, {ratio_p95:.1f}x at p95; "
+        f"(c)/(b): {dc.median / db.median:.1f}x; (b)/(a): {db.median / da.median:.2f}x; "
+        f"(a)/(a`): {da.median / das.median:.2f}x"
+    )
     met_ms = da.median <= TARGET_MS
     met_ratio = ratio_med >= TARGET_RATIO
     print(
@@ -893,19 +951,27 @@ def print_results(
 def print_memory_table(mem: IdleMemory, title: str) -> None:
     print(f"\n{title}: every function at zero, {len(mem.procs)} processes")
     if mem.pool_after_runs is not None and mem.pss_after_runs is not None:
-        print(f"  right after the runs: {mem.pool_after_runs}, total PSS "
-              f"{harness.mib(mem.pss_after_runs)}; the figure below {mem.waited_s:.0f} s "
-              f"later, with the pool at its {SPARES} configured spare(s)")  # fmt: skip
+        print(
+            f"  right after the runs: {mem.pool_after_runs}, total PSS "
+            f"{harness.mib(mem.pss_after_runs)}; the figure below {mem.waited_s:.0f} s "
+            f"later, with the pool at its {SPARES} configured spare(s)"
+        )
     for m in sorted(mem.procs, key=lambda m: -m.pss):
-        print(f"    {m.label:<40} pid {m.pid:>7}  PSS {harness.mib(m.pss):>12}  "
-              f"USS {harness.mib(m.uss):>12}  RSS {harness.mib(m.rss):>12}")  # fmt: skip
-    print(f"  total PSS {harness.mib(mem.pss)}, USS {harness.mib(mem.uss)} (RSS sum "
-          f"{harness.mib(mem.rss)}: shared pages counted in every process that maps them)")  # fmt: skip
+        print(
+            f"    {m.label:<40} pid {m.pid:>7}  PSS {harness.mib(m.pss):>12}  "
+            f"USS {harness.mib(m.uss):>12}  RSS {harness.mib(m.rss):>12}"
+        )
+    print(
+        f"  total PSS {harness.mib(mem.pss)}, USS {harness.mib(mem.uss)} (RSS sum "
+        f"{harness.mib(mem.rss)}: shared pages counted in every process that maps them)"
+    )
     files, _, alloc = mem.segments
     mapped = sum(m.segment_pss for m in mem.procs)
-    print(f"  tensor store's segments in /dev/shm: {harness.mib(alloc)} in {files} file(s), kept "
-          f"for the next cold start; PSS of their mappings in the processes above: "
-          f"{harness.mib(mapped)} (tmpfs pages no process maps count in no PSS)")  # fmt: skip
+    print(
+        f"  tensor store's segments in /dev/shm: {harness.mib(alloc)} in {files} file(s), kept "
+        f"for the next cold start; PSS of their mappings in the processes above: "
+        f"{harness.mib(mapped)} (tmpfs pages no process maps count in no PSS)"
+    )
 
 
 def print_memory(pool: IdleMemory, shared: IdleMemory) -> dict[str, Any]:
@@ -921,8 +987,12 @@ def print_memory(pool: IdleMemory, shared: IdleMemory) -> dict[str, Any]:
         f"processes alone: {harness.mib(workers_pool)} vs {harness.mib(workers_shared)} PSS "
         f"({(workers_pool - workers_shared) / 2**20:+.1f} MiB)"
     )
-    return {"pss_difference": d_pss, "uss_difference": d_uss,
-            "worker_pss_pool": workers_pool, "worker_pss_shared": workers_shared}  # fmt: skip
+    return {
+        "pss_difference": d_pss,
+        "uss_difference": d_uss,
+        "worker_pss_pool": workers_pool,
+        "worker_pss_shared": workers_shared,
+    }
 
 
 def memory_json(mem: IdleMemory) -> dict[str, Any]:
@@ -964,9 +1034,11 @@ def tag_of(i: int, warmup: int) -> str:
 
 def cold_line(run: ColdRun) -> str:
     b = run.breakdown
-    return (f"{run.client_ms:7.1f} ms (worker {b.get('worker', 0) / 1e3:5.1f}"
-            f"{' NEW PROCESS' if run.new_process else ''}, load {b['load'] / 1e3:5.1f}, "
-            f"compute {b['compute'] / 1e3:5.1f}; warm after {run.warm_client_ms:5.1f})")  # fmt: skip
+    return (
+        f"{run.client_ms:7.1f} ms (worker {b.get('worker', 0) / 1e3:5.1f}"
+        f"{' NEW PROCESS' if run.new_process else ''}, load {b['load'] / 1e3:5.1f}, "
+        f"compute {b['compute'] / 1e3:5.1f}; warm after {run.warm_client_ms:5.1f})"
+    )
 
 
 @dataclass
@@ -995,16 +1067,25 @@ def run_resident(
     emb_c: list[float] = []
     try:
         took = harness.wait_ready(plat, args.ready_timeout, demo_ready)
-        print(f"\nplatform {name}: gpufaas up --demo --devices cpu on port {plat.http_port}, "
-              f"ready in {took:.1f} s; {' '.join(f'{k}={v}' for k, v in env.items())}")  # fmt: skip
+        print(
+            f"\nplatform {name}: gpufaas up --demo --devices cpu on port {plat.http_port}, "
+            f"ready in {took:.1f} s; {' '.join(f'{k}={v}' for k, v in env.items())}"
+        )
         pids = ts.platform_pids(plat)
         want = PoolWant(no_tenants=True) if pool else None
         for i in range(args.warmup + args.runs):
             warmup = i < args.warmup
             tenant = f"r{i}"
-            run, emb = cold_round(plat, "a" if pool else "a_shared", f"cold-a-{i}",
-                                  {"builtin": BUILTIN}, tenant=tenant, store_empty=False,
-                                  pool=want, warmup=warmup)  # fmt: skip
+            run, emb = cold_round(
+                plat,
+                "a" if pool else "a_shared",
+                f"cold-a-{i}",
+                {"builtin": BUILTIN},
+                tenant=tenant,
+                store_empty=False,
+                pool=want,
+                warmup=warmup,
+            )
             a.append(run)
             emb_a = emb_a or emb
             line = f"  {tag_of(i, args.warmup)}: {name} tenant {tenant:<4} {cold_line(run)}"
@@ -1031,17 +1112,29 @@ def run_not_resident(args: argparse.Namespace, data_dir: Path, base_dir: Path) -
     b: list[ColdRun] = []
     try:
         took = harness.wait_ready(plat, args.ready_timeout, ts.worker_listed)
-        print(f"\nplatform (b): gpufaas up --devices cpu on port {plat.http_port}, ready in "
-              f"{took:.1f} s; {' '.join(f'{k}={v}' for k, v in FREE_ENV.items())}")  # fmt: skip
+        print(
+            f"\nplatform (b): gpufaas up --devices cpu on port {plat.http_port}, ready in "
+            f"{took:.1f} s; {' '.join(f'{k}={v}' for k, v in FREE_ENV.items())}"
+        )
         for i in range(args.warmup + args.runs):
             out = data_dir / "variants" / f"v{i}"
             (vdir,) = make_variants(base_dir, out, 1, 1, 1000 + i)  # a new seed: new bytes
-            run, _ = cold_round(plat, "b", f"cold-b-{i}", {"path": str(vdir)},
-                                tenant=DEFAULT_TENANT, store_empty=True,
-                                pool=PoolWant(no_tenants=False), warmup=i < args.warmup)  # fmt: skip
+            run, _ = cold_round(
+                plat,
+                "b",
+                f"cold-b-{i}",
+                {"path": str(vdir)},
+                tenant=DEFAULT_TENANT,
+                store_empty=True,
+                pool=PoolWant(no_tenants=False),
+                warmup=i < args.warmup,
+            )
             b.append(run)
-            print(f"  {tag_of(i, args.warmup)}: (b) {cold_line(run)}; store read "
-                  f"{harness.mib(run.store_bytes_after - run.store_bytes_before)}", flush=True)  # fmt: skip
+            print(
+                f"  {tag_of(i, args.warmup)}: (b) {cold_line(run)}; store read "
+                f"{harness.mib(run.store_bytes_after - run.store_bytes_before)}",
+                flush=True,
+            )
             shutil.rmtree(out, ignore_errors=True)
         add_build_times(plat, b)
     finally:
@@ -1058,12 +1151,16 @@ def main(argv: list[str] | None = None) -> int:
     m = harness.machine("CPU (no GPU): compute and tensors in host memory", memory=True)
     harness.print_machine(m)
     versions = child_versions(base_dir)
-    print(f"typical path: transformers {versions['transformers']}, torch {versions['torch']}, "
-          f"{versions['torch_threads']} threads, {versions['dtype']}; "
-          f"{' '.join(f'{k}={v}' for k, v in CHILD_ENV.items())}")  # fmt: skip
+    print(
+        f"typical path: transformers {versions['transformers']}, torch {versions['torch']}, "
+        f"{versions['torch_threads']} threads, {versions['dtype']}; "
+        f"{' '.join(f'{k}={v}' for k, v in CHILD_ENV.items())}"
+    )
     print(f"model   : {BUILTIN} ({base_dir}); one sentence, batch 1")
-    print(f"runs    : {args.runs} timed of each kind after {args.warmup} untimed; "
-          "(a) and (c) interleaved round by round, then (a`), then (b)")  # fmt: skip
+    print(
+        f"runs    : {args.runs} timed of each kind after {args.warmup} untimed; "
+        "(a) and (c) interleaved round by round, then (a`), then (b)"
+    )
     data_dir = Path(tempfile.mkdtemp(prefix="gpufaas-bench-cold-"))
     try:
         res = run_resident(args, data_dir, base_dir, pool=True)

@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = CudaCopyEngine(0)
     cal = engine.calibration
     print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
-    print(f"calibration: {cal.overhead_s * 1e6:.1f} µs per copy, pinned "
-          f"{cal.pinned_bps / 1e9:.1f} GB/s, chunk {cal.chunk_bytes / MIB:.0f} MiB")  # fmt: skip
+    print(
+        f"calibration: {cal.overhead_s * 1e6:.1f} µs per copy, pinned "
+        f"{cal.pinned_bps / 1e9:.1f} GB/s, chunk {cal.chunk_bytes / MIB:.0f} MiB"
+    )
     rows: list[dict[str, Any]] = []
     for mib in (int(s) for s in args.sizes.split(",")):
         n = mib * MIB
@@ -76,12 +78,18 @@ def main(argv: list[str] | None = None) -> int:
             h.to("cuda")
 
         ring, peak, plain = (timed(f, args.reps) for f in (via_ring, pinned_peak, plain_to))
-        row = {"mib": mib, "ring_gbps": n / ring / 1e9, "pinned_gbps": n / peak / 1e9,
-               "pageable_gbps": n / plain / 1e9}  # fmt: skip
+        row = {
+            "mib": mib,
+            "ring_gbps": n / ring / 1e9,
+            "pinned_gbps": n / peak / 1e9,
+            "pageable_gbps": n / plain / 1e9,
+        }
         rows.append(row)
-        print(f"{mib:>6} MiB  ring {row['ring_gbps']:6.1f} GB/s  pinned peak "
-              f"{row['pinned_gbps']:6.1f}  pageable .to('cuda') {row['pageable_gbps']:6.1f}  "
-              f"ring/peak {ring and peak / ring:.0%}  ring/pageable {plain / ring:.2f}x")  # fmt: skip
+        print(
+            f"{mib:>6} MiB  ring {row['ring_gbps']:6.1f} GB/s  pinned peak "
+            f"{row['pinned_gbps']:6.1f}  pageable .to('cuda') {row['pageable_gbps']:6.1f}  "
+            f"ring/peak {ring and peak / ring:.0%}  ring/pageable {plain / ring:.2f}x"
+        )
     if args.json:
         args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "rows": rows}))
     return 0

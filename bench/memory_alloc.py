@@ -58,8 +58,10 @@ def workload(ops: int, seed: int) -> list[int]:
 
 
 def _times(times: list[float]) -> dict[str, float]:
-    return {"median_us": statistics.median(times) * 1e6,
-            "p99_us": sorted(times)[int(len(times) * 0.99)] * 1e6}  # fmt: skip
+    return {
+        "median_us": statistics.median(times) * 1e6,
+        "p99_us": sorted(times)[int(len(times) * 0.99)] * 1e6,
+    }
 
 
 def run_pool(
@@ -97,8 +99,12 @@ def run_pool(
         pool.free(a)
     now[0] += 1e6
     pool.release_idle(now[0], keep_alive_s=60.0)
-    out = {**_times(times), "peak_reserved_mib": peak / MIB, "peak_segments": segments,
-           "idle_reserved_mib": pool.stats().reserved_bytes / MIB}  # fmt: skip
+    out = {
+        **_times(times),
+        "peak_reserved_mib": peak / MIB,
+        "peak_segments": segments,
+        "idle_reserved_mib": pool.stats().reserved_bytes / MIB,
+    }
     if driver_used:
         out["idle_driver_used_mib"] = (driver_used() - base) / MIB
     pool.close()
@@ -122,8 +128,15 @@ def run_pool_cuda(sizes: list[int], live: int, capacity: int) -> dict[str, Any]:
         return total - free
 
     used()  # the CUDA context first: it is no part of either allocator's figures
-    out = run_pool(sizes, live, capacity, CudaBackend(0), segment_bytes=CUDA_SEGMENT_BYTES,
-                   align_bytes=CUDA_ALIGN_BYTES, driver_used=used)  # fmt: skip
+    out = run_pool(
+        sizes,
+        live,
+        capacity,
+        CudaBackend(0),
+        segment_bytes=CUDA_SEGMENT_BYTES,
+        align_bytes=CUDA_ALIGN_BYTES,
+        driver_used=used,
+    )
     out["gpu"] = torch.cuda.get_device_name(0)
     return out
 
@@ -148,10 +161,13 @@ def run_torch(sizes: list[int], live: int) -> dict[str, Any]:
     peak = torch.cuda.memory_reserved(0)
     held.clear()
     torch.cuda.synchronize()
-    return {"gpu": torch.cuda.get_device_name(0), **_times(times),
-            "peak_reserved_mib": peak / MIB,
-            "idle_reserved_mib": torch.cuda.memory_reserved(0) / MIB,
-            "idle_driver_used_mib": (used() - base) / MIB}  # fmt: skip
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        **_times(times),
+        "peak_reserved_mib": peak / MIB,
+        "idle_reserved_mib": torch.cuda.memory_reserved(0) / MIB,
+        "idle_driver_used_mib": (used() - base) / MIB,
+    }
 
 
 def _ratio(a: float, b: float) -> str:
@@ -170,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     capacity = int(args.capacity_gib * 2**30)
     pool = run_pool(sizes, args.live, capacity, SimBackend())
     print(f"workload: {args.ops} allocations, {args.live} held at once, seed {args.seed}")
-    print(f"  pool bookkeeping (measured on this CPU, simulated backend): alloc+free median "
-          f"{pool['median_us']:.1f} us, p99 {pool['p99_us']:.1f} us; reserved at peak "
-          f"{pool['peak_reserved_mib']:,.0f} MiB, after the keep-alive "
-          f"{pool['idle_reserved_mib']:,.0f} MiB")  # fmt: skip
+    print(
+        f"  pool bookkeeping (measured on this CPU, simulated backend): alloc+free median "
+        f"{pool['median_us']:.1f} us, p99 {pool['p99_us']:.1f} us; reserved at peak "
+        f"{pool['peak_reserved_mib']:,.0f} MiB, after the keep-alive "
+        f"{pool['idle_reserved_mib']:,.0f} MiB"
+    )
     why_not = gpu_half()
     cuda: dict[str, Any] | None = None
     torch_figures: dict[str, Any] | None = None
@@ -185,26 +203,33 @@ def main(argv: list[str] | None = None) -> int:
         torch_figures = run_torch(sizes, args.live)
         c, t = cuda, torch_figures
         print(f"GPU: {c['gpu']} (measured)")
-        print(f"  pool, CudaBackend ({CUDA_SEGMENT_BYTES // MIB} MiB cudaMalloc segments by IPC "
-              f"handle): alloc+free median {c['median_us']:.1f} us, p99 {c['p99_us']:.1f} us; "
-              f"reserved at peak {c['peak_reserved_mib']:,.0f} MiB in {c['peak_segments']} "
-              f"segments; at idle (after release_idle) {c['idle_reserved_mib']:,.0f} MiB "
-              f"reserved, {c['idle_driver_used_mib']:,.0f} MiB more used by the driver's "
-              f"count than before")  # fmt: skip
-        print(f"  torch caching allocator (torch.empty): alloc+free median {t['median_us']:.1f} "
-              f"us, p99 {t['p99_us']:.1f} us; reserved at peak {t['peak_reserved_mib']:,.0f} "
-              f"MiB; at idle memory_reserved() {t['idle_reserved_mib']:,.0f} MiB, "
-              f"{t['idle_driver_used_mib']:,.0f} MiB more used by the driver's count than "
-              f"before")  # fmt: skip
-        print(f"  ratios pool/torch: median {_ratio(c['median_us'], t['median_us'])}, p99 "
-              f"{_ratio(c['p99_us'], t['p99_us'])}, reserved at peak "
-              f"{_ratio(c['peak_reserved_mib'], t['peak_reserved_mib'])}, held at idle "
-              f"{c['idle_reserved_mib']:,.0f} vs {t['idle_reserved_mib']:,.0f} MiB "
-              f"(driver: {c['idle_driver_used_mib']:,.0f} vs {t['idle_driver_used_mib']:,.0f} "
-              f"MiB)")  # fmt: skip
+        print(
+            f"  pool, CudaBackend ({CUDA_SEGMENT_BYTES // MIB} MiB cudaMalloc segments by IPC "
+            f"handle): alloc+free median {c['median_us']:.1f} us, p99 {c['p99_us']:.1f} us; "
+            f"reserved at peak {c['peak_reserved_mib']:,.0f} MiB in {c['peak_segments']} "
+            f"segments; at idle (after release_idle) {c['idle_reserved_mib']:,.0f} MiB "
+            f"reserved, {c['idle_driver_used_mib']:,.0f} MiB more used by the driver's "
+            f"count than before"
+        )
+        print(
+            f"  torch caching allocator (torch.empty): alloc+free median {t['median_us']:.1f} "
+            f"us, p99 {t['p99_us']:.1f} us; reserved at peak {t['peak_reserved_mib']:,.0f} "
+            f"MiB; at idle memory_reserved() {t['idle_reserved_mib']:,.0f} MiB, "
+            f"{t['idle_driver_used_mib']:,.0f} MiB more used by the driver's count than "
+            f"before"
+        )
+        print(
+            f"  ratios pool/torch: median {_ratio(c['median_us'], t['median_us'])}, p99 "
+            f"{_ratio(c['p99_us'], t['p99_us'])}, reserved at peak "
+            f"{_ratio(c['peak_reserved_mib'], t['peak_reserved_mib'])}, held at idle "
+            f"{c['idle_reserved_mib']:,.0f} vs {t['idle_reserved_mib']:,.0f} MiB "
+            f"(driver: {c['idle_driver_used_mib']:,.0f} vs {t['idle_driver_used_mib']:,.0f} "
+            f"MiB)"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"pool": pool, "pool_cuda": cuda, "torch": torch_figures},
-                                        indent=2))  # fmt: skip
+        args.json.write_text(
+            json.dumps({"pool": pool, "pool_cuda": cuda, "torch": torch_figures}, indent=2)
+        )
     return 0
 
 

@@ -420,8 +420,10 @@ class Simulation:
         """
         now = self.now_s
         nbytes = self.item_bytes
-        resident = [Resident(self._pid(i), nbytes[i], t, self._swap_bytes(i))
-                    for i, t in gpu.resident.items()]  # fmt: skip
+        resident = [
+            Resident(self._pid(i), nbytes[i], t, self._swap_bytes(i))
+            for i, t in gpu.resident.items()
+        ]
         resident += [Resident(self._pid(i), nbytes[i], now) for i in gpu.loading]
         running = [RunningRequest(f"load:{self._pid(i)}", (self._pid(i),)) for i in gpu.loading]
         t = now

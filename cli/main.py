@@ -126,8 +126,10 @@ def invoke(
         more = "" if full or len(out["data"]) <= 6 else f" … ({len(out['data'])} values)"
         console.print(f"{out['name']} {out['datatype']} {out['shape']}: {data}{more}")
     params = res.get("parameters", {})
-    console.print(f"[dim]node {params.get('node')} device {params.get('device')} "
-                  f"breakdown µs {params.get('breakdown_us')}[/dim]")  # fmt: skip
+    console.print(
+        f"[dim]node {params.get('node')} device {params.get('device')} "
+        f"breakdown µs {params.get('breakdown_us')}[/dim]"
+    )
 
 
 @app.command()
@@ -162,19 +164,40 @@ def status(url: GatewayUrl = DEFAULT_URL) -> None:
         for tier, st in (n.get("tensor_store") or {}).items():
             private = st["bytes_without_sharing"]
             saved = f"{1 - st['bytes_referenced'] / private:.0%}" if private else "-"
-            s.add_row(n["node"], tier, str(st["tensors"]), str(st["leases"]),
-                      f"{st['bytes_stored'] / 2**20:.1f}", f"{private / 2**20:.1f}", saved)  # fmt: skip
+            s.add_row(
+                n["node"],
+                tier,
+                str(st["tensors"]),
+                str(st["leases"]),
+                f"{st['bytes_stored'] / 2**20:.1f}",
+                f"{private / 2**20:.1f}",
+                saved,
+            )
     console.print(s)
-    m = Table(title="memory (per device: segments held, blocks in them, room held for "
-                    "intermediates)")  # fmt: skip
-    for col in ("node", "device", "capacity GiB", "segments MiB", "blocks MiB", "held MiB",
-                "fragmentation"):  # fmt: skip
+    m = Table(
+        title="memory (per device: segments held, blocks in them, room held for intermediates)"
+    )
+    for col in (
+        "node",
+        "device",
+        "capacity GiB",
+        "segments MiB",
+        "blocks MiB",
+        "held MiB",
+        "fragmentation",
+    ):
         m.add_column(col)
     for n in nodes:
         for device, p in ((n.get("memory") or {}).get("pools") or {}).items():
-            m.add_row(n["node"], device, f"{p['capacity_bytes'] / 2**30:.1f}",
-                      f"{p['reserved_bytes'] / 2**20:.1f}", f"{p['allocated_bytes'] / 2**20:.1f}",
-                      f"{p['held_bytes'] / 2**20:.1f}", f"{p['fragmentation']:.0%}")  # fmt: skip
+            m.add_row(
+                n["node"],
+                device,
+                f"{p['capacity_bytes'] / 2**30:.1f}",
+                f"{p['reserved_bytes'] / 2**20:.1f}",
+                f"{p['allocated_bytes'] / 2**20:.1f}",
+                f"{p['held_bytes'] / 2**20:.1f}",
+                f"{p['fragmentation']:.0%}",
+            )
     if m.row_count:  # nodes without GPUs have no pools
         console.print(m)
     f = Table(title="functions")
@@ -182,8 +205,13 @@ def status(url: GatewayUrl = DEFAULT_URL) -> None:
         f.add_column(col)
     for r in functions:
         m = r["spec"]["model"]
-        f.add_row(r["spec"]["name"], r["spec"]["tenant"], m.get("builtin") or m.get("path") or "",
-                  ", ".join(r["nodes"]), f"{r['model_bytes'] / 2**20:.1f}")  # fmt: skip
+        f.add_row(
+            r["spec"]["name"],
+            r["spec"]["tenant"],
+            m.get("builtin") or m.get("path") or "",
+            ", ".join(r["nodes"]),
+            f"{r['model_bytes'] / 2**20:.1f}",
+        )
     console.print(f)
 
 
@@ -209,16 +237,19 @@ def events(
     try:
         for kind, data in sse(f"{url}/v1/events?{urlencode({'kinds': kinds, 'replay': replay})}"):
             ev = json.loads(data)
-            console.print(f"[cyan]{kind}[/cyan] [dim]{ev.get('source')}[/dim] {json.dumps(ev.get('data'))}",
-                          highlight=False)  # fmt: skip
+            console.print(
+                f"[cyan]{kind}[/cyan] [dim]{ev.get('source')}[/dim] {json.dumps(ev.get('data'))}",
+                highlight=False,
+            )
     except KeyboardInterrupt:
         pass
     except OSError as exc:
         raise _fail(f"cannot follow events from {url}: {exc}") from None
 
 
-workflow_app = typer.Typer(help="Workflows: DAGs of functions exchanging tube ids.",
-                           no_args_is_help=True)  # fmt: skip
+workflow_app = typer.Typer(
+    help="Workflows: DAGs of functions exchanging tube ids.", no_args_is_help=True
+)
 app.add_typer(workflow_app, name="workflow")
 
 
@@ -235,8 +266,9 @@ def workflow_deploy(
         raise _fail(f"cannot read {file}: {exc}") from None
     except ApiError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"[green]deployed[/green] workflow {rec['spec']['name']}: "
-                  f"{' -> '.join(rec['order'])}")  # fmt: skip
+    console.print(
+        f"[green]deployed[/green] workflow {rec['spec']['name']}: {' -> '.join(rec['order'])}"
+    )
 
 
 @workflow_app.command("invoke")
@@ -247,8 +279,9 @@ def workflow_invoke(
     url: GatewayUrl = DEFAULT_URL,
 ) -> None:
     """Run a workflow whose input is text; prints its outputs and where each step ran."""
-    body = {"inputs": [{"name": input_name, "datatype": "BYTES", "shape": [len(texts)],
-                        "data": texts}]}  # fmt: skip
+    body = {
+        "inputs": [{"name": input_name, "datatype": "BYTES", "shape": [len(texts)], "data": texts}]
+    }
     try:
         res = call(f"{url}/v1/workflows/{name}/infer", "POST", body)
     except ApiError as exc:
@@ -256,9 +289,11 @@ def workflow_invoke(
     for out in res["outputs"]:
         console.print(f"{out['name']} {out['datatype']} {out['shape']}: {out['data'][:6]}")
     for step in res["parameters"]["steps"]:
-        console.print(f"[dim]{step['step']}: {step['function']} on {step['node']} "
-                      f"{step['device']}, outputs on {', '.join(step['output_tiers'])}, "
-                      f"runs {step['runs']}[/dim]")  # fmt: skip
+        console.print(
+            f"[dim]{step['step']}: {step['function']} on {step['node']} "
+            f"{step['device']}, outputs on {', '.join(step['output_tiers'])}, "
+            f"runs {step['runs']}[/dim]"
+        )
 
 
 @workflow_app.command("list")

@@ -56,10 +56,15 @@ def start_node(sup: Supervisor, base: Config, node_id: str) -> list[Child]:
     # the user exported wins.
     # The node's worker is a pool of worker processes, one per tenant, drawn from warm
     # spares (``gpufaas.worker.pool``), unless GPUFAAS_WORKER_ROLE says otherwise.
-    worker_env = {**env, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-                  "GPUFAAS_WORKER_ROLE": os.environ.get("GPUFAAS_WORKER_ROLE", "pool")}  # fmt: skip
-    return [sup.spawn_service(f"{node_id}.{svc}", svc, worker_env if svc == "worker" else env)
-            for svc in NODE_SERVICES]  # fmt: skip
+    worker_env = {
+        **env,
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        "GPUFAAS_WORKER_ROLE": os.environ.get("GPUFAAS_WORKER_ROLE", "pool"),
+    }
+    return [
+        sup.spawn_service(f"{node_id}.{svc}", svc, worker_env if svc == "worker" else env)
+        for svc in NODE_SERVICES
+    ]
 
 
 class StopSignal:

@@ -58,37 +58,58 @@ class MemoryClient:
         ``item``: what it holds, when the manager may move it, and ``swap_bytes`` what such
         a move would copy (see MemAllocRequest)."""
         return await request(
-            self._nc(), self._subject(subjects.MEMORY_ALLOC),
-            MemAllocRequest(device=device, nbytes=nbytes, owner=self.owner, item=item,
-                            swap_bytes=swap_bytes),
+            self._nc(),
+            self._subject(subjects.MEMORY_ALLOC),
+            MemAllocRequest(
+                device=device, nbytes=nbytes, owner=self.owner, item=item, swap_bytes=swap_bytes
+            ),
             MemAllocation,
-            timeout=self.timeout_s, what="memory service of this node",
-        )  # fmt: skip
+            timeout=self.timeout_s,
+            what="memory service of this node",
+        )
 
     async def free(self, device: str, block: int) -> None:
         """Give a block back (best effort: if the manager is away, the lease lapses)."""
         try:
-            await request(self._nc(), self._subject(subjects.MEMORY_FREE),
-                          MemFreeRequest(device=device, id=block), MemFreeReply, timeout=5)  # fmt: skip
+            await request(
+                self._nc(),
+                self._subject(subjects.MEMORY_FREE),
+                MemFreeRequest(device=device, id=block),
+                MemFreeReply,
+                timeout=5,
+            )
         except PlatformError as exc:
-            log.warning("memory.free_failed", owner=self.owner, device=device, block=block,
-                        error=exc.message)  # fmt: skip
+            log.warning(
+                "memory.free_failed",
+                owner=self.owner,
+                device=device,
+                block=block,
+                error=exc.message,
+            )
 
     async def list(self, device: str) -> list[MemAllocation]:
         """This owner's live blocks on ``device`` (with what each holds and when made)."""
         reply = await request(
-            self._nc(), self._subject(subjects.MEMORY_LIST),
-            MemListRequest(device=device, owner=self.owner), MemListReply,
-            timeout=self.timeout_s, what="memory service of this node",
-        )  # fmt: skip
+            self._nc(),
+            self._subject(subjects.MEMORY_LIST),
+            MemListRequest(device=device, owner=self.owner),
+            MemListReply,
+            timeout=self.timeout_s,
+            what="memory service of this node",
+        )
         return reply.allocations
 
     async def keep_alive(self, looping: Callable[[], bool], interval_s: float) -> None:
         """Renew the owner's lease every ``interval_s`` while ``looping()``."""
         while looping():
             try:
-                await request(self._nc(), self._subject(subjects.MEMORY_RENEW),
-                              MemRenewRequest(owner=self.owner), MemRenewReply, timeout=5)  # fmt: skip
+                await request(
+                    self._nc(),
+                    self._subject(subjects.MEMORY_RENEW),
+                    MemRenewRequest(owner=self.owner),
+                    MemRenewReply,
+                    timeout=5,
+                )
             except PlatformError as exc:
                 log.warning("memory.renew_failed", owner=self.owner, error=exc.message)
             await asyncio.sleep(interval_s)

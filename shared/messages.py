@@ -805,6 +805,43 @@ class Pong(Msg, frozen=True, tag="pong.v1"):
     pid: int
 
 
+class EndpointStats(Msg, frozen=True, tag="endpoint_stats.v1"):
+    """One endpoint's requests since its service started, and its recent latency."""
+
+    name: str  # the verb
+    subject: str
+    requests: int
+    errors: int  # replies that were typed errors (a bad request, a crash)
+    p50_us: int  # over the last requests (a window), not since start
+    p99_us: int
+
+
+class LoopStats(Msg, frozen=True, tag="loop_stats.v1"):
+    """One supervised background loop (or KV watch): steps run and transient failures."""
+
+    name: str
+    runs: int
+    failures: int  # transient failures, each logged and retried after a backoff
+    skipped: int = 0  # malformed records a watch skipped
+    last_error: str | None = None
+
+
+class ServiceStatsRequest(Msg, frozen=True, tag="service_stats_request.v1"):
+    pass
+
+
+class ServiceStatsReply(Msg, frozen=True, tag="service_stats.v1"):
+    """What every service answers on its ``service_stats`` verb (and on the broadcast)."""
+
+    service: str
+    node: str
+    pid: int
+    uptime_s: float
+    endpoints: list[EndpointStats]
+    loops: list[LoopStats]
+    malformed_records: dict[str, int] = {}  # per KV bucket: records skipped as malformed
+
+
 class Heartbeat(Msg, frozen=True, tag="heartbeat.v1"):
     """A node service's liveness entry in the nodes KV bucket (TTL'd)."""
 

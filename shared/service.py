@@ -3,6 +3,17 @@
 ``start()`` and ``stop()`` are idempotent. ``stop()`` shuts down in order: stop
 accepting requests, drain in-flight handlers, cancel background tasks, run the
 service's own clean-up, remove its heartbeat, flush and close NATS.
+
+A service declares, and the base does the rest:
+
+* its **endpoints** as one table (``endpoints()``: verb, request type, handler); the base
+  subscribes them, decodes, replies with typed errors and counts requests, errors and
+  latency per endpoint (``service_stats`` verb, and the gateway's ``/metrics``);
+* its **background work** as supervised loops (``every(interval, step, name)``) and KV
+  watches (``watch(bucket, on_change, name)``): a transient failure (NATS or JetStream
+  timeouts, no responders, a closed or reconnecting connection, a ``PlatformError``) is
+  logged, counted and retried with backoff and never stops the service; only a
+  programming error does, with its traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +26,9 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import nats
 import nats.errors
@@ -31,6 +43,7 @@ from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import Internal, PlatformError, Unavailable
 from gpufaas.shared.jetstream import Buckets, ensure_jetstream
+from gpufaas.shared.kv import MALFORMED, Bucket, TypedBuckets
 from gpufaas.shared.logging import configure_logging
 from gpufaas.shared.messages import (
     DeviceInfo,
@@ -39,16 +52,49 @@ from gpufaas.shared.messages import (
     Msg,
     Ping,
     Pong,
+    ServiceStatsReply,
+    ServiceStatsRequest,
     decode,
     encode,
     encode_json,
     new_event,
 )
 from gpufaas.shared.rpc import error_reply
+from gpufaas.shared.stats import EndpointCounter, LoopCounter
 
 log = structlog.get_logger()
 
 Handler = Callable[[M], Awaitable[Msg]]
+T = TypeVar("T")
+
+# Failures a background loop waits out (logged, counted, retried with backoff): the bus
+# being slow, restarting or unreachable, and the platform's own typed errors. Anything
+# else is a programming error and stops the service with its traceback.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.Error,  # timeouts, no responders, closed/draining connection, JetStream
+    TimeoutError,
+    ConnectionError,
+    PlatformError,
+)
+LOOP_BACKOFF_CAP_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One row of a service's endpoint table (build it with :func:`endpoint`)."""
+
+    name: str
+    subject: str
+    request: type[Msg]
+    handler: Callable[[Any], Awaitable[Msg]]
+    queue: str = ""
+
+
+def endpoint(
+    subject: str, request: type[M], handler: Handler[M], *, queue: str = "", name: str = ""
+) -> Endpoint:
+    """A typed row: ``handler`` is checked against ``request`` here, once."""
+    return Endpoint(name or subject.rsplit(".", 1)[-1], subject, request, handler, queue)
 
 
 async def connect_nats(config: Config, name: str) -> NATS:
@@ -138,6 +184,9 @@ class Service:
         self._state = "new"  # new -> starting -> running -> stopping -> stopped
         self._stopped = asyncio.Event()
         self.fatal: BaseException | None = None
+        self._kv: TypedBuckets | None = None
+        self.endpoint_stats: dict[str, EndpointCounter] = {}  # subject -> its counters
+        self.loop_stats: dict[str, LoopCounter] = {}  # loop name -> its counters
 
     # --- accessors ---------------------------------------------------------------------
 
@@ -157,6 +206,12 @@ class Service:
         return self._buckets
 
     @property
+    def kv(self) -> TypedBuckets:
+        """The platform's KV buckets, typed (see ``shared/kv.py``)."""
+        assert self._kv is not None, "service not started"
+        return self._kv
+
+    @property
     def running(self) -> bool:
         return self._state == "running"
 
@@ -168,7 +223,11 @@ class Service:
     # --- hooks -------------------------------------------------------------------------
 
     async def on_start(self) -> None:
-        """Subscribe handlers and start background work (called once)."""
+        """Prepare state and start background work (called once, before the endpoints)."""
+
+    def endpoints(self) -> list[Endpoint]:
+        """The service's endpoint table, subscribed right after ``on_start``."""
+        return []
 
     async def on_stop(self) -> None:
         """Release resources after handlers have drained (called once)."""
@@ -190,16 +249,13 @@ class Service:
         self._buckets = await ensure_jetstream(
             self._js, node_ttl_s=self.config.node_ttl_s, tube_ttl_s=self.config.tube_ttl_s
         )
+        self._kv = TypedBuckets(self._js, self._buckets)
         await self.on_start()
-        ping = (
-            subjects.node(self.config.node_id, self.name, subjects.PING)
-            if self.node_scoped
-            else subjects.cluster(self.name, subjects.PING)
-        )
-        await self.serve(ping, Ping, self._ping)
+        await self.serve_endpoints(self.endpoints())
+        await self.serve_endpoints(self._base_endpoints())
         if self.node_scoped:
             await self._heartbeat_once()
-            self.spawn(self._heartbeat_loop(), "heartbeat")
+            self.every(self.config.heartbeat_s, self._heartbeat_once, "heartbeat")
         await self.nc.flush()
         self._state = "running"
         if self.config.ready_file:
@@ -242,10 +298,24 @@ class Service:
 
     # --- helpers for subclasses --------------------------------------------------------
 
+    async def serve_endpoints(self, table: list[Endpoint]) -> None:
+        """Subscribe every row of an endpoint table."""
+        for ep in table:
+            await self.serve(ep.subject, ep.request, ep.handler, queue=ep.queue, name=ep.name)
+
     async def serve(
-        self, subject: str, req_type: type[M], handler: Handler[M], *, queue: str = ""
+        self,
+        subject: str,
+        req_type: type[M],
+        handler: Handler[M],
+        *,
+        queue: str = "",
+        name: str = "",
     ) -> None:
-        """Answer requests on ``subject``: each in its own task, with typed errors."""
+        """Answer requests on ``subject``: each in its own task, typed errors, counted."""
+        stats = self.endpoint_stats.setdefault(
+            subject, EndpointCounter(name or subject.rsplit(".", 1)[-1], subject)
+        )
 
         async def on_msg(msg: NatsMsg) -> None:
             if self._state not in ("starting", "running"):
@@ -254,15 +324,18 @@ class Service:
                     with contextlib.suppress(nats.errors.Error):
                         await self.nc.publish(msg.reply, data, headers=headers)
                 return
-            task = asyncio.create_task(self._handle(msg, req_type, handler))
+            task = asyncio.create_task(self._handle(msg, req_type, handler, stats))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
         self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=on_msg))
 
-    async def _handle(self, msg: NatsMsg, req_type: type[M], handler: Handler[M]) -> None:
+    async def _handle(
+        self, msg: NatsMsg, req_type: type[M], handler: Handler[M], stats: EndpointCounter
+    ) -> None:
         request_id = (msg.headers or {}).get(c.HDR_REQUEST_ID)
         REPLY_TO.set(msg.reply or None)
+        t0 = time.perf_counter()
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 reply = await handler(decode(msg.data, req_type))
@@ -279,6 +352,7 @@ class Service:
             except Exception as exc:
                 log.exception("request.crashed", subject=msg.subject)
                 data, headers = error_reply(Internal(f"{self.name} failed: {type(exc).__name__}"))
+            stats.record(time.perf_counter() - t0, error=headers is not None)
             if msg.reply:
                 with contextlib.suppress(nats.errors.ConnectionClosedError):
                     await self.nc.publish(msg.reply, data, headers=headers)
@@ -321,6 +395,88 @@ class Service:
         task.add_done_callback(done)
         return task
 
+    def every(
+        self,
+        interval: float | Callable[[], float],
+        step: Callable[[], Awaitable[None]],
+        name: str,
+        *,
+        first: float | None = None,
+    ) -> asyncio.Task[None]:
+        """Run ``step`` every ``interval`` seconds (the first after ``first``, default one
+        interval) until the service stops: the one way a service runs background work.
+
+        A transient failure (``TRANSIENT``) is logged and counted, and the next step waits
+        twice as long each time it happens again (up to 30 s); a programming error ends
+        the loop and, through :meth:`spawn`, stops the service with its traceback.
+        """
+        stats = self.loop_stats.setdefault(name, LoopCounter(name))
+
+        def period() -> float:
+            return interval() if callable(interval) else interval
+
+        async def loop() -> None:
+            delay = period() if first is None else first
+            while True:
+                await asyncio.sleep(delay)
+                if not self.looping:
+                    return
+                try:
+                    await step()
+                except TRANSIENT as exc:
+                    stats.failed(exc)
+                    delay = stats.backoff(period(), LOOP_BACKOFF_CAP_S)
+                    log.warning(
+                        "loop.failed", loop=name, error=repr(exc), retry_in_s=round(delay, 3)
+                    )
+                    continue
+                stats.ok()
+                delay = period()
+
+        return self.spawn(loop(), name)
+
+    def watch(
+        self,
+        bucket: Bucket[T],
+        on_change: Callable[[str, T | None], None],
+        name: str,
+        *,
+        keys: str = ">",
+    ) -> asyncio.Task[None]:
+        """Follow ``bucket`` (every current record, then each change) into ``on_change``
+        (a key and its value, or ``None`` when deleted), supervised like :meth:`every`:
+        a malformed record is logged, counted and skipped, a broken watch is started
+        again after a backoff."""
+        stats = self.loop_stats.setdefault(name, LoopCounter(name))
+
+        async def follow() -> None:
+            while self.looping:
+                skipped = MALFORMED.get(bucket.name, 0)
+                try:
+                    async for key, value in bucket.watch(keys):
+                        on_change(key, value)
+                        stats.ok()
+                except TRANSIENT as exc:
+                    stats.failed(exc)
+                    log.warning("watch.failed", watch=name, error=repr(exc))
+                finally:
+                    stats.skipped += MALFORMED.get(bucket.name, 0) - skipped
+                await asyncio.sleep(stats.backoff(0.1, LOOP_BACKOFF_CAP_S))
+
+        return self.spawn(follow(), name)
+
+    def service_stats(self) -> ServiceStatsReply:
+        """What the ``service_stats`` verb answers: per endpoint and per loop."""
+        return ServiceStatsReply(
+            service=self.name,
+            node=self.config.node_id,
+            pid=os.getpid(),
+            uptime_s=round(time.time() - self.started_at, 3),
+            endpoints=[e.snapshot() for e in self.endpoint_stats.values()],
+            loops=[lp.snapshot() for lp in self.loop_stats.values()],
+            malformed_records=dict(MALFORMED),
+        )
+
     async def publish_event(
         self,
         kind: str,
@@ -347,8 +503,25 @@ class Service:
 
     # --- internals -----------------------------------------------------------------------
 
+    def _base_endpoints(self) -> list[Endpoint]:
+        """Every service's own verbs: ping, its statistics (also on the broadcast)."""
+
+        def own(verb: str) -> str:
+            if self.node_scoped:
+                return subjects.node(self.config.node_id, self.name, verb)
+            return subjects.cluster(self.name, verb)
+
+        return [
+            endpoint(own(subjects.PING), Ping, self._ping),
+            endpoint(own(subjects.SERVICE_STATS), ServiceStatsRequest, self._stats),
+            endpoint(subjects.STATS_ALL, ServiceStatsRequest, self._stats, name="stats_all"),
+        ]
+
     async def _ping(self, _: Ping) -> Pong:
         return Pong(service=self.name, node=self.config.node_id, pid=os.getpid())
+
+    async def _stats(self, _: ServiceStatsRequest) -> ServiceStatsReply:
+        return self.service_stats()
 
     @property
     def _heartbeat_key(self) -> str:
@@ -364,14 +537,6 @@ class Service:
             devices=self.devices(),
         )
         await self.buckets.nodes.put(self._heartbeat_key, encode_json(beat))
-
-    async def _heartbeat_loop(self) -> None:
-        while self.looping:
-            await asyncio.sleep(self.config.heartbeat_s)
-            try:
-                await self._heartbeat_once()
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("heartbeat.failed", error=repr(exc))
 
     @staticmethod
     async def _cancel(tasks: set[asyncio.Task[None]], deadline_s: float = 5.0) -> None:

@@ -127,3 +127,7 @@ MEMORY_LIST: Final = "list"  # an owner's allocations on a device (the transfer 
 MEMORY_OBSERVE: Final = "observe"  # published by workers per request: no reply
 MEMORY_QUEUE_VIEW: Final = "queue_view"  # published by scheduler replicas: no reply
 PING: Final = "ping"
+SERVICE_STATS: Final = "service_stats"  # every service: endpoint and loop statistics
+# Every service of every node answers a request here (no queue group): a scrape of the
+# whole mesh's statistics gathers the replies for a moment.
+STATS_ALL: Final = f"{PREFIX}.stats"

@@ -215,9 +215,13 @@ def nats_of(request: web.Request) -> NATS:
 
 
 async def ask_scheduler(
-    request: web.Request, subject: str, msg: Msg, reply_type: type[M], *,
+    request: web.Request,
+    subject: str,
+    msg: Msg,
+    reply_type: type[M],
+    *,
     timeout: float | None = None,
-) -> M:  # fmt: skip
+) -> M:
     """A request to a scheduler replica on behalf of an HTTP request (its request id
     travels along; the timeout defaults to the platform's request timeout)."""
     return await nats_request(
@@ -347,9 +351,14 @@ async def _payloads(
         raw = json_to_raw(inp.datatype, inp.shape, inp.data, f"inputs[{i}].data")
         if len(raw) > config.inline_threshold:
             tube = await asyncio.to_thread(
-                write_tube, config.shm_dir, config.node_id, tenant,
-                datatype=inp.datatype, shape=inp.shape, data=raw,
-            )  # fmt: skip
+                write_tube,
+                config.shm_dir,
+                config.node_id,
+                tenant,
+                datatype=inp.datatype,
+                shape=inp.shape,
+                data=raw,
+            )
             tubes.append(tube)
             await request.app[BUCKETS].tubes.put(tube.id, encode_json(tube))
             payloads.append(
@@ -376,8 +385,14 @@ async def _outputs_json(
         if wanted is not None and out.name not in wanted:
             continue
         assert data is not None
-        outputs.append({"name": out.name, "datatype": out.datatype, "shape": out.shape,
-                        "data": raw_to_json(out.datatype, out.shape, data)})  # fmt: skip
+        outputs.append(
+            {
+                "name": out.name,
+                "datatype": out.datatype,
+                "shape": out.shape,
+                "data": raw_to_json(out.datatype, out.shape, data),
+            }
+        )
     return outputs
 
 
@@ -465,9 +480,12 @@ async def functions_post(request: web.Request) -> web.Response:
         name=body.name, model=body.model, options=body.options, tenant=tenant_of(request)
     )
     reply = await ask_scheduler(
-        request, subjects.SCHED_DEPLOY, DeployRequest(spec=spec), DeployReply,
+        request,
+        subjects.SCHED_DEPLOY,
+        DeployRequest(spec=spec),
+        DeployReply,
         timeout=config.deploy_timeout_s + 5,
-    )  # fmt: skip
+    )
     return json_response(function_json(reply.function), 201 if reply.created else 200)
 
 
@@ -502,9 +520,11 @@ async def function_delete(request: web.Request) -> web.Response:
     if not _NAME.match(name):
         raise NotFound(f"function {name!r} not found", field="name")
     reply = await ask_scheduler(
-        request, subjects.SCHED_DELETE, DeleteRequest(name=name, tenant=tenant_of(request)),
+        request,
+        subjects.SCHED_DELETE,
+        DeleteRequest(name=name, tenant=tenant_of(request)),
         DeleteReply,
-    )  # fmt: skip
+    )
     return json_response({"deleted": reply.name})
 
 
@@ -529,8 +549,13 @@ def workflow_json(record: WorkflowRecord) -> dict[str, Any]:
 
 async def workflows_post(request: web.Request) -> web.Response:
     body = convert(await read_json(request), WorkflowBody)
-    spec = WorkflowSpec(name=body.name, steps=body.steps, outputs=body.outputs,
-                        slo_ms=body.slo_ms, tenant=tenant_of(request))  # fmt: skip
+    spec = WorkflowSpec(
+        name=body.name,
+        steps=body.steps,
+        outputs=body.outputs,
+        slo_ms=body.slo_ms,
+        tenant=tenant_of(request),
+    )
     reply = await ask_scheduler(
         request,
         subjects.SCHED_WORKFLOW_DEPLOY,
@@ -603,8 +628,11 @@ async def workflow_infer(request: web.Request) -> web.Response:
         for tube in tubes:
             await _drop_tube(request.app, tube)
     steps = [untagged(to_builtins(s)) for s in reply.steps]
-    result: dict[str, Any] = {"model_name": spec.name, "outputs": outputs,
-                              "parameters": {"steps": steps, "total_us": reply.total_us}}  # fmt: skip
+    result: dict[str, Any] = {
+        "model_name": spec.name,
+        "outputs": outputs,
+        "parameters": {"steps": steps, "total_us": reply.total_us},
+    }
     if body.id is not None:
         result["id"] = body.id
     return json_response(result)
@@ -639,8 +667,10 @@ async def _memory_stats(nc: NATS, node: str) -> dict[str, Any] | None:
         stats = await nats_request(nc, subject, MemStatsRequest(), MemStatsReply, timeout=1)
     except PlatformError:
         return None
-    pools = {p.device: {k: v for k, v in untagged(to_builtins(p)).items() if k != "device"}
-             for p in stats.pools}  # fmt: skip
+    pools = {
+        p.device: {k: v for k, v in untagged(to_builtins(p)).items() if k != "device"}
+        for p in stats.pools
+    }
     return {"pools": pools, "reserved": dict(stats.reserved)}
 
 
@@ -651,8 +681,7 @@ async def nodes_list(request: web.Request) -> web.Response:
     stores = await asyncio.gather(*(_store_stats(nc, node) for node in sorted(nodes)))
     memories = await asyncio.gather(*(_memory_stats(nc, node) for node in sorted(nodes)))
     out = []
-    for (node, beats), store, memory in zip(sorted(nodes.items()), stores, memories,
-                                            strict=True):  # fmt: skip
+    for (node, beats), store, memory in zip(sorted(nodes.items()), stores, memories, strict=True):
         devices: dict[str, Any] = {}
         for beat in beats:
             for d in beat.devices:  # the memory service lists them; the worker adds usage

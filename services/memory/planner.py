@@ -87,16 +87,26 @@ def merge_views(views: Iterable[QueueView]) -> list[Demand]:
         for e in view.entries:
             seen = merged.get(e.function)
             if seen is None:
-                merged[e.function] = Demand(e.function, e.model, e.queued, e.running,
-                                            e.next_deadline, e.compute_s,
-                                            _merge_tubes((), e.tubes))  # fmt: skip
+                merged[e.function] = Demand(
+                    e.function,
+                    e.model,
+                    e.queued,
+                    e.running,
+                    e.next_deadline,
+                    e.compute_s,
+                    _merge_tubes((), e.tubes),
+                )
                 continue
             deadlines = [d for d in (seen.next_deadline, e.next_deadline) if d is not None]
             merged[e.function] = Demand(
-                e.function, seen.source, seen.queued + e.queued, seen.running + e.running,
-                min(deadlines) if deadlines else None, seen.compute_s or e.compute_s,
+                e.function,
+                seen.source,
+                seen.queued + e.queued,
+                seen.running + e.running,
+                min(deadlines) if deadlines else None,
+                seen.compute_s or e.compute_s,
                 _merge_tubes(seen.tubes, e.tubes),
-            )  # fmt: skip
+            )
     return [merged[f] for f in sorted(merged)]
 
 
@@ -192,9 +202,11 @@ def _home(item: str, residents: Mapping[str, DeviceResidency], default: str) -> 
 
 
 def _queue(
-    now: float, entries: list[tuple[Demand, ModelItem]], typical_compute_s: float,
+    now: float,
+    entries: list[tuple[Demand, ModelItem]],
+    typical_compute_s: float,
     budget: Budget,
-) -> tuple[QueuedRequest, ...]:  # fmt: skip
+) -> tuple[QueuedRequest, ...]:
     """One queued request per function (its next), and one per later position that reads
     tubes, ``k`` requests' time after the first."""
     order = sorted(entries, key=lambda e: (_deadline_key(e[0].next_deadline), e[0].function))
@@ -246,5 +258,6 @@ def _device(
         resident.append(Resident(OTHER_ITEM, other, 0.0))
         pinned.add(OTHER_ITEM)
     running = (RunningRequest(PINNED, tuple(sorted(pinned))),) if pinned else ()
-    return DeviceState(budget.device, max(1, capacity), budget.h2d_bps, tuple(resident),
-                       running, queue)  # fmt: skip
+    return DeviceState(
+        budget.device, max(1, capacity), budget.h2d_bps, tuple(resident), running, queue
+    )

@@ -435,8 +435,9 @@ class SegmentPool:
         adopt = getattr(self.backend, "adopt", self.backend.create)
         for seg_id, size in segments.items():
             adopt(seg_id, size)
-            seg = _Segment(seg_id, self._next_seq, size, self.backend.handle(seg_id),
-                           empty_since=self.clock())  # fmt: skip
+            seg = _Segment(
+                seg_id, self._next_seq, size, self.backend.handle(seg_id), empty_since=self.clock()
+            )
             self._next_seq += 1
             self._segments[seg_id] = seg
             self._by_seq[seg.seq] = seg

@@ -153,12 +153,16 @@ class MemoryService(Service):
         self.cuda = self.node_devices.backend == "cuda"
         if self.cuda:  # real memory, by IPC handle; its device calls on a thread per GPU
             self.pools = {
-                d.name: SegmentPool(d.name, d.memory_bytes, CudaBackend(_index(d.name)),
-                                    segment_bytes=cuda_segment_bytes
-                                    or config.memory_segment_bytes,
-                                    align_bytes=CUDA_ALIGN_BYTES, clock=time.time)
+                d.name: SegmentPool(
+                    d.name,
+                    d.memory_bytes,
+                    CudaBackend(_index(d.name)),
+                    segment_bytes=cuda_segment_bytes or config.memory_segment_bytes,
+                    align_bytes=CUDA_ALIGN_BYTES,
+                    clock=time.time,
+                )
                 for d in gpus
-            }  # fmt: skip
+            }
         else:
             self.pools = {
                 d.name: SegmentPool(d.name, d.memory_bytes, SimBackend(), clock=time.time)
@@ -171,9 +175,12 @@ class MemoryService(Service):
             host = next(d for d in self.node_devices.devices if d.kind == "host")
             backend = HostBackend(config.shm_dir / HOST_POOL_DIR / config.node_id)
             self.host_pool = SegmentPool(
-                "host", config.host_pool_bytes or _default_host_pool(host, backend.root),
-                backend, segment_bytes=HOST_SEGMENT_BYTES, clock=time.time,
-            )  # fmt: skip
+                "host",
+                config.host_pool_bytes or _default_host_pool(host, backend.root),
+                backend,
+                segment_bytes=HOST_SEGMENT_BYTES,
+                clock=time.time,
+            )
         self._device_threads = {
             d: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"memory-{_dev(d)}")
             for d in [*(self.pools if self.cuda else ()), *(["host"] if self.host_pool else [])]
@@ -182,10 +189,11 @@ class MemoryService(Service):
         # A request lasts until its deadline at most (request_timeout_s): one that never
         # reports its end (a dead worker) stops counting after twice that.
         self.observed = {
-            d: ReservationTracker(window_s=RESERVATION_WINDOW_S,
-                                  max_request_s=2 * config.request_timeout_s)
+            d: ReservationTracker(
+                window_s=RESERVATION_WINDOW_S, max_request_s=2 * config.request_timeout_s
+            )
             for d in self.pools
-        }  # fmt: skip
+        }
         self._reserved: dict[tuple[str, str], int] = {}  # (device, fn) -> bytes held
         self._short: dict[tuple[str, str], int] = {}  # (device, fn) -> bytes the pool refused
         # Movable blocks (tube copies), for the policy: (device, block) -> (item, when made,
@@ -203,9 +211,10 @@ class MemoryService(Service):
         topo = self.node_devices.topology
         self._h2d_bps = {
             d: (ln.gbps * 1e9 if (ln := topo.link("host", d)) else DEFAULT_H2D_BPS)
-            if topo is not None else DEFAULT_H2D_BPS
+            if topo is not None
+            else DEFAULT_H2D_BPS
             for d in self.pools
-        }  # fmt: skip
+        }
 
     def devices(self) -> list[DeviceInfo]:
         return self.node_devices.devices
@@ -283,10 +292,17 @@ class MemoryService(Service):
                 a = await self._on_device(pool, pool.alloc, nbytes, owner)
         except ResourceExhausted as exc:
             await self._persist_events(pool)  # idle segments it gave back trying to grow
-            self.after_reply(self.publish_event("memory.pressure", {
-                "node": self.config.node_id, "device": pool.device, "bytes": nbytes,
-                "reason": exc.message,
-            }))  # fmt: skip
+            self.after_reply(
+                self.publish_event(
+                    "memory.pressure",
+                    {
+                        "node": self.config.node_id,
+                        "device": pool.device,
+                        "bytes": nbytes,
+                        "reason": exc.message,
+                    },
+                )
+            )
             raise
         await self._persist_events(pool)
         if item:
@@ -339,14 +355,18 @@ class MemoryService(Service):
 
     async def renew(self, req: MemRenewRequest) -> MemRenewReply:
         self._expiry[req.owner] = time.time() + self.config.node_ttl_s
-        held = sum(1 for p in self._all_pools().values() for a in p.allocations()
-                   if a.owner == req.owner)  # fmt: skip
+        held = sum(
+            1 for p in self._all_pools().values() for a in p.allocations() if a.owner == req.owner
+        )
         return MemRenewReply(allocations=held)
 
     async def list_allocations(self, req: MemListRequest) -> MemListReply:
         pool = self._pool(req.device)
-        return MemListReply(allocations=[self._msg(req.device, a) for a in pool.allocations()
-                                         if a.owner == req.owner])  # fmt: skip
+        return MemListReply(
+            allocations=[
+                self._msg(req.device, a) for a in pool.allocations() if a.owner == req.owner
+            ]
+        )
 
     async def stats(self, _: MemStatsRequest) -> MemStatsReply:
         return MemStatsReply(
@@ -376,8 +396,7 @@ class MemoryService(Service):
             for device, pool in self.pools.items():
                 await self._resize_reservations(pool, self.observed[device].snapshot(now))
             for pool in self._all_pools().values():
-                await self._on_device(pool, pool.release_idle, now,
-                                      self.config.tensor_keep_alive_s)  # fmt: skip
+                await self._on_device(pool, pool.release_idle, now, self.config.tensor_keep_alive_s)
                 await self._persist_events(pool)
         return await self.policy_once(now, horizon_s=horizon_s)
 
@@ -466,13 +485,15 @@ class MemoryService(Service):
 
     async def _store(self, verb: str, msg: Msg, reply: type[M], timeout: float) -> M:
         subject = subjects.node(self.config.node_id, "tensorstore", verb)
-        return await request(self.nc, subject, msg, reply, timeout=timeout,
-                             what="tensor store of this node")  # fmt: skip
+        return await request(
+            self.nc, subject, msg, reply, timeout=timeout, what="tensor store of this node"
+        )
 
     async def _transfer(self, verb: str, msg: Msg, reply: type[M], timeout: float) -> M:
         subject = subjects.node(self.config.node_id, "transfer", verb)
-        return await request(self.nc, subject, msg, reply, timeout=timeout,
-                             what="transfer service of this node")  # fmt: skip
+        return await request(
+            self.nc, subject, msg, reply, timeout=timeout, what="transfer service of this node"
+        )
 
     def _budgets(self, store_owner: str) -> dict[str, planner.Budget]:
         """Per GPU: the blocks the store's copies do not account for, and the tube copies
@@ -491,25 +512,35 @@ class MemoryService(Service):
                     foreign += nbytes
             foreign += pool.stats().held_bytes  # reservations for intermediates
             foreign += sum(n for (d, _), n in self._short.items() if d == device)
-            out[device] = planner.Budget(device, pool.capacity, self._h2d_bps[device], foreign,
-                                         tuple(tubes.values()), align)  # fmt: skip
+            out[device] = planner.Budget(
+                device, pool.capacity, self._h2d_bps[device], foreign, tuple(tubes.values()), align
+            )
         return out
 
     def _running_on(self, functions: list[str]) -> dict[str, str]:
-        return {fn: device for device, tracker in self.observed.items() for fn in functions
-                if tracker.in_flight(fn)}  # fmt: skip
+        return {
+            fn: device
+            for device, tracker in self.observed.items()
+            for fn in functions
+            if tracker.in_flight(fn)
+        }
 
     async def _policy_pass(self, now: float, horizon_s: float) -> policy.Actions:
         demands = planner.merge_views(self._fresh_views(now))
         residency = await self._store(
             subjects.TENSORSTORE_RESIDENCY,
-            ResidencyRequest(models=[d.query for d in demands]), ResidencyReply, STORE_TIMEOUT_S,
-        )  # fmt: skip
+            ResidencyRequest(models=[d.query for d in demands]),
+            ResidencyReply,
+            STORE_TIMEOUT_S,
+        )
         plan = planner.build(
-            now, demands, residency, self._budgets(residency.owner),
+            now,
+            demands,
+            residency,
+            self._budgets(residency.owner),
             running_on=self._running_on([d.function for d in demands]),
             typical_compute_s=self.typical_compute_s,
-        )  # fmt: skip
+        )
         for fn, why in plan.unresolved.items():
             log.info("memory.model_unresolved", function=fn, error=why)
         slack = policy.DEFAULT_SLACK_S + horizon_s
@@ -525,11 +556,16 @@ class MemoryService(Service):
             await self._announce_pressure(device, actions)
         rejected = await self._announce_rejections(plan, rejected, now)
         if evicted or prefetched:
-            residency = await self._store(subjects.TENSORSTORE_RESIDENCY, ResidencyRequest(),
-                                          ResidencyReply, STORE_TIMEOUT_S)  # fmt: skip
+            residency = await self._store(
+                subjects.TENSORSTORE_RESIDENCY, ResidencyRequest(), ResidencyReply, STORE_TIMEOUT_S
+            )
         await self._publish_cache(residency, now)
-        return policy.Actions(tuple(evicted), tuple(prefetched), tuple(rejected),
-                              any(d.name in self._pressed for d in plan.state.devices))  # fmt: skip
+        return policy.Actions(
+            tuple(evicted),
+            tuple(prefetched),
+            tuple(rejected),
+            any(d.name in self._pressed for d in plan.state.devices),
+        )
 
     async def _carry_out(
         self, plan: planner.Plan, actions: policy.Actions, now: float
@@ -550,27 +586,51 @@ class MemoryService(Service):
             if not done:
                 continue
             evicted.append(e)
-            await self.publish_event("memory.evicted", {
-                "node": self.config.node_id, "device": e.device, "bytes": nbytes,
-                "reason": e.reason, "item": e.item, "needed_at": e.needed_at_s, **detail,
-            })  # fmt: skip
+            await self.publish_event(
+                "memory.evicted",
+                {
+                    "node": self.config.node_id,
+                    "device": e.device,
+                    "bytes": nbytes,
+                    "reason": e.reason,
+                    "item": e.item,
+                    "needed_at": e.needed_at_s,
+                    **detail,
+                },
+            )
         prefetched: list[policy.Prefetch] = []
         for p in actions.prefetch:
             demand = plan.demand_of[p.request]
             try:
                 copied = await self._prefetch(plan, p, demand)
             except PlatformError as exc:
-                log.warning("memory.prefetch_failed", device=p.device, function=demand.function,
-                            item=p.item, code=exc.code, error=exc.message)  # fmt: skip
+                log.warning(
+                    "memory.prefetch_failed",
+                    device=p.device,
+                    function=demand.function,
+                    item=p.item,
+                    code=exc.code,
+                    error=exc.message,
+                )
                 break
             prefetched.append(p)
-            await self.publish_event("memory.prefetched", {
-                "node": self.config.node_id, "device": p.device, "bytes": p.nbytes,
-                "bytes_copied": copied, "reason": "queued request",
-                "item": p.item, "function": demand.function, "tenant": demand.tenant,
-                "what": "tube" if p.item.startswith(TUBE_ITEM) else "model",
-                "needed_at": p.needed_at_s, "lead_s": p.lead_s, "early_s": p.needed_at_s - now,
-            })  # fmt: skip
+            await self.publish_event(
+                "memory.prefetched",
+                {
+                    "node": self.config.node_id,
+                    "device": p.device,
+                    "bytes": p.nbytes,
+                    "bytes_copied": copied,
+                    "reason": "queued request",
+                    "item": p.item,
+                    "function": demand.function,
+                    "tenant": demand.tenant,
+                    "what": "tube" if p.item.startswith(TUBE_ITEM) else "model",
+                    "needed_at": p.needed_at_s,
+                    "lead_s": p.lead_s,
+                    "early_s": p.needed_at_s - now,
+                },
+            )
         return evicted, prefetched
 
     async def _evict(self, e: policy.Evict) -> tuple[bool | None, int, dict[str, object]]:
@@ -580,23 +640,36 @@ class MemoryService(Service):
             tube_id = e.item.removeprefix(TUBE_ITEM)
             try:
                 released = await self._transfer(
-                    subjects.TRANSFER_RELEASE, TubeReleaseRequest(tube_id=tube_id, tier=e.device),
-                    TubeReleaseReply, self.config.request_timeout_s,
-                )  # fmt: skip
+                    subjects.TRANSFER_RELEASE,
+                    TubeReleaseRequest(tube_id=tube_id, tier=e.device),
+                    TubeReleaseReply,
+                    self.config.request_timeout_s,
+                )
             except PlatformError as exc:  # the host pool is full, the transfer service away
-                log.warning("memory.evict_failed", device=e.device, item=e.item, code=exc.code,
-                            error=exc.message)  # fmt: skip
+                log.warning(
+                    "memory.evict_failed",
+                    device=e.device,
+                    item=e.item,
+                    code=exc.code,
+                    error=exc.message,
+                )
                 return None, 0, {}
             if not released.released:
-                log.info("memory.evict_refused", device=e.device, item=e.item,
-                         reason=released.reason)  # fmt: skip
+                log.info(
+                    "memory.evict_refused", device=e.device, item=e.item, reason=released.reason
+                )
                 return (None if released.reason == "copy in flight" else False), 0, {}
-            return True, released.nbytes, {"what": "tube copy", "tube": tube_id,
-                                           "swapped_bytes": released.swapped_bytes}  # fmt: skip
+            return (
+                True,
+                released.nbytes,
+                {"what": "tube copy", "tube": tube_id, "swapped_bytes": released.swapped_bytes},
+            )
         reply = await self._store(
-            subjects.TENSORSTORE_EVICT, EvictModelRequest(device=e.device, item=e.item),
-            EvictModelReply, STORE_TIMEOUT_S,
-        )  # fmt: skip
+            subjects.TENSORSTORE_EVICT,
+            EvictModelRequest(device=e.device, item=e.item),
+            EvictModelReply,
+            STORE_TIMEOUT_S,
+        )
         if not reply.evicted:
             log.info("memory.evict_refused", device=e.device, item=e.item, reason=reply.reason)
             return (False if reply.reason == "not resident" else None), 0, {}
@@ -610,8 +683,9 @@ class MemoryService(Service):
         if tube is not None:  # the transfer service copies it back from the host tier
             ensure = EnsureRequest(tube_id=tube.id, tenant=tube.tenant, tier=p.device)
             timeout = self.config.request_timeout_s
-            return (await self._transfer(subjects.TRANSFER_ENSURE, ensure, EnsureReply,
-                                         timeout)).nbytes  # fmt: skip
+            return (
+                await self._transfer(subjects.TRANSFER_ENSURE, ensure, EnsureReply, timeout)
+            ).nbytes
         place = PrefetchRequest(device=p.device, source=demand.source, tenant=demand.tenant)
         verb, timeout = subjects.TENSORSTORE_PREFETCH, self.config.deploy_timeout_s
         return (await self._store(verb, place, PrefetchReply, timeout)).bytes_copied
@@ -629,14 +703,24 @@ class MemoryService(Service):
         held += sum(p.nbytes for p in actions.prefetch)
         wanted = {i.id: i.nbytes for q in device.queue for i in q.items}
         resident = {r.id for r in device.resident} - gone
-        missing = sum(n for i, n in wanted.items()
-                      if i not in resident and i not in {p.item for p in actions.prefetch})  # fmt: skip
+        missing = sum(
+            n
+            for i, n in wanted.items()
+            if i not in resident and i not in {p.item for p in actions.prefetch}
+        )
         short = max(0, held + missing - device.capacity_bytes)
-        await self.publish_event("memory.pressure", {
-            "node": self.config.node_id, "device": device.name, "bytes": short,
-            "reason": (f"queued and running requests need {short} bytes more than "
-                       f"{device.name} holds; copies in use stay"),
-        })  # fmt: skip
+        await self.publish_event(
+            "memory.pressure",
+            {
+                "node": self.config.node_id,
+                "device": device.name,
+                "bytes": short,
+                "reason": (
+                    f"queued and running requests need {short} bytes more than "
+                    f"{device.name} holds; copies in use stay"
+                ),
+            },
+        )
 
     async def _announce_rejections(
         self, plan: planner.Plan, rejected: list[policy.Rejected], now: float
@@ -653,20 +737,37 @@ class MemoryService(Service):
             held = self._rejected.get(key)
             if held is not None and held.working_set_bytes == r.working_set_bytes:
                 continue
-            record = MemRejection(device=r.device, function=r.function,
-                                  working_set_bytes=r.working_set_bytes,
-                                  capacity_bytes=r.capacity_bytes, reason=r.reason, at=now)  # fmt: skip
+            record = MemRejection(
+                device=r.device,
+                function=r.function,
+                working_set_bytes=r.working_set_bytes,
+                capacity_bytes=r.capacity_bytes,
+                reason=r.reason,
+                at=now,
+            )
             await self.buckets.memory.put(self._rejection_key(*key), encode_json(record))
             self._rejected[key] = record
             announced.append(r)
             demand = plan.demand_of[r.request]
-            log.warning("memory.rejected", device=r.device, function=r.function,
-                        bytes=r.working_set_bytes, reason=r.reason)  # fmt: skip
-            await self.publish_event("memory.rejected", {
-                "node": self.config.node_id, "device": r.device, "function": r.function,
-                "tenant": demand.tenant, "bytes": r.working_set_bytes,
-                "capacity_bytes": r.capacity_bytes, "reason": r.reason,
-            })  # fmt: skip
+            log.warning(
+                "memory.rejected",
+                device=r.device,
+                function=r.function,
+                bytes=r.working_set_bytes,
+                reason=r.reason,
+            )
+            await self.publish_event(
+                "memory.rejected",
+                {
+                    "node": self.config.node_id,
+                    "device": r.device,
+                    "function": r.function,
+                    "tenant": demand.tenant,
+                    "bytes": r.working_set_bytes,
+                    "capacity_bytes": r.capacity_bytes,
+                    "reason": r.reason,
+                },
+            )
         return announced
 
     async def _publish_cache(self, residency: ResidencyReply, now: float) -> None:
@@ -676,10 +777,14 @@ class MemoryService(Service):
             if dev.device not in self.pools:
                 continue
             models = sorted(
-                (CachedModel(item=m.item, nbytes=m.nbytes, leased=m.leased, file=m.file,
-                             tenant=m.tenant) for m in dev.models),
+                (
+                    CachedModel(
+                        item=m.item, nbytes=m.nbytes, leased=m.leased, file=m.file, tenant=m.tenant
+                    )
+                    for m in dev.models
+                ),
                 key=lambda m: m.item,
-            )  # fmt: skip
+            )
             if self._cache.get(dev.device) == models:
                 continue
             cache = ModelCache(node=self.config.node_id, device=dev.device, at=now, models=models)
@@ -687,20 +792,35 @@ class MemoryService(Service):
             self._cache[dev.device] = models
             # Items are opaque keys; files and tenants stay in KV (a tenant's private model
             # is not shown to others on the event stream).
-            await self.publish_event("memory.residency", {
-                "node": self.config.node_id, "device": dev.device,
-                "bytes": sum(m.nbytes for m in models), "reason": "changed",
-                "models": [{"item": m.item, "bytes": m.nbytes, "leased": m.leased}
-                           for m in models],
-            })  # fmt: skip
+            await self.publish_event(
+                "memory.residency",
+                {
+                    "node": self.config.node_id,
+                    "device": dev.device,
+                    "bytes": sum(m.nbytes for m in models),
+                    "reason": "changed",
+                    "models": [
+                        {"item": m.item, "bytes": m.nbytes, "leased": m.leased} for m in models
+                    ],
+                },
+            )
 
     # --- state in KV ----------------------------------------------------------------------------
 
     def _msg(self, device: str, a: Allocation) -> MemAllocation:
         item, at, swap = self._items.get((device, a.id), ("", 0.0, 0))
-        return MemAllocation(id=a.id, device=device, segment=a.segment, offset=a.offset,
-                             nbytes=a.nbytes, owner=a.owner, handle=a.handle, item=item,
-                             at=at, swap_bytes=swap)  # fmt: skip
+        return MemAllocation(
+            id=a.id,
+            device=device,
+            segment=a.segment,
+            offset=a.offset,
+            nbytes=a.nbytes,
+            owner=a.owner,
+            handle=a.handle,
+            item=item,
+            at=at,
+            swap_bytes=swap,
+        )
 
     def _prefix(self, device: str) -> str:
         return f"{self.config.node_id}.{_dev(device)}"
@@ -727,10 +847,16 @@ class MemoryService(Service):
             self.after_reply(self._resized(ev))
 
     async def _resized(self, ev: PoolEvent) -> None:
-        await self.publish_event("memory.pool.resized", {
-            "node": self.config.node_id, "device": ev.device, "kind": ev.kind,
-            "bytes": ev.segment_bytes, "reserved_bytes": ev.reserved_bytes,
-        })  # fmt: skip
+        await self.publish_event(
+            "memory.pool.resized",
+            {
+                "node": self.config.node_id,
+                "device": ev.device,
+                "kind": ev.kind,
+                "bytes": ev.segment_bytes,
+                "reserved_bytes": ev.reserved_bytes,
+            },
+        )
 
     async def _get(self, key: str) -> bytes | None:
         try:
@@ -769,8 +895,12 @@ class MemoryService(Service):
                 else:
                     self._expiry[a.owner] = grace
             if segments:
-                log.info("memory.restored", device=device, segments=len(segments),
-                         allocations=len(allocs))  # fmt: skip
+                log.info(
+                    "memory.restored",
+                    device=device,
+                    segments=len(segments),
+                    allocations=len(allocs),
+                )
         if self.host_pool is not None:
             await asyncio.to_thread(self._remove_orphans, self.host_pool)
         await self._restore_views(keys)

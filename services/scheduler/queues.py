@@ -94,14 +94,18 @@ class FunctionQueue:
         for where, tubes in self.running_tubes.values():
             for t in tubes:
                 if where == node and len(out) < limit:
-                    out.append(QueuedTube(id=t.id, tenant=t.tenant, nbytes=t.nbytes,
-                                          position=0, running=True))  # fmt: skip
+                    out.append(
+                        QueuedTube(
+                            id=t.id, tenant=t.tenant, nbytes=t.nbytes, position=0, running=True
+                        )
+                    )
         live = sorted(p for p in self.waiting if not p.node.done())
         for position, p in enumerate(live):
             for t in p.tubes:
                 if len(out) >= limit:
                     return out
                 if any(pl.node == node for pl in t.placements):
-                    out.append(QueuedTube(id=t.id, tenant=t.tenant, nbytes=t.nbytes,
-                                          position=position))  # fmt: skip
+                    out.append(
+                        QueuedTube(id=t.id, tenant=t.tenant, nbytes=t.nbytes, position=position)
+                    )
         return out

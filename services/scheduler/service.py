@@ -160,15 +160,19 @@ class SchedulerService(Service):
         await self.serve(subjects.SCHED_DEPLOY, DeployRequest, self.deploy, queue=q)
         await self.serve(subjects.SCHED_DELETE, DeleteRequest, self.delete, queue=q)
         await self.serve(subjects.SCHED_INVOKE, InvokeRequest, self.invoke, queue=q)
-        await self.serve(subjects.SCHED_WORKFLOW_DEPLOY, WorkflowDeployRequest,
-                         self.workflow_deploy, queue=q)  # fmt: skip
-        await self.serve(subjects.SCHED_WORKFLOW_DELETE, WorkflowDeleteRequest,
-                         self.workflow_delete, queue=q)  # fmt: skip
-        await self.serve(subjects.SCHED_WORKFLOW_INVOKE, WorkflowInvokeRequest,
-                         self.workflow_invoke, queue=q)  # fmt: skip
+        await self.serve(
+            subjects.SCHED_WORKFLOW_DEPLOY, WorkflowDeployRequest, self.workflow_deploy, queue=q
+        )
+        await self.serve(
+            subjects.SCHED_WORKFLOW_DELETE, WorkflowDeleteRequest, self.workflow_delete, queue=q
+        )
+        await self.serve(
+            subjects.SCHED_WORKFLOW_INVOKE, WorkflowInvokeRequest, self.workflow_invoke, queue=q
+        )
         await self.serve(subjects.SCHED_LOAD, SchedulerLoad, self._on_load)  # every replica
-        self._subs.append(await self.nc.subscribe(subjects.event("memory.rejected"),
-                                                  cb=self._on_rejected))  # fmt: skip
+        self._subs.append(
+            await self.nc.subscribe(subjects.event("memory.rejected"), cb=self._on_rejected)
+        )
         await self.reconcile_once(time.time(), announce=False)
         self.spawn(self._membership_loop(), "membership")
         self.spawn(self._autoscale_loop(), "autoscale")
@@ -178,8 +182,11 @@ class SchedulerService(Service):
         replica's records and its name go, and no survivor answers them again."""
         me = _token(self.replica)
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, PlatformError):
-            for bucket, subject in ((c.KV_INFLIGHT, f"{me}.>"), (c.KV_REPLICAS, me),
-                                    (c.KV_LEASES, f"replica.{me}")):  # fmt: skip
+            for bucket, subject in (
+                (c.KV_INFLIGHT, f"{me}.>"),
+                (c.KV_REPLICAS, me),
+                (c.KV_LEASES, f"replica.{me}"),
+            ):
                 await self.js.purge_stream(f"KV_{bucket}", subject=subjects.kv_key(bucket, subject))
 
     # --- membership --------------------------------------------------------------------
@@ -230,9 +237,14 @@ class SchedulerService(Service):
                 f"function {spec.name!r} exists with another spec; delete it first", field="name"
             )
         node = await self._place(spec)
-        loaded, _ = await self._worker(node, spec.tenant, subjects.WORKER_LOAD,
-                                       WorkerLoadRequest(spec=spec), WorkerLoadReply,
-                                       timeout=self.config.deploy_timeout_s)  # fmt: skip
+        loaded, _ = await self._worker(
+            node,
+            spec.tenant,
+            subjects.WORKER_LOAD,
+            WorkerLoadRequest(spec=spec),
+            WorkerLoadReply,
+            timeout=self.config.deploy_timeout_s,
+        )
         try:
             first = await self._profile(node, spec, [1], repeats=3, deadline_s=30)
             choice = self._check_slo(spec, first.points)
@@ -300,13 +312,25 @@ class SchedulerService(Service):
             if gpus:  # the GPU instances go on (the first), as its busiest reporter sees it
                 first = min(gpus, key=lambda d: (d.name, -d.used_bytes))
                 free = first.memory_bytes - first.used_bytes
-            views.append(NodeView(node, node in warm, loc.theta if loc else 0.0,
-                                  loc.bytes_to_load if loc else 0, load[node], free,
-                                  near=node == near, on_gpu=node in on_gpu))  # fmt: skip
+            views.append(
+                NodeView(
+                    node,
+                    node in warm,
+                    loc.theta if loc else 0.0,
+                    loc.bytes_to_load if loc else 0,
+                    load[node],
+                    free,
+                    near=node == near,
+                    on_gpu=node in on_gpu,
+                )
+            )
         node = choose(views)
-        log.info("placement.chosen", function=spec.name, node=node,
-                 views=[(v.node, v.warm, v.on_gpu, round(v.theta, 3), v.functions)
-                        for v in views])  # fmt: skip
+        log.info(
+            "placement.chosen",
+            function=spec.name,
+            node=node,
+            views=[(v.node, v.warm, v.on_gpu, round(v.theta, 3), v.functions) for v in views],
+        )
         return node
 
     async def _gpu_cached(self, spec: FunctionSpec) -> set[str]:
@@ -340,9 +364,12 @@ class SchedulerService(Service):
         """θ of the model on ``node`` (None if its tensor store does not answer at once)."""
         try:
             return await request(
-                self.nc, subjects.node(node, "tensorstore", subjects.TENSORSTORE_LOCALITY),
-                LocalityRequest(source=spec.model, tenant=spec.tenant), LocalityReply, timeout=1,
-            )  # fmt: skip
+                self.nc,
+                subjects.node(node, "tensorstore", subjects.TENSORSTORE_LOCALITY),
+                LocalityRequest(source=spec.model, tenant=spec.tenant),
+                LocalityReply,
+                timeout=1,
+            )
         except PlatformError:
             return None
 
@@ -360,9 +387,17 @@ class SchedulerService(Service):
         return DeleteReply(name=req.name)
 
     async def _worker(
-        self, node: str, tenant: str, verb: str, msg: Msg, reply_type: type[M], *,
-        timeout: float, request_id: str | None = None, bind: bool = True,
-    ) -> tuple[M, WorkerBindReply | None]:  # fmt: skip
+        self,
+        node: str,
+        tenant: str,
+        verb: str,
+        msg: Msg,
+        reply_type: type[M],
+        *,
+        timeout: float,
+        request_id: str | None = None,
+        bind: bool = True,
+    ) -> tuple[M, WorkerBindReply | None]:
         """A worker verb for ``tenant`` on ``node``. When no process of the tenant answers
         there (its first function on the node, or its process went idle and exited), the
         node's pool binds one (a warm spare, else a new process) and the request is sent
@@ -373,17 +408,28 @@ class SchedulerService(Service):
         what = f"worker of node {node}"
 
         async def send() -> M:
-            return await request(self.nc, subject, msg, reply_type, timeout=timeout,
-                                 request_id=request_id, what=what)  # fmt: skip
+            return await request(
+                self.nc, subject, msg, reply_type, timeout=timeout, request_id=request_id, what=what
+            )
 
         async def bind_one() -> WorkerBindReply:
             bound = await request(
-                self.nc, subjects.node(node, "worker", subjects.WORKER_BIND),
-                WorkerBindRequest(tenant=tenant), WorkerBindReply,
-                timeout=self.config.deploy_timeout_s, request_id=request_id, what=what,
-            )  # fmt: skip
-            log.info("worker.bound", node=node, tenant=tenant, worker=bound.worker,
-                     waited_us=bound.waited_us, new_process=bound.new_process)  # fmt: skip
+                self.nc,
+                subjects.node(node, "worker", subjects.WORKER_BIND),
+                WorkerBindRequest(tenant=tenant),
+                WorkerBindReply,
+                timeout=self.config.deploy_timeout_s,
+                request_id=request_id,
+                what=what,
+            )
+            log.info(
+                "worker.bound",
+                node=node,
+                tenant=tenant,
+                worker=bound.worker,
+                waited_us=bound.waited_us,
+                new_process=bound.new_process,
+            )
             return bound
 
         try:
@@ -398,18 +444,26 @@ class SchedulerService(Service):
         try:
             return await send(), bound
         except Unavailable:
-            log.warning("worker.bound_not_answering", node=node, tenant=tenant,
-                        worker=bound.worker)  # fmt: skip
+            log.warning("worker.bound_not_answering", node=node, tenant=tenant, worker=bound.worker)
         again = await bind_one()
-        bound = WorkerBindReply(worker=again.worker, waited_us=bound.waited_us + again.waited_us,
-                                new_process=bound.new_process or again.new_process)  # fmt: skip
+        bound = WorkerBindReply(
+            worker=again.worker,
+            waited_us=bound.waited_us + again.waited_us,
+            new_process=bound.new_process or again.new_process,
+        )
         return await send(), bound
 
     async def _unload(self, node: str, tenant: str, name: str) -> None:
         try:
-            await self._worker(node, tenant, subjects.WORKER_UNLOAD,
-                               WorkerUnloadRequest(function=name, tenant=tenant),
-                               WorkerUnloadReply, timeout=5, bind=False)  # fmt: skip
+            await self._worker(
+                node,
+                tenant,
+                subjects.WORKER_UNLOAD,
+                WorkerUnloadRequest(function=name, tenant=tenant),
+                WorkerUnloadReply,
+                timeout=5,
+                bind=False,
+            )
         except Unavailable:
             pass  # no process of the tenant there: nothing loaded
         except PlatformError as exc:
@@ -418,9 +472,14 @@ class SchedulerService(Service):
     # --- profiles ------------------------------------------------------------------------
 
     async def _profile(
-        self, node: str, spec: FunctionSpec, batches: list[int], *, repeats: int,
+        self,
+        node: str,
+        spec: FunctionSpec,
+        batches: list[int],
+        *,
+        repeats: int,
         deadline_s: float,
-    ) -> WorkerProfileReply:  # fmt: skip
+    ) -> WorkerProfileReply:
         reply, _ = await self._worker(
             node,
             spec.tenant,
@@ -452,14 +511,25 @@ class SchedulerService(Service):
         return f"batch 1 measured ({choice.latency_s * 1e3:.1f} ms); the full profile follows"
 
     async def _put_profile(
-        self, spec: FunctionSpec, reply: WorkerProfileReply, *, complete: bool, reason: str,
-        batch: int | None = None, concurrency: int = 1,
-    ) -> ProfileRecord:  # fmt: skip
+        self,
+        spec: FunctionSpec,
+        reply: WorkerProfileReply,
+        *,
+        complete: bool,
+        reason: str,
+        batch: int | None = None,
+        concurrency: int = 1,
+    ) -> ProfileRecord:
         record = ProfileRecord(
-            spec=spec, device=reply.device, points=reply.points,
-            batch=batch or spec.options.max_batch_size, concurrency=concurrency,
-            reason=reason, complete=complete, measured_at=time.time(),
-        )  # fmt: skip
+            spec=spec,
+            device=reply.device,
+            points=reply.points,
+            batch=batch or spec.options.max_batch_size,
+            concurrency=concurrency,
+            reason=reason,
+            complete=complete,
+            measured_at=time.time(),
+        )
         key = function_key(spec.tenant, spec.name)
         await self.buckets.profiles.put(key, encode_json(record))
         self._profiles[key] = (time.monotonic(), record)
@@ -491,24 +561,40 @@ class SchedulerService(Service):
                 return
             slo = spec.options.slo_ms / 1e3 if spec.options.slo_ms else None
             record = await get_function(self.buckets.functions, spec.tenant, spec.name)
-            choice = choose_config(self._points(points), slo, max_batch=spec.options.max_batch_size,
-                                   weights_bytes=record.model_bytes if record else 0)  # fmt: skip
+            choice = choose_config(
+                self._points(points),
+                slo,
+                max_batch=spec.options.max_batch_size,
+                weights_bytes=record.model_bytes if record else 0,
+            )
         except PlatformError as exc:
             log.warning("profile.failed", function=spec.name, error=exc.message)
             return
         current = await get_function(self.buckets.functions, spec.tenant, spec.name)
         if current is None or current.spec != spec:
             return  # deleted or redeployed meanwhile
-        await self._put_profile(spec, WorkerProfileReply(device=device, points=points),
-                                complete=True, reason=choice.reason, batch=choice.batch,
-                                concurrency=choice.concurrency)  # fmt: skip
-        await self.publish_event("profile.completed", {
-            "function": spec.name, "tenant": spec.tenant, "device": device,
-            "batch": choice.batch, "concurrency": choice.concurrency,
-            "latency_ms": round(choice.latency_s * 1e3, 3),
-            "throughput_rps": round(choice.throughput_rps, 1), "reason": choice.reason,
-            "points": len(points),
-        })  # fmt: skip
+        await self._put_profile(
+            spec,
+            WorkerProfileReply(device=device, points=points),
+            complete=True,
+            reason=choice.reason,
+            batch=choice.batch,
+            concurrency=choice.concurrency,
+        )
+        await self.publish_event(
+            "profile.completed",
+            {
+                "function": spec.name,
+                "tenant": spec.tenant,
+                "device": device,
+                "batch": choice.batch,
+                "concurrency": choice.concurrency,
+                "latency_ms": round(choice.latency_s * 1e3, 3),
+                "throughput_rps": round(choice.throughput_rps, 1),
+                "reason": choice.reason,
+                "points": len(points),
+            },
+        )
 
     async def profile_of(self, tenant: str, name: str) -> ProfileRecord | None:
         """A function's profile record, cached for a few seconds (it changes once or twice)."""
@@ -531,8 +617,14 @@ class SchedulerService(Service):
         is queued, forgotten once answered; a replica that outlives us answers it if we die."""
 
         def run(dispatch_id: str, deadline: float) -> Awaitable[InvokeReply]:
-            return self._invoke(req.tenant, req.function, req.request_id, req.inputs,
-                                deadline, dispatch_id=dispatch_id)  # fmt: skip
+            return self._invoke(
+                req.tenant,
+                req.function,
+                req.request_id,
+                req.inputs,
+                deadline,
+                dispatch_id=dispatch_id,
+            )
 
         return await self._accepted(InflightRecord, req, run)
 
@@ -555,8 +647,13 @@ class SchedulerService(Service):
         key = self._inflight_key(dispatch_id)
         reply_to = REPLY_TO.get()
         if reply_to:
-            record = record_type(replica=self.replica, reply_to=reply_to, request=req,  # type: ignore[arg-type]
-                                 dispatch_id=dispatch_id, accepted_at=time.time())  # fmt: skip
+            record = record_type(
+                replica=self.replica,
+                reply_to=reply_to,
+                request=req,  # type: ignore[arg-type]
+                dispatch_id=dispatch_id,
+                accepted_at=time.time(),
+            )
             await self.nc.publish(subjects.kv_key(c.KV_INFLIGHT, key), encode(record))
         try:
             return await run(dispatch_id, deadline)
@@ -568,14 +665,22 @@ class SchedulerService(Service):
         """Delete an answered request's record (a delete marker, published like the put;
         markers lapse with the bucket's age limit, or with the replica's prefix)."""
         with contextlib.suppress(nats.errors.Error):
-            await self.nc.publish(subjects.kv_key(c.KV_INFLIGHT, key), b"",
-                                  headers={"KV-Operation": "DEL"})  # fmt: skip
+            await self.nc.publish(
+                subjects.kv_key(c.KV_INFLIGHT, key), b"", headers={"KV-Operation": "DEL"}
+            )
 
     async def _invoke(
-        self, tenant: str, function: str, request_id: str, inputs: list[TensorPayload],
-        deadline: float, *, intermediate: bool = False, prefer: str | None = None,
+        self,
+        tenant: str,
+        function: str,
+        request_id: str,
+        inputs: list[TensorPayload],
+        deadline: float,
+        *,
+        intermediate: bool = False,
+        prefer: str | None = None,
         dispatch_id: str = "",
-    ) -> InvokeReply:  # fmt: skip
+    ) -> InvokeReply:
         """Queue a request on its function, wait for an instance with room, run it there
         (on ``prefer`` when that node has an instance with room: where its inputs are)."""
         t0 = time.perf_counter()
@@ -588,8 +693,13 @@ class SchedulerService(Service):
         if fq is None:
             fq = self.queues[key] = FunctionQueue(key)
         tubes = tuple(p.tube for p in inputs if p.tube is not None)
-        pending = Pending(deadline, request_id, asyncio.get_running_loop().create_future(),
-                          prefer=prefer, tubes=tubes)  # fmt: skip
+        pending = Pending(
+            deadline,
+            request_id,
+            asyncio.get_running_loop().create_future(),
+            prefer=prefer,
+            tubes=tubes,
+        )
         fq.push(pending)
         profile = await self.profile_of(tenant, function)
         await self._pump(fq, record)
@@ -619,24 +729,41 @@ class SchedulerService(Service):
                 dispatch_id=dispatch_id,
             )
             reply, bound = await self._worker(
-                node, tenant, subjects.WORKER_RUN, run, InvokeReply,
-                timeout=max(deadline - time.time(), 0.001), request_id=request_id,
-            )  # fmt: skip
+                node,
+                tenant,
+                subjects.WORKER_RUN,
+                run,
+                InvokeReply,
+                timeout=max(deadline - time.time(), 0.001),
+                request_id=request_id,
+            )
             if bound is not None:  # it waited for a worker process of its tenant
-                reply = msgspec_replace(reply, breakdown=msgspec_replace(
-                    reply.breakdown, worker_us=bound.waited_us, new_process=bound.new_process,
-                    queue_us=reply.breakdown.queue_us + bound.waited_us))  # fmt: skip
+                reply = msgspec_replace(
+                    reply,
+                    breakdown=msgspec_replace(
+                        reply.breakdown,
+                        worker_us=bound.waited_us,
+                        new_process=bound.new_process,
+                        queue_us=reply.breakdown.queue_us + bound.waited_us,
+                    ),
+                )
         finally:
             fq.release(node)
             fq.running_tubes.pop(pending.seq, None)
             await self._pump(fq, None)
         if pending.cold_us:  # the instance was built for it before the worker saw it
             b = reply.breakdown
-            reply = msgspec_replace(reply, breakdown=msgspec_replace(
-                b, cold=True, load_us=b.load_us + pending.cold_us,
-                worker_us=b.worker_us + pending.worker_us,
-                loaded_bytes=b.loaded_bytes + pending.loaded_bytes,
-                new_process=b.new_process or pending.new_process))  # fmt: skip
+            reply = msgspec_replace(
+                reply,
+                breakdown=msgspec_replace(
+                    b,
+                    cold=True,
+                    load_us=b.load_us + pending.cold_us,
+                    worker_us=b.worker_us + pending.worker_us,
+                    loaded_bytes=b.loaded_bytes + pending.loaded_bytes,
+                    new_process=b.new_process or pending.new_process,
+                ),
+            )
         await self.publish_event(
             "invocation.completed",
             {
@@ -662,8 +789,9 @@ class SchedulerService(Service):
             if record is None:  # deleted while requests waited
                 for p in fq.waiting:
                     if not p.node.done():
-                        p.node.set_exception(NotFound(f"function {name!r} not found",
-                                                      field="model"))  # fmt: skip
+                        p.node.set_exception(
+                            NotFound(f"function {name!r} not found", field="model")
+                        )
                 fq.waiting.clear()
                 return
         nodes = [n for n in record.nodes if n in self.workers]
@@ -687,11 +815,17 @@ class SchedulerService(Service):
             # Where the most urgent waiting request's inputs are, on a tie of θ.
             head = min((p for p in fq.waiting if not p.node.done()), default=None)
             node = await self._place(spec, near=head.prefer if head else None)
-            loaded, bound = await self._worker(node, spec.tenant, subjects.WORKER_LOAD,
-                                          WorkerLoadRequest(spec=spec), WorkerLoadReply,
-                                          timeout=self.config.deploy_timeout_s)  # fmt: skip
-            updated = await self._update_nodes(spec, lambda ns: [n for n in ns
-                                               if n in self.workers and n != node] + [node])  # fmt: skip
+            loaded, bound = await self._worker(
+                node,
+                spec.tenant,
+                subjects.WORKER_LOAD,
+                WorkerLoadRequest(spec=spec),
+                WorkerLoadReply,
+                timeout=self.config.deploy_timeout_s,
+            )
+            updated = await self._update_nodes(
+                spec, lambda ns: [n for n in ns if n in self.workers and n != node] + [node]
+            )
         except PlatformError as exc:
             log.warning("cold_start.failed", function=spec.name, error=exc.message)
             for p in fq.waiting:
@@ -706,11 +840,17 @@ class SchedulerService(Service):
             if bound is not None:
                 p.worker_us, p.new_process = bound.waited_us, bound.new_process
         if updated is not None:
-            await self.publish_event("function.scaled", {
-                "function": spec.name, "tenant": spec.tenant, "from": 0,
-                "to": len(updated.nodes), "nodes": updated.nodes,
-                "reason": "requests waiting and no live instance",
-            })  # fmt: skip
+            await self.publish_event(
+                "function.scaled",
+                {
+                    "function": spec.name,
+                    "tenant": spec.tenant,
+                    "from": 0,
+                    "to": len(updated.nodes),
+                    "nodes": updated.nodes,
+                    "reason": "requests waiting and no live instance",
+                },
+            )
             await self._pump(fq, updated)
 
     async def _update_nodes(
@@ -785,8 +925,11 @@ class SchedulerService(Service):
         await self._take_over(now)
         if not await self._lead():
             return
-        fresh = [r for r in self._reports.values()
-                 if now - r.at <= 3 * self.config.autoscale_interval_s + 1]  # fmt: skip
+        fresh = [
+            r
+            for r in self._reports.values()
+            if now - r.at <= 3 * self.config.autoscale_interval_s + 1
+        ]
         totals: dict[str, list[int]] = {}
         for report in fresh:
             for f in report.functions:
@@ -814,8 +957,9 @@ class SchedulerService(Service):
             conc = profile.concurrency if profile and profile.complete else 1
             rps = 0.0
             if profile and profile.complete:
-                point = next((p for p in profile.points
-                              if (p.batch, p.concurrency) == (batch, conc)), None)  # fmt: skip
+                point = next(
+                    (p for p in profile.points if (p.batch, p.concurrency) == (batch, conc)), None
+                )
                 rps = point.batch * point.concurrency / point.latency_s if point else 0.0
             live = [n for n in record.nodes if n in self.workers]
             loads.append(FunctionLoad(key, len(live), queued, in_flight, batch * conc, rps))
@@ -844,14 +988,25 @@ class SchedulerService(Service):
             profile = await self.profile_of(tenant, name)
             compute_s = None
             if profile is not None and profile.points:
-                chosen = [p for p in profile.points
-                          if (p.batch, p.concurrency) == (profile.batch, profile.concurrency)]  # fmt: skip
+                chosen = [
+                    p
+                    for p in profile.points
+                    if (p.batch, p.concurrency) == (profile.batch, profile.concurrency)
+                ]
                 point = chosen[0] if chosen else min(profile.points, key=lambda p: p.batch)
                 compute_s = point.latency_s / (point.batch * point.concurrency)
             for node in record.nodes:  # queued requests will run on one of its instances
-                views.setdefault(node, []).append(QueueEntry(
-                    shown, record.spec.model, queued, fq.in_flight.get(node, 0),
-                    fq.next_deadline(), compute_s, fq.queued_tubes(node, VIEW_TUBES)))  # fmt: skip
+                views.setdefault(node, []).append(
+                    QueueEntry(
+                        shown,
+                        record.spec.model,
+                        queued,
+                        fq.in_flight.get(node, 0),
+                        fq.next_deadline(),
+                        compute_s,
+                        fq.queued_tubes(node, VIEW_TUBES),
+                    )
+                )
         load = SchedulerLoad(replica=self.replica, at=now, functions=reports)
         self._reports[self.replica] = load  # our own, without waiting for it to loop back
         with contextlib.suppress(nats.errors.Error):
@@ -888,8 +1043,9 @@ class SchedulerService(Service):
                 # so that no marker is left for the next tick to read).
                 with contextlib.suppress(nats.js.errors.Error):
                     for bucket, subject in ((c.KV_INFLIGHT, f"{dead}.>"), (c.KV_REPLICAS, dead)):
-                        await self.js.purge_stream(f"KV_{bucket}",
-                                                   subject=subjects.kv_key(bucket, subject))  # fmt: skip
+                        await self.js.purge_stream(
+                            f"KV_{bucket}", subject=subjects.kv_key(bucket, subject)
+                        )
                 log.info("scheduler.replica_gone", replica=dead)
 
     async def _renew_membership(self) -> str:
@@ -925,8 +1081,9 @@ class SchedulerService(Service):
             await self.buckets.inflight.update(key, encode(mine), last=entry.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             return 1  # another replica claimed it
-        log.warning("invoke.taken_over", request_id=record.request.request_id,
-                    from_replica=record.replica)  # fmt: skip
+        log.warning(
+            "invoke.taken_over", request_id=record.request.request_id, from_replica=record.replica
+        )
         self._adopted.add(key)
         self.spawn(self._answer(key, mine), f"takeover-{record.dispatch_id}")
         return 1
@@ -938,17 +1095,24 @@ class SchedulerService(Service):
         deadline = req.deadline or (record.accepted_at + self.config.request_timeout_s)
         try:
             if isinstance(record, WorkflowInflightRecord):
-                data = encode(await self._run_workflow(record.request, record.dispatch_id,
-                                                       deadline))  # fmt: skip
+                data = encode(
+                    await self._run_workflow(record.request, record.dispatch_id, deadline)
+                )
             else:
-                data = encode(await self._invoke(
-                    record.request.tenant, record.request.function, req.request_id,
-                    record.request.inputs, deadline, dispatch_id=record.dispatch_id))  # fmt: skip
+                data = encode(
+                    await self._invoke(
+                        record.request.tenant,
+                        record.request.function,
+                        req.request_id,
+                        record.request.inputs,
+                        deadline,
+                        dispatch_id=record.dispatch_id,
+                    )
+                )
             headers = None
         except PlatformError as exc:
             data, headers = error_reply(exc)
-        log.info("invoke.takeover_answered", request_id=req.request_id,
-                 error=headers is not None)  # fmt: skip
+        log.info("invoke.takeover_answered", request_id=req.request_id, error=headers is not None)
         with contextlib.suppress(nats.errors.Error):
             await self.nc.publish(record.reply_to, data, headers=headers)
         await self._forget_inflight(key)
@@ -960,8 +1124,9 @@ class SchedulerService(Service):
         value = self.replica.encode()
         try:
             if self.leader:
-                self._leader_rev = await kv.update(c.SCHEDULER_LEADER_KEY, value,
-                                                   last=self._leader_rev)  # fmt: skip
+                self._leader_rev = await kv.update(
+                    c.SCHEDULER_LEADER_KEY, value, last=self._leader_rev
+                )
             else:
                 self._leader_rev = await kv.create(c.SCHEDULER_LEADER_KEY, value)
                 log.info("autoscale.leader", replica=self.replica)
@@ -978,9 +1143,14 @@ class SchedulerService(Service):
             node = await self._place(spec, exclude=set(live))
             if node in live:
                 return  # no other node to scale out to
-            await self._worker(node, spec.tenant, subjects.WORKER_LOAD,
-                               WorkerLoadRequest(spec=spec), WorkerLoadReply,
-                               timeout=self.config.deploy_timeout_s)  # fmt: skip
+            await self._worker(
+                node,
+                spec.tenant,
+                subjects.WORKER_LOAD,
+                WorkerLoadRequest(spec=spec),
+                WorkerLoadReply,
+                timeout=self.config.deploy_timeout_s,
+            )
             updated = await self._update_nodes(
                 spec, lambda ns: [n for n in ns if n in self.workers and n != node] + [node]
             )
@@ -992,10 +1162,17 @@ class SchedulerService(Service):
             for node in drop:  # unloaded next tick, once requests already sent have arrived
                 self._draining[(key, node)] = now
         if updated is not None:
-            await self.publish_event("function.scaled", {
-                "function": spec.name, "tenant": spec.tenant, "from": len(live),
-                "to": len(updated.nodes), "nodes": updated.nodes, "reason": reason,
-            })  # fmt: skip
+            await self.publish_event(
+                "function.scaled",
+                {
+                    "function": spec.name,
+                    "tenant": spec.tenant,
+                    "from": len(live),
+                    "to": len(updated.nodes),
+                    "nodes": updated.nodes,
+                    "reason": reason,
+                },
+            )
 
     async def _finish_draining(self, now: float) -> None:
         assert self._functions is not None
@@ -1036,8 +1213,10 @@ class SchedulerService(Service):
             raise AlreadyExists(
                 f"workflow {spec.name!r} was deployed concurrently", field="name"
             ) from None
-        await self.publish_event("workflow.deployed", {
-            "workflow": spec.name, "tenant": spec.tenant, "order": record.order})  # fmt: skip
+        await self.publish_event(
+            "workflow.deployed",
+            {"workflow": spec.name, "tenant": spec.tenant, "order": record.order},
+        )
         return WorkflowDeployReply(workflow=record, created=True)
 
     async def _check_workflow_slo(self, record: WorkflowRecord) -> None:
@@ -1098,12 +1277,25 @@ class SchedulerService(Service):
             raise NotFound(f"workflow {req.workflow!r} not found", field="workflow")
         runs: Counter[str] = Counter()
 
-        async def invoke(function: str, step: str, inputs: list[TensorPayload], *,
-                         intermediate: bool, prefer: str | None) -> InvokeReply:  # fmt: skip
+        async def invoke(
+            function: str,
+            step: str,
+            inputs: list[TensorPayload],
+            *,
+            intermediate: bool,
+            prefer: str | None,
+        ) -> InvokeReply:
             runs[step] += 1
-            return await self._invoke(req.tenant, function, f"{req.request_id}.{step}", inputs,
-                                      deadline, intermediate=intermediate, prefer=prefer,
-                                      dispatch_id=f"{dispatch_id}.{step}.{runs[step]}")  # fmt: skip
+            return await self._invoke(
+                req.tenant,
+                function,
+                f"{req.request_id}.{step}",
+                inputs,
+                deadline,
+                intermediate=intermediate,
+                prefer=prefer,
+                dispatch_id=f"{dispatch_id}.{step}.{runs[step]}",
+            )
 
         run = WorkflowRun(wf, req, invoke, self._lost_steps, self.step_done)
         try:
@@ -1124,8 +1316,11 @@ class SchedulerService(Service):
                 try:
                     entry = await self.buckets.tubes.get(out.tube.id)
                     tube = decode_json(entry.value or b"", Tube)
-                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError,
-                        PlatformError):  # fmt: skip
+                except (
+                    nats.js.errors.KeyNotFoundError,
+                    nats.js.errors.KeyDeletedError,
+                    PlatformError,
+                ):
                     lost.add(producer)
                     continue
                 if not any(p.node in self.workers or p.tier == "object" for p in tube.placements):

@@ -39,9 +39,14 @@ class Invoke(Protocol):
     """Runs one step's function through the scheduler's queues."""
 
     def __call__(
-        self, function: str, step: str, inputs: list[TensorPayload], *, intermediate: bool,
+        self,
+        function: str,
+        step: str,
+        inputs: list[TensorPayload],
+        *,
+        intermediate: bool,
         prefer: str | None,
-    ) -> Awaitable[InvokeReply]: ...  # fmt: skip
+    ) -> Awaitable[InvokeReply]: ...
 
 
 LostSteps = Callable[
@@ -74,8 +79,13 @@ class WorkflowRun:
 
     def intermediates(self) -> list[str]:
         """Ids of the tubes steps passed to each other (not the workflow's outputs)."""
-        return [o.tube.id for step, outs in self.produced.items() if step not in self.final
-                for o in outs.values() if o.tube is not None]  # fmt: skip
+        return [
+            o.tube.id
+            for step, outs in self.produced.items()
+            if step not in self.final
+            for o in outs.values()
+            if o.tube is not None
+        ]
 
     async def run(self) -> WorkflowInvokeReply:
         t0 = time.perf_counter()
@@ -101,8 +111,9 @@ class WorkflowRun:
             for task in running.values():
                 task.cancel()
             await asyncio.gather(*running.values(), return_exceptions=True)
-        outputs = [replace(self.value(ref), name=out)
-                   for out, ref in (self.spec.outputs or {}).items()]  # fmt: skip
+        outputs = [
+            replace(self.value(ref), name=out) for out, ref in (self.spec.outputs or {}).items()
+        ]
         return WorkflowInvokeReply(
             workflow=self.spec.name,
             request_id=self.req.request_id,
@@ -133,14 +144,23 @@ class WorkflowRun:
         step = self.steps[name]
         inputs = [replace(self.value(ref), name=inp) for inp, ref in step.inputs.items()]
         near = [pl.node for p in inputs if p.tube for pl in p.tube.placements]
-        reply = await self._invoke(step.function, name, inputs, intermediate=name not in self.final,
-                                   prefer=near[0] if near else None)  # fmt: skip
+        reply = await self._invoke(
+            step.function,
+            name,
+            inputs,
+            intermediate=name not in self.final,
+            prefer=near[0] if near else None,
+        )
         self.produced[name] = {o.name: o for o in reply.outputs}
         tiers = sorted({pl.tier for o in reply.outputs if o.tube for pl in o.tube.placements})
         self.reports[name] = StepReport(
-            step=name, function=step.function, node=reply.node, device=reply.device,
-            breakdown=reply.breakdown, runs=self.reports[name].runs + 1 if name in self.reports else 1,
+            step=name,
+            function=step.function,
+            node=reply.node,
+            device=reply.device,
+            breakdown=reply.breakdown,
+            runs=self.reports[name].runs + 1 if name in self.reports else 1,
             output_tiers=tiers or ["inline"],
-        )  # fmt: skip
+        )
         if self._step_done is not None:
             await self._step_done(name)

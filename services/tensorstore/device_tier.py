@@ -58,9 +58,13 @@ class _Segment:
     view: torch.Tensor | None = None  # real GPU: their bytes (keeps the allocation mapped)
 
     def describe(self, seg_id: str, device_index: int) -> DeviceSegment:
-        return DeviceSegment(id=seg_id, nbytes=self.offset + self.nbytes,
-                             device_index=device_index, ipc_handle=self.handle,
-                             offset=self.offset)  # fmt: skip
+        return DeviceSegment(
+            id=seg_id,
+            nbytes=self.offset + self.nbytes,
+            device_index=device_index,
+            ipc_handle=self.handle,
+            offset=self.offset,
+        )
 
 
 class DeviceTier:
@@ -112,8 +116,9 @@ class DeviceTier:
         if need and (block is None or block.nbytes < need) and self.budgeted:
             raise NeedsRoom(need)
         try:
-            self._make_room(need, set(wanted), now,
-                            model_bytes=sum(r.nbytes for r in wanted.values()))  # fmt: skip
+            self._make_room(
+                need, set(wanted), now, model_bytes=sum(r.nbytes for r in wanted.values())
+            )
             seg = self._copy(new, layout, need, read, block) if new else None
         except BaseException:
             if block is not None:
@@ -213,8 +218,9 @@ class DeviceTier:
         As :meth:`place` (``NeedsRoom``, all or nothing), placed under a lease dropped at once.
         """
         lease_id = f"prefetch:{new_id(12)}"
-        placed = self.place(lease_id, "prefetch", manifest, read, expires_at=now, now=now,
-                            block=block)  # fmt: skip
+        placed = self.place(
+            lease_id, "prefetch", manifest, read, expires_at=now, now=now, block=block
+        )
         self.leases.drop(lease_id)
         self._mark_idle(now)  # ``place`` un-idled its segments: idle again, from now
         return placed
@@ -292,8 +298,14 @@ class DeviceTier:
             return _Segment(tensors, need, block=room)
         if block is not None and block.handle is not None:
             base = open_segment(block.handle, block.offset + need, self.index)  # once: cached
-            seg = _Segment(tensors, need, block=room, handle=block.handle, offset=block.offset,
-                           view=base.narrow(0, block.offset, need))  # fmt: skip
+            seg = _Segment(
+                tensors,
+                need,
+                block=room,
+                handle=block.handle,
+                offset=block.offset,
+                view=base.narrow(0, block.offset, need),
+            )
         else:
             memory = CudaSegment(self.index, need)
             seg = _Segment(tensors, need, memory, room, memory.handle, 0, memory.tensor)
@@ -320,9 +332,10 @@ class DeviceTier:
         self.leases.expire(now)
         self._mark_idle(now)
         evictable = sorted(
-            (since, s) for s, since in self.idle_since.items()
+            (since, s)
+            for s, since in self.idle_since.items()
             if not self.segments[s].tensors & wanted
-        )  # fmt: skip
+        )
         freeable = sum(self.segments[s].nbytes for _, s in evictable)
         if self.used - freeable + need > self.capacity:
             raise ResourceExhausted(

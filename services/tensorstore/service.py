@@ -149,9 +149,14 @@ class TensorStoreService(Service):
             assert req.lease is not None
             try:
                 return tier.place(
-                    req.lease, req.holder, reg.manifest, self._read_host,
-                    expires_at=self._lease_expiry(), now=time.time(), block=block,
-                )  # fmt: skip
+                    req.lease,
+                    req.holder,
+                    reg.manifest,
+                    self._read_host,
+                    expires_at=self._lease_expiry(),
+                    now=time.time(),
+                    block=block,
+                )
             except NeedsRoom as room:  # first a block from the memory service (below)
                 return room
             except BaseException:
@@ -242,11 +247,16 @@ class TensorStoreService(Service):
                 evicted = await self._run(tier.evict_one_idle, time.time(), keep)
                 await self._release_blocks(tier)
                 if evicted:
-                    await self.publish_event("memory.evicted", {
-                        "node": self.config.node_id, "device": tier.name,
-                        "bytes": used - tier.used, "reason": "room for a model's copies",
-                        "what": "idle model copies",
-                    })  # fmt: skip
+                    await self.publish_event(
+                        "memory.evicted",
+                        {
+                            "node": self.config.node_id,
+                            "device": tier.name,
+                            "bytes": used - tier.used,
+                            "reason": "room for a model's copies",
+                            "what": "idle model copies",
+                        },
+                    )
                 if not evicted:
                     raise ResourceExhausted(
                         f"{tier.name} has no room for the model's {nbytes} new bytes, and no "
@@ -289,8 +299,10 @@ class TensorStoreService(Service):
             key = f"m.{model_key(model_file(req.source), private_to)}"
         except OSError:
             return
-        manifest = ModelManifest(ids={n: r.id for n, r in reg.manifest.items()},
-                                 sizes={r.id: r.nbytes for r in reg.manifest.values()})  # fmt: skip
+        manifest = ModelManifest(
+            ids={n: r.id for n, r in reg.manifest.items()},
+            sizes={r.id: r.nbytes for r in reg.manifest.values()},
+        )
         try:
             await self.buckets.tensors.put(key, encode_json(manifest))
         except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -392,10 +404,24 @@ class TensorStoreService(Service):
                 models = []
                 for key, nbytes, last, pinned in tier.resident_models(self.store.models, now):
                     file, tenant = self.store.sources.get(key, ("", None))
-                    models.append(ResidentModel(item=key, nbytes=nbytes, last_used=last,
-                                                leased=pinned, file=file, tenant=tenant))  # fmt: skip
-                devices.append(DeviceResidency(device=name, capacity_bytes=tier.capacity,
-                                               used_bytes=tier.used, models=models))  # fmt: skip
+                    models.append(
+                        ResidentModel(
+                            item=key,
+                            nbytes=nbytes,
+                            last_used=last,
+                            leased=pinned,
+                            file=file,
+                            tenant=tenant,
+                        )
+                    )
+                devices.append(
+                    DeviceResidency(
+                        device=name,
+                        capacity_bytes=tier.capacity,
+                        used_bytes=tier.used,
+                        models=models,
+                    )
+                )
             return ResidencyReply(
                 node=self.config.node_id,
                 owner=self.memory.owner,
@@ -415,8 +441,9 @@ class TensorStoreService(Service):
         try:
             key, nbytes, known = self.store.model_item(weights, private)
         except OSError as exc:
-            return ModelItem(item="", nbytes=0, known=False,
-                             error=f"cannot read {weights.name}: {exc.strerror}")  # fmt: skip
+            return ModelItem(
+                item="", nbytes=0, known=False, error=f"cannot read {weights.name}: {exc.strerror}"
+            )
         return ModelItem(item=key, nbytes=nbytes, known=known)
 
     async def evict(self, req: EvictModelRequest) -> EvictModelReply:
@@ -429,8 +456,7 @@ class TensorStoreService(Service):
         def drop() -> int | None:
             ids = self.store.models.get(req.item)
             if ids is None:
-                raise NotFound(f"no model {req.item!r} on node {self.config.node_id}",
-                               field="item")  # fmt: skip
+                raise NotFound(f"no model {req.item!r} on node {self.config.node_id}", field="item")
             return tier.evict_tensors(set(ids.values()), time.time())
 
         freed = await self._run(drop)
@@ -476,8 +502,9 @@ class TensorStoreService(Service):
             await self._run(self.store.leases.drop, hold)
         key, nbytes, _ = await self._run(self.store.model_item, Path(weights), private)
         log.info("tensorstore.prefetched", device=tier.name, item=key, copied=placed.bytes_copied)
-        return PrefetchReply(item=key, nbytes=nbytes, bytes_copied=placed.bytes_copied,
-                             used_bytes=placed.used_bytes)  # fmt: skip
+        return PrefetchReply(
+            item=key, nbytes=nbytes, bytes_copied=placed.bytes_copied, used_bytes=placed.used_bytes
+        )
 
     # --- leases and reclaiming ---------------------------------------------------------
 

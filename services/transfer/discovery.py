@@ -38,12 +38,14 @@ def _discover(nvml: Any) -> Topology | None:
     links: list[Link] = []
     for i, h in enumerate(handles):
         name = nvml.nvmlDeviceGetName(h)
-        gpus.append({
-            "index": i,
-            "model": name.decode() if isinstance(name, bytes) else str(name),
-            "memory_bytes": int(nvml.nvmlDeviceGetMemoryInfo(h).total),
-            "pcie_switch": switch[i],
-        })  # fmt: skip
+        gpus.append(
+            {
+                "index": i,
+                "model": name.decode() if isinstance(name, bytes) else str(name),
+                "memory_bytes": int(nvml.nvmlDeviceGetMemoryInfo(h).total),
+                "pcie_switch": switch[i],
+            }
+        )
         gen = nvml.nvmlDeviceGetCurrPcieLinkGeneration(h)
         width = nvml.nvmlDeviceGetCurrPcieLinkWidth(h)
         gbps = PCIE_GBPS_X16.get(int(gen), 15.75) * int(width) / 16

@@ -133,12 +133,16 @@ class TransferService(Service):
         owner = f"transfer@{config.node_id}"
         if self._cuda:
             owner = f"{owner}/{os.getpid()}/{time.time():.6f}"
-        self.memory = MemoryClient(lambda: self.nc, config.node_id, owner,
-                                   timeout_s=config.request_timeout_s)  # fmt: skip
+        self.memory = MemoryClient(
+            lambda: self.nc, config.node_id, owner, timeout_s=config.request_timeout_s
+        )
         # Swapped-out copies in the host pool outlive this process (files): a stable owner.
-        self.host_memory = MemoryClient(lambda: self.nc, config.node_id,
-                                        f"transfer@{config.node_id}",
-                                        timeout_s=config.request_timeout_s)  # fmt: skip
+        self.host_memory = MemoryClient(
+            lambda: self.nc,
+            config.node_id,
+            f"transfer@{config.node_id}",
+            timeout_s=config.request_timeout_s,
+        )
         self.maps = SegmentCache(config.shm_dir)
         self._copying: dict[tuple[str, str], asyncio.Task[EnsureReply]] = {}
         self.engines: dict[str, CudaCopyEngine] = {}  # real GPUs: set up once at start
@@ -155,8 +159,11 @@ class TransferService(Service):
             for tier in sorted(t for t in self.tiers if t.startswith("gpu:")):
                 index = int(tier.split(":")[1])
                 self.engines[tier] = await asyncio.to_thread(CudaCopyEngine, index)
-                log.info("transfer.calibrated", gpu=tier, **dataclasses.asdict(
-                    self.engines[tier].calibration))  # fmt: skip
+                log.info(
+                    "transfer.calibrated",
+                    gpu=tier,
+                    **dataclasses.asdict(self.engines[tier].calibration),
+                )
         for verb, req_type, handler in (
             (subjects.TRANSFER_RESOLVE, ResolveRequest, self.resolve),
             (subjects.TRANSFER_ENSURE, EnsureRequest, self.ensure),
@@ -183,8 +190,13 @@ class TransferService(Service):
         """This node's tube files: the machine's own tubes, copies fetched here, GPU copies."""
         root, node = self.config.shm_dir, self.config.node_id
         dirs = [root / TUBES_DIR, root / TUBES_DIR / node, *(root / GPU_DIR / node).glob("*")]
-        return [f for d in dirs if d.is_dir() for f in d.iterdir()
-                if f.is_file() and not f.name.startswith(".")]  # fmt: skip
+        return [
+            f
+            for d in dirs
+            if d.is_dir()
+            for f in d.iterdir()
+            if f.is_file() and not f.name.startswith(".")
+        ]
 
     async def sweep_once(self, now: float) -> list[str]:
         """Delete tube files whose tube is gone from KV (it expired, or its request died).
@@ -234,9 +246,12 @@ class TransferService(Service):
             if not a.item.startswith(TUBE_ITEM) or now - a.at < SWEEP_GRACE_S:
                 continue
             tube_id = a.item.removeprefix(TUBE_ITEM)
-            here = Placement(node=self.config.node_id, tier="host",
-                             segment=host_pool_segment(self.config.node_id, a.segment),
-                             offset=a.offset)  # fmt: skip
+            here = Placement(
+                node=self.config.node_id,
+                tier="host",
+                segment=host_pool_segment(self.config.node_id, a.segment),
+                offset=a.offset,
+            )
             try:
                 tube, _ = await self._entry(tube_id)
                 if here in tube.placements:
@@ -355,8 +370,15 @@ class TransferService(Service):
         tube, _ = await self._tube(req.tube_id, req.tenant)
         here = self._local(tube, req.tier)
         if here is not None:
-            return EnsureReply(tube=tube, placement=here, path="resident", nbytes=0,
-                               duration_us=0, simulated=False, deadline_met=_met(req, 0.0))  # fmt: skip
+            return EnsureReply(
+                tube=tube,
+                placement=here,
+                path="resident",
+                nbytes=0,
+                duration_us=0,
+                simulated=False,
+                deadline_met=_met(req, 0.0),
+            )
         task = self._copying.get(key)
         if task is None:
             task = asyncio.create_task(self._copy(tube, req))
@@ -385,15 +407,18 @@ class TransferService(Service):
         ):
             raise InvalidArgument("the tube's file is not a tube of this node", field="tube")
         # Its only copy from now on: moving it to the host would copy all of it.
-        block = await self.memory.alloc(req.tier, tube.nbytes, tube_item(tube.id),
-                                        swap_bytes=tube.nbytes)  # fmt: skip
+        block = await self.memory.alloc(
+            req.tier, tube.nbytes, tube_item(tube.id), swap_bytes=tube.nbytes
+        )
         relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(req.tier)}/{tube.id}.{block.id}"
         final = self.config.shm_dir / relpath
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, final)
-            placed = msgspec.structs.replace(tube, placements=[
-                Placement(node=self.config.node_id, tier=req.tier, segment=relpath)])  # fmt: skip
+            placed = msgspec.structs.replace(
+                tube,
+                placements=[Placement(node=self.config.node_id, tier=req.tier, segment=relpath)],
+            )
             await self.buckets.tubes.create(tube.id, encode_json(placed))
         except BaseException:
             if final.exists():
@@ -434,8 +459,9 @@ class TransferService(Service):
             swapped = tube.nbytes
         await self._remove_placement(tube.id, gpu)
         await self._free_gpu_copy(tube.id, gpu)
-        log.info("transfer.released", tube=tube.id, tier=req.tier, bytes=tube.nbytes,
-                 swapped=swapped)  # fmt: skip
+        log.info(
+            "transfer.released", tube=tube.id, tier=req.tier, bytes=tube.nbytes, swapped=swapped
+        )
         return TubeReleaseReply(released=True, nbytes=tube.nbytes, swapped_bytes=swapped)
 
     async def _swap_out(self, tube: Tube, gpu: Placement) -> Placement:
@@ -461,8 +487,9 @@ class TransferService(Service):
         except BaseException:
             await self.host_memory.free("host", block.id)
             raise
-        return Placement(node=self.config.node_id, tier="host", segment=relpath,
-                         offset=block.offset)  # fmt: skip
+        return Placement(
+            node=self.config.node_id, tier="host", segment=relpath, offset=block.offset
+        )
 
     async def _swap_to_file(self, tube: Tube, gpu: Placement) -> Placement:
         relpath = f"{TUBES_DIR}/{self.config.node_id}/{tube.id}"
@@ -618,8 +645,14 @@ class TransferService(Service):
         return reply
 
     async def _completed(self, reply: EnsureReply, measured_s: float) -> None:
-        log.info("transfer.completed", tube=reply.tube.id, path=reply.path, bytes=reply.nbytes,
-                 us=reply.duration_us, simulated=reply.simulated)  # fmt: skip
+        log.info(
+            "transfer.completed",
+            tube=reply.tube.id,
+            path=reply.path,
+            bytes=reply.nbytes,
+            us=reply.duration_us,
+            simulated=reply.simulated,
+        )
         await self.publish_event(
             "transfer.completed",
             {
@@ -646,8 +679,9 @@ class TransferService(Service):
         n = tube.nbytes
         # The GPU's budget is the memory service's: the copy's room comes from its pool,
         # and the file is named after the block, so the sweeper can give it back.
-        block = await self.memory.alloc(req.tier, n, tube_item(tube.id),
-                                        swap_bytes=self._swap_bytes(tube))  # fmt: skip
+        block = await self.memory.alloc(
+            req.tier, n, tube_item(tube.id), swap_bytes=self._swap_bytes(tube)
+        )
         relpath = f"{GPU_DIR}/{self.config.node_id}/{_dir(req.tier)}/{tube.id}.{block.id}"
         final = self.config.shm_dir / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -663,10 +697,13 @@ class TransferService(Service):
                     dst[offset : offset + size] = view[offset : offset + size]
 
                 record = await self.emulator.copy(
-                    src.tier, req.tier, n, copy,
+                    src.tier,
+                    req.tier,
+                    n,
+                    copy,
                     deadline_in_s=None if req.slo_ms is None else req.slo_ms / 1e3,
                     inference_s=req.inference_ms / 1e3,
-                )  # fmt: skip
+                )
             f.close()
             os.replace(tmp, final)
         except BaseException:
@@ -697,8 +734,9 @@ class TransferService(Service):
         then takes an allocation of its own). No room is a 507, as on simulated GPUs."""
         nbytes = tube.nbytes
         try:
-            return await self.memory.alloc(tier, nbytes, tube_item(tube.id),
-                                           swap_bytes=self._swap_bytes(tube))  # fmt: skip
+            return await self.memory.alloc(
+                tier, nbytes, tube_item(tube.id), swap_bytes=self._swap_bytes(tube)
+            )
         except Unavailable as exc:
             log.warning("transfer.unbudgeted_copy", tier=tier, bytes=nbytes, error=exc.message)
             return None
@@ -718,9 +756,11 @@ class TransferService(Service):
                     view = memoryview(self.maps.map(src.segment))
                     parts = [(p.route.hops, p.offset, p.nbytes) for p in plan.parts]
                     took = multipath_host_to_device(
-                        self.engines, view[src.offset : src.offset + tube.nbytes], copy.tensor,
+                        self.engines,
+                        view[src.offset : src.offset + tube.nbytes],
+                        copy.tensor,
                         parts,
-                    )  # fmt: skip
+                    )
                 else:
                     peer = self._device_copies[(tube.id, src.tier)].tensor
                     took = self.engines[tier].device_to_device(peer, copy.tensor)
@@ -736,8 +776,12 @@ class TransferService(Service):
         """Copy another live node's host copy here, in chunks, a window of them in flight."""
         alive = await live_nodes(self.js, self.buckets.nodes, self.config.node_ttl_s)
         # Host copies, and on simulated GPUs their copies too (files the holder serves).
-        remote = [p for p in tube.placements if p.node != self.config.node_id
-                  and (p.tier == "host" or (p.tier.startswith("gpu") and not self._cuda))]  # fmt: skip
+        remote = [
+            p
+            for p in tube.placements
+            if p.node != self.config.node_id
+            and (p.tier == "host" or (p.tier.startswith("gpu") and not self._cuda))
+        ]
         gone = {p.node for p in remote if p.node not in alive}
         if gone:
             await self._drop_placements(tube.id, tube.tenant, gone)
@@ -777,11 +821,14 @@ class TransferService(Service):
                     async with window:
                         try:
                             reply = await request(
-                                self.nc, subject,
-                                FetchRequest(tube_id=tube.id, tenant=tube.tenant, offset=offset,
-                                             nbytes=n),
-                                FetchReply, timeout=self.config.request_timeout_s,
-                            )  # fmt: skip
+                                self.nc,
+                                subject,
+                                FetchRequest(
+                                    tube_id=tube.id, tenant=tube.tenant, offset=offset, nbytes=n
+                                ),
+                                FetchReply,
+                                timeout=self.config.request_timeout_s,
+                            )
                         except PlatformError as exc:
                             raise Unavailable(
                                 f"copying tube {tube.id!r} from node {src_node} failed: "

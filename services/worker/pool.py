@@ -152,10 +152,12 @@ class WorkerPoolService(Service):
         node = self.config.node_id
         ready = subjects.node(node, "worker", subjects.WORKER_SPARE_READY)
         self._subs.append(await self.nc.subscribe(ready, cb=self._on_ready))
-        await self.serve(subjects.node(node, "worker", subjects.WORKER_BIND),
-                         WorkerBindRequest, self.bind)  # fmt: skip
-        await self.serve(subjects.node(node, "worker", subjects.WORKER_RETIRE),
-                         WorkerRetireRequest, self.retire)  # fmt: skip
+        await self.serve(
+            subjects.node(node, "worker", subjects.WORKER_BIND), WorkerBindRequest, self.bind
+        )
+        await self.serve(
+            subjects.node(node, "worker", subjects.WORKER_RETIRE), WorkerRetireRequest, self.retire
+        )
         self._refill()
         self.spawn(self._watch_loop(), "watch")
         await self.publish_event(
@@ -201,17 +203,25 @@ class WorkerPoolService(Service):
         when the thread that started the child ends.
         """
         wid = f"{os.getpid()}-{next(self._ids)}"
-        env = {**os.environ, **self.config.to_env(), "GPUFAAS_READY_FILE": "",
-               "GPUFAAS_WORKER_ROLE": "spare" if tenant is None else "tenant",
-               "GPUFAAS_WORKER_TENANT": tenant or "", "GPUFAAS_WORKER_SPARE_ID": wid}  # fmt: skip
+        env = {
+            **os.environ,
+            **self.config.to_env(),
+            "GPUFAAS_READY_FILE": "",
+            "GPUFAAS_WORKER_ROLE": "spare" if tenant is None else "tenant",
+            "GPUFAAS_WORKER_TENANT": tenant or "",
+            "GPUFAAS_WORKER_SPARE_ID": wid,
+        }
         logs = self._log_dir()
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{self.config.node_id}.worker-{wid}.log"
         with log_path.open("ab") as out:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "gpufaas.worker", "--parent-pid", str(os.getpid())],
-                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         proc = WorkerProcess(wid, popen, log_path, tenant)
         self._by_id[wid] = proc
         self.started += 1
@@ -257,16 +267,22 @@ class WorkerPoolService(Service):
         ]
         lost += [(None, p) for p in self.spares if not p.alive]
         for tenant, p in lost:  # exited without being let go: a crash, or killed
-            log.warning("worker.process_lost", worker=p.id, tenant=tenant,
-                        status=p.popen.returncode, log=str(p.log_path))  # fmt: skip
+            log.warning(
+                "worker.process_lost",
+                worker=p.id,
+                tenant=tenant,
+                status=p.popen.returncode,
+                log=str(p.log_path),
+            )
             if tenant is None:
                 self.spares.remove(p)
             else:
                 del self.bound[tenant]
             self._let_go(p, terminate=False)
         for p in [p for p in self.exiting if not p.alive]:
-            log.info("worker.process_exited", worker=p.id, tenant=p.tenant,
-                     status=p.popen.returncode)  # fmt: skip
+            log.info(
+                "worker.process_exited", worker=p.id, tenant=p.tenant, status=p.popen.returncode
+            )
             self.exiting.remove(p)
             self._by_id.pop(p.id, None)
 
@@ -291,16 +307,20 @@ class WorkerPoolService(Service):
             async with asyncio.timeout(START_TIMEOUT_S):
                 while not proc.ready.is_set():
                     if not proc.alive:
-                        raise Unavailable(f"worker process {proc.id} exited while starting "
-                                          f"(status {proc.popen.returncode}; log {proc.log_path})")  # fmt: skip
+                        raise Unavailable(
+                            f"worker process {proc.id} exited while starting "
+                            f"(status {proc.popen.returncode}; log {proc.log_path})"
+                        )
                     try:
                         async with asyncio.timeout(0.1):
                             await proc.ready.wait()
                     except TimeoutError:
                         continue
         except TimeoutError:
-            raise Unavailable(f"worker process {proc.id} did not start in {START_TIMEOUT_S:g} s "
-                              f"(log {proc.log_path})") from None  # fmt: skip
+            raise Unavailable(
+                f"worker process {proc.id} did not start in {START_TIMEOUT_S:g} s "
+                f"(log {proc.log_path})"
+            ) from None
 
     # --- binding ---------------------------------------------------------------------------
 
@@ -329,21 +349,30 @@ class WorkerPoolService(Service):
             return own, False
         if own is not None:  # died (a crash) since the last reap: reaped with the others
             del self.bound[tenant]
-            log.warning("worker.process_lost", worker=own.id, tenant=tenant,
-                        status=own.popen.returncode, log=str(own.log_path))  # fmt: skip
+            log.warning(
+                "worker.process_lost",
+                worker=own.id,
+                tenant=tenant,
+                status=own.popen.returncode,
+                log=str(own.log_path),
+            )
             self._let_go(own, terminate=False)
         self._binds.append(time.monotonic())
-        while (spare := next((p for p in self.spares if p.alive and p.ready.is_set()),
-                             None)) is not None:  # fmt: skip
+        while (
+            spare := next((p for p in self.spares if p.alive and p.ready.is_set()), None)
+        ) is not None:
             self.spares.remove(spare)
             spare.tenant = tenant
             self.bound[tenant] = spare
             try:
                 await request(
-                    self.nc, subjects.node(self.config.node_id, "worker", f"spare-{spare.id}"),
-                    WorkerBindRequest(tenant=tenant), WorkerBindReply,
-                    timeout=SPARE_BIND_TIMEOUT_S, what=f"spare worker {spare.id}",
-                )  # fmt: skip
+                    self.nc,
+                    subjects.node(self.config.node_id, "worker", f"spare-{spare.id}"),
+                    WorkerBindRequest(tenant=tenant),
+                    WorkerBindReply,
+                    timeout=SPARE_BIND_TIMEOUT_S,
+                    what=f"spare worker {spare.id}",
+                )
             except PlatformError as exc:  # a broken spare: stop it, take another
                 log.warning("worker.spare_bind_failed", worker=spare.id, error=exc.message)
                 if self.bound.get(tenant) is spare:
@@ -375,8 +404,7 @@ class WorkerPoolService(Service):
         if proc is None or proc.retired:  # unknown (not ours), or asked again: go
             return WorkerRetireReply(retire=True)
         if proc.tenant is not None and self.bound.get(proc.tenant) is proc:
-            if (proc.tenant in self._binding
-                    or time.monotonic() - proc.returned_at < RETIRE_GRACE_S):  # fmt: skip
+            if proc.tenant in self._binding or time.monotonic() - proc.returned_at < RETIRE_GRACE_S:
                 log.info("worker.retire_refused", worker=proc.id, tenant=proc.tenant)
                 return WorkerRetireReply(retire=False)
             del self.bound[proc.tenant]

@@ -208,8 +208,12 @@ def warm_up_bert(model_dirs: Iterable[Path], device: str = "cpu") -> dict[str, i
         t1 = time.perf_counter()
         tokenizer.encode_batch([SAMPLE_TEXT.decode()])
         t2 = time.perf_counter()
-        key = (config.hidden_size, config.num_heads, config.intermediate_size,
-               config.max_position_embeddings)  # fmt: skip
+        key = (
+            config.hidden_size,
+            config.num_heads,
+            config.intermediate_size,
+            config.max_position_embeddings,
+        )
         if key not in widths:  # one forward per shape of encoder
             widths.add(key)
             warm_up(config, device)

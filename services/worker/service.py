@@ -246,12 +246,15 @@ class WorkerService(Service):
         self._dispatcher: asyncio.Task[None] | None = None
         self.role = config.worker_role
         if self.role not in ("shared", "spare", "tenant"):
-            raise InvalidArgument(f"worker role {self.role!r} is not shared, spare or tenant",
-                                  field="GPUFAAS_WORKER_ROLE")  # fmt: skip
+            raise InvalidArgument(
+                f"worker role {self.role!r} is not shared, spare or tenant",
+                field="GPUFAAS_WORKER_ROLE",
+            )
         self.tenant: str | None = config.worker_tenant or None
         if self.role == "tenant" and self.tenant is None:
-            raise InvalidArgument("a tenant worker needs GPUFAAS_WORKER_TENANT",
-                                  field="GPUFAAS_WORKER_TENANT")  # fmt: skip
+            raise InvalidArgument(
+                "a tenant worker needs GPUFAAS_WORKER_TENANT", field="GPUFAAS_WORKER_TENANT"
+            )
         self._idle_since = time.monotonic()  # last moment it had an instance (tenant workers)
         self._exit: asyncio.Task[None] | None = None  # its idle exit (see _retire)
         self.runs = 0  # requests started (an idle beat trims the CUDA cache)
@@ -274,8 +277,10 @@ class WorkerService(Service):
         if self.role != "shared":  # the node's pool manager speaks for the node
             await self.nc.flush()
             with contextlib.suppress(nats.errors.Error):  # serving: tell the pool
-                await self.nc.publish(subjects.node(node, "worker", subjects.WORKER_SPARE_READY),
-                                      self.config.worker_spare_id.encode())  # fmt: skip
+                await self.nc.publish(
+                    subjects.node(node, "worker", subjects.WORKER_SPARE_READY),
+                    self.config.worker_spare_id.encode(),
+                )
             return
         await self.publish_event(
             "node.joined",
@@ -304,8 +309,7 @@ class WorkerService(Service):
         log.info("worker.warmed", us=_us(t0), models=len(dirs), **took)
 
     def _spare_subject(self) -> str:
-        return subjects.node(self.config.node_id, "worker",
-                             f"spare-{self.config.worker_spare_id}")  # fmt: skip
+        return subjects.node(self.config.node_id, "worker", f"spare-{self.config.worker_spare_id}")
 
     async def _serve_tenant(self, tenant: str) -> None:
         """Serve the worker verbs of ``tenant``'s functions (``ANY_TENANT``: every tenant)."""
@@ -460,9 +464,15 @@ class WorkerService(Service):
         self.instances[(spec.tenant, spec.name)] = inst
         if old is not None:  # a redeploy replaced the spec; the new lease replaced its lease
             await self._let_go(old)
-        log.info("instance.built", function=spec.name, tenant=spec.tenant, us=inst.load_us,
-                 register_us=registered_us, store_us=reg.register_us,
-                 overlapped=overlapped)  # fmt: skip
+        log.info(
+            "instance.built",
+            function=spec.name,
+            tenant=spec.tenant,
+            us=inst.load_us,
+            register_us=registered_us,
+            store_us=reg.register_us,
+            overlapped=overlapped,
+        )
         return inst
 
     def _make_runner(self, spec: FunctionSpec, reg: RegisterReply) -> tuple[Runner, frozenset[str]]:
@@ -520,8 +530,9 @@ class WorkerService(Service):
             inst.active -= 1
             if not inst.active:
                 inst.idle.set()
-        points = [ProfilePointMsg(s.batch, s.concurrency, s.latency_s, s.memory_bytes)
-                  for s in samples]  # fmt: skip
+        points = [
+            ProfilePointMsg(s.batch, s.concurrency, s.latency_s, s.memory_bytes) for s in samples
+        ]
         return WorkerProfileReply(device=inst.device, points=points)
 
     async def unload(self, req: WorkerUnloadRequest) -> WorkerUnloadReply:
@@ -550,8 +561,13 @@ class WorkerService(Service):
 
     async def _release(self, lease_id: str) -> None:
         try:
-            await request(self.nc, self._store_subject(subjects.TENSORSTORE_RELEASE),
-                          ReleaseRequest(lease=lease_id), ReleaseReply, timeout=5)  # fmt: skip
+            await request(
+                self.nc,
+                self._store_subject(subjects.TENSORSTORE_RELEASE),
+                ReleaseRequest(lease=lease_id),
+                ReleaseReply,
+                timeout=5,
+            )
         except PlatformError as exc:  # the lease lapses on its own if we cannot reach the store
             log.warning("lease.release_failed", lease=lease_id, error=exc.message)
 
@@ -561,9 +577,13 @@ class WorkerService(Service):
             LeaseClaim(id=self._lease_id(t, n), tensors=inst.tensors, device=self.gpu)
             for (t, n), inst in self.instances.items()
         ]
-        reply = await request(self.nc, self._store_subject(subjects.TENSORSTORE_RENEW),
-                              RenewRequest(holder=self.holder, leases=claims), RenewReply,
-                              timeout=5)  # fmt: skip
+        reply = await request(
+            self.nc,
+            self._store_subject(subjects.TENSORSTORE_RENEW),
+            RenewRequest(holder=self.holder, leases=claims),
+            RenewReply,
+            timeout=5,
+        )
         if reply.missing:
             log.error("lease.tensors_missing", count=len(reply.missing))
         lost = set(reply.lost)
@@ -585,8 +605,10 @@ class WorkerService(Service):
             if self.role != "shared" and self.tenant is not None:
                 if self.instances or self._loading:
                     self._idle_since = time.monotonic()
-                elif (time.monotonic() - self._idle_since > self.config.worker_idle_s
-                        and await self._retire()):  # fmt: skip
+                elif (
+                    time.monotonic() - self._idle_since > self.config.worker_idle_s
+                    and await self._retire()
+                ):
                     return
             try:
                 await self.renew_leases()
@@ -613,10 +635,13 @@ class WorkerService(Service):
         assert self.tenant is not None
         try:
             reply = await request(
-                self.nc, subjects.node(self.config.node_id, "worker", subjects.WORKER_RETIRE),
+                self.nc,
+                subjects.node(self.config.node_id, "worker", subjects.WORKER_RETIRE),
                 WorkerRetireRequest(worker=self.config.worker_spare_id, tenant=self.tenant),
-                WorkerRetireReply, timeout=5, what="worker pool of this node",
-            )  # fmt: skip
+                WorkerRetireReply,
+                timeout=5,
+                what="worker pool of this node",
+            )
             retire = reply.retire
         except Unavailable:  # no pool to bind this process again: nothing to agree with
             retire = True
@@ -685,8 +710,10 @@ class WorkerService(Service):
             await self._observe(req, "end")
         compute_us = _us(comp_t)
         xfer_t = time.perf_counter()
-        payloads = [await self._output(name, out, req.spec.tenant, req.intermediate)
-                    for name, out in outputs.items()]  # fmt: skip
+        payloads = [
+            await self._output(name, out, req.spec.tenant, req.intermediate)
+            for name, out in outputs.items()
+        ]
         transfer_us += _us(xfer_t)
         breakdown = Breakdown(
             queue_us=req.queue_us,
@@ -777,8 +804,14 @@ class WorkerService(Service):
             heapq.heappop(self._ready)
         if len(running) >= self.streams:
             return None
-        return next((r for r in sorted(self._ready) if not r.fut.done()
-                     and r.inst.streams < r.inst.concurrency), None)  # fmt: skip
+        return next(
+            (
+                r
+                for r in sorted(self._ready)
+                if not r.fut.done() and r.inst.streams < r.inst.concurrency
+            ),
+            None,
+        )
 
     def _fill_wait(self, head: _Ready, now: float) -> float:
         """How much longer an idle device should wait for ``head``'s batch to fill."""
@@ -798,8 +831,11 @@ class WorkerService(Service):
         for r in sorted(self._ready):
             if r is head or r.fut.done():
                 continue
-            if (r.inst is head.inst and head.inst.runner.batchable
-                    and total + r.rows <= head.max_batch):  # fmt: skip
+            if (
+                r.inst is head.inst
+                and head.inst.runner.batchable
+                and total + r.rows <= head.max_batch
+            ):
                 batch.append(r)
                 total += r.rows
             else:
@@ -854,8 +890,13 @@ class WorkerService(Service):
         of intermediates); a plain publish, nothing waited for."""
         if self.gpu is None:
             return
-        msg = MemObserve(device=self.gpu, function=f"{req.spec.tenant}/{req.spec.name}",
-                         request_id=req.request_id, phase=phase, nbytes=nbytes)  # fmt: skip
+        msg = MemObserve(
+            device=self.gpu,
+            function=f"{req.spec.tenant}/{req.spec.name}",
+            request_id=req.request_id,
+            phase=phase,
+            nbytes=nbytes,
+        )
         subject = subjects.node(self.config.node_id, "memory", subjects.MEMORY_OBSERVE)
         with contextlib.suppress(nats.errors.Error):
             await self.nc.publish(subject, encode(msg))

@@ -66,11 +66,24 @@ class Up:
         self.data_dir = tmp_path / "data"
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.log = tmp_path / f"up-{self.http_port}.log"
-        argv = [GPUFAAS, "up", "--http-port", str(self.http_port), "--nats-port",
-                str(self.nats_port), "--data-dir", str(self.data_dir), *args]  # fmt: skip
+        argv = [
+            GPUFAAS,
+            "up",
+            "--http-port",
+            str(self.http_port),
+            "--nats-port",
+            str(self.nats_port),
+            "--data-dir",
+            str(self.data_dir),
+            *args,
+        ]
         self.out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self.out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "COLUMNS": "200", **(env or {})})  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200", **(env or {})},
+        )
         self.shm = default_shm_dir() / f"up-{self.http_port}"
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -122,31 +135,56 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
     assert vec.shape == (384,)
     assert abs(float(np.linalg.norm(vec)) - 1) < 1e-4
 
-    cli = subprocess.run([GPUFAAS, "status", "--url", up.url], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "COLUMNS": "200"}, check=False)  # fmt: skip
+    cli = subprocess.run(
+        [GPUFAAS, "status", "--url", up.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+        check=False,
+    )
     assert cli.returncode == 0, cli.stderr
     assert "minilm" in cli.stdout
     assert "node-1" in cli.stdout
     assert "memory (per device" in cli.stdout  # the pools of every node's memory service
     assert all(n["memory"]["pools"].keys() == {"gpu:0", "gpu:1", "host"} for n in nodes["nodes"])
-    cli = subprocess.run([GPUFAAS, "invoke", "minilm", "hello", "--url", up.url],
-                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    cli = subprocess.run(
+        [GPUFAAS, "invoke", "minilm", "hello", "--url", up.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert cli.returncode == 0, cli.stderr
     assert "embedding FP32 [1, 384]" in cli.stdout
 
     wf = up.data_dir / "wf.json"  # a one-step workflow through the CLI
-    wf.write_text(json.dumps({"name": "embed", "steps": [
-        {"name": "e", "function": "minilm", "inputs": {"text": "$input.text"}}]}))  # fmt: skip
+    wf.write_text(
+        json.dumps(
+            {
+                "name": "embed",
+                "steps": [{"name": "e", "function": "minilm", "inputs": {"text": "$input.text"}}],
+            }
+        )
+    )
     for argv in (["workflow", "deploy", str(wf)], ["workflow", "invoke", "embed", "hi"]):
-        cli = subprocess.run([GPUFAAS, *argv, "--url", up.url], capture_output=True, text=True,
-                             timeout=60, check=False)  # fmt: skip
+        cli = subprocess.run(
+            [GPUFAAS, *argv, "--url", up.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert cli.returncode == 0, cli.stdout + cli.stderr
     assert "embedding FP32 [1, 384]" in cli.stdout
     assert "e: minilm on node-" in cli.stdout
 
-    events = subprocess.Popen([GPUFAAS, "events", "--replay", "all", "--kinds", "function.*",
-                               "--url", up.url], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    events = subprocess.Popen(
+        [GPUFAAS, "events", "--replay", "all", "--kinds", "function.*", "--url", up.url],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     try:
         assert events.stdout is not None
         first = events.stdout.readline()
@@ -174,8 +212,10 @@ def test_state_survives_a_restart_of_up(tmp_path: Path) -> None:
         status, listed = http(f"{second.url}/v1/functions")
         assert status == 200
         assert [f["spec"]["name"] for f in listed["functions"]] == ["minilm"]
-        status, res = http(f"{second.url}/v2/models/minilm/infer",
-                           {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]})  # fmt: skip
+        status, res = http(
+            f"{second.url}/v2/models/minilm/infer",
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+        )
         assert status == 200, res
     finally:
         assert second.stop() == 0
@@ -187,15 +227,33 @@ def test_taken_port_fails_at_once_naming_the_flag(tmp_path: Path) -> None:
         s.listen()
         port = s.getsockname()[1]
         t0 = time.monotonic()
-        res = subprocess.run([GPUFAAS, "up", "--http-port", str(port), "--data-dir", str(tmp_path)],
-                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        res = subprocess.run(
+            [GPUFAAS, "up", "--http-port", str(port), "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert res.returncode == 2
         assert f"port {port}" in res.stdout
         assert "--http-port" in res.stdout
         assert time.monotonic() - t0 < 20
-        res = subprocess.run([GPUFAAS, "up", "--nats-port", str(port), "--http-port", str(free_port()),
-                              "--data-dir", str(tmp_path)], capture_output=True, text=True,
-                             timeout=60, check=False)  # fmt: skip
+        res = subprocess.run(
+            [
+                GPUFAAS,
+                "up",
+                "--nats-port",
+                str(port),
+                "--http-port",
+                str(free_port()),
+                "--data-dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert res.returncode == 2
         assert f"port {port}" in res.stdout
         assert "--nats-port" in res.stdout
@@ -211,9 +269,23 @@ def test_taken_port_fails_at_once_naming_the_flag(tmp_path: Path) -> None:
     ],
 )
 def test_bad_flags_fail_at_once(tmp_path: Path, flags: list[str], says: str) -> None:
-    res = subprocess.run([GPUFAAS, "up", "--http-port", str(free_port()), "--nats-port",
-                          str(free_port()), "--data-dir", str(tmp_path), *flags],
-                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    res = subprocess.run(
+        [
+            GPUFAAS,
+            "up",
+            "--http-port",
+            str(free_port()),
+            "--nats-port",
+            str(free_port()),
+            "--data-dir",
+            str(tmp_path),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert res.returncode == 2, res.stdout
     assert says in res.stdout
     assert not (tmp_path / "run").exists()  # nothing was started
@@ -238,14 +310,28 @@ def _alive(pid: int) -> bool:
 
 
 def test_each_service_runs_alone_and_stops_cleanly(tmp_path: Path, nats_server: NatsServer) -> None:
-    env = {**os.environ, "GPUFAAS_NATS_URL": nats_server.url, "GPUFAAS_NODE_ID": "solo",
-           "GPUFAAS_SHM_DIR": str(tmp_path / "shm"), "GPUFAAS_DEVICES": "sim:1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "GPUFAAS_NATS_URL": nats_server.url,
+        "GPUFAAS_NODE_ID": "solo",
+        "GPUFAAS_SHM_DIR": str(tmp_path / "shm"),
+        "GPUFAAS_DEVICES": "sim:1",
+    }
     procs = {}
-    for svc, argv in [("memory", [GPUFAAS, "memory"]),
-                      ("transfer", [sys.executable, "-m", "gpufaas.transfer"])]:  # fmt: skip
+    for svc, argv in [
+        ("memory", [GPUFAAS, "memory"]),
+        ("transfer", [sys.executable, "-m", "gpufaas.transfer"]),
+    ]:
         ready = tmp_path / f"{svc}.ready"
-        procs[svc] = (subprocess.Popen(argv, env={**env, "GPUFAAS_READY_FILE": str(ready)},
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), ready)  # fmt: skip
+        procs[svc] = (
+            subprocess.Popen(
+                argv,
+                env={**env, "GPUFAAS_READY_FILE": str(ready)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            ready,
+        )
     for svc, (proc, ready) in procs.items():
         deadline = time.monotonic() + 60
         while not ready.exists():
@@ -324,8 +410,14 @@ def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
         store_pid = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]["tensorstore"]["pid"]
         tensors = up.shm / "tensors" / "node-0"
         result: list[tuple[int, Any]] = []
-        deploy = threading.Thread(target=lambda: result.append(
-            http(f"{up.url}/v1/functions", {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}})))  # fmt: skip
+        deploy = threading.Thread(
+            target=lambda: result.append(
+                http(
+                    f"{up.url}/v1/functions",
+                    {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}},
+                )
+            )
+        )
         deploy.start()
         deadline = time.monotonic() + 30
         while not any(p.name.endswith(".tmp") for p in tensors.glob(".*")) and deploy.is_alive():
@@ -349,8 +441,10 @@ def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
         segments = [f for f in files if not f.endswith(".idx.json")]
         assert all(f"{s}.idx.json" in files for s in segments)  # none without its index
         if failed:
-            status, body = http(f"{up.url}/v1/functions",
-                                {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}})  # fmt: skip
+            status, body = http(
+                f"{up.url}/v1/functions",
+                {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}},
+            )
             assert status == 201, body
         store = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["tensor_store"]["host"]
         assert store["bytes_stored"] == body["model_bytes"]  # stored once, nothing leaked
@@ -361,8 +455,12 @@ def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
 
 def test_worker_killed_mid_load_leaks_nothing(tmp_path: Path) -> None:
     """SIGKILL the worker while the store registers for it: its lease lapses, bytes are freed."""
-    fast = {"GPUFAAS_DEPLOY_TIMEOUT_S": "8", "GPUFAAS_NODE_TTL_S": "3",
-            "GPUFAAS_TENSOR_KEEP_ALIVE_S": "1", "GPUFAAS_RECLAIM_INTERVAL_S": "0.5"}  # fmt: skip
+    fast = {
+        "GPUFAAS_DEPLOY_TIMEOUT_S": "8",
+        "GPUFAAS_NODE_TTL_S": "3",
+        "GPUFAAS_TENSOR_KEEP_ALIVE_S": "1",
+        "GPUFAAS_RECLAIM_INTERVAL_S": "0.5",
+    }
     up = Up(tmp_path, "--devices", "cpu", env=fast)
     demo = {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}}
     try:
@@ -389,13 +487,18 @@ def test_worker_killed_mid_load_leaks_nothing(tmp_path: Path) -> None:
             return host
 
         # The dead worker's lease lapses and, after the keep-alive, its bytes are freed.
-        wait_for(lambda: store().get("leases") == 0 and store().get("bytes_stored") == 0, 60,
-                 "the dead worker's lease to lapse and its tensors to be reclaimed")  # fmt: skip
+        wait_for(
+            lambda: store().get("leases") == 0 and store().get("bytes_stored") == 0,
+            60,
+            "the dead worker's lease to lapse and its tensors to be reclaimed",
+        )
         if status != 201:
             status, body = http(f"{up.url}/v1/functions", demo)
             assert status == 201, body
-        status, res = http(f"{up.url}/v2/models/minilm/infer",
-                           {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]})  # fmt: skip
+        status, res = http(
+            f"{up.url}/v2/models/minilm/infer",
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+        )
         assert status == 200, res
         assert store()["leases"] == 1
     finally:

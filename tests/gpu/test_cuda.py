@@ -52,7 +52,12 @@ def test_a_segment_is_shared_with_another_process_through_its_ipc_handle() -> No
         "raw = open_segment(bytes.fromhex(sys.argv[1]), 4096, 0)\n"
         "print(float(raw.view(torch.float32).sum()))\n"
     )
-    out = subprocess.run([sys.executable, "-c", child, seg.handle.hex()], capture_output=True,
-                         text=True, timeout=120, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", child, seg.handle.hex()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert float(out.stdout) == float(data.sum())
     seg.free()

@@ -90,8 +90,9 @@ async def test_copies_lie_in_memory_service_blocks_and_a_worker_process_reads_th
     assert first.handle is not None
 
     subject = subjects.node(node, "tensorstore", subjects.TENSORSTORE_REGISTER)
-    req = RegisterRequest(source=ModelSource(builtin="all-minilm-l6-v2"), lease="l1",
-                          holder="test", device="gpu:0")  # fmt: skip
+    req = RegisterRequest(
+        source=ModelSource(builtin="all-minilm-l6-v2"), lease="l1", holder="test", device="gpu:0"
+    )
     reply = await request(store.nc, subject, req, RegisterReply, timeout=120)
     placement = reply.placement
     assert placement is not None
@@ -112,9 +113,12 @@ async def test_copies_lie_in_memory_service_blocks_and_a_worker_process_reads_th
     saved = tmp_path / "reply.msgpack"
     saved.write_bytes(encode(reply))
     out = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", WORKER, str(saved), str(platform.config.shm_dir)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        subprocess.run,
+        [sys.executable, "-c", WORKER, str(saved), str(platform.config.shm_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     count, bad, *names = out.stdout.split()
     assert (int(count), int(bad)) == (len(reply.manifest), 0), names

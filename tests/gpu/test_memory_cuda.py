@@ -33,8 +33,9 @@ print(int(block.sum()), int(block[0]), int(block[-1]))
 
 
 def cuda_pool(segment_bytes: int = 64 * MIB, capacity: int = 8 * GIB) -> SegmentPool:
-    return SegmentPool("gpu:0", capacity, CudaBackend(0), segment_bytes=segment_bytes,
-                       align_bytes=CUDA_ALIGN_BYTES)  # fmt: skip
+    return SegmentPool(
+        "gpu:0", capacity, CudaBackend(0), segment_bytes=segment_bytes, align_bytes=CUDA_ALIGN_BYTES
+    )
 
 
 def driver_free() -> int:
@@ -77,10 +78,12 @@ def test_another_process_reads_the_bytes_written_at_a_block_offset() -> None:
         write_at(base, block.offset, memoryview(data.numpy().tobytes()))
         write_at(base, first.offset, memoryview(head.numpy().tobytes()))
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, block.handle.hex(), str(block.offset),
-             str(block.nbytes)],
-            capture_output=True, text=True, timeout=120, check=True,
-        )  # fmt: skip
+            [sys.executable, "-c", CHILD, block.handle.hex(), str(block.offset), str(block.nbytes)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         total, lo, hi = map(int, out.stdout.split())
         assert (total, lo, hi) == (int(data.sum()), int(data[0]), int(data[-1]))
     finally:
@@ -105,8 +108,13 @@ def test_an_idle_segment_is_freed_once_its_reader_is_gone() -> None:
     a = pool.alloc(MIB, "t")
     assert a.handle is not None
     held = driver_free()
-    subprocess.run([sys.executable, "-c", CHILD, a.handle.hex(), str(a.offset), str(MIB)],
-                   capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", CHILD, a.handle.hex(), str(a.offset), str(MIB)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     pool.free(a.id)
     pool.release_idle(now=1e12, keep_alive_s=0.0)
     assert driver_free() - held >= GIB - 64 * MIB

@@ -58,8 +58,9 @@ async def transfer(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Tra
 async def copy_to_gpu(transfer: TransferService, data: bytes) -> tuple[Tube, EnsureReply]:
     """Write ``data`` as a host tube of tenant t1 and ensure it on gpu:0."""
     node = transfer.config.node_id
-    tube = write_tube(transfer.config.shm_dir, node, "t1", datatype="UINT8",
-                      shape=[len(data)], data=data)  # fmt: skip
+    tube = write_tube(
+        transfer.config.shm_dir, node, "t1", datatype="UINT8", shape=[len(data)], data=data
+    )
     await transfer.buckets.tubes.put(tube.id, encode_json(tube))
     subject = subjects.node(node, "transfer", subjects.TRANSFER_ENSURE)
     req = EnsureRequest(tube_id=tube.id, tenant="t1", tier="gpu:0")
@@ -117,10 +118,12 @@ async def test_a_copy_lands_in_a_memory_service_block_another_process_reads(
     assert placed.segment == f"ipc:{block.handle.hex()}"
     assert placed.offset == block.offset >= 2**20
     out = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", READER, block.handle.hex(), str(placed.offset),
-                         str(len(data))],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        subprocess.run,
+        [sys.executable, "-c", READER, block.handle.hex(), str(placed.offset), str(len(data))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == hashlib.sha256(data).hexdigest()
     # The tube expires: the sweeper drops the copy and gives its block back.
@@ -138,11 +141,17 @@ async def test_a_gpu_only_copy_is_swapped_into_the_host_pool_by_release(
     (host,) = [p for p in reply.tube.placements if p.tier == "host"]
     await transfer._remove_placement(tube.id, host)  # as if produced on the GPU
     subject = subjects.node(transfer.config.node_id, "transfer", subjects.TRANSFER_RELEASE)
-    done = await request(transfer.nc, subject, TubeReleaseRequest(tube_id=tube.id, tier="gpu:0"),
-                         TubeReleaseReply, timeout=60)  # fmt: skip
+    done = await request(
+        transfer.nc,
+        subject,
+        TubeReleaseRequest(tube_id=tube.id, tier="gpu:0"),
+        TubeReleaseReply,
+        timeout=60,
+    )
     assert (done.released, done.swapped_bytes) == (True, len(data))
-    (swapped,) = decode_json((await transfer.buckets.tubes.get(tube.id)).value or b"",
-                             Tube).placements  # fmt: skip
+    (swapped,) = decode_json(
+        (await transfer.buckets.tubes.get(tube.id)).value or b"", Tube
+    ).placements
     assert swapped.segment.startswith("hostpool/")
     with (transfer.config.shm_dir / swapped.segment).open("rb") as f:
         assert os.pread(f.fileno(), len(data), swapped.offset) == data

@@ -35,8 +35,7 @@ def cpu_reference(texts: list[str]) -> torch.Tensor:
 
 
 def infer(up: Up, name: str) -> tuple[torch.Tensor, dict[str, object]]:
-    body = {"inputs": [{"name": "text", "shape": [len(TEXTS)], "datatype": "BYTES",
-                        "data": TEXTS}]}  # fmt: skip
+    body = {"inputs": [{"name": "text", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS}]}
     status, reply = http(f"{up.url}/v2/models/{name}/infer", body)
     assert status == 200, reply
     out = reply["outputs"][0]

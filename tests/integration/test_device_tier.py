@@ -61,9 +61,11 @@ async def test_instances_on_a_gpu_share_one_copy(platform: Platform) -> None:
 @pytest.fixture
 def platform_config(nats_server: NatsServer, tmp_path: Path) -> Config:
     # A simulated GPU with room for one MiniLM (87 MiB) but not two different ones.
-    topo = {"name": "tiny", "gpus": [{"index": 0, "model": "tiny (simulated)",
-                                      "memory_bytes": 120 * MIB}],
-            "links": [{"a": "host", "b": "gpu:0", "kind": "pcie4", "gbps": 25, "latency_us": 10}]}  # fmt: skip
+    topo = {
+        "name": "tiny",
+        "gpus": [{"index": 0, "model": "tiny (simulated)", "memory_bytes": 120 * MIB}],
+        "links": [{"a": "host", "b": "gpu:0", "kind": "pcie4", "gbps": 25, "latency_us": 10}],
+    }
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(topo))
     return make_config(nats_server, tmp_path, devices="sim:1", topology=str(path))
@@ -100,8 +102,9 @@ async def test_model_copies_and_tube_copies_share_one_gpu_budget(platform: Platf
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201  # 87 of 120 MiB
     nc = platform.services["scheduler"].nc
     data = bytes(40 * MIB)
-    tube = write_tube(platform.config.shm_dir, "node-t", "default", datatype="UINT8",
-                      shape=[len(data)], data=data)  # fmt: skip
+    tube = write_tube(
+        platform.config.shm_dir, "node-t", "default", datatype="UINT8", shape=[len(data)], data=data
+    )
     await platform.services["scheduler"].buckets.tubes.put(tube.id, encode_json(tube))
     subject = subjects.node("node-t", "transfer", subjects.TRANSFER_ENSURE)
     ask = EnsureRequest(tube_id=tube.id, tier="gpu:0")

@@ -34,26 +34,58 @@ async def expect(resp: Any, status: int, code: str, field: str | None = None) ->
 @pytest.mark.parametrize(
     ("body", "status", "code", "field"),
     [
-        ({"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, 400,
-         "invalid_argument", "inputs[0].datatype"),
-        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}]}, 400,
-         "invalid_argument", "inputs[0].shape"),
-        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}, 400,
-         "invalid_argument", "inputs[0].data"),
-        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [3]}]}, 400,
-         "invalid_argument", "inputs[0].data"),
-        ({"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}, 400,
-         "invalid_argument", "inputs[0].name"),
+        (
+            {"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+            400,
+            "invalid_argument",
+            "inputs[0].datatype",
+        ),
+        (
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}]},
+            400,
+            "invalid_argument",
+            "inputs[0].shape",
+        ),
+        (
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}]},
+            400,
+            "invalid_argument",
+            "inputs[0].data",
+        ),
+        (
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [3]}]},
+            400,
+            "invalid_argument",
+            "inputs[0].data",
+        ),
+        (
+            {"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["a"]}]},
+            400,
+            "invalid_argument",
+            "inputs[0].name",
+        ),
         ({"inputs": []}, 400, "invalid_argument", "inputs"),
-        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": "1", "data": ["a"]}]}, 400,
-         "invalid_argument", "inputs[0].shape"),
-        ({"inputs": [{"name": "text", "datatype": "STRING", "shape": [1], "data": ["a"]}]}, 400,
-         "invalid_argument", "inputs[0].datatype"),
+        (
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": "1", "data": ["a"]}]},
+            400,
+            "invalid_argument",
+            "inputs[0].shape",
+        ),
+        (
+            {"inputs": [{"name": "text", "datatype": "STRING", "shape": [1], "data": ["a"]}]},
+            400,
+            "invalid_argument",
+            "inputs[0].datatype",
+        ),
         ({"input": []}, 400, "invalid_argument", None),
-        ({**text_request(["a"]), "outputs": [{"name": "nope"}]}, 400, "invalid_argument",
-         "outputs[0].name"),
+        (
+            {**text_request(["a"]), "outputs": [{"name": "nope"}]},
+            400,
+            "invalid_argument",
+            "outputs[0].name",
+        ),
     ],
-)  # fmt: skip
+)
 async def test_bad_infer_bodies(
     platform: Platform, body: dict[str, Any], status: int, code: str, field: str | None
 ) -> None:
@@ -80,12 +112,19 @@ async def test_malformed_and_unknown(platform: Platform) -> None:
     await expect(await c.delete("/v1/functions/nope"), 404, "not_found", "name")
     await expect(await c.get("/no/such/route"), 404, "not_found")
     await expect(await c.put("/v1/functions"), 405, "method_not_allowed")
-    await expect(await c.get("/v1/functions", headers={"X-Gpufaas-Tenant": "Bad Tenant"}), 400,
-                 "invalid_argument", "X-Gpufaas-Tenant")  # fmt: skip
+    await expect(
+        await c.get("/v1/functions", headers={"X-Gpufaas-Tenant": "Bad Tenant"}),
+        400,
+        "invalid_argument",
+        "X-Gpufaas-Tenant",
+    )
     await expect(await c.get("/v1/events?kinds=a..b"), 400, "invalid_argument", "kinds")
     await expect(await c.get("/v1/events?replay=sometimes"), 400, "invalid_argument", "replay")
-    await expect(await c.post("/v2/models/minilm/infer", data=b"{}",
-                              headers={"Content-Type": "image/png"}), 415, "unsupported_media_type")  # fmt: skip
+    await expect(
+        await c.post("/v2/models/minilm/infer", data=b"{}", headers={"Content-Type": "image/png"}),
+        415,
+        "unsupported_media_type",
+    )
 
 
 @pytest.mark.parametrize(
@@ -96,12 +135,21 @@ async def test_malformed_and_unknown(platform: Platform) -> None:
         ({"name": "f", "model": {"builtin": "x", "path": "/y"}}, "model"),
         ({"name": "f", "model": {"builtin": "no-such-model"}}, "model.builtin"),
         ({"name": "f", "model": {"path": "relative/dir"}}, "model.path"),
-        ({"name": "f", "model": {"builtin": "all-minilm-l6-v2", "architecture": "gpt"}}, "model.architecture"),
-        ({"name": "f", "model": {"builtin": "all-minilm-l6-v2"}, "options": {"max_batch_size": 0}},
-         "options.max_batch_size"),
+        (
+            {"name": "f", "model": {"builtin": "all-minilm-l6-v2", "architecture": "gpt"}},
+            "model.architecture",
+        ),
+        (
+            {
+                "name": "f",
+                "model": {"builtin": "all-minilm-l6-v2"},
+                "options": {"max_batch_size": 0},
+            },
+            "options.max_batch_size",
+        ),
         ({"name": "f", "model": {"builtin": "all-minilm-l6-v2"}, "extra": 1}, None),
     ],
-)  # fmt: skip
+)
 async def test_bad_deploys_are_400_and_leave_nothing(
     platform: Platform, body: dict[str, Any], field: str | None
 ) -> None:
@@ -122,13 +170,18 @@ async def test_corrupt_model_is_422_and_nothing_is_half_registered(
     c = platform.client
     body = await expect(
         await c.post("/v1/functions", json={"name": "broken", "model": {"path": str(model_dir)}}),
-        422, "model_invalid",
-    )  # fmt: skip
+        422,
+        "model_invalid",
+    )
     assert "truncated" in body["error"]
     await expect(
-        await c.post("/v1/functions", json={"name": "gone", "model": {"path": str(tmp_path / "none")}}),
-        422, "model_invalid", "model.path",
-    )  # fmt: skip
+        await c.post(
+            "/v1/functions", json={"name": "gone", "model": {"path": str(tmp_path / "none")}}
+        ),
+        422,
+        "model_invalid",
+        "model.path",
+    )
     assert (await (await c.get("/v1/functions")).json())["functions"] == []
     store_dir = platform.config.shm_dir / "tensors" / platform.config.node_id
     assert [p for p in store_dir.rglob("*") if p.is_file()] == []  # no segment, index or manifest
@@ -191,9 +244,13 @@ async def test_no_worker_is_a_typed_unavailable(platform: Platform) -> None:
     assert isinstance(sched, SchedulerService)
     await sched.reconcile_once(10**10)  # far future: every heartbeat is stale
     with pytest.raises(Unavailable):
-        await request(sched.nc, subjects.SCHED_INVOKE,
-                      InvokeRequest(function="minilm", request_id="r", inputs=[]), InvokeReply,
-                      timeout=5)  # fmt: skip
+        await request(
+            sched.nc,
+            subjects.SCHED_INVOKE,
+            InvokeRequest(function="minilm", request_id="r", inputs=[]),
+            InvokeReply,
+            timeout=5,
+        )
 
 
 async def test_worker_refuses_to_cold_start_a_deleted_function(platform: Platform) -> None:
@@ -215,8 +272,13 @@ async def test_worker_refuses_to_cold_start_a_deleted_function(platform: Platfor
     )
     nc = platform.services["scheduler"].nc
     with pytest.raises(NotFound):
-        await request(nc, subjects.worker("node-t", "default", subjects.WORKER_RUN), stale,
-                      InvokeReply, timeout=5)  # fmt: skip
+        await request(
+            nc,
+            subjects.worker("node-t", "default", subjects.WORKER_RUN),
+            stale,
+            InvokeReply,
+            timeout=5,
+        )
     worker = platform.services["worker"]
     assert isinstance(worker, WorkerService)
     assert worker.instances == {}

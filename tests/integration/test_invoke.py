@@ -180,12 +180,22 @@ async def test_node_services_answer_their_subjects(platform: Platform) -> None:
     assert (await platform.client.post("/v1/functions", json=DEMO_BODY)).status == 201
     nc = platform.services["scheduler"].nc
     node = platform.config.node_id
-    cap = await request(nc, subjects.node(node, "memory", subjects.MEMORY_CAPACITY), CapacityRequest(),
-                        CapacityReply, timeout=5)  # fmt: skip
+    cap = await request(
+        nc,
+        subjects.node(node, "memory", subjects.MEMORY_CAPACITY),
+        CapacityRequest(),
+        CapacityReply,
+        timeout=5,
+    )
     assert [d.name for d in cap.devices] == ["host", "gpu:0", "gpu:1"]
     assert cap.devices[1].memory_bytes == 32 * 2**30  # dgx1-v100 topology: V100 32 GB
-    stats = await request(nc, subjects.node(node, "tensorstore", subjects.TENSORSTORE_STATS),
-                          StoreStatsRequest(), StoreStats, timeout=5)  # fmt: skip
+    stats = await request(
+        nc,
+        subjects.node(node, "tensorstore", subjects.TENSORSTORE_STATS),
+        StoreStatsRequest(),
+        StoreStats,
+        timeout=5,
+    )
     assert stats.tensors > 0
     assert stats.bytes_stored == stats.bytes_requested
     for svc in ("tensorstore", "transfer", "memory", "worker"):

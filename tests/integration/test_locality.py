@@ -82,8 +82,9 @@ async def test_a_store_that_never_read_a_file_knows_its_theta_from_a_peers_manif
     shutil.copy(minilm_pt2, export_dir / "model.pt2")
     stores = {}
     for node in ("node-a", "node-b", "node-c"):
-        config = make_config(nats_server, tmp_path, node_id=node, shm_dir=tmp_path / node,
-                             devices="cpu")  # fmt: skip
+        config = make_config(
+            nats_server, tmp_path, node_id=node, shm_dir=tmp_path / node, devices="cpu"
+        )
         stores[node] = TensorStoreService(config)
         await stores[node].start()
     try:
@@ -94,29 +95,51 @@ async def test_a_store_that_never_read_a_file_knows_its_theta_from_a_peers_manif
             subject = subjects.node(node, "tensorstore", verb)
             return await request(stores["node-a"].nc, subject, msg, reply, timeout=30)
 
-        before = await ask("node-b", subjects.TENSORSTORE_LOCALITY,
-                           LocalityRequest(source=safetensors), LocalityReply)  # fmt: skip
+        before = await ask(
+            "node-b",
+            subjects.TENSORSTORE_LOCALITY,
+            LocalityRequest(source=safetensors),
+            LocalityReply,
+        )
         assert (before.known, before.theta) == (False, 0.0)
-        await ask("node-a", subjects.TENSORSTORE_REGISTER,
-                  RegisterRequest(source=safetensors), RegisterReply)  # fmt: skip
-        await ask("node-b", subjects.TENSORSTORE_REGISTER,
-                  RegisterRequest(source=exported), RegisterReply)  # fmt: skip
+        await ask(
+            "node-a",
+            subjects.TENSORSTORE_REGISTER,
+            RegisterRequest(source=safetensors),
+            RegisterReply,
+        )
+        await ask(
+            "node-b", subjects.TENSORSTORE_REGISTER, RegisterRequest(source=exported), RegisterReply
+        )
         for _ in range(500):  # node-a shares its manifest after its reply (5 s at most)
-            b = await ask("node-b", subjects.TENSORSTORE_LOCALITY,
-                          LocalityRequest(source=safetensors), LocalityReply)  # fmt: skip
+            b = await ask(
+                "node-b",
+                subjects.TENSORSTORE_LOCALITY,
+                LocalityRequest(source=safetensors),
+                LocalityReply,
+            )
             if b.known:
                 break
             await asyncio.sleep(0.01)
-        a = await ask("node-a", subjects.TENSORSTORE_LOCALITY,
-                      LocalityRequest(source=safetensors), LocalityReply)  # fmt: skip
-        c = await ask("node-c", subjects.TENSORSTORE_LOCALITY,
-                      LocalityRequest(source=safetensors), LocalityReply)  # fmt: skip
+        a = await ask(
+            "node-a",
+            subjects.TENSORSTORE_LOCALITY,
+            LocalityRequest(source=safetensors),
+            LocalityReply,
+        )
+        c = await ask(
+            "node-c",
+            subjects.TENSORSTORE_LOCALITY,
+            LocalityRequest(source=safetensors),
+            LocalityReply,
+        )
         assert (a.known, a.theta) == (True, 1.0)
         assert (b.known, b.theta, b.model_bytes) == (True, 1.0, a.model_bytes)
         assert (c.known, c.theta, c.bytes_to_load) == (True, 0.0, a.model_bytes)
         # A tenant's private registration shares nothing with the public manifest.
-        private = LocalityRequest(source=ModelSource(builtin="all-minilm-l6-v2", private=True),
-                                  tenant="t2")  # fmt: skip
+        private = LocalityRequest(
+            source=ModelSource(builtin="all-minilm-l6-v2", private=True), tenant="t2"
+        )
         p = await ask("node-b", subjects.TENSORSTORE_LOCALITY, private, LocalityReply)
         assert (p.known, p.theta) == (False, 0.0)
     finally:

@@ -55,8 +55,12 @@ async def call(svc: MemoryService, verb: str, msg: Msg, reply: type[Msg]) -> obj
 
 
 async def alloc(svc: MemoryService, nbytes: int, owner: str = "w1") -> MemAllocation:
-    a = await call(svc, subjects.MEMORY_ALLOC, MemAllocRequest(device="gpu:0", nbytes=nbytes,
-                   owner=owner), MemAllocation)  # fmt: skip
+    a = await call(
+        svc,
+        subjects.MEMORY_ALLOC,
+        MemAllocRequest(device="gpu:0", nbytes=nbytes, owner=owner),
+        MemAllocation,
+    )
     assert isinstance(a, MemAllocation)
     return a
 
@@ -75,15 +79,20 @@ async def test_allocations_grow_the_pool_and_announce_it(memory: MemoryService) 
     assert (a.device, b.device) == ("gpu:0", "gpu:0")
     assert a.segment != b.segment or a.offset != b.offset
     # 100 MiB takes a segment of its own; the 10 bytes open a 64 MiB one (256-byte aligned).
-    assert await stats(memory) == {"reserved_bytes": 164 * 2**20,
-                                   "allocated_bytes": 100 * 2**20 + 256, "allocations": 2}  # fmt: skip
+    assert await stats(memory) == {
+        "reserved_bytes": 164 * 2**20,
+        "allocated_bytes": 100 * 2**20 + 256,
+        "allocations": 2,
+    }
     ev = json.loads((await sub.next_msg(timeout=5)).data)["data"]
     assert (ev["device"], ev["kind"]) == ("gpu:0", "grow")
-    freed = await call(memory, subjects.MEMORY_FREE, MemFreeRequest(device="gpu:0", id=a.id),
-                       MemFreeReply)  # fmt: skip
+    freed = await call(
+        memory, subjects.MEMORY_FREE, MemFreeRequest(device="gpu:0", id=a.id), MemFreeReply
+    )
     assert freed == MemFreeReply(freed=True)
-    again = await call(memory, subjects.MEMORY_FREE, MemFreeRequest(device="gpu:0", id=a.id),
-                       MemFreeReply)  # fmt: skip
+    again = await call(
+        memory, subjects.MEMORY_FREE, MemFreeRequest(device="gpu:0", id=a.id), MemFreeReply
+    )
     assert again == MemFreeReply(freed=False)  # idempotent
 
 
@@ -92,8 +101,12 @@ async def test_bad_requests_are_refused_clearly(memory: MemoryService) -> None:
         await alloc(memory, 100 * GIB)  # the pcie-1gpu GPU has 40 GB
     assert err.value.field == "nbytes"
     with pytest.raises(InvalidArgument) as err:
-        await call(memory, subjects.MEMORY_ALLOC, MemAllocRequest(device="gpu:3", nbytes=1,
-                   owner="w"), MemAllocation)  # fmt: skip
+        await call(
+            memory,
+            subjects.MEMORY_ALLOC,
+            MemAllocRequest(device="gpu:3", nbytes=1, owner="w"),
+            MemAllocation,
+        )
     assert err.value.field == "device"
     sub = await memory.nc.subscribe(subjects.event("memory.pressure"))
     await alloc(memory, 30 * GIB)
@@ -125,8 +138,9 @@ async def test_a_dead_owners_allocations_are_freed(memory: MemoryService) -> Non
     await alloc(memory, 2**20, owner="dead")
     t_dead = time.time()  # "dead" never renews: its lease ends by t_dead + ttl
     await asyncio.sleep(0.3)
-    renewed = await call(memory, subjects.MEMORY_RENEW, MemRenewRequest(owner="alive"),
-                         MemRenewReply)  # fmt: skip
+    renewed = await call(
+        memory, subjects.MEMORY_RENEW, MemRenewRequest(owner="alive"), MemRenewReply
+    )
     assert renewed == MemRenewReply(allocations=1)
     await memory.reconcile_once(t_dead + ttl / 2)
     assert (await stats(memory))["allocations"] == 2  # within the lease
@@ -136,8 +150,7 @@ async def test_a_dead_owners_allocations_are_freed(memory: MemoryService) -> Non
 
 async def test_an_idle_pool_gives_its_segments_back(memory: MemoryService) -> None:
     a = await alloc(memory, 2**20)
-    await call(memory, subjects.MEMORY_FREE, MemFreeRequest(device="gpu:0", id=a.id),
-               MemFreeReply)  # fmt: skip
+    await call(memory, subjects.MEMORY_FREE, MemFreeRequest(device="gpu:0", id=a.id), MemFreeReply)
     assert (await stats(memory))["reserved_bytes"] > 0  # kept for the keep-alive
     await memory.reconcile_once(time.time() + memory.config.tensor_keep_alive_s + 1)
     assert (await stats(memory))["reserved_bytes"] == 0
@@ -149,8 +162,13 @@ async def test_reservations_follow_the_observed_load_and_go_when_idle(
     subject = subjects.node(memory.config.node_id, "memory", subjects.MEMORY_OBSERVE)
 
     async def observe(rid: str, phase: str, nbytes: int = 0) -> None:
-        msg = MemObserve(device="gpu:0", function="t/f", request_id=rid, phase=phase,  # type: ignore[arg-type]
-                         nbytes=nbytes)  # fmt: skip
+        msg = MemObserve(
+            device="gpu:0",
+            function="t/f",
+            request_id=rid,
+            phase=phase,  # type: ignore[arg-type]
+            nbytes=nbytes,
+        )
         await memory.nc.publish(subject, encode(msg))
 
     for i in range(3):  # three in flight at once, 4 MiB each

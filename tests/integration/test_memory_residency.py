@@ -85,15 +85,23 @@ NODE = "node-t"
 
 @pytest.fixture
 def config(nats_server: NatsServer, tmp_path: Path) -> Config:
-    topo = {"name": "small", "gpus": [{"index": 0, "model": "small (simulated)",
-                                       "memory_bytes": 13 * MIB}],
-            "links": [{"a": "host", "b": "gpu:0", "kind": "pcie4", "gbps": GBPS,
-                       "latency_us": 10}]}  # fmt: skip
+    topo = {
+        "name": "small",
+        "gpus": [{"index": 0, "model": "small (simulated)", "memory_bytes": 13 * MIB}],
+        "links": [{"a": "host", "b": "gpu:0", "kind": "pcie4", "gbps": GBPS, "latency_us": 10}],
+    }
     path = tmp_path / "small.json"
     path.write_text(json.dumps(topo))
     # No background passes (every step is taken by the test), leases that outlive the test.
-    return make_config(nats_server, tmp_path, devices="sim:1", topology=str(path),
-                       autoscale_interval_s=HOUR, reclaim_interval_s=HOUR, node_ttl_s=60.0)  # fmt: skip
+    return make_config(
+        nats_server,
+        tmp_path,
+        devices="sim:1",
+        topology=str(path),
+        autoscale_interval_s=HOUR,
+        reclaim_interval_s=HOUR,
+        node_ttl_s=60.0,
+    )
 
 
 @dataclass
@@ -121,17 +129,23 @@ class Node:
 
     async def leased(self, name: str) -> RegisterReply:
         """An instance's registration: the model's copies on gpu:0, leased."""
-        req = RegisterRequest(source=self.source(name), lease=f"l-{name}", holder="test",
-                              device="gpu:0")  # fmt: skip
-        reply: RegisterReply = await self.ask("tensorstore", subjects.TENSORSTORE_REGISTER, req,
-                                              RegisterReply)  # fmt: skip
+        req = RegisterRequest(
+            source=self.source(name), lease=f"l-{name}", holder="test", device="gpu:0"
+        )
+        reply: RegisterReply = await self.ask(
+            "tensorstore", subjects.TENSORSTORE_REGISTER, req, RegisterReply
+        )
         return reply
 
     async def idle(self, name: str) -> None:
         """A model whose instance came and went: its copies stay on gpu:0, idle."""
         await self.leased(name)
-        await self.ask("tensorstore", subjects.TENSORSTORE_RELEASE,
-                       ReleaseRequest(lease=f"l-{name}"), ReleaseReply)  # fmt: skip
+        await self.ask(
+            "tensorstore",
+            subjects.TENSORSTORE_RELEASE,
+            ReleaseRequest(lease=f"l-{name}"),
+            ReleaseReply,
+        )
 
     async def item(self, name: str) -> str:
         """The store's item for a model (its key of the model file)."""
@@ -141,8 +155,9 @@ class Node:
 
     async def resident(self) -> dict[str, bool]:
         """Models complete on gpu:0, by name: whether leased."""
-        reply = await self.ask("tensorstore", subjects.TENSORSTORE_RESIDENCY, ResidencyRequest(),
-                               ResidencyReply)  # fmt: skip
+        reply = await self.ask(
+            "tensorstore", subjects.TENSORSTORE_RESIDENCY, ResidencyRequest(), ResidencyReply
+        )
         (gpu,) = reply.devices
         return {Path(m.file).parent.name: m.leased for m in gpu.models}
 
@@ -152,10 +167,22 @@ class Node:
         ack = await self.ask("memory", subjects.MEMORY_QUEUE_VIEW, view, MemViewAck)
         assert ack == MemViewAck(accepted=True)
 
-    def entry(self, name: str, *, queued: int = 0, running: int = 0,
-              deadline: float | None = None, mib: int = 4) -> QueueEntry:  # fmt: skip
-        return QueueEntry(function=f"default/f{name}", model=self.source(name, mib),
-                          queued=queued, running=running, next_deadline=deadline)  # fmt: skip
+    def entry(
+        self,
+        name: str,
+        *,
+        queued: int = 0,
+        running: int = 0,
+        deadline: float | None = None,
+        mib: int = 4,
+    ) -> QueueEntry:
+        return QueueEntry(
+            function=f"default/f{name}",
+            model=self.source(name, mib),
+            queued=queued,
+            running=running,
+            next_deadline=deadline,
+        )
 
     async def events(self, kind: str) -> int:
         """How many ``kind`` events the EVENTS stream holds."""
@@ -190,9 +217,12 @@ async def test_unneeded_copies_go_first_and_leased_ones_never(node: Node) -> Non
     t = time.time()
 
     # D is due now (head of the queue) and needs 4 MiB: C goes, not B, never A.
-    await node.view(t, node.entry("a", queued=1000, running=1, deadline=t + 1),
-                    node.entry("d", queued=1, deadline=t + 0.5),
-                    node.entry("b", queued=1))  # fmt: skip
+    await node.view(
+        t,
+        node.entry("a", queued=1000, running=1, deadline=t + 1),
+        node.entry("d", queued=1, deadline=t + 0.5),
+        node.entry("b", queued=1),
+    )
     done = await node.memory.reconcile_once(t)
     assert [(e.item, e.reason) for e in done.evict] == [(await node.item("c"), "unneeded")]
     assert [p.item for p in done.prefetch] == [await node.item("d")]
@@ -206,10 +236,13 @@ async def test_unneeded_copies_go_first_and_leased_ones_never(node: Node) -> Non
 
     # E is due; D right after it, B much later: B (needed latest) goes, D stays.
     t1 = t + 1
-    await node.view(t1, node.entry("e", queued=1, deadline=t1 + 0.5),
-                    node.entry("d", queued=1, deadline=t1 + 0.6),
-                    node.entry("a", queued=1000, running=1, deadline=t1 + 1),
-                    node.entry("b", queued=1))  # fmt: skip
+    await node.view(
+        t1,
+        node.entry("e", queued=1, deadline=t1 + 0.5),
+        node.entry("d", queued=1, deadline=t1 + 0.6),
+        node.entry("a", queued=1000, running=1, deadline=t1 + 1),
+        node.entry("b", queued=1),
+    )
     done = await node.memory.reconcile_once(t1)
     assert [(e.item, e.reason) for e in done.evict] == [(await node.item("b"), "needed-later")]
     assert done.evict[0].needed_at_s == pytest.approx(t1 + 1002 * TYPICAL_COMPUTE_S)
@@ -221,9 +254,13 @@ async def test_unneeded_copies_go_first_and_leased_ones_never(node: Node) -> Non
     # F is due, but every copy is in use (A leased; D and E running): nothing is evicted,
     # the device is announced under pressure.
     t2 = t + 2
-    await node.view(t2, node.entry("d", running=1), node.entry("e", running=1),
-                    node.entry("f", queued=1, deadline=t2 + 0.5),
-                    node.entry("a", queued=1000, running=1, deadline=t2 + 1))  # fmt: skip
+    await node.view(
+        t2,
+        node.entry("d", running=1),
+        node.entry("e", running=1),
+        node.entry("f", queued=1, deadline=t2 + 0.5),
+        node.entry("a", queued=1000, running=1, deadline=t2 + 1),
+    )
     done = await node.memory.reconcile_once(t2)
     assert done.empty
     assert done.pressure
@@ -233,9 +270,12 @@ async def test_unneeded_copies_go_first_and_leased_ones_never(node: Node) -> Non
     f_bytes = (node.models / "f" / "model.safetensors").stat().st_size
     assert (ev["device"], ev["bytes"]) == ("gpu:0", 12 * MIB + f_bytes - 13 * MIB)
     # The store itself refuses to drop a leased copy.
-    refused = await node.ask("tensorstore", subjects.TENSORSTORE_EVICT,
-                             EvictModelRequest(device="gpu:0", item=await node.item("a")),
-                             EvictModelReply)  # fmt: skip
+    refused = await node.ask(
+        "tensorstore",
+        subjects.TENSORSTORE_EVICT,
+        EvictModelRequest(device="gpu:0", item=await node.item("a")),
+        EvictModelReply,
+    )
     assert refused == EvictModelReply(evicted=False, nbytes=0, reason="leased")
     # The model cache, as published for placement: what gpu:0 holds now.
     entry = await node.memory.buckets.memory.get(f"{NODE}.gpu0.m")
@@ -250,8 +290,11 @@ async def test_an_evicted_model_comes_back_before_its_request_starts(node: Node)
     await node.idle("c")  # least recently used: evicted first below
     await node.idle("b")
     t = time.time()
-    await node.view(t, node.entry("a", queued=1000, running=1, deadline=t + 9),
-                    node.entry("d", queued=1, deadline=t + 0.5))  # fmt: skip
+    await node.view(
+        t,
+        node.entry("a", queued=1000, running=1, deadline=t + 9),
+        node.entry("d", queued=1, deadline=t + 0.5),
+    )
     done = await node.memory.reconcile_once(t)
     assert [e.item for e in done.evict] == [await node.item("c")]
     assert await node.resident() == {"a": True, "b": False, "d": False}
@@ -260,8 +303,10 @@ async def test_an_evicted_model_comes_back_before_its_request_starts(node: Node)
     # C is queued behind A's 1000 requests, its deadline at t + 10: it must start by
     # t + 10 - one typical compute; until its lead time before that, nothing moves.
     starts = t + 10 - TYPICAL_COMPUTE_S
-    view = (node.entry("a", queued=1000, running=1, deadline=t + 9),
-            node.entry("c", queued=1, deadline=t + 10))  # fmt: skip
+    view = (
+        node.entry("a", queued=1000, running=1, deadline=t + 9),
+        node.entry("c", queued=1, deadline=t + 10),
+    )
     await node.view(t + 5, *view)
     assert (await node.memory.reconcile_once(t + 5)).empty
     assert "c" not in await node.resident()
@@ -353,36 +398,63 @@ async def test_the_store_verbs_are_typed_and_all_or_nothing(node: Node) -> None:
     await node.leased("b")
     await node.leased("c")  # 12 of 13 MiB, all leased
     with pytest.raises(ResourceExhausted, match="gpu:0"):  # a prefetch never evicts
-        await node.ask("tensorstore", subjects.TENSORSTORE_PREFETCH,
-                       PrefetchRequest(device="gpu:0", source=node.source("d")), PrefetchReply)  # fmt: skip
+        await node.ask(
+            "tensorstore",
+            subjects.TENSORSTORE_PREFETCH,
+            PrefetchRequest(device="gpu:0", source=node.source("d")),
+            PrefetchReply,
+        )
     assert await node.resident() == {"a": True, "b": True, "c": True}
     store_stats = node.store.tiers["gpu:0"].stats()
     assert store_stats.bytes_stored == 3 * MODEL_BYTES  # nothing of D left behind
     with pytest.raises(InvalidArgument) as err:
-        await node.ask("tensorstore", subjects.TENSORSTORE_PREFETCH,
-                       PrefetchRequest(device="gpu:7", source=node.source("d")), PrefetchReply)  # fmt: skip
+        await node.ask(
+            "tensorstore",
+            subjects.TENSORSTORE_PREFETCH,
+            PrefetchRequest(device="gpu:7", source=node.source("d")),
+            PrefetchReply,
+        )
     assert err.value.field == "device"
     with pytest.raises(NotFound) as missing:
-        await node.ask("tensorstore", subjects.TENSORSTORE_EVICT,
-                       EvictModelRequest(device="gpu:0", item="0" * 32), EvictModelReply)  # fmt: skip
+        await node.ask(
+            "tensorstore",
+            subjects.TENSORSTORE_EVICT,
+            EvictModelRequest(device="gpu:0", item="0" * 32),
+            EvictModelReply,
+        )
     assert missing.value.field == "item"
     # Released, B can go; twice is a no-op; a prefetch of A (resident) copies nothing.
-    await node.ask("tensorstore", subjects.TENSORSTORE_RELEASE, ReleaseRequest(lease="l-b"),
-                   ReleaseReply)  # fmt: skip
+    await node.ask(
+        "tensorstore", subjects.TENSORSTORE_RELEASE, ReleaseRequest(lease="l-b"), ReleaseReply
+    )
     b = await node.item("b")
-    gone = await node.ask("tensorstore", subjects.TENSORSTORE_EVICT,
-                          EvictModelRequest(device="gpu:0", item=b), EvictModelReply)  # fmt: skip
+    gone = await node.ask(
+        "tensorstore",
+        subjects.TENSORSTORE_EVICT,
+        EvictModelRequest(device="gpu:0", item=b),
+        EvictModelReply,
+    )
     assert gone == EvictModelReply(evicted=True, nbytes=MODEL_BYTES)
-    again = await node.ask("tensorstore", subjects.TENSORSTORE_EVICT,
-                           EvictModelRequest(device="gpu:0", item=b), EvictModelReply)  # fmt: skip
+    again = await node.ask(
+        "tensorstore",
+        subjects.TENSORSTORE_EVICT,
+        EvictModelRequest(device="gpu:0", item=b),
+        EvictModelReply,
+    )
     assert again == EvictModelReply(evicted=False, nbytes=0, reason="not resident")
-    placed = await node.ask("tensorstore", subjects.TENSORSTORE_PREFETCH,
-                            PrefetchRequest(device="gpu:0", source=node.source("a")),
-                            PrefetchReply)  # fmt: skip
+    placed = await node.ask(
+        "tensorstore",
+        subjects.TENSORSTORE_PREFETCH,
+        PrefetchRequest(device="gpu:0", source=node.source("a")),
+        PrefetchReply,
+    )
     assert (placed.item, placed.bytes_copied) == (await node.item("a"), 0)
-    placed = await node.ask("tensorstore", subjects.TENSORSTORE_PREFETCH,
-                            PrefetchRequest(device="gpu:0", source=node.source("d")),
-                            PrefetchReply)  # fmt: skip
+    placed = await node.ask(
+        "tensorstore",
+        subjects.TENSORSTORE_PREFETCH,
+        PrefetchRequest(device="gpu:0", source=node.source("d")),
+        PrefetchReply,
+    )
     assert placed.bytes_copied == MODEL_BYTES  # into B's room, given back to the pool
     assert await node.resident() == {"a": True, "c": True, "d": False}
 
@@ -402,15 +474,27 @@ async def with_transfer(node: Node) -> AsyncIterator[TransferService]:
 async def gpu_tube(node: Node, data: bytes, *, host_copy: bool) -> Tube:
     """A tube with a copy on gpu:0: copied there from its host file (``host_copy``), or a
     worker's output adopted onto the GPU (its only copy)."""
-    tube = await asyncio.to_thread(write_tube, node.config.shm_dir, NODE, "default",
-                                   datatype="UINT8", shape=[len(data)], data=data)  # fmt: skip
+    tube = await asyncio.to_thread(
+        write_tube,
+        node.config.shm_dir,
+        NODE,
+        "default",
+        datatype="UINT8",
+        shape=[len(data)],
+        data=data,
+    )
     if host_copy:
         await node.store.buckets.tubes.put(tube.id, encode_json(tube))
-        reply = await node.ask("transfer", subjects.TRANSFER_ENSURE,
-                               EnsureRequest(tube_id=tube.id, tier="gpu:0"), EnsureReply)  # fmt: skip
+        reply = await node.ask(
+            "transfer",
+            subjects.TRANSFER_ENSURE,
+            EnsureRequest(tube_id=tube.id, tier="gpu:0"),
+            EnsureReply,
+        )
         return reply.tube  # type: ignore[no-any-return]
-    adopted = await node.ask("transfer", subjects.TRANSFER_ADOPT,
-                             AdoptRequest(tube=tube, tier="gpu:0"), AdoptReply)  # fmt: skip
+    adopted = await node.ask(
+        "transfer", subjects.TRANSFER_ADOPT, AdoptRequest(tube=tube, tier="gpu:0"), AdoptReply
+    )
     return adopted.tube  # type: ignore[no-any-return]
 
 
@@ -444,24 +528,32 @@ async def test_an_unneeded_tube_copy_is_swapped_to_the_host_before_a_needed_one(
     t = time.time()
     # D (4 MiB) is due now: 4 + 3 + 3 + 4 > 13 MiB. X goes (no queued request reads it),
     # not Y (queued fb's next request reads it), never A (leased).
-    await node.view(t, node.entry("a", queued=5, running=1, deadline=t + 1),
-                    msgspec.structs.replace(node.entry("b", queued=1, deadline=t + 2),
-                                        tubes=[reading(y)]),
-                    node.entry("d", queued=1, deadline=t + 0.5))  # fmt: skip
+    await node.view(
+        t,
+        node.entry("a", queued=5, running=1, deadline=t + 1),
+        msgspec.structs.replace(node.entry("b", queued=1, deadline=t + 2), tubes=[reading(y)]),
+        node.entry("d", queued=1, deadline=t + 0.5),
+    )
     done = await node.memory.reconcile_once(t)
     assert [(e.item, e.reason) for e in done.evict] == [(tube_item(x.id), "unneeded")]
     assert [p.item for p in done.prefetch] == [await node.item("d")]
     ev = await next_data(evicted)
     assert (ev["what"], ev["tube"], ev["bytes"], ev["swapped_bytes"]) == (
-        "tube copy", x.id, 3 * MIB, 3 * MIB)  # fmt: skip
+        "tube copy",
+        x.id,
+        3 * MIB,
+        3 * MIB,
+    )
     # Swapped: its bytes now on the node's host tier, its GPU copy and block gone.
     (host,) = (await stored_tube(node, x.id)).placements
     assert host.tier == "host"
     assert host.segment.startswith(f"hostpool/{NODE}/")  # a block of the host tier's pool
     assert read_copy(node, host, len(x_bytes)) == x_bytes
     assert not x_gpu.exists()
-    items = {d: {i for (dev, _), (i, _, _) in node.memory._items.items() if dev == d}
-             for d in ("gpu:0", "host")}  # fmt: skip
+    items = {
+        d: {i for (dev, _), (i, _, _) in node.memory._items.items() if dev == d}
+        for d in ("gpu:0", "host")
+    }
     assert items == {"gpu:0": {tube_item(y.id)}, "host": {tube_item(x.id)}}
     assert {p.tier for p in (await stored_tube(node, y.id)).placements} == {"host", "gpu:0"}
     assert (await node.memory.reconcile_once(t)).empty  # idempotent
@@ -469,11 +561,14 @@ async def test_an_unneeded_tube_copy_is_swapped_to_the_host_before_a_needed_one(
     # Now a queued request reads X: it comes back to gpu:0 before the request starts.
     prefetched = await node.store.nc.subscribe(subjects.event("memory.prefetched"))
     t1 = t + 1
-    await node.view(t1, node.entry("a", queued=5, running=1, deadline=t1 + 9),
-                    msgspec.structs.replace(node.entry("c", queued=2, deadline=t1 + 0.5),
-                                        tubes=[reading(y, 1)]),
-                    msgspec.structs.replace(node.entry("b", queued=1, deadline=t1 + 0.5),
-                                        tubes=[reading(x)]))  # fmt: skip
+    await node.view(
+        t1,
+        node.entry("a", queued=5, running=1, deadline=t1 + 9),
+        msgspec.structs.replace(
+            node.entry("c", queued=2, deadline=t1 + 0.5), tubes=[reading(y, 1)]
+        ),
+        msgspec.structs.replace(node.entry("b", queued=1, deadline=t1 + 0.5), tubes=[reading(x)]),
+    )
     done = await node.memory.reconcile_once(t1)
     assert tube_item(x.id) in [p.item for p in done.prefetch]
     ev = await next_data(prefetched)
@@ -500,8 +595,12 @@ async def test_a_tube_release_is_typed_and_refused_when_there_is_nothing_to_rele
     assert gone == TubeReleaseReply(released=False, reason="unknown tube")
     for tier in ("host", "gpu:9"):
         with pytest.raises(InvalidArgument) as err:
-            await ask("transfer", subjects.TRANSFER_RELEASE,
-                      TubeReleaseRequest(tube_id=tube.id, tier=tier), TubeReleaseReply)  # fmt: skip
+            await ask(
+                "transfer",
+                subjects.TRANSFER_RELEASE,
+                TubeReleaseRequest(tube_id=tube.id, tier=tier),
+                TubeReleaseReply,
+            )
         assert err.value.field == "tier"
     assert not node.memory._items  # its block went back to the pool
 

@@ -55,8 +55,7 @@ HOUR = 3600.0
 
 @pytest.fixture
 def platform_config(nats_server: NatsServer, tmp_path: Path) -> Config:
-    return make_config(nats_server, tmp_path, autoscale_interval_s=HOUR,
-                       instance_keep_alive_s=10.0)  # fmt: skip
+    return make_config(nats_server, tmp_path, autoscale_interval_s=HOUR, instance_keep_alive_s=10.0)
 
 
 def scheduler(p: Platform) -> SchedulerService:
@@ -323,9 +322,16 @@ async def test_waiting_requests_fail_with_the_reason_when_the_memory_manager_rej
         if key in sched.queues and sched.queues[key].queued() > 0:
             break
         await asyncio.sleep(0.01)
-    event = new_event("memory.rejected", "memory@node-t", {
-        "node": "node-t", "device": "gpu:0", "function": "default/minilm",
-        "reason": "working set 99 GiB > gpu:0 capacity 16 GiB"})  # fmt: skip
+    event = new_event(
+        "memory.rejected",
+        "memory@node-t",
+        {
+            "node": "node-t",
+            "device": "gpu:0",
+            "function": "default/minilm",
+            "reason": "working set 99 GiB > gpu:0 capacity 16 GiB",
+        },
+    )
     await sched.nc.publish(subjects.event("memory.rejected"), encode_json(event))
     statuses = []
     for resp in await asyncio.gather(*tasks):

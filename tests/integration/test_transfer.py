@@ -45,8 +45,9 @@ class Nodes:
 
     async def tube(self, data: bytes, tenant: str = "t1", node: str = "node-a") -> Tube:
         shm = self.a.config.shm_dir
-        tube = await asyncio.to_thread(write_tube, shm, node, tenant, datatype="UINT8",
-                                       shape=[len(data)], data=data)  # fmt: skip
+        tube = await asyncio.to_thread(
+            write_tube, shm, node, tenant, datatype="UINT8", shape=[len(data)], data=data
+        )
         await self.a.buckets.tubes.put(tube.id, encode_json(tube))
         return tube
 
@@ -122,8 +123,13 @@ async def test_another_tenants_or_an_unknown_tube_is_not_found(nodes: Nodes) -> 
         assert tenant != "t2" or "t1" not in err.value.message  # nothing revealed
     subject = subjects.node("node-a", "transfer", subjects.TRANSFER_FETCH)
     with pytest.raises(NotFound):
-        await request(nodes.b.nc, subject, FetchRequest(tube_id=tube.id, tenant="t2", offset=0,
-                      nbytes=1), FetchReply, timeout=5)  # fmt: skip
+        await request(
+            nodes.b.nc,
+            subject,
+            FetchRequest(tube_id=tube.id, tenant="t2", offset=0, nbytes=1),
+            FetchReply,
+            timeout=5,
+        )
 
 
 async def test_a_tier_the_node_does_not_have_is_refused(nodes: Nodes) -> None:
@@ -208,9 +214,11 @@ async def test_the_object_tier_outlives_the_node_that_wrote_it(nodes: Nodes) -> 
     # node-a goes away with its host copy: only the object tier holds the bytes now.
     left = msgspec.structs.replace(
         await nodes.stored(tube.id),
-        placements=[p if p.tier == "object" else msgspec.structs.replace(p, node="node-gone")
-                    for p in (await nodes.stored(tube.id)).placements],
-    )  # fmt: skip
+        placements=[
+            p if p.tier == "object" else msgspec.structs.replace(p, node="node-gone")
+            for p in (await nodes.stored(tube.id)).placements
+        ],
+    )
     await nodes.b.buckets.tubes.put(tube.id, encode_json(left))
     back = await nodes.ensure(nodes.b, tube.id, tenant="t1")
     assert back.path == "object->host"

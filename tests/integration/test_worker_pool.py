@@ -52,17 +52,30 @@ async def ready_spares(pool: WorkerPoolService, n: int, timeout_s: float = 90) -
 
 @pytest.fixture
 def pool_config(nats_server: NatsServer, tmp_path: Path) -> Config:
-    return make_config(nats_server, tmp_path, devices="cpu", worker_role="pool",
-                       worker_spares=1, heartbeat_s=0.2, worker_idle_s=0.5,
-                       autoscale_interval_s=3600.0, instance_keep_alive_s=10.0)  # fmt: skip
+    return make_config(
+        nats_server,
+        tmp_path,
+        devices="cpu",
+        worker_role="pool",
+        worker_spares=1,
+        heartbeat_s=0.2,
+        worker_idle_s=0.5,
+        autoscale_interval_s=3600.0,
+        instance_keep_alive_s=10.0,
+    )
 
 
 @pytest.fixture
 async def pooled(pool_config: Config, nats_server: NatsServer) -> AsyncIterator[Platform]:
     config = pool_config
     services: dict[str, Service] = {}
-    for cls in (MemoryService, TensorStoreService, TransferService, WorkerPoolService,
-                SchedulerService):  # fmt: skip
+    for cls in (
+        MemoryService,
+        TensorStoreService,
+        TransferService,
+        WorkerPoolService,
+        SchedulerService,
+    ):
         svc = cls(config)
         await svc.start()
         services[svc.name] = svc
@@ -95,8 +108,7 @@ async def test_each_tenant_gets_its_own_process_from_the_warm_spares(pooled: Pla
     assert sorted(pool.bound) == ["a", "b"]
     assert pool.bound["a"].popen.pid != pool.bound["b"].popen.pid  # never one process
     for headers, name in ((a, "minilm"), (b, "minilm"), (a, "minilm-2")):
-        resp = await c.post(f"/v2/models/{name}/infer", json=text_request(["hi"]),
-                            headers=headers)  # fmt: skip
+        resp = await c.post(f"/v2/models/{name}/infer", json=text_request(["hi"]), headers=headers)
         assert resp.status == 200, await resp.text()
 
     # A process bound to a refuses another tenant's functions even if asked directly.
@@ -104,8 +116,9 @@ async def test_each_tenant_gets_its_own_process_from_the_warm_spares(pooled: Pla
     spec = FunctionSpec(name="minilm", tenant="b", model=ModelSource(builtin="all-minilm-l6-v2"))
     stray = WorkerRunRequest(spec=spec, request_id="x", inputs=[])
     with pytest.raises(NotFound):
-        await request(nc, subjects.worker("node-t", "a", subjects.WORKER_RUN), stray,
-                      InvokeReply, timeout=10)  # fmt: skip
+        await request(
+            nc, subjects.worker("node-t", "a", subjects.WORKER_RUN), stray, InvokeReply, timeout=10
+        )
 
 
 async def test_with_no_spare_ready_a_process_is_started_and_the_reply_says_so(
@@ -195,8 +208,10 @@ async def test_an_idle_exit_loses_no_request(pooled: Platform) -> None:
     assert resp.status == 200, await resp.text()
     assert resp.headers["Gpufaas-New-Process"] == "0"  # a ready spare, bound to the tenant
     assert pool.bound["default"] is not first
-    await wait_until(lambda: first not in pool.exiting and reaped(first.popen.pid),
-                     "the exited process is reaped")  # fmt: skip
+    await wait_until(
+        lambda: first not in pool.exiting and reaped(first.popen.pid),
+        "the exited process is reaped",
+    )
     assert first.popen.returncode == 0
 
 
@@ -245,8 +260,9 @@ async def test_stopped_spares_are_reaped(pooled: Platform) -> None:
     pool._refill()
     assert extra.retired
     assert extra in pool.exiting
-    await wait_until(lambda: extra not in pool.exiting and reaped(extra.popen.pid),
-                     "the stopped spare is reaped")  # fmt: skip
+    await wait_until(
+        lambda: extra not in pool.exiting and reaped(extra.popen.pid), "the stopped spare is reaped"
+    )
 
 
 def children(pid: int) -> set[int]:
@@ -271,8 +287,13 @@ def test_a_killed_pool_leaves_no_worker_behind(pool_config: Config, tmp_path: Pa
     death signal itself (``--parent-pid``)."""
     env = {**os.environ, **pool_config.to_env(), "GPUFAAS_LOG_FORMAT": "json"}
     with (tmp_path / "pool.log").open("wb") as out:
-        manager = subprocess.Popen([sys.executable, "-m", "gpufaas.worker"], env=env,
-                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        manager = subprocess.Popen(
+            [sys.executable, "-m", "gpufaas.worker"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for(lambda: bool(children(manager.pid)), 60, "the pool to start a spare")
         spares = children(manager.pid)
@@ -297,5 +318,7 @@ async def test_a_crashed_process_is_replaced_on_the_next_request(pooled: Platfor
     assert resp.status == 200, await resp.text()
     assert resp.headers["Gpufaas-Cold"] == "1"  # built again, in the spare now bound
     assert pool.bound["default"] is not crashed
-    await wait_until(lambda: crashed not in pool.exiting and crashed.id not in pool._by_id,
-                     "the crashed process is forgotten")  # fmt: skip
+    await wait_until(
+        lambda: crashed not in pool.exiting and crashed.id not in pool._by_id,
+        "the crashed process is forgotten",
+    )

@@ -121,20 +121,29 @@ async def test_bad_workflows_are_refused_at_deploy_naming_the_field(
         assert err["field"] == field
         assert words in err["error"]
 
-    cycle = {"name": "loop", "steps": [
-        {"name": "a", "function": "scorer", "inputs": {"x": "b.scores"}},
-        {"name": "b", "function": "scorer", "inputs": {"x": "a.scores"}},
-    ]}  # fmt: skip
+    cycle = {
+        "name": "loop",
+        "steps": [
+            {"name": "a", "function": "scorer", "inputs": {"x": "b.scores"}},
+            {"name": "b", "function": "scorer", "inputs": {"x": "a.scores"}},
+        ],
+    }
     await refused(cycle, 400, "steps", "cycle")
-    unknown = {"name": "w", "steps": [
-        {"name": "embed", "function": "minilm", "inputs": {"text": "$input.text"}},
-        {"name": "rank", "function": "reranker", "inputs": {"x": "embed.embedding"}},
-    ]}  # fmt: skip
+    unknown = {
+        "name": "w",
+        "steps": [
+            {"name": "embed", "function": "minilm", "inputs": {"text": "$input.text"}},
+            {"name": "rank", "function": "reranker", "inputs": {"x": "embed.embedding"}},
+        ],
+    }
     await refused(unknown, 404, "steps[1].function", "'reranker', which is not deployed")
-    mismatched = {"name": "w", "steps": [
-        {"name": "embed", "function": "minilm", "inputs": {"text": "$input.text"}},
-        {"name": "again", "function": "minilm", "inputs": {"text": "embed.embedding"}},
-    ]}  # fmt: skip
+    mismatched = {
+        "name": "w",
+        "steps": [
+            {"name": "embed", "function": "minilm", "inputs": {"text": "$input.text"}},
+            {"name": "again", "function": "minilm", "inputs": {"text": "embed.embedding"}},
+        ],
+    }
     await refused(mismatched, 400, "steps[1].inputs.text", "BYTES")
     await refused({**WORKFLOW, "slo_ms": 0.001}, 400, "slo_ms", "no configuration meets")
     await refused({**WORKFLOW, "retries": 3}, 400, "retries", "")
@@ -166,8 +175,9 @@ async def test_an_intermediate_lost_with_its_node_is_recomputed(
     c, p = two_nodes.client, two_nodes
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
     assert (await c.post("/v1/functions", json=scorer_body(scorer_dir))).status == 201
-    nodes = {n: (await (await c.get(f"/v1/functions/{n}")).json())["nodes"]
-             for n in ("minilm", "scorer")}  # fmt: skip
+    nodes = {
+        n: (await (await c.get(f"/v1/functions/{n}")).json())["nodes"] for n in ("minilm", "scorer")
+    }
     assert nodes == {"minilm": ["node-a"], "scorer": ["node-b"]}  # least loaded, then the other
     assert (await c.post("/v1/workflows", json=WORKFLOW)).status == 201
     texts = ["a dog runs in the park"]
@@ -234,8 +244,9 @@ async def test_a_workflow_whose_replica_dies_is_answered_by_another_without_reru
         assert resp.status == 200, result
         assert result["outputs"][0]["shape"] == [64]
         assert worker.repeats >= 1  # the embed step: sent twice, run once
-        np.testing.assert_allclose(result["outputs"][0]["data"],
-                                   await expected_scores(c, texts), rtol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(
+            result["outputs"][0]["data"], await expected_scores(c, texts), rtol=1e-4
+        )
     finally:
         if survivor is not None:
             p.services["scheduler"] = survivor

@@ -22,8 +22,15 @@ class Clock:
         return self.now
 
 
-def load(instances: int, *, queued: int = 0, in_flight: int = 0, capacity: int = 8,
-         service_rps: float = 0.0, function: str = "f") -> FunctionLoad:  # fmt: skip
+def load(
+    instances: int,
+    *,
+    queued: int = 0,
+    in_flight: int = 0,
+    capacity: int = 8,
+    service_rps: float = 0.0,
+    function: str = "f",
+) -> FunctionLoad:
     return FunctionLoad(function, instances, queued, in_flight, capacity, service_rps)
 
 

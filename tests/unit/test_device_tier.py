@@ -15,8 +15,12 @@ FAR = 1e9  # a lease expiry that never comes in these tests
 
 
 def model(*ids: str, nbytes: int = N) -> dict[str, TensorRef]:
-    return {f"p.{t}": TensorRef(id=t, dtype="uint8", shape=[nbytes], nbytes=nbytes, segment="s",
-                                offset=0) for t in ids}  # fmt: skip
+    return {
+        f"p.{t}": TensorRef(
+            id=t, dtype="uint8", shape=[nbytes], nbytes=nbytes, segment="s", offset=0
+        )
+        for t in ids
+    }
 
 
 def no_read(ref: TensorRef) -> memoryview:

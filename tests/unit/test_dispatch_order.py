@@ -77,15 +77,26 @@ def text(*items: bytes) -> Inputs:
 
 def request(deadline: float, *, max_batch: int | None = None) -> WorkerRunRequest:
     spec = FunctionSpec(tenant="t", name="f", model=ModelSource(builtin="all-minilm-l6-v2"))
-    return WorkerRunRequest(spec=spec, request_id="r", inputs=[], deadline=deadline,
-                            max_batch=max_batch)  # fmt: skip
+    return WorkerRunRequest(
+        spec=spec, request_id="r", inputs=[], deadline=deadline, max_batch=max_batch
+    )
 
 
 def instance(runner: Recorder | Doubler, name: str, compute_s: float = 0.0) -> Instance:
     spec = FunctionSpec(tenant="t", name=name, model=ModelSource(builtin="all-minilm-l6-v2"))
-    return Instance(spec=spec, runner=runner, device="cpu", model_bytes=0, tensor_count=0,
-                    bytes_stored=0, bytes_deduplicated=0, load_us=0, tensors=[],
-                    held=frozenset(), compute_s=compute_s)  # fmt: skip
+    return Instance(
+        spec=spec,
+        runner=runner,
+        device="cpu",
+        model_bytes=0,
+        tensor_count=0,
+        bytes_stored=0,
+        bytes_deduplicated=0,
+        load_us=0,
+        tensors=[],
+        held=frozenset(),
+        compute_s=compute_s,
+    )
 
 
 async def test_ready_batches_run_shortest_slack_first(tmp_path: Path) -> None:

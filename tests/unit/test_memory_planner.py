@@ -41,8 +41,9 @@ def src(name: str) -> ModelSource:
 def entry(
     fn: str, *, queued: int = 0, running: int = 0, deadline: float | None = None
 ) -> QueueEntry:
-    return QueueEntry(function=f"t1/{fn}", model=src(fn), queued=queued, running=running,
-                      next_deadline=deadline)  # fmt: skip
+    return QueueEntry(
+        function=f"t1/{fn}", model=src(fn), queued=queued, running=running, next_deadline=deadline
+    )
 
 
 def residency(models: list[ResidentModel], items: list[ModelItem], used: int) -> ResidencyReply:
@@ -56,20 +57,35 @@ def budget(foreign: int = 0) -> dict[str, Budget]:
 
 def test_views_of_several_replicas_are_summed_per_function() -> None:
     a = QueueView(replica="r1", node="n", at=NOW, entries=[entry("f", queued=2, deadline=NOW + 5)])
-    b = QueueView(replica="r2", node="n", at=NOW,
-                  entries=[entry("f", queued=3, running=1, deadline=NOW + 2), entry("g")])  # fmt: skip
+    b = QueueView(
+        replica="r2",
+        node="n",
+        at=NOW,
+        entries=[entry("f", queued=3, running=1, deadline=NOW + 2), entry("g")],
+    )
     f, g = merge_views([a, b])
     assert (f.function, f.queued, f.running, f.next_deadline) == ("t1/f", 5, 1, NOW + 2)
     assert (g.function, g.tenant, g.next_deadline) == ("t1/g", "t1", None)
 
 
 def test_expected_starts_follow_the_queue_and_the_deadlines() -> None:
-    demands = merge_views([QueueView(replica="r", node="n", at=NOW, entries=[
-        entry("late", queued=1),  # no deadline: last
-        entry("first", queued=100, deadline=NOW + 1),
-        entry("capped", queued=1, deadline=NOW + 2),  # behind 100, but due by its deadline
-        entry("idle", running=1),  # nothing queued: not in the queue
-    ])])  # fmt: skip
+    demands = merge_views(
+        [
+            QueueView(
+                replica="r",
+                node="n",
+                at=NOW,
+                entries=[
+                    entry("late", queued=1),  # no deadline: last
+                    entry("first", queued=100, deadline=NOW + 1),
+                    entry(
+                        "capped", queued=1, deadline=NOW + 2
+                    ),  # behind 100, but due by its deadline
+                    entry("idle", running=1),  # nothing queued: not in the queue
+                ],
+            )
+        ]
+    )
     items = [ModelItem(item=d.function.split("/")[1], nbytes=MIB, known=True) for d in demands]
     plan = build(NOW, demands, residency([], items, 0), budget())
     (gpu,) = plan.state.devices
@@ -83,18 +99,25 @@ def test_expected_starts_follow_the_queue_and_the_deadlines() -> None:
 
 
 def test_bytes_that_are_not_models_are_pinned_and_shared_tensors_not_counted_twice() -> None:
-    models = [ResidentModel(item="m", nbytes=10 * MIB, last_used=1.0, leased=False),
-              ResidentModel(item="k", nbytes=5 * MIB, last_used=2.0, leased=True)]  # fmt: skip
+    models = [
+        ResidentModel(item="m", nbytes=10 * MIB, last_used=1.0, leased=False),
+        ResidentModel(item="k", nbytes=5 * MIB, last_used=2.0, leased=True),
+    ]
     # 3 MiB of the store's copies belong to no complete model; 7 MiB are other owners' blocks.
     plan = build(NOW, [], residency(models, [], 18 * MIB), budget(foreign=7 * MIB))
     (gpu,) = plan.state.devices
-    assert {r.id: r.nbytes for r in gpu.resident} == {"m": 10 * MIB, "k": 5 * MIB,
-                                                      OTHER_ITEM: 10 * MIB}  # fmt: skip
+    assert {r.id: r.nbytes for r in gpu.resident} == {
+        "m": 10 * MIB,
+        "k": 5 * MIB,
+        OTHER_ITEM: 10 * MIB,
+    }
     assert gpu.running == (RunningRequest(PINNED, (OTHER_ITEM, "k")),)
     assert gpu.capacity_bytes == 100 * MIB
     # Two models sharing 4 MiB of tensors: 12 MiB stored, 16 MiB counted; 4 MiB given back.
-    shared = [ResidentModel(item="m", nbytes=8 * MIB, last_used=1.0, leased=False),
-              ResidentModel(item="v", nbytes=8 * MIB, last_used=2.0, leased=False)]  # fmt: skip
+    shared = [
+        ResidentModel(item="m", nbytes=8 * MIB, last_used=1.0, leased=False),
+        ResidentModel(item="v", nbytes=8 * MIB, last_used=2.0, leased=False),
+    ]
     (gpu,) = build(NOW, [], residency(shared, [], 12 * MIB), budget()).state.devices
     assert gpu.capacity_bytes == 104 * MIB
     assert OTHER_ITEM not in {r.id for r in gpu.resident}
@@ -102,14 +125,29 @@ def test_bytes_that_are_not_models_are_pinned_and_shared_tensors_not_counted_twi
 
 
 def test_a_function_runs_where_its_model_is_leased_and_unknown_models_are_skipped() -> None:
-    demands = merge_views([QueueView(replica="r", node="n", at=NOW, entries=[
-        entry("f", queued=1, running=1), entry("gone", queued=1),
-    ])])  # fmt: skip
-    items = [ModelItem(item="mf", nbytes=MIB, known=True),
-             ModelItem(item="", nbytes=0, known=False, error="no such model")]  # fmt: skip
-    gpu1 = DeviceResidency(device="gpu:1", capacity_bytes=100 * MIB, used_bytes=MIB,
-                           models=[ResidentModel(item="mf", nbytes=MIB, last_used=1.0,
-                                                 leased=True)])  # fmt: skip
+    demands = merge_views(
+        [
+            QueueView(
+                replica="r",
+                node="n",
+                at=NOW,
+                entries=[
+                    entry("f", queued=1, running=1),
+                    entry("gone", queued=1),
+                ],
+            )
+        ]
+    )
+    items = [
+        ModelItem(item="mf", nbytes=MIB, known=True),
+        ModelItem(item="", nbytes=0, known=False, error="no such model"),
+    ]
+    gpu1 = DeviceResidency(
+        device="gpu:1",
+        capacity_bytes=100 * MIB,
+        used_bytes=MIB,
+        models=[ResidentModel(item="mf", nbytes=MIB, last_used=1.0, leased=True)],
+    )
     reply = ResidencyReply(node="n", owner="s", devices=[gpu1], models=items)
     budgets = {d: Budget(d, 100 * MIB, 10e9, 0) for d in ("gpu:0", "gpu:1")}
     plan = build(NOW, demands, reply, budgets)
@@ -142,10 +180,26 @@ def tube(tid: str, position: int, mib: int = 1) -> QueuedTube:
 
 
 def test_input_tubes_are_items_of_the_request_at_their_position() -> None:
-    one = QueueView(replica="r1", node="n", at=NOW, entries=[msgspec.structs.replace(
-        entry("f", queued=3, deadline=NOW + 5), tubes=[tube("x", 0), tube("y", 2)])])  # fmt: skip
-    two = QueueView(replica="r2", node="n", at=NOW, entries=[msgspec.structs.replace(
-        entry("f", queued=1, deadline=NOW + 5), tubes=[tube("y", 0), tube("late", 9)])])  # fmt: skip
+    one = QueueView(
+        replica="r1",
+        node="n",
+        at=NOW,
+        entries=[
+            msgspec.structs.replace(
+                entry("f", queued=3, deadline=NOW + 5), tubes=[tube("x", 0), tube("y", 2)]
+            )
+        ],
+    )
+    two = QueueView(
+        replica="r2",
+        node="n",
+        at=NOW,
+        entries=[
+            msgspec.structs.replace(
+                entry("f", queued=1, deadline=NOW + 5), tubes=[tube("y", 0), tube("late", 9)]
+            )
+        ],
+    )
     (f,) = merge_views([one, two])
     assert [(t.id, t.position) for t in f.tubes] == [("x", 0), ("y", 0), ("late", 9)]
     resident_tube = Resident(tube_item("old"), 2 * MIB, 5.0)  # a block of the pool, no reader
@@ -163,7 +217,9 @@ def test_input_tubes_are_items_of_the_request_at_their_position() -> None:
     later = dataclasses.replace(f, tubes=(tube("x", 0), tube("z", 2)))
     (gpu,) = build(NOW, [later], residency([], [item], 0), budgets).state.devices
     assert [(q.id, [i.id for i in q.items]) for q in gpu.queue] == [
-        ("t1/f", ["f", tube_item("x")]), ("t1/f#2", ["f", tube_item("z")])]  # fmt: skip
+        ("t1/f", ["f", tube_item("x")]),
+        ("t1/f#2", ["f", tube_item("z")]),
+    ]
     assert gpu.queue[1].expected_start_s == pytest.approx(NOW + 2 * TYPICAL_COMPUTE_S)
     assert plan.demand_of["t1/f"].function == "t1/f"
 
@@ -172,12 +228,27 @@ def test_input_tubes_are_items_of_the_request_at_their_position() -> None:
     (gpu,) = build(NOW, [sent], residency([], [item], 0), budgets).state.devices
     assert [[i.id for i in q.items] for q in gpu.queue] == [["f"]]
     assert gpu.running == (RunningRequest(PINNED, (tube_item("x"),)),)
-    both = merge_views([
-        QueueView(replica="r1", node="n", at=NOW, entries=[msgspec.structs.replace(
-            entry("f", queued=1), tubes=[tube("x", 0)])]),
-        QueueView(replica="r2", node="n", at=NOW, entries=[msgspec.structs.replace(
-            entry("f", running=1), tubes=[msgspec.structs.replace(tube("x", 3), running=True)])]),
-    ])  # fmt: skip
+    both = merge_views(
+        [
+            QueueView(
+                replica="r1",
+                node="n",
+                at=NOW,
+                entries=[msgspec.structs.replace(entry("f", queued=1), tubes=[tube("x", 0)])],
+            ),
+            QueueView(
+                replica="r2",
+                node="n",
+                at=NOW,
+                entries=[
+                    msgspec.structs.replace(
+                        entry("f", running=1),
+                        tubes=[msgspec.structs.replace(tube("x", 3), running=True)],
+                    )
+                ],
+            ),
+        ]
+    )
     assert [(t.id, t.running) for t in both[0].tubes] == [("x", True)]
 
     # Tubes that do not fit beside the model are read from the host: never a rejection.

@@ -64,14 +64,20 @@ def test_items_free_to_drop_go_before_those_that_must_be_copied_out() -> None:
     # later but free to drop, goes instead.
     gpu_only = Resident("tube:x", 2 * GB, 1.0, swap_bytes=2 * GB)
     weights = Resident("m", 2 * GB, 5.0)
-    state = MemoryState((DeviceState("gpu:0", 4 * GB, BPS, (gpu_only, weights,
-                                     Resident("k", 2 * GB, 9.0))),))  # fmt: skip
+    state = MemoryState(
+        (DeviceState("gpu:0", 4 * GB, BPS, (gpu_only, weights, Resident("k", 2 * GB, 9.0))),)
+    )
     assert [e.item for e in reconcile(100.0, state).evict] == ["m"]
     # Among items queued requests need, too: the free one needed sooner goes before the
     # costly one needed later.
     queue = (queued("r1", 130.0, ("tube:x", 2)), queued("r2", 120.0, ("m", 2)))
-    state = MemoryState((DeviceState("gpu:0", 4 * GB, BPS, (gpu_only, weights,
-                                     Resident("k", 2 * GB, 9.0)), (), queue),))  # fmt: skip
+    state = MemoryState(
+        (
+            DeviceState(
+                "gpu:0", 4 * GB, BPS, (gpu_only, weights, Resident("k", 2 * GB, 9.0)), (), queue
+            ),
+        )
+    )
     actions = reconcile(100.0, state)
     assert [(e.item, e.reason) for e in actions.evict] == [("k", "unneeded")]
     state = MemoryState((DeviceState("gpu:0", 2 * GB, BPS, (gpu_only, weights), (), queue),))

@@ -270,15 +270,17 @@ def test_a_restored_host_pool_keeps_its_files_and_their_bytes(tmp_path: Path) ->
     with path.open("r+b") as f:
         f.seek(a.offset)
         f.write(b"swapped")
-    again = SegmentPool("host", 4 * SEG, HostBackend(tmp_path / "segments"), segment_bytes=SEG,
-                        clock=FakeClock())  # fmt: skip
+    again = SegmentPool(
+        "host", 4 * SEG, HostBackend(tmp_path / "segments"), segment_bytes=SEG, clock=FakeClock()
+    )
     again.restore(pool.segments(), pool.allocations())
     with path.open("rb") as f:
         f.seek(a.offset)
         assert f.read(7) == b"swapped"
     path.unlink()  # a segment whose file is gone is made anew, whole
-    third = SegmentPool("host", 4 * SEG, HostBackend(tmp_path / "segments"), segment_bytes=SEG,
-                        clock=FakeClock())  # fmt: skip
+    third = SegmentPool(
+        "host", 4 * SEG, HostBackend(tmp_path / "segments"), segment_bytes=SEG, clock=FakeClock()
+    )
     third.restore(pool.segments(), pool.allocations())
     assert path.stat().st_size == SEG
 

@@ -157,15 +157,23 @@ def test_cuda_defaults_are_large_aligned_segments() -> None:
 
 def test_an_allocation_carries_its_handle_and_offset_both_ways() -> None:
     handle = bytes(range(64))
-    a = MemAllocation(id=3, device="gpu:0", segment="s1", offset=4096, nbytes=10, owner="o",
-                      handle=handle)  # fmt: skip
+    a = MemAllocation(
+        id=3, device="gpu:0", segment="s1", offset=4096, nbytes=10, owner="o", handle=handle
+    )
     assert decode(encode(a), MemAllocation) == a
     assert decode_json(encode_json(a), MemAllocation) == a  # as kept in KV
 
 
 def test_an_old_sender_s_allocation_still_decodes() -> None:
-    old = {"type": "mem_allocation.v1", "id": 1, "device": "gpu:0", "segment": "s",
-           "offset": 512, "nbytes": 9, "owner": "o"}  # fmt: skip
+    old = {
+        "type": "mem_allocation.v1",
+        "id": 1,
+        "device": "gpu:0",
+        "segment": "s",
+        "offset": 512,
+        "nbytes": 9,
+        "owner": "o",
+    }
     a = decode(msgspec.msgpack.encode(old), MemAllocation)
     assert (a.handle, a.offset) == (None, 512)
     assert decode_json(msgspec.json.encode(old), MemAllocation).handle is None
@@ -173,8 +181,13 @@ def test_an_old_sender_s_allocation_still_decodes() -> None:
 
 def test_device_segments_say_where_the_block_starts() -> None:
     seg = DeviceSegment(id="t1", nbytes=4096 + 100, ipc_handle=b"h" * 64, offset=4096)
-    placed = DevicePlacement(device="gpu:0", refs={"x": DeviceRef(segment="t1", offset=4096 + 0)},
-                             segments=[seg], bytes_copied=100, used_bytes=100)  # fmt: skip
+    placed = DevicePlacement(
+        device="gpu:0",
+        refs={"x": DeviceRef(segment="t1", offset=4096 + 0)},
+        segments=[seg],
+        bytes_copied=100,
+        used_bytes=100,
+    )
     assert decode(encode(placed), DevicePlacement) == placed
     old = {"type": "device_segment.v1", "id": "t1", "nbytes": 100, "ipc_handle": b"h" * 64}
     assert decode(msgspec.msgpack.encode(old), DeviceSegment).offset == 0

@@ -12,8 +12,15 @@ pytestmark = pytest.mark.unit
 GB = 10**9
 
 
-def view(node: str, *, warm: bool = False, theta: float = 0.0, load: int = 0,
-         free: int | None = 10 * GB, to_load: int = GB) -> NodeView:  # fmt: skip
+def view(
+    node: str,
+    *,
+    warm: bool = False,
+    theta: float = 0.0,
+    load: int = 0,
+    free: int | None = 10 * GB,
+    to_load: int = GB,
+) -> NodeView:
     return NodeView(node, warm, theta, to_load, load, free)
 
 

@@ -572,10 +572,24 @@ def test_check_shape_and_sizes() -> None:
 DGX1_NVLINK = {
     frozenset({f"gpu:{a}", f"gpu:{b}"})
     for a, b in [
-        (0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 5), (2, 3),
-        (2, 6), (3, 7), (4, 5), (4, 6), (4, 7), (5, 6), (5, 7), (6, 7),
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (0, 4),
+        (1, 2),
+        (1, 3),
+        (1, 5),
+        (2, 3),
+        (2, 6),
+        (3, 7),
+        (4, 5),
+        (4, 6),
+        (4, 7),
+        (5, 6),
+        (5, 7),
+        (6, 7),
     ]
-}  # fmt: skip
+}
 
 
 def test_parse_devices_sim_2() -> None:
@@ -610,9 +624,18 @@ def test_parse_devices_normalises_and_takes_a_topology() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "topology"),
-    [("sim:0", ""), ("sim:99", ""), ("sim:-1", ""), ("sim:x", ""), ("sim:", ""), ("sim:2", "pcie-1gpu"),
-     ("bogus", ""), ("", ""), ("gpu", "")],
-)  # fmt: skip
+    [
+        ("sim:0", ""),
+        ("sim:99", ""),
+        ("sim:-1", ""),
+        ("sim:x", ""),
+        ("sim:", ""),
+        ("sim:2", "pcie-1gpu"),
+        ("bogus", ""),
+        ("", ""),
+        ("gpu", ""),
+    ],
+)
 def test_parse_devices_rejects_bad_specs(spec: str, topology: str) -> None:
     with pytest.raises(InvalidArgument, match="devices") as info:
         parse_devices(spec, topology)
@@ -757,9 +780,13 @@ def test_resolve_builtin_that_is_not_installed(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(
         catalog.BUILTIN,
         "ghost",
-        Packaged(package="gpufaas_no_such_package", subdir="model", architecture="bert-embedding",
-                 pip="pip install ghost"),
-    )  # fmt: skip
+        Packaged(
+            package="gpufaas_no_such_package",
+            subdir="model",
+            architecture="bert-embedding",
+            pip="pip install ghost",
+        ),
+    )
     with pytest.raises(ModelInvalid, match="pip install ghost") as info:
         resolve_model_dir(ModelSource(builtin="ghost"))
     assert info.value.field == "model.builtin"
@@ -801,8 +828,9 @@ def test_tube_write_read_delete(tmp_path: Path) -> None:
     segment = shm.host_pool_segment("n1", "seg1")
     (tmp_path / segment).parent.mkdir(parents=True)
     (tmp_path / segment).write_bytes(b"\0" * 64)
-    pooled = msgspec.structs.replace(other, placements=[
-        messages.Placement(node="n1", tier="host", segment=segment, offset=32)])  # fmt: skip
+    pooled = msgspec.structs.replace(
+        other, placements=[messages.Placement(node="n1", tier="host", segment=segment, offset=32)]
+    )
     delete_tube(tmp_path, pooled)
     assert (tmp_path / segment).stat().st_size == 64
 
@@ -887,8 +915,9 @@ def test_released_tube_files_are_reused_and_cut_to_the_new_tube(tmp_path: Path) 
     def tube_file(t: Tube) -> Path:
         return tmp_path / t.placements[0].segment
 
-    first = write_tube(tmp_path, "n", "a", datatype="UINT8", shape=[0],
-                       data=b"\x01" * (POOL_MIN_BYTES + 100))  # fmt: skip
+    first = write_tube(
+        tmp_path, "n", "a", datatype="UINT8", shape=[0], data=b"\x01" * (POOL_MIN_BYTES + 100)
+    )
     inode = tube_file(first).stat().st_ino
     delete_tube(tmp_path, first)
     assert not tube_file(first).exists()

@@ -17,8 +17,14 @@ pytestmark = pytest.mark.unit
 def segment(root: Path, name: str, values: list[float]) -> TensorRef:
     data = torch.tensor(values, dtype=torch.float32).numpy().tobytes()
     write_segment(root, name, [data])
-    return TensorRef(id=f"id-{name}", dtype="float32", shape=[len(values)], nbytes=len(data),
-                     segment=name, offset=0)  # fmt: skip
+    return TensorRef(
+        id=f"id-{name}",
+        dtype="float32",
+        shape=[len(values)],
+        nbytes=len(data),
+        segment=name,
+        offset=0,
+    )
 
 
 def test_instances_share_views_and_the_last_one_unmaps(tmp_path: Path) -> None:

@@ -359,9 +359,16 @@ def test_safetensors_file_views_without_copying(tmp_path: Path) -> None:
         {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]},  # accepted
         {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]},  # accepted
     ],
-    ids=["str-offsets", "str-dim", "int-shape", "list-dtype", "negative-dims", "float-dim",
-         "float-offsets"],
-)  # fmt: skip
+    ids=[
+        "str-offsets",
+        "str-dim",
+        "int-shape",
+        "list-dtype",
+        "negative-dims",
+        "float-dim",
+        "float-offsets",
+    ],
+)
 def test_malformed_header_types_raise_model_invalid(
     meta: dict[str, Any], store: HostStore, tmp_path: Path
 ) -> None:
@@ -374,6 +381,7 @@ def test_malformed_header_types_raise_model_invalid(
 def test_the_store_process_does_not_import_torch() -> None:
     # torch costs a node ~180 MiB; the store needs it only to copy to a real GPU.
     code = "import sys, gpufaas.tensorstore.service; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
     assert out.stdout.strip() == "False"

@@ -29,8 +29,9 @@ print(sorted(m for m in ("torch", "numpy", "tokenizers") if m in sys.modules))
 
 
 def test_the_pool_manager_never_imports_torch() -> None:
-    out = subprocess.run([sys.executable, "-c", POOL_IMPORTS], capture_output=True, text=True,
-                         check=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", POOL_IMPORTS], capture_output=True, text=True, check=True, timeout=60
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
@@ -39,9 +40,21 @@ def test_a_process_whose_pool_is_gone_exits_at_once() -> None:
     child asked for its death signal): it exits before importing anything heavy."""
     not_parent = 1 if os.getpid() != 1 else 2
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "gpufaas.worker",
-                          "--parent-pid", str(not_parent)],
-                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "gpufaas.worker",
+            "--parent-pid",
+            str(not_parent),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 1, out.stderr[-2000:]
     assert "| torch" not in out.stderr  # importtime lists every module imported
     assert time.monotonic() - t0 < 30
@@ -61,9 +74,17 @@ def test_a_spare_warms_the_builtin_tokenizer_for_the_instances_it_builds_later()
 def test_the_warm_up_forward_needs_no_model_weights() -> None:
     """Random weights of the model's widths, one layer and a small vocabulary: a model
     with a 30k vocabulary and six layers warms with a fraction of its parameters."""
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_layers=6, num_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, type_vocab_size=2,
-                        layer_norm_eps=1e-12, max_seq_length=32)  # fmt: skip
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_layers=6,
+        num_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        max_seq_length=32,
+    )
     grad = torch.is_grad_enabled()
     warm_up(config)  # 2.4 M parameters in full, and no weights file anywhere
     assert torch.is_grad_enabled() == grad
