@@ -203,7 +203,9 @@ class Bucket(Generic[T]):
                 out.append(entry)
         return out
 
-    async def watch(self, keys: str = ">") -> AsyncIterator[tuple[str, T | None]]:
+    async def watch(
+        self, keys: str = ">", on_skip: Callable[[], None] | None = None
+    ) -> AsyncIterator[tuple[str, T | None]]:
         """Follow the bucket: ``(key, value)`` for each put, ``(key, None)`` for a delete.
 
         Malformed records are logged, counted and skipped; the iterator ends only when
@@ -221,6 +223,8 @@ class Bucket(Generic[T]):
                 value = self._decode(entry.key, entry.value)
                 if value is not None:
                     yield entry.key, value
+                elif on_skip is not None:
+                    on_skip()
         finally:
             # Bounded: while NATS is reconnecting an unsubscribe can wait a long time.
             with contextlib.suppress(Exception):

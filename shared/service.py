@@ -449,18 +449,18 @@ class Service:
         again after a backoff."""
         stats = self.loop_stats.setdefault(name, LoopCounter(name))
 
+        def skipped() -> None:
+            stats.skipped += 1
+
         async def follow() -> None:
             while self.looping:
-                skipped = MALFORMED.get(bucket.name, 0)
                 try:
-                    async for key, value in bucket.watch(keys):
+                    async for key, value in bucket.watch(keys, skipped):
                         on_change(key, value)
                         stats.ok()
                 except TRANSIENT as exc:
                     stats.failed(exc)
                     log.warning("watch.failed", watch=name, error=repr(exc))
-                finally:
-                    stats.skipped += MALFORMED.get(bucket.name, 0) - skipped
                 await asyncio.sleep(stats.backoff(0.1, LOOP_BACKOFF_CAP_S))
 
         return self.spawn(follow(), name)
