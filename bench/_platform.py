@@ -1,4 +1,4 @@
-"""What the benchmarks share: start, poll and stop ``gpufaas up``, statistics, the machine.
+"""What the benchmarks share: the platform (``gpufaas up``, NATS), statistics, the machine.
 
 Scripts here use it as ``import _platform as harness``: ``python bench/x.py`` puts
 ``bench/`` on ``sys.path`` (and mypy, given the ``bench`` folder, finds it the same way).
@@ -8,109 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import http.client
 import os
 import platform
-import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
 
-from gpufaas.shared.config import default_shm_dir
+from gpufaas.launch import HOST, Up, free_ports, http_status, log_tail
 
-HOST = "127.0.0.1"
-READY_LINE = "Press Ctrl-C to stop."
-STOP_TIMEOUT_S = 60.0
+__all__ = ["HOST", "Platform", "free_ports", "http_status", "log_tail"]
 
 
 # --- the platform -------------------------------------------------------------------
 
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free a moment ago (bound together, then released)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def http_status(port: int, path: str) -> int | None:
-    """Status of ``GET path``, or None when nothing answers yet."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=2)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-    except OSError:
-        return None
-    else:
-        return resp.status
-    finally:
-        conn.close()
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of a log file, or a note that there is none."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no output)"
-
-
-@dataclass
-class Platform:
-    """A running ``gpufaas up``: its process, gateway port, log and data directory."""
-
-    proc: subprocess.Popen[bytes]
-    http_port: int
-    log_path: Path
-    data_dir: Path
-
-    @property
-    def shm_dir(self) -> Path:
-        """This platform's shared-memory directory (the host tier's segments live below it)."""
-        return default_shm_dir() / f"up-{self.http_port}"
-
-
-def start_platform(
-    data_dir: Path, log_path: Path, *, demo: bool = False, devices: str = "cpu"
-) -> Platform:
-    """Start ``gpufaas up --devices <devices>`` (``--demo`` if asked) on free ports, logging
-    to a file."""
-    http_port, nats_port = free_ports(2)
-    argv = [
-        str(Path(sys.executable).parent / "gpufaas"),
-        "up",
-        "--http-port",
-        str(http_port),
-        "--nats-port",
-        str(nats_port),
-        "--data-dir",
-        str(data_dir),
-        "--devices",
-        devices,
-    ]
-    if demo:
-        argv.append("--demo")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
-    return Platform(proc, http_port, log_path, data_dir)
+# ``gpufaas up`` itself is started, awaited and stopped by ``gpufaas.launch`` (the e2e tests
+# use it too): ``Platform.start(data_dir, "--demo", ...)``, ``.wait_ready``, ``.stop``.
+Platform = Up
 
 
 def start_nats(
@@ -136,48 +54,6 @@ def start_nats(
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=0.02)  # the poll interval, cut short if it exits
     return proc, f"nats://{HOST}:{port}", log_path
-
-
-def wait_ready(plat: Platform, timeout_s: float, ready: Callable[[int], bool]) -> float:
-    """Poll until up has printed that it is up, the gateway is ready and ``ready(port)`` holds.
-
-    Returns the seconds taken; raises if up exits first or ``timeout_s`` passes.
-    """
-    t0 = time.monotonic()
-    deadline = t0 + timeout_s
-    while True:
-        if plat.proc.poll() is not None:
-            raise RuntimeError(
-                f"gpufaas up exited with status {plat.proc.returncode} before it was ready:\n"
-                f"{log_tail(plat.log_path)}"
-            )
-        if (
-            READY_LINE in plat.log_path.read_text(errors="replace")
-            and http_status(plat.http_port, "/v2/health/ready") == 200
-            and ready(plat.http_port)
-        ):
-            return time.monotonic() - t0
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"gpufaas up not ready after {timeout_s:.0f} s:\n{log_tail(plat.log_path)}"
-            )
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            plat.proc.wait(timeout=0.2)  # the poll interval, cut short if the process exits
-
-
-def stop_platform(plat: Platform) -> int:
-    """SIGTERM and wait for exit (SIGKILL only if it does not stop in time); exit status."""
-    if plat.proc.poll() is None:
-        plat.proc.send_signal(signal.SIGTERM)
-        try:
-            return plat.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            print(
-                f"gpufaas up ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s; killing it",
-                file=sys.stderr,
-            )
-            plat.proc.kill()
-    return plat.proc.wait()
 
 
 def terminate(signum: int, frame: FrameType | None) -> None:

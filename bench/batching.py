@@ -185,11 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="gpufaas-bench-"))
     plat: harness.Platform | None = None
     try:
-        plat = harness.start_platform(
-            data_dir, data_dir / "up.log", demo=True, devices=args.devices
-        )
-        took = harness.wait_ready(
-            plat,
+        plat = harness.Platform.start(data_dir, "--demo", "--devices", args.devices)
+        took = plat.wait_ready(
             args.ready_timeout,
             lambda port: harness.http_status(port, f"/v2/models/{BATCHED}/ready") == 200,
         )
@@ -197,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds = asyncio.run(measure(plat.http_port, args))
     finally:
         if plat is not None:
-            status = harness.stop_platform(plat)
+            status = plat.stop()
             if status != 0:
                 print(harness.log_tail(plat.log_path), file=sys.stderr)
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -115,33 +115,10 @@ POLL_S = 0.1  # how often the waits look at the platform (each look walks /proc)
 
 def start_platform(data_dir: Path, *, demo: bool, env: dict[str, str]) -> harness.Platform:
     """``gpufaas up --devices cpu`` (``--demo`` if asked) on free ports with ``env`` added
-    (harness.start_platform, plus the environment: GPUFAAS_* settings pass through up)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    http_port, nats_port = harness.free_ports(2)
-    argv = [
-        str(Path(sys.executable).parent / "gpufaas"),
-        "up",
-        "--http-port",
-        str(http_port),
-        "--nats-port",
-        str(nats_port),
-        "--data-dir",
-        str(data_dir),
-        "--devices",
-        "cpu",
-    ]
-    if demo:
-        argv.append("--demo")
-    log_path = data_dir / "up.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-        )
-    return harness.Platform(proc, http_port, log_path, data_dir)
+    (GPUFAAS_* settings pass through up)."""
+    return harness.Platform.start(
+        data_dir, "--devices", "cpu", *(["--demo"] if demo else []), env=env
+    )
 
 
 def demo_ready(port: int) -> bool:
@@ -1066,7 +1043,7 @@ def run_resident(
     emb_a: list[float] = []
     emb_c: list[float] = []
     try:
-        took = harness.wait_ready(plat, args.ready_timeout, demo_ready)
+        took = plat.wait_ready(args.ready_timeout, demo_ready)
         print(
             f"\nplatform {name}: gpufaas up --demo --devices cpu on port {plat.http_port}, "
             f"ready in {took:.1f} s; {' '.join(f'{k}={v}' for k, v in env.items())}"
@@ -1100,7 +1077,7 @@ def run_resident(
         warm_ups = spare_warm_ups(plat)
         memory = idle_memory(plat, "pool" if pool else "shared")
     finally:
-        status = harness.stop_platform(plat)
+        status = plat.stop()
         print(f"platform {name} stopped (exit status {status})")
     return ResidentPhase(a, c, memory, emb_a, emb_c, warm_ups)
 
@@ -1111,7 +1088,7 @@ def run_not_resident(args: argparse.Namespace, data_dir: Path, base_dir: Path) -
     plat = start_platform(data_dir / "not-resident", demo=False, env=FREE_ENV)
     b: list[ColdRun] = []
     try:
-        took = harness.wait_ready(plat, args.ready_timeout, ts.worker_listed)
+        took = plat.wait_ready(args.ready_timeout, ts.worker_listed)
         print(
             f"\nplatform (b): gpufaas up --devices cpu on port {plat.http_port}, ready in "
             f"{took:.1f} s; {' '.join(f'{k}={v}' for k, v in FREE_ENV.items())}"
@@ -1138,7 +1115,7 @@ def run_not_resident(args: argparse.Namespace, data_dir: Path, base_dir: Path) -
             shutil.rmtree(out, ignore_errors=True)
         add_build_times(plat, b)
     finally:
-        status = harness.stop_platform(plat)
+        status = plat.stop()
         print(f"platform (b) stopped (exit status {status})")
     return b
 

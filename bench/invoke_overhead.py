@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     gw: Gateway | None = None
     results: list[BatchResult] = []
     try:
-        plat = harness.start_platform(data_dir, data_dir / "up.log", demo=True)
-        took = harness.wait_ready(plat, args.ready_timeout, function_ready)
+        plat = harness.Platform.start(data_dir, "--demo", "--devices", "cpu")
+        took = plat.wait_ready(args.ready_timeout, function_ready)
         print(
             f"platform: gpufaas up --demo --devices cpu on port {plat.http_port}, ready in {took:.1f} s"
         )
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if gw is not None:
             gw.close()
         if plat is not None:
-            status = harness.stop_platform(plat)
+            status = plat.stop()
             print(f"platform stopped (exit status {status})")
             if status != 0:
                 print(harness.log_tail(plat.log_path), file=sys.stderr)

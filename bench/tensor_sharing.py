@@ -672,9 +672,9 @@ def prepare_models(args: argparse.Namespace, data_dir: Path) -> Models:
 def run(args: argparse.Namespace, data_dir: Path) -> tuple[MemoryResult, ColdResult]:
     models = prepare_models(args, data_dir)
     base_dir, variant_dirs, model_dirs = models.base_dir, models.variant_dirs, models.dirs
-    plat = harness.start_platform(data_dir, data_dir / "up.log")
+    plat = harness.Platform.start(data_dir, "--devices", "cpu")
     try:
-        took = harness.wait_ready(plat, args.ready_timeout, worker_listed)
+        took = plat.wait_ready(args.ready_timeout, worker_listed)
         print(f"platform: gpufaas up --devices cpu on port {plat.http_port}, ready in {took:.1f} s")
         idle = measure_platform(plat)
 
@@ -698,7 +698,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> tuple[MemoryResult, ColdRes
         cold_events = deployed_events(plat.http_port, resident_names)
         raw["deploy_load"] = [cold_events[n]["load_us"] / 1e3 for n in resident_names]
     finally:
-        status = harness.stop_platform(plat)
+        status = plat.stop()
         print(f"platform stopped (exit status {status})")
         if status != 0:
             print(harness.log_tail(plat.log_path), file=sys.stderr)

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -140,17 +140,34 @@ def status(url: GatewayUrl = DEFAULT_URL) -> None:
         functions = call(f"{url}/v1/functions")["functions"]
     except ApiError as exc:
         raise _fail(str(exc)) from None
-    t = Table(title="nodes")
-    for col in ("node", "services", "devices"):
+    console.print(_nodes_table(nodes))
+    console.print(_store_table(nodes))
+    memory = _memory_table(nodes)
+    if memory.row_count:  # nodes without GPUs have no pools
+        console.print(memory)
+    console.print(_functions_table(functions))
+
+
+def _table(title: str, *columns: str) -> Table:
+    t = Table(title=title)
+    for col in columns:
         t.add_column(col)
+    return t
+
+
+def _nodes_table(nodes: list[dict[str, Any]]) -> Table:
+    t = _table("nodes", "node", "services", "devices")
     for n in nodes:
         devs = ", ".join(
             f"{d['name']} ({d['kind']}, {d['memory_bytes'] / 2**30:.0f} GiB)" for d in n["devices"]
         )
         t.add_row(n["node"], ", ".join(n["services"]), devs)
-    console.print(t)
-    s = Table(title="tensor store (each tensor stored once per tier per node)")
-    for col in (
+    return t
+
+
+def _store_table(nodes: list[dict[str, Any]]) -> Table:
+    t = _table(
+        "tensor store (each tensor stored once per tier per node)",
         "node",
         "tier",
         "tensors",
@@ -158,13 +175,12 @@ def status(url: GatewayUrl = DEFAULT_URL) -> None:
         "stored MiB",
         "private copies MiB",
         "saved",
-    ):
-        s.add_column(col)
+    )
     for n in nodes:
         for tier, st in (n.get("tensor_store") or {}).items():
             private = st["bytes_without_sharing"]
             saved = f"{1 - st['bytes_referenced'] / private:.0%}" if private else "-"
-            s.add_row(
+            t.add_row(
                 n["node"],
                 tier,
                 str(st["tensors"]),
@@ -173,11 +189,12 @@ def status(url: GatewayUrl = DEFAULT_URL) -> None:
                 f"{private / 2**20:.1f}",
                 saved,
             )
-    console.print(s)
-    m = Table(
-        title="memory (per device: segments held, blocks in them, room held for intermediates)"
-    )
-    for col in (
+    return t
+
+
+def _memory_table(nodes: list[dict[str, Any]]) -> Table:
+    t = _table(
+        "memory (per device: segments held, blocks in them, room held for intermediates)",
         "node",
         "device",
         "capacity GiB",
@@ -185,11 +202,10 @@ def status(url: GatewayUrl = DEFAULT_URL) -> None:
         "blocks MiB",
         "held MiB",
         "fragmentation",
-    ):
-        m.add_column(col)
+    )
     for n in nodes:
         for device, p in ((n.get("memory") or {}).get("pools") or {}).items():
-            m.add_row(
+            t.add_row(
                 n["node"],
                 device,
                 f"{p['capacity_bytes'] / 2**30:.1f}",
@@ -198,21 +214,21 @@ def status(url: GatewayUrl = DEFAULT_URL) -> None:
                 f"{p['held_bytes'] / 2**20:.1f}",
                 f"{p['fragmentation']:.0%}",
             )
-    if m.row_count:  # nodes without GPUs have no pools
-        console.print(m)
-    f = Table(title="functions")
-    for col in ("name", "tenant", "model", "nodes", "MiB"):
-        f.add_column(col)
+    return t
+
+
+def _functions_table(functions: list[dict[str, Any]]) -> Table:
+    t = _table("functions", "name", "tenant", "model", "nodes", "MiB")
     for r in functions:
-        m = r["spec"]["model"]
-        f.add_row(
+        model = r["spec"]["model"]
+        t.add_row(
             r["spec"]["name"],
             r["spec"]["tenant"],
-            m.get("builtin") or m.get("path") or "",
+            model.get("builtin") or model.get("path") or "",
             ", ".join(r["nodes"]),
             f"{r['model_bytes'] / 2**20:.1f}",
         )
-    console.print(f)
+    return t
 
 
 @app.command()

@@ -7,7 +7,6 @@ must renew them (``keep_alive``) or they lapse and are freed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Final
 
@@ -99,17 +98,20 @@ class MemoryClient:
         )
         return reply.allocations
 
-    async def keep_alive(self, looping: Callable[[], bool], interval_s: float) -> None:
-        """Renew the owner's lease every ``interval_s`` while ``looping()``."""
-        while looping():
-            try:
-                await request(
-                    self._nc(),
-                    self._subject(subjects.MEMORY_RENEW),
-                    MemRenewRequest(owner=self.owner),
-                    MemRenewReply,
-                    timeout=5,
-                )
-            except PlatformError as exc:
-                log.warning("memory.renew_failed", owner=self.owner, error=exc.message)
-            await asyncio.sleep(interval_s)
+    async def renew(self) -> int:
+        """Renew the owner's lease once; how many blocks it holds. One step of a supervised
+        loop: ``service.every(interval_s, client.renew_step, "memory-lease", first=0)``."""
+        reply = await request(
+            self._nc(),
+            self._subject(subjects.MEMORY_RENEW),
+            MemRenewRequest(owner=self.owner),
+            MemRenewReply,
+            timeout=5,
+        )
+        return reply.allocations
+
+    async def renew_step(self) -> None:
+        """:meth:`renew` as a loop step (a failure is the loop's to log and retry): run it
+        with ``every(interval, client.renew_step, name, first=0, backoff_cap=interval)``,
+        so that a renewal never waits past the lease it keeps."""
+        await self.renew()

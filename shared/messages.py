@@ -287,7 +287,7 @@ class InflightRecord(Msg, frozen=True, tag="inflight.v1"):
 class FunctionLoadReport(Msg, frozen=True, tag="function_load.v1"):
     """One function as one scheduler replica sees it."""
 
-    function: str  # tenant/name
+    function: str  # FunctionRef.key: tenant.name
     arrivals: Count  # since the replica's previous report
     queued: Count
     in_flight: Count
@@ -316,7 +316,7 @@ class QueueEntry(Msg, frozen=True, tag="queue_entry.v1"):
     """What a function's requests will touch on a node: its model, queued and running, and
     the input tubes of its first queued requests that have a copy on that node."""
 
-    function: str  # tenant/name
+    function: str  # FunctionRef.key: tenant.name
     model: ModelSource
     queued: Count
     running: Count

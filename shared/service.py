@@ -229,6 +229,9 @@ class Service:
         """The service's endpoint table, subscribed right after ``on_start``."""
         return []
 
+    async def on_ready(self) -> None:
+        """Called once when started: endpoints live, heartbeat written (announce here)."""
+
     async def on_stop(self) -> None:
         """Release resources after handlers have drained (called once)."""
 
@@ -261,6 +264,7 @@ class Service:
         if self.config.ready_file:
             await asyncio.to_thread(Path(self.config.ready_file).write_text, str(os.getpid()))
         log.info("service.started", pid=os.getpid())
+        await self.on_ready()
 
     async def stop(self) -> None:
         """Ordered shutdown; safe to call more than once and from signal handlers."""
@@ -402,13 +406,15 @@ class Service:
         name: str,
         *,
         first: float | None = None,
+        backoff_cap: float = LOOP_BACKOFF_CAP_S,
     ) -> asyncio.Task[None]:
         """Run ``step`` every ``interval`` seconds (the first after ``first``, default one
         interval) until the service stops: the one way a service runs background work.
 
         A transient failure (``TRANSIENT``) is logged and counted, and the next step waits
-        twice as long each time it happens again (up to 30 s); a programming error ends
-        the loop and, through :meth:`spawn`, stops the service with its traceback.
+        twice as long each time it happens again (up to ``backoff_cap``: a lease renewal
+        passes its interval, so that it never waits past its lease); a programming error
+        ends the loop and, through :meth:`spawn`, stops the service with its traceback.
         """
         stats = self.loop_stats.setdefault(name, LoopCounter(name))
 
@@ -425,7 +431,7 @@ class Service:
                     await step()
                 except TRANSIENT as exc:
                     stats.failed(exc)
-                    delay = stats.backoff(period(), LOOP_BACKOFF_CAP_S)
+                    delay = stats.backoff(period(), max(backoff_cap, period()))
                     log.warning(
                         "loop.failed", loop=name, error=repr(exc), retry_in_s=round(delay, 3)
                     )
@@ -434,6 +440,24 @@ class Service:
                 delay = period()
 
         return self.spawn(loop(), name)
+
+    async def bounded(self, name: str, step: Callable[[], Awaitable[T]], default: T) -> T:
+        """One manager's step of a tick in its own error boundary (Ray Serve's controller
+        updates each state manager so): a transient failure is logged and counted under
+        ``name`` in ``loop_stats`` and ``default`` returned, so the tick's other steps still
+        run; a programming error propagates."""
+        stats = self.loop_stats.setdefault(name, LoopCounter(name))
+        try:
+            result = await step()
+        except TRANSIENT as exc:
+            stats.failed(exc)
+            if isinstance(exc, Unavailable):  # e.g. a peer not up yet: nothing to act on
+                log.info("step.skipped", step=name, error=str(exc))
+            else:
+                log.warning("step.failed", step=name, error=repr(exc))
+            return default
+        stats.ok()
+        return result
 
     def watch(
         self,
@@ -448,22 +472,7 @@ class Service:
         a malformed record is logged, counted and skipped, a broken watch is started
         again after a backoff."""
         stats = self.loop_stats.setdefault(name, LoopCounter(name))
-
-        def skipped() -> None:
-            stats.skipped += 1
-
-        async def follow() -> None:
-            while self.looping:
-                try:
-                    async for key, value in bucket.watch(keys, skipped):
-                        on_change(key, value)
-                        stats.ok()
-                except TRANSIENT as exc:
-                    stats.failed(exc)
-                    log.warning("watch.failed", watch=name, error=repr(exc))
-                await asyncio.sleep(stats.backoff(0.1, LOOP_BACKOFF_CAP_S))
-
-        return self.spawn(follow(), name)
+        return self.spawn(follow(bucket, on_change, stats, keys, lambda: self.looping), name)
 
     def service_stats(self) -> ServiceStatsReply:
         """What the ``service_stats`` verb answers: per endpoint and per loop."""
@@ -541,6 +550,32 @@ class Service:
     @staticmethod
     async def _cancel(tasks: set[asyncio.Task[None]], deadline_s: float = 5.0) -> None:
         await cancel_and_wait(tasks, deadline_s)
+
+
+async def follow(
+    bucket: Bucket[T],
+    on_change: Callable[[str, T | None], None],
+    stats: LoopCounter,
+    keys: str = ">",
+    looping: Callable[[], bool] = lambda: True,
+) -> None:
+    """Follow ``bucket`` into ``on_change`` while ``looping()``: a malformed record is
+    skipped and counted, a watch broken by a transient failure is started again (each
+    start delivers the current records again: ``on_change`` must be idempotent). The body
+    of :meth:`Service.watch`, for owners that are not a ``Service`` (the gateway)."""
+
+    def skipped() -> None:
+        stats.skipped += 1
+
+    while looping():
+        try:
+            async for key, value in bucket.watch(keys, skipped):
+                on_change(key, value)
+                stats.ok()
+        except TRANSIENT as exc:
+            stats.failed(exc)
+            log.warning("watch.failed", watch=stats.name, error=repr(exc))
+        await asyncio.sleep(stats.backoff(0.1, LOOP_BACKOFF_CAP_S))
 
 
 def stop_signals() -> asyncio.Event:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpufaas.embedded import accepting, nats_server_binary, write_config
+from tests.support import eventually_blocking
 
 
 def free_port() -> int:
@@ -20,16 +20,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    """Poll ``predicate()`` until true or fail after ``timeout`` seconds."""
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @dataclass
@@ -53,7 +43,7 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for(lambda: accepting("127.0.0.1", self.port), 10, "nats-server")
+        eventually_blocking(lambda: accepting("127.0.0.1", self.port), 10, "nats-server")
 
 
 @pytest.fixture

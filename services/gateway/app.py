@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import nats.errors
-import nats.js.errors
 import orjson
 import structlog
 from aiohttp import web
@@ -26,10 +25,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from gpufaas.gateway.bodies import DeployBody, InferBody, WorkflowBody
 from gpufaas.gateway.openapi import RouteDoc, build_openapi
+from gpufaas.gateway.service_stats import exposition, gather
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
-from gpufaas.shared.constants import KV_WORKFLOWS
 from gpufaas.shared.errors import (
     InvalidArgument,
     NotFound,
@@ -39,7 +38,9 @@ from gpufaas.shared.errors import (
     UnsupportedMediaType,
     http_status,
 )
-from gpufaas.shared.jetstream import Buckets, bucket_keys, ensure_jetstream
+from gpufaas.shared.identity import Device, FunctionRef
+from gpufaas.shared.jetstream import ensure_jetstream
+from gpufaas.shared.kv import TypedBuckets
 from gpufaas.shared.messages import (
     NAME_PATTERN,
     DeleteReply,
@@ -54,21 +55,19 @@ from gpufaas.shared.messages import (
     MemStatsReply,
     MemStatsRequest,
     Msg,
-    ProfileRecord,
     StoreStats,
     StoreStatsRequest,
     TensorPayload,
     TensorSpec,
     Tube,
     convert,
-    decode_json,
-    encode_json,
     to_builtins,
 )
-from gpufaas.shared.registry import FunctionCache, list_functions, live_nodes
+from gpufaas.shared.registry import FunctionCache, alive, records
 from gpufaas.shared.rpc import request as nats_request
-from gpufaas.shared.service import cancel_and_wait, close_nats, connect_nats
+from gpufaas.shared.service import cancel_and_wait, close_nats, connect_nats, follow
 from gpufaas.shared.shm import delete_tube, read_tube, write_tube
+from gpufaas.shared.stats import LoopCounter
 from gpufaas.shared.tensors import json_to_raw, raw_to_json
 from gpufaas.shared.workflows import (
     WorkflowDeleteReply,
@@ -89,7 +88,7 @@ REQUEST_ID_HEADER = "X-Request-ID"
 
 CONFIG = web.AppKey("config", Config)
 NC = web.AppKey("nc", NATS)
-BUCKETS = web.AppKey("buckets", Buckets)
+KV = web.AppKey("kv", TypedBuckets)
 FUNCTIONS = web.AppKey("functions", FunctionCache)
 
 _NAME = re.compile(NAME_PATTERN)
@@ -360,7 +359,7 @@ async def _payloads(
                 data=raw,
             )
             tubes.append(tube)
-            await request.app[BUCKETS].tubes.put(tube.id, encode_json(tube))
+            await request.app[KV].tubes.put(tube.id, tube)
             payloads.append(
                 TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, tube=tube)
             )
@@ -427,6 +426,14 @@ async def infer(request: web.Request) -> web.Response:
     finally:
         for tube in tubes:
             await _drop_tube(request.app, tube)
+    return _infer_response(name, body, reply, outputs)
+
+
+def _infer_response(
+    name: str, body: InferBody, reply: InvokeReply, outputs: list[dict[str, Any]]
+) -> web.Response:
+    """An invocation's reply: its outputs, where it ran and where its time went (in the
+    body's ``parameters`` and in ``Gpufaas-*`` headers)."""
     b = reply.breakdown
     headers = {
         "Gpufaas-Node": reply.node,
@@ -465,7 +472,7 @@ async def infer(request: web.Request) -> web.Response:
 async def _drop_tube(app: web.Application, tube: Tube) -> None:
     await asyncio.to_thread(delete_tube, app[CONFIG].shm_dir, tube)
     try:
-        await app[BUCKETS].tubes.delete(tube.id)
+        await app[KV].tubes.delete(tube.id)
     except (nats.errors.Error, TimeoutError) as exc:
         log.warning("tube.delete_failed", tube=tube.id, error=repr(exc))
 
@@ -490,11 +497,9 @@ async def functions_post(request: web.Request) -> web.Response:
 
 
 async def functions_list(request: web.Request) -> web.Response:
-    nc = nats_of(request)
-    records = await list_functions(
-        nc.jetstream(), request.app[BUCKETS].functions, tenant_of(request)
-    )
-    return json_response({"functions": [function_json(r) for r in records]})
+    nats_of(request)
+    found = await records(request.app[KV].functions, tenant_of(request))
+    return json_response({"functions": [function_json(r) for r in found]})
 
 
 async def function_get(request: web.Request) -> web.Response:
@@ -503,12 +508,8 @@ async def function_get(request: web.Request) -> web.Response:
     background profile runs)."""
     record = await require_function(request, request.match_info["name"])
     out = function_json(record)
-    key = f"{record.spec.tenant}.{record.spec.name}"
-    try:
-        entry = await request.app[BUCKETS].profiles.get(key)
-        profile = None if entry.value is None else decode_json(entry.value, ProfileRecord)
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-        profile = None
+    ref = FunctionRef(record.spec.tenant, record.spec.name)
+    profile = await request.app[KV].profiles.value(ref.key)
     if profile is not None and profile.spec == record.spec:
         out["profile"] = untagged(to_builtins(profile))
         del out["profile"]["spec"]
@@ -534,13 +535,10 @@ async def function_delete(request: web.Request) -> web.Response:
 async def _require_workflow(request: web.Request, name: str) -> WorkflowRecord:
     if not _NAME.match(name):
         raise NotFound(f"workflow {name!r} not found", field="name")
-    try:
-        entry = await request.app[BUCKETS].workflows.get(f"{tenant_of(request)}.{name}")
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-        entry = None
-    if entry is None or entry.value is None:
+    record = await request.app[KV].workflows.value(FunctionRef(tenant_of(request), name).key)
+    if record is None:
         raise NotFound(f"workflow {name!r} not found", field="name")
-    return decode_json(entry.value, WorkflowRecord)
+    return record
 
 
 def workflow_json(record: WorkflowRecord) -> dict[str, Any]:
@@ -566,17 +564,10 @@ async def workflows_post(request: web.Request) -> web.Response:
 
 
 async def workflows_list(request: web.Request) -> web.Response:
-    kv = request.app[BUCKETS].workflows
     tenant = tenant_of(request)
-    out = []
-    for key in await bucket_keys(nats_of(request).jetstream(), KV_WORKFLOWS):
-        if key.partition(".")[0] != tenant:
-            continue
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            entry = await kv.get(key)
-            if entry.value:
-                out.append(workflow_json(decode_json(entry.value, WorkflowRecord)))
-    return json_response({"workflows": out})
+    nats_of(request)
+    entries = await request.app[KV].workflows.items(f"{tenant}.")
+    return json_response({"workflows": [workflow_json(e.value) for e in entries]})
 
 
 async def workflow_get(request: web.Request) -> web.Response:
@@ -641,7 +632,7 @@ async def workflow_infer(request: web.Request) -> web.Response:
 def _device_order(device: dict[str, Any]) -> tuple[int, int]:
     """host first, then gpu:0, gpu:1, ... whichever heartbeat listed them first."""
     name = str(device["name"])
-    return (0, 0) if name == "host" else (1, int(name.partition(":")[2] or 0))
+    return (0, 0) if name == "host" else (1, Device.parse(name).index or 0)
 
 
 async def _store_stats(nc: NATS, node: str) -> dict[str, Any] | None:
@@ -677,7 +668,7 @@ async def _memory_stats(nc: NATS, node: str) -> dict[str, Any] | None:
 async def nodes_list(request: web.Request) -> web.Response:
     nc = nats_of(request)
     config = request.app[CONFIG]
-    nodes = await live_nodes(nc.jetstream(), request.app[BUCKETS].nodes, config.node_ttl_s)
+    nodes = await alive(request.app[KV].nodes, config.node_ttl_s)
     stores = await asyncio.gather(*(_store_stats(nc, node) for node in sorted(nodes)))
     memories = await asyncio.gather(*(_memory_stats(nc, node) for node in sorted(nodes)))
     out = []
@@ -773,8 +764,11 @@ async def events_sse(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """The gateway's own metrics, then every service's per endpoint and loop (what they
+    answer to one stats broadcast within a quarter of a second)."""
+    services = exposition(await gather(request.app[NC]))
     return web.Response(
-        body=generate_latest(request.app[METRICS].registry),
+        body=generate_latest(request.app[METRICS].registry) + services,
         content_type="text/plain",
         charset="utf-8",
     )
@@ -818,11 +812,14 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     nc = await connect_nats(config, "gpufaas-gateway")
     app[NC] = nc
-    app[BUCKETS] = await ensure_jetstream(
-        nc.jetstream(), node_ttl_s=config.node_ttl_s, tube_ttl_s=config.tube_ttl_s
+    js = nc.jetstream()
+    buckets = await ensure_jetstream(js, node_ttl_s=config.node_ttl_s, tube_ttl_s=config.tube_ttl_s)
+    app[KV] = TypedBuckets(js, buckets)
+    app[FUNCTIONS] = FunctionCache(app[KV].functions)
+    stats = LoopCounter("functions-watch")
+    watch = asyncio.create_task(
+        follow(app[KV].functions, app[FUNCTIONS].on_change, stats), name="gateway:functions-watch"
     )
-    app[FUNCTIONS] = FunctionCache(app[BUCKETS].functions)
-    watch = asyncio.create_task(app[FUNCTIONS].run(), name="gateway:functions-watch")
     yield
     # Cancelled again until it ends (nats-py can swallow one cancellation), never awaited
     # without a deadline: a stuck watch must not hang the gateway's shutdown.

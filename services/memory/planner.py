@@ -30,6 +30,7 @@ Pure functions: the memory service gathers the inputs over NATS and carries out 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -43,6 +44,8 @@ from gpufaas.memory.policy import (
     RunningRequest,
 )
 from gpufaas.shared.constants import DEFAULT_TENANT
+from gpufaas.shared.errors import InvalidArgument
+from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.memory_client import tube_item
 from gpufaas.shared.messages import (
     DeviceResidency,
@@ -63,7 +66,7 @@ PINNED: Final = "@pinned"  # the running request that pins leased copies and OTH
 class Demand:
     """A function's work on this node, summed over every scheduler replica's view."""
 
-    function: str  # tenant/name
+    function: str  # opaque: the scheduler's key of the function (tenant.name)
     source: ModelSource
     queued: int
     running: int
@@ -73,11 +76,20 @@ class Demand:
 
     @property
     def tenant(self) -> str:
-        return self.function.partition("/")[0] or DEFAULT_TENANT
+        return tenant_of(self.function)
 
     @property
     def query(self) -> ModelQuery:
         return ModelQuery(source=self.source, tenant=self.tenant)
+
+
+def tenant_of(function: str) -> str:
+    """The tenant of a function's key (``tenant.name``; a view from a scheduler that still
+    spells it ``tenant/name`` is read too)."""
+    try:
+        return FunctionRef.parse(function).tenant
+    except InvalidArgument:
+        return re.split(r"[./]", function, maxsplit=1)[0] or DEFAULT_TENANT
 
 
 def merge_views(views: Iterable[QueueView]) -> list[Demand]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from gpufaas.shared.errors import InvalidArgument
+from gpufaas.shared.messages import FunctionSpec, ProfileRecord
 
 MEMORY_FLOOR_BYTES: Final = 2**20  # so a configuration that holds no memory scores finitely
 NEAR_BEST: Final = 0.95  # scores within 5% of the best count as a tie
@@ -180,3 +181,50 @@ def _reason(
         why = "best throughput per latency and memory"
     share = pick_score / best
     return f"{what}; {why} ({share:.0%} of it; {feasible} of {total} configurations have {limits})"
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveConfig:
+    """The batch size and concurrency a function runs with now: its complete profile's
+    choice, else its spec's maximum batch at concurrency 1 (``profiled`` says which)."""
+
+    batch: int
+    concurrency: int
+    profiled: bool
+
+    @property
+    def capacity(self) -> int:
+        """Requests one instance holds at once (batch x concurrency)."""
+        return self.batch * self.concurrency
+
+
+def effective_config(profile: ProfileRecord | None, spec: FunctionSpec) -> EffectiveConfig:
+    """The one rule for a function's configuration (a partial profile does not count)."""
+    if profile is not None and profile.complete:
+        return EffectiveConfig(profile.batch, profile.concurrency, profiled=True)
+    return EffectiveConfig(spec.options.max_batch_size, 1, profiled=False)
+
+
+def service_rps(profile: ProfileRecord | None, config: EffectiveConfig) -> float:
+    """Requests per second one instance serves at ``config``, from its profiled point
+    (0 when not profiled at that point: then the autoscaler counts only the queue)."""
+    if profile is None or not config.profiled:
+        return 0.0
+    for p in profile.points:
+        if (p.batch, p.concurrency) == (config.batch, config.concurrency):
+            return p.batch * p.concurrency / p.latency_s
+    return 0.0
+
+
+def compute_s(profile: ProfileRecord | None) -> float | None:
+    """Device seconds one request takes (its batch's time over the batch's size), at the
+    chosen point, else the smallest batch measured; ``None`` without any point."""
+    if profile is None or not profile.points:
+        return None
+    chosen = [
+        p
+        for p in profile.points
+        if (p.batch, p.concurrency) == (profile.batch, profile.concurrency)
+    ]
+    point = chosen[0] if chosen else min(profile.points, key=lambda p: p.batch)
+    return point.latency_s / (point.batch * point.concurrency)

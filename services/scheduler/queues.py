@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import QueuedTube, Tube
 
 _seq = itertools.count()
@@ -43,13 +44,18 @@ class Pending:
 class FunctionQueue:
     """One function's waiting requests and what each of its instances holds now."""
 
-    key: str  # tenant.name, as in the functions bucket
+    ref: FunctionRef
     waiting: list[Pending] = field(default_factory=list)  # a heap
     in_flight: Counter[str] = field(default_factory=Counter)
     # Requests sent to a node (by ``Pending.seq``): the node and their input tubes, pinned.
     running_tubes: dict[int, tuple[str, tuple[Tube, ...]]] = field(default_factory=dict)
     arrivals: int = 0  # since the last load report
     last_deadline_miss: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """``tenant.name``, as in the functions bucket."""
+        return self.ref.key
 
     def push(self, p: Pending) -> None:
         self.arrivals += 1

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from gpufaas.shared.devices import Link, Topology, nvml_session
+from gpufaas.shared.identity import Device
 
 PCIE_GBPS_X16 = {3: 15.75, 4: 31.5, 5: 63.0, 6: 121.0}  # peak per direction
 NVLINK_GBPS_PER_LINK = 25.0  # NVLink 2, 3 and 4 alike (reference/hardware.md)
@@ -49,10 +50,14 @@ def _discover(nvml: Any) -> Topology | None:
         gen = nvml.nvmlDeviceGetCurrPcieLinkGeneration(h)
         width = nvml.nvmlDeviceGetCurrPcieLinkWidth(h)
         gbps = PCIE_GBPS_X16.get(int(gen), 15.75) * int(width) / 16
-        links.append(Link("host", f"gpu:{i}", f"pcie{gen}", gbps, 10.0, f"switch{switch[i]}"))
+        links.append(
+            Link("host", Device.gpu(i).name, f"pcie{gen}", gbps, 10.0, f"switch{switch[i]}")
+        )
     pairs = _nvlink_pairs(nvml, handles, bus)
     for (a, b), n in sorted(pairs.items()):
-        links.append(Link(f"gpu:{a}", f"gpu:{b}", "nvlink", n * NVLINK_GBPS_PER_LINK, 5.0))
+        links.append(
+            Link(Device.gpu(a).name, Device.gpu(b).name, "nvlink", n * NVLINK_GBPS_PER_LINK, 5.0)
+        )
     return Topology(name="discovered", gpus=gpus, links=links)
 
 
@@ -111,7 +116,7 @@ def calibrate(topology: Topology) -> Topology:
     pinned = torch.empty(CALIBRATION_BYTES, dtype=torch.uint8, pin_memory=True)
     on: dict[str, torch.Tensor] = {}
     for g in topology.gpus:
-        on[f"gpu:{g['index']}"] = torch.empty(
+        on[Device.gpu(int(g["index"])).name] = torch.empty(
             CALIBRATION_BYTES, dtype=torch.uint8, device=f"cuda:{g['index']}"
         )
     measured: list[Link] = []

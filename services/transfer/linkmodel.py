@@ -22,6 +22,7 @@ from typing import Final, Literal
 
 from gpufaas.shared.devices import Link, Topology
 from gpufaas.shared.errors import InvalidArgument
+from gpufaas.shared.identity import Device, is_gpu
 
 HOST: Final = "host"
 HOST_MEMORY_READ: Final = "hostmem:read"  # host -> device traffic reads host DRAM
@@ -207,7 +208,7 @@ class LinkModel:
         self.topology = topology
         self.max_nvlink_hops = max_nvlink_hops
         gpus = sorted(int(g["index"]) for g in topology.gpus)
-        self.gpus: tuple[str, ...] = tuple(f"gpu:{i}" for i in gpus)
+        self.gpus: tuple[str, ...] = tuple(Device.gpu(i).name for i in gpus)
         self.devices: tuple[str, ...] = (HOST, *self.gpus)
         self._switch_of = _switch_groups(topology)
         self._edges: list[_Edge] = []
@@ -219,7 +220,7 @@ class LinkModel:
         self._edge_of = {e.resource: i for i, e in enumerate(self._edges)}
         self._nv_out: dict[str, list[int]] = {}  # gpu -> its NVLink / NVSwitch out edges
         for i, e in enumerate(self._edges):
-            if e.tail.startswith("gpu:") and e.resource.startswith(("nvlink:", "nvswitch:")):
+            if is_gpu(e.tail) and e.resource.startswith(("nvlink:", "nvswitch:")):
                 self._nv_out.setdefault(e.tail, []).append(i)
         self._routes: dict[tuple[str, str], tuple[Route, ...]] = {}
         for src in self.devices:
@@ -357,7 +358,7 @@ class LinkModel:
         """The route that crosses these resources, in path order."""
         path = [self._edges[self._edge_of[r]] for r in resources]
         hops = [path[0].tail] + [e.head for e in path]
-        devices = tuple(h for h in hops if h == HOST or h.startswith("gpu:"))
+        devices = tuple(h for h in hops if h == HOST or is_gpu(h))
         staged = HOST in devices[1:-1]
         return Route(
             src=devices[0],
@@ -455,5 +456,5 @@ def _switch_groups(topology: Topology) -> dict[str, str]:
     for g in topology.gpus:
         sw = g.get("pcie_switch")
         if sw is not None:
-            out[f"gpu:{int(g['index'])}"] = f"switch{sw}"
+            out[Device.gpu(int(g["index"])).name] = f"switch{sw}"
     return out

@@ -11,7 +11,7 @@ processes are never handed from one tenant to another. When no spare is ready a 
 is started for the tenant and the reply says so (``new_process``).
 
 The bind answers first; the replacement spare starts ``REFILL_DELAY_S`` later, from the
-pool's watch loop, so that neither its start nor its torch import (seconds of CPU) runs
+pool's own timer, so that neither its start nor its torch import (seconds of CPU) runs
 during the bound tenant's first request. Processes are started without a ``preexec_fn``
 (so with vfork: ~0.3 ms, not a fork of the pool); each arranges to die with the pool
 itself (``python -m gpufaas.worker --parent-pid``). The pool manager computes nothing
@@ -35,7 +35,6 @@ The pool manager heartbeats as the node's ``worker`` (membership, ``node.joined`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import subprocess
@@ -60,7 +59,7 @@ from gpufaas.shared.messages import (
     WorkerRetireRequest,
 )
 from gpufaas.shared.rpc import request
-from gpufaas.shared.service import Service
+from gpufaas.shared.service import Endpoint, Service, endpoint
 
 log = structlog.get_logger()
 
@@ -133,8 +132,7 @@ class WorkerPoolService(Service):
         self._ids = itertools.count(1)
         self.started = 0  # processes started, spares and fall-backs
         self._binds: deque[float] = deque()  # when new tenants were bound (demand)
-        self._refill_at: float | None = None  # when the watch loop tops the spares up
-        self._wake = asyncio.Event()  # the watch loop has something to do sooner
+        self._refill_at: float | None = None  # when the spares are topped up after a bind
 
     def devices(self) -> list[DeviceInfo]:
         return self.node_devices.devices
@@ -150,21 +148,28 @@ class WorkerPoolService(Service):
 
     async def on_start(self) -> None:
         node = self.config.node_id
+        # A plain publish of a spare's id (no reply: not an endpoint), heard before the
+        # first spare starts.
         ready = subjects.node(node, "worker", subjects.WORKER_SPARE_READY)
         self._subs.append(await self.nc.subscribe(ready, cb=self._on_ready))
-        await self.serve(
-            subjects.node(node, "worker", subjects.WORKER_BIND), WorkerBindRequest, self.bind
-        )
-        await self.serve(
-            subjects.node(node, "worker", subjects.WORKER_RETIRE), WorkerRetireRequest, self.retire
-        )
         self._refill()
-        self.spawn(self._watch_loop(), "watch")
+        self.every(self.config.heartbeat_s, self._tend, "watch")
         await self.publish_event(
             "node.joined",
             {"node": node, "devices": [d.name for d in self.node_devices.devices]},
             dedupe_id=f"node.joined.{node}.{self.started_at}",
         )
+
+    def endpoints(self) -> list[Endpoint]:
+        """The node's bind (a process for a tenant) and retire (an idle process asks)."""
+
+        def at(verb: str) -> str:
+            return subjects.node(self.config.node_id, "worker", verb)
+
+        return [
+            endpoint(at(subjects.WORKER_BIND), WorkerBindRequest, self.bind),
+            endpoint(at(subjects.WORKER_RETIRE), WorkerRetireRequest, self.retire),
+        ]
 
     async def on_stop(self) -> None:
         procs = [*self.spares, *self.bound.values(), *self.exiting]
@@ -257,7 +262,15 @@ class WorkerPoolService(Service):
         not keep postponing it)."""
         if self._refill_at is None:
             self._refill_at = time.monotonic() + REFILL_DELAY_S
-            self._wake.set()
+            self.spawn(self._refill_after(REFILL_DELAY_S), "refill")
+
+    async def _refill_after(self, delay: float) -> None:
+        """(Once, after a bind.) Reap and top the spares up ``delay`` seconds from now."""
+        await asyncio.sleep(delay)
+        if not self.looping:
+            return
+        self._refill_at = None
+        await self.bounded("refill", self._tend, None)  # a failure waits for the next beat
 
     def _reap(self) -> None:
         """Forget (and wait for) the processes that exited: a tenant's after its idle exit,
@@ -286,21 +299,12 @@ class WorkerPoolService(Service):
             self.exiting.remove(p)
             self._by_id.pop(p.id, None)
 
-    async def _watch_loop(self) -> None:
-        """Each heartbeat (or sooner, when a bind asks for a refill): reap the processes
-        that exited and keep the spares topped up."""
-        while self.looping:
-            wait = self.config.heartbeat_s
-            if self._refill_at is not None:
-                wait = min(wait, max(self._refill_at - time.monotonic(), 0.0))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
-            self._wake.clear()
-            self._reap()
-            if self._refill_at is None or time.monotonic() >= self._refill_at:
-                self._refill_at = None
-                self._refill()
+    async def _tend(self) -> None:
+        """Each heartbeat (and once after a bind): reap the processes that exited and keep
+        the spares topped up, unless a refill is due shortly (see ``_refill_later``)."""
+        self._reap()
+        if self._refill_at is None:
+            self._refill()
 
     async def _wait_ready(self, proc: WorkerProcess) -> None:
         try:

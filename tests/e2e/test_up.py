@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -13,6 +12,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 from gpufaas.client import sse
+from gpufaas.launch import Up
 from gpufaas.shared.config import default_shm_dir
-from tests.conftest import NatsServer, free_port, wait_for
+from tests.conftest import NatsServer, free_port
+from tests.support import eventually_blocking
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -54,69 +56,16 @@ def pids_mentioning(text: str) -> list[int]:
     return found
 
 
-class Up:
-    def __init__(
-        self,
-        tmp_path: Path,
-        *args: str,
-        ports: tuple[int, int] | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.http_port, self.nats_port = ports or (free_port(), free_port())
-        self.data_dir = tmp_path / "data"
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log = tmp_path / f"up-{self.http_port}.log"
-        argv = [
-            GPUFAAS,
-            "up",
-            "--http-port",
-            str(self.http_port),
-            "--nats-port",
-            str(self.nats_port),
-            "--data-dir",
-            str(self.data_dir),
-            *args,
-        ]
-        self.out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=self.out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "COLUMNS": "200", **(env or {})},
-        )
-        self.shm = default_shm_dir() / f"up-{self.http_port}"
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        # A line of its own: a traceback quoting the source that prints it does not count.
-        while not re.search(
-            r"^Press Ctrl-C to stop\.$", self.log.read_text(errors="replace"), re.M
-        ):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gpufaas up did not become ready:\n{self.log.read_text()}")
-            time.sleep(0.1)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        rc = self.proc.wait(60)
-        self.out.close()
-        return rc
-
-
 @pytest.fixture
 def up_sim(tmp_path: Path) -> Iterator[Up]:
-    up = Up(tmp_path, "--demo", "--devices", "sim:2", "--nodes", "2")
-    try:
+    with Up.start(tmp_path / "data", "--demo", "--devices", "sim:2", "--nodes", "2") as up:
         up.wait_ready()
         yield up
-    finally:
-        up.stop()
 
 
 def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
     up = up_sim
-    text = up.log.read_text()
+    text = up.log()
     assert up.url in text
     assert f"nats://127.0.0.1:{up.nats_port}" in text
     assert f"curl -s {up.url}/v2/models/minilm/infer" in text
@@ -197,16 +146,16 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
     pids = pids_mentioning(str(up.data_dir))
     assert len(pids) >= 10  # nats + 2 x 4 node services + scheduler + gateway (+ the CLI)
     assert up.stop() == 0
-    assert "nothing left running" in up.log.read_text()
+    assert "nothing left running" in up.log()
     assert [p for p in pids if Path(f"/proc/{p}").exists()] == []
     assert not (default_shm_dir() / f"up-{up.http_port}").exists()
 
 
 def test_state_survives_a_restart_of_up(tmp_path: Path) -> None:
-    first = Up(tmp_path, "--demo", "--devices", "cpu")
+    first = Up.start(tmp_path / "data", "--demo", "--devices", "cpu")
     first.wait_ready()
     assert first.stop(signal.SIGINT) == 0
-    second = Up(tmp_path, "--devices", "cpu", ports=(first.http_port, first.nats_port))
+    second = Up.start(first.data_dir, "--devices", "cpu", ports=(first.http_port, first.nats_port))
     try:
         second.wait_ready()
         status, listed = http(f"{second.url}/v1/functions")
@@ -292,14 +241,15 @@ def test_bad_flags_fail_at_once(tmp_path: Path, flags: list[str], says: str) -> 
 
 
 def test_killed_supervisor_leaves_nothing_running(tmp_path: Path) -> None:
-    up = Up(tmp_path, "--devices", "cpu")
+    up = Up.start(tmp_path / "data", "--devices", "cpu")
     up.wait_ready()
     pids = pids_mentioning(str(up.data_dir))
     assert up.stop(signal.SIGKILL) == -signal.SIGKILL
-    deadline = time.monotonic() + 30
-    while [p for p in pids if Path(f"/proc/{p}").exists() and _alive(p)]:
-        assert time.monotonic() < deadline, "children outlived a SIGKILLed supervisor"
-        time.sleep(0.1)
+    eventually_blocking(
+        lambda: not [p for p in pids if Path(f"/proc/{p}").exists() and _alive(p)],
+        30,
+        "the children of a SIGKILLed supervisor to exit",
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -307,6 +257,10 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def ready_or_exited(proc: subprocess.Popen[bytes], ready: Path) -> bool:
+    return ready.exists() or proc.poll() is not None
 
 
 def test_each_service_runs_alone_and_stops_cleanly(tmp_path: Path, nats_server: NatsServer) -> None:
@@ -333,21 +287,18 @@ def test_each_service_runs_alone_and_stops_cleanly(tmp_path: Path, nats_server: 
             ready,
         )
     for svc, (proc, ready) in procs.items():
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, f"{svc} exited early"
-            assert time.monotonic() < deadline, f"{svc} not ready"
-            time.sleep(0.05)
+        eventually_blocking(partial(ready_or_exited, proc, ready), 60, f"{svc} to be ready")
+        assert proc.poll() is None, f"{svc} exited early"
     for proc, _ in procs.values():
         proc.send_signal(signal.SIGTERM)
     assert [proc.wait(30) for proc, _ in procs.values()] == [0, 0]
 
 
 def test_up_with_an_existing_nats(tmp_path: Path, nats_server: NatsServer) -> None:
-    up = Up(tmp_path, "--devices", "cpu", "--nats-url", nats_server.url)
+    up = Up.start(tmp_path / "data", "--devices", "cpu", "--nats-url", nats_server.url)
     try:
         up.wait_ready()
-        assert nats_server.url in up.log.read_text()
+        assert nats_server.url in up.log()
         assert not (up.data_dir / "run" / f"up-{up.http_port}" / "logs" / "nats.log").exists()
         assert http(f"{up.url}/v2/health/ready")[0] == 200
     finally:
@@ -356,7 +307,7 @@ def test_up_with_an_existing_nats(tmp_path: Path, nats_server: NatsServer) -> No
 
 
 def test_crashed_services_are_restarted_and_recover(tmp_path: Path) -> None:
-    up = Up(tmp_path, "--demo", "--devices", "cpu")
+    up = Up.start(tmp_path / "data", "--demo", "--devices", "cpu")
     try:
         up.wait_ready()
         before = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]
@@ -371,7 +322,7 @@ def test_crashed_services_are_restarted_and_recover(tmp_path: Path) -> None:
                 for svc in ("worker", "tensorstore")
             )
 
-        wait_for(restarted, 60, "the killed services to come back")
+        eventually_blocking(restarted, 60, "the killed services to come back")
         req = urllib.request.Request(
             f"{up.url}/v2/models/minilm/infer",
             data=json.dumps(
@@ -390,7 +341,7 @@ def test_crashed_services_are_restarted_and_recover(tmp_path: Path) -> None:
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert resp.status == 200
             assert resp.headers["Gpufaas-Cold"] == "1"  # the new worker built the instance
-        assert "node-0.worker exited with status -9; restarted" in up.log.read_text()
+        assert "node-0.worker exited with status -9; restarted" in up.log()
         # The restarted tensor store recovered its index from shared memory: the cold
         # start re-registered the model without storing a byte.
         for kind, data in sse(f"{up.url}/v1/events?replay=all&kinds=tensor.deduplicated"):
@@ -404,11 +355,11 @@ def test_crashed_services_are_restarted_and_recover(tmp_path: Path) -> None:
 def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
     """SIGKILL the tensor store while it writes a model's segment: no orphan, no leak."""
     # A short deploy deadline: the worker waits that long for the dead store to answer.
-    up = Up(tmp_path, "--devices", "cpu", env={"GPUFAAS_DEPLOY_TIMEOUT_S": "8"})
+    up = Up.start(tmp_path / "data", "--devices", "cpu", env={"GPUFAAS_DEPLOY_TIMEOUT_S": "8"})
     try:
         up.wait_ready()
         store_pid = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]["tensorstore"]["pid"]
-        tensors = up.shm / "tensors" / "node-0"
+        tensors = up.shm_dir / "tensors" / "node-0"
         result: list[tuple[int, Any]] = []
         deploy = threading.Thread(
             target=lambda: result.append(
@@ -419,10 +370,14 @@ def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
             )
         )
         deploy.start()
-        deadline = time.monotonic() + 30
-        while not any(p.name.endswith(".tmp") for p in tensors.glob(".*")) and deploy.is_alive():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        eventually_blocking(
+            lambda: (
+                any(p.name.endswith(".tmp") for p in tensors.glob(".*")) or not deploy.is_alive()
+            ),
+            30,
+            "the store to write the segment (or the deploy to end)",
+            interval=0.001,  # the write is brief: look often to catch it in flight
+        )
         os.kill(store_pid, signal.SIGKILL)  # mid-write, as a rule (the file is in flight)
         deploy.join(120)
         (status, body) = result[0]
@@ -435,7 +390,7 @@ def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
             services = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]
             return bool(services.get("tensorstore", {}).get("pid", store_pid) != store_pid)
 
-        wait_for(store_back, 60, "the tensor store to be restarted")
+        eventually_blocking(store_back, 60, "the tensor store to be restarted")
         files = sorted(p.name for p in tensors.iterdir() if p.is_file())
         assert not [f for f in files if f.startswith(".")]  # no half-written segment
         segments = [f for f in files if not f.endswith(".idx.json")]
@@ -461,21 +416,25 @@ def test_worker_killed_mid_load_leaks_nothing(tmp_path: Path) -> None:
         "GPUFAAS_TENSOR_KEEP_ALIVE_S": "1",
         "GPUFAAS_RECLAIM_INTERVAL_S": "0.5",
     }
-    up = Up(tmp_path, "--devices", "cpu", env=fast)
+    up = Up.start(tmp_path / "data", "--devices", "cpu", env=fast)
     demo = {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}}
     try:
         up.wait_ready()
         worker_pid = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]["worker"]["pid"]
-        tensors = up.shm / "tensors" / "node-0"
+        tensors = up.shm_dir / "tensors" / "node-0"
         result: list[tuple[int, Any]] = []
         deploy = threading.Thread(
             target=lambda: result.append(http(f"{up.url}/v1/functions", demo))
         )
         deploy.start()
-        deadline = time.monotonic() + 30
-        while not any(p.name.endswith(".tmp") for p in tensors.glob(".*")) and deploy.is_alive():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        eventually_blocking(
+            lambda: (
+                any(p.name.endswith(".tmp") for p in tensors.glob(".*")) or not deploy.is_alive()
+            ),
+            30,
+            "the store to write the segment (or the deploy to end)",
+            interval=0.001,  # the write is brief: look often to catch it in flight
+        )
         os.kill(worker_pid, signal.SIGKILL)  # the store is writing the segment for it
         deploy.join(120)
         status, body = result[0]
@@ -487,7 +446,7 @@ def test_worker_killed_mid_load_leaks_nothing(tmp_path: Path) -> None:
             return host
 
         # The dead worker's lease lapses and, after the keep-alive, its bytes are freed.
-        wait_for(
+        eventually_blocking(
             lambda: store().get("leases") == 0 and store().get("bytes_stored") == 0,
             60,
             "the dead worker's lease to lapse and its tensors to be reclaimed",

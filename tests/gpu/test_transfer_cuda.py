@@ -139,7 +139,7 @@ async def test_a_gpu_only_copy_is_swapped_into_the_host_pool_by_release(
     data = os.urandom(24 * 2**20 + 5)
     tube, reply = await copy_to_gpu(transfer, data)
     (host,) = [p for p in reply.tube.placements if p.tier == "host"]
-    await transfer._remove_placement(tube.id, host)  # as if produced on the GPU
+    await transfer.directory.remove_placement(tube.id, host)  # as if produced on the GPU
     subject = subjects.node(transfer.config.node_id, "transfer", subjects.TRANSFER_RELEASE)
     done = await request(
         transfer.nc,

@@ -13,10 +13,11 @@ import pytest
 import safetensors.torch
 import torch
 
+from gpufaas.launch import Up
 from gpufaas.shared.catalog import resolve_model_dir
 from gpufaas.shared.messages import ModelSource
 from gpufaas.worker.models.bert import BertConfig, BertEmbedder, load_tokenizer
-from tests.e2e.test_up import Up, http
+from tests.e2e.test_up import http
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,7 +44,7 @@ def infer(up: Up, name: str) -> tuple[torch.Tensor, dict[str, object]]:
 
 
 def test_up_on_the_gpu_answers_like_the_cpu(tmp_path: Path) -> None:
-    up = Up(tmp_path, "--demo", "--devices", "auto")
+    up = Up.start(tmp_path / "data", "--demo", "--devices", "auto")
     try:
         up.wait_ready(300)
         node = http(f"{up.url}/v1/nodes")[1]["nodes"][0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,15 +66,75 @@ def make_config(nats: NatsServer, tmp_path: Path, **overrides: Any) -> Config:
     return base.replace(**overrides)
 
 
-async def start_platform(config: Config, nats: NatsServer) -> Platform:
+async def start_platform(
+    config: Config,
+    nats: NatsServer,
+    nodes: Sequence[str] = (),
+    *,
+    control: str | None = None,
+    node_services: Sequence[type[Service]] = NODE_SERVICES,
+) -> Platform:
+    """Each node's services, then the scheduler and a gateway, all on this event loop.
+
+    With no ``nodes``: one node, ``config.node_id``, its services named as they are
+    ("worker", "scheduler"). With ``nodes``: each has its own shm directory and its services
+    are named ``"<service>@<node>"``; the scheduler and the gateway run with the config of
+    ``control`` (the first node unless named).
+    """
     services: dict[str, Service] = {}
-    for cls in (*NODE_SERVICES, SchedulerService):
-        svc = cls(config)
-        await svc.start()
-        services[svc.name] = svc
-    client = TestClient(TestServer(create_app(config)))
-    await client.start_server()
-    return Platform(config, nats, client, services)
+    if nodes:
+        configs = {n: config.replace(node_id=n, shm_dir=config.shm_dir / n) for n in nodes}
+        base = configs[control or nodes[0]]
+        for node, node_config in configs.items():
+            services |= {f"{cls.name}@{node}": cls(node_config) for cls in node_services}
+    else:
+        base = config
+        services |= {cls.name: cls(config) for cls in node_services}
+    services["scheduler"] = SchedulerService(base)
+    started: list[Service] = []
+    try:
+        for svc in services.values():
+            await svc.start()
+            started.append(svc)
+        client = TestClient(TestServer(create_app(base)))
+        await client.start_server()
+    except BaseException:
+        for svc in reversed(started):
+            await svc.stop()
+        raise
+    return Platform(base, nats, client, services)
+
+
+PlatformFactory = Callable[..., Awaitable[Platform]]
+
+
+@pytest.fixture
+async def platform_factory(
+    nats_server: NatsServer, tmp_path: Path
+) -> AsyncIterator[PlatformFactory]:
+    """``await platform_factory(nodes=[...], control=..., node_services=..., **settings)``
+    starts a platform (``start_platform``) with ``config`` (``make_config`` by default) and
+    ``settings`` on top; each is stopped after the test."""
+    started: list[Platform] = []
+
+    async def make(
+        nodes: Sequence[str] = (),
+        *,
+        control: str | None = None,
+        node_services: Sequence[type[Service]] = NODE_SERVICES,
+        config: Config | None = None,
+        **settings: Any,
+    ) -> Platform:
+        config = (config or make_config(nats_server, tmp_path)).replace(**settings)
+        p = await start_platform(
+            config, nats_server, nodes, control=control, node_services=node_services
+        )
+        started.append(p)
+        return p
+
+    yield make
+    for p in reversed(started):
+        await p.stop()
 
 
 @pytest.fixture
@@ -84,10 +144,9 @@ def platform_config(nats_server: NatsServer, tmp_path: Path) -> Config:
 
 
 @pytest.fixture
-async def platform(platform_config: Config, nats_server: NatsServer) -> AsyncIterator[Platform]:
-    p = await start_platform(platform_config, nats_server)
-    yield p
-    await p.stop()
+async def platform(platform_factory: PlatformFactory, platform_config: Config) -> Platform:
+    """One node, ``node-t``, with every service (``platform_config``'s settings)."""
+    return await platform_factory(config=platform_config)
 
 
 DEMO_BODY = {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}}

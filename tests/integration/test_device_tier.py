@@ -145,4 +145,7 @@ async def test_a_workers_requests_drive_the_reservations(platform: Platform) -> 
     memory = platform.services["memory"]
     assert isinstance(memory, MemoryService)
     await memory.reconcile_once(time.time())
-    assert list(memory._reserved) == [("gpu:0", "default/minilm")]
+    # The worker reports the function as tenant.name (tenant/name before the switch).
+    assert [(d, f.replace("/", ".")) for d, f in memory.holds.reserved] == [
+        ("gpu:0", "default.minilm")
+    ]

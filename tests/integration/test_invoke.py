@@ -15,6 +15,7 @@ from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import resolve_model_dir
 from gpufaas.shared.config import Config
+from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import ModelSource
 from gpufaas.tensorstore.service import TensorStoreService
 from gpufaas.worker.models.bert import BertConfig, BertEmbedder, load_tokenizer
@@ -223,7 +224,7 @@ async def test_instances_share_the_same_pages(platform: Platform) -> None:
     assert store.store.bytes_requested == 2 * store.store.bytes_stored
     ptrs = []
     for name in ("minilm", "minilm-b"):
-        runner = worker.instances[("default", name)].runner
+        runner = worker.instances[FunctionRef("default", name)].runner
         assert isinstance(runner, BertEmbeddingRunner)
         ptrs.append(runner.model.weight_data_ptrs())
     assert ptrs[0] == ptrs[1]  # both instances use the very same weight memory ...

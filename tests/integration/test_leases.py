@@ -8,6 +8,7 @@ import time
 import pytest
 
 from gpufaas.shared import subjects
+from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import StoreStats, StoreStatsRequest
 from gpufaas.shared.rpc import request
 from gpufaas.tensorstore.service import TensorStoreService
@@ -122,7 +123,7 @@ async def test_a_stale_remembered_manifest_is_rebuilt_from_the_stores_answer(
     store, worker = parts(platform)
     c = platform.client
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
-    first = worker.instances[("default", "minilm")].held
+    first = worker.instances[FunctionRef("default", "minilm")].held
     assert (await c.delete("/v1/functions/minilm")).status == 200
     now = store.store.recovered_at + platform.config.node_ttl_s
     await store.reclaim_once(now)
@@ -130,7 +131,7 @@ async def test_a_stale_remembered_manifest_is_rebuilt_from_the_stores_answer(
     # The worker remembers the old manifest and builds over it while the store answers;
     # the store stored the tensors anew, so that build is dropped for one over the new ones.
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
-    held = worker.instances[("default", "minilm")].held
+    held = worker.instances[FunctionRef("default", "minilm")].held
     assert held.isdisjoint(first)
     assert held == {ref.segment for ref in store.store.index.values()}
     assert worker.tensors.segments_mapped == len(held)

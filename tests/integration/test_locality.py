@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from gpufaas.gateway.app import create_app
-from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared import subjects
 from gpufaas.shared.messages import (
     LocalityReply,
@@ -22,31 +18,17 @@ from gpufaas.shared.messages import (
     RegisterRequest,
 )
 from gpufaas.shared.rpc import request
-from gpufaas.shared.service import Service
 from gpufaas.tensorstore.service import TensorStoreService
 from tests.conftest import NatsServer
-from tests.integration.conftest import DEMO_BODY, NODE_SERVICES, make_config
+from tests.integration.conftest import DEMO_BODY, Platform, PlatformFactory, make_config
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def two_nodes(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
-    services: list[Service] = []
-    for node in ("node-a", "node-b"):
-        config = make_config(nats_server, tmp_path, node_id=node, shm_dir=tmp_path / node)
-        for cls in NODE_SERVICES:
-            services.append(cls(config))
-    base = make_config(nats_server, tmp_path, node_id="node-a")
-    services.append(SchedulerService(base))
-    for svc in services:
-        await svc.start()
-    client = TestClient(TestServer(create_app(base)))
-    await client.start_server()
-    yield client
-    await client.close()
-    for svc in reversed(services):
-        await svc.stop()
+async def two_nodes(platform_factory: PlatformFactory) -> Platform:
+    return await platform_factory(["node-a", "node-b"])
 
 
 async def node_of(client: TestClient[Any, Any], name: str) -> str:
@@ -55,8 +37,8 @@ async def node_of(client: TestClient[Any, Any], name: str) -> str:
     return str(node)
 
 
-async def test_a_model_goes_where_its_tensors_already_are(two_nodes: TestClient[Any, Any]) -> None:
-    c = two_nodes
+async def test_a_model_goes_where_its_tensors_already_are(two_nodes: Platform) -> None:
+    c = two_nodes.client
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
     base_node = await node_of(c, "minilm")
     # A second function of the same model: θ = 1 where the first one put its tensors, so
@@ -111,16 +93,18 @@ async def test_a_store_that_never_read_a_file_knows_its_theta_from_a_peers_manif
         await ask(
             "node-b", subjects.TENSORSTORE_REGISTER, RegisterRequest(source=exported), RegisterReply
         )
-        for _ in range(500):  # node-a shares its manifest after its reply (5 s at most)
+
+        async def b_knows() -> Any:
             b = await ask(
                 "node-b",
                 subjects.TENSORSTORE_LOCALITY,
                 LocalityRequest(source=safetensors),
                 LocalityReply,
             )
-            if b.known:
-                break
-            await asyncio.sleep(0.01)
+            return b if b.known else None
+
+        # node-a shares its manifest after its reply
+        b = await eventually(b_knows, 10, "node-b to know the file from node-a's manifest")
         a = await ask(
             "node-a",
             subjects.TENSORSTORE_LOCALITY,

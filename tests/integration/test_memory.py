@@ -30,6 +30,7 @@ from gpufaas.shared.messages import (
 from gpufaas.shared.rpc import request
 from tests.conftest import NatsServer
 from tests.integration.conftest import make_config
+from tests.support import eventually, handled
 
 pytestmark = pytest.mark.integration
 
@@ -137,6 +138,8 @@ async def test_a_dead_owners_allocations_are_freed(memory: MemoryService) -> Non
     await alloc(memory, 2**20, owner="alive")
     await alloc(memory, 2**20, owner="dead")
     t_dead = time.time()  # "dead" never renews: its lease ends by t_dead + ttl
+    # Not a wait: time passes so that "alive" renews more than 0.1 s (the margin of the
+    # second reconcile below) after "dead"'s lease began.
     await asyncio.sleep(0.3)
     renewed = await call(
         memory, subjects.MEMORY_RENEW, MemRenewRequest(owner="alive"), MemRenewReply
@@ -174,7 +177,7 @@ async def test_reservations_follow_the_observed_load_and_go_when_idle(
     for i in range(3):  # three in flight at once, 4 MiB each
         await observe(f"r{i}", "start", 4 * 2**20)
     await memory.nc.flush()
-    await asyncio.sleep(0.1)  # the publishes are handled
+    await eventually(lambda: handled(memory, subject) == 3, 10, "the three starts to be handled")
     await memory.reconcile_once(time.time())
     r = await call(memory, subjects.MEMORY_STATS, MemStatsRequest(), MemStatsReply)
     assert isinstance(r, MemStatsReply)
@@ -186,7 +189,7 @@ async def test_reservations_follow_the_observed_load_and_go_when_idle(
     for i in range(3):
         await observe(f"r{i}", "end")
     await memory.nc.flush()
-    await asyncio.sleep(0.1)
+    await eventually(lambda: handled(memory, subject) == 6, 10, "the three ends to be handled")
     idle = time.time() + RESERVATION_WINDOW_S + 1  # a whole window without a request
     await memory.reconcile_once(idle)
     r = await call(memory, subjects.MEMORY_STATS, MemStatsRequest(), MemStatsReply)

@@ -390,7 +390,7 @@ async def test_a_working_set_bigger_than_the_gpu_is_rejected_with_a_reason(node:
 
     await node.view(t + 1)  # its queue drained: the rejection is forgotten
     await node.memory.reconcile_once(t + 1)
-    assert "default/fg" not in {f for _, f in node.memory._rejected}
+    assert "default/fg" not in {f for _, f in node.memory.residency.book.rejected}
 
 
 async def test_the_store_verbs_are_typed_and_all_or_nothing(node: Node) -> None:
@@ -523,7 +523,7 @@ async def test_an_unneeded_tube_copy_is_swapped_to_the_host_before_a_needed_one(
     x = await gpu_tube(node, x_bytes, host_copy=False)  # a finished step's output: GPU only
     x_gpu = node.config.shm_dir / x.placements[0].segment
     # What evicting each would copy to the host: all of X (its only copy), none of Y.
-    swaps = {i: swap for (_, _), (i, _, swap) in node.memory._items.items()}
+    swaps = {i: swap for (_, _), (i, _, swap) in node.memory.ledger.items.items()}
     assert swaps == {tube_item(x.id): len(x_bytes), tube_item(y.id): 0}
     t = time.time()
     # D (4 MiB) is due now: 4 + 3 + 3 + 4 > 13 MiB. X goes (no queued request reads it),
@@ -551,7 +551,7 @@ async def test_an_unneeded_tube_copy_is_swapped_to_the_host_before_a_needed_one(
     assert read_copy(node, host, len(x_bytes)) == x_bytes
     assert not x_gpu.exists()
     items = {
-        d: {i for (dev, _), (i, _, _) in node.memory._items.items() if dev == d}
+        d: {i for (dev, _), (i, _, _) in node.memory.ledger.items.items() if dev == d}
         for d in ("gpu:0", "host")
     }
     assert items == {"gpu:0": {tube_item(y.id)}, "host": {tube_item(x.id)}}
@@ -602,7 +602,7 @@ async def test_a_tube_release_is_typed_and_refused_when_there_is_nothing_to_rele
                 TubeReleaseReply,
             )
         assert err.value.field == "tier"
-    assert not node.memory._items  # its block went back to the pool
+    assert not node.memory.ledger.items  # its block went back to the pool
 
 
 async def test_swapped_copies_live_in_the_host_pool_across_restarts_until_their_tube_goes(

@@ -7,24 +7,21 @@ themselves with a fake clock; requests, workers and KV are real.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
-import nats.errors
-import nats.js.errors
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from gpufaas.gateway.app import create_app
 from gpufaas.scheduler.profiles import batch_sizes
 from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
-from gpufaas.shared.constants import KV_INFLIGHT, KV_REPLICAS
+from gpufaas.shared.constants import KV_REPLICAS
+from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.jetstream import bucket_keys
+from gpufaas.shared.kv import Codec
 from gpufaas.shared.messages import (
     CachedModel,
     FunctionRecord,
@@ -35,18 +32,17 @@ from gpufaas.shared.messages import (
     encode_json,
     new_event,
 )
-from gpufaas.shared.registry import function_key, get_function
-from gpufaas.shared.service import Service
 from gpufaas.worker.service import WorkerService
 from tests.conftest import NatsServer
 from tests.integration.conftest import (
     DEMO_BODY,
-    NODE_SERVICES,
     Platform,
+    PlatformFactory,
     make_config,
     read_events,
     text_request,
 )
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +61,7 @@ def scheduler(p: Platform) -> SchedulerService:
 
 
 async def record_of(sched: SchedulerService, name: str) -> FunctionRecord:
-    record = await get_function(sched.buckets.functions, "default", name)
+    record = await sched.kv.functions.value(FunctionRef("default", name).key)
     assert record is not None
     return record
 
@@ -119,36 +115,20 @@ async def test_requests_wait_in_the_queue_for_room_on_the_instance(platform: Pla
     assert (await c.post("/v1/functions", json=body)).status == 201
     long = text_request(["a longer sentence for the encoder to chew on " * 8] * 16)
     tasks = [asyncio.create_task(c.post("/v2/models/minilm/infer", json=long)) for _ in range(6)]
-    fq = None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # until the scheduler holds some back
-        fq = sched.queues.get(function_key("default", "minilm"))
-        if fq is not None and fq.queued() > 0:
-            break
-        await asyncio.sleep(0.01)
-    assert fq is not None
-    assert fq.queued() > 0
-    assert sum(fq.in_flight.values()) <= 2
+    key = FunctionRef("default", "minilm").key
+    await eventually(
+        lambda: key in sched.queues and sched.queues[key].queued() > 0,
+        20,
+        "the scheduler to hold some requests back",
+    )
+    assert sum(sched.queues[key].in_flight.values()) <= 2
     for resp in await asyncio.gather(*tasks):
         assert resp.status == 200
 
 
 @pytest.fixture
-async def two_nodes(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Platform]:
-    services: dict[str, Service] = {}
-    for node in ("node-a", "node-b"):
-        config = make_config(nats_server, tmp_path, node_id=node, shm_dir=tmp_path / node)
-        for cls in NODE_SERVICES:
-            services[f"{cls.name}@{node}"] = cls(config)
-    base = make_config(nats_server, tmp_path, node_id="node-a", autoscale_interval_s=HOUR)
-    services["scheduler"] = SchedulerService(base)
-    for svc in services.values():
-        await svc.start()
-    client = TestClient(TestServer(create_app(base)))
-    await client.start_server()
-    p = Platform(base, nats_server, client, services)
-    yield p
-    await p.stop()
+async def two_nodes(platform_factory: PlatformFactory) -> Platform:
+    return await platform_factory(["node-a", "node-b"], autoscale_interval_s=HOUR)
 
 
 async def test_a_queue_longer_than_an_instance_holds_scales_out_to_another_node(
@@ -160,19 +140,21 @@ async def test_a_queue_longer_than_an_instance_holds_scales_out_to_another_node(
     (first,) = (await record_of(sched, "minilm")).nodes
     long = text_request(["a longer sentence for the encoder to chew on " * 8] * 16)
     tasks = [asyncio.create_task(c.post("/v2/models/minilm/infer", json=long)) for _ in range(8)]
-    key = function_key("default", "minilm")
-    for _ in range(2000):  # until the scheduler holds some back (20 s at most)
-        if key in sched.queues and sched.queues[key].queued() > 2:
-            break
-        await asyncio.sleep(0.01)
+    key = FunctionRef("default", "minilm").key
+    await eventually(
+        lambda: key in sched.queues and sched.queues[key].queued() > 2,
+        20,
+        "the scheduler to hold more than 2 requests back",
+    )
     await sched.autoscale_once(time.time())  # 8 waiting, room for 2: more instances
     nodes = (await record_of(sched, "minilm")).nodes
     assert sorted(nodes) == ["node-a", "node-b"]
     assert nodes[0] == first
-    for resp in await asyncio.gather(*tasks):
+    responses = await asyncio.gather(*tasks)
+    for resp in responses:
         assert resp.status == 200
-    served = {r.headers.get("Gpufaas-Node") for r in await asyncio.gather(*tasks)}
-    assert served <= {"node-a", "node-b", None}
+    served = [r.headers.get("Gpufaas-Node") for r in responses]
+    assert all(node in {"node-a", "node-b"} for node in served), served
 
 
 async def test_a_node_whose_gpu_holds_the_model_is_chosen(two_nodes: Platform) -> None:
@@ -191,70 +173,55 @@ async def test_a_node_whose_gpu_holds_the_model_is_chosen(two_nodes: Platform) -
     assert (await record_of(sched, "minilm")).nodes == ["node-b"]
     # And node-b's own memory manager now publishes the model on its GPU, under the file
     # name the scheduler matches.
-    for _ in range(1000):  # 10 s at most
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            entry = await sched.buckets.memory.get("node-b.gpu0.m")
-            if entry.value and file in {
-                m.file for m in decode_json(entry.value, ModelCache).models
-            }:
-                break
-        await asyncio.sleep(0.01)
-    else:
-        raise AssertionError("node-b's model cache never listed the model")
+
+    caches = sched.kv.view(sched.kv.memory, Codec.json(ModelCache))
+
+    async def listed() -> bool:
+        cache = await caches.value("node-b.gpu0.m")
+        return cache is not None and file in {m.file for m in cache.models}
+
+    await eventually(listed, 10, "node-b's model cache to list the model")
     # Copies are per scope: node-b's public copies are nothing to a tenant's private
     # registration of the same file, nor is one tenant's private copy to another tenant.
     private = msgspec.structs.replace(ModelSource(builtin="all-minilm-l6-v2"), private=True)
     record_spec = (await record_of(sched, "minilm")).spec
     spec = msgspec.structs.replace(record_spec, tenant="t2", model=private)
-    assert await sched._gpu_cached(record_spec) == {"node-b"}
-    assert await sched._gpu_cached(spec) == set()
+    assert await sched.placer.gpu_cached(record_spec) == {"node-b"}
+    assert await sched.placer.gpu_cached(spec) == set()
     t3_copy = msgspec.structs.replace(mine, tenant="t3")
     cache = ModelCache(node="node-a", device="gpu:9", at=time.time(), models=[t3_copy])
     await sched.buckets.memory.put("node-a.gpu9.m", encode_json(cache))
-    assert await sched._gpu_cached(spec) == set()
-    assert await sched._gpu_cached(msgspec.structs.replace(spec, tenant="t3")) == {"node-a"}
+    assert await sched.placer.gpu_cached(spec) == set()
+    assert await sched.placer.gpu_cached(msgspec.structs.replace(spec, tenant="t3")) == {"node-a"}
 
 
-async def test_a_background_profile_chooses_the_batch(
-    nats_server: NatsServer, tmp_path: Path
-) -> None:
-    from tests.integration.conftest import start_platform  # noqa: PLC0415
+async def test_a_background_profile_chooses_the_batch(platform_factory: PlatformFactory) -> None:
+    p = await platform_factory(profile_s=20.0, autoscale_interval_s=HOUR)
+    body = {**DEMO_BODY, "options": {"max_batch_size": 8}}
+    assert (await p.client.post("/v1/functions", json=body)).status == 201
+    sched = scheduler(p)
 
-    config = make_config(nats_server, tmp_path, profile_s=20.0, autoscale_interval_s=HOUR)
-    p = await start_platform(config, nats_server)
-    try:
-        body = {**DEMO_BODY, "options": {"max_batch_size": 8}}
-        assert (await p.client.post("/v1/functions", json=body)).status == 201
-        sched = scheduler(p)
-        deadline = time.monotonic() + 60
-        record = None
-        while time.monotonic() < deadline:
-            entry = await sched.buckets.profiles.get(function_key("default", "minilm"))
-            assert entry.value is not None
-            record = decode_json(entry.value, ProfileRecord)
-            if record.complete:
-                break
-            await asyncio.sleep(0.1)
-        assert record is not None
-        assert record.complete
-        assert record.batch in batch_sizes(8)
-        assert {pt.batch for pt in record.points} <= set(batch_sizes(8))
-        assert record.reason
-        resp = await p.client.post("/v2/models/minilm/infer", json=text_request(["x", "y"]))
-        assert resp.status == 200
-    finally:
-        await p.stop()
+    async def complete() -> ProfileRecord | None:
+        entry = await sched.buckets.profiles.get(FunctionRef("default", "minilm").key)
+        assert entry.value is not None
+        record = decode_json(entry.value, ProfileRecord)
+        return record if record.complete else None
+
+    record = await eventually(complete, 60, "the background profile to complete", interval=0.1)
+    assert record is not None
+    assert record.batch in batch_sizes(8)
+    assert {pt.batch for pt in record.points} <= set(batch_sizes(8))
+    assert record.reason
+    resp = await p.client.post("/v2/models/minilm/infer", json=text_request(["x", "y"]))
+    assert resp.status == 200
 
 
 async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_twice(
-    nats_server: NatsServer, tmp_path: Path
+    platform_factory: PlatformFactory,
 ) -> None:
-    from tests.integration.conftest import start_platform  # noqa: PLC0415
-
     # The first replica dies before its first tick (its ticks are an hour apart): it must
     # have made itself known when it started, or no survivor would find its requests.
-    config = make_config(nats_server, tmp_path, autoscale_interval_s=HOUR)
-    p = await start_platform(config, nats_server)
+    p = await platform_factory(autoscale_interval_s=HOUR)
     survivor: SchedulerService | None = None
     try:
         c, first = p.client, scheduler(p)
@@ -263,20 +230,16 @@ async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_
         assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
         long = text_request(["a longer sentence for the encoder to chew on " * 8] * 64)
         call = asyncio.create_task(c.post("/v2/models/minilm/infer", json=long))
-        for _ in range(2000):  # until the worker is running it (20 s at most)
-            if worker._answering:
-                break
-            await asyncio.sleep(0.01)
-        assert worker._answering
+        await eventually(lambda: worker._answering, 20, "the worker to run the request")
         # The replica dies: no reply, no clean-up; its liveness key lapses (TTL 2 s).
         await first.nc.close()
         for task in [*first._background, *first._inflight]:
             task.cancel()
-        survivor = SchedulerService(config.replace(autoscale_interval_s=0.2))
+        survivor = SchedulerService(p.config.replace(autoscale_interval_s=0.2))
         await survivor.start()
         done, _ = await asyncio.wait([call], timeout=60)
         assert done, (  # what the survivor knew, if it never answered
-            f"workers={survivor.workers} adopted={survivor._adopted} "
+            f"workers={survivor.workers} adopted={survivor.failover.adopted} "
             f"inflight={[k async for k in keys(survivor)]} "
             f"replicas={await bucket_keys(survivor.js, KV_REPLICAS)} "
             f"worker answering={list(worker._answering)} answered={len(worker._answered)}"
@@ -286,27 +249,24 @@ async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_
         assert len((await resp.json())["outputs"][0]["data"]) == 64 * 384
         assert worker.repeats == 1  # sent twice, run once
         assert [k async for k in keys(survivor)] == []  # answered: forgotten
-        for _ in range(500):  # the dead replica's prefix is purged on a later tick (5 s at most)
-            if len(await bucket_keys(survivor.js, KV_REPLICAS)) == 1:
-                break
-            await asyncio.sleep(0.01)
+        js = survivor.js
+
+        async def one_replica() -> bool:
+            return len(await bucket_keys(js, KV_REPLICAS)) == 1
+
+        await eventually(one_replica, 5, "the dead replica's prefix to be purged on a later tick")
         assert await bucket_keys(survivor.js, KV_REPLICAS) == [
-            survivor._inflight_key("x").removesuffix(".x")
+            survivor.failover.inflight_key("x").removesuffix(".x")
         ]
     finally:
         if survivor is not None:
-            p.services["scheduler"] = survivor
-        await p.stop()
+            p.services["scheduler"] = survivor  # stopped with the platform
 
 
 async def keys(svc: SchedulerService) -> AsyncIterator[str]:
-    for key in await bucket_keys(svc.js, KV_INFLIGHT):
-        try:
-            entry = await svc.buckets.inflight.get(key)
-        except (nats.js.errors.KeyDeletedError, nats.js.errors.KeyNotFoundError):
-            continue
+    for entry in await svc.kv.inflight.items():
         if entry.value:
-            yield key
+            yield entry.key
 
 
 async def test_waiting_requests_fail_with_the_reason_when_the_memory_manager_rejects(
@@ -317,11 +277,12 @@ async def test_waiting_requests_fail_with_the_reason_when_the_memory_manager_rej
     assert (await c.post("/v1/functions", json=body)).status == 201
     long = text_request(["a longer sentence for the encoder to chew on " * 8] * 16)
     tasks = [asyncio.create_task(c.post("/v2/models/minilm/infer", json=long)) for _ in range(6)]
-    key = function_key("default", "minilm")
-    for _ in range(2000):  # until the scheduler holds some back (20 s at most)
-        if key in sched.queues and sched.queues[key].queued() > 0:
-            break
-        await asyncio.sleep(0.01)
+    key = FunctionRef("default", "minilm").key
+    await eventually(
+        lambda: key in sched.queues and sched.queues[key].queued() > 0,
+        20,
+        "the scheduler to hold some requests back",
+    )
     event = new_event(
         "memory.rejected",
         "memory@node-t",

@@ -4,7 +4,6 @@ supervised loops and watches, and the typed KV layer."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import nats.errors
 import pytest
 
 from gpufaas.shared import subjects
-from gpufaas.shared.config import Config
 from gpufaas.shared.errors import InvalidArgument, NotFound
 from gpufaas.shared.kv import MALFORMED, Bucket, Codec, Conflict
 from gpufaas.shared.messages import (
@@ -27,17 +25,10 @@ from gpufaas.shared.messages import (
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Endpoint, Service, endpoint
 from tests.conftest import NatsServer
+from tests.integration.conftest import make_config
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Echo(Service):
@@ -61,16 +52,7 @@ class Echo(Service):
 
 @pytest.fixture
 async def echo(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Echo]:
-    config = Config(
-        nats_url=nats_server.url,
-        node_id="node-t",
-        devices="cpu",
-        shm_dir=tmp_path / "shm",
-        data_dir=tmp_path / "data",
-        heartbeat_s=0.2,
-        connect_deadline_s=3.0,
-        shutdown_deadline_s=5.0,
-    )
+    config = make_config(nats_server, tmp_path, devices="cpu")
     svc = Echo(config)
     await svc.start()
     yield svc
@@ -126,7 +108,7 @@ async def test_a_transient_failure_never_stops_a_loop(echo: Echo) -> None:
     ]
     echo.every(0.01, failing(errors), "flaky")
     stats = echo.loop_stats["flaky"]
-    await until(lambda: stats.runs >= 6, 10, "the loop to run on after four failures")
+    await eventually(lambda: stats.runs >= 6, 10, "the loop to run on after four failures")
     assert stats.failures == 4
     assert stats.streak == 0  # the backoff reset after a success
     assert echo.running
@@ -156,9 +138,9 @@ async def test_a_watch_skips_malformed_records(echo: Echo) -> None:
     await echo.kv.raw.functions.put("default.broken", b"{not json")
     await functions.put("default.a", record("a"))
     echo.watch(functions, on_change, "functions")
-    await until(lambda: "default.a" in seen, 5, "the watch to deliver the good record")
+    await eventually(lambda: "default.a" in seen, 5, "the watch to deliver the good record")
     await functions.delete("default.a")
-    await until(lambda: seen.get("default.a", 1) is None, 5, "the watch to deliver the delete")
+    await eventually(lambda: seen.get("default.a", 1) is None, 5, "the watch to deliver the delete")
     assert "default.broken" not in seen
     assert echo.loop_stats["functions"].skipped >= 1
     assert echo.running
@@ -199,3 +181,25 @@ async def test_a_malformed_record_reads_as_absent_and_update_repairs_it(echo: Ec
     fixed = await functions.update("default.bad", lambda cur: cur or record("bad"))
     assert fixed is not None
     assert fixed.value.spec.name == "bad"
+
+
+async def test_a_bounded_step_fails_alone(echo: Echo) -> None:
+    ran: list[str] = []
+
+    async def broken() -> int:
+        raise nats.errors.TimeoutError
+
+    async def fine() -> int:
+        ran.append("fine")
+        return 7
+
+    assert await echo.bounded("tick.a", broken, -1) == -1
+    assert await echo.bounded("tick.b", fine, -1) == 7
+    assert ran == ["fine"]
+    assert (echo.loop_stats["tick.a"].failures, echo.loop_stats["tick.b"].runs) == (1, 1)
+
+    async def bug() -> int:
+        raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        await echo.bounded("tick.c", bug, -1)

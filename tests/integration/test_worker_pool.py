@@ -8,13 +8,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from gpufaas.gateway.app import create_app
 from gpufaas.memory.service import MemoryService
 from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared import subjects
@@ -31,23 +28,29 @@ from gpufaas.shared.messages import (
     WorkerRunRequest,
 )
 from gpufaas.shared.rpc import request
-from gpufaas.shared.service import Service
 from gpufaas.tensorstore.service import TensorStoreService
 from gpufaas.transfer.service import TransferService
 from gpufaas.worker.pool import RETIRE_GRACE_S, WorkerPoolService, WorkerProcess
-from tests.conftest import NatsServer, wait_for
-from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
+from tests.conftest import NatsServer
+from tests.integration.conftest import (
+    DEMO_BODY,
+    Platform,
+    PlatformFactory,
+    make_config,
+    text_request,
+)
+from tests.support import eventually, eventually_blocking
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 async def ready_spares(pool: WorkerPoolService, n: int, timeout_s: float = 90) -> None:
     """Until ``n`` spares are serving (their processes import torch: seconds)."""
-    for _ in range(int(timeout_s * 10)):
-        if sum(1 for p in pool.spares if p.ready.is_set()) >= n:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"fewer than {n} spares ready after {timeout_s:g} s")
+    await eventually(
+        lambda: sum(1 for p in pool.spares if p.ready.is_set()) >= n,
+        timeout_s,
+        f"{n} spares to be ready",
+    )
 
 
 @pytest.fixture
@@ -66,24 +69,10 @@ def pool_config(nats_server: NatsServer, tmp_path: Path) -> Config:
 
 
 @pytest.fixture
-async def pooled(pool_config: Config, nats_server: NatsServer) -> AsyncIterator[Platform]:
-    config = pool_config
-    services: dict[str, Service] = {}
-    for cls in (
-        MemoryService,
-        TensorStoreService,
-        TransferService,
-        WorkerPoolService,
-        SchedulerService,
-    ):
-        svc = cls(config)
-        await svc.start()
-        services[svc.name] = svc
-    client = TestClient(TestServer(create_app(config)))
-    await client.start_server()
-    p = Platform(config, nats_server, client, services)
-    yield p
-    await p.stop()
+async def pooled(pool_config: Config, platform_factory: PlatformFactory) -> Platform:
+    """One node whose worker is the pool."""
+    node_services = (MemoryService, TensorStoreService, TransferService, WorkerPoolService)
+    return await platform_factory(config=pool_config, node_services=node_services)
 
 
 def pool_of(p: Platform) -> WorkerPoolService:
@@ -167,10 +156,11 @@ async def deploy_then_scale_to_zero(pooled: Platform, *, refilled: bool = False)
 async def test_back_from_zero_the_instance_goes_into_a_warm_spare(pooled: Platform) -> None:
     c, pool = pooled.client, pool_of(pooled)
     first = await deploy_then_scale_to_zero(pooled)
-    for _ in range(300):  # its process, left with no instance, exits (idle 0.5 s)
-        if first.popen.poll() is not None:
-            break
-        await asyncio.sleep(0.1)
+    await eventually(
+        lambda: first.popen.poll() is not None,
+        30,
+        "its process, left with no instance, to exit (idle 0.5 s)",
+    )
     assert first.popen.poll() == 0
     await ready_spares(pool, 1)
     resp = await c.post("/v2/models/minilm/infer", json=text_request(["back"]))
@@ -180,15 +170,6 @@ async def test_back_from_zero_the_instance_goes_into_a_warm_spare(pooled: Platfo
     assert int(resp.headers["Gpufaas-Worker-Us"]) > 0
     assert resp.headers["Gpufaas-Loaded-Bytes"] == "0"  # its tensors were resident
     assert pool.bound["default"] is not first
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    """Poll ``predicate`` every 20 ms until it holds (fail after ``timeout_s``)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting until {what}")
-        await asyncio.sleep(0.02)
 
 
 def reaped(pid: int) -> bool:
@@ -201,15 +182,18 @@ async def test_an_idle_exit_loses_no_request(pooled: Platform) -> None:
     (by a spare: the pool stopped counting the dying process before it stopped serving)."""
     c, pool = pooled.client, pool_of(pooled)
     first = await deploy_then_scale_to_zero(pooled, refilled=True)
-    await wait_until(lambda: first.retired, "the idle process asked to exit and the pool agreed")
+    await eventually(
+        lambda: first.retired, 60, "the idle process asked to exit and the pool agreed"
+    )
     assert "default" not in pool.bound  # counted out before it stops serving
     assert first.alive  # and still exiting: the request below meets the old race's window
     resp = await c.post("/v2/models/minilm/infer", json=text_request(["right after"]))
     assert resp.status == 200, await resp.text()
     assert resp.headers["Gpufaas-New-Process"] == "0"  # a ready spare, bound to the tenant
     assert pool.bound["default"] is not first
-    await wait_until(
+    await eventually(
         lambda: first not in pool.exiting and reaped(first.popen.pid),
+        60,
         "the exited process is reaped",
     )
     assert first.popen.returncode == 0
@@ -242,13 +226,13 @@ async def test_a_process_just_bound_is_not_let_go(pooled: Platform) -> None:
 async def test_the_bind_answers_before_the_replacement_spare_starts(pooled: Platform) -> None:
     pool = pool_of(pooled)
     await ready_spares(pool, 1)
-    await wait_until(lambda: pool.started == 1 and not pool.exiting, "the pool is quiet")
+    await eventually(lambda: pool.started == 1 and not pool.exiting, 60, "the pool is quiet")
     nc = pooled.services["scheduler"].nc
     bind = subjects.node("node-t", "worker", subjects.WORKER_BIND)
     reply = await request(nc, bind, WorkerBindRequest(tenant="a"), WorkerBindReply, timeout=120)
     assert not reply.new_process
     assert pool.started == 1  # nothing started inside the bind
-    await wait_until(lambda: pool.started > 1, "the replacement spare is started")
+    await eventually(lambda: pool.started > 1, 60, "the replacement spare is started")
     await ready_spares(pool, 1)
 
 
@@ -260,8 +244,10 @@ async def test_stopped_spares_are_reaped(pooled: Platform) -> None:
     pool._refill()
     assert extra.retired
     assert extra in pool.exiting
-    await wait_until(
-        lambda: extra not in pool.exiting and reaped(extra.popen.pid), "the stopped spare is reaped"
+    await eventually(
+        lambda: extra not in pool.exiting and reaped(extra.popen.pid),
+        60,
+        "the stopped spare is reaped",
     )
 
 
@@ -295,11 +281,11 @@ def test_a_killed_pool_leaves_no_worker_behind(pool_config: Config, tmp_path: Pa
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_for(lambda: bool(children(manager.pid)), 60, "the pool to start a spare")
+        eventually_blocking(lambda: bool(children(manager.pid)), 60, "the pool to start a spare")
         spares = children(manager.pid)
         manager.kill()
         manager.wait(10)
-        wait_for(lambda: all(gone(pid) for pid in spares), 30, "its spares to exit")
+        eventually_blocking(lambda: all(gone(pid) for pid in spares), 30, "its spares to exit")
     finally:
         if manager.poll() is None:
             manager.kill()
@@ -318,7 +304,8 @@ async def test_a_crashed_process_is_replaced_on_the_next_request(pooled: Platfor
     assert resp.status == 200, await resp.text()
     assert resp.headers["Gpufaas-Cold"] == "1"  # built again, in the spare now bound
     assert pool.bound["default"] is not crashed
-    await wait_until(
+    await eventually(
         lambda: crashed not in pool.exiting and crashed.id not in pool._by_id,
+        60,
         "the crashed process is forgotten",
     )

@@ -4,28 +4,24 @@ definitions refused at deploy, and an intermediate lost with its node recomputed
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from gpufaas.gateway.app import create_app
 from gpufaas.scheduler.service import SchedulerService
-from gpufaas.shared.service import Service
 from gpufaas.worker.service import WorkerService
-from tests.conftest import NatsServer
 from tests.integration.conftest import (
     DEMO_BODY,
-    NODE_SERVICES,
     Platform,
-    make_config,
+    PlatformFactory,
     read_events,
     text_request,
 )
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -152,21 +148,9 @@ async def test_bad_workflows_are_refused_at_deploy_naming_the_field(
 
 
 @pytest.fixture
-async def two_nodes(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Platform]:
-    services: dict[str, Service] = {}
-    for node in ("node-a", "node-b"):
-        config = make_config(nats_server, tmp_path, node_id=node, shm_dir=tmp_path / node)
-        for cls in NODE_SERVICES:
-            services[f"{cls.name}@{node}"] = cls(config)
-    base = make_config(nats_server, tmp_path, node_id="node-b", shm_dir=tmp_path / "node-b")
-    services["scheduler"] = SchedulerService(base)
-    for svc in services.values():
-        await svc.start()
-    client = TestClient(TestServer(create_app(base)))
-    await client.start_server()
-    p = Platform(base, nats_server, client, services)
-    yield p
-    await p.stop()
+async def two_nodes(platform_factory: PlatformFactory) -> Platform:
+    """node-a and node-b; the scheduler and the gateway run with node-b's config."""
+    return await platform_factory(["node-a", "node-b"], control="node-b")
 
 
 async def test_an_intermediate_lost_with_its_node_is_recomputed(
@@ -205,15 +189,12 @@ async def test_an_intermediate_lost_with_its_node_is_recomputed(
 
 
 async def test_a_workflow_whose_replica_dies_is_answered_by_another_without_rerunning_steps(
-    nats_server: NatsServer, tmp_path: Path, scorer_dir: Path
+    platform_factory: PlatformFactory, scorer_dir: Path
 ) -> None:
     """The replica running a workflow dies (before its first tick: it made itself known on
     start) while the first step computes; a new replica runs the workflow again under the
     same dispatch id: the step already sent is answered from the worker's memory."""
-    from tests.integration.conftest import start_platform  # noqa: PLC0415
-
-    config = make_config(nats_server, tmp_path, autoscale_interval_s=3600.0)
-    p = await start_platform(config, nats_server)
+    p = await platform_factory(autoscale_interval_s=3600.0)
     survivor: SchedulerService | None = None
     try:
         c, first = p.client, p.services["scheduler"]
@@ -227,18 +208,14 @@ async def test_a_workflow_whose_replica_dies_is_answered_by_another_without_reru
         call = asyncio.create_task(
             c.post("/v1/workflows/embed-score/infer", json=text_request(texts))
         )
-        for _ in range(2000):  # until the worker is running the first step (20 s at most)
-            if worker._answering:
-                break
-            await asyncio.sleep(0.01)
-        assert worker._answering
+        await eventually(lambda: worker._answering, 20, "the worker to run the first step")
         await first.nc.close()  # dies: no reply, no clean-up
         for task in [*first._background, *first._inflight]:
             task.cancel()
-        survivor = SchedulerService(config.replace(autoscale_interval_s=0.2))
+        survivor = SchedulerService(p.config.replace(autoscale_interval_s=0.2))
         await survivor.start()
         done, _ = await asyncio.wait([call], timeout=60)
-        assert done, f"adopted={survivor._adopted} answering={list(worker._answering)}"
+        assert done, f"adopted={survivor.failover.adopted} answering={list(worker._answering)}"
         resp = call.result()
         result = await resp.json()
         assert resp.status == 200, result
@@ -249,5 +226,4 @@ async def test_a_workflow_whose_replica_dies_is_answered_by_another_without_reru
         )
     finally:
         if survivor is not None:
-            p.services["scheduler"] = survivor
-        await p.stop()
+            p.services["scheduler"] = survivor  # stopped with the platform

@@ -1,4 +1,6 @@
-"""A worker runs ready batches by deadline slack, not by arrival, and batches requests."""
+"""A worker runs ready batches by deadline slack, not by arrival, and batches requests:
+through the worker's own executor threads (the batcher's fake-clock tests,
+test_worker_batcher.py, cover each rule, the idle wait and the retry of a failing batch)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from gpufaas.shared.errors import InvalidArgument
 from gpufaas.shared.messages import FunctionSpec, ModelSource, TensorSpec, WorkerRunRequest
 from gpufaas.shared.tensors import decode_bytes_elements, encode_bytes_elements
 from gpufaas.worker.runners import Inputs, Output
-from gpufaas.worker.service import Instance, WorkerService
+from gpufaas.worker.service import WorkerService
+from tests.support import eventually
+from tests.unit.test_worker_batcher import instance
 
 pytestmark = pytest.mark.unit
 
@@ -27,12 +31,14 @@ class Recorder:
 
     def __init__(self, order: list[str], gate: threading.Event) -> None:
         self.order, self.gate = order, gate
+        self.entered = threading.Event()  # the first call holds the device
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
 
     def infer(self, inputs: Mapping[str, tuple[list[int], bytes]]) -> dict[str, Output]:
         (name,) = inputs
         if not self.order:
+            self.entered.set()
             self.gate.wait(10)
         self.order.append(name)
         return {}
@@ -52,12 +58,14 @@ class Doubler:
 
     def __init__(self, gate: threading.Event) -> None:
         self.gate = gate
+        self.entered = threading.Event()  # the first call holds the device
         self.batches: list[int] = []
         self.inputs = [TensorSpec(name="x", datatype="BYTES", shape=[-1])]
         self.outputs = [TensorSpec(name="y", datatype="INT32", shape=[-1])]
 
     def infer(self, inputs: Inputs) -> dict[str, Output]:
         if not self.batches:
+            self.entered.set()
             self.gate.wait(10)
         shape, raw = inputs["x"]
         items = decode_bytes_elements(raw, shape[0])
@@ -82,23 +90,6 @@ def request(deadline: float, *, max_batch: int | None = None) -> WorkerRunReques
     )
 
 
-def instance(runner: Recorder | Doubler, name: str, compute_s: float = 0.0) -> Instance:
-    spec = FunctionSpec(tenant="t", name=name, model=ModelSource(builtin="all-minilm-l6-v2"))
-    return Instance(
-        spec=spec,
-        runner=runner,
-        device="cpu",
-        model_bytes=0,
-        tensor_count=0,
-        bytes_stored=0,
-        bytes_deduplicated=0,
-        load_us=0,
-        tensors=[],
-        held=frozenset(),
-        compute_s=compute_s,
-    )
-
-
 async def test_ready_batches_run_shortest_slack_first(tmp_path: Path) -> None:
     config = Config(devices="cpu", shm_dir=tmp_path, data_dir=tmp_path, device_streams=1)
     worker = WorkerService(config)
@@ -109,7 +100,7 @@ async def test_ready_batches_run_shortest_slack_first(tmp_path: Path) -> None:
     first = asyncio.create_task(
         worker._compute(instance(runner, "f"), request(now + 60), {"busy": ([], b"")})
     )
-    await asyncio.sleep(0.05)  # "busy" holds the device thread
+    await eventually(runner.entered.is_set, what='"busy" to hold the device thread')
     long_batch = instance(runner, "long", compute_s=5.0)
     jobs = [
         worker._compute(instance(runner, "f"), request(0.0), {"no-deadline": ([], b"")}),
@@ -118,7 +109,7 @@ async def test_ready_batches_run_shortest_slack_first(tmp_path: Path) -> None:
         worker._compute(instance(runner, "f"), request(now + 2), {"urgent": ([], b"")}),
     ]
     tasks = [asyncio.create_task(j) for j in jobs]
-    await asyncio.sleep(0.05)  # all queued behind "busy"
+    await eventually(lambda: len(worker.batcher.ready) == 4, what='all queued behind "busy"')
     gate.set()
     await asyncio.gather(first, *tasks)
     assert order == ["busy", "urgent", "long-batch", "later", "no-deadline"]
@@ -134,12 +125,12 @@ async def test_requests_queued_behind_a_batch_run_together_up_to_the_batch_size(
     inst = instance(runner, "f")
     deadline = time.time() + 60
     first = asyncio.create_task(worker._compute(inst, request(deadline, max_batch=4), text(b"a")))
-    await asyncio.sleep(0.05)  # holds the device
+    await eventually(runner.entered.is_set, what="the first batch to hold the device")
     queued = [
         asyncio.create_task(worker._compute(inst, request(deadline, max_batch=4), text(*xs)))
         for xs in ([b"bb", b"ccc"], [b"d"], [b"eeee"], [b"ff", b"g"])
     ]
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(worker.batcher.ready) == 4, what="four queued requests")
     gate.set()
     done = await asyncio.gather(first, *queued)
     # 2 + 1 + 1 rows fill a batch of 4; the last request (2 rows) runs in the next one.
@@ -150,43 +141,4 @@ async def test_requests_queued_behind_a_batch_run_together_up_to_the_batch_size(
     assert bytes(done[1].fut.result()["y"].data) == b"".join(
         n.to_bytes(4, "little") for n in (4, 6)
     )
-    worker._executor.shutdown(wait=True)
-
-
-async def test_a_failing_batch_is_retried_one_request_at_a_time(tmp_path: Path) -> None:
-    worker = WorkerService(Config(devices="cpu", shm_dir=tmp_path, data_dir=tmp_path))
-    gate = threading.Event()
-    runner = Doubler(gate)
-    inst = instance(runner, "f")
-    first = asyncio.create_task(worker._compute(inst, request(0.0), text(b"a")))
-    await asyncio.sleep(0.05)
-    good = asyncio.create_task(worker._compute(inst, request(0.0), text(b"ok")))
-    bad = asyncio.create_task(worker._compute(inst, request(0.0), text(b"bad")))
-    await asyncio.sleep(0.05)
-    gate.set()
-    await first
-    assert bytes((await good).fut.result()["y"].data) == (4).to_bytes(4, "little")
-    with pytest.raises(InvalidArgument):
-        await bad
-    assert runner.batches == [1, 2, 1, 1]
-    worker._executor.shutdown(wait=True)
-
-
-async def test_an_idle_device_waits_briefly_to_fill_a_batch(tmp_path: Path) -> None:
-    config = Config(devices="cpu", shm_dir=tmp_path, data_dir=tmp_path, batch_wait_s=5.0)
-    worker = WorkerService(config)
-    gate = threading.Event()
-    gate.set()
-    runner = Doubler(gate)
-    inst = instance(runner, "f")
-    deadline = time.time() + 60
-    jobs = [asyncio.create_task(worker._compute(inst, request(deadline, max_batch=3), text(b"x")))]
-    await asyncio.sleep(0.05)  # the device idles, waiting for more (up to 5 s)
-    assert runner.batches == []
-    jobs += [
-        asyncio.create_task(worker._compute(inst, request(deadline, max_batch=3), text(b"y")))
-        for _ in range(2)
-    ]
-    await asyncio.wait_for(asyncio.gather(*jobs), 2)  # full at 3 rows: runs at once
-    assert runner.batches == [3]
     worker._executor.shutdown(wait=True)

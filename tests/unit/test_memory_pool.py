@@ -336,7 +336,7 @@ def test_a_hold_keeps_room_without_memory_and_segments_never_grow_into_it() -> N
 def test_the_default_host_pool_fits_the_shared_memory_file_system(tmp_path: Path) -> None:
     import os  # noqa: PLC0415
 
-    from gpufaas.memory.service import _default_host_pool  # noqa: PLC0415
+    from gpufaas.memory.devices import _default_host_pool  # noqa: PLC0415
     from gpufaas.shared.messages import DeviceInfo  # noqa: PLC0415
 
     fs = os.statvfs(tmp_path)

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from gpufaas.scheduler.queues import FunctionQueue, Pending
+from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import Placement, Tube
 
 pytestmark = pytest.mark.unit
@@ -25,7 +26,7 @@ def tube(tid: str, *nodes: str) -> Tube:
 
 async def test_queued_tubes_name_copies_on_the_node_by_queue_position() -> None:
     loop = asyncio.get_running_loop()
-    fq = FunctionQueue("t1.f")
+    fq = FunctionQueue(FunctionRef("t1", "f"))
     later = Pending(9.0, "r-later", loop.create_future(), tubes=(tube("c", "n1"),))
     first = Pending(
         1.0, "r-first", loop.create_future(), tubes=(tube("a", "n1"), tube("elsewhere", "n2"))

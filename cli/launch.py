@@ -1,0 +1,193 @@
+"""Run ``gpufaas up`` as a child process: free ports, a log file, a deadline to be ready, an
+orderly stop.
+
+The benchmarks and the end-to-end tests start the platform through it, and so can a
+user's own scripts or test suites that want a throwaway platform on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from gpufaas.shared.config import default_shm_dir
+
+HOST = "127.0.0.1"
+# ``up`` prints this on a line of its own once everything is started (and the demo, if
+# asked, deployed); a traceback quoting the source that prints it does not count.
+READY_LINE = re.compile(r"^Press Ctrl-C to stop\.$", re.MULTILINE)
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
+POLL_S = 0.1
+
+
+class NotReady(RuntimeError):
+    """``gpufaas up`` exited, or was not ready in time (the message ends with its log)."""
+
+
+def gpufaas_executable() -> str:
+    """The ``gpufaas`` script installed beside this Python."""
+    return str(Path(sys.executable).parent / "gpufaas")
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports that were free a moment ago (bound together, then released)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http_status(port: int, path: str) -> int | None:
+    """Status of ``GET path`` on this machine's ``port``, or None when nothing answers yet."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=2)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+    except OSError:
+        return None
+    else:
+        return resp.status
+    finally:
+        conn.close()
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file, or a note that there is none."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no output)"
+
+
+@dataclass
+class Up:
+    """A running ``gpufaas up``: its process, ports, data directory and log file."""
+
+    proc: subprocess.Popen[bytes]
+    http_port: int
+    nats_port: int
+    data_dir: Path
+    log_path: Path
+
+    @classmethod
+    def start(
+        cls,
+        data_dir: Path,
+        *args: str,
+        log_path: Path | None = None,
+        ports: tuple[int, int] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Up:
+        """Start ``gpufaas up <args>`` on ``ports`` (HTTP, NATS; free ones by default),
+        with ``env`` added to this process's environment and its output in ``log_path``
+        (``data_dir/up.log`` by default). Returns at once: see ``wait_ready``."""
+        http_port, nats_port = ports or free_ports(2)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_path or data_dir / "up.log"
+        argv = [
+            gpufaas_executable(),
+            "up",
+            "--http-port",
+            str(http_port),
+            "--nats-port",
+            str(nats_port),
+            "--data-dir",
+            str(data_dir),
+            *args,
+        ]
+        # Wide lines: what up prints (URLs, the curl line) is read back whole.
+        full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=full_env
+            )
+        return cls(proc, http_port, nats_port, data_dir, log_path)
+
+    @property
+    def url(self) -> str:
+        """The gateway's base URL."""
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def shm_dir(self) -> Path:
+        """This platform's shared-memory directory (the host tier's segments live below it)."""
+        return default_shm_dir() / f"up-{self.http_port}"
+
+    def log(self) -> str:
+        """Everything up has printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(
+        self,
+        timeout_s: float = READY_TIMEOUT_S,
+        ready: Callable[[int], bool] | None = None,
+    ) -> float:
+        """Poll until up says it is up, the gateway is ready and ``ready(http_port)`` holds.
+
+        Returns the seconds taken; raises ``NotReady`` if up exits first or ``timeout_s`` passes.
+        """
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise NotReady(
+                    f"gpufaas up exited with status {self.proc.returncode} before it was "
+                    f"ready:\n{log_tail(self.log_path)}"
+                )
+            if (
+                READY_LINE.search(self.log())
+                and http_status(self.http_port, "/v2/health/ready") == 200
+                and (ready is None or ready(self.http_port))
+            ):
+                return time.monotonic() - t0
+            if time.monotonic() > deadline:
+                raise NotReady(
+                    f"gpufaas up not ready after {timeout_s:g} s:\n{log_tail(self.log_path)}"
+                )
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=POLL_S)  # the poll interval, cut short if it exits
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """Send ``sig`` (up then stops every service in order) and wait for the exit status;
+        SIGKILL only if it has not exited after ``timeout_s``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                print(
+                    f"gpufaas up ignored signal {sig} for {timeout_s:g} s; killing it",
+                    file=sys.stderr,
+                )
+                self.proc.kill()
+        return self.proc.wait()
+
+    def __enter__(self) -> Up:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

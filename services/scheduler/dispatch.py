@@ -1,0 +1,253 @@
+"""The request path: a request waits in its function's queue for an instance with room,
+then runs on that node's worker; a function with no live instance is cold-started."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+from msgspec.structs import replace as msgspec_replace
+
+from gpufaas.scheduler.functions import FunctionRegistry
+from gpufaas.scheduler.host import Host
+from gpufaas.scheduler.profiles import effective_config
+from gpufaas.scheduler.queues import FunctionQueue, Pending
+from gpufaas.shared import subjects
+from gpufaas.shared.errors import DeadlineExceeded, NotFound, PlatformError, ResourceExhausted
+from gpufaas.shared.identity import FunctionRef
+from gpufaas.shared.messages import (
+    FunctionRecord,
+    InvokeReply,
+    TensorPayload,
+    WorkerBindReply,
+    WorkerRunRequest,
+    to_builtins,
+)
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request to run: its function, inputs and deadline, and how to dispatch it."""
+
+    ref: FunctionRef
+    request_id: str
+    inputs: list[TensorPayload]
+    deadline: float
+    intermediate: bool = False
+    prefer: str | None = None  # the node to run on when it has room (where inputs are)
+    dispatch_id: str = ""
+
+
+def with_bind(reply: InvokeReply, bound: WorkerBindReply | None) -> InvokeReply:
+    """A reply that also waited for a worker process of its tenant (``bound``)."""
+    if bound is None:
+        return reply
+    return msgspec_replace(
+        reply,
+        breakdown=msgspec_replace(
+            reply.breakdown,
+            worker_us=bound.waited_us,
+            new_process=bound.new_process,
+            queue_us=reply.breakdown.queue_us + bound.waited_us,
+        ),
+    )
+
+
+def with_cold_start(reply: InvokeReply, pending: Pending) -> InvokeReply:
+    """A reply whose instance was built for it before the worker saw it."""
+    if not pending.cold_us:
+        return reply
+    b = reply.breakdown
+    return msgspec_replace(
+        reply,
+        breakdown=msgspec_replace(
+            b,
+            cold=True,
+            load_us=b.load_us + pending.cold_us,
+            worker_us=b.worker_us + pending.worker_us,
+            loaded_bytes=b.loaded_bytes + pending.loaded_bytes,
+            new_process=b.new_process or pending.new_process,
+        ),
+    )
+
+
+def fail_waiting(fq: FunctionQueue, error: PlatformError) -> None:
+    """Fail every request still waiting in ``fq`` with ``error``."""
+    for p in fq.waiting:
+        if not p.node.done():
+            p.node.set_exception(error)
+    fq.waiting.clear()
+
+
+class Dispatcher:
+    """Per-function queues (``queues.py``) and the runs they hand out."""
+
+    def __init__(self, host: Host, registry: FunctionRegistry) -> None:
+        self.host = host
+        self.registry = registry
+        self.cache = registry.cache
+        self.profiles = registry.profiles
+        self.placer = registry.placer
+        self.workers = registry.workers
+        self.queues: dict[str, FunctionQueue] = {}  # FunctionRef.key -> its queue here
+        self._cold: dict[str, asyncio.Task[None]] = {}  # key -> cold start from zero here
+
+    def queue(self, ref: FunctionRef) -> FunctionQueue:
+        fq = self.queues.get(ref.key)
+        if fq is None:
+            fq = self.queues[ref.key] = FunctionQueue(ref)
+        return fq
+
+    async def run(self, call: Call) -> InvokeReply:
+        """Queue a request on its function, wait for an instance with room, run it there
+        (on ``prefer`` when that node has an instance with room: where its inputs are)."""
+        t0 = time.perf_counter()
+        record = await self.cache.record(call.ref)
+        if record is None:
+            raise NotFound(f"function {call.ref.name!r} not found", field="model")
+        fq = self.queue(call.ref)
+        tubes = tuple(p.tube for p in call.inputs if p.tube is not None)
+        loop = asyncio.get_running_loop()
+        pending = Pending(
+            call.deadline, call.request_id, loop.create_future(), prefer=call.prefer, tubes=tubes
+        )
+        fq.push(pending)
+        profile = await self.profiles.of(call.ref)
+        await self.pump(fq, record)
+        node = await self._wait(fq, pending)
+        if tubes:  # pinned on that node until it is answered (see the queue view)
+            fq.running_tubes[pending.seq] = (node, tubes)
+        try:
+            config = effective_config(profile, record.spec)
+            run = WorkerRunRequest(
+                spec=record.spec,
+                request_id=call.request_id,
+                inputs=call.inputs,
+                queue_us=int((time.perf_counter() - t0) * 1e6),
+                deadline=call.deadline,
+                max_batch=config.batch if config.profiled else None,
+                concurrency=config.concurrency if config.profiled else None,
+                intermediate=call.intermediate,
+                dispatch_id=call.dispatch_id,
+            )
+            reply = with_bind(*await self._send(node, run, call))
+        finally:
+            fq.release(node)
+            fq.running_tubes.pop(pending.seq, None)
+            await self.pump(fq, None)
+        reply = with_cold_start(reply, pending)
+        await self._completed(call, reply)
+        return reply
+
+    async def _wait(self, fq: FunctionQueue, pending: Pending) -> str:
+        """The node ``pending`` may run on, once one has room (or its deadline passed)."""
+        try:
+            async with asyncio.timeout(max(pending.deadline - time.time(), 0.001)):
+                return await pending.node
+        except TimeoutError:
+            pending.node.cancel()
+            raise DeadlineExceeded(
+                f"request waited past its deadline in the queue of {fq.ref.name!r}"
+            ) from None
+        finally:
+            if not pending.node.done():
+                pending.node.cancel()
+
+    async def _send(
+        self, node: str, run: WorkerRunRequest, call: Call
+    ) -> tuple[InvokeReply, WorkerBindReply | None]:
+        return await self.workers.call(
+            node,
+            call.ref.tenant,
+            subjects.WORKER_RUN,
+            run,
+            InvokeReply,
+            timeout=max(call.deadline - time.time(), 0.001),
+            request_id=call.request_id,
+        )
+
+    async def _completed(self, call: Call, reply: InvokeReply) -> None:
+        await self.host.publish_event(
+            "invocation.completed",
+            {
+                "function": call.ref.name,
+                "tenant": call.ref.tenant,
+                "node": reply.node,
+                "device": reply.device,
+                "breakdown": to_builtins(reply.breakdown),
+            },
+            request_id=call.request_id,
+            ack=False,
+        )
+
+    async def pump(self, fq: FunctionQueue, record: FunctionRecord | None) -> None:
+        """Hand waiting requests to instances with room; start one if the function has none."""
+        if not fq.waiting:
+            return
+        if record is None:
+            record = await self.cache.record(fq.ref)
+            if record is None:  # deleted while requests waited
+                fail_waiting(fq, NotFound(f"function {fq.ref.name!r} not found", field="model"))
+                return
+        nodes = [n for n in record.nodes if n in self.host.workers]
+        if not nodes:
+            cold = self._cold.get(fq.key)
+            if cold is None or cold.done():
+                self._cold[fq.key] = self.host.spawn(self._cold_start(fq, record), f"cold-{fq.key}")
+            return
+        config = effective_config(await self.profiles.of(fq.ref), record.spec)
+        for pending, node in fq.assign(nodes, 2 * config.capacity):
+            pending.node.set_result(node)
+
+    async def _cold_start(self, fq: FunctionQueue, record: FunctionRecord) -> None:
+        """A function with requests waiting and no live instance: place and build one."""
+        spec = record.spec
+        t0 = time.perf_counter()
+        try:
+            # Where the most urgent waiting request's inputs are, on a tie of θ.
+            head = min((p for p in fq.waiting if not p.node.done()), default=None)
+            node = await self.placer.place(spec, near=head.prefer if head else None)
+            loaded, bound = await self.registry.load(node, spec)
+            updated = await self.registry.update_nodes(
+                spec, lambda ns: [n for n in ns if n in self.host.workers and n != node] + [node]
+            )
+        except PlatformError as exc:
+            log.warning("cold_start.failed", function=spec.name, error=exc.message)
+            fail_waiting(fq, exc)
+            return
+        cold_us = int((time.perf_counter() - t0) * 1e6)
+        for p in fq.waiting:  # every request that waited for it reports a cold start
+            p.cold_us = cold_us
+            p.loaded_bytes = loaded.bytes_stored
+            if bound is not None:
+                p.worker_us, p.new_process = bound.waited_us, bound.new_process
+        if updated is not None:
+            await self.host.publish_event(
+                "function.scaled",
+                {
+                    "function": spec.name,
+                    "tenant": spec.tenant,
+                    "from": 0,
+                    "to": len(updated.nodes),
+                    "nodes": updated.nodes,
+                    "reason": "requests waiting and no live instance",
+                },
+            )
+            await self.pump(fq, updated)
+
+    async def rejected(self, ref: FunctionRef, node: str, reason: str) -> None:
+        """A node's memory manager found a function's working set bigger than its GPU:
+        fail the requests waiting for it there (507 with the reason) instead of letting
+        them thrash the device, unless another live node has the function too."""
+        fq = self.queues.get(ref.key)
+        if fq is None:
+            return
+        record = await self.cache.record(ref)
+        nodes = record.nodes if record else []
+        if any(n != node and n in self.host.workers for n in nodes):
+            return
+        fail_waiting(fq, ResourceExhausted(f"function {ref.name!r} cannot run on {node}: {reason}"))

@@ -1,0 +1,184 @@
+"""The autoscaling leader: one replica (a KV lease) sums every replica's load reports and
+scales each function out, in, or to zero (``autoscale.py`` decides).
+
+Scaling in takes a node out of the function's record first and unloads it a tick later,
+once requests already sent there have arrived.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import structlog
+from msgspec.structs import replace as msgspec_replace
+
+from gpufaas.scheduler.autoscale import Autoscaler, FunctionLoad
+from gpufaas.scheduler.dispatch import Dispatcher
+from gpufaas.scheduler.functions import FunctionRegistry, ref_of
+from gpufaas.scheduler.host import Host
+from gpufaas.scheduler.profiles import effective_config, service_rps
+from gpufaas.scheduler.profiling import Profiles
+from gpufaas.shared import constants as c
+from gpufaas.shared.identity import FunctionRef
+from gpufaas.shared.kv import Conflict
+from gpufaas.shared.messages import FunctionRecord, ProfileRecord, SchedulerLoad
+from gpufaas.shared.registry import records
+
+log = structlog.get_logger()
+
+
+@dataclass(slots=True)
+class Totals:
+    """One function's load summed over the replicas' reports."""
+
+    arrivals: int = 0
+    queued: int = 0
+    in_flight: int = 0
+
+
+def sum_reports(reports: Iterable[SchedulerLoad]) -> dict[str, Totals]:
+    """Per function key, the sum of the given reports."""
+    totals: dict[str, Totals] = {}
+    for report in reports:
+        for f in report.functions:
+            t = totals.setdefault(f.function, Totals())
+            t.arrivals += f.arrivals
+            t.queued += f.queued
+            t.in_flight += f.in_flight
+    return totals
+
+
+def counted(report: SchedulerLoad) -> SchedulerLoad:
+    """A report whose arrivals were counted (they are since its replica's last report)."""
+    return msgspec_replace(
+        report, functions=[msgspec_replace(f, arrivals=0) for f in report.functions]
+    )
+
+
+def function_load(
+    record: FunctionRecord, profile: ProfileRecord | None, live: int, totals: Totals
+) -> FunctionLoad:
+    """What the autoscaler sees of one function."""
+    config = effective_config(profile, record.spec)
+    return FunctionLoad(
+        ref_of(record.spec).key,
+        live,
+        totals.queued,
+        totals.in_flight,
+        config.capacity,
+        service_rps(profile, config),
+    )
+
+
+def to_drop(live: list[str], desired: int, busy: Counter[str]) -> set[str]:
+    """The instances to scale in: all at zero, else the least busy one."""
+    if desired == 0:
+        return set(live)
+    return {min(live, key=lambda n: (busy[n], n))}
+
+
+class Leader:
+    """The leader's lease, the replicas' load reports and the scaling they lead to."""
+
+    def __init__(
+        self,
+        host: Host,
+        autoscaler: Autoscaler,
+        profiles: Profiles,
+        registry: FunctionRegistry,
+        dispatcher: Dispatcher,
+    ) -> None:
+        self.host = host
+        self.autoscaler = autoscaler
+        self.profiles = profiles
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.leader = False
+        self._revision = 0
+        self.reports: dict[str, SchedulerLoad] = {}  # replica -> its latest load report
+        self.draining: dict[tuple[FunctionRef, str], float] = {}  # (function, node) -> since
+
+    def report(self, load: SchedulerLoad) -> None:
+        """A replica's load report (our own included)."""
+        self.reports[load.replica] = load
+
+    async def lead(self) -> bool:
+        """Take or keep the autoscaling lease (a KV key with the leases bucket's TTL)."""
+        leases, value = self.host.kv.leases, self.host.replica.encode()
+        if self.leader:
+            try:
+                self._revision = await leases.put_if(c.SCHEDULER_LEADER_KEY, value, self._revision)
+            except Conflict:
+                self.leader = False
+            return self.leader
+        created = await leases.create(c.SCHEDULER_LEADER_KEY, value)
+        if created is not None:
+            self._revision, self.leader = created, True
+            log.info("autoscale.leader", replica=self.host.replica)
+        return self.leader
+
+    async def tick(self, now: float) -> None:
+        """As leader: sum the fresh reports, decide, scale, and unload drained instances."""
+        stale_s = 3 * self.host.config.autoscale_interval_s + 1
+        fresh = [r for r in self.reports.values() if now - r.at <= stale_s]
+        totals = sum_reports(fresh)
+        for report in fresh:
+            self.reports[report.replica] = counted(report)
+        deployed = await records(self.host.kv.functions)
+        loads = []
+        for record in deployed:
+            ref = ref_of(record.spec)
+            t = totals.get(ref.key, Totals())
+            if t.arrivals:
+                self.autoscaler.observe(ref.key, now, t.arrivals)
+            live = [n for n in record.nodes if n in self.host.workers]
+            loads.append(function_load(record, await self.profiles.of(ref), len(live), t))
+        by_key = {ref_of(r.spec).key: r for r in deployed}
+        for key, decision in self.autoscaler.decide(now, loads).items():
+            if decision.desired != decision.current:
+                await self.scale(by_key[key], decision.desired, decision.reason, now)
+        await self.finish_draining(now)
+
+    async def scale(self, record: FunctionRecord, desired: int, reason: str, now: float) -> None:
+        spec, workers = record.spec, self.host.workers
+        live = [n for n in record.nodes if n in workers]
+        if desired > len(live):
+            node = await self.registry.placer.place(spec, exclude=set(live))
+            if node in live:
+                return  # no other node to scale out to
+            await self.registry.load(node, spec)
+            updated = await self.registry.update_nodes(
+                spec, lambda ns: [n for n in ns if n in workers and n != node] + [node]
+            )
+        else:
+            fq = self.dispatcher.queues.get(ref_of(spec).key)
+            drop = to_drop(live, desired, fq.in_flight if fq else Counter[str]())
+            updated = await self.registry.update_nodes(
+                spec, lambda ns: [n for n in ns if n not in drop]
+            )
+            for node in drop:  # unloaded next tick, once requests already sent have arrived
+                self.draining[(ref_of(spec), node)] = now
+        if updated is not None:
+            await self.host.publish_event(
+                "function.scaled",
+                {
+                    "function": spec.name,
+                    "tenant": spec.tenant,
+                    "from": len(live),
+                    "to": len(updated.nodes),
+                    "nodes": updated.nodes,
+                    "reason": reason,
+                },
+            )
+
+    async def finish_draining(self, now: float) -> None:
+        for (ref, node), since in list(self.draining.items()):
+            if now - since < self.host.config.autoscale_interval_s:
+                continue
+            del self.draining[(ref, node)]
+            record = await self.registry.cache.record(ref)
+            if record is not None and node in record.nodes:
+                continue  # scaled back onto it meanwhile
+            await self.registry.workers.unload(node, ref)

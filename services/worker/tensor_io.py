@@ -1,0 +1,134 @@
+"""A worker's request tensors in and out: inline bytes, or tubes through the node's
+transfer service (read where they are, written as host tubes or adopted onto the GPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from gpufaas.shared import subjects
+from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from gpufaas.shared.messages import (
+    AdoptReply,
+    AdoptRequest,
+    EnsureReply,
+    EnsureRequest,
+    TensorPayload,
+    WorkerRunRequest,
+)
+from gpufaas.shared.rpc import request
+from gpufaas.shared.service import Service
+from gpufaas.shared.shm import write_tube
+from gpufaas.worker.instances import Instance
+from gpufaas.worker.runners import Output
+
+_PREAD_MAX = 1 << 30  # the bytes of one read of a tube's copy
+
+
+class TensorIO:
+    """Reads a request's inputs and makes its outputs for one worker process."""
+
+    def __init__(self, service: Service, *, gpu: str | None, backend: str) -> None:
+        self.service = service  # its NATS connection, KV and config
+        self.config = service.config
+        # A simulated GPU (compute over the host pages): the tier a workflow's
+        # intermediates are kept on and read from in place.
+        self.sim_tier = gpu if backend == "sim" else None
+
+    async def inputs(
+        self, req: WorkerRunRequest, inst: Instance
+    ) -> dict[str, tuple[list[int], bytes]]:
+        """The raw bytes and shape of each input ``inst``'s runner takes, by name."""
+        given = {p.name: p for p in req.inputs}
+        out: dict[str, tuple[list[int], bytes]] = {}
+        for spec in inst.runner.inputs:
+            p = given.get(spec.name)
+            if p is None:
+                raise InvalidArgument(
+                    f"input {spec.name!r} is missing", field=f"inputs[{spec.name}]"
+                )
+            out[spec.name] = (p.shape, await self._payload_bytes(p, req.spec.tenant))
+        return out
+
+    async def _payload_bytes(self, p: TensorPayload, tenant: str) -> bytes:
+        if p.data is not None:
+            return p.data
+        if p.tube is None:
+            raise InvalidArgument(
+                f"input {p.name!r} has neither data nor a tube", field=f"inputs[{p.name}]"
+            )
+        # Resident on this node's host tier: a no-op for a tube written on this machine,
+        # a chunked copy from the node that holds it otherwise. A workflow intermediate
+        # this node's simulated GPU holds is read where it is (compute is on the CPU).
+        tier = "host"
+        node = self.config.node_id
+        if self.sim_tier is not None and any(
+            pl.node == node and pl.tier == self.sim_tier for pl in p.tube.placements
+        ):
+            tier = self.sim_tier
+        here = await self._ensure(p.tube.id, tenant, tier)
+        try:
+            data = await asyncio.to_thread(self._read_copy, here)
+        except FileNotFoundError:  # the GPU's copy was evicted (swapped to host) meanwhile
+            here = await self._ensure(p.tube.id, tenant, "host")
+            data = await asyncio.to_thread(self._read_copy, here)
+        if len(data) < here.tube.nbytes:
+            raise NotFound(f"tube {p.tube.id} is truncated", field=f"inputs[{p.name}]")
+        return data
+
+    def _read_copy(self, here: EnsureReply) -> bytes:
+        """The bytes of a tube's copy: its range of the file (a whole tube file, or a block
+        of a pool segment at its offset)."""
+        n, offset = here.tube.nbytes, here.placement.offset
+        with open(self.config.shm_dir / here.placement.segment, "rb") as f:
+            if n <= _PREAD_MAX:
+                return os.pread(f.fileno(), n, offset)
+            parts = []  # a read returns at most ~2 GiB on Linux
+            for start in range(0, n, _PREAD_MAX):
+                parts.append(os.pread(f.fileno(), min(_PREAD_MAX, n - start), offset + start))
+            return b"".join(parts)
+
+    async def _ensure(self, tube_id: str, tenant: str, tier: str) -> EnsureReply:
+        return await request(
+            self.service.nc,
+            subjects.node(self.config.node_id, "transfer", subjects.TRANSFER_ENSURE),
+            EnsureRequest(tube_id=tube_id, tenant=tenant, tier=tier),
+            EnsureReply,
+            timeout=self.config.request_timeout_s,
+            what="transfer service of this node",
+        )
+
+    async def output(
+        self, name: str, out: Output, tenant: str, intermediate: bool = False
+    ) -> TensorPayload:
+        """An output inline when small, else as a host tube; a workflow's intermediate
+        always as a tube, adopted onto this node's (simulated) GPU tier when there is room,
+        so the next step on this GPU reads it where it is."""
+        if len(out.data) <= self.config.inline_threshold and not intermediate:
+            data = bytes(out.data)  # small: into the message
+            return TensorPayload(name=name, datatype=out.datatype, shape=out.shape, data=data)  # type: ignore[arg-type]
+        tube = await asyncio.to_thread(
+            write_tube,
+            self.config.shm_dir,
+            self.config.node_id,
+            tenant,
+            datatype=out.datatype,
+            shape=out.shape,
+            data=out.data,
+        )
+        if intermediate and self.sim_tier is not None:
+            try:
+                adopted = await request(
+                    self.service.nc,
+                    subjects.node(self.config.node_id, "transfer", subjects.TRANSFER_ADOPT),
+                    AdoptRequest(tube=tube, tier=self.sim_tier),
+                    AdoptReply,
+                    timeout=self.config.request_timeout_s,
+                    what="transfer service of this node",
+                )
+                tube = adopted.tube
+            except ResourceExhausted:  # no room on the GPU: it stays a host tube
+                await self.service.kv.tubes.put(tube.id, tube)
+        else:
+            await self.service.kv.tubes.put(tube.id, tube)
+        return TensorPayload(name=name, datatype=out.datatype, shape=out.shape, tube=tube)  # type: ignore[arg-type]
