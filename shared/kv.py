@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from gpufaas.shared import constants as c
+from gpufaas.shared import subjects
 from gpufaas.shared.errors import PlatformError, Unavailable
 from gpufaas.shared.jetstream import Buckets, bucket_keys
 from gpufaas.shared.messages import (
@@ -163,6 +164,21 @@ class Bucket(Generic[T]):
         """Drop ``key`` and its history."""
         with contextlib.suppress(*_MISSING):
             await self.kv.purge(key)
+
+    async def purge_matching(self, pattern: str) -> None:
+        """Drop every key matching a subject pattern (``replica.>``) and its history, at once
+        (no tombstones left behind, unlike a delete per key)."""
+        await self.js.purge_stream(f"KV_{self.name}", subject=subjects.kv_key(self.name, pattern))
+
+    async def publish(self, key: str, value: T) -> None:
+        """Write without waiting for JetStream's acknowledgement (a plain NATS publish the
+        bucket's stream stores): for records on a hot path that a lost write only delays."""
+        await self.js._nc.publish(subjects.kv_key(self.name, key), self.codec.encode(value))
+
+    async def publish_delete(self, key: str) -> None:
+        """Delete without waiting for the acknowledgement (the marker, like :meth:`publish`)."""
+        headers = {"KV-Operation": "DEL"}
+        await self.js._nc.publish(subjects.kv_key(self.name, key), b"", headers=headers)
 
     async def update(
         self, key: str, change: Callable[[T | None], T | None], *, attempts: int = 10

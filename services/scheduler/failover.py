@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -24,8 +24,6 @@ import structlog
 from msgspec.structs import replace as msgspec_replace
 
 from gpufaas.scheduler.host import Host
-from gpufaas.shared import constants as c
-from gpufaas.shared import subjects
 from gpufaas.shared.errors import InvalidArgument, PlatformError
 from gpufaas.shared.kv import Bucket, Codec, Conflict
 from gpufaas.shared.messages import InflightRecord, InvokeRequest, Msg, decode, encode
@@ -127,7 +125,7 @@ class Failover:
                 dispatch_id=dispatch_id,
                 accepted_at=time.time(),
             )
-            await self.host.nc.publish(subjects.kv_key(c.KV_INFLIGHT, key), encode(record))
+            await self.host.kv.inflight.publish(key, encode(record))
         try:
             return await run(dispatch_id, deadline)
         finally:
@@ -138,9 +136,7 @@ class Failover:
         """Delete an answered request's record (a delete marker, published like the put;
         markers lapse with the bucket's age limit, or with the replica's prefix)."""
         with contextlib.suppress(nats.errors.Error):
-            await self.host.nc.publish(
-                subjects.kv_key(c.KV_INFLIGHT, key), b"", headers={"KV-Operation": "DEL"}
-            )
+            await self.host.kv.inflight.publish_delete(key)
 
     async def register(self) -> str:
         """This replica's liveness key (it lapses with the TTL unless renewed each tick)
@@ -171,14 +167,16 @@ class Failover:
     async def _purge(self, replica: str, *, lease: bool = False) -> None:
         """A replica's records and markers, then its name (whole subjects, so that no
         marker is left for the next tick to read); its liveness key too if ``lease``."""
-        targets = [(c.KV_INFLIGHT, f"{replica}.>"), (c.KV_REPLICAS, replica)]
+        kv = self.host.kv
+        targets: list[tuple[Bucket[Any], str]] = [
+            (kv.inflight, f"{replica}.>"),
+            (kv.replicas, replica),
+        ]
         if lease:
-            targets.append((c.KV_LEASES, f"replica.{replica}"))
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, PlatformError):
-            for bucket, subject in targets:
-                await self.host.js.purge_stream(
-                    f"KV_{bucket}", subject=subjects.kv_key(bucket, subject)
-                )
+            targets.append((kv.leases, f"replica.{replica}"))
+        with contextlib.suppress(nats.errors.Error, PlatformError):
+            for bucket, pattern in targets:
+                await bucket.purge_matching(pattern)
 
     async def leave(self) -> None:
         """Leave cleanly (every request was answered or told we stopped): this replica's
