@@ -81,12 +81,16 @@ async def client(
         out.batches.append(int(json.loads(raw)["parameters"]["batch"]))
 
 
+# The platform's admin key (``Authorization: Bearer ...``), sent with every request.
+AUTH: dict[str, str] = {}
+
+
 async def run_round(port: int, function: str, clients: int, seconds: float) -> Round:
     url = f"http://{harness.HOST}:{port}/v2/models/{function}/infer"
     out = Round(function)
     conn = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=60)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **AUTH}
     async with aiohttp.ClientSession(connector=conn, timeout=timeout, headers=headers) as s:
         for i in range(clients):  # warm every connection and the instance
             async with s.post(url, data=body(i)) as resp:
@@ -105,7 +109,7 @@ async def deploy_unbatched(port: int) -> None:
         "options": {"max_batch_size": 1},
     }
     async with (
-        aiohttp.ClientSession() as s,
+        aiohttp.ClientSession(headers=AUTH) as s,
         s.post(f"http://{harness.HOST}:{port}/v1/functions", json=spec) as resp,
     ):
         if resp.status not in (200, 201):
@@ -144,7 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def wait_profiled(port: int, function: str, timeout_s: float = 120.0) -> dict[str, Any]:
     """The function's profile once its background sweep is done (the batch size it chose)."""
     deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers=AUTH) as s:
         while True:
             async with s.get(f"http://{harness.HOST}:{port}/v1/functions/{function}") as resp:
                 profile: dict[str, Any] = (await resp.json()).get("profile") or {}
@@ -186,10 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     plat: harness.Platform | None = None
     try:
         plat = harness.Platform.start(data_dir, "--demo", "--devices", args.devices)
+        up = plat
         took = plat.wait_ready(
             args.ready_timeout,
-            lambda port: harness.http_status(port, f"/v2/models/{BATCHED}/ready") == 200,
+            lambda port: (
+                harness.http_status(port, f"/v2/models/{BATCHED}/ready", up.headers) == 200
+            ),
         )
+        AUTH.update(plat.headers)
         print(f"platform: gpufaas up --demo --devices {args.devices}, ready in {took:.1f} s")
         rounds = asyncio.run(measure(plat.http_port, args))
     finally:

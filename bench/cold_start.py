@@ -116,13 +116,31 @@ POLL_S = 0.1  # how often the waits look at the platform (each look walks /proc)
 def start_platform(data_dir: Path, *, demo: bool, env: dict[str, str]) -> harness.Platform:
     """``gpufaas up --devices cpu`` (``--demo`` if asked) on free ports with ``env`` added
     (GPUFAAS_* settings pass through up)."""
-    return harness.Platform.start(
+    plat = harness.Platform.start(
         data_dir, "--devices", "cpu", *(["--demo"] if demo else []), env=env
     )
+    PLATFORMS[plat.http_port] = plat
+    return plat
+
+
+# Started platforms by HTTP port, and their admin keys' headers once read.
+PLATFORMS: dict[int, harness.Platform] = {}
+_AUTH: dict[int, dict[str, str]] = {}
+
+
+def auth(port: int) -> dict[str, str]:
+    """``Authorization`` with the admin key of the platform on ``port`` (it acts as each
+    tenant the requests name in ``X-Gpufaas-Tenant``)."""
+    if port not in _AUTH:
+        headers = PLATFORMS[port].headers
+        if not headers:  # not written yet: read again next time
+            return headers
+        _AUTH[port] = headers
+    return _AUTH[port]
 
 
 def demo_ready(port: int) -> bool:
-    return harness.http_status(port, f"/v2/models/{DEMO_FUNCTION}/ready") == 200
+    return harness.http_status(port, f"/v2/models/{DEMO_FUNCTION}/ready", auth(port)) == 200
 
 
 def api(
@@ -132,7 +150,7 @@ def api(
     conn = http.client.HTTPConnection(harness.HOST, port, timeout=120)
     try:
         data = None if body is None else json.dumps(body).encode()
-        headers = {"X-Gpufaas-Tenant": tenant}
+        headers = {"X-Gpufaas-Tenant": tenant, **auth(port)}
         if data is not None:
             headers["Content-Type"] = "application/json"
         conn.request(method, path, body=data, headers=headers)
@@ -376,7 +394,7 @@ def infer(port: int, name: str, tenant: str) -> Reply:
     body = json.dumps(
         {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [TEXT]}]}
     ).encode()
-    headers = {"Content-Type": "application/json", "X-Gpufaas-Tenant": tenant}
+    headers = {"Content-Type": "application/json", "X-Gpufaas-Tenant": tenant, **auth(port)}
     conn = http.client.HTTPConnection(harness.HOST, port, timeout=120)
     try:
         t0 = time.perf_counter()

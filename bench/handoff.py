@@ -62,8 +62,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
 
-from gpufaas.shared.config import default_shm_dir
+from gpufaas.shared.config import Config, default_shm_dir
 from gpufaas.shared.messages import Tube, decode, encode
+from gpufaas.shared.nats_auth import connect_options
 from gpufaas.shared.objects import delete_object, ensure_object_bucket, get_object, put_object
 from gpufaas.shared.shm import SegmentCache, delete_tube, write_tube
 
@@ -172,7 +173,7 @@ async def consumer_main(args: argparse.Namespace) -> int:
         print(f"consumer: NATS error {exc!r}", file=sys.stderr, flush=True)
 
     torch.set_num_threads(1)  # see the module docstring
-    nc = await nats.connect(args.nats_url, error_cb=on_error)
+    nc = await nats.connect(args.nats_url, error_cb=on_error, **connect_options(Config.from_env()))
     consumer = Consumer(nc, nc.jetstream(), Path(args.shm_dir), args.bucket)
     stop = asyncio.Event()
 
@@ -421,7 +422,7 @@ async def measure(
     async def on_error(exc: Exception) -> None:
         errors.append(repr(exc))
 
-    nc = await nats.connect(url, error_cb=on_error)
+    nc = await nats.connect(url, error_cb=on_error, **connect_options(Config.from_env()))
     js = nc.jetstream()
     await ensure_object_bucket(js, BUCKET)
     prefix = nc.new_inbox()  # private subjects for this run's two processes

@@ -63,9 +63,9 @@ SENTENCES = [
 # --- measurement --------------------------------------------------------------------
 
 
-def function_ready(port: int) -> bool:
+def function_ready(port: int, headers: dict[str, str]) -> bool:
     """Whether the demo function answers ``GET /v2/models/minilm/ready`` with 200."""
-    return harness.http_status(port, f"/v2/models/{FUNCTION}/ready") == 200
+    return harness.http_status(port, f"/v2/models/{FUNCTION}/ready", headers) == 200
 
 
 def load_embedder() -> BertEmbedder:
@@ -82,8 +82,9 @@ def texts_for(batch: int) -> list[str]:
 class Gateway:
     """One keep-alive HTTP connection to the gateway's infer endpoint."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, headers: dict[str, str]) -> None:
         self.conn = http.client.HTTPConnection(harness.HOST, port, timeout=60)
+        self.headers = {"Content-Type": "application/json", **headers}  # the API key
         self.connections = 0
         self.last_decode_s = 0.0
         self._sock: object = None
@@ -93,7 +94,7 @@ class Gateway:
             "POST",
             f"/v2/models/{FUNCTION}/infer",
             body=body,
-            headers={"Content-Type": "application/json"},
+            headers=self.headers,
         )
         if self.conn.sock is not self._sock:  # http.client reconnected (or first request)
             self._sock = self.conn.sock
@@ -286,11 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[BatchResult] = []
     try:
         plat = harness.Platform.start(data_dir, "--demo", "--devices", "cpu")
-        took = plat.wait_ready(args.ready_timeout, function_ready)
+        up = plat
+        took = plat.wait_ready(args.ready_timeout, lambda port: function_ready(port, up.headers))
         print(
             f"platform: gpufaas up --demo --devices cpu on port {plat.http_port}, ready in {took:.1f} s"
         )
-        gw = Gateway(plat.http_port)
+        gw = Gateway(plat.http_port, plat.headers)
         for batch in args.batches:
             r = measure(gw, emb, batch, args.requests, args.warmup)
             print_result(r)

@@ -34,6 +34,8 @@ import nats
 import numpy as np
 from nats.js import JetStreamContext
 
+from gpufaas.shared.config import Config
+from gpufaas.shared.nats_auth import connect_options
 from gpufaas.shared.objects import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_WINDOW_BYTES,
@@ -95,7 +97,12 @@ async def measure(args: argparse.Namespace, url: str) -> tuple[list[Row], list[s
     async def on_disconnect() -> None:
         problems.append("disconnected")
 
-    nc = await nats.connect(url, error_cb=on_error, disconnected_cb=on_disconnect)
+    nc = await nats.connect(
+        url,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        **connect_options(Config.from_env()),  # GPUFAAS_NATS_USER, if any
+    )
     js = nc.jetstream()
     await ensure_object_bucket(js, BUCKET)
     rows = []

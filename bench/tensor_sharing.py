@@ -64,14 +64,19 @@ MakeVariants = Callable[[Path, Path, int, int, int], list[Path]]
 # --- the platform -------------------------------------------------------------------
 
 
+# Started platforms by HTTP port: requests carry their admin key (server paths need one).
+PLATFORMS: dict[int, harness.Platform] = {}
+
+
 def http_json(
     port: int, method: str, path: str, body: Any = None, timeout: float = 120.0
 ) -> tuple[int, Any]:
-    """One request; (status, decoded JSON or None)."""
+    """One request with the platform's admin key; (status, decoded JSON or None)."""
     conn = http.client.HTTPConnection(harness.HOST, port, timeout=timeout)
     try:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers |= PLATFORMS[port].headers
         conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
@@ -123,7 +128,9 @@ def deployed_events(port: int, names: Iterable[str], timeout_s: float = 30.0) ->
     found: dict[str, Any] = {}
     conn = http.client.HTTPConnection(harness.HOST, port, timeout=timeout_s)
     try:
-        conn.request("GET", "/v1/events?kinds=function.deployed&replay=all")
+        conn.request(
+            "GET", "/v1/events?kinds=function.deployed&replay=all", headers=PLATFORMS[port].headers
+        )
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"GET /v1/events: HTTP {resp.status}")
@@ -672,7 +679,10 @@ def prepare_models(args: argparse.Namespace, data_dir: Path) -> Models:
 def run(args: argparse.Namespace, data_dir: Path) -> tuple[MemoryResult, ColdResult]:
     models = prepare_models(args, data_dir)
     base_dir, variant_dirs, model_dirs = models.base_dir, models.variant_dirs, models.dirs
-    plat = harness.Platform.start(data_dir, "--devices", "cpu")
+    # The models are deployed by server path: under the model roots, with the admin key.
+    roots = {"GPUFAAS_MODEL_ROOTS": f"{base_dir}:{data_dir}"}
+    plat = harness.Platform.start(data_dir, "--devices", "cpu", env=roots)
+    PLATFORMS[plat.http_port] = plat
     try:
         took = plat.wait_ready(args.ready_timeout, worker_listed)
         print(f"platform: gpufaas up --devices cpu on port {plat.http_port}, ready in {took:.1f} s")

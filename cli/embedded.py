@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from gpufaas.shared import nats_auth
 from gpufaas.shared.constants import NATS_MAX_PAYLOAD, NATS_MAX_PENDING
 
 
@@ -21,17 +25,62 @@ def nats_server_binary() -> Path:
     return Path(found)
 
 
-def write_config(data_dir: Path, host: str, port: int) -> Path:
-    """A server config with JetStream and a raised max payload (settable only in a file)."""
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read (0600 from the moment it exists)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an older file keeps its mode through O_CREAT
+        f.write(text)
+
+
+@dataclass(frozen=True)
+class MeshSecrets:
+    """The mesh's users and their password files (0600 in a 0700 directory), made at start."""
+
+    directory: Path
+    passwords: dict[str, str]
+
+    @classmethod
+    def generate(cls, directory: Path, nodes: list[str]) -> MeshSecrets:
+        """A fresh random password per user of ``nodes``' mesh, each written to its file."""
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        directory.chmod(0o700)
+        passwords = {user: secrets.token_urlsafe(32) for user in nats_auth.users_for(nodes)}
+        for user, password in passwords.items():
+            write_private(directory / f"{user}.password", password + "\n")
+        return cls(directory, passwords)
+
+    def settings(self, role: str, node: str = "") -> dict[str, str]:
+        """The environment that gives a child ``role``'s identity."""
+        user = nats_auth.user_name(role, node)
+        return {
+            "GPUFAAS_NATS_USER": user,
+            "GPUFAAS_NATS_PASSWORD_FILE": str(self.directory / f"{user}.password"),
+        }
+
+    def node_env(self, node: str) -> dict[str, str]:
+        """A node's services: the node's identity, and the workers' for the pool to pass on."""
+        worker = {
+            "GPUFAAS_WORKER_" + key.removeprefix("GPUFAAS_"): value
+            for key, value in self.settings("worker", node).items()
+        }
+        return self.settings("node", node) | worker
+
+
+def write_config(data_dir: Path, host: str, port: int, *, mesh: MeshSecrets | None = None) -> Path:
+    """A server config (0600) with JetStream, a raised max payload (settable only in a
+    file) and, with ``mesh``, its users and their permissions: no anonymous client."""
     # One store per port: two servers must never share a JetStream directory.
     nats_dir = data_dir / "nats" / str(port)
     (nats_dir / "jetstream").mkdir(parents=True, exist_ok=True)
     conf = nats_dir / "nats.conf"
-    conf.write_text(
+    auth = nats_auth.render_authorization(mesh.passwords) if mesh is not None else ""
+    write_private(
+        conf,
         f'listen: "{host}:{port}"\n'
         f"max_payload: {NATS_MAX_PAYLOAD}\n"
         f"max_pending: {NATS_MAX_PENDING}\n"
-        f'jetstream {{\n  store_dir: "{nats_dir / "jetstream"}"\n}}\n'
+        f'jetstream {{\n  store_dir: "{nats_dir / "jetstream"}"\n}}\n' + auth,
     )
     return conf
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from gpufaas.shared.apikeys import ADMIN_KEY_FILE, read_key_file
 from gpufaas.shared.config import default_shm_dir
 
 HOST = "127.0.0.1"
@@ -55,11 +56,12 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def http_status(port: int, path: str) -> int | None:
-    """Status of ``GET path`` on this machine's ``port``, or None when nothing answers yet."""
+def http_status(port: int, path: str, headers: Mapping[str, str] | None = None) -> int | None:
+    """Status of ``GET path`` on this machine's ``port`` (with ``headers``: ``Up.headers``
+    for a route that needs a key), or None when nothing answers yet."""
     conn = http.client.HTTPConnection(HOST, port, timeout=2)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=dict(headers or {}))
         resp = conn.getresponse()
         resp.read()
     except OSError:
@@ -126,6 +128,18 @@ class Up:
     def url(self) -> str:
         """The gateway's base URL."""
         return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def api_key(self) -> str | None:
+        """The admin API key up keeps in its data directory (None before it made one, or
+        with ``--no-auth``)."""
+        return read_key_file(self.data_dir / ADMIN_KEY_FILE)[0]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Authorization: Bearer <admin key>``, for requests to this platform's gateway."""
+        key = self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     @property
     def shm_dir(self) -> Path:

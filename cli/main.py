@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpufaas.client import ApiError, call, sse
+from gpufaas.client import AUTH_HINTS, ApiError, call, find_key, sse
 from gpufaas.shared.config import Config, default_data_dir
 from gpufaas.shared.constants import DEFAULT_HTTP_PORT, DEFAULT_NATS_PORT
 
@@ -23,11 +24,26 @@ GatewayUrl = Annotated[
     str, typer.Option("--url", envvar="GPUFAAS_GATEWAY_URL", help="gateway base URL")
 ]
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="GPUFAAS_API_KEY",
+        help="API key (default: the admin key `gpufaas up` keeps in its data directory)",
+        show_default=False,
+    ),
+]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)
+
+
+def _api_fail(exc: ApiError) -> typer.Exit:
+    """An error reply, with a one-line hint when the key was missing or not enough."""
+    hint = AUTH_HINTS.get(exc.status)
+    return _fail(f"{exc}\n[dim]hint: {hint}[/dim]" if hint else str(exc))
 
 
 @app.command()
@@ -43,12 +59,21 @@ def up(
     nodes: Annotated[int, typer.Option(help="number of nodes to start")] = 1,
     data_dir: Annotated[Path, typer.Option(help="state directory")] = default_data_dir(),
     demo: Annotated[bool, typer.Option(help="deploy the demo model")] = False,
+    auth: Annotated[
+        bool,
+        typer.Option(
+            "--auth/--no-auth",
+            help="API keys on the gateway; --no-auth trusts X-Gpufaas-Tenant (experiments only)",
+        ),
+    ] = True,
 ) -> None:
     """Start the whole platform on this machine (embedded NATS, all services)."""
     from gpufaas.platform import UpOptions, UsageError  # noqa: PLC0415 - keep --help fast
     from gpufaas.platform import up as run_up  # noqa: PLC0415
 
-    opts = UpOptions(host, http_port, nats_port, nats_url, devices, topology, nodes, data_dir, demo)
+    opts = UpOptions(
+        host, http_port, nats_port, nats_url, devices, topology, nodes, data_dir, demo, auth
+    )
     try:
         raise typer.Exit(run_up(opts, console))
     except UsageError as exc:
@@ -81,27 +106,38 @@ def deploy(
     builtin: Annotated[
         str | None, typer.Option(help="a packaged model, e.g. all-minilm-l6-v2")
     ] = None,
-    path: Annotated[str | None, typer.Option(help="a model directory on the node")] = None,
+    path: Annotated[
+        Path | None, typer.Option(help="a local model directory: uploaded, then deployed")
+    ] = None,
+    server_path: Annotated[
+        str | None, typer.Option(help="a model directory on the node (admin keys)")
+    ] = None,
     architecture: Annotated[str, typer.Option(help="model architecture")] = "bert-embedding",
     max_batch_size: Annotated[int, typer.Option(help="largest batch")] = 32,
     slo_ms: Annotated[float | None, typer.Option(help="latency objective per request")] = None,
     url: GatewayUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
-    """Deploy a model as a function."""
+    """Deploy a model as a function: a packaged model, a local directory (uploaded), or a
+    directory on the node."""
     model: dict[str, str] = {"architecture": architecture}
     if builtin:
         model["builtin"] = builtin
-    if path:
-        model["path"] = path
+    if server_path:
+        model["path"] = server_path
     options: dict[str, float] = {"max_batch_size": max_batch_size}
     if slo_ms is not None:
         options["slo_ms"] = slo_ms
     body = {"name": name, "model": model, "options": options}
     try:
+        if path is not None:
+            from gpufaas.upload import upload_directory  # noqa: PLC0415 (only when uploading)
+
+            model["upload"] = upload_directory(url, path, find_key(api_key), console)
         with console.status(f"Deploying {name} (loading the model)…"):
-            rec = call(f"{url}/v1/functions", "POST", body)
+            rec = call(f"{url}/v1/functions", "POST", body, key=find_key(api_key))
     except ApiError as exc:
-        raise _fail(str(exc)) from None
+        raise _api_fail(exc) from None
     console.print(
         f"[green]deployed[/green] {rec['spec']['name']} on {', '.join(rec['nodes'])}: "
         f"{rec['tensor_count']} tensors, {rec['model_bytes'] / 2**20:.1f} MiB"
@@ -113,14 +149,15 @@ def invoke(
     name: Annotated[str, typer.Argument(help="function name")],
     texts: Annotated[list[str], typer.Argument(help="input texts")],
     url: GatewayUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
     full: Annotated[bool, typer.Option(help="print whole output tensors")] = False,
 ) -> None:
     """Invoke a text function (e.g. the demo embedding model)."""
     body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
     try:
-        res = call(f"{url}/v2/models/{name}/infer", "POST", body)
+        res = call(f"{url}/v2/models/{name}/infer", "POST", body, key=find_key(api_key))
     except ApiError as exc:
-        raise _fail(str(exc)) from None
+        raise _api_fail(exc) from None
     for out in res["outputs"]:
         data = out["data"] if full else out["data"][:6]
         more = "" if full or len(out["data"]) <= 6 else f" … ({len(out['data'])} values)"
@@ -133,13 +170,13 @@ def invoke(
 
 
 @app.command()
-def status(url: GatewayUrl = DEFAULT_URL) -> None:
+def status(url: GatewayUrl = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Nodes, their devices, and deployed functions."""
     try:
-        nodes = call(f"{url}/v1/nodes")["nodes"]
-        functions = call(f"{url}/v1/functions")["functions"]
+        nodes = call(f"{url}/v1/nodes", key=find_key(api_key))["nodes"]
+        functions = call(f"{url}/v1/functions", key=find_key(api_key))["functions"]
     except ApiError as exc:
-        raise _fail(str(exc)) from None
+        raise _api_fail(exc) from None
     console.print(_nodes_table(nodes))
     console.print(_store_table(nodes))
     memory = _memory_table(nodes)
@@ -224,7 +261,9 @@ def _functions_table(functions: list[dict[str, Any]]) -> Table:
         t.add_row(
             r["spec"]["name"],
             r["spec"]["tenant"],
-            model.get("builtin") or model.get("path") or "",
+            model.get("builtin")
+            or model.get("path")
+            or f"upload {(model.get('upload') or '')[:12]}",
             ", ".join(r["nodes"]),
             f"{r['model_bytes'] / 2**20:.1f}",
         )
@@ -232,12 +271,14 @@ def _functions_table(functions: list[dict[str, Any]]) -> Table:
 
 
 @app.command()
-def delete(name: Annotated[str, typer.Argument()], url: GatewayUrl = DEFAULT_URL) -> None:
+def delete(
+    name: Annotated[str, typer.Argument()], url: GatewayUrl = DEFAULT_URL, api_key: ApiKey = None
+) -> None:
     """Delete a function."""
     try:
-        call(f"{url}/v1/functions/{name}", "DELETE")
+        call(f"{url}/v1/functions/{name}", "DELETE", key=find_key(api_key))
     except ApiError as exc:
-        raise _fail(str(exc)) from None
+        raise _api_fail(exc) from None
     console.print(f"deleted {name}")
 
 
@@ -246,12 +287,15 @@ def events(
     kinds: Annotated[str, typer.Option(help="event kinds, e.g. 'function.*'")] = ">",
     replay: Annotated[str, typer.Option(help="all | new | last")] = "new",
     url: GatewayUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Follow the platform's events (relayed from the JetStream EVENTS stream)."""
     from urllib.parse import urlencode  # noqa: PLC0415
 
     try:
-        for kind, data in sse(f"{url}/v1/events?{urlencode({'kinds': kinds, 'replay': replay})}"):
+        for kind, data in sse(
+            f"{url}/v1/events?{urlencode({'kinds': kinds, 'replay': replay})}", find_key(api_key)
+        ):
             ev = json.loads(data)
             console.print(
                 f"[cyan]{kind}[/cyan] [dim]{ev.get('source')}[/dim] {json.dumps(ev.get('data'))}",
@@ -259,8 +303,48 @@ def events(
             )
     except KeyboardInterrupt:
         pass
+    except ApiError as exc:
+        raise _api_fail(exc) from None
     except OSError as exc:
         raise _fail(f"cannot follow events from {url}: {exc}") from None
+
+
+models_app = typer.Typer(help="Models uploaded with `gpufaas deploy NAME --path DIR`.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(url: GatewayUrl = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """This tenant's uploaded models and its quota."""
+    try:
+        held = call(f"{url}/v1/models", key=find_key(api_key))
+    except ApiError as exc:
+        raise _api_fail(exc) from None
+    table = Table(title="Uploaded models")
+    table.add_column("model", no_wrap=True, min_width=64)  # the whole id: deploy names it
+    for col in ("MiB", "files", "uploaded"):
+        table.add_column(col)
+    for m in held["models"]:
+        when = datetime.datetime.fromtimestamp(m["created_at"]).strftime("%Y-%m-%d %H:%M")
+        table.add_row(m["model"], f"{m['bytes'] / 2**20:.1f}", str(len(m["files"])), when)
+    console.print(table)
+    console.print(
+        f"{held['used_bytes'] / 2**20:.1f} MiB of {held['quota_bytes'] / 2**20:.0f} MiB used"
+    )
+
+
+@models_app.command("delete")
+def models_delete(
+    model: Annotated[str, typer.Argument(help="the model's id (as `models list` shows it)")],
+    url: GatewayUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Delete an uploaded model (refused while a function is deployed from it)."""
+    try:
+        call(f"{url}/v1/models/{model}", "DELETE", key=find_key(api_key))
+    except ApiError as exc:
+        raise _api_fail(exc) from None
+    console.print(f"[green]deleted[/green] model {model}")
 
 
 workflow_app = typer.Typer(
@@ -273,15 +357,16 @@ app.add_typer(workflow_app, name="workflow")
 def workflow_deploy(
     file: Annotated[Path, typer.Argument(help="a JSON file: {name, steps, outputs, slo_ms}")],
     url: GatewayUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Deploy a workflow from a JSON definition (see the README)."""
     try:
         body = json.loads(file.read_text())
-        rec = call(f"{url}/v1/workflows", "POST", body)
+        rec = call(f"{url}/v1/workflows", "POST", body, key=find_key(api_key))
     except (OSError, ValueError) as exc:
         raise _fail(f"cannot read {file}: {exc}") from None
     except ApiError as exc:
-        raise _fail(str(exc)) from None
+        raise _api_fail(exc) from None
     console.print(
         f"[green]deployed[/green] workflow {rec['spec']['name']}: {' -> '.join(rec['order'])}"
     )
@@ -293,15 +378,16 @@ def workflow_invoke(
     texts: Annotated[list[str], typer.Argument(help="the workflow's text input")],
     input_name: Annotated[str, typer.Option("--input", help="its input's name")] = "text",
     url: GatewayUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Run a workflow whose input is text; prints its outputs and where each step ran."""
     body = {
         "inputs": [{"name": input_name, "datatype": "BYTES", "shape": [len(texts)], "data": texts}]
     }
     try:
-        res = call(f"{url}/v1/workflows/{name}/infer", "POST", body)
+        res = call(f"{url}/v1/workflows/{name}/infer", "POST", body, key=find_key(api_key))
     except ApiError as exc:
-        raise _fail(str(exc)) from None
+        raise _api_fail(exc) from None
     for out in res["outputs"]:
         console.print(f"{out['name']} {out['datatype']} {out['shape']}: {out['data'][:6]}")
     for step in res["parameters"]["steps"]:
@@ -313,24 +399,119 @@ def workflow_invoke(
 
 
 @workflow_app.command("list")
-def workflow_list(url: GatewayUrl = DEFAULT_URL) -> None:
+def workflow_list(url: GatewayUrl = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """List the workflows."""
     try:
-        res = call(f"{url}/v1/workflows")
+        res = call(f"{url}/v1/workflows", key=find_key(api_key))
     except ApiError as exc:
-        raise _fail(str(exc)) from None
+        raise _api_fail(exc) from None
     for w in res["workflows"]:
         console.print(f"{w['spec']['name']}: {' -> '.join(w['order'])}")
 
 
 @workflow_app.command("delete")
-def workflow_delete(name: Annotated[str, typer.Argument()], url: GatewayUrl = DEFAULT_URL) -> None:
+def workflow_delete(
+    name: Annotated[str, typer.Argument()], url: GatewayUrl = DEFAULT_URL, api_key: ApiKey = None
+) -> None:
     """Delete a workflow."""
     try:
-        call(f"{url}/v1/workflows/{name}", "DELETE")
+        call(f"{url}/v1/workflows/{name}", "DELETE", key=find_key(api_key))
     except ApiError as exc:
-        raise _fail(str(exc)) from None
+        raise _api_fail(exc) from None
     console.print(f"deleted workflow {name}")
+
+
+keys_app = typer.Typer(
+    help="API keys (admin keys only): create, list, revoke.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``30d``, ``12h``, ``15m``, ``90s`` or plain seconds, as seconds (> 0)."""
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration like 30d, 12h, 15m") from None
+    if seconds <= 0:
+        raise typer.BadParameter("a duration must be positive")
+    return seconds
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="the tenant the key acts as")],
+    admin: Annotated[bool, typer.Option(help="an admin key (any tenant, keys, paths)")] = False,
+    expires: Annotated[
+        str | None, typer.Option(help="lifetime, e.g. 30d, 12h (default: never expires)")
+    ] = None,
+    label: Annotated[str, typer.Option(help="a note shown by `keys list`")] = "",
+    url: GatewayUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    body: dict[str, Any] = {"tenant": tenant, "admin": admin, "label": label}
+    if expires is not None:
+        body["expires_in_s"] = parse_duration(expires)
+    try:
+        res = call(f"{url}/v1/keys", "POST", body, key=find_key(api_key))
+    except ApiError as exc:
+        raise _api_fail(exc) from None
+    kind = "admin key" if res["admin"] else "key"
+    console.print(f"[green]created[/green] {kind} {res['id']} for tenant {res['tenant']}")
+    console.print("  (shown once; it cannot be read back)", style="dim")
+    print(res["key"])  # alone on its line, for scripts
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
+    url: GatewayUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """List API keys (never their secrets)."""
+    from urllib.parse import urlencode  # noqa: PLC0415
+
+    query = f"?{urlencode({'tenant': tenant})}" if tenant else ""
+    try:
+        keys = call(f"{url}/v1/keys{query}", key=find_key(api_key))["keys"]
+    except ApiError as exc:
+        raise _api_fail(exc) from None
+    t = _table("API keys", "id", "tenant", "admin", "label", "created", "expires", "revoked")
+    for k in keys:
+        t.add_row(
+            k["id"],
+            k["tenant"],
+            "yes" if k["admin"] else "",
+            k["label"],
+            _when(k["created_at"]),
+            _when(k["expires_at"]),
+            _when(k["revoked_at"]),
+        )
+    console.print(t)
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return ""
+    return datetime.datetime.fromtimestamp(at).isoformat(sep=" ", timespec="minutes")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="the key's id (`keys list`)")],
+    url: GatewayUrl = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Revoke an API key: every gateway refuses it within a second."""
+    try:
+        call(f"{url}/v1/keys/{key_id}", "DELETE", key=find_key(api_key))
+    except ApiError as exc:
+        raise _api_fail(exc) from None
+    console.print(f"revoked {key_id}")
 
 
 def main() -> None:

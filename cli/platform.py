@@ -12,11 +12,19 @@ from types import FrameType
 
 from rich.console import Console
 
-from gpufaas.embedded import accepting, nats_server_binary, port_free, write_config
+from gpufaas.admin_key import print_key, start_auth
+from gpufaas.embedded import (
+    MeshSecrets,
+    accepting,
+    nats_server_binary,
+    port_free,
+    write_config,
+)
 from gpufaas.shared.config import Config, default_shm_dir
 from gpufaas.shared.constants import NODE_SERVICES
 from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import PlatformError
+from gpufaas.shared.paths import check_root
 from gpufaas.supervisor import Child, StartError, Supervisor
 
 READY_TIMEOUT_S = 120.0
@@ -40,15 +48,19 @@ class UpOptions:
     nodes: int
     data_dir: Path
     demo: bool
+    auth: bool = True  # --no-auth: the gateway trusts the tenant header (experiments only)
 
 
 def node_ids(count: int) -> list[str]:
     return [f"node-{i}" for i in range(count)]
 
 
-def start_node(sup: Supervisor, base: Config, node_id: str) -> list[Child]:
-    """Start one node's services (memory first: the others take GPU room from it)."""
-    env = base.replace(node_id=node_id).to_env()
+def start_node(
+    sup: Supervisor, base: Config, node_id: str, mesh: MeshSecrets | None = None
+) -> list[Child]:
+    """Start one node's services (memory first: the others take GPU room from it), with
+    the node's NATS identity and the workers' for the pool (``mesh``: the embedded one)."""
+    env = base.replace(node_id=node_id).to_env() | (mesh.node_env(node_id) if mesh else {})
     env.pop("GPUFAAS_READY_FILE", None)
     # The worker's torch threads sleep between operators instead of spinning: on one
     # machine they share its cores with the gateway, scheduler and NATS, and a spinning
@@ -91,12 +103,12 @@ class StopSignal:
         return self.requested
 
 
-def describe_nodes(gateway: str) -> list[str]:
+def describe_nodes(gateway: str, key: str | None = None) -> list[str]:
     """One line per node: its devices as probed (``--devices auto``) or simulated."""
     from gpufaas.client import ApiError, call  # noqa: PLC0415 - HTTP only once up
 
     try:
-        nodes = call(f"{gateway}/v1/nodes", timeout=10)["nodes"]
+        nodes = call(f"{gateway}/v1/nodes", timeout=10, key=key)["nodes"]
     except ApiError as exc:
         return [f"(cannot list nodes: {exc})"]
     lines = []
@@ -151,6 +163,8 @@ def check_options(opts: UpOptions) -> Config:
         raise UsageError(f"{exc.message} (flag {flag})") from None
     try:
         env = Config.from_env()
+        # Ours alone (0700) or refused now, naming it, rather than by each service later.
+        check_root(default_shm_dir() / f"up-{opts.http_port}")
     except PlatformError as exc:
         raise UsageError(exc.message) from None
     return env.replace(
@@ -162,6 +176,7 @@ def check_options(opts: UpOptions) -> Config:
         shm_dir=default_shm_dir() / f"up-{opts.http_port}",
         data_dir=opts.data_dir,
         log_format="json",
+        auth=env.auth and opts.auth,
     )
 
 
@@ -173,38 +188,45 @@ def up(opts: UpOptions, console: Console) -> int:
     sup = Supervisor(opts.data_dir / "run" / f"up-{opts.http_port}")
     try:
         with console.status("[bold]Starting gpufaas…") as status:
-            if opts.nats_url is None:
-                conf = write_config(opts.data_dir, opts.host, opts.nats_port)
+            mesh: MeshSecrets | None = None
+            if opts.nats_url is None:  # its users and their passwords, new at each start
+                mesh = MeshSecrets.generate(sup.run_dir / "secrets", node_ids(opts.nodes))
+                conf = write_config(opts.data_dir, opts.host, opts.nats_port, mesh=mesh)
                 status.update(f"Starting NATS on port {opts.nats_port}…")
                 nats = sup.spawn(
                     "nats", [str(nats_server_binary()), "-c", str(conf)], {}, ready=False
                 )
                 sup.wait_ready([nats], 30, probe=lambda _: accepting(opts.host, opts.nats_port))
+            status.update("Checking the admin API key…")
+            # As NATS admin: only it (and gateways) may write the keys bucket.
+            admin_env = base.to_env() | (mesh.settings("admin") if mesh else {})
+            key, created = start_auth(base.auth, admin_env, opts.data_dir, console)
             status.update("Starting node services, scheduler and gateway…")
             children: list[Child] = []
             for node_id in node_ids(opts.nodes):
-                children += start_node(sup, base, node_id)
-            env = base.to_env()
-            children.append(sup.spawn_service("scheduler", "scheduler", env))
-            children.append(sup.spawn_service("gateway", "gateway", env))
+                children += start_node(sup, base, node_id, mesh)
+            for role in ("scheduler", "gateway"):
+                env = base.to_env() | (mesh.settings(role) if mesh else {})
+                children.append(sup.spawn_service(role, role, env))
             sup.wait_ready(children, READY_TIMEOUT_S)
         url = f"http://{opts.host}:{opts.http_port}"
         console.print(f"[green]gpufaas is up[/green]  gateway [bold]{url}[/bold]  NATS {nats_url}")
-        for line in describe_nodes(url):
+        for line in describe_nodes(url, key):
             console.print(f"  {line}", soft_wrap=True, highlight=False)
         console.print(f"  logs: {sup.logs}")
+        print_key(console, url, key, created, opts.data_dir)
         if opts.demo:
             from gpufaas.client import ApiError, deploy_demo  # noqa: PLC0415 - only with --demo
 
             try:
-                deploy_demo(url, console)
+                deploy_demo(url, console, key)
             except ApiError as exc:
                 console.print(f"[red]the demo model could not be deployed:[/red] {exc}")
                 console.print(f"  the services' logs are in {sup.logs}")
                 return 1
         console.print("Press Ctrl-C to stop.")
         return wait_until_stopped(sup, stop, console)
-    except StartError as exc:
+    except (StartError, PlatformError) as exc:
         console.print(f"[red]start-up failed:[/red] {exc}")
         return 1
     finally:

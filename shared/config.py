@@ -39,15 +39,37 @@ class Config:
     """Settings of one process; every field maps to ``GPUFAAS_<FIELD>``."""
 
     nats_url: str = c.DEFAULT_NATS_URL
+    # This process's NATS identity (shared/nats_auth.py): a user and a file holding its
+    # password (0600; never the password itself in the environment); none: anonymous.
+    nats_user: str = ""
+    nats_password_file: str = ""
+    # TLS to NATS: the CA that signed the servers' certificates (and a client certificate).
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+    # The identity the worker pool manager gives the worker processes it starts.
+    worker_nats_user: str = ""
+    worker_nats_password_file: str = ""
     node_id: str = dataclasses.field(default_factory=_safe_hostname)
     http_host: str = c.DEFAULT_HTTP_HOST
     http_port: int = c.DEFAULT_HTTP_PORT
+    # Gateway: API keys on every route but liveness and readiness (off: the tenant header
+    # is trusted, for local experiments only); /metrics open to anyone who can reach it
+    # (for a scraper on a private network) instead of admin keys only.
+    auth: bool = True
+    metrics_public: bool = False
+    # Directories (absolute, os.pathsep-separated) under which admin keys may deploy
+    # server paths (model.path); empty: no server path is accepted.
+    model_roots: tuple[str, ...] = ()
     devices: str = "auto"  # auto | cpu | sim:N
     topology: str = ""  # topology file for sim:N; empty = the packaged default
     shm_dir: Path = dataclasses.field(default_factory=default_shm_dir)
     data_dir: Path = dataclasses.field(default_factory=default_data_dir)
     inline_threshold: int = c.DEFAULT_INLINE_THRESHOLD
     max_body_bytes: int = c.DEFAULT_MAX_BODY_BYTES
+    # Uploaded models: the largest archive, and the bytes one tenant's uploads may hold.
+    max_model_bytes: int = c.DEFAULT_MAX_MODEL_BYTES
+    model_quota_bytes: int = c.DEFAULT_MODEL_QUOTA_BYTES
     request_timeout_s: float = c.DEFAULT_REQUEST_TIMEOUT_S
     deploy_timeout_s: float = c.DEFAULT_DEPLOY_TIMEOUT_S
     heartbeat_s: float = c.DEFAULT_HEARTBEAT_S
@@ -105,7 +127,8 @@ class Config:
     def to_env(self, prefix: str = PREFIX) -> dict[str, str]:
         """The environment that reproduces this config in a child process."""
         return {
-            prefix + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)
+            prefix + f.name.upper(): _format(getattr(self, f.name))
+            for f in dataclasses.fields(self)
         }
 
     def replace(self, **changes: Any) -> Config:
@@ -113,8 +136,27 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _format(value: Any) -> str:
+    """A field's value as its environment variable spells it (``_parse`` reads it back)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return os.pathsep.join(value)
+    return str(value)
+
+
 def _parse(key: str, raw: str, typ: Any) -> Any:
     name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    if name == "bool":
+        if raw.strip().lower() not in _TRUE + _FALSE:
+            raise InvalidArgument(f"{key}={raw!r} is not a boolean (1 or 0)", field=key)
+        return raw.strip().lower() in _TRUE
+    if name.startswith("tuple"):
+        return tuple(p for p in raw.split(os.pathsep) if p)
     try:
         if name == "int":
             return int(raw)

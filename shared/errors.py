@@ -46,6 +46,18 @@ class AlreadyExists(PlatformError):
     code = "already_exists"
 
 
+class Unauthenticated(PlatformError):
+    """No API key, or one that is unknown, wrong, revoked or expired."""
+
+    code = "unauthenticated"
+
+
+class PermissionDenied(PlatformError):
+    """The caller's key may not do this (an admin-only route, field or tenant)."""
+
+    code = "permission_denied"
+
+
 class PayloadTooLarge(PlatformError):
     """The request body exceeds the configured limit."""
 
@@ -91,6 +103,8 @@ class Internal(PlatformError):
 # code -> (HTTP status, error class). The only place statuses are decided.
 ERROR_TABLE: Final[dict[str, tuple[int, type[PlatformError]]]] = {
     InvalidArgument.code: (400, InvalidArgument),
+    Unauthenticated.code: (401, Unauthenticated),
+    PermissionDenied.code: (403, PermissionDenied),
     NotFound.code: (404, NotFound),
     AlreadyExists.code: (409, AlreadyExists),
     PayloadTooLarge.code: (413, PayloadTooLarge),

@@ -30,6 +30,7 @@ class Buckets:
     leases: KeyValue
     inflight: KeyValue
     replicas: KeyValue
+    keys: KeyValue
 
 
 async def _kv(
@@ -64,6 +65,7 @@ async def ensure_jetstream(
         leases=await _kv(js, c.KV_LEASES, ttl=node_ttl_s),
         inflight=await _kv(js, c.KV_INFLIGHT, ttl=c.KV_INFLIGHT_MAX_AGE_S),
         replicas=await _kv(js, c.KV_REPLICAS),
+        keys=await _kv(js, c.KV_KEYS, history=5),
     )
 
 

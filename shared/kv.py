@@ -22,10 +22,13 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
+from gpufaas.shared.apikeys import ApiKeyRecord
 from gpufaas.shared.errors import PlatformError, Unavailable
+from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.jetstream import Buckets, bucket_keys
 from gpufaas.shared.messages import (
     FunctionRecord,
+    FunctionSpec,
     Heartbeat,
     Msg,
     ProfileRecord,
@@ -35,7 +38,7 @@ from gpufaas.shared.messages import (
     encode,
     encode_json,
 )
-from gpufaas.shared.workflows import WorkflowRecord
+from gpufaas.shared.workflows import WorkflowRecord, WorkflowSpec
 
 log = structlog.get_logger()
 
@@ -52,16 +55,27 @@ _MISSING = (
 
 
 class Codec(Generic[T]):
-    """How a bucket's values become bytes and back; ``decode`` raises on a bad record."""
+    """How a bucket's values become bytes and back; ``decode`` raises on a bad record.
 
-    def __init__(self, encode: Callable[[T], bytes], decode: Callable[[bytes], T]) -> None:
+    ``key_of`` (records that carry their own id): the key a record must be stored under;
+    a record under any other key is malformed (a forged ``tubes`` record naming another
+    tube, a function record under another tenant's key).
+    """
+
+    def __init__(
+        self,
+        encode: Callable[[T], bytes],
+        decode: Callable[[bytes], T],
+        key_of: Callable[[T], str] | None = None,
+    ) -> None:
         self.encode = encode
         self.decode = decode
+        self.key_of = key_of
 
     @staticmethod
-    def json(typ: type[S]) -> Codec[S]:
+    def json(typ: type[S], key_of: Callable[[S], str] | None = None) -> Codec[S]:
         """A message as JSON (what people read with ``nats kv get``)."""
-        return Codec(encode_json, lambda data: decode_json(data, typ))
+        return Codec(encode_json, lambda data: decode_json(data, typ), key_of)
 
     @staticmethod
     def msgpack(typ: type[S]) -> Codec[S]:
@@ -104,11 +118,20 @@ class Bucket(Generic[T]):
 
     def _decode(self, key: str, data: bytes) -> T | None:
         try:
-            return self.codec.decode(data)
+            value = self.codec.decode(data)
         except (PlatformError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            MALFORMED[self.name] = MALFORMED.get(self.name, 0) + 1
-            log.warning("kv.malformed", bucket=self.name, key=key, error=str(exc)[:200])
+            self._malformed(key, str(exc))
             return None
+        own = None if self.codec.key_of is None else self.codec.key_of(value)
+        if own is not None and own != key:
+            self._malformed(key, f"the record is of {own[:100]!r}, not of its key")
+            return None
+        return value
+
+    def _malformed(self, key: str, error: str) -> None:
+        """Log and count a record that cannot be used; it reads as absent."""
+        MALFORMED[self.name] = MALFORMED.get(self.name, 0) + 1
+        log.warning("kv.malformed", bucket=self.name, key=key, error=error[:200])
 
     async def _raw(self, key: str) -> tuple[bytes | None, int | None]:
         try:
@@ -248,6 +271,11 @@ class Bucket(Generic[T]):
                     await watcher.stop()  # type: ignore[no-untyped-call]
 
 
+def _spec_key(spec: FunctionSpec | WorkflowSpec) -> str:
+    """``tenant.name``: the key of a function's (or workflow's) records."""
+    return FunctionRef(spec.tenant, spec.name).key
+
+
 class TypedBuckets:
     """The platform's buckets, typed: ``service.kv.functions.get(ref.key)`` and so on.
 
@@ -258,16 +286,22 @@ class TypedBuckets:
     def __init__(self, js: JetStreamContext, b: Buckets) -> None:
         self.js = js
         self.raw = b
-        self.functions = Bucket(js, b.functions, c.KV_FUNCTIONS, Codec.json(FunctionRecord))
-        self.nodes = Bucket(js, b.nodes, c.KV_NODES, Codec.json(Heartbeat))
-        self.tubes = Bucket(js, b.tubes, c.KV_TUBES, Codec.json(Tube))
-        self.profiles = Bucket(js, b.profiles, c.KV_PROFILES, Codec.json(ProfileRecord))
-        self.workflows = Bucket(js, b.workflows, c.KV_WORKFLOWS, Codec.json(WorkflowRecord))
+        # Records that name themselves are read only under their own key (see Codec).
+        functions = Codec.json(FunctionRecord, lambda r: _spec_key(r.spec))
+        self.functions = Bucket(js, b.functions, c.KV_FUNCTIONS, functions)
+        nodes = Codec.json(Heartbeat, lambda h: f"{h.node}.{h.service}")
+        self.nodes = Bucket(js, b.nodes, c.KV_NODES, nodes)
+        self.tubes = Bucket(js, b.tubes, c.KV_TUBES, Codec.json(Tube, lambda t: t.id))
+        profiles = Codec.json(ProfileRecord, lambda r: _spec_key(r.spec))
+        self.profiles = Bucket(js, b.profiles, c.KV_PROFILES, profiles)
+        workflows = Codec.json(WorkflowRecord, lambda r: _spec_key(r.spec))
+        self.workflows = Bucket(js, b.workflows, c.KV_WORKFLOWS, workflows)
         self.tensors = Bucket(js, b.tensors, c.KV_TENSORS, RAW)
         self.memory = Bucket(js, b.memory, c.KV_MEMORY, RAW)
         self.leases = Bucket(js, b.leases, c.KV_LEASES, RAW)
         self.inflight = Bucket(js, b.inflight, c.KV_INFLIGHT, RAW)
         self.replicas = Bucket(js, b.replicas, c.KV_REPLICAS, TEXT)
+        self.keys = Bucket(js, b.keys, c.KV_KEYS, Codec.json(ApiKeyRecord))
 
     def view(self, raw: Bucket[bytes], codec: Codec[T], prefix: str = "") -> Bucket[T]:
         """A typed view of a raw bucket (one kind of record of ``memory`` or ``tensors``)."""

@@ -22,6 +22,39 @@ Tenant = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Dim = Annotated[int, msgspec.Meta(ge=-1)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
+# --- what ids, names, sizes and paths from NATS or KV may be (checked on decode) ---------
+MAX_BYTES: Final = 1 << 50  # every size and offset read from the wire is at most 1 PiB
+Bytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)]
+# A tube's id is what ``shm.new_id()`` makes: ``secrets.token_urlsafe(18)``, 24 characters.
+TUBE_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{24}$"
+TubeId = Annotated[str, msgspec.Meta(pattern=TUBE_ID_PATTERN, description="a tube id")]
+_NODE: Final = r"[A-Za-z0-9_-]{1,128}"  # one subject token
+NODE_PATTERN: Final = rf"^{_NODE}$"
+NodeId = Annotated[str, msgspec.Meta(pattern=NODE_PATTERN, description="a node id")]
+# The ids of segments a service made (``new_id``), named in replies and records.
+SEGMENT_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{0,64}$"
+SegmentId = Annotated[str, msgspec.Meta(pattern=SEGMENT_ID_PATTERN)]
+_TUBE: Final = r"[A-Za-z0-9_-]{24}"
+# Where a tube's copy lies (docs/architecture.md, the shared-memory table): ``tubes/<id>``,
+# ``tubes/<node>/<id>``, ``gpu/<node>/gpuN/<id>.<block>``, ``hostpool/<node>/<segment>``; a
+# real GPU's ``ipc:<handle>``; the object tier's ``<id>``. Never absolute, never ``..``.
+TUBE_SEGMENT_PATTERN: Final = (
+    rf"^(tubes/({_NODE}/)?{_TUBE}|gpu/{_NODE}/gpu[0-9]{{1,4}}/{_TUBE}\.[0-9]{{1,12}}"
+    rf"|hostpool/{_NODE}/[A-Za-z0-9_-]{{1,64}}|ipc:[0-9a-f]{{2,1024}}|{_TUBE})$"
+)
+TubeSegment = Annotated[str, msgspec.Meta(pattern=TUBE_SEGMENT_PATTERN)]
+# A weight segment of a node's tensor store, and an exported program's graph beside it.
+TENSOR_SEGMENT_PATTERN: Final = rf"^tensors/{_NODE}/[A-Za-z0-9_-]{{1,64}}$"
+PROGRAM_PATTERN: Final = rf"^tensors/{_NODE}/models/[0-9a-f]{{1,64}}\.program$"
+TensorId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]  # blake3, hex
+# An uploaded model: the SHA-256 of its archive, hex (shared/uploads.py).
+UPLOAD_ID_PATTERN: Final = r"^[0-9a-f]{64}$"
+UploadId = Annotated[
+    str, msgspec.Meta(pattern=UPLOAD_ID_PATTERN, description="an uploaded model's id")
+]
+TorchDtype = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+DeviceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_:-]{1,64}$")]
+
 # KServe v2 datatypes.
 Datatype = Literal[
     "BOOL",
@@ -53,21 +86,21 @@ class Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True,
 class Placement(Msg, frozen=True, tag="placement.v1"):
     """Where a copy of a tube's bytes lives."""
 
-    node: str
+    node: Annotated[str, msgspec.Meta(pattern=rf"^(\*|{_NODE})$")]  # "*": the object tier
     tier: Tier
-    segment: str
-    offset: Count = 0
+    segment: TubeSegment
+    offset: Bytes = 0
 
 
 class Tube(Msg, frozen=True, tag="tube.v1"):
     """A reference to tensor bytes that live outside messages."""
 
-    id: str
+    id: TubeId
     tenant: Tenant
     datatype: Datatype
-    shape: list[Dim]
-    nbytes: Count
-    placements: list[Placement]
+    shape: Annotated[list[Dim], msgspec.Meta(max_length=64)]
+    nbytes: Bytes
+    placements: Annotated[list[Placement], msgspec.Meta(max_length=64)]
     created_at: float = 0.0
 
 
@@ -92,22 +125,24 @@ class TensorPayload(Msg, frozen=True, tag="tensor.v1"):
 class TensorRef(Msg, frozen=True, tag="tensor_ref.v1"):
     """A content-addressed tensor resident in a host segment of the tensor store."""
 
-    id: str
-    dtype: str  # torch dtype name, e.g. "float32"
-    shape: list[Count]
-    nbytes: Count
-    segment: str
-    offset: Count
+    id: TensorId
+    dtype: TorchDtype  # torch dtype name, e.g. "float32"
+    shape: Annotated[list[Count], msgspec.Meta(max_length=64)]
+    nbytes: Bytes
+    segment: Annotated[str, msgspec.Meta(pattern=TENSOR_SEGMENT_PATTERN)]
+    offset: Bytes
 
 
 # --- functions -----------------------------------------------------------------------
 
 
 class ModelSource(Msg, frozen=True, tag="model_source.v1"):
-    """Where a model's weights come from: a packaged model or a directory on the node."""
+    """Where a model's weights come from: a packaged model, a directory on the node, or
+    an archive the tenant uploaded (``POST /v1/models``)."""
 
     builtin: str | None = None
     path: str | None = None
+    upload: UploadId | None = None
     architecture: str = "bert-embedding"
     # The tenant's own tensors: shared among its functions only, invisible to others.
     private: bool = False
@@ -137,7 +172,7 @@ class FunctionRecord(Msg, frozen=True, tag="function.v1"):
     outputs: list[TensorSpec]
     model_bytes: Count
     tensor_count: Count
-    nodes: list[str]
+    nodes: list[NodeId]
     created_at: float
     status: Literal["ready"] = "ready"
 
@@ -190,8 +225,8 @@ class InvokeReply(Msg, frozen=True, tag="invoke_reply.v1"):
     function: str
     request_id: str
     outputs: list[TensorPayload]
-    node: str
-    device: str
+    node: NodeId
+    device: DeviceName
     breakdown: Breakdown
 
 
@@ -305,9 +340,9 @@ class QueuedTube(Msg, frozen=True, tag="queued_tube.v1"):
     """An input tube of a queued request that has a copy on the view's node (an item of the
     memory manager's policy: kept on, or brought back to, the GPU the request runs on)."""
 
-    id: str
+    id: TubeId
     tenant: Tenant
-    nbytes: Count
+    nbytes: Bytes
     position: Count  # which of the function's queued requests reads it (0: the next to run)
     running: bool = False  # read by a request already sent to the node: never to be evicted
 
@@ -331,7 +366,7 @@ class QueueView(Msg, frozen=True, tag="queue_view.v1"):
     """A scheduler replica's view of one node's work, for the node's memory manager."""
 
     replica: str
-    node: str
+    node: NodeId
     at: float
     entries: list[QueueEntry]
 
@@ -408,19 +443,19 @@ class DeviceSegment(Msg, frozen=True, tag="device_segment.v1"):
     map ``nbytes`` from the handle. Their ``DeviceRef`` offsets count from that start too.
     """
 
-    id: str
-    nbytes: Count
+    id: SegmentId
+    nbytes: Bytes
     device_index: Count = 0
     ipc_handle: bytes | None = None  # CUDA IPC handle; None on a simulated GPU
-    offset: Count = 0
+    offset: Bytes = 0
 
 
 class DeviceRef(Msg, frozen=True, tag="device_ref.v1"):
     """Where one tensor's device copy lies: a segment, and a byte offset from the start of
     the allocation its handle opens (the block's offset included)."""
 
-    segment: str
-    offset: Count
+    segment: SegmentId
+    offset: Bytes
 
 
 class DevicePlacement(Msg, frozen=True, tag="device_placement.v1"):
@@ -442,7 +477,8 @@ class RegisterReply(Msg, frozen=True, tag="register_reply.v1"):
     register_us: Count
     file_read: bool = True  # False: every tensor was resident, the model file was not opened
     placement: DevicePlacement | None = None  # with ``device`` in the request
-    program: str | None = None  # an exported program's graph, kept by the store (shm path)
+    # An exported program's graph, kept by the store (a path under the shm root).
+    program: Annotated[str, msgspec.Meta(pattern=PROGRAM_PATTERN)] | None = None
 
 
 class LocalityRequest(Msg, frozen=True, tag="locality_request.v1"):
@@ -474,7 +510,7 @@ class StoreStatsRequest(Msg, frozen=True, tag="store_stats_request.v1"):
 
 
 class StoreStats(Msg, frozen=True, tag="store_stats.v1"):
-    node: str
+    node: NodeId
     tensors: Count
     segments: Count
     bytes_stored: Count
@@ -539,7 +575,7 @@ class ResidencyRequest(Msg, frozen=True, tag="residency_request.v1"):
 
 
 class ResidencyReply(Msg, frozen=True, tag="residency_reply.v1"):
-    node: str
+    node: NodeId
     owner: str  # the store's owner of blocks in the memory service's pools
     devices: list[DeviceResidency]
     models: list[ModelItem] = []  # one per query, in order
@@ -574,7 +610,7 @@ class PrefetchReply(Msg, frozen=True, tag="prefetch_reply.v1"):
 
 
 class ResolveRequest(Msg, frozen=True, tag="resolve_request.v1"):
-    tube_id: str
+    tube_id: TubeId
     tenant: Tenant = DEFAULT_TENANT
     tier: Tier = "host"
 
@@ -587,7 +623,7 @@ class ResolveReply(Msg, frozen=True, tag="resolve_reply.v1"):
 class EnsureRequest(Msg, frozen=True, tag="ensure_request.v1"):
     """Make a tube resident on the serving node's ``tier`` (a no-op when it already is)."""
 
-    tube_id: str
+    tube_id: TubeId
     tenant: Tenant = DEFAULT_TENANT
     tier: Tier = "host"
     slo_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None  # from now: when the caller needs it
@@ -623,7 +659,7 @@ class TubeReleaseRequest(Msg, frozen=True, tag="tube_release_request.v1"):
     ``tier``, keeping its bytes on this node's host tier: copied there first when the node
     has no host copy (the swap). A platform verb: the tube is named by id alone."""
 
-    tube_id: str
+    tube_id: TubeId
     tier: Tier
 
 
@@ -632,15 +668,16 @@ class TubeReleaseReply(Msg, frozen=True, tag="tube_release_reply.v1"):
     nbytes: Count = 0  # the GPU bytes given back
     swapped_bytes: Count = 0  # bytes copied to the host tier first (0: a host copy existed)
     reason: str = ""  # why not released: "not resident", "copy in flight", "unknown tube"
+    tenant: Tenant | None = None  # the released tube's (the memory.evicted event carries it)
 
 
 class FetchRequest(Msg, frozen=True, tag="fetch_request.v1"):
     """One chunk of a tube's host copy, asked by another node's transfer service."""
 
-    tube_id: str
+    tube_id: TubeId
     tenant: Tenant
-    offset: Count
-    nbytes: Count
+    offset: Bytes
+    nbytes: Bytes
 
 
 class FetchReply(Msg, frozen=True, tag="fetch_reply.v1"):
@@ -662,7 +699,7 @@ class CapacityRequest(Msg, frozen=True, tag="capacity_request.v1"):
 
 
 class CapacityReply(Msg, frozen=True, tag="capacity_reply.v1"):
-    node: str
+    node: NodeId
     devices: list[DeviceInfo]
 
 
@@ -670,7 +707,7 @@ class MemAllocRequest(Msg, frozen=True, tag="mem_alloc_request.v1"):
     """A block of device memory for ``owner`` (who renews it, see MemRenewRequest)."""
 
     device: Tier
-    nbytes: Count
+    nbytes: Bytes
     owner: str
     # What the block holds, when the memory manager may move it: "tube:<id>" for a tube's
     # copy (evicted to the host tier through the transfer service). "" for anything else.
@@ -683,9 +720,9 @@ class MemAllocation(Msg, frozen=True, tag="mem_allocation.v1"):
 
     id: Count
     device: str
-    segment: str
-    offset: Count
-    nbytes: Count
+    segment: SegmentId  # a host pool's file (hostpool/<node>/<segment>) or a GPU's
+    offset: Bytes
+    nbytes: Bytes
     owner: str
     # A real GPU's segment: its CUDA IPC handle (open it once, work at ``offset``). None on
     # a simulated GPU, and from an older memory service that only budgeted.
@@ -753,7 +790,7 @@ class MemPoolStats(Msg, frozen=True, tag="mem_pool_stats.v1"):
 
 
 class MemStatsReply(Msg, frozen=True, tag="mem_stats_reply.v1"):
-    node: str
+    node: NodeId
     pools: list[MemPoolStats]
     reserved: dict[str, Count] = {}  # "<device> <function>" -> bytes held for intermediates
 
@@ -778,7 +815,7 @@ class ModelCache(Msg, frozen=True, tag="model_cache.v1"):
     """What one GPU of a node holds, in the memory bucket (``<node>.<gpuN>.m``); rewritten,
     with a ``memory.residency`` event, when it changes."""
 
-    node: str
+    node: NodeId
     device: str
     at: float
     models: list[CachedModel]
@@ -845,8 +882,8 @@ class ServiceStatsReply(Msg, frozen=True, tag="service_stats.v1"):
 class Heartbeat(Msg, frozen=True, tag="heartbeat.v1"):
     """A node service's liveness entry in the nodes KV bucket (TTL'd)."""
 
-    node: str
-    service: str
+    node: NodeId
+    service: Annotated[str, msgspec.Meta(pattern=NODE_PATTERN)]
     pid: int
     started_at: float
     updated_at: float

@@ -23,7 +23,6 @@ import json
 import mmap
 import os
 import re
-import secrets
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from gpufaas.shared.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from gpufaas.shared.paths import create_new, open_fd, staging_name
 
 log = structlog.get_logger()
 
@@ -375,7 +375,7 @@ def _source(data: bytes | bytearray | memoryview | Path) -> Iterator[memoryview]
     """A flat byte view of what to store (a file is mapped, not read)."""
     if isinstance(data, Path):
         try:
-            f = data.open("rb")
+            f = os.fdopen(open_fd(data, os.O_RDONLY), "rb")  # never through a link
         except OSError as exc:
             raise InvalidArgument(f"cannot read {data}: {exc.strerror}", field="data") from None
         with f:
@@ -423,9 +423,9 @@ def _destination(into: bytearray | memoryview | Path, size: int) -> Iterator[mem
 
 def _file_destination(path: Path, size: int) -> Iterator[memoryview]:
     # Written under a temporary name and renamed, so a reader never sees half an object.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = staging_name(path)
     try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = create_new(tmp)  # private (0600), new, never through a link
     except OSError as exc:
         raise InvalidArgument(f"cannot write {path}: {exc.strerror}", field="into") from None
     try:

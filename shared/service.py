@@ -59,6 +59,7 @@ from gpufaas.shared.messages import (
     encode_json,
     new_event,
 )
+from gpufaas.shared.nats_auth import connect_options
 from gpufaas.shared.rpc import error_reply
 from gpufaas.shared.stats import EndpointCounter, LoopCounter
 
@@ -98,9 +99,11 @@ def endpoint(
 
 
 async def connect_nats(config: Config, name: str) -> NATS:
-    """Connect, retrying until ``connect_deadline_s`` so services may start before NATS."""
+    """Connect as this process's NATS identity (``nats_auth.connect_options``), retrying
+    until ``connect_deadline_s`` so services may start before NATS."""
     deadline = time.monotonic() + config.connect_deadline_s
     servers = [s.strip() for s in config.nats_url.split(",") if s.strip()]
+    identity = await asyncio.to_thread(connect_options, config)
     while True:
         try:
             return await nats.connect(
@@ -109,6 +112,7 @@ async def connect_nats(config: Config, name: str) -> NATS:
                 connect_timeout=2,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
+                **identity,
             )
         except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
             if time.monotonic() >= deadline:

@@ -17,12 +17,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from gpufaas.shared.errors import NotFound
+import structlog
+
+from gpufaas.shared.errors import InvalidArgument, NotFound
 from gpufaas.shared.messages import Placement, Tube
+from gpufaas.shared.paths import DIR_MODE, open_fd, read_file, regular_size, under, write_private
 
 TUBES_DIR: Final = "tubes"
 TENSORS_DIR: Final = "tensors"
 HOST_POOL_DIR: Final = "hostpool"  # the memory manager's host-tier segments: <dir>/<node>/
+
+log = structlog.get_logger()
 
 
 def host_pool_segment(node: str, segment: str) -> str:
@@ -36,40 +41,36 @@ def new_id(nbytes: int = 18) -> str:
 
 
 def write_segment(root: Path, relpath: str, chunks: Iterable[bytes | memoryview]) -> int:
-    """Write a whole segment atomically; returns its size."""
-    path = root / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    size = 0
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                size += f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return size
+    """Write a whole segment atomically (a new 0600 file, renamed); returns its size."""
+    return write_private(under(root, relpath), chunks)
 
 
 class SegmentCache:
-    """Per-process cache of mapped segments (opened once, reused by every view)."""
+    """Per-process cache of mapped segments (opened once, reused by every view).
 
-    def __init__(self, root: Path) -> None:
+    ``private=True`` (the workers' weights) maps copy-on-write (``MAP_PRIVATE``) from a
+    read-only descriptor: pages are the shared file's until written, and a write, by a
+    bug or a hostile program, copies the page into this process alone and never reaches
+    the file or any other process's view. Writers (tubes, the store's copies) map shared.
+    """
+
+    def __init__(self, root: Path, *, private: bool = False) -> None:
         self.root = root
+        self.private = private
         self._maps: dict[str, mmap.mmap] = {}
 
     def map(self, relpath: str) -> mmap.mmap:
-        """The shared mapping of a segment (read-write pages; callers never write weights)."""
+        """The mapping of a segment: read-write pages, shared or copy-on-write (``private``)."""
         m = self._maps.get(relpath)
         if m is None:
-            path = self.root / relpath
+            path = under(self.root, relpath)  # a segment named on the wire: checked
             try:
-                fd = os.open(path, os.O_RDWR)
+                fd = open_fd(path, os.O_RDONLY if self.private else os.O_RDWR)
             except FileNotFoundError:
                 raise NotFound(f"segment {relpath} is not on this node") from None
+            flags = mmap.MAP_PRIVATE if self.private else mmap.MAP_SHARED
             try:
-                m = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                m = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
             self._maps[relpath] = m
@@ -109,30 +110,35 @@ def _reuse_pooled(root: Path, relpath: str, nbytes: int) -> bool:
         return False
     sizes: list[tuple[int, str]] = []
     for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            size = (pool / name).stat().st_size
-            if nbytes <= size <= POOL_MAX_SLACK * nbytes:
-                sizes.append((size, name))
+        size = regular_size(pool / name)  # a link is never claimed
+        if size is not None and nbytes <= size <= POOL_MAX_SLACK * nbytes:
+            sizes.append((size, name))
     for _, name in sorted(sizes):
         try:
             os.rename(pool / name, root / relpath)
         except FileNotFoundError:  # another process claimed it first
             continue
         # Cut the file to this tube: nothing of an earlier tube stays readable after it.
-        os.truncate(root / relpath, nbytes)
+        fd = open_fd(root / relpath, os.O_RDWR)
+        try:
+            os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
         return True
     return False
 
 
 def release_file(path: Path) -> None:
-    """Give a tube file back: into the pool when it is worth keeping, else delete it."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
+    """Give a tube file back: into the pool when it is worth keeping, else delete it (a
+    symbolic link in its place is removed, never followed)."""
+    size = regular_size(path)
+    if size is None:
+        if path.is_symlink():
+            path.unlink(missing_ok=True)
         return
     pool = path.parent / POOL_DIR if path.parent.name == TUBES_DIR else None
     if pool is not None and size >= POOL_MIN_BYTES:
-        pool.mkdir(exist_ok=True)
+        pool.mkdir(mode=DIR_MODE, exist_ok=True)
         if len(os.listdir(pool)) < POOL_MAX_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(path, pool / new_id(9))
@@ -156,7 +162,7 @@ def _forget_deleted() -> None:
 
 
 def _write_mapped(path: Path, data: memoryview) -> None:
-    fd = os.open(path, os.O_RDWR)
+    fd = open_fd(path, os.O_RDWR)
     inode = os.fstat(fd).st_ino
     cached = _POOL_MAPS.get(inode)
     if cached is not None and len(cached[1]) >= len(data):
@@ -199,21 +205,47 @@ def write_tube(
     )
 
 
-def host_path(root: Path, tube: Tube) -> Path:
-    """The file of a tube's host placement, or ``NotFound``."""
+# The directories a placement's file may lie in, by tier (docs/architecture.md's table).
+_TIER_DIRS: Final = {"host": (f"{TUBES_DIR}/", f"{HOST_POOL_DIR}/"), "gpu": ("gpu/",)}
+
+
+def placement_file(root: Path, p: Placement, tube_id: str) -> Path | None:
+    """The file a placement of tube ``tube_id`` names on this machine, checked to lie in
+    its tier's directory under ``root`` and, but in the host pool, to be named after the
+    tube (``InvalidArgument`` otherwise: a forged record never reaches another tube's
+    file); None for copies that are not files here (the object tier, a real GPU's
+    ``ipc:`` allocation)."""
+    if p.tier == "object" or p.segment.startswith("ipc:"):
+        return None
+    dirs = _TIER_DIRS["host" if p.tier == "host" else "gpu"]
+    name = p.segment.rpartition("/")[2]
+    if not p.segment.startswith(dirs):
+        why = f"is outside the directory of tier {p.tier}"
+    elif not p.segment.startswith(f"{HOST_POOL_DIR}/") and name.partition(".")[0] != tube_id:
+        why = "is the file of another tube"
+    else:
+        return under(root, p.segment)
+    raise InvalidArgument(f"segment {p.segment[:120]!r} {why}", field="segment")
+
+
+def _host_copy(root: Path, tube: Tube) -> tuple[Path, Placement]:
     for p in tube.placements:
         if p.tier == "host":
-            path = root / p.segment
-            if path.is_file():
-                return path
+            path = placement_file(root, p, tube.id)
+            if path is not None and regular_size(path) is not None:
+                return path, p
     raise NotFound(f"tube {tube.id} has no host copy on this node", field="tube")
 
 
+def host_path(root: Path, tube: Tube) -> Path:
+    """The file of a tube's host placement, or ``NotFound``."""
+    return _host_copy(root, tube)[0]
+
+
 def read_tube(root: Path, tube: Tube) -> bytes:
-    """The bytes of a host tube."""
-    path = host_path(root, tube)
-    with open(path, "rb") as f:
-        data = f.read(tube.nbytes)
+    """The bytes of a host tube (at its placement's offset; never through a link)."""
+    path, p = _host_copy(root, tube)
+    data = read_file(path, tube.nbytes, p.offset)
     if len(data) != tube.nbytes:
         raise NotFound(f"tube {tube.id} is truncated", field="tube")
     return data
@@ -221,9 +253,17 @@ def read_tube(root: Path, tube: Tube) -> bytes:
 
 def delete_tube(root: Path, tube: Tube) -> None:
     """Remove every file-backed copy of a tube on this machine: host copies, and the
-    copies on simulated GPUs, which are host segments too (idempotent)."""
+    copies on simulated GPUs, which are host segments too (idempotent). A placement
+    outside its tier's directory is skipped: nothing but a tube's own file is removed."""
     for p in tube.placements:
         # A block of the host pool lies in a segment shared with other blocks: the transfer
         # service's sweeper gives it back once the tube is gone, never a file delete.
-        if p.tier != "object" and not p.segment.startswith(f"{HOST_POOL_DIR}/"):
-            release_file(root / p.segment)
+        if p.segment.startswith(f"{HOST_POOL_DIR}/"):
+            continue
+        try:
+            path = placement_file(root, p, tube.id)
+        except InvalidArgument as exc:
+            log.warning("tube.placement_refused", tube=tube.id, error=exc.message)
+            continue
+        if path is not None:
+            release_file(path)

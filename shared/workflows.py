@@ -42,6 +42,7 @@ from gpufaas.shared.messages import (
     FunctionRecord,
     Msg,
     Name,
+    NodeId,
     Tenant,
     TensorPayload,
     TensorSpec,
@@ -126,7 +127,7 @@ class StepReport(Msg, frozen=True, tag="step_report.v1"):
 
     step: str
     function: str
-    node: str
+    node: NodeId
     device: str
     breakdown: Breakdown
     runs: int = 1

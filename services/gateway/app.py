@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
+import msgspec
 import nats.errors
 import orjson
 import structlog
@@ -23,17 +24,28 @@ from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from gpufaas.gateway import keys, models
+from gpufaas.gateway.auth import (
+    KEYS,
+    auth_middleware,
+    caller_of,
+    require_admin,
+    warn_if_open,
+)
 from gpufaas.gateway.bodies import DeployBody, InferBody, WorkflowBody
 from gpufaas.gateway.openapi import RouteDoc, build_openapi
 from gpufaas.gateway.service_stats import exposition, gather
-from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
+from gpufaas.shared.apikeys import KeyCache
+from gpufaas.shared.catalog import check_server_path, validate_source
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import (
     InvalidArgument,
     NotFound,
     PayloadTooLarge,
+    PermissionDenied,
     PlatformError,
+    Unauthenticated,
     Unavailable,
     UnsupportedMediaType,
     http_status,
@@ -54,6 +66,7 @@ from gpufaas.shared.messages import (
     M,
     MemStatsReply,
     MemStatsRequest,
+    ModelSource,
     Msg,
     StoreStats,
     StoreStatsRequest,
@@ -61,6 +74,8 @@ from gpufaas.shared.messages import (
     TensorSpec,
     Tube,
     convert,
+    encode_json,
+    new_event,
     to_builtins,
 )
 from gpufaas.shared.registry import FunctionCache, alive, records
@@ -83,7 +98,6 @@ from gpufaas.shared.workflows import (
 log = structlog.get_logger()
 
 VERSION = "0.1.0"
-TENANT_HEADER = "X-Gpufaas-Tenant"
 REQUEST_ID_HEADER = "X-Request-ID"
 
 CONFIG = web.AppKey("config", Config)
@@ -125,7 +139,10 @@ def json_response(
 
 
 def error_response(exc: PlatformError, request_id: str) -> web.Response:
-    return json_response(exc.to_dict(), http_status(exc), {REQUEST_ID_HEADER: request_id})
+    headers = {REQUEST_ID_HEADER: request_id}
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="gpufaas"'
+    return json_response(exc.to_dict(), http_status(exc), headers)
 
 
 @web.middleware
@@ -200,10 +217,17 @@ async def read_json(request: web.Request) -> Any:
 
 
 def tenant_of(request: web.Request) -> str:
-    tenant = request.headers.get(TENANT_HEADER, c.DEFAULT_TENANT)
-    if not _NAME.match(tenant):
-        raise InvalidArgument(f"tenant {tenant!r} is not a valid name", field=TENANT_HEADER)
-    return tenant
+    """The tenant the request acts as: its key's (or, for an admin key, the header's)."""
+    return caller_of(request).tenant
+
+
+async def publish_event(request: web.Request, kind: str, data: dict[str, Any]) -> None:
+    """A gateway event (a plain publish the EVENTS stream stores); never fails the request."""
+    event = new_event(kind, f"gateway@{request.app[CONFIG].node_id}", data, request[REQUEST_ID])
+    try:
+        await request.app[NC].publish(subjects.event(kind), encode_json(event))
+    except Exception as exc:  # events are best effort
+        log.warning("event.publish_failed", kind=kind, error=repr(exc))
 
 
 def nats_of(request: web.Request) -> NATS:
@@ -480,11 +504,31 @@ async def _drop_tube(app: web.Application, tube: Tube) -> None:
 # --- platform API --------------------------------------------------------------------
 
 
+async def check_model_source(request: web.Request, source: ModelSource) -> ModelSource:
+    """A server path (``model.path``) only from an admin key, only under the model roots;
+    the source with the path resolved (what was checked is what is read). A tenant's key
+    is refused before any file is looked at."""
+    if source.path is None:
+        return source
+    validate_source(source)  # its shape first (no file access): the same 400 for everyone
+    if not caller_of(request).admin:
+        raise PermissionDenied(
+            "model.path (a directory on the server) needs an admin key; upload the model "
+            "instead (POST /v1/models)",
+            field="model.path",
+        )
+    roots = request.app[CONFIG].model_roots
+    resolved = await asyncio.to_thread(check_server_path, source.path, roots)
+    return msgspec.structs.replace(source, path=str(resolved))
+
+
 async def functions_post(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body = convert(await read_json(request), DeployBody)
+    model = await check_model_source(request, body.model)
+    await models.require_upload(request, model)  # the caller's own upload, or 404
     spec = FunctionSpec(
-        name=body.name, model=body.model, options=body.options, tenant=tenant_of(request)
+        name=body.name, model=model, options=body.options, tenant=tenant_of(request)
     )
     reply = await ask_scheduler(
         request,
@@ -665,12 +709,28 @@ async def _memory_stats(nc: NATS, node: str) -> dict[str, Any] | None:
     return {"pools": pools, "reserved": dict(stats.reserved)}
 
 
+def _own_reservations(memory: dict[str, Any] | None, tenant: str) -> dict[str, Any] | None:
+    """A node's memory figures with only ``tenant``'s reservations (keyed ``"<device>
+    <tenant>.<function>"``): a tenant never learns another's function names."""
+    if memory is None:
+        return None
+    own = {
+        k: v for k, v in memory["reserved"].items() if k.partition(" ")[2].startswith(f"{tenant}.")
+    }
+    return {**memory, "reserved": own}
+
+
 async def nodes_list(request: web.Request) -> web.Response:
+    """Live nodes: services, devices, tensor store and memory figures (a tenant's key sees
+    only its own functions' reservations; an admin key sees all)."""
     nc = nats_of(request)
     config = request.app[CONFIG]
+    caller = caller_of(request)
     nodes = await alive(request.app[KV].nodes, config.node_ttl_s)
     stores = await asyncio.gather(*(_store_stats(nc, node) for node in sorted(nodes)))
     memories = await asyncio.gather(*(_memory_stats(nc, node) for node in sorted(nodes)))
+    if not caller.sees_all:
+        memories = [_own_reservations(m, caller.tenant) for m in memories]
     out = []
     for (node, beats), store, memory in zip(sorted(nodes.items()), stores, memories, strict=True):
         devices: dict[str, Any] = {}
@@ -697,13 +757,14 @@ async def nodes_list(request: web.Request) -> web.Response:
     return json_response({"nodes": out})
 
 
-def _visible_to(event: bytes, tenant: str) -> bool:
-    """A tenant sees platform events and its own, never another tenant's."""
+def _visible_to(event: bytes, tenant: str | None) -> bool:
+    """A tenant sees platform events and its own, never another tenant's (``None``: an
+    admin key, which sees every event)."""
     try:
         owner = orjson.loads(event).get("data", {}).get("tenant")
     except (orjson.JSONDecodeError, AttributeError):
         return False
-    return owner is None or owner == tenant
+    return tenant is None or owner is None or owner == tenant
 
 
 async def events_sse(request: web.Request) -> web.StreamResponse:
@@ -712,7 +773,8 @@ async def events_sse(request: web.Request) -> web.StreamResponse:
     Each client sees the platform's events and its own tenant's, not other tenants'.
     """
     nc = nats_of(request)
-    tenant = tenant_of(request)
+    caller = caller_of(request)
+    tenant = None if caller.sees_all else caller.tenant
     kinds = request.query.get("kinds", ">")
     try:
         filt = subjects.event_filter(kinds)
@@ -765,7 +827,11 @@ async def events_sse(request: web.Request) -> web.StreamResponse:
 
 async def metrics(request: web.Request) -> web.Response:
     """The gateway's own metrics, then every service's per endpoint and loop (what they
-    answer to one stats broadcast within a quarter of a second)."""
+    answer to one stats broadcast within a quarter of a second). Admin keys only, unless
+    ``GPUFAAS_METRICS_PUBLIC``: they describe the whole platform, tenants' worker
+    subjects included."""
+    if not request.app[CONFIG].metrics_public:
+        require_admin(request, "/metrics")
     services = exposition(await gather(request.app[NC]))
     return web.Response(
         body=generate_latest(request.app[METRICS].registry) + services,
@@ -777,8 +843,8 @@ async def metrics(request: web.Request) -> web.Response:
 # --- app -----------------------------------------------------------------------------
 
 ROUTES: list[tuple[RouteDoc, Handler]] = [
-    (RouteDoc("GET", "/v2/health/live", "Liveness"), live),
-    (RouteDoc("GET", "/v2/health/ready", "Readiness (NATS reachable)"), ready),
+    (RouteDoc("GET", "/v2/health/live", "Liveness", public=True), live),
+    (RouteDoc("GET", "/v2/health/ready", "Readiness (NATS reachable)", public=True), ready),
     (RouteDoc("GET", "/v2", "Server metadata"), server_metadata),
     (RouteDoc("GET", "/v2/models/{name}", "Model metadata"), model_get),
     (RouteDoc("GET", "/v2/models/{name}/ready", "Model readiness"), model_ready),
@@ -804,7 +870,8 @@ ROUTES: list[tuple[RouteDoc, Handler]] = [
     ),
     (RouteDoc("GET", "/v1/nodes", "Live nodes, their services and devices"), nodes_list),
     (RouteDoc("GET", "/v1/events", "Server-Sent Events from the EVENTS stream"), events_sse),
-    (RouteDoc("GET", "/metrics", "Prometheus metrics"), metrics),
+    (RouteDoc("GET", "/metrics", "Prometheus metrics (admin keys)"), metrics),
+    *keys.ROUTES,
 ]
 
 
@@ -816,32 +883,48 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     buckets = await ensure_jetstream(js, node_ttl_s=config.node_ttl_s, tube_ttl_s=config.tube_ttl_s)
     app[KV] = TypedBuckets(js, buckets)
     app[FUNCTIONS] = FunctionCache(app[KV].functions)
+    app[KEYS] = KeyCache(app[KV].keys)
     stats = LoopCounter("functions-watch")
-    watch = asyncio.create_task(
-        follow(app[KV].functions, app[FUNCTIONS].on_change, stats), name="gateway:functions-watch"
-    )
+    watches = {
+        asyncio.create_task(
+            follow(app[KV].functions, app[FUNCTIONS].on_change, stats),
+            name="gateway:functions-watch",
+        ),
+        # Revocations reach this gateway as fast as the watch delivers them.
+        asyncio.create_task(
+            follow(app[KV].keys, app[KEYS].on_change, LoopCounter("keys-watch")),
+            name="gateway:keys-watch",
+        ),
+    }
     yield
-    # Cancelled again until it ends (nats-py can swallow one cancellation), never awaited
+    # Cancelled again until they end (nats-py can swallow one cancellation), never awaited
     # without a deadline: a stuck watch must not hang the gateway's shutdown.
-    await cancel_and_wait({watch})
-    if watch.done() and not watch.cancelled():
-        with contextlib.suppress(nats.errors.Error):
-            watch.result()
+    await cancel_and_wait(watches)
+    for watch in watches:
+        if watch.done() and not watch.cancelled():
+            with contextlib.suppress(nats.errors.Error):
+                watch.result()
     await close_nats(nc, drain=True)
 
 
 def create_app(config: Config) -> web.Application:
     """The gateway application; NATS is connected when the app starts up."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
+    warn_if_open(config)
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware(config, publish_event)],
+        client_max_size=config.max_body_bytes,
+    )
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_nats_ctx)
-    docs = [doc for doc, _ in ROUTES] + [RouteDoc("GET", "/openapi.json", "This document")]
+    app.cleanup_ctx.append(models.uploads_ctx)  # after NATS: it opens the uploads' buckets
+    routes = [*ROUTES, *models.ROUTES]
+    docs = [doc for doc, _ in routes] + [RouteDoc("GET", "/openapi.json", "This document")]
     spec = build_openapi(docs, VERSION)
 
     async def openapi(_: web.Request) -> web.Response:
         return json_response(spec)
 
-    for doc, handler in [*ROUTES, (docs[-1], openapi)]:
+    for doc, handler in [*routes, (docs[-1], openapi)]:
         app.router.add_route(doc.method, doc.path, handler)
     return app

@@ -17,6 +17,8 @@ class RouteDoc:
     summary: str
     body: type[msgspec.Struct] | None = None
     ok: int = 200
+    public: bool = False  # reachable without an API key (liveness, readiness)
+    media: tuple[str, ...] = ()  # a raw (non-JSON) body of these types, e.g. an archive
 
 
 ERROR_SCHEMA: dict[str, Any] = {
@@ -53,12 +55,17 @@ def build_openapi(routes: list[RouteDoc], version: str) -> dict[str, Any]:
                 },
             },
         }
+        if r.public:
+            op["security"] = []
         params = [seg[1:-1] for seg in r.path.split("/") if seg.startswith("{")]
         if params:
             op["parameters"] = [
                 {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                 for p in params
             ]
+        if r.media:
+            binary = {"schema": {"type": "string", "format": "binary"}}
+            op["requestBody"] = {"required": True, "content": dict.fromkeys(r.media, binary)}
         if r.body is not None:
             op["requestBody"] = {
                 "required": True,
@@ -69,7 +76,11 @@ def build_openapi(routes: list[RouteDoc], version: str) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "gpufaas gateway", "version": version},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"apiKey": []}],
     }
 
 

@@ -14,6 +14,7 @@ from gpufaas.gateway.app import create_app
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import PlatformError
 from gpufaas.shared.logging import configure_logging
+from gpufaas.shared.paths import check_root
 from gpufaas.shared.service import stop_signals
 
 log = structlog.get_logger()
@@ -52,6 +53,7 @@ async def serve(config: Config) -> int:
 def main() -> None:
     try:
         config = Config.from_env()
+        check_root(config.shm_dir)  # it writes inputs as host tubes there
     except PlatformError as exc:
         print(f"error: {exc.message} ({exc.field})", file=sys.stderr)
         raise SystemExit(2) from None

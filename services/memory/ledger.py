@@ -19,7 +19,7 @@ import structlog
 
 from gpufaas.memory.devices import NodePools
 from gpufaas.memory.pool import Allocation, PoolEvent, SegmentPool
-from gpufaas.memory.records import MemoryKeys, Store
+from gpufaas.memory.records import SEGMENT_ID, MemoryKeys, Store
 from gpufaas.shared.errors import NotFound, ResourceExhausted
 from gpufaas.shared.messages import MemAllocation, MemPoolStats
 
@@ -263,6 +263,9 @@ class Ledger:
         for key in keys:
             kind, rest = self.keys.kind(device, key) or ("", "")
             if kind == "s" and (size := await self.segments.value(key)) is not None:
+                if not rest or not SEGMENT_ID.match(rest):  # a forged key: never a file name
+                    log.warning("memory.segment_record_refused", key=key[:200])
+                    continue
                 segments[rest] = size
             elif kind == "a" and (m := await self.allocs.value(key)) is not None:
                 if m.item:

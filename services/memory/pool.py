@@ -35,6 +35,7 @@ from typing import Final, Literal, Protocol
 from gpufaas.shared import constants as c
 from gpufaas.shared.cuda_ipc import CudaSegment
 from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from gpufaas.shared.paths import create_new, make_dirs, name_under, regular_size, staging_name
 from gpufaas.shared.shm import new_id
 
 DEFAULT_SEGMENT_BYTES: Final = 64 << 20
@@ -100,17 +101,18 @@ class HostBackend:
     def __init__(self, root: Path, *, preallocate: bool = True) -> None:
         self.root = root
         self.preallocate = preallocate
-        root.mkdir(parents=True, exist_ok=True)
+        make_dirs(root)
 
     def path(self, segment_id: str) -> Path:
-        """The file of a segment, for processes that map it."""
-        return self.root / segment_id
+        """The file of a segment, for processes that map it (a segment id read back from KV
+        is checked to be one plain name under the pool's directory)."""
+        return name_under(self.root, segment_id)
 
     def create(self, segment_id: str, nbytes: int) -> None:
         path = self.path(segment_id)
-        tmp = path.with_name(f".{segment_id}.{os.getpid()}.tmp")
+        tmp = staging_name(path)
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = create_new(tmp)  # private (0600), new, never through a link
             try:
                 os.ftruncate(fd, nbytes)
                 if self.preallocate and nbytes > 0:
@@ -128,11 +130,8 @@ class HostBackend:
     def adopt(self, segment_id: str, nbytes: int) -> None:
         """(A restarted manager.) Keep a segment's file, and the bytes in it, when it is
         there whole; make it anew otherwise."""
-        try:
-            if self.path(segment_id).stat().st_size == nbytes:
-                return
-        except FileNotFoundError:
-            pass
+        if regular_size(self.path(segment_id)) == nbytes:
+            return
         self.create(segment_id, nbytes)
 
     def destroy(self, segment_id: str) -> None:

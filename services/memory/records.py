@@ -15,15 +15,27 @@ into one key token each (anything but ``[A-Za-z0-9_-]`` becomes ``-``).
 from __future__ import annotations
 
 import re
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from gpufaas.shared.identity import Device
 from gpufaas.shared.kv import Codec
+from gpufaas.shared.messages import MAX_BYTES, SEGMENT_ID_PATTERN
 
 T = TypeVar("T")
 
+
+def _size(data: bytes) -> int:
+    """A segment's recorded size: a decimal in range (``ValueError``: a malformed record)."""
+    n = int(data)
+    if not 0 <= n <= MAX_BYTES:
+        raise ValueError(f"segment size {n} is out of range")
+    return n
+
+
 # A segment's size, as the old manager wrote it: ``str(nbytes).encode()``.
-SEGMENT_BYTES: Codec[int] = Codec(lambda n: str(n).encode(), int)
+SEGMENT_BYTES: Codec[int] = Codec(lambda n: str(n).encode(), _size)
+# A segment's id in its key (``new_id``): one plain file name of the host pool.
+SEGMENT_ID: Final = re.compile(SEGMENT_ID_PATTERN)
 
 
 def token(name: str) -> str:

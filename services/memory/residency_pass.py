@@ -136,6 +136,7 @@ class ResidencyPass:
         self.typical_compute_s = typical_compute_s
         # Never under the ledger's lock: the store it calls gives blocks back while it evicts.
         self.lock = asyncio.Lock()
+        self.owners: dict[str, str] = {}  # private model item -> its tenant (last residency)
 
     async def run(self, now: float, horizon_s: float = 0.0) -> policy.Actions:
         """One pass at ``now``: evict, prefetch, reject; publish the model cache. Idempotent:
@@ -157,6 +158,9 @@ class ResidencyPass:
             running_on=self.holds.running_on(d.function for d in demands),
             typical_compute_s=self.typical_compute_s,
         )
+        self.owners = {
+            m.item: m.tenant for d in residency.devices for m in d.models if m.tenant is not None
+        }
         for fn, why in plan.unresolved.items():
             log.info("memory.model_unresolved", function=fn, error=why)
         slack = policy.DEFAULT_SLACK_S + horizon_s
@@ -287,7 +291,8 @@ class ResidencyPass:
         if not reply.evicted:
             log.info("memory.evict_refused", device=e.device, item=e.item, reason=reply.reason)
             return (False if reply.reason == "not resident" else None), 0, {}
-        return True, reply.nbytes, {"what": "idle model copies"}
+        # A tenant's private model is that tenant's event; a public one is platform-wide.
+        return True, reply.nbytes, {"what": "idle model copies", "tenant": self.owners.get(e.item)}
 
     async def _release_tube(self, e: policy.Evict) -> tuple[bool | None, int, dict[str, object]]:
         """A tube's copy is the transfer service's to move: to the host tier, swapped there
@@ -309,7 +314,12 @@ class ResidencyPass:
         if not released.released:
             log.info("memory.evict_refused", device=e.device, item=e.item, reason=released.reason)
             return (None if released.reason == "copy in flight" else False), 0, {}
-        detail = {"what": "tube copy", "tube": tube_id, "swapped_bytes": released.swapped_bytes}
+        detail: dict[str, object] = {
+            "what": "tube copy",
+            "tube": tube_id,
+            "tenant": released.tenant,  # a tenant's tube: shown to that tenant only
+            "swapped_bytes": released.swapped_bytes,
+        }
         return True, released.nbytes, detail
 
     async def _prefetch(
@@ -396,8 +406,8 @@ class ResidencyPass:
             cache = ModelCache(node=self.node, device=dev.device, at=now, models=models)
             if not await self.book.publish_cache(cache):
                 continue
-            # Items are opaque keys; files and tenants stay in KV (a tenant's private model
-            # is not shown to others on the event stream).
+            # A platform-wide event: items are opaque keys, and only public models are
+            # listed (a private model's item is its tenant's; files and tenants stay in KV).
             await self.publish(
                 "memory.residency",
                 {
@@ -406,7 +416,10 @@ class ResidencyPass:
                     "bytes": sum(m.nbytes for m in models),
                     "reason": "changed",
                     "models": [
-                        {"item": m.item, "bytes": m.nbytes, "leased": m.leased} for m in models
+                        {"item": m.item, "bytes": m.nbytes, "leased": m.leased}
+                        for m in models
+                        if m.tenant is None
                     ],
+                    "private_models": sum(1 for m in models if m.tenant is not None),
                 },
             )

@@ -63,6 +63,7 @@ from gpufaas.shared.messages import (
     ModelCache,
     QueueView,
 )
+from gpufaas.shared.paths import check_root
 from gpufaas.shared.service import Endpoint, Service, endpoint
 
 log = structlog.get_logger()
@@ -82,6 +83,7 @@ class MemoryService(Service):
 
     def __init__(self, config: Config, *, cuda_segment_bytes: int | None = None) -> None:
         super().__init__(config)
+        check_root(config.shm_dir)  # ours alone (0700), or refused: exit 2 naming it
         self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
         self.cuda = self.node_devices.backend == "cuda"
         self.node_pools = NodePools.from_config(

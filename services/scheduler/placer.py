@@ -95,7 +95,8 @@ class Placer:
         model matches only its tenant's copies, a public one only public copies (a
         tenant's private registration of the same file shares nothing with them)."""
         try:
-            file = str(model_file(spec.model))
+            data_dir = self.host.config.data_dir  # where nodes unpack uploads (same machine)
+            file = str(model_file(spec.model, tenant=spec.tenant, data_dir=data_dir))
         except PlatformError:  # a path this process cannot resolve: no cache to match
             return set()
         scope = spec.tenant if spec.model.private else None

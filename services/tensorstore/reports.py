@@ -7,6 +7,7 @@ Pure reads of the host store and the device tiers, run on the store's thread (se
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from gpufaas.shared.catalog import model_file
 from gpufaas.shared.errors import PlatformError
@@ -64,20 +65,22 @@ def residency(
     owner: str,
     queries: list[ModelQuery],
     now: float,
+    data_dir: Path | None = None,
 ) -> ResidencyReply:
     """Per GPU, the models complete on it, and what the queried models are called and weigh."""
     return ResidencyReply(
         node=node,
         owner=owner,
         devices=[device_residency(store, name, tier, now) for name, tier in tiers.items()],
-        models=[model_item(store, q) for q in queries],
+        models=[model_item(store, q, data_dir) for q in queries],
     )
 
 
-def model_item(store: HostStore, query: ModelQuery) -> ModelItem:
-    """A queried model's item and size, or why it has none."""
+def model_item(store: HostStore, query: ModelQuery, data_dir: Path | None = None) -> ModelItem:
+    """A queried model's item and size, or why it has none (an uploaded model is found
+    under ``data_dir``, where this node unpacked it)."""
     try:
-        weights = model_file(query.source)
+        weights = model_file(query.source, tenant=query.tenant, data_dir=data_dir)
     except PlatformError as exc:
         return ModelItem(item="", nbytes=0, known=False, error=exc.message)
     private = query.tenant if query.source.private else None

@@ -32,6 +32,7 @@ from gpufaas.shared.messages import (
     LocalityRequest,
     MemAllocation,
     ModelManifest,
+    ModelSource,
     PrefetchReply,
     PrefetchRequest,
     RegisterReply,
@@ -46,8 +47,10 @@ from gpufaas.shared.messages import (
     StoreStatsRequest,
     TensorRef,
 )
+from gpufaas.shared.paths import check_root
 from gpufaas.shared.service import Endpoint, Service, endpoint
 from gpufaas.shared.shm import SegmentCache, new_id
+from gpufaas.shared.uploads import materialize
 from gpufaas.tensorstore.device_tier import DeviceTier, NeedsRoom
 from gpufaas.tensorstore.gpu_room import GpuRoom, Place
 from gpufaas.tensorstore.manifests import SharedManifests
@@ -65,6 +68,7 @@ class TensorStoreService(Service):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        check_root(config.shm_dir)  # ours alone (0700), or refused: exit 2 naming it
         self.store = HostStore(config.shm_dir, config.node_id)
         node_devices = parse_devices(config.devices, config.topology)
         gpus = [(Device.parse(d.name), d) for d in node_devices.devices]
@@ -124,7 +128,7 @@ class TensorStoreService(Service):
         """Register a model file's tensors (once per node); with a lease, keep them, and
         with a device too, place copies of them on that GPU (all or nothing)."""
         tier = self._register_tier(req)
-        weights = model_file(req.source)
+        weights = await self._weights(req.source, req.tenant, unpack=True)
         if not weights.is_file():
             raise ModelInvalid(f"{weights.parent} has no {weights.name}", field="model")
         t0 = time.perf_counter()
@@ -155,6 +159,19 @@ class TensorStoreService(Service):
             placement=placed,
             program=reg.program,
         )
+
+    async def _weights(self, source: ModelSource, tenant: str, *, unpack: bool = False) -> Path:
+        """The weights file of ``source`` on this node; a tenant's uploaded model is unpacked
+        from the object tier first (once per node) when ``unpack``, else only named."""
+        if unpack and source.upload is not None:
+            await materialize(
+                self.js,
+                self.config.data_dir,
+                tenant,
+                source.upload,
+                max_bytes=self.config.max_model_bytes,
+            )
+        return model_file(source, tenant=tenant, data_dir=self.config.data_dir)
 
     def _register_tier(self, req: RegisterRequest) -> DeviceTier | None:
         """The GPU a registration places copies on (None: host only), checked."""
@@ -262,7 +279,7 @@ class TensorStoreService(Service):
         A file this store never read is known by the manifest another node's store
         published when it read it (``ModelManifest``): θ then counts what this store holds
         of the same tensors (another model's, a fine-tuned variant's or base's)."""
-        weights = model_file(req.source)
+        weights = await self._weights(req.source, req.tenant)
         private_to = req.tenant if req.source.private else None
         known, total, resident = self.store.locality(weights, private_to)
         if not known and total:
@@ -305,6 +322,7 @@ class TensorStoreService(Service):
                 node=self.config.node_id,
                 owner=self.memory.owner,
                 queries=req.models,
+                data_dir=self.config.data_dir,
                 now=time.time(),
             )
 
@@ -340,7 +358,7 @@ class TensorStoreService(Service):
         nothing. Idempotent: a model already resident copies nothing.
         """
         tier = self._tier(req.device)
-        weights = model_file(req.source)
+        weights = await self._weights(req.source, req.tenant, unpack=True)
         if not weights.is_file():
             raise ModelInvalid(f"{weights.parent} has no {weights.name}", field="source")
         private = req.tenant if req.source.private else None

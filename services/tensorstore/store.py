@@ -8,6 +8,7 @@ set of ``*.idx.json`` files: a restarted store rebuilds its state from them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -23,6 +24,7 @@ import structlog
 from gpufaas.shared.constants import SEGMENT_ALIGN
 from gpufaas.shared.errors import ModelInvalid
 from gpufaas.shared.messages import TensorRef, decode_json, encode_json
+from gpufaas.shared.paths import make_dirs, read_file, write_private
 from gpufaas.shared.shm import TENSORS_DIR, new_id, write_segment
 from gpufaas.tensorstore.leases import LeaseTable
 from gpufaas.tensorstore.pt2_file import Pt2File
@@ -115,21 +117,21 @@ class HostStore:
         reclaimer frees nothing for a grace period after ``now`` so that they can.
         """
         self.recovered_at = now
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         for idx in self.dir.glob("*.idx.json"):
             seg = idx.name.removesuffix(".idx.json")
             if not (self.dir / seg).is_file():
                 idx.unlink()
                 continue
             ids = self.segment_ids.setdefault(seg, set())
-            for raw in json.loads(idx.read_bytes()):
+            for raw in json.loads(read_file(idx)):
                 ref = decode_json(json.dumps(raw), TensorRef)
                 self.index.setdefault(ref.id, ref)
                 ids.add(ref.id)
         models = self.dir / MODELS_DIR
-        models.mkdir(exist_ok=True)
+        make_dirs(models)
         for path in models.glob("*.json"):
-            body = json.loads(path.read_bytes())
+            body = json.loads(read_file(path))
             self.models[path.stem] = body["ids"]
             self.sizes.update(body["sizes"])
             if body.get("program"):
@@ -151,10 +153,11 @@ class HostStore:
     def _secret(self) -> bytes:
         if self.secret is None:
             path = self.dir / KEYS_DIR / "tenant-secret"
-            if not path.exists():
-                write_segment(self.root, str(path.relative_to(self.root)), [os.urandom(32)])
-                path.chmod(0o600)
-            self.secret = path.read_bytes()
+            # Private from its first byte (a new 0600 file, linked into place: never
+            # replaced, and never readable by anyone else between a write and a chmod).
+            with contextlib.suppress(FileExistsError):
+                write_private(path, [os.urandom(32)], replace=False)
+            self.secret = read_file(path)
         return self.secret
 
     def register_file(self, path: Path, private_to: str | None = None) -> Registration:

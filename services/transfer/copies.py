@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import structlog
@@ -37,6 +38,7 @@ from gpufaas.shared.messages import (
     Tube,
 )
 from gpufaas.shared.objects import put_object
+from gpufaas.shared.paths import make_dirs, regular_size
 from gpufaas.shared.shm import TUBES_DIR
 from gpufaas.transfer.cuda_engine import CudaCopyEngine, multipath_host_to_device
 from gpufaas.transfer.directory import TubeDirectory
@@ -47,9 +49,9 @@ from gpufaas.transfer.residency import (
     OBJECT_BUCKET,
     OBJECT_NODE,
     LocalCopies,
+    create_staging,
     device_copy,
     gpu_index,
-    staging,
 )
 
 log = structlog.get_logger()
@@ -147,8 +149,8 @@ class TierCopies:
         return await self._to_device(tube, source, req.tier)
 
     async def _to_object(self, tube: Tube, source: Placement) -> Leg:
-        src = self.local.path(source.segment)
-        if source.offset or src.stat().st_size != tube.nbytes:
+        src = self.local.file(tube.id, source)
+        if source.offset or regular_size(src) != tube.nbytes:
             raise InvalidArgument("only whole-file host copies go to the object tier", field="tier")
         await put_object(self._js(), OBJECT_BUCKET, tube.id, src)
         return Leg(Placement(node=OBJECT_NODE, tier="object", segment=tube.id), "host->object")
@@ -165,10 +167,18 @@ class TierCopies:
         )
         relpath = self.local.gpu_relpath(req.tier, tube.id, block.id)
         final = self.local.path(relpath)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = staging(final)
-        view = memoryview(self.local.maps.map(src.segment))[src.offset : src.offset + n]
-        f = await asyncio.to_thread(open, tmp, "wb+")
+        try:
+            tmp, f = await asyncio.to_thread(create_staging, final)
+        except BaseException:
+            await self.memory.free(req.tier, block.id)
+            raise
+        try:
+            view = memoryview(self.local.maps.map(src.segment))[src.offset : src.offset + n]
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            await self.memory.free(req.tier, block.id)
+            raise
         try:
             f.truncate(n)
             with mmap.mmap(f.fileno(), n) if n else contextlib.nullcontext() as dst:
@@ -258,6 +268,19 @@ class TierCopies:
         placed = Placement(node=self.local.node, tier=tier, segment=ipc, offset=copy.offset)
         return placed, took, describe(plan)
 
+    def _written(self, tube: Tube) -> Path:
+        """The file a worker of this node has just written for ``tube``: exactly its own
+        ``tubes/<id>``, a regular file (never a link) of exactly its size."""
+        src = tube.placements[0] if len(tube.placements) == 1 else None
+        if src is None or src.node != self.local.node or src.tier != "host" or src.offset:
+            raise InvalidArgument("the tube is not one host file of this node", field="tube")
+        if src.segment != f"{TUBES_DIR}/{tube.id}":
+            raise InvalidArgument("the tube's file is not its own", field="tube.placements")
+        source = self.local.path(src.segment)
+        if regular_size(source) != tube.nbytes:
+            raise InvalidArgument("the tube's file is not a tube of this node", field="tube")
+        return source
+
     async def adopt(self, req: AdoptRequest) -> Tube:
         """Move a worker's freshly written output file onto a simulated GPU's memory (its
         room from the memory service, the file renamed: no bytes move) and record the tube.
@@ -269,14 +292,7 @@ class TierCopies:
         tube = req.tube
         if self.emulator is None or not is_gpu(req.tier):
             raise InvalidArgument(f"tier {req.tier!r} does not adopt files here", field="tier")
-        (src,) = tube.placements
-        source = self.local.path(src.segment)
-        if (
-            src.node != self.local.node
-            or not src.segment.startswith(f"{TUBES_DIR}/")
-            or (not source.is_file())
-        ):
-            raise InvalidArgument("the tube's file is not a tube of this node", field="tube")
+        source = await asyncio.to_thread(self._written, tube)
         # Its only copy from now on: moving it to the host would copy all of it.
         block = await self.memory.alloc(
             req.tier, tube.nbytes, tube_item(tube.id), swap_bytes=tube.nbytes
@@ -284,7 +300,7 @@ class TierCopies:
         relpath = self.local.gpu_relpath(req.tier, tube.id, block.id)
         final = self.local.path(relpath)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(final.parent)
             os.replace(source, final)
             placed = msgspec.structs.replace(
                 tube, placements=[Placement(node=self.local.node, tier=req.tier, segment=relpath)]

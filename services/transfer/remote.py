@@ -13,7 +13,7 @@ import asyncio
 import mmap
 import os
 from collections.abc import Awaitable, Callable, Collection
-from pathlib import Path
+from typing import BinaryIO
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -23,9 +23,10 @@ from gpufaas.shared.errors import InvalidArgument, NotFound, PlatformError, Unav
 from gpufaas.shared.identity import is_gpu
 from gpufaas.shared.messages import FetchReply, FetchRequest, Placement, Tube
 from gpufaas.shared.objects import get_object
+from gpufaas.shared.paths import make_dirs
 from gpufaas.shared.rpc import request
 from gpufaas.transfer.directory import TubeDirectory
-from gpufaas.transfer.residency import OBJECT_BUCKET, LocalCopies, staging
+from gpufaas.transfer.residency import OBJECT_BUCKET, LocalCopies, create_staging
 
 FETCH_CHUNK_BYTES = 4 * 2**20  # one fetch reply: well under the server's max payload
 FETCH_WINDOW = 4  # chunks in flight per cross-node copy (flow control)
@@ -84,23 +85,22 @@ class PeerFetch:
             raise NotFound(f"tube {tube.id!r} has no copy on a live node", field="tube")
         relpath = self.local.host_relpath(tube.id)
         final = self.local.path(relpath)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(make_dirs, final.parent)
         here = Placement(node=node, tier="host", segment=relpath)
         if not sources:  # read back from the object tier (renamed into place once checked)
             await get_object(self._js(), OBJECT_BUCKET, tube.id, final)
             return here, "object->host"
         src = sources[0].node
-        tmp = staging(final)
+        tmp, f = await asyncio.to_thread(create_staging, final)
         try:
-            await self._fetch_into(tube, src, tmp)
+            await self._fetch_into(tube, src, f)
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return here, f"host({src})->host"
 
-    async def _fetch_into(self, tube: Tube, src_node: str, tmp: Path) -> None:
-        f = await asyncio.to_thread(open, tmp, "wb+")
+    async def _fetch_into(self, tube: Tube, src_node: str, f: BinaryIO) -> None:
         with f:
             f.truncate(tube.nbytes)
             if tube.nbytes == 0:
@@ -128,6 +128,8 @@ class PeerFetch:
         async with window:
             try:
                 reply = await request(self._nc(), subject, req, FetchReply, timeout=self.timeout_s)
+            except InvalidArgument:
+                raise  # the peer refuses the tube itself (a forged record): not transient
             except PlatformError as exc:
                 raise Unavailable(
                     f"copying tube {tube.id!r} from node {src_node} failed: {exc.message}"

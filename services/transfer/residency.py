@@ -14,7 +14,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from gpufaas.shared.config import Config
 from gpufaas.shared.cuda_ipc import CudaSegment, open_segment
@@ -22,7 +22,8 @@ from gpufaas.shared.errors import InvalidArgument
 from gpufaas.shared.identity import Device, is_gpu
 from gpufaas.shared.memory_client import MemoryClient
 from gpufaas.shared.messages import MemAllocation, Placement, Tube
-from gpufaas.shared.shm import TUBES_DIR, SegmentCache, release_file
+from gpufaas.shared.paths import create_new, make_dirs, regular_size, staging_name, under
+from gpufaas.shared.shm import TUBES_DIR, SegmentCache, placement_file, release_file
 
 if TYPE_CHECKING:
     import torch
@@ -81,8 +82,17 @@ def gpu_block(path: Path) -> tuple[str, int] | None:
 
 
 def staging(final: Path) -> Path:
-    """Where a file is written before it is renamed to ``final`` (hidden: never swept)."""
-    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    """Where a file is written before it is renamed to ``final`` (hidden: never swept; a
+    fresh name each time, since it is created with ``O_EXCL``)."""
+    return staging_name(final)
+
+
+def create_staging(final: Path) -> tuple[Path, BinaryIO]:
+    """A new private file (0600, ``O_EXCL``, never through a link) at ``staging(final)``,
+    its directories made 0700: its name, and the file opened read-write."""
+    make_dirs(final.parent)
+    tmp = staging(final)
+    return tmp, os.fdopen(create_new(tmp), "wb+")
 
 
 class LocalCopies:
@@ -106,7 +116,18 @@ class LocalCopies:
         self.devices: dict[tuple[str, str], DeviceCopy] = {}  # (tube, gpu) -> a real GPU's copy
 
     def path(self, relpath: str) -> Path:
-        return self.config.shm_dir / relpath
+        """``relpath`` under the shared-memory root, checked (``paths.under``): it may come
+        from a tube's record."""
+        return under(self.config.shm_dir, relpath)
+
+    def file(self, tube_id: str, p: Placement) -> Path:
+        """The file of a tube's placement on this machine, in its tier's directory and named
+        after the tube (a forged one is ``InvalidArgument``; a real GPU's or the object
+        tier's copy has none)."""
+        path = placement_file(self.config.shm_dir, p, tube_id)
+        if path is None:
+            raise InvalidArgument(f"a copy on {p.tier} is not a file", field="segment")
+        return path
 
     def host_relpath(self, tube_id: str) -> str:
         """Where this node's own host copy of a tube goes (fetched or swapped here)."""
@@ -127,8 +148,8 @@ class LocalCopies:
         if tier == "host":
             mine += [p for p in tube.placements if p.tier == tier and p not in mine]
         for p in mine:
-            path = self.path(p.segment)
-            if path.is_file() and path.stat().st_size >= p.offset + tube.nbytes:
+            size = regular_size(self.file(tube.id, p))  # a link is no copy
+            if size is not None and size >= p.offset + tube.nbytes:
                 return p
         return None
 
@@ -151,7 +172,7 @@ class LocalCopies:
             await self.drop_device_copy(tube_id, gpu.tier)
             return
         self.maps.forget(gpu.segment)
-        await self.drop_file(self.path(gpu.segment))
+        await self.drop_file(self.file(tube_id, gpu))
 
     async def drop_file(self, path: Path) -> None:
         """Delete a tube's file (into the pool of tube files when worth keeping); a

@@ -47,6 +47,7 @@ from gpufaas.shared.messages import (
     TubeReleaseRequest,
 )
 from gpufaas.shared.objects import ensure_object_bucket
+from gpufaas.shared.paths import check_root
 from gpufaas.shared.registry import alive
 from gpufaas.shared.service import Endpoint, Service, endpoint
 from gpufaas.shared.shm import SegmentCache
@@ -81,6 +82,7 @@ class TransferService(Service):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        check_root(config.shm_dir)  # ours alone (0700), or refused: exit 2 naming it
         node_devices = parse_devices(config.devices, config.topology)
         self.tiers = {d.name for d in node_devices.devices} | {"object"}  # host, gpu:N, object
         self.simulated = node_devices.backend == "sim"

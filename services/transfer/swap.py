@@ -20,7 +20,7 @@ from gpufaas.shared.messages import Placement, Tube, TubeReleaseReply, TubeRelea
 from gpufaas.shared.shm import host_pool_segment
 from gpufaas.transfer.directory import TubeDirectory
 from gpufaas.transfer.emulator import EmulatedCopies
-from gpufaas.transfer.residency import LocalCopies, staging
+from gpufaas.transfer.residency import LocalCopies, create_staging
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,9 @@ class Swapper:
         log.info(
             "transfer.released", tube=tube.id, tier=req.tier, bytes=tube.nbytes, swapped=swapped
         )
-        return TubeReleaseReply(released=True, nbytes=tube.nbytes, swapped_bytes=swapped)
+        return TubeReleaseReply(
+            released=True, nbytes=tube.nbytes, swapped_bytes=swapped, tenant=tube.tenant
+        )
 
     async def _swap_out(self, tube: Tube, gpu: Placement) -> Placement:
         """Copy a GPU copy to the host tier of this node (simulated GPUs: over the emulated
@@ -91,11 +93,9 @@ class Swapper:
     async def _swap_to_file(self, tube: Tube, gpu: Placement) -> Placement:
         relpath = self.local.host_relpath(tube.id)
         final = self.local.path(relpath)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = staging(final)
+        tmp, f = await asyncio.to_thread(create_staging, final)
         n = tube.nbytes
         try:
-            f = await asyncio.to_thread(open, tmp, "wb+")
             with f:
                 f.truncate(n)
                 if n:

@@ -4,14 +4,17 @@ The tensor store splits a .pt2 archive into its program (the graph in torch's JS
 ``models/model.json``) and its weights by name; a worker rebuilds a module from the two
 without copying a weight. The program comes from a user's file, and torch's deserializer
 was not written for hostile input (it evaluates symbolic shapes with sympy's ``eval`` and
-resolves call targets by name), so whatever it would evaluate is checked first.
+resolves call targets by name), so whatever it would evaluate is checked first
+(``program_check``). Weights are shared across tenants by content, so a program runs in
+its functional form: a buffer it updates becomes an output, kept in the instance's own
+copy of that buffer, and every operator it calls is a functional one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,39 +31,22 @@ from torch.export.passes import move_to_device_pass
 from gpufaas.shared.errors import InvalidArgument, ModelInvalid
 from gpufaas.shared.messages import Datatype, TensorSpec
 from gpufaas.shared.tensors import NUMPY_DTYPES, check_shape, element_count
+from gpufaas.worker.program_check import check_document, disallowed_nodes
 from gpufaas.worker.runners import Output
 
 PT2_FILE: Final = "model.pt2"
 PROGRAM_RECORD: Final = "models/model.json"  # below the archive's root folder
 
-# Names that reach FX code generation (get_attr targets, module attributes): dotted words only.
-_NAME: Final = re.compile(r"[\w.]*", re.ASCII)
-_ATEN_TARGET: Final = re.compile(r"torch\.ops\.aten\.(\w+)\.\w+", re.ASCII)
-# aten operators that touch files or print, which a model has no business calling.
-_ATEN_DENIED: Final = frozenset({"save", "from_file", "_print", "warn"})
-_PYTHON_TARGETS: Final = frozenset(
-    {f"_operator.{op}" for op in ("getitem", "add", "sub", "mul", "floordiv", "truediv")}
-    | {f"_operator.{op}" for op in ("mod", "neg", "pow", "eq", "ne", "lt", "le", "gt", "ge")}
-    | {f"_operator.{op}" for op in ("and_", "or_", "not_")}
-    | {f"torch.sym_{op}" for op in ("float", "int", "max", "min", "not", "ite", "sqrt", "sum")}
-    | {f"math.{op}" for op in ("ceil", "floor", "trunc", "sqrt")}
+# A buffer or parameter update is kept in the instance's own copy (ExportedRunner).
+_OUTPUT_KINDS: Final = frozenset(
+    {
+        OutputKind.USER_OUTPUT,
+        OutputKind.USER_INPUT_MUTATION,
+        OutputKind.BUFFER_MUTATION,
+        OutputKind.PARAMETER_MUTATION,
+    }
 )
-# Symbolic shapes are sympy ``srepr`` strings, parsed with ``eval``: only these names pass.
-_EXPR_TOKEN: Final = re.compile(
-    r"\s*(?:([A-Za-z_]\w*)|(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)|('[\w.+-]*')|(\*\*|[-+*/(),=]))",
-    re.ASCII,
-)
-_EXPR_NAMES: Final = frozenset(
-    "Symbol Integer Rational Float Add Mul Pow Mod Max Min Abs floor ceiling "  # noqa: SIM905 - a word list reads better as text
-    "Eq Ne Lt Le Gt Ge Equality Unequality StrictLessThan StrictGreaterThan LessThan "
-    "GreaterThan And Or Not true false True False BooleanTrue BooleanFalse "
-    "oo zoo nan Infinity NegativeInfinity NegativeOne One Zero Half "
-    "FloorDiv ModularIndexing Where PythonMod CleanDiv CeilToInt FloorToInt CeilDiv LShift "
-    "RShift PowByNatural FloatPow FloatTrueDiv IntTrueDiv IsNonOverlappingAndDenseIndicator "
-    "TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat Identity "
-    "positive negative nonnegative nonpositive integer real finite infinite zero nonzero "
-    "even odd commutative precision evaluate".split()
-)
+_MUTATIONS: Final = frozenset({OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION})
 _WEIGHT_KINDS: Final = {
     InputKind.PARAMETER: "parameter",
     InputKind.BUFFER: "buffer",
@@ -101,7 +87,7 @@ def load_program(program: bytes, weights: Mapping[str, torch.Tensor]) -> Exporte
     Raises ModelInvalid naming the tensor when one is missing, extra, or of another dtype
     or shape than the program was exported with, or when the program is unsafe or broken.
     """
-    doc = _checked_document(program)
+    doc, dialect = _checked_document(program)
     kinds = _weight_kinds(doc)
     for name in kinds:
         if name not in weights:
@@ -126,17 +112,18 @@ def load_program(program: bytes, weights: Mapping[str, torch.Tensor]) -> Exporte
             constants[name] = tensor
     ep = _deserialize(doc, state_dict, constants)
     _check_weights(ep, weights)
-    for spec in ep.graph_signature.output_specs:
-        if spec.kind not in (OutputKind.USER_OUTPUT, OutputKind.USER_INPUT_MUTATION):
-            raise ModelInvalid(
-                f"the program writes {spec.target!r} ({spec.kind.name}); weights are shared "
-                "and read-only",
-                field="model",
-            )
     device = next(iter(devices), torch.device("cpu"))
     if device.type != "cpu":
-        # The program was traced on the CPU: devices burnt into its nodes follow the weights.
+        # The program was traced on the CPU: devices burnt into its nodes follow the weights
+        # (first, so that functionalizing traces it where its weights are).
         ep = move_to_device_pass(ep, device)
+    ep = functional_form(ep, dialect)
+    for spec in ep.graph_signature.output_specs:
+        if spec.kind not in _OUTPUT_KINDS:
+            raise ModelInvalid(
+                f"the program has a {spec.kind.name} output {spec.arg}, which is not supported",
+                field="model",
+            )
     return ep
 
 
@@ -163,8 +150,46 @@ def _deserialize(
         ) from None
 
 
-def _checked_document(program: bytes) -> dict[str, Any]:
-    """The program's JSON, refused if it holds what the deserializer would run as code."""
+def functional_form(ep: ExportedProgram, dialect: str) -> ExportedProgram:
+    """The program with nothing in place: as it is when every node is an allowed functional
+    operator, else functionalized (``run_decompositions``: buffer updates become outputs).
+
+    The form is judged from the nodes, never from the dialect the file claims: a file that
+    claims the functional ATEN dialect with a node that is not is refused as crafted, and so
+    is a program whose functional form still calls something outside the allowlist.
+    """
+    bad = next(disallowed_nodes(ep.graph_module), None)
+    if bad is None:
+        return ep  # already functional: run_decompositions would only cost seconds
+    if dialect != "TRAINING":
+        raise ModelInvalid(
+            f"the program claims the functional {dialect} dialect, but node {bad[0]!r} calls "
+            f"{bad[1]}, which is not an allowed functional operator",
+            field="model",
+        )
+    try:
+        with warnings.catch_warnings():
+            # torch 2.13 deep-copies its own pytree specs and warns about itself doing so.
+            warnings.filterwarnings("ignore", "`isinstance.treespec, LeafSpec", FutureWarning)
+            ep = ep.run_decompositions({})
+    except Exception as exc:  # torch reports what it cannot functionalize in assorted ways
+        raise ModelInvalid(
+            f"the program cannot be made functional (node {bad[0]!r} calls {bad[1]}): {exc}",
+            field="model",
+        ) from None
+    bad = next(disallowed_nodes(ep.graph_module), None)
+    if bad is not None:
+        raise ModelInvalid(
+            f"node {bad[0]!r} of the program's functional form calls {bad[1]}, which is not "
+            "an allowed functional operator",
+            field="model",
+        )
+    return ep
+
+
+def _checked_document(program: bytes) -> tuple[dict[str, Any], str]:
+    """The program's JSON and the dialect it claims, refused if it holds what the
+    deserializer would run as code."""
     try:
         doc = json.loads(program)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -173,59 +198,10 @@ def _checked_document(program: bytes) -> dict[str, Any]:
         raise ModelInvalid("the exported program has no graph_module", field="model")
     # Guards are Python source that ep.module() would exec; inputs are checked here instead.
     doc["guards_code"] = []
-    _check_untrusted(doc)
-    return doc
-
-
-def _check_untrusted(doc: dict[str, Any]) -> None:
-    """Check every call target, symbolic expression and name anywhere in the program."""
-    stack: list[Any] = [doc]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            for key, value in item.items():
-                if key == "target" and "inputs" in item:
-                    _check_target(value)
-                elif key == "expr_str":
-                    _check_expr(value)
-                elif key in ("name", "forward_arg_names") or key.endswith("_name"):
-                    for name in value if isinstance(value, list) else [value]:
-                        _check_name(name)
-                elif key != "metadata":  # stack traces, module paths: text, never evaluated
-                    stack.append(value)
-
-
-def _check_target(target: object) -> None:
-    """Only aten operators (minus file and print ones) and plain arithmetic may be called."""
-    if isinstance(target, str):
-        if target in _PYTHON_TARGETS:
-            return
-        aten = _ATEN_TARGET.fullmatch(target)
-        if aten is not None and aten.group(1) not in _ATEN_DENIED:
-            return
-    raise ModelInvalid(f"the program calls {target!r}, which is not allowed", field="model")
-
-
-def _check_expr(text: object) -> None:
-    """A symbolic shape must be sympy arithmetic over symbols, nothing else."""
-    if not isinstance(text, str):
-        raise ModelInvalid("the program has a malformed symbolic shape", field="model")
-    body, pos = text.rstrip(), 0
-    while pos < len(body):
-        token = _EXPR_TOKEN.match(body, pos)
-        if token is None or (token.group(1) is not None and token.group(1) not in _EXPR_NAMES):
-            raise ModelInvalid(
-                f"the program has a symbolic shape that is not plain arithmetic: {text[:80]!r}",
-                field="model",
-            )
-        pos = token.end()
-
-
-def _check_name(name: object) -> None:
-    if name is not None and (not isinstance(name, str) or _NAME.fullmatch(name) is None):
-        raise ModelInvalid(f"the program has an invalid name {name!r}", field="model")
+    dialect = check_document(doc)
+    # torch is told the permissive dialect; what the program is comes from its nodes.
+    doc["verifiers"] = ["TRAINING"]
+    return doc, dialect
 
 
 def _weight_kinds(doc: dict[str, Any]) -> dict[str, str]:
@@ -317,6 +293,7 @@ class ExportedRunner:
 
     def _build(self, program: bytes, weights: Mapping[str, torch.Tensor]) -> None:
         self.program = load_program(program, weights)
+        self._own_updated_weights()
         self.module = self.program.module(check_guards=False)
         self._device = next(iter(weights.values())).device if weights else torch.device("cpu")
         self._in_spec = self.program.call_spec.in_spec
@@ -330,6 +307,24 @@ class ExportedRunner:
             for i in self._inputs
         ]
         self.outputs = self._output_specs()
+
+    def _own_updated_weights(self) -> None:
+        """Give each buffer (or parameter) the program updates a copy of this instance's own:
+        the module writes its new value there, never into the shared bytes it started from."""
+        ep = self.program
+        for spec in ep.graph_signature.output_specs:
+            if spec.kind not in _MUTATIONS or spec.target is None:
+                continue
+            if spec.target in ep.state_dict:
+                shared = ep.state_dict[spec.target]
+                own = shared.detach().clone()
+                ep.state_dict[spec.target] = (
+                    torch.nn.Parameter(own, requires_grad=False)
+                    if isinstance(shared, torch.nn.Parameter)
+                    else own
+                )
+            else:
+                ep.constants[spec.target] = ep.constants[spec.target].detach().clone()
 
     def _input_specs(self) -> list[_Input]:
         nodes = {n.name: n for n in self.program.graph.nodes if n.op == "placeholder"}

@@ -31,6 +31,7 @@ from gpufaas.shared.messages import (
     RenewReply,
     RenewRequest,
 )
+from gpufaas.shared.paths import read_file, under
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
 from gpufaas.worker.exported import ExportedRunner
@@ -243,7 +244,8 @@ class Instances:
         weights, held = self.tensors.acquire(reg.manifest, reg.placement)
         try:
             if reg.program is not None:  # an exported program: its graph from the store
-                program = (self.service.config.shm_dir / reg.program).read_bytes()
+                path = under(self.service.config.shm_dir, reg.program, "program")
+                program = read_file(path)  # never through a link
                 return ExportedRunner.from_program(program, weights), held
             return RUNNERS[spec.model.architecture](Path(reg.model_dir), weights), held
         except BaseException:

@@ -47,7 +47,7 @@ from pathlib import Path
 import structlog
 from nats.aio.msg import Msg as NatsMsg
 
-from gpufaas.shared import subjects
+from gpufaas.shared import nats_auth, subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import NodeDevices, parse_devices
 from gpufaas.shared.errors import PlatformError, Unavailable
@@ -211,6 +211,7 @@ class WorkerPoolService(Service):
         env = {
             **os.environ,
             **self.config.to_env(),
+            **nats_auth.worker_identity(self.config),  # the worker role's, not the pool's
             "GPUFAAS_READY_FILE": "",
             "GPUFAAS_WORKER_ROLE": "spare" if tenant is None else "tenant",
             "GPUFAAS_WORKER_TENANT": tenant or "",

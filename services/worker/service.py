@@ -60,6 +60,7 @@ from gpufaas.shared.messages import (
     decode_json,
     encode,
 )
+from gpufaas.shared.paths import check_root
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Endpoint, Service, endpoint
 from gpufaas.worker.batcher import Answers, Batcher, Infer, Ready
@@ -126,6 +127,7 @@ class WorkerService(Service):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        check_root(config.shm_dir)  # ours alone (0700), or refused: exit 2 naming it
         self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
         gpus = [d for d in self.node_devices.devices if d.kind != "host"]
         # The GPU instances are placed on. The tensor store keeps one copy of each tensor

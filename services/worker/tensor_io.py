@@ -4,7 +4,6 @@ transfer service (read where they are, written as host tubes or adopted onto the
 from __future__ import annotations
 
 import asyncio
-import os
 
 from gpufaas.shared import subjects
 from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -16,13 +15,12 @@ from gpufaas.shared.messages import (
     TensorPayload,
     WorkerRunRequest,
 )
+from gpufaas.shared.paths import read_file
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Service
-from gpufaas.shared.shm import write_tube
+from gpufaas.shared.shm import placement_file, write_tube
 from gpufaas.worker.instances import Instance
 from gpufaas.worker.runners import Output
-
-_PREAD_MAX = 1 << 30  # the bytes of one read of a tube's copy
 
 
 class TensorIO:
@@ -79,14 +77,12 @@ class TensorIO:
     def _read_copy(self, here: EnsureReply) -> bytes:
         """The bytes of a tube's copy: its range of the file (a whole tube file, or a block
         of a pool segment at its offset)."""
-        n, offset = here.tube.nbytes, here.placement.offset
-        with open(self.config.shm_dir / here.placement.segment, "rb") as f:
-            if n <= _PREAD_MAX:
-                return os.pread(f.fileno(), n, offset)
-            parts = []  # a read returns at most ~2 GiB on Linux
-            for start in range(0, n, _PREAD_MAX):
-                parts.append(os.pread(f.fileno(), min(_PREAD_MAX, n - start), offset + start))
-            return b"".join(parts)
+        # The transfer service's reply names the file: checked to lie in its tier's
+        # directory under the shm root, and read without following a link.
+        path = placement_file(self.config.shm_dir, here.placement, here.tube.id)
+        if path is None:
+            raise InvalidArgument("the input's copy is not a file here", field="segment")
+        return read_file(path, here.tube.nbytes, here.placement.offset)
 
     async def _ensure(self, tube_id: str, tenant: str, tier: str) -> EnsureReply:
         return await request(

@@ -2,7 +2,11 @@
 
 Each segment is mapped once per process, host segments with ``mmap`` and device
 segments through their CUDA IPC handle, and each tensor gets one view that every
-instance using it shares. A segment is let go when the last instance using it is gone
+instance using it shares. Host segments (and a simulated GPU's, which are host memory)
+are mapped copy-on-write: a write through a view changes this process's copy of the page,
+never the file other processes and tenants map. Device views of a real GPU are the shared
+copy itself; what keeps them unwritten is that no runner writes a weight (exported
+programs run in their functional form, see ``exported.py``). A segment is let go when the last instance using it is gone
 (its views keep the mapping alive until then, so a batch still computing is safe), so
 memory the tensor store frees is really given back.
 """
@@ -25,7 +29,7 @@ class TensorMap:
     """Views of the tensor store's tensors, by segment, counted by the instances using them."""
 
     def __init__(self, shm_root: Path) -> None:
-        self.host = SegmentCache(shm_root)
+        self.host = SegmentCache(shm_root, private=True)  # copy-on-write: never the file
         self._views: dict[tuple[str, str], torch.Tensor] = {}  # (segment, tensor id) -> view
         self._device: dict[str, torch.Tensor] = {}  # device segment key -> its uint8 mapping
         self._users: Counter[str] = Counter()  # segment key -> instances using it

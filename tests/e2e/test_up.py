@@ -30,9 +30,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 GPUFAAS = str(Path(sys.executable).parent / "gpufaas")
 
 
-def http(url: str, body: Any = None, method: str | None = None) -> tuple[int, Any]:
+def http(up: Up, url: str, body: Any = None, method: str | None = None) -> tuple[int, Any]:
+    """One JSON request to ``up``'s gateway with its admin key: (status, decoded body)."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers=up.headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -56,6 +57,28 @@ def pids_mentioning(text: str) -> list[int]:
     return found
 
 
+def anonymous_nats(port: int) -> str:
+    """What the NATS server answers a client that connects with no credentials."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s, s.makefile("rb") as f:
+        f.readline()  # INFO
+        s.sendall(b'CONNECT {"verbose":false}\r\nPING\r\n')
+        return f.readline().decode()
+
+
+def admin_key_shown(up: Up, text: str) -> str:
+    """The admin key: shown in the banner with its curl line, kept 0600, and needed."""
+    key = up.api_key
+    assert key is not None
+    assert key in text
+    assert (up.data_dir / "admin.key").stat().st_mode & 0o777 == 0o600
+    assert f'curl -s -H "Authorization: Bearer {key}" {up.url}/v2/models/minilm/infer' in text
+    with pytest.raises(urllib.error.HTTPError) as anonymous:  # no key, no answer
+        urllib.request.urlopen(f"{up.url}/v1/functions", timeout=60)
+    anonymous.value.close()
+    assert anonymous.value.code == 401
+    return key
+
+
 @pytest.fixture
 def up_sim(tmp_path: Path) -> Iterator[Up]:
     with Up.start(tmp_path / "data", "--demo", "--devices", "sim:2", "--nodes", "2") as up:
@@ -68,9 +91,9 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
     text = up.log()
     assert up.url in text
     assert f"nats://127.0.0.1:{up.nats_port}" in text
-    assert f"curl -s {up.url}/v2/models/minilm/infer" in text
+    key = admin_key_shown(up, text)
 
-    status, nodes = http(f"{up.url}/v1/nodes")
+    status, nodes = http(up, f"{up.url}/v1/nodes")
     assert status == 200
     assert [n["node"] for n in nodes["nodes"]] == ["node-0", "node-1"]
     for n in nodes["nodes"]:
@@ -78,18 +101,18 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
 
     # The curl line's request, as printed.
     curl_body = text.split(" -d '", 1)[1].split("'", 1)[0]
-    status, res = http(f"{up.url}/v2/models/minilm/infer", json.loads(curl_body))
+    status, res = http(up, f"{up.url}/v2/models/minilm/infer", json.loads(curl_body))
     assert status == 200, res
     vec = np.asarray(res["outputs"][0]["data"], dtype=np.float32)
     assert vec.shape == (384,)
     assert abs(float(np.linalg.norm(vec)) - 1) < 1e-4
 
-    cli = subprocess.run(
+    cli = subprocess.run(  # the key found in the data directory
         [GPUFAAS, "status", "--url", up.url],
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", "GPUFAAS_DATA_DIR": str(up.data_dir)},
         check=False,
     )
     assert cli.returncode == 0, cli.stderr
@@ -97,11 +120,12 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
     assert "node-1" in cli.stdout
     assert "memory (per device" in cli.stdout  # the pools of every node's memory service
     assert all(n["memory"]["pools"].keys() == {"gpu:0", "gpu:1", "host"} for n in nodes["nodes"])
-    cli = subprocess.run(
+    cli = subprocess.run(  # the key from the environment
         [GPUFAAS, "invoke", "minilm", "hello", "--url", up.url],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "GPUFAAS_API_KEY": key},
         check=False,
     )
     assert cli.returncode == 0, cli.stderr
@@ -117,8 +141,8 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
         )
     )
     for argv in (["workflow", "deploy", str(wf)], ["workflow", "invoke", "embed", "hi"]):
-        cli = subprocess.run(
-            [GPUFAAS, *argv, "--url", up.url],
+        cli = subprocess.run(  # the key as a flag
+            [GPUFAAS, *argv, "--url", up.url, "--api-key", key],
             capture_output=True,
             text=True,
             timeout=60,
@@ -132,7 +156,7 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
         [GPUFAAS, "events", "--replay", "all", "--kinds", "function.*", "--url", up.url],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", "GPUFAAS_API_KEY": key},
     )
     try:
         assert events.stdout is not None
@@ -142,6 +166,12 @@ def test_up_demo_invoke_and_clean_stop(up_sim: Up) -> None:
     finally:
         events.kill()
         events.communicate()
+
+    # Every process above used its own NATS user; no one may connect without one, and no
+    # role's real traffic was refused (the server logs each permission violation).
+    assert "Authorization Violation" in anonymous_nats(up.nats_port)
+    nats_log = up.data_dir / "run" / f"up-{up.http_port}" / "logs" / "nats.log"
+    assert "Violation - " not in nats_log.read_text()
 
     pids = pids_mentioning(str(up.data_dir))
     assert len(pids) >= 10  # nats + 2 x 4 node services + scheduler + gateway (+ the CLI)
@@ -158,10 +188,12 @@ def test_state_survives_a_restart_of_up(tmp_path: Path) -> None:
     second = Up.start(first.data_dir, "--devices", "cpu", ports=(first.http_port, first.nats_port))
     try:
         second.wait_ready()
-        status, listed = http(f"{second.url}/v1/functions")
+        assert second.api_key == first.api_key  # the admin key is kept across restarts
+        status, listed = http(second, f"{second.url}/v1/functions")
         assert status == 200
         assert [f["spec"]["name"] for f in listed["functions"]] == ["minilm"]
         status, res = http(
+            second,
             f"{second.url}/v2/models/minilm/infer",
             {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
         )
@@ -300,7 +332,7 @@ def test_up_with_an_existing_nats(tmp_path: Path, nats_server: NatsServer) -> No
         up.wait_ready()
         assert nats_server.url in up.log()
         assert not (up.data_dir / "run" / f"up-{up.http_port}" / "logs" / "nats.log").exists()
-        assert http(f"{up.url}/v2/health/ready")[0] == 200
+        assert http(up, f"{up.url}/v2/health/ready")[0] == 200
     finally:
         assert up.stop() == 0
     assert nats_server.proc.poll() is None  # ours to start, not to stop
@@ -310,12 +342,12 @@ def test_crashed_services_are_restarted_and_recover(tmp_path: Path) -> None:
     up = Up.start(tmp_path / "data", "--demo", "--devices", "cpu")
     try:
         up.wait_ready()
-        before = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]
+        before = http(up, f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]
         for svc in ("worker", "tensorstore"):
             os.kill(before[svc]["pid"], signal.SIGKILL)
 
         def restarted() -> bool:
-            nodes = http(f"{up.url}/v1/nodes")[1]["nodes"]
+            nodes = http(up, f"{up.url}/v1/nodes")[1]["nodes"]
             now = nodes[0]["services"] if nodes else {}
             return all(
                 svc in now and now[svc]["pid"] != before[svc]["pid"]
@@ -337,6 +369,7 @@ def test_crashed_services_are_restarted_and_recover(tmp_path: Path) -> None:
                     ]
                 }
             ).encode(),
+            headers=up.headers,
         )
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert resp.status == 200
@@ -344,7 +377,8 @@ def test_crashed_services_are_restarted_and_recover(tmp_path: Path) -> None:
         assert "node-0.worker exited with status -9; restarted" in up.log()
         # The restarted tensor store recovered its index from shared memory: the cold
         # start re-registered the model without storing a byte.
-        for kind, data in sse(f"{up.url}/v1/events?replay=all&kinds=tensor.deduplicated"):
+        events = f"{up.url}/v1/events?replay=all&kinds=tensor.deduplicated"
+        for kind, data in sse(events, up.api_key):
             assert kind == "tensor.deduplicated"
             assert json.loads(data)["data"]["bytes_saved"] > 80 * 2**20
             break
@@ -358,12 +392,13 @@ def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
     up = Up.start(tmp_path / "data", "--devices", "cpu", env={"GPUFAAS_DEPLOY_TIMEOUT_S": "8"})
     try:
         up.wait_ready()
-        store_pid = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]["tensorstore"]["pid"]
+        store_pid = http(up, f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]["tensorstore"]["pid"]
         tensors = up.shm_dir / "tensors" / "node-0"
         result: list[tuple[int, Any]] = []
         deploy = threading.Thread(
             target=lambda: result.append(
                 http(
+                    up,
                     f"{up.url}/v1/functions",
                     {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}},
                 )
@@ -384,10 +419,10 @@ def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
         failed = status != 201  # the kill can land just after the store answered
         if failed:  # a typed error, and nothing was written to the registry
             assert status in (503, 504), body
-            assert http(f"{up.url}/v1/functions")[1]["functions"] == []
+            assert http(up, f"{up.url}/v1/functions")[1]["functions"] == []
 
         def store_back() -> bool:
-            services = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]
+            services = http(up, f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]
             return bool(services.get("tensorstore", {}).get("pid", store_pid) != store_pid)
 
         eventually_blocking(store_back, 60, "the tensor store to be restarted")
@@ -397,11 +432,12 @@ def test_store_killed_mid_load_loses_nothing(tmp_path: Path) -> None:
         assert all(f"{s}.idx.json" in files for s in segments)  # none without its index
         if failed:
             status, body = http(
+                up,
                 f"{up.url}/v1/functions",
                 {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}},
             )
             assert status == 201, body
-        store = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["tensor_store"]["host"]
+        store = http(up, f"{up.url}/v1/nodes")[1]["nodes"][0]["tensor_store"]["host"]
         assert store["bytes_stored"] == body["model_bytes"]  # stored once, nothing leaked
         assert store["leases"] <= 1
     finally:
@@ -420,11 +456,11 @@ def test_worker_killed_mid_load_leaks_nothing(tmp_path: Path) -> None:
     demo = {"name": "minilm", "model": {"builtin": "all-minilm-l6-v2"}}
     try:
         up.wait_ready()
-        worker_pid = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]["worker"]["pid"]
+        worker_pid = http(up, f"{up.url}/v1/nodes")[1]["nodes"][0]["services"]["worker"]["pid"]
         tensors = up.shm_dir / "tensors" / "node-0"
         result: list[tuple[int, Any]] = []
         deploy = threading.Thread(
-            target=lambda: result.append(http(f"{up.url}/v1/functions", demo))
+            target=lambda: result.append(http(up, f"{up.url}/v1/functions", demo))
         )
         deploy.start()
         eventually_blocking(
@@ -441,7 +477,7 @@ def test_worker_killed_mid_load_leaks_nothing(tmp_path: Path) -> None:
         assert status in (201, 503, 504), body
 
         def store() -> dict[str, Any]:
-            nodes = http(f"{up.url}/v1/nodes")[1]["nodes"]
+            nodes = http(up, f"{up.url}/v1/nodes")[1]["nodes"]
             host: dict[str, Any] = (nodes[0].get("tensor_store") or {}).get("host") or {}
             return host
 
@@ -452,9 +488,10 @@ def test_worker_killed_mid_load_leaks_nothing(tmp_path: Path) -> None:
             "the dead worker's lease to lapse and its tensors to be reclaimed",
         )
         if status != 201:
-            status, body = http(f"{up.url}/v1/functions", demo)
+            status, body = http(up, f"{up.url}/v1/functions", demo)
             assert status == 201, body
         status, res = http(
+            up,
             f"{up.url}/v2/models/minilm/infer",
             {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
         )

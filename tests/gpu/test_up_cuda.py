@@ -37,7 +37,7 @@ def cpu_reference(texts: list[str]) -> torch.Tensor:
 
 def infer(up: Up, name: str) -> tuple[torch.Tensor, dict[str, object]]:
     body = {"inputs": [{"name": "text", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS}]}
-    status, reply = http(f"{up.url}/v2/models/{name}/infer", body)
+    status, reply = http(up, f"{up.url}/v2/models/{name}/infer", body)
     assert status == 200, reply
     out = reply["outputs"][0]
     return torch.tensor(out["data"]).reshape(out["shape"]), reply.get("parameters", {})
@@ -47,12 +47,12 @@ def test_up_on_the_gpu_answers_like_the_cpu(tmp_path: Path) -> None:
     up = Up.start(tmp_path / "data", "--demo", "--devices", "auto")
     try:
         up.wait_ready(300)
-        node = http(f"{up.url}/v1/nodes")[1]["nodes"][0]
+        node = http(up, f"{up.url}/v1/nodes")[1]["nodes"][0]
         assert "gpu:0" in node["tensor_store"], node
         got, params = infer(up, "minilm")
         assert (got - cpu_reference(TEXTS)).abs().max().item() <= 1e-4
         assert params["device"] == "gpu:0", params
-        tier = http(f"{up.url}/v1/nodes")[1]["nodes"][0]["tensor_store"]["gpu:0"]
+        tier = http(up, f"{up.url}/v1/nodes")[1]["nodes"][0]["tensor_store"]["gpu:0"]
         assert tier["bytes_stored"] > 0  # the model's one device copy
     finally:
         assert up.stop() == 0

@@ -16,6 +16,7 @@ from gpufaas.gateway.app import create_app
 from gpufaas.memory.service import MemoryService
 from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared import subjects
+from gpufaas.shared.apikeys import create_key
 from gpufaas.shared.config import Config
 from gpufaas.shared.service import Service
 from gpufaas.tensorstore.service import TensorStoreService
@@ -34,6 +35,16 @@ class Platform:
     nats: NatsServer
     client: TestClient[Any, Any]
     services: dict[str, Service] = field(default_factory=dict)
+    api_key: str = ""  # the client's default key: an admin key of tenant "default"
+    keys: dict[str, str] = field(default_factory=dict)
+
+    async def key_for(self, tenant: str, *, admin: bool = False) -> str:
+        """An API key of ``tenant`` (made once per tenant and kind, then reused)."""
+        name = f"{tenant}{'/admin' if admin else ''}"
+        if name not in self.keys:
+            bucket = self.services["scheduler"].kv.keys
+            self.keys[name], _ = await create_key(bucket, tenant, admin, label="tests")
+        return self.keys[name]
 
     async def restart_control_plane(self) -> None:
         """Stop and start the scheduler and a fresh gateway (state must come from KV)."""
@@ -41,13 +52,23 @@ class Platform:
         await self.client.close()
         self.services["scheduler"] = SchedulerService(self.config)
         await self.services["scheduler"].start()
-        self.client = TestClient(TestServer(create_app(self.config)))
+        self.client = gateway_client(self.config, self.api_key)
         await self.client.start_server()
 
     async def stop(self) -> None:
         await self.client.close()
         for svc in reversed(list(self.services.values())):
             await svc.stop()
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The header that authenticates a request with ``key``."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+def gateway_client(config: Config, key: str) -> TestClient[Any, Any]:
+    """A test client of a fresh gateway that sends ``key`` with every request."""
+    return TestClient(TestServer(create_app(config)), headers=bearer(key))
 
 
 def make_config(nats: NatsServer, tmp_path: Path, **overrides: Any) -> Config:
@@ -62,6 +83,8 @@ def make_config(nats: NatsServer, tmp_path: Path, **overrides: Any) -> Config:
         connect_deadline_s=3.0,
         shutdown_deadline_s=5.0,
         profile_s=0.0,  # the batch-1 point only: a background sweep would slow every test
+        # Server paths (admin keys): the test's and its session's temporary directories.
+        model_roots=(str(tmp_path.parent),),
     )
     return base.replace(**overrides)
 
@@ -96,13 +119,14 @@ async def start_platform(
         for svc in services.values():
             await svc.start()
             started.append(svc)
-        client = TestClient(TestServer(create_app(base)))
+        key, _ = await create_key(services["scheduler"].kv.keys, "default", True, label="tests")
+        client = gateway_client(base, key)
         await client.start_server()
     except BaseException:
         for svc in reversed(started):
             await svc.stop()
         raise
-    return Platform(base, nats, client, services)
+    return Platform(base, nats, client, services, api_key=key, keys={"default/admin": key})
 
 
 PlatformFactory = Callable[..., Awaitable[Platform]]

@@ -17,7 +17,7 @@ from gpufaas.shared.messages import InvokeReply, InvokeRequest
 from gpufaas.shared.rpc import request
 from gpufaas.worker.service import WorkerService
 from tests.conftest import NatsServer
-from tests.integration.conftest import DEMO_BODY, Platform, make_config, text_request
+from tests.integration.conftest import DEMO_BODY, Platform, bearer, make_config, text_request
 
 pytestmark = pytest.mark.integration
 
@@ -196,8 +196,8 @@ async def test_conflicting_redeploy_is_409(platform: Platform) -> None:
 
 async def test_tenants_do_not_see_each_other(platform: Platform) -> None:
     c = platform.client
-    a = {"X-Gpufaas-Tenant": "tenant-a"}
-    b = {"X-Gpufaas-Tenant": "tenant-b"}
+    a = bearer(await platform.key_for("tenant-a"))
+    b = bearer(await platform.key_for("tenant-b"))
     assert (await c.post("/v1/functions", json=DEMO_BODY, headers=a)).status == 201
     await expect(
         await c.post("/v2/models/minilm/infer", json=text_request(["x"]), headers=b),
@@ -287,8 +287,8 @@ async def test_worker_refuses_to_cold_start_a_deleted_function(platform: Platfor
 async def test_private_weights_are_invisible_to_other_tenants(platform: Platform) -> None:
     c = platform.client
     body = {"name": "mine", "model": {"builtin": "all-minilm-l6-v2", "private": True}}
-    a = {"X-Gpufaas-Tenant": "tenant-a"}
-    b = {"X-Gpufaas-Tenant": "tenant-b"}
+    a = bearer(await platform.key_for("tenant-a"))
+    b = bearer(await platform.key_for("tenant-b"))
     assert (await c.post("/v1/functions", json=body, headers=a)).status == 201
     assert (await c.post("/v1/functions", json=body, headers=b)).status == 201
     # tenant-b's private copy deduplicated nothing against tenant-a's: no bytes saved.

@@ -20,7 +20,7 @@ from gpufaas.shared.messages import (
 from gpufaas.shared.rpc import request
 from gpufaas.tensorstore.service import TensorStoreService
 from tests.conftest import NatsServer
-from tests.integration.conftest import DEMO_BODY, Platform, PlatformFactory, make_config
+from tests.integration.conftest import DEMO_BODY, Platform, PlatformFactory, bearer, make_config
 from tests.support import eventually
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,7 @@ async def test_a_model_goes_where_its_tensors_already_are(two_nodes: Platform) -
     assert await node_of(c, "minilm-2") == base_node
     # A tenant's private copy has nothing resident anywhere: the least loaded node.
     private = {"name": "mine", "model": {"builtin": "all-minilm-l6-v2", "private": True}}
-    t2 = {"X-Gpufaas-Tenant": "t2"}
+    t2 = bearer(await two_nodes.key_for("t2"))
     assert (await c.post("/v1/functions", json=private, headers=t2)).status == 201
     record = await (await c.get("/v1/functions/mine", headers=t2)).json()
     assert record["nodes"] != [base_node]

@@ -116,11 +116,15 @@ async def test_host_to_a_simulated_gpu_is_byte_exact_and_recorded(nodes: Nodes) 
 
 async def test_another_tenants_or_an_unknown_tube_is_not_found(nodes: Nodes) -> None:
     tube = await nodes.tube(b"secret")
-    for tube_id, tenant in ((tube.id, "t2"), ("no-such-tube", "t1"), ("bad key!", "t1")):
+    for tube_id, tenant in ((tube.id, "t2"), ("N" * 24, "t1")):
         with pytest.raises(NotFound) as err:
             await nodes.ensure(nodes.a, tube_id, tenant=tenant)
         assert err.value.field == "tube"
         assert tenant != "t2" or "t1" not in err.value.message  # nothing revealed
+    for malformed in ("no-such-tube", "bad key!", "../" + tube.id):  # not what new_id makes
+        with pytest.raises(InvalidArgument) as bad:
+            await nodes.ensure(nodes.a, malformed, tenant="t1")
+        assert bad.value.field == "tube_id"
     subject = subjects.node("node-a", "transfer", subjects.TRANSFER_FETCH)
     with pytest.raises(NotFound):
         await request(

@@ -36,6 +36,7 @@ from tests.integration.conftest import (
     DEMO_BODY,
     Platform,
     PlatformFactory,
+    bearer,
     make_config,
     text_request,
 )
@@ -86,8 +87,8 @@ async def test_each_tenant_gets_its_own_process_from_the_warm_spares(pooled: Pla
     await ready_spares(pool, 1)
     assert pool.started == 1
     assert not pool.bound
-    a = {"X-Gpufaas-Tenant": "a"}
-    b = {"X-Gpufaas-Tenant": "b"}
+    a = bearer(await pooled.key_for("a"))
+    b = bearer(await pooled.key_for("b"))
     assert (await c.post("/v1/functions", json=DEMO_BODY, headers=a)).status == 201
     assert list(pool.bound) == ["a"]  # the spare, bound to a
     await ready_spares(pool, 1)  # refilled in the background

@@ -22,7 +22,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "compose" / "docker-compose.yml"
 PLATFORM_SERVICES = ("gateway", "scheduler", "node")
 NATS_SERVICES = ("nats-1", "nats-2", "nats-3")
-NATS_URLS = ("nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:4222")
+NATS_URLS = ("tls://nats-1:4222", "tls://nats-2:4222", "tls://nats-3:4222")
+NATS_USERS = {
+    "gateway": "gateway",
+    "scheduler": "scheduler",
+    "node": "node_gpu-node-1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +101,33 @@ def test_compose_model(compose_binary: Path, tmp_path: Path) -> None:
 
     published = [
         (name, port.get("published"), port.get("target"))
-        for name in NATS_SERVICES
-        for port in services[name].get("ports", [])
+        for name, service in services.items()
+        for port in service.get("ports", [])
     ]
-    assert published == [("nats-1", "4222", 4222)], published
+    assert published == [("gateway", "8080", 8080)], published  # NATS stays inside
+
+    for name, user in NATS_USERS.items():
+        env = services[name]["environment"]
+        secret = env["GPUFAAS_NATS_PASSWORD_FILE"].removeprefix("/run/secrets/")
+        assert env["GPUFAAS_NATS_USER"] == user
+        assert secret in [s["source"] for s in services[name]["secrets"]], name
+        assert "PASSWORD" not in " ".join(k for k in env if not k.endswith("_FILE")), env
+        assert env["GPUFAAS_NATS_TLS_CA"] == "/run/secrets/nats-ca"
+
+
+def test_compose_nats_users_are_the_platform_table() -> None:
+    """compose/nats/auth.conf is what shared/nats_auth.py renders for compose's node."""
+    from gpufaas.shared import nats_auth  # noqa: PLC0415 - only this test needs it
+
+    conf = (REPO_ROOT / "compose" / "nats" / "auth.conf").read_text()
+    rendered = nats_auth.render_authorization(
+        dict.fromkeys(nats_auth.users_for(["gpu-node-1"]), ""), variables=True
+    )
+    assert rendered in conf, "regenerate: python -m gpufaas.shared.nats_auth gpu-node-1"
+    cluster = (REPO_ROOT / "compose" / "nats" / "cluster.conf").read_text()
+    assert "include ./auth.conf" in cluster
+    assert "http: 127.0.0.1:8222" in cluster  # monitoring not reachable from the network
+    assert cluster.count("verify: true") == 1  # routes: mutual TLS
 
 
 def test_broken_compose_file_fails(compose_binary: Path, tmp_path: Path) -> None:

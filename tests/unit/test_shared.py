@@ -133,6 +133,8 @@ def test_event_filter_rejects_bad_patterns(bad: str) -> None:
 
 EXPECTED_STATUS = {
     "invalid_argument": 400,
+    "unauthenticated": 401,
+    "permission_denied": 403,
     "not_found": 404,
     "already_exists": 409,
     "payload_too_large": 413,
@@ -193,14 +195,17 @@ def test_to_dict_includes_field_only_when_set() -> None:
 # --- messages ------------------------------------------------------------------------
 
 
+TUBE_ID = "T" * 24  # the shape of shm.new_id()
+
+
 def _tube() -> Tube:
     return Tube(
-        id="t1",
+        id=TUBE_ID,
         tenant="default",
         datatype="FP32",
         shape=[2, 3],
         nbytes=24,
-        placements=[Placement(node="n1", tier="host", segment="tubes/t1")],
+        placements=[Placement(node="n1", tier="host", segment=f"tubes/{TUBE_ID}")],
         created_at=12.5,
     )
 
@@ -236,7 +241,12 @@ SAMPLES: list[messages.Msg] = [
         model_dir="/m",
         manifest={
             "w": TensorRef(
-                id="abc", dtype="float32", shape=[4], nbytes=16, segment="tensors/n1/s", offset=64
+                id="ab" * 32,
+                dtype="float32",
+                shape=[4],
+                nbytes=16,
+                segment="tensors/n1/s",
+                offset=64,
             )
         },
         model_bytes=16,
@@ -939,3 +949,16 @@ def test_released_tube_files_are_reused_and_cut_to_the_new_tube(tmp_path: Path) 
     third = write_tube(tmp_path, "n", "c", datatype="UINT8", shape=[0], data=data)
     assert inode not in shm._POOL_MAPS
     assert read_tube(tmp_path, third) == data
+
+
+def test_config_reads_and_writes_booleans_and_path_lists() -> None:
+    from gpufaas.shared.config import Config  # noqa: PLC0415
+
+    config = Config(auth=False, metrics_public=True, model_roots=("/srv/models", "/data/m"))
+    env = config.to_env()
+    assert (env["GPUFAAS_AUTH"], env["GPUFAAS_MODEL_ROOTS"]) == ("0", "/srv/models:/data/m")
+    assert Config.from_env(environ=env) == config
+    assert Config.from_env(environ={}).auth is True
+    with pytest.raises(InvalidArgument) as bad:
+        Config.from_env(environ={"GPUFAAS_AUTH": "maybe"})
+    assert bad.value.field == "GPUFAAS_AUTH"

@@ -37,7 +37,7 @@ def local(tmp_path: Path) -> LocalCopies:
 
 
 def write(local: LocalCopies, relpath: str, nbytes: int = NBYTES) -> None:
-    path = local.path(relpath)
+    path = local.config.shm_dir / relpath  # stray files too (hidden, not a tube's name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"x" * nbytes)
 
