@@ -1,6 +1,6 @@
 """What an API key costs a request at the gateway (issue 15): the check alone, and over HTTP.
 
-1. The middleware's check on a cached key (parse, cache lookup, HMAC-SHA256, constant-time
+1. The middleware's check on a cached key (parse, cache lookup, keyed BLAKE2b, constant-time
    compare, expiry), called directly on a mocked request, median of many runs.
 2. ``GET`` round trips on one keep-alive connection to two in-process aiohttp apps that
    differ only in the auth middleware, alternating; the p50 difference is auth's share.

@@ -261,6 +261,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep-data-dir", action="store_true", help="keep the temporary data dir")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
     ap.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for up")
+    ap.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="start up with --no-auth (the baseline of what API keys cost)",
+    )
     args = ap.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batch.split(",") if b.strip()]
@@ -286,11 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     gw: Gateway | None = None
     results: list[BatchResult] = []
     try:
-        plat = harness.Platform.start(data_dir, "--demo", "--devices", "cpu")
+        extra = ("--no-auth",) if args.no_auth else ()
+        plat = harness.Platform.start(data_dir, "--demo", "--devices", "cpu", *extra)
         up = plat
         took = plat.wait_ready(args.ready_timeout, lambda port: function_ready(port, up.headers))
         print(
-            f"platform: gpufaas up --demo --devices cpu on port {plat.http_port}, ready in {took:.1f} s"
+            f"platform: gpufaas up --demo --devices cpu {' '.join(extra)} on port"
+            f" {plat.http_port}, ready in {took:.1f} s"
         )
         gw = Gateway(plat.http_port, plat.headers)
         for batch in args.batches:
