@@ -10,7 +10,7 @@ from rich.console import Console
 from gpufaas.client import curl_auth
 from gpufaas.shared.apikeys import ADMIN_KEY_FILE, ensure_admin_key
 from gpufaas.shared.config import Config, default_data_dir
-from gpufaas.shared.jetstream import ensure_jetstream
+from gpufaas.shared.jetstream import wait_for_jetstream
 from gpufaas.shared.kv import TypedBuckets
 from gpufaas.shared.service import close_nats, connect_nats
 
@@ -29,11 +29,8 @@ def key_path(data_dir: Path) -> Path:
 async def _ensure(config: Config, path: Path) -> tuple[str, bool]:
     nc = await connect_nats(config, "gpufaas-up")
     try:
-        js = nc.jetstream()
-        buckets = await ensure_jetstream(
-            js, node_ttl_s=config.node_ttl_s, tube_ttl_s=config.tube_ttl_s
-        )
-        return await ensure_admin_key(TypedBuckets(js, buckets).keys, path)
+        buckets = await wait_for_jetstream(nc, config)
+        return await ensure_admin_key(TypedBuckets(nc.jetstream(), buckets).keys, path)
     finally:
         await close_nats(nc)
 

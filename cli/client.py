@@ -61,13 +61,18 @@ def call(
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
-        try:
-            payload = json.loads(exc.read())
-        except ValueError:
-            payload = {"error": exc.reason}
-        raise ApiError(exc.code, payload) from None
+        raise api_error(exc) from None
     except (urllib.error.URLError, OSError) as exc:
         raise ApiError(0, {"code": "unavailable", "error": f"cannot reach {url}: {exc}"}) from None
+
+
+def api_error(exc: urllib.error.HTTPError) -> ApiError:
+    """The gateway's error reply (``{"code", "error", "field"}``) as an ``ApiError``."""
+    try:
+        payload = json.loads(exc.read())
+    except ValueError:
+        payload = {"error": exc.reason}
+    return ApiError(exc.code, payload)
 
 
 def sse(url: str, key: str | None = None) -> Iterator[tuple[str, str]]:
@@ -77,11 +82,7 @@ def sse(url: str, key: str | None = None) -> Iterator[tuple[str, str]]:
     try:
         resp = urllib.request.urlopen(req)
     except urllib.error.HTTPError as exc:
-        try:
-            payload = json.loads(exc.read())
-        except ValueError:
-            payload = {"error": exc.reason}
-        raise ApiError(exc.code, payload) from None
+        raise api_error(exc) from None
     with resp:
         event, data = "message", list[str]()
         for raw in resp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
 
 from rich.console import Console
 
@@ -21,7 +23,7 @@ from gpufaas.embedded import (
     write_config,
 )
 from gpufaas.shared.config import Config, default_shm_dir
-from gpufaas.shared.constants import NODE_SERVICES
+from gpufaas.shared.constants import DEFAULT_NATS_PORT, NODE_SERVICES
 from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import PlatformError
 from gpufaas.shared.paths import check_root
@@ -31,6 +33,9 @@ READY_TIMEOUT_S = 120.0
 # A service that crashes is restarted, unless it crashed this often within the window.
 RESTART_LIMIT = 3
 RESTART_WINDOW_S = 60.0
+# A service's exit this soon after NATS was unreachable is put down to the outage: it
+# covers a service's connect deadline (GPUFAAS_CONNECT_DEADLINE_S, 30 s by default).
+NATS_GRACE_S = 60.0
 
 
 class UsageError(RuntimeError):
@@ -120,16 +125,44 @@ def describe_nodes(gateway: str, key: str | None = None) -> list[str]:
     return lines
 
 
-def wait_until_stopped(sup: Supervisor, stop: StopSignal, console: Console) -> int:
-    """Block until a signal (exit 0); restart a crashed service, give up if it keeps crashing."""
+class NatsWatch:
+    """When NATS was last seen down (the embedded server exited, or nothing accepted on
+    any of its URLs): a service that exits during or soon after an outage waited for NATS
+    and gave up, which is not a crash loop of its own."""
+
+    def __init__(self, nats_url: str) -> None:
+        self.endpoints = [
+            (u.hostname or "127.0.0.1", u.port or DEFAULT_NATS_PORT)
+            for u in (urlsplit(s.strip()) for s in nats_url.split(",") if s.strip())
+        ]
+        self.last_down = -math.inf
+
+    def went_down(self) -> None:
+        self.last_down = time.monotonic()
+
+    def outage_within(self, window_s: float) -> bool:
+        """Whether NATS is unreachable now or was within the last ``window_s``."""
+        if not any(accepting(host, port) for host, port in self.endpoints):
+            self.went_down()
+            return True
+        return time.monotonic() - self.last_down < window_s
+
+
+def wait_until_stopped(
+    sup: Supervisor, stop: StopSignal, console: Console, nats: NatsWatch | None = None
+) -> int:
+    """Block until a signal (exit 0); restart an exited process (the embedded NATS server
+    too, with its config and store), give up only if one keeps crashing on its own."""
     while not stop.wait(0.5):
         dead = sup.exited()
         if dead is None:
             continue
         status = dead.proc.returncode
-        if dead.name != "nats" and sup.restart(
-            dead, limit=RESTART_LIMIT, window_s=RESTART_WINDOW_S
-        ):
+        if dead.name == "nats" and nats is not None:
+            nats.went_down()
+        # Exits while NATS is or just was away are the outage's, not the service's.
+        counted = dead.name == "nats" or nats is None or not nats.outage_within(NATS_GRACE_S)
+        if sup.restart(dead, limit=RESTART_LIMIT, window_s=RESTART_WINDOW_S, counted=counted):
             console.print(f"[yellow]{dead.name} exited with status {status}; restarted[/yellow]")
             continue
         console.print(
@@ -225,7 +258,7 @@ def up(opts: UpOptions, console: Console) -> int:
                 console.print(f"  the services' logs are in {sup.logs}")
                 return 1
         console.print("Press Ctrl-C to stop.")
-        return wait_until_stopped(sup, stop, console)
+        return wait_until_stopped(sup, stop, console, NatsWatch(nats_url))
     except (StartError, PlatformError) as exc:
         console.print(f"[red]start-up failed:[/red] {exc}")
         return 1
@@ -243,7 +276,7 @@ def node(config: Config, console: Console) -> int:
     try:
         sup.wait_ready(start_node(sup, config, config.node_id), READY_TIMEOUT_S)
         console.print(f"node {config.node_id} is up (NATS {config.nats_url})")
-        return wait_until_stopped(sup, stop, console)
+        return wait_until_stopped(sup, stop, console, NatsWatch(config.nats_url))
     except StartError as exc:
         console.print(f"[red]node start-up failed:[/red] {exc}")
         return 1

@@ -77,13 +77,17 @@ class Supervisor:
                 preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl, no locks
             )
 
-    def restart(self, child: Child, *, limit: int, window_s: float) -> bool:
-        """Start an exited child again (log appended), unless it crashed ``limit`` times lately."""
+    def restart(self, child: Child, *, limit: int, window_s: float, counted: bool = True) -> bool:
+        """Start an exited child again (log appended), unless it crashed ``limit`` times lately.
+
+        ``counted=False``: the exit had an outside cause (NATS was unreachable), not a crash
+        loop of the child, so it does not count towards the limit."""
         now = time.monotonic()
         child.restarts = [t for t in child.restarts if now - t < window_s]
-        if len(child.restarts) >= limit:
+        if counted and len(child.restarts) >= limit:
             return False
-        child.restarts.append(now)
+        if counted:
+            child.restarts.append(now)
         if child.ready_file is not None:
             child.ready_file.unlink(missing_ok=True)
         child.proc = self._popen(child.argv, child.env, child.log_path, "ab")

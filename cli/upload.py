@@ -29,7 +29,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from gpufaas.client import ApiError, auth_headers, call
+from gpufaas.client import ApiError, api_error, auth_headers, call
 from gpufaas.shared.uploads import ALLOWED_FILES
 
 BLOCK: Final = tarfile.BLOCKSIZE
@@ -117,11 +117,7 @@ def _post(url: str, model: ModelDir, key: str | None, advance: Callable[[int], N
         with urllib.request.urlopen(req, timeout=600) as resp:
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
-        try:
-            payload = json.loads(exc.read())
-        except ValueError:
-            payload = {"error": exc.reason}
-        raise ApiError(exc.code, payload) from None
+        raise api_error(exc) from None
     except (urllib.error.URLError, OSError) as exc:
         raise ApiError(
             0, {"code": "unavailable", "error": f"upload to {url} failed: {exc}"}

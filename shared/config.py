@@ -67,6 +67,18 @@ class Config:
     data_dir: Path = dataclasses.field(default_factory=default_data_dir)
     inline_threshold: int = c.DEFAULT_INLINE_THRESHOLD
     max_body_bytes: int = c.DEFAULT_MAX_BODY_BYTES
+    # Admission control: requests waiting per function in a scheduler (429 beyond); per
+    # tenant in a gateway: requests at once, a token bucket (rate per second, burst) and
+    # open event streams; tenant_limits: JSON {"<tenant>": {"max_inflight": n, "rate": r,
+    # "burst": b, "max_streams": s}} overriding those for some tenants. ?replay=all of
+    # /v1/events sends at most the latest events_replay_max events.
+    max_queued: int = c.DEFAULT_MAX_QUEUED
+    tenant_max_inflight: int = c.DEFAULT_TENANT_MAX_INFLIGHT
+    tenant_rate: float = c.DEFAULT_TENANT_RATE
+    tenant_burst: int = c.DEFAULT_TENANT_BURST
+    tenant_max_streams: int = c.DEFAULT_TENANT_MAX_STREAMS
+    tenant_limits: str = ""
+    events_replay_max: int = c.DEFAULT_EVENTS_REPLAY_MAX
     # Uploaded models: the largest archive, and the bytes one tenant's uploads may hold.
     max_model_bytes: int = c.DEFAULT_MAX_MODEL_BYTES
     model_quota_bytes: int = c.DEFAULT_MODEL_QUOTA_BYTES
@@ -76,7 +88,12 @@ class Config:
     node_ttl_s: float = c.DEFAULT_NODE_TTL_S
     shutdown_deadline_s: float = c.DEFAULT_SHUTDOWN_DEADLINE_S
     connect_deadline_s: float = c.DEFAULT_CONNECT_DEADLINE_S
+    # Replicas of every JetStream bucket, object store and stream (capped by the number
+    # of servers in the NATS cluster: a single server gets 1).
+    nats_replicas: int = c.DEFAULT_NATS_REPLICAS
     tube_ttl_s: float = c.DEFAULT_TUBE_TTL_S
+    # JSON {"<stream>": bytes} over c.DEFAULT_STREAM_MAX_BYTES (KV_<bucket>, OBJ_<bucket>, EVENTS).
+    jetstream_max_bytes: str = ""
     # Tensor store: unreferenced tensors are kept this long, then freed; under capacity
     # pressure (host_tensor_bytes, 0 = no limit) the least recently used go first.
     tensor_keep_alive_s: float = c.DEFAULT_TENSOR_KEEP_ALIVE_S
@@ -100,6 +117,9 @@ class Config:
     worker_spare_id: str = ""
     worker_spares: int = c.DEFAULT_WORKER_SPARES  # ready spares per device the pool keeps
     worker_idle_s: float = c.DEFAULT_WORKER_IDLE_S  # a tenant's process with no instance exits
+    # At most this many worker processes on a node, spares included (0: as many as its
+    # memory holds, ``gpufaas.worker.pool.process_cap``); one per tenant by design.
+    max_worker_processes: int = 0
     batch_wait_s: float = c.DEFAULT_BATCH_WAIT_S
     device_streams: int = c.DEFAULT_DEVICE_STREAMS
     # Scheduler: autoscaling tick, scale to zero after instance_keep_alive_s idle, and the

@@ -53,6 +53,7 @@ DEFAULT_HEARTBEAT_S: Final = 2.0
 DEFAULT_NODE_TTL_S: Final = 10.0
 DEFAULT_SHUTDOWN_DEADLINE_S: Final = 10.0
 DEFAULT_CONNECT_DEADLINE_S: Final = 30.0
+DEFAULT_NATS_REPLICAS: Final = 3  # JetStream replicas, capped by the cluster's size
 DEFAULT_TUBE_TTL_S: Final = 600.0
 DEFAULT_MEMORY_SEGMENT_BYTES: Final = 256 << 20
 DEFAULT_TENSOR_KEEP_ALIVE_S: Final = 300.0
@@ -67,6 +68,48 @@ DEFAULT_BATCH_WAIT_S: Final = 0.002  # how long an idle device waits to fill a b
 DEFAULT_DEVICE_STREAMS: Final = 0
 CUDA_DEVICE_STREAMS: Final = 2
 EVENTS_MAX_AGE_S: Final = 7 * 24 * 3600.0
+
+# JetStream's limits, by stream (KV_<bucket>, OBJ_<object bucket>, EVENTS): bytes each may
+# hold (GPUFAAS_JETSTREAM_MAX_BYTES, JSON {"<stream>": bytes}, overrides some). A full
+# bucket refuses new writes (507); EVENTS and the inflight bucket (whose oldest entries are
+# delete markers of answered requests) drop their oldest instead. The server reserves
+# their sum (times replicas) of its disk at creation.
+_MIB: Final = 1 << 20
+DEFAULT_STREAM_MAX_BYTES: Final[dict[str, int]] = {
+    f"KV_{KV_FUNCTIONS}": 64 * _MIB,
+    f"KV_{KV_NODES}": 16 * _MIB,
+    f"KV_{KV_TUBES}": 256 * _MIB,
+    f"KV_{KV_TENSORS}": 64 * _MIB,
+    f"KV_{KV_MEMORY}": 64 * _MIB,
+    f"KV_{KV_PROFILES}": 64 * _MIB,
+    f"KV_{KV_WORKFLOWS}": 64 * _MIB,
+    f"KV_{KV_LEASES}": 16 * _MIB,
+    f"KV_{KV_INFLIGHT}": 512 * _MIB,
+    f"KV_{KV_REPLICAS}": 16 * _MIB,
+    f"KV_{KV_KEYS}": 64 * _MIB,
+    f"KV_{KV_MODELS}": 64 * _MIB,
+    EVENTS_STREAM: 1024 * _MIB,
+    "OBJ_tubes": 1024 * _MIB,  # tubes spilled to the object tier (they lapse with the TTL)
+    f"OBJ_{MODELS_OBJECT_BUCKET}": 4096 * _MIB,  # uploaded models' archives
+}
+# Staging files (``.<name>.<pid>.<hex>.tmp``) of copies that crashed are removed once older
+# than this and their writer is gone, or once older than STAGING_MAX_AGE_S regardless.
+STAGING_GRACE_S: Final = 300.0
+STAGING_MAX_AGE_S: Final = 6 * 3600.0
+
+# Admission control (GPUFAAS_* overrides; per tenant with GPUFAAS_TENANT_LIMITS JSON).
+DEFAULT_MAX_QUEUED: Final = 256  # requests waiting in one function's queue per scheduler
+DEFAULT_TENANT_MAX_INFLIGHT: Final = 1024  # a tenant's requests in a gateway at once
+DEFAULT_TENANT_RATE: Final = 10_000.0  # a tenant's requests per second per gateway (refill)
+DEFAULT_TENANT_BURST: Final = 20_000  # ... and its bucket's size
+DEFAULT_TENANT_MAX_STREAMS: Final = 16  # a tenant's open /v1/events connections per gateway
+DEFAULT_EVENTS_REPLAY_MAX: Final = 1000  # events ?replay=all sends at most (the latest)
+DEFAULT_MAX_ROWS: Final = 1024  # rows (first dimension) per input, per function option
+RETRY_AFTER_DEFAULT_S: Final = 1.0  # Retry-After when no drain rate is known
+RETRY_AFTER_MAX_S: Final = 60.0
+# How long past a request's deadline the scheduler keeps its instance slot while the
+# worker may still be computing it (then the worker is presumed gone).
+WORKER_ANSWER_GRACE_S: Final = 5.0
 
 # NATS server settings written into the generated config of the embedded server.
 NATS_MAX_PAYLOAD: Final = 8 * 1024 * 1024

@@ -15,10 +15,14 @@ class PlatformError(Exception):
 
     code: ClassVar[str] = "internal"
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        # When a retry may succeed (a full queue, a tenant's rate): HTTP ``Retry-After``.
+        self.retry_after_s = retry_after_s
 
     def to_dict(self) -> dict[str, str]:
         """The JSON body of an error reply."""
@@ -82,6 +86,13 @@ class ResourceExhausted(PlatformError):
     code = "resource_exhausted"
 
 
+class Overloaded(PlatformError):
+    """Too many requests: a function's queue or a tenant's limit is full; retry after
+    ``retry_after_s`` (HTTP 429 with ``Retry-After``)."""
+
+    code = "overloaded"
+
+
 class Unavailable(PlatformError):
     """A dependency (NATS, a service, a node) cannot be reached right now; retry later."""
 
@@ -110,6 +121,7 @@ ERROR_TABLE: Final[dict[str, tuple[int, type[PlatformError]]]] = {
     PayloadTooLarge.code: (413, PayloadTooLarge),
     UnsupportedMediaType.code: (415, UnsupportedMediaType),
     ModelInvalid.code: (422, ModelInvalid),
+    Overloaded.code: (429, Overloaded),
     ResourceExhausted.code: (507, ResourceExhausted),
     Unavailable.code: (503, Unavailable),
     DeadlineExceeded.code: (504, DeadlineExceeded),
@@ -122,7 +134,9 @@ def http_status(error: PlatformError) -> int:
     return ERROR_TABLE.get(error.code, (500, Internal))[0]
 
 
-def from_code(code: str, message: str, field: str | None = None) -> PlatformError:
+def from_code(
+    code: str, message: str, field: str | None = None, retry_after_s: float | None = None
+) -> PlatformError:
     """Rebuild a typed error from its wire form (an unknown code becomes ``Internal``)."""
     cls = ERROR_TABLE.get(code, (500, Internal))[1]
-    return cls(message, field=field)
+    return cls(message, field=field, retry_after_s=retry_after_s)

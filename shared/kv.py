@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -23,7 +23,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.apikeys import ApiKeyRecord
-from gpufaas.shared.errors import PlatformError, Unavailable
+from gpufaas.shared.errors import PlatformError, ResourceExhausted, Unavailable
 from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.jetstream import Buckets, bucket_keys
 from gpufaas.shared.messages import (
@@ -52,6 +52,22 @@ _MISSING = (
     nats.js.errors.InvalidKeyError,
     ValueError,  # nats-py rejects some malformed keys with a plain ValueError
 )
+
+
+@contextlib.contextmanager
+def _room(bucket: str) -> Iterator[None]:
+    """A write refused because the bucket holds its ``max_bytes`` is a 507 naming the bucket
+    (and how to raise it), not a 500."""
+    try:
+        yield
+    except nats.js.errors.APIError as exc:
+        if "maximum bytes" not in (exc.description or ""):
+            raise
+        raise ResourceExhausted(
+            f"JetStream bucket {bucket} is full (its max_bytes; GPUFAAS_JETSTREAM_MAX_BYTES "
+            f"raises it): {exc.description}",
+            field="bucket",
+        ) from None
 
 
 class Codec(Generic[T]):
@@ -155,21 +171,24 @@ class Bucket(Generic[T]):
 
     async def put(self, key: str, value: T) -> int:
         """Write unconditionally; the new revision."""
-        return await self.kv.put(key, self.codec.encode(value))
+        with _room(self.name):
+            return await self.kv.put(key, self.codec.encode(value))
 
     async def create(self, key: str, value: T) -> int | None:
         """Write only if the key holds nothing; the revision, or ``None`` if it exists."""
         try:
-            return await self.kv.create(key, self.codec.encode(value))
+            with _room(self.name):
+                return await self.kv.create(key, self.codec.encode(value))
         except nats.js.errors.KeyWrongLastSequenceError:
             return None
 
     async def put_if(self, key: str, value: T, revision: int) -> int:
         """Write if the record is still at ``revision`` (0: absent); else :class:`Conflict`."""
         try:
-            if revision == 0:
-                return await self.kv.create(key, self.codec.encode(value))
-            return await self.kv.update(key, self.codec.encode(value), last=revision)
+            with _room(self.name):
+                if revision == 0:
+                    return await self.kv.create(key, self.codec.encode(value))
+                return await self.kv.update(key, self.codec.encode(value), last=revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             raise Conflict(key) from None
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
-from gpufaas.shared.constants import DEFAULT_TENANT
+from gpufaas.shared.constants import DEFAULT_MAX_ROWS, DEFAULT_TENANT
 from gpufaas.shared.errors import InvalidArgument
 
 NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -153,6 +153,8 @@ class FunctionOptions(Msg, frozen=True, tag="function_options.v1"):
 
     max_batch_size: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
     slo_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    # Rows (first dimension) one request's input may have: more is 413 at the gateway.
+    max_rows: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = DEFAULT_MAX_ROWS
 
 
 class FunctionSpec(Msg, frozen=True, tag="function_spec.v1"):
@@ -894,6 +896,7 @@ class ErrorReply(Msg, frozen=True, tag="error.v1"):
     code: str
     message: str
     field: str | None = None
+    retry_after_s: float | None = None  # when a retry may succeed (``Overloaded``)
 
 
 class Event(Msg, frozen=True, tag="event.v1"):

@@ -168,6 +168,7 @@ def permissions(role: str, node: str = "") -> Permissions | None:
                 f"{P}.scheduler.>",
                 subjects.STATS_ALL,
                 subjects.event("memory.rejected"),
+                subjects.event("worker.exited"),  # a pool's crashed process: resend its requests
                 inbox,
             ],
             responses=True,

@@ -57,7 +57,8 @@ from gpufaas.shared.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from gpufaas.shared.paths import create_new, open_fd, staging_name
+from gpufaas.shared.jetstream import placed, reconcile_limits
+from gpufaas.shared.paths import allocate, create_new, open_fd, staging_name
 
 log = structlog.get_logger()
 
@@ -118,8 +119,13 @@ async def ensure_object_bucket(
     ttl_s: float | None = None,
     max_bytes: int | None = None,
     storage: StorageType = StorageType.FILE,
+    replicas: int = 1,
+    reshape: bool = False,
 ) -> None:
-    """Create (or open) an object bucket; safe to call concurrently from every service."""
+    """Create (or open) an object bucket with ``replicas`` replicas (fewer where the cluster
+    cannot place them) and at most ``max_bytes``; with ``reshape`` (an identity allowed to
+    update streams) an existing bucket's limits are brought up to date. Safe to call
+    concurrently from every service."""
     _check_bucket(bucket)
     nc = _client(js)
     with _translated(nc, f"open object bucket {bucket!r}"):
@@ -128,10 +134,18 @@ async def ensure_object_bucket(
         except nats.js.errors.BucketNotFoundError:
             pass
         else:
+            if reshape and max_bytes:
+                await reconcile_limits(js, _stream(bucket), max_bytes=max_bytes, max_age=ttl_s)
             return
-        try:
+
+        async def create(r: int) -> None:
             # The name goes positionally: create_object_store(config=...) loses it (nats-py 2.16).
-            await js.create_object_store(bucket, ttl=ttl_s, max_bytes=max_bytes, storage=storage)
+            await js.create_object_store(
+                bucket, ttl=ttl_s, max_bytes=max_bytes, storage=storage, replicas=r
+            )
+
+        try:
+            await placed(create, replicas, f"OBJ_{bucket}")
         except nats.js.errors.BadRequestError:
             await js.object_store(bucket)  # another service created it first
 
@@ -202,12 +216,14 @@ async def get_object(
     *,
     window_bytes: int = DEFAULT_WINDOW_BYTES,
     timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
+    tier: str = "host",
 ) -> int:
     """Read object ``name`` into a buffer or a file and check its digest; returns its size.
 
     A ``bytearray`` is resized to the object; a ``memoryview`` must be writable, contiguous
     and large enough (the first ``size`` bytes are written); a file is written under a
-    temporary name and renamed into place only once complete and verified.
+    temporary name and renamed into place only once complete and verified (no room for
+    it: ``ResourceExhausted`` naming ``tier``, the file's storage).
     """
     _check_bucket(bucket)
     _check_name(name)
@@ -216,7 +232,7 @@ async def get_object(
         obj = await _lookup(js, bucket, name)
         if obj is None:
             raise NotFound(f"object {name!r} is not in bucket {bucket!r}", field="tube")
-        with _destination(into, obj.size_bytes) as dest:
+        with _destination(into, obj.size_bytes, tier) as dest:
             await _pull_chunks(js, obj, dest, window_bytes=window_bytes, timeout_s=timeout_s)
     return obj.size_bytes
 
@@ -394,7 +410,9 @@ def _source(data: bytes | bytearray | memoryview | Path) -> Iterator[memoryview]
 
 
 @contextlib.contextmanager
-def _destination(into: bytearray | memoryview | Path, size: int) -> Iterator[memoryview]:
+def _destination(
+    into: bytearray | memoryview | Path, size: int, tier: str = "host"
+) -> Iterator[memoryview]:
     """A writable view of exactly ``size`` bytes where the object goes."""
     if isinstance(into, bytearray):
         if len(into) > size:
@@ -413,7 +431,7 @@ def _destination(into: bytearray | memoryview | Path, size: int) -> Iterator[mem
         with into.cast("B") as flat, flat[:size] as view:
             yield view
     elif isinstance(into, Path):
-        yield from _file_destination(into, size)
+        yield from _file_destination(into, size, tier)
     else:
         raise InvalidArgument(
             f"into must be a bytearray, a memoryview or a Path, not {type(into).__name__}",
@@ -421,7 +439,7 @@ def _destination(into: bytearray | memoryview | Path, size: int) -> Iterator[mem
         )
 
 
-def _file_destination(path: Path, size: int) -> Iterator[memoryview]:
+def _file_destination(path: Path, size: int, tier: str) -> Iterator[memoryview]:
     # Written under a temporary name and renamed, so a reader never sees half an object.
     tmp = staging_name(path)
     try:
@@ -430,6 +448,7 @@ def _file_destination(path: Path, size: int) -> Iterator[memoryview]:
         raise InvalidArgument(f"cannot write {path}: {exc.strerror}", field="into") from None
     try:
         os.ftruncate(fd, size)
+        allocate(fd, size, path, tier)  # a full disk or tmpfs: a 507 here, not a SIGBUS
         if size == 0:
             yield memoryview(bytearray())
         else:

@@ -18,11 +18,17 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from gpufaas.shared.errors import InvalidArgument, NotFound
+import structlog
+
+from gpufaas.shared import constants as c
+from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
+
+log = structlog.get_logger()
 
 DIR_MODE: Final = 0o700
 FILE_MODE: Final = 0o600
@@ -130,23 +136,119 @@ def staging_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+# A staging file: ``.<final name>.<pid of its writer>.<8 hex digits>.tmp``.
+_STAGING: Final = re.compile(r"^\..+\.([0-9]+)\.[0-9a-f]{8}\.tmp$")
+# Out of room: on tmpfs ``ENOSPC``; a quota; a size over the file system's limit.
+_NO_ROOM: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def no_room(
+    exc: OSError, path: Path, tier: str, nbytes: int | None = None
+) -> ResourceExhausted | None:
+    """The 507 of a write that found ``tier`` full (``None``: ``exc`` is another failure)."""
+    if exc.errno not in _NO_ROOM:
+        return None
+    what = "the file" if nbytes is None else f"{nbytes} bytes"
+    return ResourceExhausted(
+        f"tier {tier} is full: no room for {what} under {path.parent} ({exc.strerror})",
+        field="tier",
+    )
+
+
+def allocate(fd: int, nbytes: int, path: Path, tier: str) -> None:
+    """Commit the pages of a new file before it is mapped and written, so that a full tmpfs
+    is a ``ResourceExhausted`` naming ``tier`` here, never a SIGBUS on first touch. The
+    caller removes the file on failure (it is still under its staging name)."""
+    if nbytes <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        full = no_room(exc, path, tier, nbytes)
+        if full is None:
+            raise
+        raise full from None
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether the process named in a staging file may still be writing it (this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep_staging(
+    root: Path,
+    now: float | None = None,
+    *,
+    grace_s: float = c.STAGING_GRACE_S,
+    max_age_s: float = c.STAGING_MAX_AGE_S,
+    recursive: bool = True,
+) -> list[Path]:
+    """Remove staging files under ``root`` left by crashed copies: older than ``grace_s``
+    whose writer is gone, or older than ``max_age_s`` whatever the pid says (it may have
+    been reused). A file still being written is younger, or its writer is alive."""
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    for top, dirs, files in os.walk(root):  # never follows a link to a directory
+        dirs[:] = [] if not recursive else [d for d in dirs if not os.path.islink(Path(top, d))]
+        for name in files:
+            m = _STAGING.match(name)
+            if m is None:
+                continue
+            path = Path(top, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:  # renamed into place or removed meanwhile
+                continue
+            age = now - st.st_mtime
+            if not stat.S_ISREG(st.st_mode) or age < grace_s:
+                continue
+            if age < max_age_s and _writer_alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    if removed:
+        log.info("staging.swept", root=str(root), files=len(removed))
+    return removed
+
+
 def create_new(path: Path, flags: int = os.O_RDWR) -> int:
     """A new private file (0600, ``O_EXCL``: never an existing file or link); its descriptor."""
     return open_fd(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
 
 
-def write_private(path: Path, chunks: Iterable[bytes | memoryview], *, replace: bool = True) -> int:
+def write_private(
+    path: Path,
+    chunks: Iterable[bytes | memoryview],
+    *,
+    replace: bool = True,
+    tier: str = "host",
+) -> int:
     """Write a private file atomically: a new 0600 file under a staging name, then renamed
     into place (``replace=False``: linked, so an existing file is kept and
-    ``FileExistsError`` raised). Returns its size."""
+    ``FileExistsError`` raised). Returns its size; a full ``tier`` is ``ResourceExhausted``."""
     make_dirs(path.parent)
     tmp = staging_name(path)
     size = 0
     fd = create_new(tmp, os.O_WRONLY)
     try:
-        with os.fdopen(fd, "wb", closefd=True) as f:
-            for chunk in chunks:
-                size += f.write(chunk)
+        try:
+            with os.fdopen(fd, "wb", closefd=True) as f:
+                for chunk in chunks:
+                    size += f.write(chunk)
+        except OSError as exc:
+            full = no_room(exc, path, tier)
+            if full is None:
+                raise
+            raise full from None
         if replace:
             os.replace(tmp, path)
         else:

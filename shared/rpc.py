@@ -49,12 +49,19 @@ def decode_reply(resp: NatsMsg, reply_type: type[M]) -> M:
     """Raise the error a reply carries, or decode it as ``reply_type``."""
     if resp.headers and c.HDR_ERROR_CODE in resp.headers:
         err = decode(resp.data, ErrorReply)
-        raise from_code(err.code, err.message, err.field)
+        raise from_code(err.code, err.message, err.field, err.retry_after_s)
     return decode(resp.data, reply_type)
 
 
 def error_reply(error: PlatformError) -> tuple[bytes, dict[str, str]]:
     """Body and headers of an error reply."""
-    body = encode(ErrorReply(code=error.code, message=error.message, field=error.field))
+    body = encode(
+        ErrorReply(
+            code=error.code,
+            message=error.message,
+            field=error.field,
+            retry_after_s=error.retry_after_s,
+        )
+    )
     headers = {c.HDR_ERROR_CODE: error.code, c.HDR_ERROR_MESSAGE: error.message[:256]}
     return body, headers

@@ -42,7 +42,7 @@ from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import Internal, PlatformError, Unavailable
-from gpufaas.shared.jetstream import Buckets, ensure_jetstream
+from gpufaas.shared.jetstream import Buckets, cluster_replicas, wait_for_jetstream
 from gpufaas.shared.kv import MALFORMED, Bucket, TypedBuckets
 from gpufaas.shared.logging import configure_logging
 from gpufaas.shared.messages import (
@@ -216,6 +216,12 @@ class Service:
         return self._kv
 
     @property
+    def replicas(self) -> int:
+        """Replicas for a JetStream resource this service creates (config, capped by the
+        cluster's size)."""
+        return cluster_replicas(self.nc, self.config.nats_replicas)
+
+    @property
     def running(self) -> bool:
         return self._state == "running"
 
@@ -253,9 +259,7 @@ class Service:
         structlog.contextvars.bind_contextvars(node=self.config.node_id)
         self._nc = await connect_nats(self.config, f"gpufaas-{self.name}")
         self._js = self._nc.jetstream()
-        self._buckets = await ensure_jetstream(
-            self._js, node_ttl_s=self.config.node_ttl_s, tube_ttl_s=self.config.tube_ttl_s
-        )
+        self._buckets = await wait_for_jetstream(self._nc, self.config)
         self._kv = TypedBuckets(self._js, self._buckets)
         await self.on_start()
         await self.serve_endpoints(self.endpoints())

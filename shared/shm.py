@@ -119,6 +119,8 @@ def _reuse_pooled(root: Path, relpath: str, nbytes: int) -> bool:
         except FileNotFoundError:  # another process claimed it first
             continue
         # Cut the file to this tube: nothing of an earlier tube stays readable after it.
+        # Every page left was written whole before (pooled files are tube files written
+        # in full), so the mapped write allocates nothing: no fallocate, no SIGBUS.
         fd = open_fd(root / relpath, os.O_RDWR)
         try:
             os.ftruncate(fd, nbytes)

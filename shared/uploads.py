@@ -287,7 +287,8 @@ async def materialize(
         try:
             archive = work / "archive"
             try:
-                await get_object(js, MODELS_OBJECT_BUCKET, object_name(tenant, upload), archive)
+                name = object_name(tenant, upload)
+                await get_object(js, MODELS_OBJECT_BUCKET, name, archive, tier="disk")
             except NotFound:
                 raise NotFound(f"uploaded model {upload} not found", field="model.upload") from None
             await asyncio.to_thread(_unpack, archive, work / "files", final, upload, max_bytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import time
 import uuid
@@ -25,6 +26,14 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from gpufaas.gateway import keys, models
+from gpufaas.gateway.admission import (
+    ADMISSION,
+    Admission,
+    admitted,
+    capped_streams,
+    check_input_sizes,
+    replay_start,
+)
 from gpufaas.gateway.auth import (
     KEYS,
     auth_middleware,
@@ -35,6 +44,7 @@ from gpufaas.gateway.auth import (
 from gpufaas.gateway.bodies import DeployBody, InferBody, WorkflowBody
 from gpufaas.gateway.openapi import RouteDoc, build_openapi
 from gpufaas.gateway.service_stats import exposition, gather
+from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.apikeys import KeyCache
 from gpufaas.shared.catalog import check_server_path, validate_source
@@ -51,7 +61,7 @@ from gpufaas.shared.errors import (
     http_status,
 )
 from gpufaas.shared.identity import Device, FunctionRef
-from gpufaas.shared.jetstream import ensure_jetstream
+from gpufaas.shared.jetstream import wait_for_jetstream
 from gpufaas.shared.kv import TypedBuckets
 from gpufaas.shared.messages import (
     NAME_PATTERN,
@@ -142,6 +152,8 @@ def error_response(exc: PlatformError, request_id: str) -> web.Response:
     headers = {REQUEST_ID_HEADER: request_id}
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer realm="gpufaas"'
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return json_response(exc.to_dict(), http_status(exc), headers)
 
 
@@ -426,6 +438,7 @@ async def infer(request: web.Request) -> web.Response:
     record = await require_function(request, name)
     tenant = record.spec.tenant
     _validate_inputs(body, record.spec.name, record.inputs, record.outputs)
+    check_input_sizes(body.inputs, record.spec.options.max_rows, config.max_body_bytes)
     request_id = request[REQUEST_ID]
     tubes: list[Tube] = []
     try:
@@ -639,6 +652,7 @@ async def workflow_infer(request: web.Request) -> web.Response:
     record = await _require_workflow(request, request.match_info["name"])
     spec = record.spec
     _validate_inputs(body, spec.name, record.inputs, record.outputs)
+    check_input_sizes(body.inputs, c.DEFAULT_MAX_ROWS, config.max_body_bytes)
     request_id = request[REQUEST_ID]
     tubes: list[Tube] = []
     try:
@@ -784,15 +798,17 @@ async def events_sse(request: web.Request) -> web.StreamResponse:
         ) from None
     replay = request.query.get("replay", "new")
     last_id = request.headers.get("Last-Event-ID")
-    if last_id is not None:
-        if not last_id.isdigit():
+    if last_id is not None or replay == "all":  # from there, at most the latest N events
+        if last_id is not None and not last_id.isdigit():
             raise InvalidArgument(
                 "Last-Event-ID must be a stream sequence number", field="Last-Event-ID"
             )
+        wanted = int(last_id) + 1 if last_id is not None else 0
+        start = await replay_start(nc.jetstream(), wanted, request.app[CONFIG].events_replay_max)
         consumer = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(last_id) + 1
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
         )
-    elif replay in ("all", "new", "last"):
+    elif replay in ("new", "last"):
         consumer = ConsumerConfig(deliver_policy=DeliverPolicy(replay))
     else:
         raise InvalidArgument("replay must be all, new or last", field="replay")
@@ -807,12 +823,20 @@ async def events_sse(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     try:
         await resp.write(b": connected\n\n")
+        quiet = 0  # seconds without an event: a keep-alive every 15
         while True:
             try:
-                msg = await sub.next_msg(timeout=15)
+                msg = await sub.next_msg(timeout=1)
             except nats.errors.TimeoutError:
-                await resp.write(b": keep-alive\n\n")
+                # A client gone is noticed within a second (its stream place freed).
+                if request.transport is None or request.transport.is_closing():
+                    break
+                quiet += 1
+                if quiet >= 15:
+                    await resp.write(b": keep-alive\n\n")
+                    quiet = 0
                 continue
+            quiet = 0
             if not _visible_to(msg.data, tenant):
                 continue
             seq = msg.metadata.sequence.stream
@@ -848,7 +872,10 @@ ROUTES: list[tuple[RouteDoc, Handler]] = [
     (RouteDoc("GET", "/v2", "Server metadata"), server_metadata),
     (RouteDoc("GET", "/v2/models/{name}", "Model metadata"), model_get),
     (RouteDoc("GET", "/v2/models/{name}/ready", "Model readiness"), model_ready),
-    (RouteDoc("POST", "/v2/models/{name}/infer", "Inference (JSON tensors)", InferBody), infer),
+    (
+        RouteDoc("POST", "/v2/models/{name}/infer", "Inference (JSON tensors)", InferBody),
+        admitted(infer),
+    ),
     (RouteDoc("POST", "/v1/functions", "Deploy a function", DeployBody, ok=201), functions_post),
     (RouteDoc("GET", "/v1/functions", "List functions"), functions_list),
     (RouteDoc("GET", "/v1/functions/{name}", "Get a function"), function_get),
@@ -866,10 +893,13 @@ ROUTES: list[tuple[RouteDoc, Handler]] = [
         RouteDoc(
             "POST", "/v1/workflows/{name}/infer", "Invoke a workflow (JSON tensors)", InferBody
         ),
-        workflow_infer,
+        admitted(workflow_infer),
     ),
     (RouteDoc("GET", "/v1/nodes", "Live nodes, their services and devices"), nodes_list),
-    (RouteDoc("GET", "/v1/events", "Server-Sent Events from the EVENTS stream"), events_sse),
+    (
+        RouteDoc("GET", "/v1/events", "Server-Sent Events from the EVENTS stream"),
+        capped_streams(events_sse),
+    ),
     (RouteDoc("GET", "/metrics", "Prometheus metrics (admin keys)"), metrics),
     *keys.ROUTES,
 ]
@@ -880,7 +910,7 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     nc = await connect_nats(config, "gpufaas-gateway")
     app[NC] = nc
     js = nc.jetstream()
-    buckets = await ensure_jetstream(js, node_ttl_s=config.node_ttl_s, tube_ttl_s=config.tube_ttl_s)
+    buckets = await wait_for_jetstream(nc, config)
     app[KV] = TypedBuckets(js, buckets)
     app[FUNCTIONS] = FunctionCache(app[KV].functions)
     app[KEYS] = KeyCache(app[KV].keys)
@@ -916,6 +946,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[ADMISSION] = Admission.from_config(config)
     app.cleanup_ctx.append(_nats_ctx)
     app.cleanup_ctx.append(models.uploads_ctx)  # after NATS: it opens the uploads' buckets
     routes = [*ROUTES, *models.ROUTES]

@@ -22,7 +22,6 @@ import nats.js.errors
 import structlog
 from aiohttp import web
 from nats.js import JetStreamContext
-from nats.js.api import StorageType
 
 from gpufaas.gateway import app as gw
 from gpufaas.gateway.auth import Handler
@@ -35,6 +34,7 @@ from gpufaas.shared.errors import (
     PlatformError,
     UnsupportedMediaType,
 )
+from gpufaas.shared.jetstream import cluster_replicas, ensure_kv, may_reshape, stream_max_bytes
 from gpufaas.shared.kv import Bucket, Codec
 from gpufaas.shared.messages import UPLOAD_ID_PATTERN, ModelSource
 from gpufaas.shared.objects import delete_object, ensure_object_bucket, put_object
@@ -241,15 +241,17 @@ async def uploads_ctx(app: web.Application) -> AsyncIterator[None]:
 
     Only gateways read and write them, so only gateways create them: no other role's
     NATS permissions need to name them."""
-    js = app[gw.NC].jetstream()
-    try:
-        kv = await js.key_value(c.KV_MODELS)
-    except nats.js.errors.BucketNotFoundError:
-        try:
-            kv = await js.create_key_value(bucket=c.KV_MODELS, storage=StorageType.FILE)
-        except nats.js.errors.BadRequestError:  # another gateway made it first
-            kv = await js.key_value(c.KV_MODELS)
-    await ensure_object_bucket(js, c.MODELS_OBJECT_BUCKET)
+    js, config = app[gw.NC].jetstream(), app[gw.CONFIG]
+    replicas = cluster_replicas(app[gw.NC], config.nats_replicas)
+    limits, reshape = stream_max_bytes(config), may_reshape(config)
+    kv = await ensure_kv(js, c.KV_MODELS, replicas=replicas, reshape=reshape, limits=limits)
+    await ensure_object_bucket(
+        js,
+        c.MODELS_OBJECT_BUCKET,
+        replicas=replicas,
+        max_bytes=limits[f"OBJ_{c.MODELS_OBJECT_BUCKET}"],
+        reshape=reshape,
+    )
     codec = Codec.json(ModelUpload, lambda u: record_key(u.tenant, u.id))
     app[UPLOADS] = Bucket(js, kv, c.KV_MODELS, codec)
     yield

@@ -35,7 +35,15 @@ from typing import Final, Literal, Protocol
 from gpufaas.shared import constants as c
 from gpufaas.shared.cuda_ipc import CudaSegment
 from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
-from gpufaas.shared.paths import create_new, make_dirs, name_under, regular_size, staging_name
+from gpufaas.shared.paths import (
+    allocate,
+    create_new,
+    make_dirs,
+    name_under,
+    regular_size,
+    staging_name,
+    sweep_staging,
+)
 from gpufaas.shared.shm import new_id
 
 DEFAULT_SEGMENT_BYTES: Final = 64 << 20
@@ -102,6 +110,7 @@ class HostBackend:
         self.root = root
         self.preallocate = preallocate
         make_dirs(root)
+        sweep_staging(root, recursive=False)  # segments a crash left half made
 
     def path(self, segment_id: str) -> Path:
         """The file of a segment, for processes that map it (a segment id read back from KV
@@ -115,11 +124,14 @@ class HostBackend:
             fd = create_new(tmp)  # private (0600), new, never through a link
             try:
                 os.ftruncate(fd, nbytes)
-                if self.preallocate and nbytes > 0:
-                    os.posix_fallocate(fd, 0, nbytes)
+                if self.preallocate:
+                    allocate(fd, nbytes, path, "host (host pool)")
             finally:
                 os.close(fd)
             os.replace(tmp, path)
+        except ResourceExhausted:
+            tmp.unlink(missing_ok=True)
+            raise
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise ResourceExhausted(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import nats.errors
 import structlog
 from msgspec.structs import replace as msgspec_replace
 
@@ -14,8 +16,15 @@ from gpufaas.scheduler.functions import FunctionRegistry
 from gpufaas.scheduler.host import Host
 from gpufaas.scheduler.profiles import effective_config
 from gpufaas.scheduler.queues import FunctionQueue, Pending
+from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
-from gpufaas.shared.errors import DeadlineExceeded, NotFound, PlatformError, ResourceExhausted
+from gpufaas.shared.errors import (
+    DeadlineExceeded,
+    NotFound,
+    Overloaded,
+    PlatformError,
+    ResourceExhausted,
+)
 from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import (
     FunctionRecord,
@@ -95,6 +104,9 @@ class Dispatcher:
         self.workers = registry.workers
         self.queues: dict[str, FunctionQueue] = {}  # FunctionRef.key -> its queue here
         self._cold: dict[str, asyncio.Task[None]] = {}  # key -> cold start from zero here
+        # Sends whose caller's deadline passed before the worker answered: each holds its
+        # instance slot until the answer (or the grace past the deadline) comes.
+        self._late: set[asyncio.Future[tuple[InvokeReply, WorkerBindReply | None]]] = set()
 
     def queue(self, ref: FunctionRef) -> FunctionQueue:
         fq = self.queues.get(ref.key)
@@ -110,6 +122,7 @@ class Dispatcher:
         if record is None:
             raise NotFound(f"function {call.ref.name!r} not found", field="model")
         fq = self.queue(call.ref)
+        self.admit(fq)
         tubes = tuple(p.tube for p in call.inputs if p.tube is not None)
         loop = asyncio.get_running_loop()
         pending = Pending(
@@ -121,6 +134,7 @@ class Dispatcher:
         node = await self._wait(fq, pending)
         if tubes:  # pinned on that node until it is answered (see the queue view)
             fq.running_tubes[pending.seq] = (node, tubes)
+        send: asyncio.Future[tuple[InvokeReply, WorkerBindReply | None]] | None = None
         try:
             config = effective_config(profile, record.spec)
             run = WorkerRunRequest(
@@ -134,14 +148,29 @@ class Dispatcher:
                 intermediate=call.intermediate,
                 dispatch_id=call.dispatch_id,
             )
-            reply = with_bind(*await self._send(node, run, call))
+            send = asyncio.ensure_future(self._send(node, run, call))
+            reply = with_bind(*await self._by_deadline(send, call))
         finally:
-            fq.release(node)
-            fq.running_tubes.pop(pending.seq, None)
-            await self.pump(fq, None)
+            if send is None or send.done():
+                self._done_with(fq, node, pending)
+                await self.pump(fq, None)
+            else:  # past its deadline: the slot is the worker's until it answers
+                late = send
+                self._late.add(late)
+                late.add_done_callback(lambda _: self._late_answer(fq, node, pending, late))
         reply = with_cold_start(reply, pending)
         await self._completed(call, reply)
         return reply
+
+    def admit(self, fq: FunctionQueue) -> None:
+        """Turn a request away (429 with ``Retry-After``) when its function's queue is
+        full (``GPUFAAS_MAX_QUEUED``): a burst waits bounded, it does not pile up."""
+        limit = self.host.config.max_queued
+        if fq.full(limit):
+            raise Overloaded(
+                f"{limit} requests wait for {fq.ref.name!r} already; retry later",
+                retry_after_s=fq.retry_after(),
+            )
 
     async def _wait(self, fq: FunctionQueue, pending: Pending) -> str:
         """The node ``pending`` may run on, once one has room (or its deadline passed)."""
@@ -160,15 +189,52 @@ class Dispatcher:
     async def _send(
         self, node: str, run: WorkerRunRequest, call: Call
     ) -> tuple[InvokeReply, WorkerBindReply | None]:
+        """The worker's answer: it answers even a request it drops for its deadline, so
+        this waits past the deadline (by a grace, in case the worker is gone)."""
         return await self.workers.call(
             node,
             call.ref.tenant,
             subjects.WORKER_RUN,
             run,
             InvokeReply,
-            timeout=max(call.deadline - time.time(), 0.001),
+            timeout=max(call.deadline - time.time(), 0.001) + c.WORKER_ANSWER_GRACE_S,
             request_id=call.request_id,
         )
+
+    async def _by_deadline(
+        self, send: asyncio.Future[tuple[InvokeReply, WorkerBindReply | None]], call: Call
+    ) -> tuple[InvokeReply, WorkerBindReply | None]:
+        """``send``'s answer, or ``DeadlineExceeded`` for the caller at its deadline while
+        ``send`` goes on (its instance slot is held until the worker answers)."""
+        try:
+            async with asyncio.timeout(max(call.deadline - time.time(), 0.001)):
+                return await asyncio.shield(send)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{call.ref.name!r} did not answer request {call.request_id} within its deadline"
+            ) from None
+
+    def _done_with(self, fq: FunctionQueue, node: str, pending: Pending) -> None:
+        """The worker is done with a request (or never got it): free its slot and tubes."""
+        fq.release(node)
+        fq.running_tubes.pop(pending.seq, None)
+
+    def _late_answer(
+        self, fq: FunctionQueue, node: str, pending: Pending, send: asyncio.Future[Any]
+    ) -> None:
+        """The worker answered a request after its caller's deadline: its slot is free now."""
+        self._late.discard(send)
+        if not send.cancelled():
+            send.exception()  # retrieved: its caller has heard DeadlineExceeded already
+        self._done_with(fq, node, pending)
+        self.host.spawn(self._pump_later(fq), f"pump-{fq.key}")
+
+    async def _pump_later(self, fq: FunctionQueue) -> None:
+        """``pump`` off a request's path: a transient failure waits for the next pump."""
+        try:
+            await self.pump(fq, None)
+        except (PlatformError, nats.errors.Error, TimeoutError) as exc:
+            log.warning("pump.failed", function=fq.key, error=repr(exc))
 
     async def _completed(self, call: Call, reply: InvokeReply) -> None:
         await self.host.publish_event(

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gpufaas.shared import constants as c
 from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import QueuedTube, Tube
 
@@ -51,6 +53,10 @@ class FunctionQueue:
     running_tubes: dict[int, tuple[str, tuple[Tube, ...]]] = field(default_factory=dict)
     arrivals: int = 0  # since the last load report
     last_deadline_miss: float = 0.0
+    # Answers per second out of this queue (a moving average of the gaps between them):
+    # how soon a request turned away for a full queue may find room (``retry_after``).
+    drain_rate: float = 0.0
+    _last_release: float = 0.0
 
     @property
     def key(self) -> str:
@@ -82,10 +88,28 @@ class FunctionQueue:
             out.append((head, node))
         return out
 
-    def release(self, node: str) -> None:
+    def release(self, node: str, now: float | None = None) -> None:
         self.in_flight[node] -= 1
         if self.in_flight[node] <= 0:
             del self.in_flight[node]
+        now = time.monotonic() if now is None else now
+        if self._last_release:
+            gap = max(now - self._last_release, 1e-6)
+            rate = 1.0 / gap
+            self.drain_rate = rate if not self.drain_rate else 0.8 * self.drain_rate + 0.2 * rate
+        self._last_release = now
+
+    def full(self, limit: int) -> bool:
+        """Whether ``limit`` requests wait already (the next one is turned away)."""
+        return len(self.waiting) >= limit and self.queued() >= limit
+
+    def retry_after(self) -> float:
+        """Seconds until the waiting requests have drained at the recent rate (a default
+        when none is known), bounded: what a turned-away caller is told to wait."""
+        if self.drain_rate <= 0:
+            return c.RETRY_AFTER_DEFAULT_S
+        wait = self.queued() / self.drain_rate
+        return min(max(wait, c.RETRY_AFTER_DEFAULT_S), c.RETRY_AFTER_MAX_S)
 
     def next_deadline(self) -> float | None:
         live = [p.deadline for p in self.waiting if not p.node.done()]

@@ -122,6 +122,9 @@ class SchedulerService(Service):
         self._subs.append(
             await self.nc.subscribe(subjects.event("memory.rejected"), cb=self._on_rejected)
         )
+        self._subs.append(
+            await self.nc.subscribe(subjects.event("worker.exited"), cb=self._on_worker_exited)
+        )
         await self.reconcile_once(time.time(), announce=False)
         self.every(self.config.heartbeat_s, lambda: self.reconcile_once(time.time()), "membership")
         self.every(
@@ -164,6 +167,9 @@ class SchedulerService(Service):
             for beat in beats
             if beat.service == "worker"
         }
+        for node, started in self.workers.items():
+            if current.get(node) != started:  # its worker (pool) went, with every process
+                self.worker_client.lost(node, None, f"{node}/worker@{started}")
         if announce:
             for node, started in self.workers.items():
                 if current.get(node) != started:
@@ -238,6 +244,16 @@ class SchedulerService(Service):
         except (PlatformError, KeyError, ValueError):
             return
         await self.dispatcher.rejected(ref, node, reason)
+
+    async def _on_worker_exited(self, msg: NatsMsg) -> None:
+        """``worker.exited`` (a node's pool saw a tenant's process die unasked): send the
+        requests it had not answered again now, not at their deadlines."""
+        try:
+            data = decode_json(msg.data, Event).data
+            node, tenant, worker = str(data["node"]), str(data["tenant"]), str(data["worker"])
+        except (PlatformError, KeyError, ValueError):
+            return
+        self.worker_client.lost(node, tenant, worker)
 
     # --- autoscaling -----------------------------------------------------------------------
 

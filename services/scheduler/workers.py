@@ -1,7 +1,12 @@
-"""Requests to a node's worker of a tenant, binding a worker process when none answers."""
+"""Requests to a node's worker of a tenant, binding a worker process when none answers,
+and sending a request again when the process it was sent to dies (``Deaths``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import structlog
@@ -21,6 +26,83 @@ from gpufaas.shared.rpc import request
 
 log = structlog.get_logger()
 R = TypeVar("R", bound=Msg)
+T = TypeVar("T")
+
+# A request whose worker process dies under it this many times in a row fails (503): a
+# crash loop (say, a model that kills its process) is not retried for ever.
+MAX_RESENDS = 2
+
+
+class WorkerLost(Exception):
+    """(Internal.) The process a request was sent to died before it answered."""
+
+    def __init__(self, worker: str) -> None:
+        super().__init__(worker)
+        self.worker = worker
+
+
+class Deaths:
+    """The sends in flight to each ``(node, tenant)``, each with the process it went to
+    when known (its own bind's): a death notice ends the wait of those that went to the
+    dead process (or may have), so they are sent again at once instead of at deadline."""
+
+    def __init__(self) -> None:
+        self._sends: dict[tuple[str, str], dict[asyncio.Future[str], str | None]] = {}
+
+    @contextlib.contextmanager
+    def watching(self, node: str, tenant: str, worker: str | None) -> Iterator[asyncio.Future[str]]:
+        """A future set (to the dead worker's id) if the process of this send dies."""
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        key = (node, tenant)
+        sends = self._sends.setdefault(key, {})
+        sends[fut] = worker
+        try:
+            yield fut
+        finally:
+            sends.pop(fut, None)
+            if not sends and self._sends.get(key) is sends:
+                del self._sends[key]
+
+    def died(self, node: str, tenant: str | None, worker: str) -> int:
+        """A process of ``tenant`` on ``node`` died (``tenant`` None: every process of the
+        node, its pool gone): end the waits of the sends that may have gone to it. One that
+        went to another process (known from its bind) waits on; an unknown one is sent
+        again, harmlessly (the worker answers a dispatch id it runs or ran once)."""
+        told = 0
+        for (at, who), sends in list(self._sends.items()):
+            if at != node or (tenant is not None and who != tenant):
+                continue
+            for fut, sent_to in sends.items():
+                if fut.done() or (tenant is not None and sent_to not in (None, worker)):
+                    continue
+                fut.set_result(worker)
+                told += 1
+        return told
+
+
+async def until_lost(send: Awaitable[T], died: asyncio.Future[str]) -> T:
+    """``send``'s reply, or ``WorkerLost`` as soon as ``died`` is set (an answer that is
+    already there wins)."""
+    task = asyncio.ensure_future(send)
+    try:
+        await asyncio.wait((task, died), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise WorkerLost(died.result())
+
+
+def merged(first: WorkerBindReply | None, then: WorkerBindReply | None) -> WorkerBindReply | None:
+    """What two binds of one request cost together (the later process serves it)."""
+    if first is None or then is None:
+        return then or first
+    return WorkerBindReply(
+        worker=then.worker,
+        waited_us=first.waited_us + then.waited_us,
+        new_process=first.new_process or then.new_process,
+    )
 
 
 class WorkerClient:
@@ -28,6 +110,8 @@ class WorkerClient:
 
     def __init__(self, host: Host) -> None:
         self.host = host
+        self.deaths = Deaths()
+        self.resent = 0  # requests sent again because their process died
 
     async def call(
         self,
@@ -41,27 +125,52 @@ class WorkerClient:
         request_id: str | None = None,
         bind: bool = True,
     ) -> tuple[R, WorkerBindReply | None]:
-        """A worker verb for ``tenant`` on ``node``. When no process of the tenant answers
-        there (its first function on the node, or its process went idle and exited), the
-        node's pool binds one (a warm spare, else a new process) and the request is sent
-        again. The pool never returns a process that is retiring (see
-        ``gpufaas.worker.pool``); should the bound one still not answer (it crashed
-        meanwhile), the pool is asked once more."""
-        subject = subjects.worker(node, tenant, verb)
+        """A worker verb for ``tenant`` on ``node`` (see ``_call_once``). Should the
+        process die before it answers (the pool's ``worker.exited``, see ``lost``), the
+        same message (same dispatch id) is sent again at once, to the process the pool
+        binds next, within the same deadline, at most ``MAX_RESENDS`` times."""
+        until = time.monotonic() + timeout
+        send = self._sender(node, tenant, verb, msg, reply_type, until=until, request_id=request_id)
+        for resend in range(MAX_RESENDS + 1):
+            try:
+                return await self._call_once(node, tenant, send, request_id, bind=bind)
+            except WorkerLost as lost:
+                if not bind or resend == MAX_RESENDS:
+                    raise Unavailable(
+                        f"the worker process of tenant {tenant!r} on node {node} died "
+                        f"{resend + 1} times while it ran this request"
+                    ) from None
+                self.resent += 1
+                log.warning(
+                    "worker.lost_request_resent",
+                    node=node,
+                    tenant=tenant,
+                    worker=lost.worker,
+                    request_id=request_id,
+                )
+        raise AssertionError("unreachable")
 
-        async def send() -> R:
-            return await request(
-                self.host.nc,
-                subject,
-                msg,
-                reply_type,
-                timeout=timeout,
-                request_id=request_id,
-                what=f"worker of node {node}",
-            )
+    def lost(self, node: str, tenant: str | None, worker: str) -> None:
+        """A worker process died (``tenant`` None: the node's pool, with all of them)."""
+        told = self.deaths.died(node, tenant, worker)
+        log.info("worker.lost", node=node, tenant=tenant, worker=worker, requests=told)
 
+    async def _call_once(
+        self,
+        node: str,
+        tenant: str,
+        send: Callable[[str | None], Awaitable[R]],
+        request_id: str | None,
+        *,
+        bind: bool,
+    ) -> tuple[R, WorkerBindReply | None]:
+        """When no process of the tenant answers on ``node`` (its first function there, or
+        its process went idle and exited), the node's pool binds one (a warm spare, else a
+        new process) and the request is sent again. The pool never returns a process that
+        is retiring (see ``gpufaas.worker.pool``); should the bound one still not answer
+        (it crashed meanwhile), the pool is asked once more."""
         try:
-            return await send(), None
+            return await send(None), None
         except Unavailable as exc:
             if not bind:
                 raise
@@ -70,16 +179,41 @@ class WorkerClient:
             except Unavailable:
                 raise exc from None  # no pool on that node: the first error stands
         try:
-            return await send(), bound
+            return await send(bound.worker), bound
         except Unavailable:
             log.warning("worker.bound_not_answering", node=node, tenant=tenant, worker=bound.worker)
         again = await self._bind(node, tenant, request_id)
-        bound = WorkerBindReply(
-            worker=again.worker,
-            waited_us=bound.waited_us + again.waited_us,
-            new_process=bound.new_process or again.new_process,
-        )
-        return await send(), bound
+        return await send(again.worker), merged(bound, again)
+
+    def _sender(
+        self,
+        node: str,
+        tenant: str,
+        verb: str,
+        msg: Msg,
+        reply_type: type[R],
+        *,
+        until: float,
+        request_id: str | None,
+    ) -> Callable[[str | None], Awaitable[R]]:
+        """Sends ``msg`` to the tenant's process (``worker``: the one a bind just gave, or
+        None), waiting for its reply until ``until`` or until that process dies."""
+        subject = subjects.worker(node, tenant, verb)
+
+        async def send(worker: str | None) -> R:
+            with self.deaths.watching(node, tenant, worker) as died:
+                reply = request(
+                    self.host.nc,
+                    subject,
+                    msg,
+                    reply_type,
+                    timeout=max(until - time.monotonic(), 0.001),
+                    request_id=request_id,
+                    what=f"worker of node {node}",
+                )
+                return await until_lost(reply, died)
+
+        return send
 
     async def _bind(self, node: str, tenant: str, request_id: str | None) -> WorkerBindReply:
         bound = await request(

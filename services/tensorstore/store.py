@@ -24,7 +24,7 @@ import structlog
 from gpufaas.shared.constants import SEGMENT_ALIGN
 from gpufaas.shared.errors import ModelInvalid
 from gpufaas.shared.messages import TensorRef, decode_json, encode_json
-from gpufaas.shared.paths import make_dirs, read_file, write_private
+from gpufaas.shared.paths import make_dirs, read_file, sweep_staging, write_private
 from gpufaas.shared.shm import TENSORS_DIR, new_id, write_segment
 from gpufaas.tensorstore.leases import LeaseTable
 from gpufaas.tensorstore.pt2_file import Pt2File
@@ -130,6 +130,7 @@ class HostStore:
                 ids.add(ref.id)
         models = self.dir / MODELS_DIR
         make_dirs(models)
+        sweep_staging(models, time.time())  # crashed writes of model records and programs
         for path in models.glob("*.json"):
             body = json.loads(read_file(path))
             self.models[path.stem] = body["ids"]

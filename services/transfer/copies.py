@@ -38,7 +38,7 @@ from gpufaas.shared.messages import (
     Tube,
 )
 from gpufaas.shared.objects import put_object
-from gpufaas.shared.paths import make_dirs, regular_size
+from gpufaas.shared.paths import allocate, make_dirs, regular_size
 from gpufaas.shared.shm import TUBES_DIR
 from gpufaas.transfer.cuda_engine import CudaCopyEngine, multipath_host_to_device
 from gpufaas.transfer.directory import TubeDirectory
@@ -181,6 +181,8 @@ class TierCopies:
             raise
         try:
             f.truncate(n)
+            # Pages committed now: a full tmpfs is a 507 here, never a SIGBUS mid-copy.
+            await asyncio.to_thread(allocate, f.fileno(), n, final, req.tier)
             with mmap.mmap(f.fileno(), n) if n else contextlib.nullcontext() as dst:
 
                 def copy(offset: int, size: int) -> None:

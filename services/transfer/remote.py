@@ -13,6 +13,7 @@ import asyncio
 import mmap
 import os
 from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
 from typing import BinaryIO
 
 from nats.aio.client import Client as NATS
@@ -23,7 +24,7 @@ from gpufaas.shared.errors import InvalidArgument, NotFound, PlatformError, Unav
 from gpufaas.shared.identity import is_gpu
 from gpufaas.shared.messages import FetchReply, FetchRequest, Placement, Tube
 from gpufaas.shared.objects import get_object
-from gpufaas.shared.paths import make_dirs
+from gpufaas.shared.paths import allocate, make_dirs
 from gpufaas.shared.rpc import request
 from gpufaas.transfer.directory import TubeDirectory
 from gpufaas.transfer.residency import OBJECT_BUCKET, LocalCopies, create_staging
@@ -93,16 +94,18 @@ class PeerFetch:
         src = sources[0].node
         tmp, f = await asyncio.to_thread(create_staging, final)
         try:
-            await self._fetch_into(tube, src, f)
+            await self._fetch_into(tube, src, f, final)
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return here, f"host({src})->host"
 
-    async def _fetch_into(self, tube: Tube, src_node: str, f: BinaryIO) -> None:
+    async def _fetch_into(self, tube: Tube, src_node: str, f: BinaryIO, final: Path) -> None:
         with f:
             f.truncate(tube.nbytes)
+            # Pages committed now: a full tmpfs is a 507 here, never a SIGBUS mid-copy.
+            await asyncio.to_thread(allocate, f.fileno(), tube.nbytes, final, "host")
             if tube.nbytes == 0:
                 return
             with mmap.mmap(f.fileno(), tube.nbytes) as out:

@@ -32,6 +32,7 @@ from gpufaas.shared.config import Config
 from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import InvalidArgument, NotFound
 from gpufaas.shared.identity import is_gpu
+from gpufaas.shared.jetstream import may_reshape, stream_max_bytes
 from gpufaas.shared.memory_client import MemoryClient
 from gpufaas.shared.messages import (
     AdoptReply,
@@ -136,7 +137,16 @@ class TransferService(Service):
         return memory, host
 
     async def on_start(self) -> None:
-        await ensure_object_bucket(self.js, OBJECT_BUCKET, ttl_s=self.config.tube_ttl_s)
+        await ensure_object_bucket(
+            self.js,
+            OBJECT_BUCKET,
+            ttl_s=self.config.tube_ttl_s,
+            replicas=self.replicas,
+            max_bytes=stream_max_bytes(self.config)[f"OBJ_{OBJECT_BUCKET}"],
+            reshape=may_reshape(self.config),
+        )
+        # Staging files of copies a crash cut short (the sweeper goes on removing them).
+        await asyncio.to_thread(self.sweeper.sweep_staging, time.time())
         if self._cuda:
             await self._calibrate()
         self.every(self.config.reclaim_interval_s, self._sweep, "sweeper")

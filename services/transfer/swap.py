@@ -17,6 +17,7 @@ import structlog
 from gpufaas.shared.errors import Unavailable
 from gpufaas.shared.memory_client import MemoryClient, tube_item
 from gpufaas.shared.messages import Placement, Tube, TubeReleaseReply, TubeReleaseRequest
+from gpufaas.shared.paths import allocate
 from gpufaas.shared.shm import host_pool_segment
 from gpufaas.transfer.directory import TubeDirectory
 from gpufaas.transfer.emulator import EmulatedCopies
@@ -98,6 +99,8 @@ class Swapper:
         try:
             with f:
                 f.truncate(n)
+                # Pages committed now: a full tmpfs is a 507 here, never a SIGBUS mid-copy.
+                await asyncio.to_thread(allocate, f.fileno(), n, final, "host")
                 if n:
                     with mmap.mmap(f.fileno(), n) as dst:
                         await self._copy_out(tube, gpu, dst)

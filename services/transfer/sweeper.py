@@ -3,7 +3,9 @@ expired, or the request that made them died): tube files, real GPUs' device copi
 the host pool's blocks of swapped-out copies.
 
 A tube's bytes are written before its KV record, so a copy younger than
-``SWEEP_GRACE_S`` is never swept: its record may be on its way.
+``SWEEP_GRACE_S`` is never swept: its record may be on its way. Staging files
+(``.<name>.<pid>.<hex>.tmp``) that a crashed copy left behind go too, once old enough
+that none is still being written (``paths.sweep_staging``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import structlog
 from gpufaas.shared.errors import PlatformError
 from gpufaas.shared.memory_client import TUBE_ITEM, MemoryClient
 from gpufaas.shared.messages import Placement
+from gpufaas.shared.paths import sweep_staging
 from gpufaas.shared.shm import TUBES_DIR, host_pool_segment
 from gpufaas.transfer.directory import TubeDirectory, is_tube_key
 from gpufaas.transfer.residency import GPU_DIR, LocalCopies
@@ -47,8 +50,20 @@ class Sweeper:
             if f.is_file() and not f.name.startswith(".")
         ]
 
+    def sweep_staging(self, now: float) -> list[Path]:
+        """Remove the staging files of crashed copies in this node's tube directories (and
+        the machine's own ``tubes/``, where workers write); the files removed."""
+        root, node = self.local.config.shm_dir, self.local.node
+        removed = sweep_staging(root / GPU_DIR / node, now)
+        tubes = root / TUBES_DIR
+        removed += sweep_staging(tubes / node, now)
+        if tubes.is_dir():  # its own files only: other nodes' directories are theirs
+            removed += sweep_staging(tubes, now, recursive=False)
+        return removed
+
     async def sweep_once(self, now: float) -> list[str]:
         """Free the copies of tubes gone from KV; the ids swept (tests pass their ``now``)."""
+        await asyncio.to_thread(self.sweep_staging, now)
         swept = await self._files(now)
         for tube_id, tier in list(self.local.devices):  # real GPUs: copies without files
             if not await self.directory.listed(tube_id):

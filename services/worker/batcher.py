@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from gpufaas.shared.errors import Unavailable
+from gpufaas.shared.errors import DeadlineExceeded, Unavailable
 from gpufaas.shared.messages import WorkerRunRequest
 from gpufaas.worker.instances import Instance
 from gpufaas.worker.runners import Inputs, Output, merge, rows, split
@@ -75,6 +75,7 @@ class Ready:
     queued_at: float  # clock.monotonic()
     fut: asyncio.Future[dict[str, Output]]
     max_batch: int  # rows its instance's batches may hold
+    deadline: float = math.inf  # clock.time(); past it, dropped without computing
     batch: int = 1  # requests in the batch it ran in
 
     def __lt__(self, other: Ready) -> bool:
@@ -100,6 +101,8 @@ class Batcher:
         self._seq = itertools.count()
         self._wake = asyncio.Event()  # a request arrived or a batch finished
         self._dispatcher: asyncio.Task[None] | None = None
+        self.computed = 0  # requests handed to ``execute`` (retries of a failed batch too)
+        self.expired = 0  # requests dropped uncomputed: their deadline passed first
 
     async def compute(self, inst: Instance, req: WorkerRunRequest, inputs: Inputs) -> Ready:
         """Queue a request for its instance's next batch; returns it once computed.
@@ -108,8 +111,13 @@ class Batcher:
         moving-average batch time), so a short urgent request is not stuck behind a long
         batch that arrived first; without a deadline a request waits behind every one that
         has one. The dispatcher batches a request with the other ready requests of its
-        instance (dynamic batching, up to the profile's batch size).
+        instance (dynamic batching, up to the profile's batch size). A request whose
+        deadline passes before its batch starts gets ``DeadlineExceeded``, uncomputed:
+        nobody waits for its answer, and it would delay the requests behind it.
         """
+        if req.deadline and req.deadline <= self.clock.time():
+            self.expired += 1
+            raise DeadlineExceeded(f"request {req.request_id} arrived past its deadline")
         item = Ready(
             slack=(req.deadline or math.inf) - inst.compute_s,
             seq=next(self._seq),
@@ -119,6 +127,7 @@ class Batcher:
             queued_at=self.clock.monotonic(),
             fut=asyncio.get_running_loop().create_future(),
             max_batch=max(1, req.max_batch or req.spec.options.max_batch_size),
+            deadline=req.deadline or math.inf,
         )
         if req.concurrency:
             inst.concurrency = min(req.concurrency, self.streams)
@@ -173,7 +182,8 @@ class Batcher:
 
     def _next_head(self, running: set[asyncio.Task[None]]) -> Ready | None:
         """The most urgent ready request that may start now (a free stream, its instance
-        under its concurrency), dropping cancelled ones; None if none may."""
+        under its concurrency), dropping cancelled and expired ones; None if none may."""
+        self._expire(self.clock.time())
         while self.ready and self.ready[0].fut.done():
             heapq.heappop(self.ready)
         if len(running) >= self.streams:
@@ -186,6 +196,13 @@ class Batcher:
             ),
             None,
         )
+
+    def _expire(self, now: float) -> None:
+        """Answer the ready requests whose deadline has passed with ``DeadlineExceeded``."""
+        for r in self.ready:
+            if r.deadline <= now and not r.fut.done():
+                r.fut.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
+                self.expired += 1
 
     def _fill_wait(self, head: Ready, now: float) -> float:
         """How much longer an idle device should wait for ``head``'s batch to fill."""
@@ -229,7 +246,10 @@ class Batcher:
             if len(batch) > 1 and await self._run_together(batch):
                 return
             for r in batch:  # inline, not a helper: the one-request batch is the hot path
+                if r.fut.done():
+                    continue
                 t0 = self.clock.monotonic()
+                self.computed += 1
                 try:
                     result = await self.execute(inst.runner.infer, r.inputs)
                 except Exception as exc:  # the request's own error: its caller gets it
@@ -249,6 +269,7 @@ class Batcher:
         t0 = self.clock.monotonic()
         try:
             merged = merge([r.inputs for r in batch])
+            self.computed += len(batch)
             out = await self.execute(inst.runner.infer, merged)
             parts = split(out, [r.rows for r in batch])
         except Exception:  # find out whose, one by one

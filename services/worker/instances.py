@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 
 from gpufaas.shared import subjects
-from gpufaas.shared.errors import ModelInvalid, PlatformError
+from gpufaas.shared.errors import DeadlineExceeded, ModelInvalid, PlatformError, Unavailable
 from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import (
     FunctionSpec,
@@ -116,13 +116,25 @@ class Instances:
         inst = self.live.get(ref)
         if inst is not None and inst.spec == spec:
             return inst, False
+        joined = self.loading.get(ref)
+        if joined is not None:
+            try:
+                return await asyncio.shield(joined), True
+            except (DeadlineExceeded, Unavailable):
+                # A build started before this request failed on a peer that was away (a
+                # store that died and came back): this request builds again, once.
+                log.info("worker.build_retried", function=ref.key)
         task = self.loading.get(ref)
-        if task is None:
+        if task is None or task is joined:
             task = asyncio.create_task(self.build(spec))
             self.loading[ref] = task
-            task.add_done_callback(lambda _: self.loading.pop(ref, None))
+            task.add_done_callback(lambda t: self._done_loading(ref, t))
         inst = await asyncio.shield(task)
         return inst, True
+
+    def _done_loading(self, ref: FunctionRef, task: asyncio.Task[Instance]) -> None:
+        if self.loading.get(ref) is task:
+            del self.loading[ref]
 
     async def build(self, spec: FunctionSpec) -> Instance:
         """Lease the model's tensors from the store and build an instance over them.

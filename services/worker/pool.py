@@ -26,7 +26,17 @@ event loop: no bind can interleave), and only then does the process drain its
 subscriptions and exit. A request that reached it before is answered by it; one after
 finds no responder, and the scheduler's bind then gets a spare, never the dying process
 (the scheduler also binds once more if a process it was given does not answer, for a
-crash). Exited processes, idle, stopped or crashed, are reaped by the watch loop.
+crash). Exited processes, idle, stopped or crashed, are reaped by the watch loop, and
+at once when they exit (a pidfd on the event loop). A tenant's process that exits without
+being let go (a crash, a SIGKILL) is announced as ``worker.exited`` (node, tenant, worker
+id): the scheduler then sends that process's unanswered requests again, under their
+dispatch ids, and they bind a spare (see ``gpufaas.scheduler.workers``).
+
+The pool never runs more processes than the node holds: ``GPUFAAS_MAX_WORKER_PROCESSES``
+(0: the node's memory over ``PROCESS_BYTES``), spares included, one per tenant. A bind
+that would need one more, or a new process with too little memory available, is answered
+``Overloaded`` (429, ``Retry-After``) with the reason, never an OOM; spares make room for
+tenants.
 
 The pool manager heartbeats as the node's ``worker`` (membership, ``node.joined`` and
 ``node.left`` come from it); its processes have no heartbeat of their own.
@@ -50,7 +60,7 @@ from nats.aio.msg import Msg as NatsMsg
 from gpufaas.shared import nats_auth, subjects
 from gpufaas.shared.config import Config
 from gpufaas.shared.devices import NodeDevices, parse_devices
-from gpufaas.shared.errors import PlatformError, Unavailable
+from gpufaas.shared.errors import Overloaded, PlatformError, Unavailable
 from gpufaas.shared.messages import (
     DeviceInfo,
     WorkerBindReply,
@@ -74,6 +84,7 @@ REFILL_DELAY_S = 0.5
 # its way to it (an idle exit takes GPUFAAS_WORKER_IDLE_S anyway).
 RETIRE_GRACE_S = 1.0
 SPARE_BIND_TIMEOUT_S = 10.0  # a ready spare answers its bind in milliseconds
+FULL_RETRY_AFTER_S = 5.0  # a bind refused at the cap: when to try again (Retry-After)
 
 
 def spares_wanted(base: int, recent_binds: int, free_bytes: int | None) -> int:
@@ -86,16 +97,36 @@ def spares_wanted(base: int, recent_binds: int, free_bytes: int | None) -> int:
     return want
 
 
-def free_memory_bytes() -> int | None:
-    """``MemAvailable`` from /proc/meminfo (None where there is none)."""
+def process_cap(configured: int, total_bytes: int | None) -> int:
+    """The most worker processes a node runs, spares included: ``configured`` when set
+    (above 0), else as many as its memory holds (at least one); unknown memory: no cap."""
+    if configured > 0:
+        return configured
+    if total_bytes is None:
+        return 2**31
+    return max(total_bytes // PROCESS_BYTES, 1)
+
+
+def _meminfo(key: str) -> int | None:
+    """A field of /proc/meminfo in bytes (None where there is none)."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def free_memory_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (None where there is none)."""
+    return _meminfo("MemAvailable")
+
+
+def total_memory_bytes() -> int | None:
+    """``MemTotal`` from /proc/meminfo (None where there is none)."""
+    return _meminfo("MemTotal")
 
 
 @dataclass(eq=False)
@@ -109,6 +140,7 @@ class WorkerProcess:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     returned_at: float = -1e9  # when a bind last returned it (monotonic)
     retired: bool = False  # stopped or allowed to exit: no longer counted, not yet reaped
+    exit_fd: int | None = None  # its pidfd, readable once it exits (see _watch_exit)
 
     @property
     def alive(self) -> bool:
@@ -133,6 +165,8 @@ class WorkerPoolService(Service):
         self.started = 0  # processes started, spares and fall-backs
         self._binds: deque[float] = deque()  # when new tenants were bound (demand)
         self._refill_at: float | None = None  # when the spares are topped up after a bind
+        self.cap = process_cap(config.max_worker_processes, total_memory_bytes())
+        self._lost: list[WorkerProcess] = []  # tenants' processes that died, not announced
 
     def devices(self) -> list[DeviceInfo]:
         return self.node_devices.devices
@@ -144,7 +178,8 @@ class WorkerPoolService(Service):
         cutoff = time.monotonic() - DEMAND_WINDOW_S
         while self._binds and self._binds[0] < cutoff:
             self._binds.popleft()
-        return spares_wanted(self.config.worker_spares, len(self._binds), free_memory_bytes())
+        want = spares_wanted(self.config.worker_spares, len(self._binds), free_memory_bytes())
+        return min(want, max(self.cap - len(self.bound), 0))  # tenants first under the cap
 
     async def on_start(self) -> None:
         node = self.config.node_id
@@ -173,6 +208,8 @@ class WorkerPoolService(Service):
 
     async def on_stop(self) -> None:
         procs = [*self.spares, *self.bound.values(), *self.exiting]
+        for p in procs:
+            self._unwatch_exit(p)
         for p in procs:
             if p.alive:
                 p.popen.terminate()
@@ -231,8 +268,35 @@ class WorkerPoolService(Service):
         proc = WorkerProcess(wid, popen, log_path, tenant)
         self._by_id[wid] = proc
         self.started += 1
+        self._watch_exit(proc)
         log.info("worker.process_started", worker=wid, tenant=tenant, pid=popen.pid)
         return proc
+
+    def _watch_exit(self, proc: WorkerProcess) -> None:
+        """Be told the moment ``proc`` exits (its pidfd on the event loop), not a beat later:
+        a crashed tenant's process is announced within milliseconds. Without pidfds the
+        watch loop finds it at its next beat."""
+        try:
+            fd = os.pidfd_open(proc.popen.pid)
+        except (AttributeError, OSError):
+            return
+        proc.exit_fd = fd
+        asyncio.get_running_loop().add_reader(fd, self._exited, proc)
+
+    def _unwatch_exit(self, proc: WorkerProcess) -> None:
+        fd, proc.exit_fd = proc.exit_fd, None
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+
+    def _exited(self, proc: WorkerProcess) -> None:
+        """(Its pidfd became readable.) Reap and announce now."""
+        self._unwatch_exit(proc)
+        if self.looping:
+            self.spawn(self._reap_now(), f"exited-{proc.id}")
+
+    async def _reap_now(self) -> None:
+        await self.bounded("reap", self._tend, None)  # a failure waits for the next beat
 
     def _let_go(self, proc: WorkerProcess, *, terminate: bool) -> None:
         """Count ``proc`` out (no bind returns it again); the watch loop reaps it."""
@@ -292,6 +356,7 @@ class WorkerPoolService(Service):
                 self.spares.remove(p)
             else:
                 del self.bound[tenant]
+                self._lost.append(p)  # its requests are sent again (see _announce_lost)
             self._let_go(p, terminate=False)
         for p in [p for p in self.exiting if not p.alive]:
             log.info(
@@ -299,11 +364,31 @@ class WorkerPoolService(Service):
             )
             self.exiting.remove(p)
             self._by_id.pop(p.id, None)
+            self._unwatch_exit(p)
+
+    async def _announce_lost(self) -> None:
+        """``worker.exited`` for each tenant's process that died unasked: the scheduler
+        sends the requests it had not answered again at once, instead of waiting for their
+        deadlines. A plain publish (no round trip); the EVENTS stream keeps it too."""
+        lost, self._lost = self._lost, []
+        for p in lost:
+            await self.publish_event(
+                "worker.exited",
+                {
+                    "node": self.config.node_id,
+                    "tenant": p.tenant,
+                    "worker": p.id,
+                    "pid": p.popen.pid,
+                    "status": p.popen.returncode,
+                },
+                ack=False,
+            )
 
     async def _tend(self) -> None:
         """Each heartbeat (and once after a bind): reap the processes that exited and keep
         the spares topped up, unless a refill is due shortly (see ``_refill_later``)."""
         self._reap()
+        await self._announce_lost()
         if self._refill_at is None:
             self._refill()
 
@@ -362,32 +447,15 @@ class WorkerPoolService(Service):
                 log=str(own.log_path),
             )
             self._let_go(own, terminate=False)
+            self._lost.append(own)
+            await self._announce_lost()
+        self._check_room()
         self._binds.append(time.monotonic())
-        while (
-            spare := next((p for p in self.spares if p.alive and p.ready.is_set()), None)
-        ) is not None:
-            self.spares.remove(spare)
-            spare.tenant = tenant
-            self.bound[tenant] = spare
-            try:
-                await request(
-                    self.nc,
-                    subjects.node(self.config.node_id, "worker", f"spare-{spare.id}"),
-                    WorkerBindRequest(tenant=tenant),
-                    WorkerBindReply,
-                    timeout=SPARE_BIND_TIMEOUT_S,
-                    what=f"spare worker {spare.id}",
-                )
-            except PlatformError as exc:  # a broken spare: stop it, take another
-                log.warning("worker.spare_bind_failed", worker=spare.id, error=exc.message)
-                if self.bound.get(tenant) is spare:
-                    del self.bound[tenant]
-                spare.tenant = None
-                self._let_go(spare, terminate=True)
-                continue
-            log.info("worker.spare_bound", worker=spare.id, tenant=tenant)
-            self._refill_later()  # after the reply: the next tenant finds one ready too
-            return spare, False
+        while (spare := await self._ready_spare()) is not None:
+            if await self._bind_spare(spare, tenant):
+                self._refill_later()  # after the reply: the next tenant finds one ready too
+                return spare, False
+        self._check_memory()
         proc = self._start(tenant)  # nothing ready: the slow way, said in the reply
         self.bound[tenant] = proc
         try:
@@ -399,6 +467,69 @@ class WorkerPoolService(Service):
             raise
         self._refill_later()
         return proc, True
+
+    async def _bind_spare(self, spare: WorkerProcess, tenant: str) -> bool:
+        """Give a ready spare to ``tenant``; False: it is broken (stopped; take another)."""
+        self.spares.remove(spare)
+        spare.tenant = tenant
+        self.bound[tenant] = spare
+        try:
+            await request(
+                self.nc,
+                subjects.node(self.config.node_id, "worker", f"spare-{spare.id}"),
+                WorkerBindRequest(tenant=tenant),
+                WorkerBindReply,
+                timeout=SPARE_BIND_TIMEOUT_S,
+                what=f"spare worker {spare.id}",
+            )
+        except PlatformError as exc:
+            log.warning("worker.spare_bind_failed", worker=spare.id, error=exc.message)
+            if self.bound.get(tenant) is spare:
+                del self.bound[tenant]
+            spare.tenant = None
+            self._let_go(spare, terminate=True)
+            return False
+        log.info("worker.spare_bound", worker=spare.id, tenant=tenant)
+        return True
+
+    # --- the cap -----------------------------------------------------------------------------
+
+    def _cap_reason(self) -> str:
+        return (
+            f"node {self.config.node_id} runs {len(self.bound)} tenants' worker processes and "
+            f"{len(self.spares)} spares, its cap (GPUFAAS_MAX_WORKER_PROCESSES, "
+            f"else its memory) is {self.cap}; retry once a tenant's process goes idle"
+        )
+
+    def _check_room(self) -> None:
+        """Refuse one more tenant's process beyond the node's cap (spares make room)."""
+        if len(self.bound) >= self.cap:
+            raise Overloaded(self._cap_reason(), retry_after_s=FULL_RETRY_AFTER_S)
+
+    def _can_start(self) -> bool:
+        """One more process (for the tenant being bound) stays within the cap."""
+        return len(self.bound) + sum(1 for p in self.spares if p.alive) < self.cap
+
+    async def _ready_spare(self) -> WorkerProcess | None:
+        """A ready spare; at the cap, one still starting, once ready; None: start one."""
+        ready = next((p for p in self.spares if p.alive and p.ready.is_set()), None)
+        if ready is not None or self._can_start():
+            return ready
+        starting = next((p for p in self.spares if p.alive), None)
+        if starting is None:
+            raise Overloaded(self._cap_reason(), retry_after_s=FULL_RETRY_AFTER_S)
+        await self._wait_ready(starting)
+        return starting if starting in self.spares else await self._ready_spare()
+
+    def _check_memory(self) -> None:
+        """Refuse to start a process the node's available memory does not hold."""
+        free = free_memory_bytes()
+        if free is not None and free < PROCESS_BYTES:
+            raise Overloaded(
+                f"node {self.config.node_id} has {free >> 20} MiB of memory available; "
+                f"a worker process needs about {PROCESS_BYTES >> 20} MiB",
+                retry_after_s=FULL_RETRY_AFTER_S,
+            )
 
     async def retire(self, req: WorkerRetireRequest) -> WorkerRetireReply:
         """(Asked by a tenant's idle process.) Yes once the process no longer counts as the

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from gpufaas.memory.service import MemoryService
 from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
-from gpufaas.shared.errors import NotFound
+from gpufaas.shared.errors import NotFound, Overloaded
 from gpufaas.shared.messages import (
     FunctionSpec,
     InvokeReply,
@@ -38,6 +41,7 @@ from tests.integration.conftest import (
     PlatformFactory,
     bearer,
     make_config,
+    read_events,
     text_request,
 )
 from tests.support import eventually, eventually_blocking
@@ -310,3 +314,87 @@ async def test_a_crashed_process_is_replaced_on_the_next_request(pooled: Platfor
         60,
         "the crashed process is forgotten",
     )
+
+
+def embeddings(body: dict[str, Any]) -> np.ndarray:
+    out = body["outputs"][0]
+    return np.array(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+async def test_a_worker_killed_with_requests_in_flight_loses_none(pooled: Platform) -> None:
+    """SIGKILL of a tenant's process with requests in flight: the pool announces it at once
+    (``worker.exited``) and the scheduler sends each unanswered request again, under its
+    dispatch id, to the spare the pool binds; every caller gets the right embedding."""
+    c, pool = pooled.client, pool_of(pooled)
+    sched = pooled.services["scheduler"]
+    assert isinstance(sched, SchedulerService)
+    await ready_spares(pool, 1)
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    texts = [[f"request {i}", f"and its second row {i}"] for i in range(6)]
+    infer = "/v2/models/minilm/infer"
+    want = [embeddings(await (await c.post(infer, json=text_request(t))).json()) for t in texts]
+    await ready_spares(pool, 1)
+    victim = pool.bound["default"]
+    victim.popen.send_signal(signal.SIGSTOP)  # holds every request in flight, unanswered
+    calls = [asyncio.create_task(c.post(infer, json=text_request(t))) for t in texts]
+    sends = sched.worker_client.deaths._sends
+    await eventually(
+        lambda: sum(len(s) for s in sends.values()) >= len(texts), 30, "all sent to it"
+    )
+    killed = time.monotonic()
+    victim.popen.kill()
+    resps = await asyncio.gather(*calls)
+    stall = time.monotonic() - killed
+    for resp, expected in zip(resps, want, strict=True):
+        assert resp.status == 200, await resp.text()
+        np.testing.assert_allclose(embeddings(await resp.json()), expected, rtol=1e-4, atol=1e-5)
+    assert sched.worker_client.resent >= len(texts)  # each sent again, none lost
+    assert pool.bound["default"] is not victim
+    assert stall < 5, f"the callers waited {stall:.2f} s after the kill"
+    print(f"worst stall after the kill: {stall:.3f} s")
+    event = (await read_events(pooled, "worker.exited"))[-1]["data"]
+    assert event["worker"] == victim.id
+    assert event["tenant"] == "default"
+
+
+async def test_a_request_answered_before_the_kill_is_not_sent_again(pooled: Platform) -> None:
+    c, pool = pooled.client, pool_of(pooled)
+    sched = pooled.services["scheduler"]
+    assert isinstance(sched, SchedulerService)
+    await ready_spares(pool, 1)
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    resp = await c.post("/v2/models/minilm/infer", json=text_request(["answered"]))
+    assert resp.status == 200
+    victim = pool.bound["default"]
+    victim.popen.kill()
+    await eventually(lambda: "default" not in pool.bound, 10, "the pool to see it exit")
+    assert sched.worker_client.resent == 0
+    resp = await c.post("/v2/models/minilm/infer", json=text_request(["after"]))
+    assert resp.status == 200, await resp.text()
+
+
+async def test_no_process_beyond_the_nodes_cap(
+    pool_config: Config, platform_factory: PlatformFactory
+) -> None:
+    """A cap of one process (its spare): the first tenant takes it, no spare is started
+    again, and a second tenant's bind is refused with the reason, not run out of memory."""
+    node_services = (MemoryService, TensorStoreService, TransferService, WorkerPoolService)
+    p = await platform_factory(
+        config=pool_config.replace(max_worker_processes=1), node_services=node_services
+    )
+    pool = pool_of(p)
+    await ready_spares(pool, 1)
+    a = bearer(await p.key_for("a"))
+    assert (await p.client.post("/v1/functions", json=DEMO_BODY, headers=a)).status == 201
+    assert pool.want_spares == 0  # the cap is taken by a tenant: no spare
+    b = bearer(await p.key_for("b"))
+    resp = await p.client.post("/v1/functions", json=DEMO_BODY, headers=b)
+    assert resp.status == 429, await resp.text()
+    assert "GPUFAAS_MAX_WORKER_PROCESSES" in (await resp.json())["error"]
+    nc = p.services["scheduler"].nc
+    bind = subjects.node("node-t", "worker", subjects.WORKER_BIND)
+    with pytest.raises(Overloaded, match="GPUFAAS_MAX_WORKER_PROCESSES") as refused:
+        await request(nc, bind, WorkerBindRequest(tenant="b"), WorkerBindReply, timeout=120)
+    assert refused.value.retry_after_s is not None
+    assert list(pool.bound) == ["a"]
+    assert pool.started == 1

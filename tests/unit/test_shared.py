@@ -47,6 +47,7 @@ from gpufaas.shared.messages import (
     TensorRef,
     Tube,
 )
+from gpufaas.shared.rpc import error_reply
 from gpufaas.shared.shm import (
     POOL_MIN_BYTES,
     SegmentCache,
@@ -140,6 +141,7 @@ EXPECTED_STATUS = {
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "model_invalid": 422,
+    "overloaded": 429,
     "resource_exhausted": 507,
     "unavailable": 503,
     "deadline_exceeded": 504,
@@ -168,6 +170,16 @@ def test_error_code_maps_to_status_and_round_trips(code: str) -> None:
     assert type(back) is cls
     assert (back.message, back.field, str(back)) == ("boom", "spec.name", "boom")
     assert back.to_dict() == err.to_dict()
+
+
+def test_retry_after_travels_in_an_error_reply() -> None:
+    body, headers = error_reply(errors.Overloaded("queue full", retry_after_s=2.5))
+    assert headers["Gpufaas-Error-Code"] == "overloaded"
+    reply = messages.decode(body, ErrorReply)
+    back = from_code(reply.code, reply.message, reply.field, reply.retry_after_s)
+    assert type(back) is errors.Overloaded
+    assert back.retry_after_s == 2.5
+    assert http_status(back) == 429
 
 
 def test_unknown_error_code_becomes_internal_500() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gpufaas.shared.errors import InvalidArgument, Unavailable
+from gpufaas.shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from gpufaas.shared.messages import FunctionSpec, ModelSource, TensorSpec, WorkerRunRequest
 from gpufaas.shared.tensors import decode_bytes_elements, encode_bytes_elements
 from gpufaas.worker.batcher import Answers, Batcher, Infer, Ready
@@ -374,3 +374,26 @@ async def test_a_repeated_dispatch_is_answered_not_run_again() -> None:
     for key in ("d3", "d4"):  # only the last two answers are kept
         await answers.answer(key, run, key)
     assert list(answers.done) == ["d3", "d4"]
+
+
+async def test_a_request_past_its_deadline_is_dropped_not_computed() -> None:
+    clock = FakeClock()
+    device = FakeDevice(clock)
+    b = batcher(clock, device)
+    runner = Recorder()
+    busy = asyncio.create_task(b.compute(instance(runner), request(T0 + 60), named("busy")))
+    await eventually(lambda: device.started == 1, what="busy holding the device")
+    late = asyncio.create_task(b.compute(instance(runner), request(T0 + 1), named("late")))
+    on_time = asyncio.create_task(b.compute(instance(runner), request(T0 + 60), named("ok")))
+    await eventually(lambda: len(b.ready) == 2, what="both queued behind busy")
+    clock.advance(2.0)  # late's deadline passes while busy computes
+    device.release()
+    await asyncio.gather(busy, on_time)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert runner.order == ["busy", "ok"]
+    assert (b.computed, b.expired) == (2, 1)
+    # One that arrives past its deadline is refused at once.
+    with pytest.raises(DeadlineExceeded):
+        await b.compute(instance(runner), request(T0 + 1), named("later"))
+    assert (b.computed, b.expired) == (2, 2)
