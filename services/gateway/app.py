@@ -781,6 +781,24 @@ def _visible_to(event: bytes, tenant: str | None) -> bool:
     return tenant is None or owner is None or owner == tenant
 
 
+async def _replay_from(request: web.Request, nc: NATS) -> ConsumerConfig:
+    """Where an event stream starts: ``replay`` (new, last, all) or ``Last-Event-ID``;
+    a replay sends at most the latest ``GPUFAAS_EVENTS_REPLAY_MAX`` events."""
+    replay = request.query.get("replay", "new")
+    last_id = request.headers.get("Last-Event-ID")
+    if last_id is not None or replay == "all":  # from there, at most the latest N events
+        if last_id is not None and not last_id.isdigit():
+            raise InvalidArgument(
+                "Last-Event-ID must be a stream sequence number", field="Last-Event-ID"
+            )
+        wanted = int(last_id) + 1 if last_id is not None else 0
+        start = await replay_start(nc.jetstream(), wanted, request.app[CONFIG].events_replay_max)
+        return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+    if replay in ("new", "last"):
+        return ConsumerConfig(deliver_policy=DeliverPolicy(replay))
+    raise InvalidArgument("replay must be all, new or last", field="replay")
+
+
 async def events_sse(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events relaying the EVENTS stream (``?kinds=function.*&replay=all``).
 
@@ -796,22 +814,7 @@ async def events_sse(request: web.Request) -> web.StreamResponse:
         raise InvalidArgument(
             f"kinds {kinds!r} is not an event kind pattern", field="kinds"
         ) from None
-    replay = request.query.get("replay", "new")
-    last_id = request.headers.get("Last-Event-ID")
-    if last_id is not None or replay == "all":  # from there, at most the latest N events
-        if last_id is not None and not last_id.isdigit():
-            raise InvalidArgument(
-                "Last-Event-ID must be a stream sequence number", field="Last-Event-ID"
-            )
-        wanted = int(last_id) + 1 if last_id is not None else 0
-        start = await replay_start(nc.jetstream(), wanted, request.app[CONFIG].events_replay_max)
-        consumer = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-        )
-    elif replay in ("new", "last"):
-        consumer = ConsumerConfig(deliver_policy=DeliverPolicy(replay))
-    else:
-        raise InvalidArgument("replay must be all, new or last", field="replay")
+    consumer = await _replay_from(request, nc)
     sub = await nc.jetstream().subscribe(filt, ordered_consumer=True, config=consumer)
     resp = web.StreamResponse(
         headers={
