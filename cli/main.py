@@ -46,6 +46,14 @@ def _api_fail(exc: ApiError) -> typer.Exit:
     return _fail(f"{exc}\n[dim]hint: {hint}[/dim]" if hint else str(exc))
 
 
+def _api(url: str, method: str = "GET", body: Any = None, api_key: str | None = None) -> Any:
+    """One gateway call with the caller's key (``find_key``); an error reply exits the command."""
+    try:
+        return call(url, method, body, key=find_key(api_key))
+    except ApiError as exc:
+        raise _api_fail(exc) from None
+
+
 @app.command()
 def up(
     http_port: Annotated[int, typer.Option(help="gateway HTTP port")] = DEFAULT_HTTP_PORT,
@@ -154,10 +162,7 @@ def invoke(
 ) -> None:
     """Invoke a text function (e.g. the demo embedding model)."""
     body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
-    try:
-        res = call(f"{url}/v2/models/{name}/infer", "POST", body, key=find_key(api_key))
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    res = _api(f"{url}/v2/models/{name}/infer", "POST", body, api_key=api_key)
     for out in res["outputs"]:
         data = out["data"] if full else out["data"][:6]
         more = "" if full or len(out["data"]) <= 6 else f" … ({len(out['data'])} values)"
@@ -172,11 +177,8 @@ def invoke(
 @app.command()
 def status(url: GatewayUrl = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Nodes, their devices, and deployed functions."""
-    try:
-        nodes = call(f"{url}/v1/nodes", key=find_key(api_key))["nodes"]
-        functions = call(f"{url}/v1/functions", key=find_key(api_key))["functions"]
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    nodes = _api(f"{url}/v1/nodes", api_key=api_key)["nodes"]
+    functions = _api(f"{url}/v1/functions", api_key=api_key)["functions"]
     console.print(_nodes_table(nodes))
     console.print(_store_table(nodes))
     memory = _memory_table(nodes)
@@ -275,10 +277,7 @@ def delete(
     name: Annotated[str, typer.Argument()], url: GatewayUrl = DEFAULT_URL, api_key: ApiKey = None
 ) -> None:
     """Delete a function."""
-    try:
-        call(f"{url}/v1/functions/{name}", "DELETE", key=find_key(api_key))
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    _api(f"{url}/v1/functions/{name}", "DELETE", api_key=api_key)
     console.print(f"deleted {name}")
 
 
@@ -316,10 +315,7 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list(url: GatewayUrl = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """This tenant's uploaded models and its quota."""
-    try:
-        held = call(f"{url}/v1/models", key=find_key(api_key))
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    held = _api(f"{url}/v1/models", api_key=api_key)
     table = Table(title="Uploaded models")
     table.add_column("model", no_wrap=True, min_width=64)  # the whole id: deploy names it
     for col in ("MiB", "files", "uploaded"):
@@ -340,10 +336,7 @@ def models_delete(
     api_key: ApiKey = None,
 ) -> None:
     """Delete an uploaded model (refused while a function is deployed from it)."""
-    try:
-        call(f"{url}/v1/models/{model}", "DELETE", key=find_key(api_key))
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    _api(f"{url}/v1/models/{model}", "DELETE", api_key=api_key)
     console.print(f"[green]deleted[/green] model {model}")
 
 
@@ -384,10 +377,7 @@ def workflow_invoke(
     body = {
         "inputs": [{"name": input_name, "datatype": "BYTES", "shape": [len(texts)], "data": texts}]
     }
-    try:
-        res = call(f"{url}/v1/workflows/{name}/infer", "POST", body, key=find_key(api_key))
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    res = _api(f"{url}/v1/workflows/{name}/infer", "POST", body, api_key=api_key)
     for out in res["outputs"]:
         console.print(f"{out['name']} {out['datatype']} {out['shape']}: {out['data'][:6]}")
     for step in res["parameters"]["steps"]:
@@ -401,10 +391,7 @@ def workflow_invoke(
 @workflow_app.command("list")
 def workflow_list(url: GatewayUrl = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """List the workflows."""
-    try:
-        res = call(f"{url}/v1/workflows", key=find_key(api_key))
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    res = _api(f"{url}/v1/workflows", api_key=api_key)
     for w in res["workflows"]:
         console.print(f"{w['spec']['name']}: {' -> '.join(w['order'])}")
 
@@ -414,10 +401,7 @@ def workflow_delete(
     name: Annotated[str, typer.Argument()], url: GatewayUrl = DEFAULT_URL, api_key: ApiKey = None
 ) -> None:
     """Delete a workflow."""
-    try:
-        call(f"{url}/v1/workflows/{name}", "DELETE", key=find_key(api_key))
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    _api(f"{url}/v1/workflows/{name}", "DELETE", api_key=api_key)
     console.print(f"deleted workflow {name}")
 
 
@@ -456,10 +440,7 @@ def keys_create(
     body: dict[str, Any] = {"tenant": tenant, "admin": admin, "label": label}
     if expires is not None:
         body["expires_in_s"] = parse_duration(expires)
-    try:
-        res = call(f"{url}/v1/keys", "POST", body, key=find_key(api_key))
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    res = _api(f"{url}/v1/keys", "POST", body, api_key=api_key)
     kind = "admin key" if res["admin"] else "key"
     console.print(f"[green]created[/green] {kind} {res['id']} for tenant {res['tenant']}")
     console.print("  (shown once; it cannot be read back)", style="dim")
@@ -476,10 +457,7 @@ def keys_list(
     from urllib.parse import urlencode  # noqa: PLC0415
 
     query = f"?{urlencode({'tenant': tenant})}" if tenant else ""
-    try:
-        keys = call(f"{url}/v1/keys{query}", key=find_key(api_key))["keys"]
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    keys = _api(f"{url}/v1/keys{query}", api_key=api_key)["keys"]
     t = _table("API keys", "id", "tenant", "admin", "label", "created", "expires", "revoked")
     for k in keys:
         t.add_row(
@@ -507,10 +485,7 @@ def keys_revoke(
     api_key: ApiKey = None,
 ) -> None:
     """Revoke an API key: every gateway refuses it within a second."""
-    try:
-        call(f"{url}/v1/keys/{key_id}", "DELETE", key=find_key(api_key))
-    except ApiError as exc:
-        raise _api_fail(exc) from None
+    _api(f"{url}/v1/keys/{key_id}", "DELETE", api_key=api_key)
     console.print(f"revoked {key_id}")
 
 
