@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import re
 import signal
@@ -80,6 +81,51 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "(no output)"
 
 
+def _descendants(root: int) -> dict[int, list[str]]:
+    """The command line of every live process below ``root`` (zombies and processes
+    whose command line is gone, being exited, left out)."""
+    children: dict[int, list[int]] = {}
+    argvs: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            _, rest = (entry / "stat").read_text().rsplit(")", 1)
+            raw = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # gone
+        state, ppid = rest.split()[:2]
+        children.setdefault(int(ppid), []).append(int(entry.name))
+        if state not in ("Z", "X") and raw:
+            argvs[int(entry.name)] = raw.rstrip(b"\0").decode(errors="replace").split("\0")
+    out, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if pid in argvs:
+            out[pid] = argvs[pid]
+        todo += children.get(pid, [])
+    return out
+
+
+def _worker_tenant(pid: int, logs: Path) -> str | None:
+    """The tenant a pool's worker process serves: the one it was started for (its
+    environment), or the one it was bound to as a spare (``worker.bound`` in its log)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    env = dict(e.split("=", 1) for e in raw.split("\0") if "=" in e)
+    if env.get("GPUFAAS_WORKER_TENANT"):
+        return env["GPUFAAS_WORKER_TENANT"]
+    for log in logs.glob(f"*.worker-{env.get('GPUFAAS_WORKER_SPARE_ID', '?')}.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if isinstance(rec, dict) and rec.get("event") == "worker.bound":
+                    return str(rec.get("tenant"))
+    return None
+
+
 @dataclass
 class Up:
     """A running ``gpufaas up``: its process, ports, data directory and log file."""
@@ -149,6 +195,31 @@ class Up:
     def log(self) -> str:
         """Everything up has printed so far."""
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def run_dir(self) -> Path:
+        """Where up keeps its children's ready files and their ``logs/``."""
+        return self.data_dir / "run" / f"up-{self.http_port}"
+
+    def pids(self, name: str) -> list[int]:
+        """This platform's live processes called ``name``: ``nats`` (the embedded server), a
+        service (``scheduler``, ``gateway``; ``memory``, ``tensorstore``, ``transfer`` or
+        ``worker``, the pool manager, of every node), or ``worker:<tenant>`` (the worker
+        processes that serve that tenant: started for it, or spares bound to it). For chaos
+        tests and benchmarks, which kill them."""
+        found = []
+        for pid, argv in _descendants(self.proc.pid).items():
+            if name == "nats":
+                hit = Path(argv[0]).name == "nats-server"
+            elif name.startswith("worker:"):
+                hit = argv[1:4] == ["-m", "gpufaas.worker", "--parent-pid"] and (
+                    _worker_tenant(pid, self.run_dir / "logs") == name.removeprefix("worker:")
+                )
+            else:
+                hit = argv[1:] == ["-m", f"gpufaas.{name}"]
+            if hit:
+                found.append(pid)
+        return sorted(found)
 
     def wait_ready(
         self,

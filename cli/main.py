@@ -42,7 +42,9 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 def _api_fail(exc: ApiError) -> typer.Exit:
     """An error reply, with a one-line hint when the key was missing or not enough."""
-    hint = AUTH_HINTS.get(exc.status)
+    # A 403 may be a tenant's quota (the message names it), not the key.
+    quota = exc.body.get("code") == "quota_exceeded"
+    hint = None if quota else AUTH_HINTS.get(exc.status)
     return _fail(f"{exc}\n[dim]hint: {hint}[/dim]" if hint else str(exc))
 
 

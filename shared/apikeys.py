@@ -36,8 +36,8 @@ TOKEN_PREFIX: Final = "gpf_"
 ID_ALPHABET: Final = string.ascii_letters + string.digits  # URL-safe, and no "_" (the separator)
 ID_LENGTH: Final = 12
 SECRET_BYTES: Final = 32
-ID_PATTERN: Final = rf"^[A-Za-z0-9]{{{ID_LENGTH}}}$"
-_SECRET: Final = re.compile(r"^[A-Za-z0-9_-]{43,128}$")  # token_urlsafe(32) is 43 characters
+ID_PATTERN: Final = rf"^[A-Za-z0-9]{{{ID_LENGTH}}}(?!\n)$"  # see NAME_PATTERN
+_SECRET: Final = re.compile(r"^[A-Za-z0-9_-]{43,128}\Z")  # token_urlsafe(32) is 43 characters
 _HASH_LABEL: Final = b"gpufaas.apikey.v1\x00"
 ADMIN_KEY_FILE: Final = "admin.key"
 
@@ -50,7 +50,7 @@ class ApiKeyRecord(Msg, frozen=True, tag="apikey.v1"):
 
     id: KeyId
     tenant: Tenant
-    hash: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    hash: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}(?!\n)$")]
     created_at: float
     admin: bool = False
     expires_at: float | None = None

@@ -79,6 +79,11 @@ class Config:
     tenant_max_streams: int = c.DEFAULT_TENANT_MAX_STREAMS
     tenant_limits: str = ""
     events_replay_max: int = c.DEFAULT_EVENTS_REPLAY_MAX
+    # Quotas per tenant (the scheduler, at deploy and scale-out; ``shared/quotas.py``):
+    # functions deployed, and the model bytes of its functions' instances (0: no quota);
+    # tenant_limits overrides them too ("max_functions", "gpu_memory_bytes").
+    tenant_max_functions: int = c.DEFAULT_TENANT_MAX_FUNCTIONS
+    tenant_gpu_memory_bytes: int = c.DEFAULT_TENANT_GPU_MEMORY_BYTES
     # Uploaded models: the largest archive, and the bytes one tenant's uploads may hold.
     max_model_bytes: int = c.DEFAULT_MAX_MODEL_BYTES
     model_quota_bytes: int = c.DEFAULT_MODEL_QUOTA_BYTES

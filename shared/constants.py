@@ -104,6 +104,9 @@ DEFAULT_TENANT_RATE: Final = 10_000.0  # a tenant's requests per second per gate
 DEFAULT_TENANT_BURST: Final = 20_000  # ... and its bucket's size
 DEFAULT_TENANT_MAX_STREAMS: Final = 16  # a tenant's open /v1/events connections per gateway
 DEFAULT_EVENTS_REPLAY_MAX: Final = 1000  # events ?replay=all sends at most (the latest)
+# Quotas per tenant, enforced by the scheduler at deploy (per tenant: GPUFAAS_TENANT_LIMITS).
+DEFAULT_TENANT_MAX_FUNCTIONS: Final = 100  # functions one tenant may have deployed
+DEFAULT_TENANT_GPU_MEMORY_BYTES: Final = 0  # its instances' model bytes; 0: no quota
 DEFAULT_MAX_ROWS: Final = 1024  # rows (first dimension) per input, per function option
 RETRY_AFTER_DEFAULT_S: Final = 1.0  # Retry-After when no drain rate is known
 RETRY_AFTER_MAX_S: Final = 60.0

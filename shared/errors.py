@@ -62,6 +62,13 @@ class PermissionDenied(PlatformError):
     code = "permission_denied"
 
 
+class QuotaExceeded(PlatformError):
+    """The tenant is at one of its quotas (functions, GPU memory): the error names the
+    setting. Not retried by waiting: delete something, or have the quota raised."""
+
+    code = "quota_exceeded"
+
+
 class PayloadTooLarge(PlatformError):
     """The request body exceeds the configured limit."""
 
@@ -99,6 +106,11 @@ class Unavailable(PlatformError):
     code = "unavailable"
 
 
+class NoResponders(Unavailable):
+    """Nothing subscribes to a request's subject now (its service is not running, or is
+    restarting): the request reached nobody, so sending it again is always safe."""
+
+
 class DeadlineExceeded(PlatformError):
     """The request did not finish within its deadline."""
 
@@ -116,6 +128,7 @@ ERROR_TABLE: Final[dict[str, tuple[int, type[PlatformError]]]] = {
     InvalidArgument.code: (400, InvalidArgument),
     Unauthenticated.code: (401, Unauthenticated),
     PermissionDenied.code: (403, PermissionDenied),
+    QuotaExceeded.code: (403, QuotaExceeded),
     NotFound.code: (404, NotFound),
     AlreadyExists.code: (409, AlreadyExists),
     PayloadTooLarge.code: (413, PayloadTooLarge),

@@ -18,7 +18,7 @@ from typing import Final, NamedTuple
 
 from gpufaas.shared.errors import InvalidArgument
 
-_NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")  # \Z: no trailing newline
 
 
 class FunctionRef(NamedTuple):
@@ -48,8 +48,8 @@ HOST: Final = "host"
 OBJECT: Final = "object"
 CPU: Final = "cpu"
 GPU: Final = "gpu"
-_DEVICE: Final = re.compile(r"^(host|object|cpu|gpu:(0|[1-9][0-9]{0,3}))$")
-_TOKEN: Final = re.compile(r"^(host|object|cpu|gpu(0|[1-9][0-9]{0,3}))$")
+_DEVICE: Final = re.compile(r"^(host|object|cpu|gpu:(0|[1-9][0-9]{0,3}))\Z")
+_TOKEN: Final = re.compile(r"^(host|object|cpu|gpu(0|[1-9][0-9]{0,3}))\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from nats.js.kv import KeyValue
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
-from gpufaas.shared.errors import InvalidArgument, Unavailable
+from gpufaas.shared.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -34,6 +34,7 @@ ADMIN_USER = "admin"  # nats_auth.user_name("admin"): the one role that may upda
 # JetStream errors that mean "not this many replicas here": no suitable peers for
 # placement, insufficient resources, replicas > 1 on a server that is not clustered.
 PLACEMENT_ERRORS = frozenset({10005, 10023, 10074})
+NO_STORAGE = 10047  # "insufficient storage resources available": max_bytes beyond the store
 # What JetStream answers while it is not ready: a cluster that has just formed has no
 # meta leader yet, a restarted server is still recovering its store.
 NOT_READY: tuple[type[BaseException], ...] = (
@@ -78,10 +79,25 @@ async def placed(create: Callable[[int], Awaitable[T]], replicas: int, what: str
         try:
             return await create(replicas)
         except nats.js.errors.APIError as exc:
+            if exc.err_code == NO_STORAGE:
+                raise no_storage(what) from None
             if replicas <= 1 or exc.err_code not in PLACEMENT_ERRORS:
                 raise
             log.warning("jetstream.fewer_replicas", stream=what, replicas=replicas - 1)
             replicas -= 1
+
+
+def no_storage(stream: str) -> ResourceExhausted:
+    """The error of a stream whose ``max_bytes`` the server's JetStream store cannot reserve
+    (the server reserves every stream's ``max_bytes`` up front)."""
+    total = sum(c.DEFAULT_STREAM_MAX_BYTES.values()) / 2**30
+    return ResourceExhausted(
+        f"NATS cannot reserve the max_bytes of {stream}: its JetStream store is too small "
+        f"for the platform's streams (about {total:.1f} GiB by default). Give the server "
+        "more (jetstream max_file_store, and disk) or lower the streams' limits with "
+        "GPUFAAS_JETSTREAM_MAX_BYTES (a JSON object of stream: bytes)",
+        field="GPUFAAS_JETSTREAM_MAX_BYTES",
+    )
 
 
 async def raise_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:

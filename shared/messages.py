@@ -16,7 +16,10 @@ import msgspec
 from gpufaas.shared.constants import DEFAULT_MAX_ROWS, DEFAULT_TENANT
 from gpufaas.shared.errors import InvalidArgument
 
-NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# Every pattern ends in (?!\n)$, not $: Python's $ (msgspec checks with Python's re) also
+# matches before a trailing newline, so "name\n" would pass and reach a KV key or a
+# subject. (?!\n)$ refuses it, and means the same in JSON Schema's (ECMA) regexes.
+NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,62}(?!\n)$"
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, description="lower-case name, 1-63 chars")]
 Tenant = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Dim = Annotated[int, msgspec.Meta(ge=-1)]
@@ -26,13 +29,13 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 MAX_BYTES: Final = 1 << 50  # every size and offset read from the wire is at most 1 PiB
 Bytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)]
 # A tube's id is what ``shm.new_id()`` makes: ``secrets.token_urlsafe(18)``, 24 characters.
-TUBE_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{24}$"
+TUBE_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{24}(?!\n)$"
 TubeId = Annotated[str, msgspec.Meta(pattern=TUBE_ID_PATTERN, description="a tube id")]
 _NODE: Final = r"[A-Za-z0-9_-]{1,128}"  # one subject token
-NODE_PATTERN: Final = rf"^{_NODE}$"
+NODE_PATTERN: Final = rf"^{_NODE}(?!\n)$"
 NodeId = Annotated[str, msgspec.Meta(pattern=NODE_PATTERN, description="a node id")]
 # The ids of segments a service made (``new_id``), named in replies and records.
-SEGMENT_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{0,64}$"
+SEGMENT_ID_PATTERN: Final = r"^[A-Za-z0-9_-]{0,64}(?!\n)$"
 SegmentId = Annotated[str, msgspec.Meta(pattern=SEGMENT_ID_PATTERN)]
 _TUBE: Final = r"[A-Za-z0-9_-]{24}"
 # Where a tube's copy lies (docs/architecture.md, the shared-memory table): ``tubes/<id>``,
@@ -40,20 +43,20 @@ _TUBE: Final = r"[A-Za-z0-9_-]{24}"
 # real GPU's ``ipc:<handle>``; the object tier's ``<id>``. Never absolute, never ``..``.
 TUBE_SEGMENT_PATTERN: Final = (
     rf"^(tubes/({_NODE}/)?{_TUBE}|gpu/{_NODE}/gpu[0-9]{{1,4}}/{_TUBE}\.[0-9]{{1,12}}"
-    rf"|hostpool/{_NODE}/[A-Za-z0-9_-]{{1,64}}|ipc:[0-9a-f]{{2,1024}}|{_TUBE})$"
+    rf"|hostpool/{_NODE}/[A-Za-z0-9_-]{{1,64}}|ipc:[0-9a-f]{{2,1024}}|{_TUBE})(?!\n)$"
 )
 TubeSegment = Annotated[str, msgspec.Meta(pattern=TUBE_SEGMENT_PATTERN)]
 # A weight segment of a node's tensor store, and an exported program's graph beside it.
-TENSOR_SEGMENT_PATTERN: Final = rf"^tensors/{_NODE}/[A-Za-z0-9_-]{{1,64}}$"
-PROGRAM_PATTERN: Final = rf"^tensors/{_NODE}/models/[0-9a-f]{{1,64}}\.program$"
-TensorId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]  # blake3, hex
+TENSOR_SEGMENT_PATTERN: Final = rf"^tensors/{_NODE}/[A-Za-z0-9_-]{{1,64}}(?!\n)$"
+PROGRAM_PATTERN: Final = rf"^tensors/{_NODE}/models/[0-9a-f]{{1,64}}\.program(?!\n)$"
+TensorId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}(?!\n)$")]  # blake3, hex
 # An uploaded model: the SHA-256 of its archive, hex (shared/uploads.py).
-UPLOAD_ID_PATTERN: Final = r"^[0-9a-f]{64}$"
+UPLOAD_ID_PATTERN: Final = r"^[0-9a-f]{64}(?!\n)$"
 UploadId = Annotated[
     str, msgspec.Meta(pattern=UPLOAD_ID_PATTERN, description="an uploaded model's id")
 ]
-TorchDtype = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
-DeviceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_:-]{1,64}$")]
+TorchDtype = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}(?!\n)$")]
+DeviceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_:-]{1,64}(?!\n)$")]
 
 # KServe v2 datatypes.
 Datatype = Literal[
@@ -73,7 +76,7 @@ Datatype = Literal[
     "BYTES",
 ]
 
-Tier = Annotated[str, msgspec.Meta(pattern=r"^(host|gpu:\d+|object)$")]
+Tier = Annotated[str, msgspec.Meta(pattern=r"^(host|gpu:\d+|object)(?!\n)$")]
 
 
 class Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="type"):
@@ -86,7 +89,7 @@ class Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True,
 class Placement(Msg, frozen=True, tag="placement.v1"):
     """Where a copy of a tube's bytes lives."""
 
-    node: Annotated[str, msgspec.Meta(pattern=rf"^(\*|{_NODE})$")]  # "*": the object tier
+    node: Annotated[str, msgspec.Meta(pattern=rf"^(\*|{_NODE})(?!\n)$")]  # "*": the object tier
     tier: Tier
     segment: TubeSegment
     offset: Bytes = 0
@@ -258,6 +261,16 @@ class WorkerBindReply(Msg, frozen=True, tag="worker_bind_reply.v1"):
     worker: str  # the process's id
     waited_us: Count  # how long the caller waited for it
     new_process: bool  # no spare was ready: a process was started for it
+
+
+class Reconnected(Msg, frozen=True, tag="reconnected.v1"):
+    """(A scheduler replica or a worker process, published once its NATS connection is
+    back after a drop.) Requests sent to it meanwhile may be lost with the server that
+    carried them: its callers send theirs again (each is answered once, see
+    ``gpufaas.shared.rpc``). A worker says whose it is; a scheduler says nothing."""
+
+    tenant: Tenant | None = None
+    worker: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class WorkerRetireRequest(Msg, frozen=True, tag="worker_retire_request.v1"):

@@ -150,16 +150,18 @@ def permissions(role: str, node: str = "") -> Permissions | None:
                 *platform_js,
             ],
             pub_deny=list(JS_ADMIN_ONLY),
-            sub_allow=[inbox],
+            sub_allow=[inbox, subjects.SCHED_RECONNECTED],
         )
     if role == "scheduler":
         return Permissions(
             pub_allow=[
                 subjects.SCHED_LOAD,
+                subjects.SCHED_REPLICA_ALL,  # is a replica alive (failover)
                 _node_verb("*", "worker", ">"),
                 _node_verb("*", "tensorstore", subjects.TENSORSTORE_LOCALITY),
                 _node_verb("*", "memory", subjects.MEMORY_QUEUE_VIEW),
                 subjects.EVENTS_ALL,
+                subjects.SCHED_RECONNECTED,  # back after a drop: gateways send again
                 f"{INBOX}.>",  # a survivor answers a dead replica's callers (failover)
                 *platform_js,
             ],
@@ -169,6 +171,7 @@ def permissions(role: str, node: str = "") -> Permissions | None:
                 subjects.STATS_ALL,
                 subjects.event("memory.rejected"),
                 subjects.event("worker.exited"),  # a pool's crashed process: resend its requests
+                subjects.WORKERS_RECONNECTED,  # a worker back after a drop: resend too
                 inbox,
             ],
             responses=True,
@@ -232,6 +235,7 @@ def _worker_permissions(node: str, inbox: str) -> Permissions:
             _node_verb(node, "memory", subjects.MEMORY_OBSERVE),
             f"{own}.{subjects.WORKER_RETIRE}",
             f"{own}.{subjects.WORKER_SPARE_READY}",
+            f"{own}.{subjects.RECONNECTED}",
             f"{JS_API}.INFO",
             f"{JS_API}.STREAM.INFO.*",
             *reads,

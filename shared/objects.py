@@ -57,7 +57,7 @@ from gpufaas.shared.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from gpufaas.shared.jetstream import placed, reconcile_limits
+from gpufaas.shared.jetstream import placed, raise_replicas, reconcile_limits
 from gpufaas.shared.paths import allocate, create_new, open_fd, staging_name
 
 log = structlog.get_logger()
@@ -71,7 +71,7 @@ DEFAULT_WINDOW_BYTES: Final = 16 * 1024 * 1024
 # The longest wait for any one step (an ack, the next chunk), not for the whole object.
 DEFAULT_STEP_TIMEOUT_S: Final = 30.0
 
-_BUCKET_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+_BUCKET_RE: Final = re.compile(r"^[A-Za-z0-9_-]+\Z")
 _DIGEST_PREFIX: Final = "SHA-256="
 _ROLLUP_SUBJECT: Final = "sub"  # Nats-Rollup value: keep only the latest record of a name
 # JetStream API error codes (nats-server errors.json).
@@ -134,6 +134,8 @@ async def ensure_object_bucket(
         except nats.js.errors.BucketNotFoundError:
             pass
         else:
+            if reshape:
+                await raise_replicas(js, _stream(bucket), replicas)
             if reshape and max_bytes:
                 await reconcile_limits(js, _stream(bucket), max_bytes=max_bytes, max_age=ttl_s)
             return

@@ -36,7 +36,7 @@ _NOFOLLOW: Final = os.O_NOFOLLOW | os.O_CLOEXEC
 
 # One component of a path from the wire: a plain name, never ``.``, ``..`` or hidden.
 _NAME: Final = r"[A-Za-z0-9_=-][A-Za-z0-9_.=-]{0,199}"
-_RELPATH: Final = re.compile(rf"^{_NAME}(/{_NAME}){{0,15}}$")
+_RELPATH: Final = re.compile(rf"^{_NAME}(/{_NAME}){{0,15}}\Z")  # \Z: no trailing newline
 
 
 def _bad(what: str, relpath: str, why: str) -> InvalidArgument:
@@ -137,7 +137,7 @@ def staging_name(final: Path) -> Path:
 
 
 # A staging file: ``.<final name>.<pid of its writer>.<8 hex digits>.tmp``.
-_STAGING: Final = re.compile(r"^\..+\.([0-9]+)\.[0-9a-f]{8}\.tmp$")
+_STAGING: Final = re.compile(r"^\..+\.([0-9]+)\.[0-9a-f]{8}\.tmp\Z")
 # Out of room: on tmpfs ``ENOSPC``; a quota; a size over the file system's limit.
 _NO_ROOM: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 

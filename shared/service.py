@@ -60,7 +60,7 @@ from gpufaas.shared.messages import (
     new_event,
 )
 from gpufaas.shared.nats_auth import connect_options
-from gpufaas.shared.rpc import error_reply
+from gpufaas.shared.rpc import Link, attach, error_reply, link_of
 from gpufaas.shared.stats import EndpointCounter, LoopCounter
 
 log = structlog.get_logger()
@@ -98,6 +98,12 @@ def endpoint(
     return Endpoint(name or subject.rsplit(".", 1)[-1], subject, request, handler, queue)
 
 
+async def _nats_error(exc: Exception) -> None:
+    """nats-py's asynchronous errors (a server gone, a reconnect refused) as one
+    structured line each, not a traceback in the JSON log."""
+    log.warning("nats.error", error=repr(exc))
+
+
 async def connect_nats(config: Config, name: str) -> NATS:
     """Connect as this process's NATS identity (``nats_auth.connect_options``), retrying
     until ``connect_deadline_s`` so services may start before NATS."""
@@ -105,19 +111,26 @@ async def connect_nats(config: Config, name: str) -> NATS:
     servers = [s.strip() for s in config.nats_url.split(",") if s.strip()]
     identity = await asyncio.to_thread(connect_options, config)
     while True:
+        link = Link()
         try:
-            return await nats.connect(
+            nc = await nats.connect(
                 servers=servers,
                 name=name,
                 connect_timeout=2,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
+                disconnected_cb=link.disconnected,
+                reconnected_cb=link.reconnected,
+                error_cb=_nats_error,
                 **identity,
             )
         except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
             if time.monotonic() >= deadline:
                 raise Unavailable(f"cannot reach NATS at {config.nats_url}: {exc}") from None
             await asyncio.sleep(0.2)
+        else:
+            attach(nc, link)
+            return nc
 
 
 async def close_nats(nc: NATS, *, drain: bool = False, timeout: float = 5.0) -> None:
@@ -249,6 +262,19 @@ class Service:
         """Devices this service reports in its heartbeat."""
         return []
 
+    def reconnect_announcement(self) -> tuple[str, Msg] | None:
+        """What to publish when this service's NATS connection comes back after a drop,
+        for a responder whose callers should send again what it may have missed (see
+        ``shared.rpc``); None: nothing."""
+        return None
+
+    async def _announce_reconnect(self) -> None:
+        said = self.reconnect_announcement()
+        if said is not None:
+            subject, msg = said
+            await self.nc.publish(subject, encode(msg))
+            log.info("service.reconnect_announced", subject=subject)
+
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -258,6 +284,8 @@ class Service:
         self._state = "starting"
         structlog.contextvars.bind_contextvars(node=self.config.node_id)
         self._nc = await connect_nats(self.config, f"gpufaas-{self.name}")
+        if (link := link_of(self._nc)) is not None:
+            link.on_reconnect.append(self._announce_reconnect)
         self._js = self._nc.jetstream()
         self._buckets = await wait_for_jetstream(self._nc, self.config)
         self._kv = TypedBuckets(self._js, self._buckets)
@@ -266,7 +294,10 @@ class Service:
         await self.serve_endpoints(self._base_endpoints())
         if self.node_scoped:
             await self._heartbeat_once()
-            self.every(self.config.heartbeat_s, self._heartbeat_once, "heartbeat")
+            # Retried at its own pace, never backed off past it: a heartbeat that lapses
+            # (the nodes bucket failing over to another server) makes the node look gone.
+            beat = self.config.heartbeat_s
+            self.every(beat, self._heartbeat_once, "heartbeat", backoff_cap=beat)
         await self.nc.flush()
         self._state = "running"
         if self.config.ready_file:

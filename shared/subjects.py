@@ -12,9 +12,10 @@ from typing import Final
 
 from gpufaas.shared.constants import API_VERSION, SUBJECT_ROOT
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
-_KIND = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
-_KIND_PATTERN = re.compile(r"^(>|([a-z0-9_-]+|\*)(\.([a-z0-9_-]+|\*))*(\.>)?)$")
+# \Z, not $: $ also matches before a trailing newline, which no subject may hold.
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+\Z")
+_KIND = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\Z")
+_KIND_PATTERN = re.compile(r"^(>|([a-z0-9_-]+|\*)(\.([a-z0-9_-]+|\*))*(\.>)?)\Z")
 
 PREFIX: Final = f"{SUBJECT_ROOT}.{API_VERSION}"
 EVENTS_PREFIX: Final = f"{PREFIX}.events"
@@ -90,6 +91,15 @@ SCHED_WORKFLOW_INVOKE: Final = cluster("scheduler", "workflow_invoke")
 # Every replica's load each tick (arrivals, queued, in flight per function): the leader
 # autoscales from the sum; published, no reply.
 SCHED_LOAD: Final = cluster("scheduler", "load")
+# Each replica's own subject, answered while it is connected: "no responders" there tells
+# a survivor at once that the replica died (failover), not its liveness key's TTL later.
+SCHED_REPLICA_ALL: Final = f"{PREFIX}.scheduler.replica.*"
+
+
+def scheduler_replica(replica: str) -> str:
+    """The subject one scheduler replica (its KV token) answers on, alone."""
+    return f"{PREFIX}.scheduler.replica.{token(replica, 'replica')}"
+
 
 # Node-local verbs, completed with a node id by :func:`node`.
 WORKER_LOAD: Final = "load"
@@ -127,6 +137,9 @@ MEMORY_LIST: Final = "list"  # an owner's allocations on a device (the transfer 
 MEMORY_OBSERVE: Final = "observe"  # published by workers per request: no reply
 MEMORY_QUEUE_VIEW: Final = "queue_view"  # published by scheduler replicas: no reply
 PING: Final = "ping"
+RECONNECTED: Final = "reconnected"  # a responder's connection is back (``Reconnected``)
+SCHED_RECONNECTED: Final = f"{PREFIX}.scheduler_reconnected"  # a scheduler replica's
+WORKERS_RECONNECTED: Final = f"{PREFIX}.node.*.worker.{RECONNECTED}"  # any node's workers
 SERVICE_STATS: Final = "service_stats"  # every service: endpoint and loop statistics
 # Every service of every node answers a request here (no queue group): a scrape of the
 # whole mesh's statistics gathers the replies for a moment.

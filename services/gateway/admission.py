@@ -29,6 +29,7 @@ from gpufaas.gateway.auth import caller_of
 from gpufaas.shared import constants as c
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import InvalidArgument, Overloaded, PayloadTooLarge, Unavailable
+from gpufaas.shared.quotas import QUOTA_KEYS
 from gpufaas.shared.tensors import raw_nbytes
 
 LIMITS_ENV = "GPUFAAS_TENANT_LIMITS"
@@ -46,7 +47,8 @@ class TenantLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 
 def parse_limits(config: Config) -> tuple[TenantLimits, dict[str, TenantLimits]]:
     """The default limits and the per-tenant overrides (a field left out of an override
-    takes the default); a malformed mapping is ``InvalidArgument`` naming the variable."""
+    takes the default; the scheduler's quota keys are its own, ``shared/quotas.py``); a
+    malformed mapping is ``InvalidArgument`` naming the variable."""
     default = TenantLimits(
         max_inflight=config.tenant_max_inflight,
         rate=config.tenant_rate,
@@ -58,7 +60,12 @@ def parse_limits(config: Config) -> tuple[TenantLimits, dict[str, TenantLimits]]
     try:
         raw = msgspec.convert(orjson.loads(config.tenant_limits), dict[str, dict[str, Any]])
         base = msgspec.structs.asdict(default)
-        per = {t: msgspec.convert({**base, **v}, TenantLimits) for t, v in raw.items()}
+        per = {
+            t: msgspec.convert(
+                {**base, **{k: x for k, x in v.items() if k not in QUOTA_KEYS}}, TenantLimits
+            )
+            for t, v in raw.items()
+        }
     except (orjson.JSONDecodeError, msgspec.ValidationError) as exc:
         raise InvalidArgument(f"{LIMITS_ENV} is malformed: {exc}", field=LIMITS_ENV) from None
     for tenant, lim in [("", default), *per.items()]:
@@ -181,12 +188,13 @@ def capped_streams(handler: Handler) -> Handler:
 async def replay_start(js: JetStreamContext, wanted: int, max_events: int) -> int:
     """The EVENTS sequence a replay starts at: ``wanted`` (0: the oldest kept), but never
     before the latest ``max_events`` events (``GPUFAAS_EVENTS_REPLAY_MAX``): a client's
-    replay costs the server a bounded amount, however long the stream's history."""
+    replay costs the server a bounded amount, however long the stream's history. Past
+    the stream's end (an id from before a stream was recreated): the next new event."""
     try:
         state = (await js.stream_info(c.EVENTS_STREAM)).state
     except (nats.errors.Error, TimeoutError) as exc:
         raise Unavailable(f"cannot read the EVENTS stream: {exc!r}") from None
-    return max(wanted, state.last_seq - max_events + 1, state.first_seq, 1)
+    return min(max(wanted, state.last_seq - max_events + 1, state.first_seq, 1), state.last_seq + 1)
 
 
 def check_input_sizes(inputs: list[Any], max_rows: int, max_bytes: int) -> None:

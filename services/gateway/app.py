@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import re
 import time
@@ -22,6 +23,7 @@ import orjson
 import structlog
 from aiohttp import web
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -42,7 +44,7 @@ from gpufaas.gateway.auth import (
     warn_if_open,
 )
 from gpufaas.gateway.bodies import DeployBody, InferBody, WorkflowBody
-from gpufaas.gateway.openapi import RouteDoc, build_openapi
+from gpufaas.gateway.openapi import Param, RouteDoc, build_openapi
 from gpufaas.gateway.service_stats import exposition, gather
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
@@ -51,6 +53,7 @@ from gpufaas.shared.catalog import check_server_path, validate_source
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import (
     InvalidArgument,
+    NoResponders,
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
@@ -89,6 +92,7 @@ from gpufaas.shared.messages import (
     to_builtins,
 )
 from gpufaas.shared.registry import FunctionCache, alive, records
+from gpufaas.shared.rpc import Link, link_of, reconnected
 from gpufaas.shared.rpc import request as nats_request
 from gpufaas.shared.service import cancel_and_wait, close_nats, connect_nats, follow
 from gpufaas.shared.shm import delete_tube, read_tube, write_tube
@@ -109,6 +113,9 @@ log = structlog.get_logger()
 
 VERSION = "0.1.0"
 REQUEST_ID_HEADER = "X-Request-ID"
+RECONNECT_WAIT_S = 2.0  # how long a request waits for a dropped NATS connection to return
+SCHEDULER_WAIT_S = 5.0  # ... and an invocation for a scheduler replica to be running
+NO_RESPONDERS_RETRY_S = 0.1  # how often it looks for one meanwhile
 
 CONFIG = web.AppKey("config", Config)
 NC = web.AppKey("nc", NATS)
@@ -183,7 +190,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             if exc.status < 400:
                 raise
             body = {"code": _http_code(exc.status), "error": exc.reason}
-            resp = json_response(body, exc.status, {REQUEST_ID_HEADER: request_id})
+            headers = {REQUEST_ID_HEADER: request_id}
+            if "Allow" in exc.headers:  # a 405 names the methods the path has (RFC 9110)
+                headers["Allow"] = exc.headers["Allow"]
+            resp = json_response(body, exc.status, headers)
         except Exception:
             log.exception("http.crashed", path=request.path)
             body = {
@@ -249,6 +259,14 @@ def nats_of(request: web.Request) -> NATS:
     return nc
 
 
+async def reconnected_nats(request: web.Request) -> NATS:
+    """``nats_of``, after waiting up to ``RECONNECT_WAIT_S`` for a dropped connection to
+    come back: an invocation rides a cluster's failover out instead of failing it, and
+    is still a fast 503 while NATS stays away."""
+    await reconnected(request.app[NC], RECONNECT_WAIT_S)
+    return nats_of(request)
+
+
 async def ask_scheduler(
     request: web.Request,
     subject: str,
@@ -270,8 +288,42 @@ async def ask_scheduler(
     )
 
 
+async def invoke_scheduler(
+    request: web.Request,
+    subject: str,
+    msg: InvokeRequest | WorkflowInvokeRequest,
+    reply_type: type[M],
+) -> M:
+    """An invocation (a function's or a workflow's, until its deadline) sent to a scheduler
+    replica, and again if the replica may have lost it (``resend=True``: an inference may
+    run twice; its answer is the same). While no replica is subscribed (``gpufaas up``
+    restarting its only one: a second or two) it waits for one, up to
+    ``SCHEDULER_WAIT_S``: the request reached nobody, so sending it again is safe."""
+    until = time.monotonic() + SCHEDULER_WAIT_S
+    default_s = request.app[CONFIG].request_timeout_s
+    while True:
+        left = msg.deadline - time.time() if msg.deadline else default_s
+        try:
+            return await nats_request(
+                nats_of(request),
+                subject,
+                msg,
+                reply_type,
+                timeout=max(left, 0.001) + 1,
+                request_id=request[REQUEST_ID],
+                what="scheduler",
+                resend=True,
+            )
+        except NoResponders:
+            if time.monotonic() >= until:
+                raise
+            await asyncio.sleep(NO_RESPONDERS_RETRY_S)
+
+
 async def require_function(request: web.Request, name: str) -> FunctionRecord:
-    nats_of(request)
+    if not _NAME.match(name):  # no function has it: not looked up
+        raise NotFound(f"model {name!r} not found", field="model_name")
+    await reconnected_nats(request)
     try:
         record = await request.app[FUNCTIONS].get(tenant_of(request), name)
     except (nats.errors.Error, TimeoutError) as exc:
@@ -444,8 +496,8 @@ async def infer(request: web.Request) -> web.Response:
     try:
         payloads = await _payloads(request, body, tenant, tubes)
         deadline = time.time() + config.request_timeout_s
-        reply = await nats_request(
-            nats_of(request),
+        reply = await invoke_scheduler(
+            request,
             subjects.SCHED_INVOKE,
             InvokeRequest(
                 function=name,
@@ -455,9 +507,6 @@ async def infer(request: web.Request) -> web.Response:
                 deadline=deadline,
             ),
             InvokeReply,
-            timeout=config.request_timeout_s + 1,
-            request_id=request_id,
-            what="scheduler",
         )
         outputs = await _outputs_json(request, body, reply.outputs, tubes)
     finally:
@@ -592,6 +641,7 @@ async def function_delete(request: web.Request) -> web.Response:
 async def _require_workflow(request: web.Request, name: str) -> WorkflowRecord:
     if not _NAME.match(name):
         raise NotFound(f"workflow {name!r} not found", field="name")
+    await reconnected_nats(request)
     record = await request.app[KV].workflows.value(FunctionRef(tenant_of(request), name).key)
     if record is None:
         raise NotFound(f"workflow {name!r} not found", field="name")
@@ -657,8 +707,8 @@ async def workflow_infer(request: web.Request) -> web.Response:
     tubes: list[Tube] = []
     try:
         payloads = await _payloads(request, body, spec.tenant, tubes)
-        reply = await nats_request(
-            nats_of(request),
+        reply = await invoke_scheduler(
+            request,
             subjects.SCHED_WORKFLOW_INVOKE,
             WorkflowInvokeRequest(
                 workflow=spec.name,
@@ -668,9 +718,6 @@ async def workflow_infer(request: web.Request) -> web.Response:
                 deadline=time.time() + config.request_timeout_s,
             ),
             WorkflowInvokeReply,
-            timeout=config.request_timeout_s + 1,
-            request_id=request_id,
-            what="scheduler",
         )
         outputs = await _outputs_json(request, body, reply.outputs, tubes)
     finally:
@@ -787,7 +834,7 @@ async def _replay_from(request: web.Request, nc: NATS) -> ConsumerConfig:
     replay = request.query.get("replay", "new")
     last_id = request.headers.get("Last-Event-ID")
     if last_id is not None or replay == "all":  # from there, at most the latest N events
-        if last_id is not None and not last_id.isdigit():
+        if last_id is not None and not re.fullmatch(r"[0-9]{1,20}", last_id):
             raise InvalidArgument(
                 "Last-Event-ID must be a stream sequence number", field="Last-Event-ID"
             )
@@ -869,6 +916,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 # --- app -----------------------------------------------------------------------------
 
+EVENTS_PARAMS = (
+    Param("kinds", "query", {"type": "string"}, "event kinds, e.g. function.* (default: all)"),
+    Param("replay", "query", {"enum": ["new", "last", "all"]}, "where to start (default: new)"),
+    Param("Last-Event-ID", "header", {"type": "string"}, "resume after this event's id"),
+)
 ROUTES: list[tuple[RouteDoc, Handler]] = [
     (RouteDoc("GET", "/v2/health/live", "Liveness", public=True), live),
     (RouteDoc("GET", "/v2/health/ready", "Readiness (NATS reachable)", public=True), ready),
@@ -879,13 +931,21 @@ ROUTES: list[tuple[RouteDoc, Handler]] = [
         RouteDoc("POST", "/v2/models/{name}/infer", "Inference (JSON tensors)", InferBody),
         admitted(infer),
     ),
-    (RouteDoc("POST", "/v1/functions", "Deploy a function", DeployBody, ok=201), functions_post),
+    (
+        RouteDoc("POST", "/v1/functions", "Deploy a function", DeployBody, ok=201, exists_ok=True),
+        functions_post,
+    ),
     (RouteDoc("GET", "/v1/functions", "List functions"), functions_list),
     (RouteDoc("GET", "/v1/functions/{name}", "Get a function"), function_get),
     (RouteDoc("DELETE", "/v1/functions/{name}", "Delete a function"), function_delete),
     (
         RouteDoc(
-            "POST", "/v1/workflows", "Deploy a workflow (a DAG of functions)", WorkflowBody, ok=201
+            "POST",
+            "/v1/workflows",
+            "Deploy a workflow (a DAG of functions)",
+            WorkflowBody,
+            ok=201,
+            exists_ok=True,
         ),
         workflows_post,
     ),
@@ -900,12 +960,24 @@ ROUTES: list[tuple[RouteDoc, Handler]] = [
     ),
     (RouteDoc("GET", "/v1/nodes", "Live nodes, their services and devices"), nodes_list),
     (
-        RouteDoc("GET", "/v1/events", "Server-Sent Events from the EVENTS stream"),
+        RouteDoc(
+            "GET",
+            "/v1/events",
+            "Server-Sent Events from the EVENTS stream",
+            params=EVENTS_PARAMS,
+        ),
         capped_streams(events_sse),
     ),
     (RouteDoc("GET", "/metrics", "Prometheus metrics (admin keys)"), metrics),
     *keys.ROUTES,
 ]
+
+
+async def _nudge(link: Link, _msg: NatsMsg) -> None:
+    """Invocations in flight go again (``resend=True``): the replica that had them may
+    have lost them, or its answer, with the NATS server it reconnected from."""
+    if link.nudge():
+        log.info("gateway.resend_after_scheduler_reconnect")
 
 
 async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -917,6 +989,8 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     app[KV] = TypedBuckets(js, buckets)
     app[FUNCTIONS] = FunctionCache(app[KV].functions)
     app[KEYS] = KeyCache(app[KV].keys)
+    if (link := link_of(nc)) is not None:  # a scheduler replica is back: send invokes again
+        await nc.subscribe(subjects.SCHED_RECONNECTED, cb=functools.partial(_nudge, link))
     stats = LoopCounter("functions-watch")
     watches = {
         asyncio.create_task(

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gpufaas.gateway.auth import KEYS, Handler, require_admin
 from gpufaas.gateway.bodies import Body
-from gpufaas.gateway.openapi import RouteDoc
+from gpufaas.gateway.openapi import Param, RouteDoc
 from gpufaas.shared import apikeys
 from gpufaas.shared.errors import InvalidArgument, NotFound
 from gpufaas.shared.messages import Tenant, convert
@@ -75,6 +75,22 @@ async def key_delete(request: web.Request) -> web.Response:
 
 ROUTES: list[tuple[RouteDoc, Handler]] = [
     (RouteDoc("POST", "/v1/keys", "Create an API key (admin)", KeyBody, ok=201), keys_post),
-    (RouteDoc("GET", "/v1/keys", "List API keys, without secrets (admin)"), keys_list),
-    (RouteDoc("DELETE", "/v1/keys/{id}", "Revoke an API key (admin)"), key_delete),
+    (
+        RouteDoc(
+            "GET",
+            "/v1/keys",
+            "List API keys, without secrets (admin)",
+            params=(Param("tenant", "query", {"type": "string"}, "only this tenant's keys"),),
+        ),
+        keys_list,
+    ),
+    (
+        RouteDoc(
+            "DELETE",
+            "/v1/keys/{id}",
+            "Revoke an API key (admin)",
+            params=(Param("id", "path", {"type": "string", "pattern": apikeys.ID_PATTERN}),),
+        ),
+        key_delete,
+    ),
 ]

@@ -25,13 +25,14 @@ from nats.js import JetStreamContext
 
 from gpufaas.gateway import app as gw
 from gpufaas.gateway.auth import Handler
-from gpufaas.gateway.openapi import RouteDoc
+from gpufaas.gateway.openapi import Param, RouteDoc
 from gpufaas.shared import constants as c
 from gpufaas.shared.errors import (
     AlreadyExists,
     NotFound,
     PayloadTooLarge,
     PlatformError,
+    QuotaExceeded,
     UnsupportedMediaType,
 )
 from gpufaas.shared.jetstream import cluster_replicas, ensure_kv, may_reshape, stream_max_bytes
@@ -79,11 +80,12 @@ async def _used_bytes(bucket: Bucket[ModelUpload], tenant: str) -> int:
     return sum(e.value.bytes for e in await bucket.items(f"{tenant}."))
 
 
-def _over_quota(quota: int, used: int, adding: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
+def _over_quota(quota: int, used: int, adding: int) -> QuotaExceeded:
+    return QuotaExceeded(
         f"the tenant's uploads would hold {used + adding} bytes; its quota "
-        f"(GPUFAAS_MODEL_QUOTA_BYTES) is {quota} ({used} in use)",
-        field="quota",
+        f"(GPUFAAS_MODEL_QUOTA_BYTES) is {quota} ({used} in use): delete an upload "
+        "or have the quota raised",
+        field="GPUFAAS_MODEL_QUOTA_BYTES",
     )
 
 
@@ -218,7 +220,7 @@ async def model_delete(request: web.Request) -> web.Response:
     upload = request.match_info["id"]
     bucket = request.app[UPLOADS]
     if not _ID.match(upload) or await bucket.value(record_key(tenant, upload)) is None:
-        raise NotFound(f"uploaded model {upload} not found", field="id")
+        raise NotFound(f"uploaded model {upload!r} not found", field="id")
     users = [
         r.spec.name
         for r in await records(request.app[gw.KV].functions, tenant)
@@ -257,7 +259,6 @@ async def uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-ARCHIVE = ("application/x-tar", "application/zip")
 ROUTES: list[tuple[RouteDoc, Handler]] = [
     (
         RouteDoc(
@@ -265,10 +266,19 @@ ROUTES: list[tuple[RouteDoc, Handler]] = [
             "/v1/models",
             "Upload a model directory (a tar or zip archive; id = its SHA-256)",
             ok=201,
-            media=ARCHIVE,
+            exists_ok=True,
+            media=ARCHIVE_TYPES,
         ),
         models_post,
     ),
     (RouteDoc("GET", "/v1/models", "List the tenant's uploaded models"), models_list),
-    (RouteDoc("DELETE", "/v1/models/{id}", "Delete an uploaded model"), model_delete),
+    (
+        RouteDoc(
+            "DELETE",
+            "/v1/models/{id}",
+            "Delete an uploaded model",
+            params=(Param("id", "path", {"type": "string", "pattern": UPLOAD_ID_PATTERN}),),
+        ),
+        model_delete,
+    ),
 ]

@@ -8,6 +8,28 @@ from typing import Any
 import msgspec
 
 from gpufaas.gateway.bodies import DeployBody, InferBody
+from gpufaas.shared.messages import NAME_PATTERN
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A query, header or path parameter of a route (a path one not listed is any string)."""
+
+    name: str
+    where: str  # query | header | path
+    schema: dict[str, Any]
+    description: str = ""
+
+
+# Path parameters by name, unless a route declares its own.
+PATH_PARAMS: dict[str, Param] = {
+    "name": Param(
+        "name",
+        "path",
+        {"type": "string", "pattern": NAME_PATTERN},
+        "a function's or workflow's name (any other is not found)",
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,8 +39,11 @@ class RouteDoc:
     summary: str
     body: type[msgspec.Struct] | None = None
     ok: int = 200
+    # A create that finds the same thing there already answers 200 instead of ``ok``.
+    exists_ok: bool = False
     public: bool = False  # reachable without an API key (liveness, readiness)
     media: tuple[str, ...] = ()  # a raw (non-JSON) body of these types, e.g. an archive
+    params: tuple[Param, ...] = ()
 
 
 ERROR_SCHEMA: dict[str, Any] = {
@@ -42,36 +67,7 @@ def build_openapi(routes: list[RouteDoc], version: str) -> dict[str, Any]:
     components["Error"] = ERROR_SCHEMA
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
-        op: dict[str, Any] = {
-            "summary": r.summary,
-            "operationId": f"{r.method.lower()}_{r.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
-            "responses": {
-                str(r.ok): {"description": "success"},
-                "default": {
-                    "description": "error",
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-                    },
-                },
-            },
-        }
-        if r.public:
-            op["security"] = []
-        params = [seg[1:-1] for seg in r.path.split("/") if seg.startswith("{")]
-        if params:
-            op["parameters"] = [
-                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                for p in params
-            ]
-        if r.media:
-            binary = {"schema": {"type": "string", "format": "binary"}}
-            op["requestBody"] = {"required": True, "content": dict.fromkeys(r.media, binary)}
-        if r.body is not None:
-            op["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": ref_of[r.body]}},
-            }
-        paths.setdefault(r.path, {})[r.method.lower()] = op
+        paths.setdefault(r.path, {})[r.method.lower()] = _operation(r, ref_of)
     return {
         "openapi": "3.1.0",
         "info": {"title": "gpufaas gateway", "version": version},
@@ -84,4 +80,48 @@ def build_openapi(routes: list[RouteDoc], version: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["DeployBody", "InferBody", "RouteDoc", "build_openapi"]
+def _operation(r: RouteDoc, ref_of: dict[type[msgspec.Struct], Any]) -> dict[str, Any]:
+    """One operation: its parameters, body and responses (errors: the Error schema)."""
+    responses: dict[str, Any] = {str(r.ok): {"description": "success"}}
+    if r.exists_ok:
+        responses["200"] = {"description": "the same exists already; nothing changed"}
+    responses["default"] = {
+        "description": "error",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    op: dict[str, Any] = {
+        "summary": r.summary,
+        "operationId": f"{r.method.lower()}_{r.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+        "responses": responses,
+    }
+    if r.public:
+        op["security"] = []
+    declared = {p.name: p for p in r.params}
+    in_path = [seg[1:-1] for seg in r.path.split("/") if seg.startswith("{")]
+    params = [
+        declared.get(n) or PATH_PARAMS.get(n) or Param(n, "path", {"type": "string"})
+        for n in in_path
+    ]
+    params += [p for p in r.params if p.where != "path"]
+    if params:
+        op["parameters"] = [_parameter(p) for p in params]
+    if r.media:
+        binary = {"schema": {"type": "string", "format": "binary"}}
+        op["requestBody"] = {"required": True, "content": dict.fromkeys(r.media, binary)}
+    if r.body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref_of[r.body]}},
+        }
+    return op
+
+
+def _parameter(p: Param) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": p.name, "in": p.where, "required": p.where == "path"}
+    if p.description:
+        out["description"] = p.description
+    out["schema"] = p.schema
+    return out
+
+
+__all__ = ["DeployBody", "InferBody", "Param", "RouteDoc", "build_openapi"]

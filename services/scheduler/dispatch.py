@@ -122,7 +122,7 @@ class Dispatcher:
         if record is None:
             raise NotFound(f"function {call.ref.name!r} not found", field="model")
         fq = self.queue(call.ref)
-        self.admit(fq)
+        self.admit(fq, call.deadline - time.time())
         tubes = tuple(p.tube for p in call.inputs if p.tube is not None)
         loop = asyncio.get_running_loop()
         pending = Pending(
@@ -162,13 +162,22 @@ class Dispatcher:
         await self._completed(call, reply)
         return reply
 
-    def admit(self, fq: FunctionQueue) -> None:
+    def admit(self, fq: FunctionQueue, budget_s: float) -> None:
         """Turn a request away (429 with ``Retry-After``) when its function's queue is
-        full (``GPUFAAS_MAX_QUEUED``): a burst waits bounded, it does not pile up."""
+        full (``GPUFAAS_MAX_QUEUED``), or when the requests ahead of it would take longer
+        to drain, at the recent rate, than it has left before its deadline: a burst waits
+        bounded, and no request is accepted only to time out in the queue."""
         limit = self.host.config.max_queued
         if fq.full(limit):
             raise Overloaded(
                 f"{limit} requests wait for {fq.ref.name!r} already; retry later",
+                retry_after_s=fq.retry_after(),
+            )
+        wait = fq.expected_wait()
+        if wait is not None and wait > budget_s:
+            raise Overloaded(
+                f"the {fq.queued()} requests waiting for {fq.ref.name!r} take about "
+                f"{wait:.1f} s to drain, past this request's deadline; retry later",
                 retry_after_s=fq.retry_after(),
             )
 

@@ -6,6 +6,17 @@ listed in the replicas bucket, with a liveness key (TTL) in the leases bucket re
 tick; so only a dead replica's prefix is ever read. Its live records are claimed
 (compare-and-set, so one survivor answers each) and run again under the same dispatch id:
 requests it had already sent on are answered from the worker's memory, not run twice.
+
+A replica is dead when its liveness key lapsed, or, seconds sooner, when nothing has
+answered on its own subject (``subjects.scheduler_replica``) for ``CONFIRM_DEAD_S``: NATS
+drops a killed process's subscriptions at once, and a replica that reconnects after an
+outage subscribes again within about a second, so one miss alone proves nothing. Were a
+live replica taken for dead anyway, its callers would get the survivor's answer or its own,
+whichever comes first (the same dispatch id: computed once), and it lists its name again.
+
+A request that reached a replica in its last moments, before it was recorded, is in no
+record: when a replica is found dead, gateways are told to send their invocations in
+flight again (``SCHED_RECONNECTED``), so that it is answered, not left to its deadline.
 """
 
 from __future__ import annotations
@@ -22,11 +33,20 @@ import nats.errors
 import nats.js.errors
 import structlog
 from msgspec.structs import replace as msgspec_replace
+from nats.aio.msg import Msg as NatsMsg
 
 from gpufaas.scheduler.host import Host
+from gpufaas.shared import subjects
 from gpufaas.shared.errors import InvalidArgument, PlatformError
 from gpufaas.shared.kv import Bucket, Codec, Conflict
-from gpufaas.shared.messages import InflightRecord, InvokeRequest, Msg, decode, encode
+from gpufaas.shared.messages import (
+    InflightRecord,
+    InvokeRequest,
+    Msg,
+    Reconnected,
+    decode,
+    encode,
+)
 from gpufaas.shared.rpc import error_reply
 from gpufaas.shared.service import REPLY_TO
 from gpufaas.shared.workflows import WorkflowInflightRecord, WorkflowInvokeRequest
@@ -36,6 +56,8 @@ R = TypeVar("R")
 Record = InflightRecord | WorkflowInflightRecord
 # Runs a taken-over request again (under its dispatch id, until ``deadline``): its reply.
 Rerun = Callable[[Record, float], Awaitable[Msg]]
+PING_TIMEOUT_S = 0.5  # a replica that answers its subject this late is alive anyway
+CONFIRM_DEAD_S = 1.0  # no responders on a replica's subject this long: it died
 
 
 def decode_record(data: bytes) -> Record:
@@ -86,6 +108,8 @@ class Failover:
         self.host = host
         self.rerun = rerun
         self.adopted: set[str] = set()  # inflight keys taken over from dead replicas
+        self.silent: dict[str, float] = {}  # replica -> when its subject first had no responder
+        self.mourned: set[str] = set()  # dead replicas whose callers were told to resend
         self._member = False  # listed in the replicas bucket
 
     @property
@@ -148,13 +172,25 @@ class Failover:
             self._member = True
         return me
 
+    async def on_ping(self, msg: NatsMsg) -> None:
+        """A survivor asks whether this replica is alive (its own subject): it is."""
+        with contextlib.suppress(nats.errors.Error):
+            await msg.respond(b"")
+
     async def take_over(self, now: float) -> None:
-        """Renew this replica's liveness; answer the callers of replicas whose key lapsed.
+        """Renew this replica's liveness; answer the callers of replicas that died.
         Once a dead replica has nothing left, its prefix and its name are purged."""
         me = await self.register()
-        for dead in await self.host.kv.replicas.keys():
-            if dead == me or await self.host.kv.leases.get(f"replica.{dead}") is not None:
+        names = await self.host.kv.replicas.keys()
+        if me not in names:  # purged by a survivor that took this replica for dead
+            await self.host.kv.replicas.put(me, self.host.replica)
+        for dead in names:
+            if dead == me or not await self._dead(dead):
                 continue
+            if dead not in self.mourned:  # what it got but never recorded: sent again
+                self.mourned.add(dead)
+                await self.host.nc.publish(subjects.SCHED_RECONNECTED, encode(Reconnected()))
+                log.warning("scheduler.replica_died", replica=dead)
             pending = 0
             for key in await self.records.keys(f"{dead}."):
                 pending += await self.claim(key, now)
@@ -162,7 +198,26 @@ class Failover:
                 log.info("scheduler.replica_dead", replica=dead, pending=pending)
             if gone_for_good(dead, pending, self.adopted):
                 await self._purge(dead)
+                self.silent.pop(dead, None)
+                self.mourned.discard(dead)
                 log.info("scheduler.replica_gone", replica=dead)
+
+    async def _dead(self, replica: str) -> bool:
+        """Whether another listed replica died: its liveness key lapsed, or nothing has
+        answered on its subject for ``CONFIRM_DEAD_S`` (see the module's docstring)."""
+        if await self.host.kv.leases.get(f"replica.{replica}") is None:
+            return True
+        try:
+            await self.host.nc.request(
+                subjects.scheduler_replica(replica), b"", timeout=PING_TIMEOUT_S
+            )
+        except nats.errors.NoRespondersError:
+            first = self.silent.setdefault(replica, time.monotonic())
+            return time.monotonic() - first >= CONFIRM_DEAD_S
+        except (nats.errors.Error, ValueError):
+            pass  # slow, NATS away, or not a token: not known dead; its key will tell
+        self.silent.pop(replica, None)
+        return False
 
     async def _purge(self, replica: str, *, lease: bool = False) -> None:
         """A replica's records and markers, then its name (whole subjects, so that no

@@ -1,10 +1,19 @@
-"""Deploying and deleting functions, and the one writer of their instance nodes in KV."""
+"""Deploying and deleting functions, and the one writer of their instance nodes in KV.
+
+A deploy is held to its tenant's quotas (``shared/quotas.py``): the functions it has, and
+the GPU memory their instances' models take, checked before placement, again with the
+model's size once known (before its instance is loaded when the node's tensor store
+knows the model, else right after), and once more after the record is written: of
+concurrent deploys that together pass a quota, the ones that see each other are undone
+(both, at worst), so the quota holds across scheduler replicas.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
+import structlog
 from msgspec.structs import replace as msgspec_replace
 
 from gpufaas.scheduler.host import Host
@@ -13,7 +22,7 @@ from gpufaas.scheduler.profiling import Profiles, check_slo
 from gpufaas.scheduler.workers import WorkerClient
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import validate_source
-from gpufaas.shared.errors import AlreadyExists, NotFound
+from gpufaas.shared.errors import AlreadyExists, NotFound, QuotaExceeded
 from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import (
     DeleteReply,
@@ -26,7 +35,10 @@ from gpufaas.shared.messages import (
     WorkerLoadReply,
     WorkerLoadRequest,
 )
-from gpufaas.shared.registry import FunctionCache
+from gpufaas.shared.quotas import Quotas, check_deploy, gpu_bytes, over_gpu_memory
+from gpufaas.shared.registry import FunctionCache, records
+
+log = structlog.get_logger()
 
 UPDATE_ATTEMPTS = 20
 
@@ -51,6 +63,7 @@ class FunctionRegistry:
         self.placer = placer
         self.workers = workers
         self.profiles = profiles
+        self.quotas = Quotas.from_config(host.config)
 
     async def load(
         self, node: str, spec: FunctionSpec
@@ -75,9 +88,15 @@ class FunctionRegistry:
             raise AlreadyExists(
                 f"function {spec.name!r} exists with another spec; delete it first", field="name"
             )
+        await self.check_quotas(spec, 0)
         node = await self.placer.place(spec)
+        if self._gpu_quota(spec):  # the model's size, before it is loaded, where known
+            loc = await self.placer.locality(node, spec)
+            await self.check_quotas(spec, loc.model_bytes if loc and loc.known else 0)
         loaded, _ = await self.load(node, spec)
         try:
+            if self._gpu_quota(spec):
+                await self.check_quotas(spec, loaded.model_bytes)
             first = await self.profiles.measure(node, spec, [1], repeats=3, deadline_s=30)
             choice = check_slo(spec, first.points)
         except BaseException:
@@ -113,9 +132,38 @@ class FunctionRegistry:
         )
         return DeployReply(function=record, created=True)
 
+    # --- quotas ----------------------------------------------------------------------------
+
+    def _gpu_quota(self, spec: FunctionSpec) -> bool:
+        return self.quotas.of(spec.tenant).gpu_memory_bytes > 0
+
+    async def check_quotas(self, spec: FunctionSpec, model_bytes: int) -> None:
+        """``QuotaExceeded`` naming the quota when ``spec`` (not deployed yet; a model of
+        ``model_bytes``, 0 when not known yet) would take its tenant past one."""
+        quota = self.quotas.of(spec.tenant)
+        if quota.max_functions == 0 and quota.gpu_memory_bytes == 0:
+            return
+        deployed = await records(self.host.kv.functions, spec.tenant)
+        check_deploy(self.quotas, spec.tenant, spec.name, deployed, model_bytes)
+
+    async def room_for(self, record: FunctionRecord, instances: int) -> bool:
+        """Whether the tenant's GPU memory quota holds ``instances`` instances of
+        ``record``'s function (the autoscaler asks before it adds one)."""
+        spec = record.spec
+        if not self._gpu_quota(spec):
+            return True
+        deployed = await records(self.host.kv.functions, spec.tenant)
+        others = [r for r in deployed if r.spec.name != spec.name]
+        why = over_gpu_memory(self.quotas, spec.tenant, others, gpu_bytes(record, instances))
+        if why is not None:
+            log.info("autoscale.quota", tenant=spec.tenant, function=spec.name, reason=why)
+        return why is None
+
     async def _create(self, record: FunctionRecord, node: str) -> FunctionRecord | None:
         """Write a new function's record; ``None`` once written, or the record of a
-        concurrent deploy of the same spec that won (then this one's instance goes)."""
+        concurrent deploy of the same spec that won (then this one's instance goes).
+        Written, the tenant's quotas are counted again with the records of concurrent
+        deploys: past one, this deploy is undone and refused."""
         spec = record.spec
         try:
             created = await self.host.kv.functions.create(ref_of(spec).key, record)
@@ -123,12 +171,28 @@ class FunctionRegistry:
             await self.workers.unload(node, ref_of(spec))
             raise
         if created is not None:
+            try:
+                await self.check_quotas(spec, record.model_bytes)
+            except QuotaExceeded as exc:
+                await self._undo(spec, node)
+                raise QuotaExceeded(
+                    f"{exc.message}, counting deploys made at the same time", field=exc.field
+                ) from None
             return None
         winner = await self.host.kv.functions.value(ref_of(spec).key)
         if winner is not None and winner.spec == spec:
             return winner  # answer as if we had been second
         await self.workers.unload(node, ref_of(spec))
         raise AlreadyExists(f"function {spec.name!r} was deployed concurrently", field="name")
+
+    async def _undo(self, spec: FunctionSpec, node: str) -> None:
+        """Take back a function just recorded: its record, then its instances (on ``node``,
+        and wherever a request may have cold-started one meanwhile)."""
+        ref = ref_of(spec)
+        await self.host.kv.functions.delete(ref.key)
+        self.cache.forget(spec.tenant, spec.name)
+        for n in {node} | set(self.host.workers):
+            await self.workers.unload(n, ref)
 
     async def delete(self, req: DeleteRequest) -> DeleteReply:
         ref = FunctionRef(req.tenant, req.name)

@@ -2,7 +2,8 @@
 scales each function out, in, or to zero (``autoscale.py`` decides).
 
 Scaling in takes a node out of the function's record first and unloads it a tick later,
-once requests already sent there have arrived.
+once requests already sent there have arrived. Scaling out stops at the tenant's GPU
+memory quota (``FunctionRegistry.room_for``).
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ class Leader:
         spec, workers = record.spec, self.host.workers
         live = [n for n in record.nodes if n in workers]
         if desired > len(live):
+            if not await self.registry.room_for(record, len(live) + 1):
+                return  # the tenant's GPU memory quota holds no more instances
             node = await self.registry.placer.place(spec, exclude=set(live))
             if node in live:
                 return  # no other node to scale out to

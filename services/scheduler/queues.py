@@ -53,8 +53,9 @@ class FunctionQueue:
     running_tubes: dict[int, tuple[str, tuple[Tube, ...]]] = field(default_factory=dict)
     arrivals: int = 0  # since the last load report
     last_deadline_miss: float = 0.0
-    # Answers per second out of this queue (a moving average of the gaps between them):
-    # how soon a request turned away for a full queue may find room (``retry_after``).
+    # Answers per second out of this queue while requests wait in it (a moving average of
+    # the gaps between them; idle time is not counted): how long the waiting requests take
+    # to drain (``expected_wait``) and how soon a turned-away caller may find room.
     drain_rate: float = 0.0
     _last_release: float = 0.0
 
@@ -97,11 +98,21 @@ class FunctionQueue:
             gap = max(now - self._last_release, 1e-6)
             rate = 1.0 / gap
             self.drain_rate = rate if not self.drain_rate else 0.8 * self.drain_rate + 0.2 * rate
-        self._last_release = now
+        # A gap counts only while requests wait: the next one measures the service rate,
+        # not an idle spell.
+        self._last_release = now if self.queued() else 0.0
 
     def full(self, limit: int) -> bool:
         """Whether ``limit`` requests wait already (the next one is turned away)."""
         return len(self.waiting) >= limit and self.queued() >= limit
+
+    def expected_wait(self) -> float | None:
+        """Seconds until the requests waiting now have drained at the recent rate (None
+        when none wait, or no rate is known yet)."""
+        queued = self.queued()
+        if not queued or self.drain_rate <= 0:
+            return None
+        return queued / self.drain_rate
 
     def retry_after(self) -> float:
         """Seconds until the waiting requests have drained at the recent rate (a default

@@ -60,7 +60,9 @@ from gpufaas.shared.messages import (
     InvokeRequest,
     Msg,
     ProfileRecord,
+    Reconnected,
     SchedulerLoad,
+    decode,
     decode_json,
 )
 from gpufaas.shared.registry import FunctionCache, alive
@@ -115,6 +117,12 @@ class SchedulerService(Service):
     async def on_start(self) -> None:
         # Alive and a member before the first request is accepted: a replica that dies
         # before its first tick must still be found, or its callers would wait in vain.
+        # Its own subject first: a survivor that finds no responder there takes it for dead.
+        # Not among the subscriptions that stop ends first: it lasts while the replica
+        # drains, until the connection closes.
+        await self.nc.subscribe(
+            subjects.scheduler_replica(self.failover.me), cb=self.failover.on_ping
+        )
         await self.failover.register()
         self.functions.bind(self.kv.functions)
         self.watch(self.kv.functions, self.functions.on_change, "functions-watch")
@@ -125,8 +133,16 @@ class SchedulerService(Service):
         self._subs.append(
             await self.nc.subscribe(subjects.event("worker.exited"), cb=self._on_worker_exited)
         )
+        self._subs.append(
+            await self.nc.subscribe(subjects.WORKERS_RECONNECTED, cb=self._on_worker_reconnected)
+        )
         await self.reconcile_once(time.time(), announce=False)
-        self.every(self.config.heartbeat_s, lambda: self.reconcile_once(time.time()), "membership")
+        self.every(
+            self.config.heartbeat_s,
+            lambda: self.reconcile_once(time.time()),
+            "membership",
+            backoff_cap=self.config.heartbeat_s,
+        )
         self.every(
             self.config.autoscale_interval_s,
             lambda: self.autoscale_once(time.time()),
@@ -254,6 +270,20 @@ class SchedulerService(Service):
         except (PlatformError, KeyError, ValueError):
             return
         self.worker_client.lost(node, tenant, worker)
+
+    async def _on_worker_reconnected(self, msg: NatsMsg) -> None:
+        """A worker process's connection came back: send again what it may have missed.
+        The node is the subject's (NATS lets a node's workers publish only their own)."""
+        try:
+            node = msg.subject.split(".")[3]
+            said = decode(msg.data, Reconnected)
+        except (PlatformError, IndexError):
+            return
+        self.worker_client.reconnected(node, said.tenant, said.worker)
+
+    def reconnect_announcement(self) -> tuple[str, Msg] | None:
+        """Gateways send again the invocations this replica may have missed."""
+        return subjects.SCHED_RECONNECTED, Reconnected()
 
     # --- autoscaling -----------------------------------------------------------------------
 

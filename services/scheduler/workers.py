@@ -1,5 +1,6 @@
 """Requests to a node's worker of a tenant, binding a worker process when none answers,
-and sending a request again when the process it was sent to dies (``Deaths``)."""
+and sending a request again when the process it was sent to dies, or says its NATS
+connection dropped and came back (``Deaths``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import structlog
 
@@ -31,14 +32,27 @@ T = TypeVar("T")
 # A request whose worker process dies under it this many times in a row fails (503): a
 # crash loop (say, a model that kills its process) is not retried for ever.
 MAX_RESENDS = 2
+# A process's notices that its connection came back (it may have missed a request, or its
+# reply been lost) make its sends go again at most once a RECONNECT_GAP_S; they are not
+# counted against MAX_RESENDS (a request's deadline bounds them).
+RECONNECT_GAP_S = 1.0
+
+
+class Loss(NamedTuple):
+    """Why a send's wait ended early: its process died, or reconnected (``died`` False)."""
+
+    worker: str
+    died: bool
 
 
 class WorkerLost(Exception):
-    """(Internal.) The process a request was sent to died before it answered."""
+    """(Internal.) The process a request was sent to died, or reconnected, before it
+    answered."""
 
-    def __init__(self, worker: str) -> None:
-        super().__init__(worker)
-        self.worker = worker
+    def __init__(self, loss: Loss) -> None:
+        super().__init__(loss.worker)
+        self.worker = loss.worker
+        self.died = loss.died
 
 
 class Deaths:
@@ -47,12 +61,14 @@ class Deaths:
     dead process (or may have), so they are sent again at once instead of at deadline."""
 
     def __init__(self) -> None:
-        self._sends: dict[tuple[str, str], dict[asyncio.Future[str], str | None]] = {}
+        self._sends: dict[tuple[str, str], dict[asyncio.Future[Loss], str | None]] = {}
 
     @contextlib.contextmanager
-    def watching(self, node: str, tenant: str, worker: str | None) -> Iterator[asyncio.Future[str]]:
-        """A future set (to the dead worker's id) if the process of this send dies."""
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    def watching(
+        self, node: str, tenant: str, worker: str | None
+    ) -> Iterator[asyncio.Future[Loss]]:
+        """A future set if the process of this send dies or reconnects."""
+        fut: asyncio.Future[Loss] = asyncio.get_running_loop().create_future()
         key = (node, tenant)
         sends = self._sends.setdefault(key, {})
         sends[fut] = worker
@@ -63,11 +79,12 @@ class Deaths:
             if not sends and self._sends.get(key) is sends:
                 del self._sends[key]
 
-    def died(self, node: str, tenant: str | None, worker: str) -> int:
+    def died(self, node: str, tenant: str | None, worker: str, *, died: bool = True) -> int:
         """A process of ``tenant`` on ``node`` died (``tenant`` None: every process of the
-        node, its pool gone): end the waits of the sends that may have gone to it. One that
-        went to another process (known from its bind) waits on; an unknown one is sent
-        again, harmlessly (the worker answers a dispatch id it runs or ran once)."""
+        node, its pool gone), or with ``died`` False reconnected: end the waits of the sends
+        that may have gone to it. One that went to another process (known from its bind)
+        waits on; an unknown one is sent again, harmlessly (the worker answers a dispatch id
+        it runs or ran once)."""
         told = 0
         for (at, who), sends in list(self._sends.items()):
             if at != node or (tenant is not None and who != tenant):
@@ -75,12 +92,12 @@ class Deaths:
             for fut, sent_to in sends.items():
                 if fut.done() or (tenant is not None and sent_to not in (None, worker)):
                     continue
-                fut.set_result(worker)
+                fut.set_result(Loss(worker, died))
                 told += 1
         return told
 
 
-async def until_lost(send: Awaitable[T], died: asyncio.Future[str]) -> T:
+async def until_lost(send: Awaitable[T], died: asyncio.Future[Loss]) -> T:
     """``send``'s reply, or ``WorkerLost`` as soon as ``died`` is set (an answer that is
     already there wins)."""
     task = asyncio.ensure_future(send)
@@ -111,7 +128,8 @@ class WorkerClient:
     def __init__(self, host: Host) -> None:
         self.host = host
         self.deaths = Deaths()
-        self.resent = 0  # requests sent again because their process died
+        self.resent = 0  # requests sent again because their process died or reconnected
+        self._reconnects: dict[tuple[str, str | None], float] = {}
 
     async def call(
         self,
@@ -131,14 +149,16 @@ class WorkerClient:
         binds next, within the same deadline, at most ``MAX_RESENDS`` times."""
         until = time.monotonic() + timeout
         send = self._sender(node, tenant, verb, msg, reply_type, until=until, request_id=request_id)
-        for resend in range(MAX_RESENDS + 1):
+        deaths = 0
+        while True:
             try:
                 return await self._call_once(node, tenant, send, request_id, bind=bind)
             except WorkerLost as lost:
-                if not bind or resend == MAX_RESENDS:
+                deaths += lost.died
+                if lost.died and (not bind or deaths > MAX_RESENDS):
                     raise Unavailable(
                         f"the worker process of tenant {tenant!r} on node {node} died "
-                        f"{resend + 1} times while it ran this request"
+                        f"{deaths} times while it ran this request"
                     ) from None
                 self.resent += 1
                 log.warning(
@@ -146,14 +166,28 @@ class WorkerClient:
                     node=node,
                     tenant=tenant,
                     worker=lost.worker,
+                    died=lost.died,
                     request_id=request_id,
                 )
-        raise AssertionError("unreachable")
 
     def lost(self, node: str, tenant: str | None, worker: str) -> None:
         """A worker process died (``tenant`` None: the node's pool, with all of them)."""
         told = self.deaths.died(node, tenant, worker)
         log.info("worker.lost", node=node, tenant=tenant, worker=worker, requests=told)
+
+    def reconnected(self, node: str, tenant: str | None, worker: str) -> None:
+        """A worker process's NATS connection dropped and came back: what was sent to it
+        meanwhile may be lost, so its sends in flight go again (answered once, by dispatch
+        id). A process's notices count at most once a ``RECONNECT_GAP_S``, so that a
+        process repeating them cannot make another tenant's requests fail."""
+        now, key = time.monotonic(), (node, tenant)
+        if now - self._reconnects.get(key, -RECONNECT_GAP_S) < RECONNECT_GAP_S:
+            return
+        if len(self._reconnects) > 4096:  # bounded: old entries dropped
+            self._reconnects.clear()
+        self._reconnects[key] = now
+        told = self.deaths.died(node, tenant, worker, died=False)
+        log.info("worker.reconnected", node=node, tenant=tenant, worker=worker, requests=told)
 
     async def _call_once(
         self,
@@ -210,6 +244,7 @@ class WorkerClient:
                     timeout=max(until - time.monotonic(), 0.001),
                     request_id=request_id,
                     what=f"worker of node {node}",
+                    resend=True,  # the worker answers a dispatch id once
                 )
                 return await until_lost(reply, died)
 

@@ -19,7 +19,7 @@ from gpufaas.shared.errors import AlreadyExists, NotFound, Unavailable
 from gpufaas.shared.kv import RAW, Bucket
 from gpufaas.shared.messages import Placement, Tube
 
-_KEY: Final = re.compile(r"^[-_=a-zA-Z0-9]+$")  # a KV key without dots (nats-py's rule)
+_KEY: Final = re.compile(r"^[-_=a-zA-Z0-9]+\Z")  # a KV key without dots (nats-py's rule)
 
 
 def is_tube_key(name: str) -> bool:

@@ -43,7 +43,9 @@ from gpufaas.shared.messages import (
     InvokeReply,
     MemObserve,
     ModelSource,
+    Msg,
     ProfilePointMsg,
+    Reconnected,
     RegisterReply,
     WorkerBindReply,
     WorkerBindRequest,
@@ -246,6 +248,11 @@ class WorkerService(Service):
                 subjects.node(self.config.node_id, "worker", subjects.WORKER_SPARE_READY),
                 self.config.worker_spare_id.encode(),
             )
+
+    def reconnect_announcement(self) -> tuple[str, Msg] | None:
+        """The scheduler sends again what this process may have missed while away."""
+        said = Reconnected(tenant=self.tenant, worker=self.config.worker_spare_id[:64])
+        return subjects.node(self.config.node_id, "worker", subjects.RECONNECTED), said
 
     async def _warm_up(self) -> None:
         """(A spare, before it says it is ready.) Pay on the device thread what a cold start

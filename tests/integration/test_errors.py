@@ -300,3 +300,36 @@ async def test_private_weights_are_invisible_to_other_tenants(platform: Platform
     assert deployed["data"]["tenant"] == "tenant-b"  # tenant-a's event is not shown to b
     assert deployed["data"]["bytes_deduplicated"] == 0
     assert deployed["data"]["bytes_stored"] == deployed["data"]["model_bytes"]
+
+
+async def test_names_with_a_trailing_newline_are_refused_not_a_5xx(platform: Platform) -> None:
+    """Python's ``$`` matches before a final newline: "minilm\\n" once passed the name
+    checks and reached a KV key or a subject (a 503 or a 500). Now 4xx everywhere."""
+    c = platform.client
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    for method, path in [
+        ("GET", "/v2/models/minilm%0A"),
+        ("GET", "/v2/models/minilm%0A/ready"),
+        ("GET", "/v1/functions/minilm%0A"),
+        ("DELETE", "/v1/functions/minilm%0A"),
+        ("GET", "/v1/workflows/minilm%0A"),
+        ("DELETE", "/v1/keys/abcdefABCDEF%0A"),
+        ("DELETE", f"/v1/models/{'a' * 64}%0A"),
+    ]:
+        await expect(await c.request(method, path), 404, "not_found")
+    resp = await c.post("/v2/models/minilm%0A/infer", json=text_request(["x"]))
+    await expect(resp, 404, "not_found")
+    bodies = [
+        ("/v1/functions", {**DEMO_BODY, "name": "other\n"}, "name"),
+        ("/v1/functions", {"name": "up", "model": {"upload": "a" * 64 + "\n"}}, "model.upload"),
+        ("/v1/keys", {"tenant": "acme\n"}, "tenant"),
+        ("/v1/workflows", {"name": "w\n", "steps": [{"name": "s", "function": "minilm"}]}, "name"),
+    ]
+    for path, body, field in bodies:
+        await expect(await c.post(path, json=body), 400, "invalid_argument", field)
+    await expect(await c.get("/v1/events?kinds=function.*%0A"), 400, "invalid_argument", "kinds")
+    # Nothing of it was created; the function is still served.
+    assert [
+        f["spec"]["name"] for f in (await (await c.get("/v1/functions")).json())["functions"]
+    ] == ["minilm"]
+    assert (await c.post("/v2/models/minilm/infer", json=text_request(["x"]))).status == 200

@@ -52,3 +52,22 @@ async def test_sse_replays_filters_and_resumes(platform: Platform) -> None:
     async with c.get("/v1/events?kinds=function.*", headers=headers) as resp:
         resumed = await read_events(resp, until="function.deleted")
     assert [e[1] for e in resumed] == ["function.deleted"]
+
+
+async def test_last_event_id_is_checked_and_one_past_the_end_waits_for_new_events(
+    platform: Platform,
+) -> None:
+    c = platform.client
+    for bad in ["", "x1", "١٢", "1" * 21]:  # not ASCII digits, or past any uint64
+        async with c.get("/v1/events", headers={"Last-Event-ID": bad}) as resp:
+            body = await resp.json()
+            assert resp.status == 400, body
+            assert body["field"] == "Last-Event-ID"
+    # An id past the stream's end (a client of a stream since recreated): new events only.
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    headers = {"Last-Event-ID": str(2**64 - 1)}
+    async with c.get("/v1/events?kinds=function.*", headers=headers) as resp:
+        assert resp.status == 200
+        assert (await c.delete("/v1/functions/minilm")).status == 200
+        events = await read_events(resp, until="function.deleted")
+    assert [e[1] for e in events] == ["function.deleted"]

@@ -5,20 +5,24 @@ bucket is a 507 naming it."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy
 
+from gpufaas.embedded import accepting, nats_server_binary
 from gpufaas.shared import constants as c
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import InvalidArgument, ResourceExhausted, http_status
 from gpufaas.shared.jetstream import ensure_jetstream, stream_max_bytes, wait_for_jetstream
 from gpufaas.shared.kv import Bucket, Codec
 from gpufaas.shared.objects import ensure_object_bucket
-from tests.conftest import NatsServer
+from tests.conftest import NatsServer, free_port
+from tests.support import eventually_blocking
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +102,39 @@ def test_a_malformed_setting_is_refused_naming_it() -> None:
         with pytest.raises(InvalidArgument, match="GPUFAAS_JETSTREAM_MAX_BYTES"):
             stream_max_bytes(Config(jetstream_max_bytes=bad))
     assert stream_max_bytes(Config(jetstream_max_bytes='{"EVENTS": 5}'))["EVENTS"] == 5
+
+
+@pytest.fixture
+def small_store(tmp_path: Path) -> Iterator[str]:
+    """A nats-server whose JetStream store (64 MB) is smaller than the streams' limits."""
+    port = free_port()
+    conf = tmp_path / "small.conf"
+    conf.write_text(
+        f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{tmp_path}", '
+        "max_file_store: 64MB, max_memory_store: 8MB }\n"
+    )
+    proc = subprocess.Popen(
+        [str(nats_server_binary()), "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        eventually_blocking(lambda: accepting("127.0.0.1", port), 10, "nats-server")
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def test_a_store_too_small_for_the_limits_is_a_clear_error(small_store: str) -> None:
+    """A server whose JetStream store cannot reserve the streams' ``max_bytes`` is named,
+    with the setting that lowers them, instead of a raw ``ServerError`` at start."""
+    conn = await nats.connect(small_store)
+    try:
+        config = Config(nats_url=small_store, connect_deadline_s=5)
+        with pytest.raises(ResourceExhausted, match="GPUFAAS_JETSTREAM_MAX_BYTES") as err:
+            await wait_for_jetstream(conn, config)
+        assert err.value.field == "GPUFAAS_JETSTREAM_MAX_BYTES"
+        assert "max_file_store" in err.value.message
+    finally:
+        await conn.close()

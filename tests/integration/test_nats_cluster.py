@@ -4,9 +4,7 @@ no acknowledged KV write. A single server gets 1 replica."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import nats
@@ -16,8 +14,6 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import StorageType
 
-from gpufaas.embedded import accepting, nats_server_binary
-from gpufaas.launch import free_ports
 from gpufaas.shared import constants as c
 from gpufaas.shared import nats_auth
 from gpufaas.shared.config import Config
@@ -29,7 +25,8 @@ from gpufaas.shared.jetstream import (
 )
 from gpufaas.shared.objects import ensure_object_bucket
 from tests.conftest import NatsServer
-from tests.support import eventually, eventually_blocking
+from tests.nats_cluster import Cluster, nats_cluster
+from tests.support import eventually
 
 pytestmark = [pytest.mark.integration]
 
@@ -48,61 +45,10 @@ BUCKETS = [
 ]
 
 
-@dataclass
-class Cluster:
-    """Three nats-servers routed to each other, each with its own JetStream store."""
-
-    names: list[str]
-    ports: list[int]
-    procs: list[subprocess.Popen[bytes]]
-
-    @property
-    def url(self) -> str:
-        return ",".join(f"nats://127.0.0.1:{p}" for p in self.ports)
-
-    def url_of(self, name: str) -> str:
-        return f"nats://127.0.0.1:{self.ports[self.names.index(name)]}"
-
-    def kill(self, name: str) -> None:
-        proc = self.procs[self.names.index(name)]
-        proc.kill()
-        proc.wait(10)
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    ports = free_ports(6)
-    clients, routes = ports[:3], ports[3:]
-    names = [f"n{i}" for i in range(3)]
-    procs = []
-    for i, name in enumerate(names):
-        store = tmp_path / name
-        store.mkdir()
-        peers = ", ".join(f'"nats://127.0.0.1:{r}"' for j, r in enumerate(routes) if j != i)
-        conf = store / "nats.conf"
-        conf.write_text(
-            f'listen: "127.0.0.1:{clients[i]}"\nserver_name: {name}\n'
-            f'jetstream {{ store_dir: "{store / "js"}" }}\n'
-            f'cluster {{ name: gpufaas-test\n  listen: "127.0.0.1:{routes[i]}"\n'
-            f"  routes: [{peers}] }}\n"
-        )
-        with (store / "nats.log").open("wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [str(nats_server_binary()), "-c", str(conf)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    try:
-        listening = lambda: all(accepting("127.0.0.1", p) for p in clients)  # noqa: E731
-        eventually_blocking(listening, 10, "the nats-servers to listen")
-        yield Cluster(names, clients, procs)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+    with nats_cluster(tmp_path) as started:
+        yield started
 
 
 async def connect(url: str) -> NATS:
@@ -139,6 +85,10 @@ async def test_every_bucket_gets_three_replicas_and_survives_its_leader(
     await js.create_key_value(bucket="older", storage=StorageType.FILE)
     await raise_replicas(js, "KV_older", 3)
     assert await replicas_of(nc, "KV_older") == 3
+    # So is an object store, when the admin's start opens it again.
+    await ensure_object_bucket(js, "older_objects", replicas=1)
+    await ensure_object_bucket(js, "older_objects", replicas=3, reshape=True)
+    assert await replicas_of(nc, "OBJ_older_objects") == 3
 
     # Acknowledged writes, then SIGKILL the server that leads the bucket's stream.
     for i in range(20):

@@ -220,8 +220,9 @@ async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_
     platform_factory: PlatformFactory,
 ) -> None:
     # The first replica dies before its first tick (its ticks are an hour apart): it must
-    # have made itself known when it started, or no survivor would find its requests.
-    p = await platform_factory(autoscale_interval_s=HOUR)
+    # have made itself known when it started, or no survivor would find its requests. Its
+    # liveness key would last a minute: the survivor finds it dead by its silent subject.
+    p = await platform_factory(autoscale_interval_s=HOUR, node_ttl_s=60.0)
     survivor: SchedulerService | None = None
     try:
         c, first = p.client, scheduler(p)
@@ -231,13 +232,13 @@ async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_
         long = text_request(["a longer sentence for the encoder to chew on " * 8] * 64)
         call = asyncio.create_task(c.post("/v2/models/minilm/infer", json=long))
         await eventually(lambda: worker._answering, 20, "the worker to run the request")
-        # The replica dies: no reply, no clean-up; its liveness key lapses (TTL 2 s).
+        # The replica dies: no reply, no clean-up; its liveness key is still there.
         await first.nc.close()
         for task in [*first._background, *first._inflight]:
             task.cancel()
         survivor = SchedulerService(p.config.replace(autoscale_interval_s=0.2))
         await survivor.start()
-        done, _ = await asyncio.wait([call], timeout=60)
+        done, _ = await asyncio.wait([call], timeout=30)
         assert done, (  # what the survivor knew, if it never answered
             f"workers={survivor.workers} adopted={survivor.failover.adopted} "
             f"inflight={[k async for k in keys(survivor)]} "
@@ -261,6 +262,23 @@ async def test_a_replica_that_dies_mid_request_is_taken_over_without_running_it_
     finally:
         if survivor is not None:
             p.services["scheduler"] = survivor  # stopped with the platform
+
+
+async def test_an_invocation_waits_for_a_scheduler_while_none_runs(
+    platform_factory: PlatformFactory,
+) -> None:
+    # ``gpufaas up`` restarting its only scheduler: for a moment nothing subscribes to
+    # the invoke subject. The gateway waits for a replica rather than answer 503.
+    p = await platform_factory()
+    assert (await p.client.post("/v1/functions", json=DEMO_BODY)).status == 201
+    await scheduler(p).stop()
+    call = asyncio.create_task(p.client.post("/v2/models/minilm/infer", json=text_request(["x"])))
+    await asyncio.sleep(0.5)  # the outage itself, not a wait for something
+    assert not call.done()
+    p.services["scheduler"] = restarted = SchedulerService(p.config)  # stopped with it
+    await restarted.start()
+    resp = await asyncio.wait_for(call, 30)
+    assert resp.status == 200, await resp.text()
 
 
 async def keys(svc: SchedulerService) -> AsyncIterator[str]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from gpufaas.gateway.models import SPOOL_DIR
+from gpufaas.gateway.models import ARCHIVE_TYPES, SPOOL_DIR
 from gpufaas.main import app as cli_app
 from gpufaas.shared import constants as c
 from gpufaas.shared.catalog import resolve_model_dir, upload_dir
@@ -295,15 +295,16 @@ async def test_per_tenant_quota(platform_factory: PlatformFactory) -> None:
     first = await (await upload(p, small_tar(1), alice)).json()
     assert (await upload(p, small_tar(2), alice)).status == 201
     resp = await upload(p, small_tar(3), alice)
-    assert resp.status == 413
+    assert resp.status == 403
     body = await resp.json()
-    assert body["field"] == "quota"
+    assert body["code"] == "quota_exceeded"
+    assert body["field"] == "GPUFAAS_MODEL_QUOTA_BYTES"
     assert "GPUFAAS_MODEL_QUOTA_BYTES" in body["error"]
 
     async def one_chunk() -> AsyncIterator[bytes]:  # no Content-Length: checked once spooled
         yield small_tar(3)
 
-    assert (await upload(p, one_chunk(), alice)).status == 413
+    assert (await upload(p, one_chunk(), alice)).status == 403
     listed = await (await p.client.get("/v1/models", headers=bearer(alice))).json()
     assert listed["used_bytes"] == 2 * size
     assert listed["quota_bytes"] == 2 * size + size // 2
@@ -316,7 +317,8 @@ async def test_per_tenant_quota(platform_factory: PlatformFactory) -> None:
 async def test_openapi_documents_the_routes(platform: Platform) -> None:
     spec = await (await platform.client.get("/openapi.json")).json()
     post = spec["paths"]["/v1/models"]["post"]
-    assert set(post["requestBody"]["content"]) == {"application/x-tar", "application/zip"}
+    assert set(post["requestBody"]["content"]) == set(ARCHIVE_TYPES)  # what the route takes
+    assert set(post["responses"]) == {"201", "200", "default"}  # 200: the same upload again
     assert "get" in spec["paths"]["/v1/models"]
     assert "delete" in spec["paths"]["/v1/models/{id}"]
 

@@ -1,12 +1,15 @@
-"""A worker process's death ends the waits of the requests sent to it (``Deaths``)."""
+"""A worker process's death (or its reconnect) ends the waits of the requests sent to it
+(``Deaths``); reconnect notices are rate limited."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from gpufaas.scheduler.workers import Deaths, WorkerLost, until_lost
+from gpufaas.scheduler import workers
+from gpufaas.scheduler.workers import Deaths, Loss, WorkerClient, WorkerLost, until_lost
 
 pytestmark = pytest.mark.unit
 
@@ -21,8 +24,8 @@ async def test_a_death_ends_the_sends_that_went_to_that_process_only() -> None:
         deaths.watching("n2", "a", None) as other_node,
     ):
         assert deaths.died("n1", "a", "w1") == 2
-        assert unknown.result() == "w1"  # may have gone to it: sent again, harmlessly
-        assert to_w1.result() == "w1"
+        assert unknown.result() == Loss("w1", died=True)  # may have gone to it: sent again
+        assert to_w1.result() == Loss("w1", died=True)
         assert not to_w2.done()  # went to the process its own bind gave
         assert not other_tenant.done()
         assert not other_node.done()
@@ -35,7 +38,7 @@ async def test_a_death_ends_the_sends_that_went_to_that_process_only() -> None:
 
 async def test_until_lost_prefers_an_answer_and_cancels_the_wait_on_a_death() -> None:
     loop = asyncio.get_running_loop()
-    died: asyncio.Future[str] = loop.create_future()
+    died: asyncio.Future[Loss] = loop.create_future()
 
     async def answer() -> str:
         return "reply"
@@ -43,7 +46,30 @@ async def test_until_lost_prefers_an_answer_and_cancels_the_wait_on_a_death() ->
     assert await until_lost(answer(), died) == "reply"
     hang = asyncio.Event()
     waiting = asyncio.ensure_future(until_lost(hang.wait(), died))
-    died.set_result("w1")
+    died.set_result(Loss("w1", died=True))
     with pytest.raises(WorkerLost) as lost:
         await waiting
     assert lost.value.worker == "w1"
+    assert lost.value.died
+
+
+async def test_a_reconnect_ends_the_waits_without_counting_as_a_death(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker back from a NATS drop: its sends go again (not counted against
+    ``MAX_RESENDS``), at most once a ``RECONNECT_GAP_S`` per (node, tenant), so a process
+    repeating the notice cannot make anyone's requests fail."""
+    client = WorkerClient(host=None)  # type: ignore[arg-type]  # reconnected() needs no host
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    with client.deaths.watching("n1", "a", None) as first:
+        client.reconnected("n1", "a", "w1")
+        assert first.result() == Loss("w1", died=False)
+    with client.deaths.watching("n1", "a", None) as second:
+        client.reconnected("n1", "a", "w1")  # again within the gap: ignored
+        assert not second.done()
+        client.reconnected("n1", "b", "w9")  # another tenant's notice: its own sends only
+        assert not second.done()
+        clock[0] += workers.RECONNECT_GAP_S
+        client.reconnected("n1", "a", "w1")
+        assert second.done()
