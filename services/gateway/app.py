@@ -44,6 +44,7 @@ from gpufaas.gateway.auth import (
     warn_if_open,
 )
 from gpufaas.gateway.bodies import DeployBody, InferBody, WorkflowBody
+from gpufaas.gateway.inference import Tensor, check_inputs, run_function, run_workflow
 from gpufaas.gateway.openapi import Param, RouteDoc, build_openapi
 from gpufaas.gateway.service_stats import exposition, gather
 from gpufaas.shared import constants as c
@@ -83,9 +84,6 @@ from gpufaas.shared.messages import (
     Msg,
     StoreStats,
     StoreStatsRequest,
-    TensorPayload,
-    TensorSpec,
-    Tube,
     convert,
     encode_json,
     new_event,
@@ -95,7 +93,6 @@ from gpufaas.shared.registry import FunctionCache, alive, records
 from gpufaas.shared.rpc import Link, link_of, reconnected
 from gpufaas.shared.rpc import request as nats_request
 from gpufaas.shared.service import cancel_and_wait, close_nats, connect_nats, follow
-from gpufaas.shared.shm import delete_tube, read_tube, write_tube
 from gpufaas.shared.stats import LoopCounter
 from gpufaas.shared.tensors import json_to_raw, raw_to_json
 from gpufaas.shared.workflows import (
@@ -103,7 +100,6 @@ from gpufaas.shared.workflows import (
     WorkflowDeleteRequest,
     WorkflowDeployReply,
     WorkflowDeployRequest,
-    WorkflowInvokeReply,
     WorkflowInvokeRequest,
     WorkflowRecord,
     WorkflowSpec,
@@ -387,136 +383,44 @@ async def model_ready(request: web.Request) -> web.Response:
     return json_response({"name": record.spec.name, "ready": True})
 
 
-def _validate_inputs(
-    body: InferBody, name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
-) -> None:
-    """Check an infer body against what a function (or workflow) takes and returns."""
-    declared = {s.name: s for s in inputs}
-    seen: set[str] = set()
-    for i, inp in enumerate(body.inputs):
-        field = f"inputs[{i}]"
-        spec = declared.get(inp.name)
-        if spec is None:
-            raise InvalidArgument(
-                f"unknown input {inp.name!r}; {name} takes {', '.join(declared)}",
-                field=f"{field}.name",
-            )
-        if inp.name in seen:
-            raise InvalidArgument(f"input {inp.name!r} given twice", field=f"{field}.name")
-        seen.add(inp.name)
-        if inp.datatype != spec.datatype:
-            raise InvalidArgument(
-                f"input {inp.name!r} must be {spec.datatype}, got {inp.datatype}",
-                field=f"{field}.datatype",
-            )
-        if (
-            any(d < 0 for d in inp.shape)
-            or len(inp.shape) != len(spec.shape)
-            or any(want not in (-1, got) for want, got in zip(spec.shape, inp.shape, strict=True))
-        ):
-            raise InvalidArgument(
-                f"input {inp.name!r} has shape {inp.shape}; expected {spec.shape} (-1 = any size)",
-                field=f"{field}.shape",
-            )
-    missing = [n for n in declared if n not in seen]
-    if missing:
-        raise InvalidArgument(f"missing input {missing[0]!r}", field="inputs")
-    known_out = {s.name for s in outputs}
-    for j, out in enumerate(body.outputs or []):
-        if out.name not in known_out:
-            raise InvalidArgument(f"unknown output {out.name!r}", field=f"outputs[{j}].name")
-
-
-async def _payloads(
-    request: web.Request, body: InferBody, tenant: str, tubes: list[Tube]
-) -> list[TensorPayload]:
-    """The body's inputs as payloads: inline when small, else written as host tubes (added
-    to ``tubes`` so that the caller drops them when the request is over)."""
-    config = request.app[CONFIG]
-    payloads: list[TensorPayload] = []
-    for i, inp in enumerate(body.inputs):
-        raw = json_to_raw(inp.datatype, inp.shape, inp.data, f"inputs[{i}].data")
-        if len(raw) > config.inline_threshold:
-            tube = await asyncio.to_thread(
-                write_tube,
-                config.shm_dir,
-                config.node_id,
-                tenant,
-                datatype=inp.datatype,
-                shape=inp.shape,
-                data=raw,
-            )
-            tubes.append(tube)
-            await request.app[KV].tubes.put(tube.id, tube)
-            payloads.append(
-                TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, tube=tube)
-            )
-        else:
-            payloads.append(
-                TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, data=raw)
-            )
-    return payloads
-
-
-async def _outputs_json(
-    request: web.Request, body: InferBody, outs: list[TensorPayload], tubes: list[Tube]
-) -> list[dict[str, Any]]:
-    """Reply payloads as JSON tensors (those the body asked for), tubes read once."""
-    wanted = {o.name for o in body.outputs} if body.outputs else None
-    outputs = []
-    for out in outs:
-        data = out.data
-        if out.tube is not None:
-            tubes.append(out.tube)
-            data = await asyncio.to_thread(read_tube, request.app[CONFIG].shm_dir, out.tube)
-        if wanted is not None and out.name not in wanted:
-            continue
-        assert data is not None
-        outputs.append(
-            {
-                "name": out.name,
-                "datatype": out.datatype,
-                "shape": out.shape,
-                "data": raw_to_json(out.datatype, out.shape, data),
-            }
-        )
-    return outputs
-
-
 async def infer(request: web.Request) -> web.Response:
+    """``POST /v2/models/{name}/infer``, the JSON form."""
     config = request.app[CONFIG]
     name = request.match_info["name"]
     body = convert(await read_json(request), InferBody)
     record = await require_function(request, name)
-    tenant = record.spec.tenant
-    _validate_inputs(body, record.spec.name, record.inputs, record.outputs)
+    wanted = [o.name for o in body.outputs] if body.outputs else None
+    check_inputs(body.inputs, wanted, record.spec.name, record.inputs, record.outputs)
     check_input_sizes(body.inputs, record.spec.options.max_rows, config.max_body_bytes)
-    request_id = request[REQUEST_ID]
-    tubes: list[Tube] = []
-    try:
-        payloads = await _payloads(request, body, tenant, tubes)
-        deadline = time.time() + config.request_timeout_s
-        reply = await invoke_scheduler(
-            request,
-            subjects.SCHED_INVOKE,
-            InvokeRequest(
-                function=name,
-                request_id=request_id,
-                inputs=payloads,
-                tenant=tenant,
-                deadline=deadline,
-            ),
-            InvokeReply,
+    reply, outs = await run_function(request, record, json_inputs(body), wanted)
+    return _infer_response(name, body.id, reply, [json_output(o) for o in outs])
+
+
+def json_inputs(body: InferBody) -> list[Tensor]:
+    """A JSON body's inputs, decoded to raw bytes (400 naming ``inputs[i].data``)."""
+    return [
+        Tensor(
+            i.name,
+            i.datatype,
+            i.shape,
+            json_to_raw(i.datatype, i.shape, i.data, f"inputs[{k}].data"),
         )
-        outputs = await _outputs_json(request, body, reply.outputs, tubes)
-    finally:
-        for tube in tubes:
-            await _drop_tube(request.app, tube)
-    return _infer_response(name, body, reply, outputs)
+        for k, i in enumerate(body.inputs)
+    ]
+
+
+def json_output(out: Tensor) -> dict[str, Any]:
+    """An output as a JSON tensor of the protocol."""
+    return {
+        "name": out.name,
+        "datatype": out.datatype,
+        "shape": out.shape,
+        "data": raw_to_json(out.datatype, out.shape, out.data),
+    }
 
 
 def _infer_response(
-    name: str, body: InferBody, reply: InvokeReply, outputs: list[dict[str, Any]]
+    name: str, request_id: str | None, reply: InvokeReply, outputs: list[dict[str, Any]]
 ) -> web.Response:
     """An invocation's reply: its outputs, where it ran and where its time went (in the
     body's ``parameters`` and in ``Gpufaas-*`` headers)."""
@@ -535,8 +439,8 @@ def _infer_response(
         "Gpufaas-Loaded-Bytes": str(b.loaded_bytes),
     }
     result: dict[str, Any] = {"model_name": name, "model_version": "1", "outputs": outputs}
-    if body.id is not None:
-        result["id"] = body.id
+    if request_id is not None:
+        result["id"] = request_id
     result["parameters"] = {
         "node": reply.node,
         "device": reply.device,
@@ -553,14 +457,6 @@ def _infer_response(
         "loaded_bytes": b.loaded_bytes,
     }
     return json_response(result, headers=headers)
-
-
-async def _drop_tube(app: web.Application, tube: Tube) -> None:
-    await asyncio.to_thread(delete_tube, app[CONFIG].shm_dir, tube)
-    try:
-        await app[KV].tubes.delete(tube.id)
-    except (nats.errors.Error, TimeoutError) as exc:
-        log.warning("tube.delete_failed", tube=tube.id, error=repr(exc))
 
 
 # --- platform API --------------------------------------------------------------------
@@ -701,32 +597,14 @@ async def workflow_infer(request: web.Request) -> web.Response:
     body = convert(await read_json(request), InferBody)
     record = await _require_workflow(request, request.match_info["name"])
     spec = record.spec
-    _validate_inputs(body, spec.name, record.inputs, record.outputs)
+    wanted = [o.name for o in body.outputs] if body.outputs else None
+    check_inputs(body.inputs, wanted, spec.name, record.inputs, record.outputs)
     check_input_sizes(body.inputs, c.DEFAULT_MAX_ROWS, config.max_body_bytes)
-    request_id = request[REQUEST_ID]
-    tubes: list[Tube] = []
-    try:
-        payloads = await _payloads(request, body, spec.tenant, tubes)
-        reply = await invoke_scheduler(
-            request,
-            subjects.SCHED_WORKFLOW_INVOKE,
-            WorkflowInvokeRequest(
-                workflow=spec.name,
-                request_id=request_id,
-                inputs=payloads,
-                tenant=spec.tenant,
-                deadline=time.time() + config.request_timeout_s,
-            ),
-            WorkflowInvokeReply,
-        )
-        outputs = await _outputs_json(request, body, reply.outputs, tubes)
-    finally:
-        for tube in tubes:
-            await _drop_tube(request.app, tube)
+    reply, outs = await run_workflow(request, record, json_inputs(body), wanted)
     steps = [untagged(to_builtins(s)) for s in reply.steps]
     result: dict[str, Any] = {
         "model_name": spec.name,
-        "outputs": outputs,
+        "outputs": [json_output(o) for o in outs],
         "parameters": {"steps": steps, "total_us": reply.total_us},
     }
     if body.id is not None:

@@ -1,0 +1,229 @@
+"""The protocol-independent core of an invocation.
+
+Each front end decodes its request into :class:`Tensor` s: the JSON and binary forms of
+the Open Inference Protocol over HTTP, gRPC, and the OpenAI-compatible embeddings. It
+checks their names, datatypes and shapes against the function with :func:`check_inputs`
+(and their sizes with ``admission.check_input_sizes``) before it decodes any data. Then
+it calls :func:`run_function` or :func:`run_workflow`, which return the raw outputs for
+the front end to encode.
+
+Raw bytes are little-endian and row-major. Each ``BYTES`` element is prefixed by its
+length (4 bytes, little-endian), as in the binary tensor extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import nats.errors
+import structlog
+from aiohttp import web
+
+from gpufaas.gateway import app as gw
+from gpufaas.shared import subjects
+from gpufaas.shared.errors import InvalidArgument
+from gpufaas.shared.messages import (
+    Datatype,
+    FunctionRecord,
+    InvokeReply,
+    InvokeRequest,
+    TensorPayload,
+    TensorSpec,
+    Tube,
+)
+from gpufaas.shared.shm import delete_tube, read_tube, write_tube
+from gpufaas.shared.workflows import WorkflowInvokeReply, WorkflowInvokeRequest, WorkflowRecord
+
+log = structlog.get_logger()
+
+
+class Head(Protocol):
+    """What a front end knows of an input before its data is decoded."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def datatype(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """One input or output at the protocol boundary: raw bytes (see the module's doc)."""
+
+    name: str
+    datatype: Datatype  # a front end checks the wire's string (``check_datatype``)
+    shape: list[int]
+    data: bytes | memoryview
+
+
+def check_inputs(
+    inputs: Sequence[Head],
+    wanted: Sequence[str] | None,
+    what: str,
+    declared_in: list[TensorSpec],
+    declared_out: list[TensorSpec],
+) -> None:
+    """Check a request's inputs (and the outputs it asks for) against what a function or
+    workflow takes and returns: 400 naming ``inputs[i].<field>`` or ``outputs[j].name``."""
+    declared = {s.name: s for s in declared_in}
+    seen: set[str] = set()
+    for i, inp in enumerate(inputs):
+        field = f"inputs[{i}]"
+        spec = declared.get(inp.name)
+        if spec is None:
+            raise InvalidArgument(
+                f"unknown input {inp.name!r}; {what} takes {', '.join(declared)}",
+                field=f"{field}.name",
+            )
+        if inp.name in seen:
+            raise InvalidArgument(f"input {inp.name!r} given twice", field=f"{field}.name")
+        seen.add(inp.name)
+        if inp.datatype != spec.datatype:
+            raise InvalidArgument(
+                f"input {inp.name!r} must be {spec.datatype}, got {inp.datatype}",
+                field=f"{field}.datatype",
+            )
+        shape = inp.shape
+        if (
+            any(d < 0 for d in shape)
+            or len(shape) != len(spec.shape)
+            or any(want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True))
+        ):
+            raise InvalidArgument(
+                f"input {inp.name!r} has shape {shape}; expected {spec.shape} (-1 = any size)",
+                field=f"{field}.shape",
+            )
+    missing = [n for n in declared if n not in seen]
+    if missing:
+        raise InvalidArgument(f"missing input {missing[0]!r}", field="inputs")
+    known_out = {s.name for s in declared_out}
+    for j, out in enumerate(wanted or []):
+        if out not in known_out:
+            raise InvalidArgument(f"unknown output {out!r}", field=f"outputs[{j}].name")
+
+
+async def run_function(
+    request: web.Request,
+    record: FunctionRecord,
+    inputs: list[Tensor],
+    wanted: Sequence[str] | None = None,
+) -> tuple[InvokeReply, list[Tensor]]:
+    """Invoke a function with checked inputs; its reply and the outputs asked for (all
+    when ``wanted`` is None), raw."""
+    tenant, name = record.spec.tenant, record.spec.name
+    tubes: list[Tube] = []
+    try:
+        payloads = await _payloads(request, inputs, tenant, tubes)
+        reply = await gw.invoke_scheduler(
+            request,
+            subjects.SCHED_INVOKE,
+            InvokeRequest(
+                function=name,
+                request_id=request[gw.REQUEST_ID],
+                inputs=payloads,
+                tenant=tenant,
+                deadline=time.time() + request.app[gw.CONFIG].request_timeout_s,
+            ),
+            InvokeReply,
+        )
+        return reply, await _outputs(request, reply.outputs, wanted, tubes)
+    finally:
+        await _drop_tubes(request.app, tubes)
+
+
+async def run_workflow(
+    request: web.Request,
+    record: WorkflowRecord,
+    inputs: list[Tensor],
+    wanted: Sequence[str] | None = None,
+) -> tuple[WorkflowInvokeReply, list[Tensor]]:
+    """Invoke a workflow with checked inputs, as :func:`run_function`."""
+    spec = record.spec
+    tubes: list[Tube] = []
+    try:
+        payloads = await _payloads(request, inputs, spec.tenant, tubes)
+        reply = await gw.invoke_scheduler(
+            request,
+            subjects.SCHED_WORKFLOW_INVOKE,
+            WorkflowInvokeRequest(
+                workflow=spec.name,
+                request_id=request[gw.REQUEST_ID],
+                inputs=payloads,
+                tenant=spec.tenant,
+                deadline=time.time() + request.app[gw.CONFIG].request_timeout_s,
+            ),
+            WorkflowInvokeReply,
+        )
+        return reply, await _outputs(request, reply.outputs, wanted, tubes)
+    finally:
+        await _drop_tubes(request.app, tubes)
+
+
+async def _payloads(
+    request: web.Request, inputs: list[Tensor], tenant: str, tubes: list[Tube]
+) -> list[TensorPayload]:
+    """The inputs as payloads: inline when small, else written as host tubes (added to
+    ``tubes`` so that the caller drops them when the request is over)."""
+    config = request.app[gw.CONFIG]
+    payloads: list[TensorPayload] = []
+    for inp in inputs:
+        if len(inp.data) > config.inline_threshold:
+            tube = await asyncio.to_thread(
+                write_tube,
+                config.shm_dir,
+                config.node_id,
+                tenant,
+                datatype=inp.datatype,
+                shape=inp.shape,
+                data=inp.data,
+            )
+            tubes.append(tube)
+            await request.app[gw.KV].tubes.put(tube.id, tube)
+            payloads.append(
+                TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, tube=tube)
+            )
+        else:
+            payloads.append(
+                TensorPayload(
+                    name=inp.name, datatype=inp.datatype, shape=inp.shape, data=bytes(inp.data)
+                )
+            )
+    return payloads
+
+
+async def _outputs(
+    request: web.Request,
+    outs: list[TensorPayload],
+    wanted: Sequence[str] | None,
+    tubes: list[Tube],
+) -> list[Tensor]:
+    """Reply payloads as raw tensors (those asked for), tubes read once (and added to
+    ``tubes``, dropped with the request)."""
+    keep = set(wanted) if wanted else None
+    outputs = []
+    for out in outs:
+        data = out.data
+        if out.tube is not None:
+            tubes.append(out.tube)
+            if keep is None or out.name in keep:
+                data = await asyncio.to_thread(read_tube, request.app[gw.CONFIG].shm_dir, out.tube)
+        if keep is not None and out.name not in keep:
+            continue
+        assert data is not None
+        outputs.append(Tensor(out.name, out.datatype, out.shape, data))
+    return outputs
+
+
+async def _drop_tubes(app: web.Application, tubes: list[Tube]) -> None:
+    for tube in tubes:
+        await asyncio.to_thread(delete_tube, app[gw.CONFIG].shm_dir, tube)
+        try:
+            await app[gw.KV].tubes.delete(tube.id)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("tube.delete_failed", tube=tube.id, error=repr(exc))
