@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import nats.errors
 import structlog
@@ -39,6 +39,7 @@ from gpufaas.shared.shm import delete_tube, read_tube, write_tube
 from gpufaas.shared.workflows import WorkflowInvokeReply, WorkflowInvokeRequest, WorkflowRecord
 
 log = structlog.get_logger()
+R = TypeVar("R", InvokeReply, WorkflowInvokeReply)
 
 
 class Head(Protocol):
@@ -116,25 +117,26 @@ async def run_function(
 ) -> tuple[InvokeReply, list[Tensor]]:
     """Invoke a function with checked inputs; its reply and the outputs asked for (all
     when ``wanted`` is None), raw."""
-    tenant, name = record.spec.tenant, record.spec.name
-    tubes: list[Tube] = []
-    try:
-        payloads = await _payloads(request, inputs, tenant, tubes)
-        reply = await gw.invoke_scheduler(
-            request,
-            subjects.SCHED_INVOKE,
-            InvokeRequest(
-                function=name,
-                request_id=request[gw.REQUEST_ID],
-                inputs=payloads,
-                tenant=tenant,
-                deadline=time.time() + request.app[gw.CONFIG].request_timeout_s,
-            ),
-            InvokeReply,
+    spec = record.spec
+
+    def message(payloads: list[TensorPayload], deadline: float) -> InvokeRequest:
+        return InvokeRequest(
+            function=spec.name,
+            request_id=request[gw.REQUEST_ID],
+            inputs=payloads,
+            tenant=spec.tenant,
+            deadline=deadline,
         )
-        return reply, await _outputs(request, reply.outputs, wanted, tubes)
-    finally:
-        await _drop_tubes(request.app, tubes)
+
+    return await _run(
+        request,
+        spec.tenant,
+        inputs,
+        wanted,
+        subject=subjects.SCHED_INVOKE,
+        message=message,
+        reply_type=InvokeReply,
+    )
 
 
 async def run_workflow(
@@ -145,21 +147,44 @@ async def run_workflow(
 ) -> tuple[WorkflowInvokeReply, list[Tensor]]:
     """Invoke a workflow with checked inputs, as :func:`run_function`."""
     spec = record.spec
+
+    def message(payloads: list[TensorPayload], deadline: float) -> WorkflowInvokeRequest:
+        return WorkflowInvokeRequest(
+            workflow=spec.name,
+            request_id=request[gw.REQUEST_ID],
+            inputs=payloads,
+            tenant=spec.tenant,
+            deadline=deadline,
+        )
+
+    return await _run(
+        request,
+        spec.tenant,
+        inputs,
+        wanted,
+        subject=subjects.SCHED_WORKFLOW_INVOKE,
+        message=message,
+        reply_type=WorkflowInvokeReply,
+    )
+
+
+async def _run(
+    request: web.Request,
+    tenant: str,
+    inputs: list[Tensor],
+    wanted: Sequence[str] | None,
+    *,
+    subject: str,
+    message: Callable[[list[TensorPayload], float], InvokeRequest | WorkflowInvokeRequest],
+    reply_type: type[R],
+) -> tuple[R, list[Tensor]]:
+    """Inputs to payloads (big ones as tubes), the invocation through a scheduler replica,
+    its outputs read; the request's tubes dropped at the end, whatever happened."""
     tubes: list[Tube] = []
     try:
-        payloads = await _payloads(request, inputs, spec.tenant, tubes)
-        reply = await gw.invoke_scheduler(
-            request,
-            subjects.SCHED_WORKFLOW_INVOKE,
-            WorkflowInvokeRequest(
-                workflow=spec.name,
-                request_id=request[gw.REQUEST_ID],
-                inputs=payloads,
-                tenant=spec.tenant,
-                deadline=time.time() + request.app[gw.CONFIG].request_timeout_s,
-            ),
-            WorkflowInvokeReply,
-        )
+        payloads = await _payloads(request, inputs, tenant, tubes)
+        deadline = time.time() + request.app[gw.CONFIG].request_timeout_s
+        reply = await gw.invoke_scheduler(request, subject, message(payloads, deadline), reply_type)
         return reply, await _outputs(request, reply.outputs, wanted, tubes)
     finally:
         await _drop_tubes(request.app, tubes)
