@@ -135,6 +135,7 @@ class Up:
     nats_port: int
     data_dir: Path
     log_path: Path
+    grpc_port: int = 0  # the gateway's gRPC port (0: not served)
 
     @classmethod
     def start(
@@ -145,10 +146,16 @@ class Up:
         ports: tuple[int, int] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> Up:
-        """Start ``gpufaas up <args>`` on ``ports`` (HTTP, NATS; free ones by default),
-        with ``env`` added to this process's environment and its output in ``log_path``
-        (``data_dir/up.log`` by default). Returns at once: see ``wait_ready``."""
-        http_port, nats_port = ports or free_ports(2)
+        """Start ``gpufaas up <args>`` on ``ports`` (HTTP, NATS; free ones by default) and
+        a free gRPC port (unless ``args`` name one), with ``env`` added to this process's
+        environment and its output in ``log_path`` (``data_dir/up.log`` by default).
+        Returns at once: see ``wait_ready``."""
+        if "--grpc-port" in args:
+            grpc_port = int(args[args.index("--grpc-port") + 1])
+            http_port, nats_port = ports or free_ports(2)
+        else:
+            http_port, nats_port, grpc_port = (*ports, *free_ports(1)) if ports else free_ports(3)
+            args = (*args, "--grpc-port", str(grpc_port))
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_path or data_dir / "up.log"
         argv = [
@@ -168,7 +175,7 @@ class Up:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=full_env
             )
-        return cls(proc, http_port, nats_port, data_dir, log_path)
+        return cls(proc, http_port, nats_port, data_dir, log_path, grpc_port)
 
     @property
     def url(self) -> str:

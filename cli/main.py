@@ -15,7 +15,7 @@ from rich.table import Table
 
 from gpufaas.client import AUTH_HINTS, ApiError, call, find_key, sse
 from gpufaas.shared.config import Config, default_data_dir
-from gpufaas.shared.constants import DEFAULT_HTTP_PORT, DEFAULT_NATS_PORT
+from gpufaas.shared.constants import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_NATS_PORT
 
 app = typer.Typer(help="gpufaas: serverless ML inference on GPUs.", no_args_is_help=True)
 console = Console()
@@ -59,6 +59,9 @@ def _api(url: str, method: str = "GET", body: Any = None, api_key: str | None = 
 @app.command()
 def up(
     http_port: Annotated[int, typer.Option(help="gateway HTTP port")] = DEFAULT_HTTP_PORT,
+    grpc_port: Annotated[
+        int, typer.Option(help="gateway gRPC port (KServe v2); 0: no gRPC")
+    ] = DEFAULT_GRPC_PORT,
     nats_port: Annotated[int, typer.Option(help="embedded NATS port")] = DEFAULT_NATS_PORT,
     nats_url: Annotated[
         str | None, typer.Option(help="use this NATS instead of starting one")
@@ -82,7 +85,17 @@ def up(
     from gpufaas.platform import up as run_up  # noqa: PLC0415
 
     opts = UpOptions(
-        host, http_port, nats_port, nats_url, devices, topology, nodes, data_dir, demo, auth
+        host,
+        http_port,
+        nats_port,
+        nats_url,
+        devices,
+        topology,
+        nodes,
+        data_dir,
+        demo,
+        auth,
+        grpc_port=grpc_port,
     )
     try:
         raise typer.Exit(run_up(opts, console))

@@ -23,7 +23,7 @@ from gpufaas.embedded import (
     write_config,
 )
 from gpufaas.shared.config import Config, default_shm_dir
-from gpufaas.shared.constants import DEFAULT_NATS_PORT, NODE_SERVICES
+from gpufaas.shared.constants import DEFAULT_GRPC_PORT, DEFAULT_NATS_PORT, NODE_SERVICES
 from gpufaas.shared.devices import parse_devices
 from gpufaas.shared.errors import PlatformError
 from gpufaas.shared.paths import check_root
@@ -54,6 +54,7 @@ class UpOptions:
     data_dir: Path
     demo: bool
     auth: bool = True  # --no-auth: the gateway trusts the tenant header (experiments only)
+    grpc_port: int = DEFAULT_GRPC_PORT  # the gateway's gRPC port; 0: not served
 
 
 def node_ids(count: int) -> list[str]:
@@ -182,6 +183,14 @@ def check_options(opts: UpOptions) -> Config:
         raise UsageError(
             f"port {opts.http_port} (HTTP gateway) is in use; choose another with --http-port"
         )
+    if opts.grpc_port and (
+        opts.grpc_port in (opts.http_port, opts.nats_port)
+        or not port_free(opts.host, opts.grpc_port)
+    ):
+        raise UsageError(
+            f"port {opts.grpc_port} (gRPC gateway) is in use; choose another with --grpc-port "
+            "(0: no gRPC)"
+        )
     if opts.nats_url is None and not port_free(opts.host, opts.nats_port):
         raise UsageError(
             f"port {opts.nats_port} (NATS) is in use; choose another with --nats-port, "
@@ -204,6 +213,7 @@ def check_options(opts: UpOptions) -> Config:
         nats_url=opts.nats_url or f"nats://{opts.host}:{opts.nats_port}",
         http_host=opts.host,
         http_port=opts.http_port,
+        grpc_port=opts.grpc_port,
         devices=opts.devices,
         topology=opts.topology,
         shm_dir=default_shm_dir() / f"up-{opts.http_port}",
@@ -243,7 +253,10 @@ def up(opts: UpOptions, console: Console) -> int:
                 children.append(sup.spawn_service(role, role, env))
             sup.wait_ready(children, READY_TIMEOUT_S)
         url = f"http://{opts.host}:{opts.http_port}"
-        console.print(f"[green]gpufaas is up[/green]  gateway [bold]{url}[/bold]  NATS {nats_url}")
+        grpc = f"  gRPC {opts.host}:{opts.grpc_port}" if opts.grpc_port else ""
+        console.print(
+            f"[green]gpufaas is up[/green]  gateway [bold]{url}[/bold]{grpc}  NATS {nats_url}"
+        )
         for line in describe_nodes(url, key):
             console.print(f"  {line}", soft_wrap=True, highlight=False)
         console.print(f"  logs: {sup.logs}")

@@ -53,6 +53,8 @@ class Config:
     node_id: str = dataclasses.field(default_factory=_safe_hostname)
     http_host: str = c.DEFAULT_HTTP_HOST
     http_port: int = c.DEFAULT_HTTP_PORT
+    # Gateway: the Open Inference Protocol over gRPC, on http_host (0: not served).
+    grpc_port: int = c.DEFAULT_GRPC_PORT
     # Gateway: API keys on every route but liveness and readiness (off: the tenant header
     # is trusted, for local experiments only); /metrics open to anyone who can reach it
     # (for a scraper on a private network) instead of admin keys only.

@@ -39,6 +39,7 @@ HDR_MSG_ID: Final = "Nats-Msg-Id"  # JetStream de-duplication
 DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 DEFAULT_HTTP_HOST: Final = "127.0.0.1"
 DEFAULT_HTTP_PORT: Final = 8080
+DEFAULT_GRPC_PORT: Final = 8081  # the gateway's gRPC (KServe v2) port; 0 = none
 DEFAULT_NATS_PORT: Final = 4222
 DEFAULT_INLINE_THRESHOLD: Final = 64 * 1024
 DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024 * 1024

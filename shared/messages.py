@@ -180,6 +180,9 @@ class FunctionRecord(Msg, frozen=True, tag="function.v1"):
     nodes: list[NodeId]
     created_at: float
     status: Literal["ready"] = "ready"
+    # When a repository load or unload last set its instances: the autoscaler forgets the
+    # activity before it (0: never).
+    rescaled_at: float = 0.0
 
 
 class DeployRequest(Msg, frozen=True, tag="deploy_request.v1"):
@@ -189,6 +192,19 @@ class DeployRequest(Msg, frozen=True, tag="deploy_request.v1"):
 class DeployReply(Msg, frozen=True, tag="deploy_reply.v1"):
     function: FunctionRecord
     created: bool
+
+
+class ScaleRequest(Msg, frozen=True, tag="scale_request.v1"):
+    """The model repository's load (an instance now, if none) or unload (none) of a
+    function; it stays deployed either way."""
+
+    name: Name
+    load: bool
+    tenant: Tenant = DEFAULT_TENANT
+
+
+class ScaleReply(Msg, frozen=True, tag="scale_reply.v1"):
+    function: FunctionRecord
 
 
 class DeleteRequest(Msg, frozen=True, tag="delete_request.v1"):

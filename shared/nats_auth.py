@@ -139,6 +139,7 @@ def permissions(role: str, node: str = "") -> Permissions | None:
             "workflow_deploy",
             "workflow_delete",
             "workflow_invoke",
+            "scale",  # the model repository's load and unload
         )
         return Permissions(
             pub_allow=[subjects.cluster("scheduler", v) for v in verbs]

@@ -84,6 +84,7 @@ def event_filter(kind_pattern: str) -> str:
 # Cluster-wide scheduler verbs.
 SCHED_DEPLOY: Final = cluster("scheduler", "deploy")
 SCHED_DELETE: Final = cluster("scheduler", "delete")
+SCHED_SCALE: Final = cluster("scheduler", "scale")  # the model repository's load/unload
 SCHED_INVOKE: Final = cluster("scheduler", "invoke")
 SCHED_WORKFLOW_DEPLOY: Final = cluster("scheduler", "workflow_deploy")
 SCHED_WORKFLOW_DELETE: Final = cluster("scheduler", "workflow_delete")

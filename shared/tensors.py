@@ -31,6 +31,13 @@ NUMPY_DTYPES: Final[dict[str, str]] = {
 }
 
 
+# BF16 has no numpy type: it travels as its 16 bits, and as float32 values in JSON.
+ITEM_SIZES: Final[dict[str, int]] = {
+    **{d: np.dtype(t).itemsize for d, t in NUMPY_DTYPES.items()},
+    "BF16": 2,
+}
+
+
 def element_count(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
@@ -105,11 +112,11 @@ def json_to_raw(datatype: str, shape: list[int], data: Any, field: str) -> bytes
                 raise InvalidArgument("BYTES elements must be strings", field=field)
             items.append(x.encode())
         return encode_bytes_elements(items)
-    if datatype not in NUMPY_DTYPES:
+    if datatype not in ITEM_SIZES:
         raise InvalidArgument(f"datatype {datatype} is not supported in JSON", field=field)
     if datatype == "BOOL":
         ok = all(isinstance(x, bool) for x in flat)
-    elif datatype.startswith("FP"):
+    elif datatype.startswith("FP") or datatype == "BF16":
         ok = all(isinstance(x, int | float) and not isinstance(x, bool) for x in flat)
     else:
         ok = all(isinstance(x, int) and not isinstance(x, bool) for x in flat)
@@ -117,10 +124,20 @@ def json_to_raw(datatype: str, shape: list[int], data: Any, field: str) -> bytes
         raise InvalidArgument(f"data elements do not match datatype {datatype}", field=field)
     try:
         with np.errstate(over="raise"):
+            if datatype == "BF16":
+                return _bf16_bits(np.asarray(flat, dtype=np.float32)).tobytes()
             arr = np.asarray(flat, dtype=np.dtype(NUMPY_DTYPES[datatype]))
     except (OverflowError, FloatingPointError):
         raise InvalidArgument(f"a value is out of range for {datatype}", field=field) from None
     return arr.tobytes()
+
+
+def _bf16_bits(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The bfloat16 nearest each float32 (ties to even), as little-endian 16-bit words."""
+    bits = values.astype("<f4").view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = np.isnan(values)
+    return np.where(nan, 0x7FC0, rounded).astype("<u2")
 
 
 def raw_to_json(datatype: str, shape: list[int], raw: bytes | memoryview) -> list[Any]:
@@ -131,6 +148,9 @@ def raw_to_json(datatype: str, shape: list[int], raw: bytes | memoryview) -> lis
     nbytes = raw_nbytes(datatype, shape)
     if len(raw) != nbytes:
         raise InvalidArgument(f"{datatype} {shape} needs {nbytes} bytes, got {len(raw)}")
+    if datatype == "BF16":
+        words = np.frombuffer(raw, dtype="<u2", count=count)
+        return (words.astype("<u4") << 16).view("<f4").tolist()  # type: ignore[no-any-return]
     arr = np.frombuffer(raw, dtype=np.dtype(NUMPY_DTYPES[datatype]), count=count)
     return arr.tolist()  # type: ignore[no-any-return]
 
@@ -139,4 +159,4 @@ def raw_nbytes(datatype: str, shape: list[int]) -> int | None:
     """Bytes a fixed-size tensor occupies (``None`` for ``BYTES``)."""
     if datatype == "BYTES":
         return None
-    return element_count(shape) * np.dtype(NUMPY_DTYPES[datatype]).itemsize
+    return element_count(shape) * ITEM_SIZES[datatype]

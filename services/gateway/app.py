@@ -22,12 +22,13 @@ import nats.errors
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from gpufaas.gateway import keys, models
+from gpufaas.gateway import binary, grpc_server, keys, models, openai_api, repository, sysshm
 from gpufaas.gateway.admission import (
     ADMISSION,
     Admission,
@@ -45,8 +46,9 @@ from gpufaas.gateway.auth import (
 )
 from gpufaas.gateway.bodies import DeployBody, InferBody, WorkflowBody
 from gpufaas.gateway.inference import Tensor, check_inputs, run_function, run_workflow
-from gpufaas.gateway.openapi import Param, RouteDoc, build_openapi
+from gpufaas.gateway.openapi import ErrorShape, Param, RouteDoc, build_openapi
 from gpufaas.gateway.service_stats import exposition, gather
+from gpufaas.gateway.token_counts import TokenCounter
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.apikeys import KeyCache
@@ -140,6 +142,8 @@ class Metrics:
 
 
 METRICS = web.AppKey("metrics", Metrics)
+# Routes (by path) whose errors leave in their own shape (the OpenAI-compatible ones).
+ERROR_SHAPES = web.AppKey("error_shapes", dict[str, ErrorShape])
 REQUEST_ID = web.RequestKey("request_id", str)
 
 
@@ -151,13 +155,22 @@ def json_response(
     )
 
 
-def error_response(exc: PlatformError, request_id: str) -> web.Response:
+def error_response(
+    exc: PlatformError, request_id: str, shape: ErrorShape | None = None
+) -> web.Response:
     headers = {REQUEST_ID_HEADER: request_id}
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer realm="gpufaas"'
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return json_response(exc.to_dict(), http_status(exc), headers)
+    return shaped_error(exc.to_dict(), http_status(exc), headers, shape)
+
+
+def shaped_error(
+    body: dict[str, Any], status: int, headers: dict[str, str], shape: ErrorShape | None
+) -> web.Response:
+    """An error reply: the gateway's body, or the route's own shape of it."""
+    return json_response(shape.body(body, status) if shape else body, status, headers)
 
 
 @web.middleware
@@ -169,19 +182,28 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
     )
     metrics = request.app[METRICS]
+    shapes = request.app[ERROR_SHAPES]
+    shape = shapes.get(route) or shapes.get(request.path)  # the path's own 405 too
     t0 = time.perf_counter()
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         try:
             resp = await handler(request)
         except PlatformError as exc:
-            resp = error_response(exc, request_id)
+            resp = error_response(exc, request_id, shape)
         except web.HTTPRequestEntityTooLarge:
             resp = error_response(
                 PayloadTooLarge(
                     f"request body exceeds {request.app[CONFIG].max_body_bytes} bytes", field="body"
                 ),
                 request_id,
+                shape,
             )
+        except RequestPayloadError as exc:  # e.g. a gzip body that does not inflate
+            why = " ".join(str(exc).split())
+            resp = error_response(
+                InvalidArgument(f"cannot read the body: {why}", field="body"), request_id, shape
+            )
+            resp.force_close()  # the rest of the body cannot be told from the next request
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -189,7 +211,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             headers = {REQUEST_ID_HEADER: request_id}
             if "Allow" in exc.headers:  # a 405 names the methods the path has (RFC 9110)
                 headers["Allow"] = exc.headers["Allow"]
-            resp = json_response(body, exc.status, headers)
+            resp = shaped_error(body, exc.status, headers, shape)
         except Exception:
             log.exception("http.crashed", path=request.path)
             body = {
@@ -197,7 +219,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                 "error": "internal error; see the gateway log",
                 "request_id": request_id,
             }
-            resp = json_response(body, 500, {REQUEST_ID_HEADER: request_id})
+            resp = shaped_error(body, 500, {REQUEST_ID_HEADER: request_id}, shape)
     if not resp.prepared:
         resp.headers.setdefault(REQUEST_ID_HEADER, request_id)
     metrics.requests.labels(route, str(resp.status)).inc()
@@ -213,6 +235,15 @@ def _http_code(status: int) -> str:
 
 
 async def read_json(request: web.Request) -> Any:
+    raw = await read_body(request)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"malformed JSON: {exc}", field="body") from None
+
+
+async def read_body(request: web.Request) -> bytes:
+    """A JSON request's whole body (of a JSON-like content type, and not empty)."""
     if request.content_type not in ("application/json", "application/octet-stream", "") and not (
         request.content_type.startswith("text/")
         or request.content_type.endswith("x-www-form-urlencoded")
@@ -220,18 +251,10 @@ async def read_json(request: web.Request) -> Any:
         raise UnsupportedMediaType(
             f"expected a JSON body, got {request.content_type}", field="body"
         )
-    if "Inference-Header-Content-Length" in request.headers:
-        raise UnsupportedMediaType(
-            "the binary tensor extension is not supported yet; send JSON",
-            field="Inference-Header-Content-Length",
-        )
     raw = await request.read()
     if not raw:
         raise InvalidArgument("request body is empty; expected JSON", field="body")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"malformed JSON: {exc}", field="body") from None
+    return raw
 
 
 def tenant_of(request: web.Request) -> str:
@@ -241,15 +264,26 @@ def tenant_of(request: web.Request) -> str:
 
 async def publish_event(request: web.Request, kind: str, data: dict[str, Any]) -> None:
     """A gateway event (a plain publish the EVENTS stream stores); never fails the request."""
-    event = new_event(kind, f"gateway@{request.app[CONFIG].node_id}", data, request[REQUEST_ID])
+    await publish_app_event(request.app, request[REQUEST_ID], kind, data)
+
+
+async def publish_app_event(
+    app: web.Application, request_id: str, kind: str, data: dict[str, Any]
+) -> None:
+    """``publish_event`` for a request of any protocol (gRPC's too)."""
+    event = new_event(kind, f"gateway@{app[CONFIG].node_id}", data, request_id)
     try:
-        await request.app[NC].publish(subjects.event(kind), encode_json(event))
+        await app[NC].publish(subjects.event(kind), encode_json(event))
     except Exception as exc:  # events are best effort
         log.warning("event.publish_failed", kind=kind, error=repr(exc))
 
 
 def nats_of(request: web.Request) -> NATS:
-    nc = request.app[NC]
+    return connected_nats(request.app)
+
+
+def connected_nats(app: web.Application) -> NATS:
+    nc = app[NC]
     if not nc.is_connected:
         raise Unavailable("NATS is not reachable from the gateway; retry later")
     return nc
@@ -285,7 +319,8 @@ async def ask_scheduler(
 
 
 async def invoke_scheduler(
-    request: web.Request,
+    app: web.Application,
+    request_id: str,
     subject: str,
     msg: InvokeRequest | WorkflowInvokeRequest,
     reply_type: type[M],
@@ -296,17 +331,17 @@ async def invoke_scheduler(
     restarting its only one: a second or two) it waits for one, up to
     ``SCHEDULER_WAIT_S``: the request reached nobody, so sending it again is safe."""
     until = time.monotonic() + SCHEDULER_WAIT_S
-    default_s = request.app[CONFIG].request_timeout_s
+    default_s = app[CONFIG].request_timeout_s
     while True:
         left = msg.deadline - time.time() if msg.deadline else default_s
         try:
             return await nats_request(
-                nats_of(request),
+                connected_nats(app),
                 subject,
                 msg,
                 reply_type,
                 timeout=max(left, 0.001) + 1,
-                request_id=request[REQUEST_ID],
+                request_id=request_id,
                 what="scheduler",
                 resend=True,
             )
@@ -317,11 +352,18 @@ async def invoke_scheduler(
 
 
 async def require_function(request: web.Request, name: str) -> FunctionRecord:
+    return await find_function(request.app, tenant_of(request), name)
+
+
+async def find_function(app: web.Application, tenant: str, name: str) -> FunctionRecord:
+    """``tenant``'s function ``name`` (``NotFound`` naming ``model_name`` without one), for a
+    request of any protocol."""
     if not _NAME.match(name):  # no function has it: not looked up
         raise NotFound(f"model {name!r} not found", field="model_name")
-    await reconnected_nats(request)
+    await reconnected(app[NC], RECONNECT_WAIT_S)
+    connected_nats(app)
     try:
-        record = await request.app[FUNCTIONS].get(tenant_of(request), name)
+        record = await app[FUNCTIONS].get(tenant, name)
     except (nats.errors.Error, TimeoutError) as exc:
         raise Unavailable(f"cannot read the function registry: {exc!r}") from None
     if record is None:
@@ -369,7 +411,13 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def server_metadata(_: web.Request) -> web.Response:
-    return json_response({"name": "gpufaas", "version": VERSION, "extensions": []})
+    return json_response(
+        {
+            "name": "gpufaas",
+            "version": VERSION,
+            "extensions": ["binary_tensor_data", "system_shared_memory", "model_repository"],
+        }
+    )
 
 
 async def model_get(request: web.Request) -> web.Response:
@@ -384,16 +432,20 @@ async def model_ready(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    """``POST /v2/models/{name}/infer``, the JSON form."""
+    """``POST /v2/models/{name}/infer``: JSON tensors, binary ones (``binary.py``) or
+    ones in the client's shared memory (``sysshm.py``)."""
     config = request.app[CONFIG]
     name = request.match_info["name"]
-    body = convert(await read_json(request), InferBody)
+    req = await binary.read_infer(request)
+    body = req.body
     record = await require_function(request, name)
     wanted = [o.name for o in body.outputs] if body.outputs else None
     check_inputs(body.inputs, wanted, record.spec.name, record.inputs, record.outputs)
     check_input_sizes(body.inputs, record.spec.options.max_rows, config.max_body_bytes)
-    reply, outs = await run_function(request, record, json_inputs(body), wanted)
-    return _infer_response(name, body.id, reply, [json_output(o) for o in outs])
+    tensors = await binary.decode_inputs(request, req)
+    reply, outs = await run_function(request, record, tensors, wanted)
+    outputs, chunks = await binary.encode_outputs(request, req, outs)
+    return _infer_response(name, body.id, reply, outputs, chunks)
 
 
 def json_inputs(body: InferBody) -> list[Tensor]:
@@ -420,10 +472,15 @@ def json_output(out: Tensor) -> dict[str, Any]:
 
 
 def _infer_response(
-    name: str, request_id: str | None, reply: InvokeReply, outputs: list[dict[str, Any]]
+    name: str,
+    request_id: str | None,
+    reply: InvokeReply,
+    outputs: list[dict[str, Any]],
+    chunks: list[bytes | memoryview] | None = None,
 ) -> web.Response:
-    """An invocation's reply: its outputs, where it ran and where its time went (in the
-    body's ``parameters`` and in ``Gpufaas-*`` headers)."""
+    """An invocation's reply: its outputs (binary ones' ``chunks`` after the JSON), where
+    it ran and where its time went (in the body's ``parameters`` and in ``Gpufaas-*``
+    headers)."""
     b = reply.breakdown
     headers = {
         "Gpufaas-Node": reply.node,
@@ -456,7 +513,7 @@ def _infer_response(
         "new_process": b.new_process,
         "loaded_bytes": b.loaded_bytes,
     }
-    return json_response(result, headers=headers)
+    return binary.response(result, headers, chunks or [])
 
 
 # --- platform API --------------------------------------------------------------------
@@ -594,22 +651,25 @@ async def workflow_delete(request: web.Request) -> web.Response:
 async def workflow_infer(request: web.Request) -> web.Response:
     """Invoke a workflow with Open Inference Protocol inputs; each step's run is reported."""
     config = request.app[CONFIG]
-    body = convert(await read_json(request), InferBody)
+    req = await binary.read_infer(request)
+    body = req.body
     record = await _require_workflow(request, request.match_info["name"])
     spec = record.spec
     wanted = [o.name for o in body.outputs] if body.outputs else None
     check_inputs(body.inputs, wanted, spec.name, record.inputs, record.outputs)
     check_input_sizes(body.inputs, c.DEFAULT_MAX_ROWS, config.max_body_bytes)
-    reply, outs = await run_workflow(request, record, json_inputs(body), wanted)
+    tensors = await binary.decode_inputs(request, req)
+    reply, outs = await run_workflow(request, record, tensors, wanted)
+    outputs, chunks = await binary.encode_outputs(request, req, outs)
     steps = [untagged(to_builtins(s)) for s in reply.steps]
     result: dict[str, Any] = {
         "model_name": spec.name,
-        "outputs": [json_output(o) for o in outs],
+        "outputs": outputs,
         "parameters": {"steps": steps, "total_us": reply.total_us},
     }
     if body.id is not None:
         result["id"] = body.id
-    return json_response(result)
+    return binary.response(result, {}, chunks)
 
 
 def _device_order(device: dict[str, Any]) -> tuple[int, int]:
@@ -806,7 +866,9 @@ ROUTES: list[tuple[RouteDoc, Handler]] = [
     (RouteDoc("GET", "/v2/models/{name}", "Model metadata"), model_get),
     (RouteDoc("GET", "/v2/models/{name}/ready", "Model readiness"), model_ready),
     (
-        RouteDoc("POST", "/v2/models/{name}/infer", "Inference (JSON tensors)", InferBody),
+        RouteDoc(
+            "POST", "/v2/models/{name}/infer", "Inference (JSON, binary or shm tensors)", InferBody
+        ),
         admitted(infer),
     ),
     (
@@ -832,7 +894,10 @@ ROUTES: list[tuple[RouteDoc, Handler]] = [
     (RouteDoc("DELETE", "/v1/workflows/{name}", "Delete a workflow"), workflow_delete),
     (
         RouteDoc(
-            "POST", "/v1/workflows/{name}/infer", "Invoke a workflow (JSON tensors)", InferBody
+            "POST",
+            "/v1/workflows/{name}/infer",
+            "Invoke a workflow (JSON, binary or shm tensors)",
+            InferBody,
         ),
         admitted(workflow_infer),
     ),
@@ -904,8 +969,12 @@ def create_app(config: Config) -> web.Application:
     app[ADMISSION] = Admission.from_config(config)
     app.cleanup_ctx.append(_nats_ctx)
     app.cleanup_ctx.append(models.uploads_ctx)  # after NATS: it opens the uploads' buckets
-    routes = [*ROUTES, *models.ROUTES]
+    app.cleanup_ctx.append(sysshm.regions_ctx)  # clients' shared-memory regions (per gateway)
+    app.cleanup_ctx.append(grpc_server.grpc_ctx)  # after NATS: it serves from its caches
+    app[openai_api.TOKENS] = TokenCounter(config.data_dir)
+    routes = [*ROUTES, *models.ROUTES, *openai_api.ROUTES, *repository.ROUTES, *sysshm.ROUTES]
     docs = [doc for doc, _ in routes] + [RouteDoc("GET", "/openapi.json", "This document")]
+    app[ERROR_SHAPES] = {doc.path: doc.errors for doc in docs if doc.errors is not None}
     spec = build_openapi(docs, VERSION)
 
     async def openapi(_: web.Request) -> web.Response:

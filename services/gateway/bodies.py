@@ -39,7 +39,7 @@ class InferInput(Body):
     name: str
     shape: list[int]
     datatype: Datatype
-    data: Any
+    data: Any = None  # absent when the data travels as binary or in shared memory
     parameters: dict[str, Any] | None = None
 
 
@@ -55,3 +55,12 @@ class InferBody(Body):
     id: str | None = None
     outputs: list[InferOutputRequest] | None = None
     parameters: dict[str, Any] | None = None
+
+
+class ShmRegisterBody(Body):
+    """``POST /v2/systemsharedmemory/region/{name}/register``: ``byte_size`` bytes from
+    ``offset`` of the POSIX shared-memory object ``key`` (``/dev/shm/<key>``)."""
+
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=201)]
+    byte_size: Annotated[int, msgspec.Meta(ge=1)]
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0

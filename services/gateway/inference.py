@@ -54,6 +54,22 @@ class Head(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Call:
+    """What an invocation needs of the request that asked for it, whatever its protocol:
+    the gateway's application and the request's id (the HTTP handlers pass their
+    ``web.Request``, the gRPC servicer builds one)."""
+
+    app: web.Application
+    request_id: str
+
+    @classmethod
+    def of(cls, request: web.Request | Call) -> Call:
+        if isinstance(request, Call):
+            return request
+        return cls(request.app, request[gw.REQUEST_ID])
+
+
+@dataclass(frozen=True, slots=True)
 class Tensor:
     """One input or output at the protocol boundary: raw bytes (see the module's doc)."""
 
@@ -110,26 +126,26 @@ def check_inputs(
 
 
 async def run_function(
-    request: web.Request,
+    request: web.Request | Call,
     record: FunctionRecord,
     inputs: list[Tensor],
     wanted: Sequence[str] | None = None,
 ) -> tuple[InvokeReply, list[Tensor]]:
     """Invoke a function with checked inputs; its reply and the outputs asked for (all
     when ``wanted`` is None), raw."""
-    spec = record.spec
+    spec, call = record.spec, Call.of(request)
 
     def message(payloads: list[TensorPayload], deadline: float) -> InvokeRequest:
         return InvokeRequest(
             function=spec.name,
-            request_id=request[gw.REQUEST_ID],
+            request_id=call.request_id,
             inputs=payloads,
             tenant=spec.tenant,
             deadline=deadline,
         )
 
     return await _run(
-        request,
+        call,
         spec.tenant,
         inputs,
         wanted,
@@ -140,25 +156,25 @@ async def run_function(
 
 
 async def run_workflow(
-    request: web.Request,
+    request: web.Request | Call,
     record: WorkflowRecord,
     inputs: list[Tensor],
     wanted: Sequence[str] | None = None,
 ) -> tuple[WorkflowInvokeReply, list[Tensor]]:
     """Invoke a workflow with checked inputs, as :func:`run_function`."""
-    spec = record.spec
+    spec, call = record.spec, Call.of(request)
 
     def message(payloads: list[TensorPayload], deadline: float) -> WorkflowInvokeRequest:
         return WorkflowInvokeRequest(
             workflow=spec.name,
-            request_id=request[gw.REQUEST_ID],
+            request_id=call.request_id,
             inputs=payloads,
             tenant=spec.tenant,
             deadline=deadline,
         )
 
     return await _run(
-        request,
+        call,
         spec.tenant,
         inputs,
         wanted,
@@ -169,7 +185,7 @@ async def run_workflow(
 
 
 async def _run(
-    request: web.Request,
+    call: Call,
     tenant: str,
     inputs: list[Tensor],
     wanted: Sequence[str] | None,
@@ -182,20 +198,21 @@ async def _run(
     its outputs read; the request's tubes dropped at the end, whatever happened."""
     tubes: list[Tube] = []
     try:
-        payloads = await _payloads(request, inputs, tenant, tubes)
-        deadline = time.time() + request.app[gw.CONFIG].request_timeout_s
-        reply = await gw.invoke_scheduler(request, subject, message(payloads, deadline), reply_type)
-        return reply, await _outputs(request, reply.outputs, wanted, tubes)
+        payloads = await _payloads(call.app, inputs, tenant, tubes)
+        deadline = time.time() + call.app[gw.CONFIG].request_timeout_s
+        msg = message(payloads, deadline)
+        reply = await gw.invoke_scheduler(call.app, call.request_id, subject, msg, reply_type)
+        return reply, await _outputs(call.app, reply.outputs, wanted, tubes)
     finally:
-        await _drop_tubes(request.app, tubes)
+        await _drop_tubes(call.app, tubes)
 
 
 async def _payloads(
-    request: web.Request, inputs: list[Tensor], tenant: str, tubes: list[Tube]
+    app: web.Application, inputs: list[Tensor], tenant: str, tubes: list[Tube]
 ) -> list[TensorPayload]:
     """The inputs as payloads: inline when small, else written as host tubes (added to
     ``tubes`` so that the caller drops them when the request is over)."""
-    config = request.app[gw.CONFIG]
+    config = app[gw.CONFIG]
     payloads: list[TensorPayload] = []
     for inp in inputs:
         if len(inp.data) > config.inline_threshold:
@@ -209,7 +226,7 @@ async def _payloads(
                 data=inp.data,
             )
             tubes.append(tube)
-            await request.app[gw.KV].tubes.put(tube.id, tube)
+            await app[gw.KV].tubes.put(tube.id, tube)
             payloads.append(
                 TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, tube=tube)
             )
@@ -223,7 +240,7 @@ async def _payloads(
 
 
 async def _outputs(
-    request: web.Request,
+    app: web.Application,
     outs: list[TensorPayload],
     wanted: Sequence[str] | None,
     tubes: list[Tube],
@@ -237,7 +254,7 @@ async def _outputs(
         if out.tube is not None:
             tubes.append(out.tube)
             if keep is None or out.name in keep:
-                data = await asyncio.to_thread(read_tube, request.app[gw.CONFIG].shm_dir, out.tube)
+                data = await asyncio.to_thread(read_tube, app[gw.CONFIG].shm_dir, out.tube)
         if keep is not None and out.name not in keep:
             continue
         assert data is not None

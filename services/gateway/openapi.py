@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,17 @@ PATH_PARAMS: dict[str, Param] = {
 
 
 @dataclass(frozen=True, slots=True)
+class ErrorShape:
+    """A route's own error body (OpenAI's, say) in place of the gateway's ``Error``: its
+    schema in the document, and how the gateway's body (``{code, error, field}``) with its
+    HTTP status becomes it."""
+
+    name: str  # its schema's name under components
+    schema: dict[str, Any]
+    body: Callable[[dict[str, Any], int], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class RouteDoc:
     method: str
     path: str
@@ -44,6 +56,8 @@ class RouteDoc:
     public: bool = False  # reachable without an API key (liveness, readiness)
     media: tuple[str, ...] = ()  # a raw (non-JSON) body of these types, e.g. an archive
     params: tuple[Param, ...] = ()
+    errors: ErrorShape | None = None  # None: the gateway's ``Error``
+    body_required: bool = True  # False: an empty body is taken as ``{}``
 
 
 ERROR_SCHEMA: dict[str, Any] = {
@@ -65,6 +79,9 @@ def build_openapi(routes: list[RouteDoc], version: str) -> dict[str, Any]:
     )
     ref_of = dict(zip(bodies, schemas_refs, strict=True))
     components["Error"] = ERROR_SCHEMA
+    for r in routes:
+        if r.errors is not None:
+            components[r.errors.name] = r.errors.schema
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
         paths.setdefault(r.path, {})[r.method.lower()] = _operation(r, ref_of)
@@ -87,7 +104,11 @@ def _operation(r: RouteDoc, ref_of: dict[type[msgspec.Struct], Any]) -> dict[str
         responses["200"] = {"description": "the same exists already; nothing changed"}
     responses["default"] = {
         "description": "error",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        "content": {
+            "application/json": {
+                "schema": {"$ref": f"#/components/schemas/{r.errors.name if r.errors else 'Error'}"}
+            }
+        },
     }
     op: dict[str, Any] = {
         "summary": r.summary,
@@ -110,7 +131,7 @@ def _operation(r: RouteDoc, ref_of: dict[type[msgspec.Struct], Any]) -> dict[str
         op["requestBody"] = {"required": True, "content": dict.fromkeys(r.media, binary)}
     if r.body is not None:
         op["requestBody"] = {
-            "required": True,
+            "required": r.body_required,
             "content": {"application/json": {"schema": ref_of[r.body]}},
         }
     return op
@@ -124,4 +145,4 @@ def _parameter(p: Param) -> dict[str, Any]:
     return out
 
 
-__all__ = ["DeployBody", "InferBody", "Param", "RouteDoc", "build_openapi"]
+__all__ = ["DeployBody", "ErrorShape", "InferBody", "Param", "RouteDoc", "build_openapi"]

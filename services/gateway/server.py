@@ -42,7 +42,11 @@ async def serve(config: Config) -> int:
         return 1
     if config.ready_file:
         await asyncio.to_thread(Path(config.ready_file).write_text, str(os.getpid()))
-    log.info("gateway.started", url=f"http://{config.http_host}:{config.http_port}")
+    log.info(
+        "gateway.started",
+        url=f"http://{config.http_host}:{config.http_port}",
+        grpc_port=config.grpc_port or None,
+    )
     await stop.wait()
     log.info("gateway.stopping")
     await runner.cleanup()

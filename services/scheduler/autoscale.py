@@ -135,6 +135,14 @@ class Autoscaler:
                 del self._functions[name]  # arrivals of a function no load reports any more
         return decisions
 
+    def forget_before(self, function: str, at: float) -> None:
+        """Drop what is known of ``function`` if it was last active before ``at`` (a
+        repository load or unload set its instances then): its keep-alive restarts from
+        the instances it has now, and older arrivals no longer bring one back."""
+        st = self._functions.get(function)
+        if st is not None and st.last_active < at:
+            del self._functions[function]
+
     def tracked(self) -> int:
         """How many functions the autoscaler holds state for (bounded-memory check)."""
         return len(self._functions)

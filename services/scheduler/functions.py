@@ -213,11 +213,21 @@ class FunctionRegistry:
     ) -> FunctionRecord | None:
         """Change a function's instance nodes in KV (compare-and-set, retried); None when
         the function is gone or was redeployed with another spec."""
+        return await self._update(
+            spec, lambda record: msgspec_replace(record, nodes=change(list(record.nodes)))
+        )
 
+    async def mark_rescaled(self, spec: FunctionSpec, at: float) -> FunctionRecord | None:
+        """Record a repository load or unload at ``at`` (as ``update_nodes``)."""
+        return await self._update(spec, lambda record: msgspec_replace(record, rescaled_at=at))
+
+    async def _update(
+        self, spec: FunctionSpec, change: Callable[[FunctionRecord], FunctionRecord]
+    ) -> FunctionRecord | None:
         def changed(record: FunctionRecord | None) -> FunctionRecord | None:
             if record is None or record.spec != spec:
                 return None
-            return msgspec_replace(record, nodes=change(list(record.nodes)))
+            return change(record)
 
         entry = await self.host.kv.functions.update(
             ref_of(spec).key, changed, attempts=UPDATE_ATTEMPTS

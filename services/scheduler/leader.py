@@ -22,9 +22,16 @@ from gpufaas.scheduler.host import Host
 from gpufaas.scheduler.profiles import effective_config, service_rps
 from gpufaas.scheduler.profiling import Profiles
 from gpufaas.shared import constants as c
+from gpufaas.shared.errors import NotFound, QuotaExceeded
 from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.kv import Conflict
-from gpufaas.shared.messages import FunctionRecord, ProfileRecord, SchedulerLoad
+from gpufaas.shared.messages import (
+    FunctionRecord,
+    ProfileRecord,
+    ScaleReply,
+    ScaleRequest,
+    SchedulerLoad,
+)
 from gpufaas.shared.registry import records
 
 log = structlog.get_logger()
@@ -131,6 +138,8 @@ class Leader:
         loads = []
         for record in deployed:
             ref = ref_of(record.spec)
+            if record.rescaled_at:
+                self.autoscaler.forget_before(ref.key, record.rescaled_at)
             t = totals.get(ref.key, Totals())
             if t.arrivals:
                 self.autoscaler.observe(ref.key, now, t.arrivals)
@@ -175,6 +184,32 @@ class Leader:
                     "reason": reason,
                 },
             )
+
+    async def rescale(self, req: ScaleRequest, now: float) -> ScaleReply:
+        """The model repository's load (one instance now, where it has none) or unload (no
+        instance; requests sent already finish first, as when scaling in). Any replica
+        does it; the record's ``rescaled_at`` tells the leader's autoscaler to forget the
+        activity before it, so neither is undone by the next tick. Later, the function
+        scales as any other: a loaded one back to zero after keep-alive without requests,
+        an unloaded one up again at its next request."""
+        ref = FunctionRef(req.tenant, req.name)
+        record = await self.host.kv.functions.value(ref.key)
+        if record is None:
+            raise NotFound(f"model {req.name!r} not found", field="name")
+        self.autoscaler.forget_before(ref.key, now)
+        record = await self.registry.mark_rescaled(record.spec, now) or record
+        live = [n for n in record.nodes if n in self.host.workers]
+        if req.load and not live:
+            if not await self.registry.room_for(record, 1):
+                raise QuotaExceeded(
+                    f"tenant {req.tenant!r} has no GPU memory quota left for an instance "
+                    f"of {req.name!r}",
+                    field="gpu_memory_bytes",
+                )
+            await self.scale(record, 1, "repository load", now)
+        elif not req.load and live:
+            await self.scale(record, 0, "repository unload", now)
+        return ScaleReply(function=await self.registry.cache.record(ref) or record)
 
     async def finish_draining(self, now: float) -> None:
         for (ref, node), since in list(self.draining.items()):

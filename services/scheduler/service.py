@@ -61,6 +61,8 @@ from gpufaas.shared.messages import (
     Msg,
     ProfileRecord,
     Reconnected,
+    ScaleReply,
+    ScaleRequest,
     SchedulerLoad,
     decode,
     decode_json,
@@ -154,6 +156,7 @@ class SchedulerService(Service):
         return [
             endpoint(subjects.SCHED_DEPLOY, DeployRequest, self.deploy, queue=q),
             endpoint(subjects.SCHED_DELETE, DeleteRequest, self.delete, queue=q),
+            endpoint(subjects.SCHED_SCALE, ScaleRequest, self.rescale, queue=q),
             endpoint(subjects.SCHED_INVOKE, InvokeRequest, self.invoke, queue=q),
             endpoint(
                 subjects.SCHED_WORKFLOW_DEPLOY, WorkflowDeployRequest, self.workflow_deploy, queue=q
@@ -214,6 +217,9 @@ class SchedulerService(Service):
 
     async def delete(self, req: DeleteRequest) -> DeleteReply:
         return await self.registry.delete(req)
+
+    async def rescale(self, req: ScaleRequest) -> ScaleReply:
+        return await self.leadership.rescale(req, time.time())
 
     async def invoke(self, req: InvokeRequest) -> InvokeReply:
         """Accept an invocation: recorded in KV (with the caller's reply subject) before it
@@ -294,6 +300,8 @@ class SchedulerService(Service):
         await self.bounded("tick.takeover", lambda: self.failover.take_over(now), None)
         if await self.bounded("tick.lead", self.leadership.lead, False):
             await self.bounded("tick.scale", lambda: self.leadership.tick(now), None)
+        else:  # a repository unload this replica did
+            await self.bounded("tick.drain", lambda: self.leadership.finish_draining(now), None)
 
     # --- what tests and tools read -------------------------------------------------------
 

@@ -238,6 +238,16 @@ def test_taken_port_fails_at_once_naming_the_flag(tmp_path: Path) -> None:
         assert res.returncode == 2
         assert f"port {port}" in res.stdout
         assert "--nats-port" in res.stdout
+        res = subprocess.run(
+            [GPUFAAS, "up", "--grpc-port", str(port), "--http-port", str(free_port())],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert res.returncode == 2
+        assert f"port {port}" in res.stdout
+        assert "--grpc-port" in res.stdout
 
 
 @pytest.mark.parametrize(

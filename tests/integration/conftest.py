@@ -22,7 +22,7 @@ from gpufaas.shared.service import Service
 from gpufaas.tensorstore.service import TensorStoreService
 from gpufaas.transfer.service import TransferService
 from gpufaas.worker.service import WorkerService
-from tests.conftest import NatsServer
+from tests.conftest import NatsServer, free_port
 
 NODE_SERVICES = (MemoryService, TensorStoreService, TransferService, WorkerService)
 
@@ -85,6 +85,7 @@ def make_config(nats: NatsServer, tmp_path: Path, **overrides: Any) -> Config:
         profile_s=0.0,  # the batch-1 point only: a background sweep would slow every test
         # Server paths (admin keys): the test's and its session's temporary directories.
         model_roots=(str(tmp_path.parent),),
+        grpc_port=free_port(),  # the gateway's gRPC server (tests/integration/test_grpc.py)
     )
     return base.replace(**overrides)
 

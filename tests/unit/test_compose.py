@@ -104,7 +104,8 @@ def test_compose_model(compose_binary: Path, tmp_path: Path) -> None:
         for name, service in services.items()
         for port in service.get("ports", [])
     ]
-    assert published == [("gateway", "8080", 8080)], published  # NATS stays inside
+    assert published == [("gateway", "8080", 8080), ("gateway", "8081", 8081)], published
+    # NATS stays inside
 
     for name, user in NATS_USERS.items():
         env = services[name]["environment"]

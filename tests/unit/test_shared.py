@@ -504,6 +504,7 @@ def test_config_env_round_trip(tmp_path: Path) -> None:
         ("BYTES", [2, 2], [["a", "bc"], ["ü日", ""]], ["a", "bc", "ü日", ""]),
         ("BYTES", [2, 1, 1], [[["x"]], [["y"]]], ["x", "y"]),
         ("FP64", [0], [], []),
+        ("BF16", [3], [1, -2.5, 3.140625], [1.0, -2.5, 3.140625]),  # float32 values in JSON
     ],
 )
 def test_json_raw_round_trip(datatype: str, shape: list[int], data: Any, flat: list[Any]) -> None:
@@ -542,7 +543,7 @@ def test_bytes_layout_is_length_prefixed() -> None:
         ("INT8", [1], [-129], "out of range for INT8"),
         ("UINT8", [1], [-1], "out of range for UINT8"),
         ("INT64", [1], [2**64], "out of range for INT64"),
-        ("BF16", [1], [1.0], "not supported in JSON"),
+        ("BF16", [1], [True], "do not match datatype BF16"),
     ],
 )
 def test_json_to_raw_rejects_bad_data(
@@ -588,6 +589,7 @@ def test_check_shape_and_sizes() -> None:
         assert info.value.field == "inputs[0].shape"
     assert raw_nbytes("FP16", [3, 4]) == 24
     assert raw_nbytes("BOOL", [5]) == 5
+    assert raw_nbytes("BF16", [3, 4]) == 24
     assert raw_nbytes("BYTES", [5]) is None
     assert tensors.element_count([]) == 1
 
@@ -977,3 +979,11 @@ def test_config_reads_and_writes_booleans_and_path_lists() -> None:
     with pytest.raises(InvalidArgument) as bad:
         Config.from_env(environ={"GPUFAAS_AUTH": "maybe"})
     assert bad.value.field == "GPUFAAS_AUTH"
+
+
+def test_bf16_from_json_rounds_to_nearest_even_as_torch_does() -> None:
+    import torch  # noqa: PLC0415 - the reference only
+
+    values = [1.0, 3.14159, -1e30, 1.00390625, 1.01171875, 65504.0, 1e-40]
+    raw = json_to_raw("BF16", [len(values)], values, "f")
+    assert raw == torch.tensor(values, dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()

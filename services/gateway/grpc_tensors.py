@@ -1,0 +1,171 @@
+"""Tensors of the gRPC protocol: a ``ModelInferRequest``'s inputs as raw :class:`Tensor` s,
+raw outputs as a ``ModelInferResponse``'s.
+
+An input's data comes either in ``raw_input_contents`` (one entry per input, in order:
+the tensor's raw bytes, as in :mod:`gpufaas.gateway.inference`) or in its typed
+``contents`` field; never both in one request. A response answers in kind: raw outputs
+to a raw request, typed ``contents`` to a typed one, unless an output has no typed field
+(FP16, BF16), when every output is raw (the protocol forbids mixing them).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from gpufaas.gateway.inference import Tensor
+from gpufaas.gateway.proto import grpc_service_pb2 as pb
+from gpufaas.shared.errors import InvalidArgument
+from gpufaas.shared.messages import Datatype
+from gpufaas.shared.tensors import NUMPY_DTYPES, decode_bytes_elements, element_count
+
+# datatype -> the InferTensorContents field that carries it, and that field's element type
+# (narrower integers travel widened, as int32 or uint32).
+CONTENTS: Final[dict[str, tuple[str, str]]] = {
+    "BOOL": ("bool_contents", "|b1"),
+    "INT8": ("int_contents", "<i4"),
+    "INT16": ("int_contents", "<i4"),
+    "INT32": ("int_contents", "<i4"),
+    "INT64": ("int64_contents", "<i8"),
+    "UINT8": ("uint_contents", "<u4"),
+    "UINT16": ("uint_contents", "<u4"),
+    "UINT32": ("uint_contents", "<u4"),
+    "UINT64": ("uint64_contents", "<u8"),
+    "FP32": ("fp32_contents", "<f4"),
+    "FP64": ("fp64_contents", "<f8"),
+    "BYTES": ("bytes_contents", ""),
+}
+_FIELDS: Final = tuple(dict.fromkeys(f for f, _ in CONTENTS.values()))
+_ITEMSIZE: Final = {**{t: np.dtype(d).itemsize for t, d in NUMPY_DTYPES.items()}, "BF16": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """An input's name, datatype and shape, as ``check_inputs`` reads them."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+def heads(request: pb.ModelInferRequest) -> list[Head]:
+    return [Head(i.name, i.datatype, list(i.shape)) for i in request.inputs]
+
+
+def decode_inputs(request: pb.ModelInferRequest, datatypes: dict[str, Datatype]) -> list[Tensor]:
+    """The inputs as raw tensors (heads already checked: ``datatypes`` gives each input's);
+    ``InvalidArgument`` naming ``raw_input_contents[i]`` or ``inputs[i].contents``."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs",
+            field="raw_input_contents",
+        )
+    tensors = []
+    for i, inp in enumerate(request.inputs):
+        datatype, shape = datatypes[inp.name], list(inp.shape)
+        if raw:
+            if inp.HasField("contents"):
+                raise InvalidArgument(
+                    "give an input's data in raw_input_contents or in contents, not both",
+                    field=f"inputs[{i}].contents",
+                )
+            data = raw[i]
+            _check_raw(datatype, shape, data, f"raw_input_contents[{i}]")
+        else:
+            data = _typed_to_raw(datatype, shape, inp.contents, f"inputs[{i}].contents")
+        tensors.append(Tensor(inp.name, datatype, shape, data))
+    return tensors
+
+
+def _check_raw(datatype: str, shape: list[int], data: bytes, field: str) -> None:
+    count = element_count(shape)
+    if datatype == "BYTES":
+        _check_framing(data, count, field)
+        return
+    want = count * _ITEMSIZE[datatype]
+    if len(data) != want:
+        raise InvalidArgument(
+            f"{datatype} {shape} is {want} bytes; got {len(data)}",
+            field=field,
+        )
+
+
+def _check_framing(data: bytes, count: int, field: str) -> None:
+    """BYTES elements, each a 4-byte little-endian length then its bytes: exactly ``count``
+    of them filling ``data`` (walked without copying them out)."""
+    pos = seen = 0
+    while pos < len(data) and seen < count:
+        if pos + 4 > len(data):
+            break
+        (n,) = struct.unpack_from("<I", data, pos)
+        pos += 4 + n
+        seen += 1
+    if pos != len(data) or seen != count:
+        raise InvalidArgument(
+            f"BYTES data must be {count} elements, each a 4-byte little-endian length "
+            "and that many bytes",
+            field=field,
+        )
+
+
+def _typed_to_raw(
+    datatype: str, shape: list[int], contents: pb.InferTensorContents, field: str
+) -> bytes:
+    count = element_count(shape)
+    if datatype not in CONTENTS:
+        if count == 0:
+            return b""
+        raise InvalidArgument(
+            f"{datatype} data has no typed field: send it in raw_input_contents", field=field
+        )
+    name, wide = CONTENTS[datatype]
+    for other in _FIELDS:
+        if other != name and len(getattr(contents, other)):
+            raise InvalidArgument(
+                f"{datatype} data goes in contents.{name}, not {other}", field=f"{field}.{other}"
+            )
+    values = getattr(contents, name)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"shape {shape} needs {count} elements; contents.{name} has {len(values)}",
+            field=f"{field}.{name}",
+        )
+    if datatype == "BYTES":
+        out = bytearray()
+        for item in values:
+            out += struct.pack("<I", len(item))
+            out += item
+        return bytes(out)
+    arr = np.array(list(values), dtype=np.dtype(wide))
+    target = np.dtype(NUMPY_DTYPES[datatype])
+    if target != arr.dtype and arr.size:
+        info = np.iinfo(target)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise InvalidArgument(
+                f"a value is out of range for {datatype}", field=f"{field}.{name}"
+            )
+    return arr.astype(target).tobytes()
+
+
+def encode_outputs(response: pb.ModelInferResponse, outputs: list[Tensor], typed: bool) -> None:
+    """Add ``outputs`` to ``response``: typed (when asked for and every output has a typed
+    field) or raw."""
+    typed = typed and all(o.datatype in CONTENTS for o in outputs)
+    for out in outputs:
+        tensor = response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        if not typed:
+            response.raw_output_contents.append(bytes(out.data))
+            continue
+        name, _ = CONTENTS[out.datatype]
+        count = element_count(out.shape)
+        values: list[bytes] | list[bool | int | float]
+        if out.datatype == "BYTES":
+            values = decode_bytes_elements(out.data, count, f"outputs[{out.name}]")
+        else:
+            arr = np.frombuffer(out.data, dtype=np.dtype(NUMPY_DTYPES[out.datatype]), count=count)
+            values = arr.tolist()
+        getattr(tensor.contents, name).extend(values)

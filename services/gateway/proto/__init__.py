@@ -1,0 +1,1 @@
+"""The Open Inference Protocol's gRPC service: the proto and its generated modules."""
