@@ -24,7 +24,7 @@ from gpufaas.gateway import app as gw
 from gpufaas.gateway.bodies import InferBody
 from gpufaas.gateway.inference import Tensor
 from gpufaas.gateway.sysshm import REGIONS, ShmRef, shm_ref
-from gpufaas.shared.errors import InvalidArgument, PayloadTooLarge, UnsupportedMediaType
+from gpufaas.shared.errors import InvalidArgument, UnsupportedMediaType
 from gpufaas.shared.messages import convert
 from gpufaas.shared.tensors import element_count, json_to_raw, raw_nbytes
 
@@ -178,12 +178,8 @@ async def decode_inputs(request: web.Request, req: InferRequest) -> list[Tensor]
             _check_raw(inp.datatype, inp.shape, part, f"inputs[{i}].parameters.binary_data_size")
             data = part
         elif ref is not None:
-            where = f"inputs[{i}].parameters.shared_memory_byte_size"
-            if ref.byte_size > max_bytes:
-                raise PayloadTooLarge(f"at most {max_bytes} bytes per input", field=where)
-            _check_size(inp.datatype, inp.shape, ref.byte_size, where)
-            data = await regions.read(tenant, ref)
-            _check_raw(inp.datatype, inp.shape, data, where)
+            data = await regions.read_input(tenant, ref, inp.datatype, inp.shape, max_bytes)
+            _check_raw(inp.datatype, inp.shape, data, f"{ref.field}.shared_memory_byte_size")
         else:
             data = json_to_raw(inp.datatype, inp.shape, inp.data, f"inputs[{i}].data")
         tensors.append(Tensor(inp.name, inp.datatype, inp.shape, data))
@@ -229,12 +225,8 @@ async def encode_outputs(
         head: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         ref = req.shm_out.get(out.name)
         if ref is not None:
-            await request.app[REGIONS].write(gw.tenant_of(request), ref, out.data)
-            head["parameters"] = {
-                "shared_memory_region": ref.region,
-                "shared_memory_offset": ref.offset,
-                "shared_memory_byte_size": len(out.data),
-            }
+            regions = request.app[REGIONS]
+            head["parameters"] = await regions.write_output(gw.tenant_of(request), ref, out.data)
         elif req.binary_out.get(out.name, req.binary_default):
             head["parameters"] = {"binary_data_size": len(out.data)}
             chunks.append(out.data)

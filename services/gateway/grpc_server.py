@@ -5,7 +5,9 @@ and stopped with the aiohttp application (:func:`grpc_ctx`). It shares the HTTP 
 invocation core (:mod:`gpufaas.gateway.inference`), API keys (metadata ``authorization:
 Bearer <key>``; ``x-gpufaas-tenant`` for admin keys), per-tenant admission and error
 table: :data:`STATUS` gives each error code its gRPC status. Liveness and readiness need
-no key, as over HTTP. Failed calls carry ``gpufaas-error-code``, ``gpufaas-error-field``
+no key, as over HTTP. System shared memory uses the HTTP routes' registry
+(:class:`sysshm.Regions`, one per gateway), scoped to the caller's tenant; CUDA shared
+memory answers UNIMPLEMENTED, as Triton does where it is not supported. Failed calls carry ``gpufaas-error-code``, ``gpufaas-error-field``
 and ``retry-after`` in their trailing metadata; every call's ``x-request-id`` too.
 """
 
@@ -30,17 +32,25 @@ from gpufaas.gateway.auth import (
     authenticate_headers,
     unverified_caller,
 )
-from gpufaas.gateway.grpc_tensors import decode_inputs, encode_outputs, heads
+from gpufaas.gateway.bodies import ShmRegisterBody
+from gpufaas.gateway.grpc_tensors import (
+    decode_inputs,
+    encode_outputs,
+    heads,
+    shm_inputs,
+    shm_outputs,
+)
 from gpufaas.gateway.inference import Call, check_inputs, run_function
 from gpufaas.gateway.proto import grpc_service_pb2 as pb
 from gpufaas.gateway.proto import grpc_service_pb2_grpc as pbg
+from gpufaas.gateway.sysshm import CUDA_UNSUPPORTED, REGIONS, check_region_name
 from gpufaas.shared.errors import (
     Internal,
     NotFound,
     PlatformError,
     Unavailable,
 )
-from gpufaas.shared.messages import FunctionRecord, InvokeReply
+from gpufaas.shared.messages import FunctionRecord, InvokeReply, convert
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -155,7 +165,9 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
         async def work(_: Caller | None, __: Call) -> pb.ServerMetadataResponse:
-            return pb.ServerMetadataResponse(name="gpufaas", version=gw.VERSION, extensions=[])
+            return pb.ServerMetadataResponse(
+                name="gpufaas", version=gw.VERSION, extensions=["system_shared_memory"]
+            )
 
         return await self._serve(context, "ServerMetadata", work)
 
@@ -252,21 +264,109 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     async def _infer(
         self, caller: Caller, call: Call, request: pb.ModelInferRequest
     ) -> pb.ModelInferResponse:
-        """One inference: heads and sizes checked before the data is decoded."""
+        """One inference: heads, sizes and shared-memory references checked before the
+        data is decoded."""
         record = await self._function(caller, request.model_name, request.model_version)
         wanted = [o.name for o in request.outputs] or None
         inputs = heads(request)
         check_inputs(inputs, wanted, record.spec.name, record.inputs, record.outputs)
         max_bytes = self.app[gw.CONFIG].max_body_bytes
         check_input_sizes(inputs, record.spec.options.max_rows, max_bytes)
-        tensors = decode_inputs(request, {s.name: s.datatype for s in record.inputs})
+        in_refs, out_refs = shm_inputs(request), shm_outputs(request)
+        regions, tenant = self.app[REGIONS], caller.tenant
+        for ref in out_refs.values():
+            regions.check(tenant, ref, output=True)
+        datatypes = {s.name: s.datatype for s in record.inputs}
+        shm = {
+            i: await regions.read_input(tenant, ref, datatypes[h.name], h.shape, max_bytes)
+            for i, (ref, h) in enumerate(zip(in_refs, inputs, strict=True))
+            if ref is not None
+        }
+        tensors = decode_inputs(request, datatypes, shm)
         reply, outputs = await run_function(call, record, tensors, wanted)
         response = pb.ModelInferResponse(
             model_name=record.spec.name, model_version="1", id=request.id
         )
         _add_parameters(response, reply)
-        encode_outputs(response, outputs, typed=not request.raw_input_contents)
+        written = {
+            o.name: await regions.write_output(tenant, out_refs[o.name], o.data)
+            for o in outputs
+            if o.name in out_refs
+        }
+        typed = not request.raw_input_contents and len(shm) < len(inputs)
+        encode_outputs(response, outputs, typed, written)
         return response
+
+    # --- system shared memory (sysshm.py's registry); CUDA shared memory: unsupported --
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        async def work(caller: Caller | None, _: Call) -> pb.SystemSharedMemoryStatusResponse:
+            assert caller is not None
+            name = request.name or None
+            if name is not None:
+                check_region_name(name)
+            response = pb.SystemSharedMemoryStatusResponse()
+            for region in self.app[REGIONS].status(caller.tenant, name):
+                response.regions[region["name"]].CopyFrom(
+                    pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+                )
+            return response
+
+        return await self._serve(context, "SystemSharedMemoryStatus", work)
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        async def work(caller: Caller | None, _: Call) -> pb.SystemSharedMemoryRegisterResponse:
+            assert caller is not None
+            fields = {"key": request.key, "offset": request.offset}
+            body = convert(fields | {"byte_size": request.byte_size}, ShmRegisterBody)
+            self.app[REGIONS].register(caller.tenant, request.name, body)
+            return pb.SystemSharedMemoryRegisterResponse()
+
+        return await self._serve(context, "SystemSharedMemoryRegister", work)
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        async def work(caller: Caller | None, _: Call) -> pb.SystemSharedMemoryUnregisterResponse:
+            assert caller is not None
+            name = request.name or None
+            if name is not None:
+                check_region_name(name)
+            self.app[REGIONS].unregister(caller.tenant, name)
+            return pb.SystemSharedMemoryUnregisterResponse()
+
+        return await self._serve(context, "SystemSharedMemoryUnregister", work)
+
+    async def _cuda_unsupported(self, context: Context, method: str) -> NoReturn:
+        """UNIMPLEMENTED, for a caller with a key (as the HTTP routes' 400, after auth)."""
+
+        async def work(_: Caller | None, call: Call) -> str:
+            return call.request_id
+
+        request_id = await self._serve(context, method, work)
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, CUDA_UNSUPPORTED, ((REQUEST_ID_KEY, request_id),)
+        )
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Context
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        await self._cuda_unsupported(context, "CudaSharedMemoryStatus")
+
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        await self._cuda_unsupported(context, "CudaSharedMemoryRegister")
+
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        await self._cuda_unsupported(context, "CudaSharedMemoryUnregister")
 
 
 def _add_parameters(response: pb.ModelInferResponse, reply: InvokeReply) -> None:

@@ -1,6 +1,8 @@
-"""Triton's system shared-memory extension over HTTP: a client on this host names a region
-of its POSIX shared memory (``/dev/shm/<key>``), and inputs are read from it and outputs
-written into it instead of travelling in the request and reply bodies.
+"""Triton's system shared-memory extension: a client on this host names a region of its
+POSIX shared memory (``/dev/shm/<key>``), and inputs are read from it and outputs written
+into it instead of travelling in the request and reply bodies. The registry and its reads
+and writes serve both protocols; the HTTP routes are here, the gRPC methods in
+:mod:`grpc_server`, over the same :class:`Regions` (one per gateway process).
 
 A region is its tenant's: registered, used, listed and unregistered through that tenant's
 keys only (another tenant's region name is a 404). The registry lives in each gateway
@@ -27,8 +29,15 @@ from gpufaas.gateway import app as gw
 from gpufaas.gateway.auth import caller_of
 from gpufaas.gateway.bodies import ShmRegisterBody
 from gpufaas.gateway.openapi import Param, RouteDoc
-from gpufaas.shared.errors import AlreadyExists, InvalidArgument, NotFound, QuotaExceeded
+from gpufaas.shared.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    QuotaExceeded,
+)
 from gpufaas.shared.messages import convert
+from gpufaas.shared.tensors import raw_nbytes
 
 POSIX_SHM: Final = Path("/dev/shm")
 MAX_REGIONS: Final = 64  # per tenant and gateway: each holds an open file
@@ -36,6 +45,9 @@ REGION_PATTERN: Final = r"^[A-Za-z0-9_.=-]{1,128}$"
 # A POSIX shared-memory name: one leading "/" at most, then a plain file name.
 _KEY: Final = re.compile(r"^/?[A-Za-z0-9_=-][A-Za-z0-9_.=-]{0,199}\Z")
 _REGION: Final = re.compile(REGION_PATTERN.replace("$", r"\Z"))
+CUDA_UNSUPPORTED: Final = (
+    "CUDA shared memory is not supported on this node; use system shared memory"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +186,33 @@ class Regions:
             )
         return memoryview(buf)
 
+    async def read_input(
+        self, tenant: str, ref: ShmRef, datatype: str, shape: list[int], max_bytes: int
+    ) -> memoryview:
+        """An input's bytes, its size checked against its datatype and shape (and the
+        gateway's cap) before anything is read; BYTES framing is the caller's to check."""
+        where = f"{ref.field}.shared_memory_byte_size"
+        if ref.byte_size > max_bytes:
+            raise PayloadTooLarge(f"at most {max_bytes} bytes per input", field=where)
+        nbytes = raw_nbytes(datatype, shape)
+        if nbytes is not None and ref.byte_size != nbytes:
+            raise InvalidArgument(
+                f"{datatype} of shape {shape} is {nbytes} bytes; {ref.byte_size} given",
+                field=where,
+            )
+        return await self.read(tenant, ref)
+
+    async def write_output(
+        self, tenant: str, ref: ShmRef, data: bytes | memoryview
+    ) -> dict[str, Any]:
+        """An output written at ``ref``; the parameters that tell the client where."""
+        await self.write(tenant, ref, data)
+        return {
+            "shared_memory_region": ref.region,
+            "shared_memory_offset": ref.offset,
+            "shared_memory_byte_size": len(data),
+        }
+
     async def write(self, tenant: str, ref: ShmRef, data: bytes | memoryview) -> None:
         """``data`` written at ``ref`` in the client's region (400 if it does not fit)."""
         region = self.check(tenant, ref, output=True)
@@ -275,10 +314,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def cuda_unsupported(_: web.Request) -> web.Response:
-    raise InvalidArgument(
-        "CUDA shared memory is not supported on this node; use system shared memory",
-        field="cudasharedmemory",
-    )
+    raise InvalidArgument(CUDA_UNSUPPORTED, field="cudasharedmemory")
 
 
 REGION_NAME = Param("name", "path", {"type": "string", "pattern": REGION_PATTERN}, "a region")

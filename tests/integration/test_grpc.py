@@ -1,10 +1,13 @@
 """The gateway's gRPC service (KServe v2 ``inference.GRPCInferenceService``) through the
-official ``tritonclient.grpc`` clients, and plain ``grpc.aio`` stubs for the raw cases."""
+official ``tritonclient.grpc`` clients, and plain ``grpc.aio`` stubs for the raw cases;
+Triton's system shared-memory extension with ``tritonclient.utils.shared_memory``."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +18,26 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+import tritonclient.utils.shared_memory as shm
 from aiohttp.test_utils import TestServer
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import (
+    InferenceServerException,
+    serialize_byte_tensor,
+    serialized_byte_size,
+)
 
 from gpufaas.gateway.app import create_app
 from gpufaas.gateway.proto import grpc_service_pb2 as pb
 from gpufaas.gateway.proto import grpc_service_pb2_grpc as pbg
 from gpufaas.shared.errors import Unavailable
 from gpufaas.shared.tensors import encode_bytes_elements
-from tests.integration.conftest import DEMO_BODY, Platform, PlatformFactory, text_request
+from tests.integration.conftest import (
+    DEMO_BODY,
+    Platform,
+    PlatformFactory,
+    bearer,
+    text_request,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -324,3 +338,207 @@ async def test_a_grpc_port_in_use_fails_the_gateways_start(platform: Platform) -
         assert info.value.field == "GPUFAAS_GRPC_PORT"
     finally:
         await server.close()
+
+
+# --- system shared memory --------------------------------------------------------------
+
+
+@pytest.fixture
+def regions() -> Iterator[list[Any]]:
+    """Shared-memory regions the test makes (destroyed after it)."""
+    made: list[Any] = []
+    yield made
+    for handle in made:
+        shm.destroy_shared_memory_region(handle)
+
+
+def shm_key(what: str) -> str:
+    return f"/gpufaas_test_grpc_{what}_{secrets.token_hex(4)}"
+
+
+async def test_tritonclient_system_shared_memory(
+    platform: Platform,
+    client: triton_aio.InferenceServerClient,
+    mixed_dir: Path,
+    regions: list[Any],
+) -> None:
+    """MiniLM with its input and output in shared memory; then a model with one input and
+    one output of two in shared memory (the rest raw, where they belong); status and
+    unregistering."""
+    assert (await platform.client.post("/v1/functions", json=DEMO_BODY)).status == 201
+    await deploy_mixed(platform, mixed_dir)
+    key = platform.api_key
+    texts = serialize_byte_tensor(np.array([t.encode() for t in TEXTS], dtype=np.object_))
+    in_key, out_key = shm_key("in"), shm_key("out")
+    in_region = shm.create_shared_memory_region("in", in_key, 1024)
+    out_region = shm.create_shared_memory_region("out", out_key, 2 * 384 * 4 + 64)
+    regions += [in_region, out_region]
+    shm.set_shared_memory_region(in_region, [texts], offset=16)
+    await client.register_system_shared_memory("in", in_key, 1024, headers=auth(key))
+    await client.register_system_shared_memory("out", out_key, 2 * 384 * 4 + 64, headers=auth(key))
+
+    text = triton_aio.InferInput("text", [2], "BYTES")
+    text.set_shared_memory("in", serialized_byte_size(texts), offset=16)
+    emb = triton_aio.InferRequestedOutput("embedding")
+    emb.set_shared_memory("out", 2 * 384 * 4, offset=64)
+    result = await client.infer("minilm", [text], outputs=[emb], headers=auth(key))
+    (out,) = result.get_response().outputs
+    assert out.parameters["shared_memory_region"].string_param == "out"
+    assert out.parameters["shared_memory_offset"].int64_param == 64
+    assert out.parameters["shared_memory_byte_size"].int64_param == 2 * 384 * 4
+    assert list(result.get_response().raw_output_contents) == [b""]  # no bytes in the reply
+    got = shm.get_contents_as_numpy(out_region, np.float32, [2, 384], offset=64)
+    np.testing.assert_allclose(got, await http_embeddings(platform, TEXTS), atol=1e-6)
+
+    # x from shared memory, k raw; y into shared memory, pos raw (its entry still second).
+    x = np.array([[0.5, -1.0, 2.0, 0.0]], dtype=np.float16)
+    shm.set_shared_memory_region(in_region, [x])
+    inputs = [triton_aio.InferInput("x", [1, 4], "FP16"), triton_aio.InferInput("k", [1], "INT8")]
+    inputs[0].set_shared_memory("in", x.nbytes)
+    inputs[1].set_data_from_numpy(np.array([5], dtype=np.int8))
+    y, pos = triton_aio.InferRequestedOutput("y"), triton_aio.InferRequestedOutput("pos")
+    y.set_shared_memory("out", x.nbytes)
+    result = await client.infer("mixed", inputs, outputs=[y, pos], headers=auth(key))
+    np.testing.assert_array_equal(result.as_numpy("pos"), x > 0)
+    got = shm.get_contents_as_numpy(out_region, np.float16, [1, 4])
+    np.testing.assert_array_equal(got, x * np.float16(2))
+
+    status = await client.get_system_shared_memory_status(headers=auth(key))
+    assert {n: (r.key, r.offset, r.byte_size) for n, r in status.regions.items()} == {
+        "in": (in_key, 0, 1024),
+        "out": (out_key, 0, 2 * 384 * 4 + 64),
+    }
+    one = await client.get_system_shared_memory_status("in", headers=auth(key))
+    assert list(one.regions) == ["in"]
+    await client.unregister_system_shared_memory("in", headers=auth(key))
+    status = await client.get_system_shared_memory_status(headers=auth(key))
+    assert list(status.regions) == ["out"]
+    await client.unregister_system_shared_memory(headers=auth(key))
+    status = await client.get_system_shared_memory_status(headers=auth(key))
+    assert not status.regions
+
+
+async def refused(call: Any, code: grpc.StatusCode, field: str) -> None:
+    error = await expect_error(call, code)
+    assert trailing(error)["gpufaas-error-field"] == field, error.details()
+
+
+def shm_infer(x: dict[str, Any], y_size: int | None = None) -> pb.ModelInferRequest:
+    """``mixed`` with x's ``parameters`` as given, k raw, and y into region r (if sized)."""
+    r = pb.ModelInferRequest(model_name="mixed", raw_input_contents=[b"\x01"])
+    inp = r.inputs.add(name="x", datatype="FP16", shape=[1, 4])
+    for name, value in x.items():
+        param = inp.parameters[name]
+        if isinstance(value, str):
+            param.string_param = value
+        else:
+            param.int64_param = value
+    r.inputs.add(name="k", datatype="INT8", shape=[1])
+    if y_size is not None:
+        out = r.outputs.add(name="y")
+        out.parameters["shared_memory_region"].string_param = "r"
+        out.parameters["shared_memory_byte_size"].int64_param = y_size
+    return r
+
+
+async def test_shared_memory_regions_are_the_tenants_own(
+    platform: Platform,
+    stub: pbg.GRPCInferenceServiceAsyncStub,
+    mixed_dir: Path,
+    regions: list[Any],
+) -> None:
+    p = platform
+    await deploy_mixed(p, mixed_dir)
+    meta = tuple(auth(p.api_key).items())
+    key = shm_key("r")
+    regions.append(shm.create_shared_memory_region("r", key, 64))
+
+    def register(name: str = "r", **kw: Any) -> Any:
+        request = pb.SystemSharedMemoryRegisterRequest(name=name, **({"key": key} | kw))
+        return stub.SystemSharedMemoryRegister(request, metadata=meta)
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    await refused(register(key="a/b", byte_size=8), invalid, "key")
+    await refused(register(key="..", byte_size=8), invalid, "key")
+    await refused(register(key=f"nosuch_{key[1:]}", byte_size=8), grpc.StatusCode.NOT_FOUND, "key")
+    await refused(register(byte_size=60, offset=8), invalid, "byte_size")
+    await refused(register(byte_size=0), invalid, "byte_size")
+    await refused(register("a b", byte_size=8), invalid, "name")
+    await register(byte_size=64)
+    await refused(register(byte_size=64), grpc.StatusCode.ALREADY_EXISTS, "name")
+
+    # Another tenant sees none of it, and cannot infer from it (with a mixed of its own).
+    other_key = await p.key_for("other", admin=True)
+    other = tuple(auth(other_key).items())
+    body = {"name": "mixed", "model": {"path": str(mixed_dir), "architecture": "torch-export"}}
+    resp = await p.client.post("/v1/functions", json=body, headers=bearer(other_key))
+    assert resp.status == 201
+    status = stub.SystemSharedMemoryStatus
+    assert not (await status(pb.SystemSharedMemoryStatusRequest(), metadata=other)).regions
+    await refused(
+        status(pb.SystemSharedMemoryStatusRequest(name="r"), metadata=other),
+        grpc.StatusCode.NOT_FOUND,
+        "name",
+    )
+    unregister = pb.SystemSharedMemoryUnregisterRequest(name="r")
+    await stub.SystemSharedMemoryUnregister(unregister, metadata=other)  # nothing of its own
+    assert len((await status(pb.SystemSharedMemoryStatusRequest(), metadata=meta)).regions) == 1
+    ok = {"shared_memory_region": "r", "shared_memory_byte_size": 8}
+    await refused(
+        stub.ModelInfer(shm_infer(ok), metadata=other),
+        grpc.StatusCode.NOT_FOUND,
+        "inputs[0].parameters.shared_memory_region",
+    )
+
+    # CUDA shared memory is not served here; and without a key, nothing is.
+    error = await expect_error(
+        stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(), metadata=meta),
+        grpc.StatusCode.UNIMPLEMENTED,
+    )
+    assert "not supported on this node" in (error.details() or "")
+    await expect_error(
+        stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+
+
+async def test_shared_memory_references_are_checked(
+    platform: Platform,
+    stub: pbg.GRPCInferenceServiceAsyncStub,
+    mixed_dir: Path,
+    regions: list[Any],
+) -> None:
+    await deploy_mixed(platform, mixed_dir)
+    meta = tuple(auth(platform.api_key).items())
+    key = shm_key("r")
+    regions.append(shm.create_shared_memory_region("r", key, 64))
+    register = pb.SystemSharedMemoryRegisterRequest(name="r", key=key, byte_size=64)
+    await stub.SystemSharedMemoryRegister(register, metadata=meta)
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    p0 = "inputs[0].parameters"
+    ok: dict[str, Any] = {"shared_memory_region": "r", "shared_memory_byte_size": 8}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({**ok, "shared_memory_byte_size": 6}, "shared_memory_byte_size"),  # FP16 [1, 4]: 8
+        ({**ok, "shared_memory_offset": 60}, "shared_memory_byte_size"),  # past the end
+        ({"shared_memory_byte_size": 8}, "shared_memory_region"),  # no region
+        ({**ok, "shared_memory_offset": -1}, "shared_memory_offset"),
+        ({**ok, "shared_memory_region": 3}, "shared_memory_region"),  # not a string
+    ]
+    for params, field in cases:
+        await refused(stub.ModelInfer(shm_infer(params), metadata=meta), invalid, f"{p0}.{field}")
+    await refused(
+        stub.ModelInfer(shm_infer(ok, 4), metadata=meta),
+        invalid,
+        "outputs[0].parameters.shared_memory_byte_size",
+    )
+    two_raw = shm_infer(ok)
+    two_raw.raw_input_contents.append(b"\x01")  # x is in shared memory: one entry, not two
+    await refused(stub.ModelInfer(two_raw, metadata=meta), invalid, "raw_input_contents")
+    response = await stub.ModelInfer(shm_infer(ok, 8), metadata=meta)
+    assert [o.name for o in response.outputs] == ["y"]
+    # The client shrinks its file: INVALID_ARGUMENT, never a fault in the gateway.
+    os.truncate(Path("/dev/shm") / key.lstrip("/"), 4)
+    await refused(
+        stub.ModelInfer(shm_infer(ok), metadata=meta), invalid, f"{p0}.shared_memory_region"
+    )
