@@ -410,14 +410,11 @@ async def ready(request: web.Request) -> web.Response:
     return json_response({"ready": ok}, 200 if ok else 503)
 
 
-async def server_metadata(_: web.Request) -> web.Response:
-    return json_response(
-        {
-            "name": "gpufaas",
-            "version": VERSION,
-            "extensions": ["binary_tensor_data", "system_shared_memory", "model_repository"],
-        }
-    )
+async def server_metadata(request: web.Request) -> web.Response:
+    extensions = ["binary_tensor_data", "system_shared_memory", "model_repository"]
+    if request.app[sysshm.REGIONS].cuda_devices:
+        extensions.append("cuda_shared_memory")
+    return json_response({"name": "gpufaas", "version": VERSION, "extensions": extensions})
 
 
 async def model_get(request: web.Request) -> web.Response:

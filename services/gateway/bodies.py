@@ -64,3 +64,19 @@ class ShmRegisterBody(Body):
     key: Annotated[str, msgspec.Meta(min_length=1, max_length=201)]
     byte_size: Annotated[int, msgspec.Meta(ge=1)]
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+MAX_CUDA_REGION_BYTES = 16 << 30  # a CUDA region is mapped, not received: its own cap
+
+
+class CudaRawHandle(Body):
+    b64: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class CudaShmRegisterBody(Body):
+    """``POST /v2/cudasharedmemory/region/{name}/register``: the first ``byte_size`` bytes
+    of the allocation whose ``cudaIpcMemHandle_t`` is ``raw_handle.b64`` (base64)."""
+
+    raw_handle: CudaRawHandle
+    device_id: Annotated[int, msgspec.Meta(ge=0)]
+    byte_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_CUDA_REGION_BYTES)]

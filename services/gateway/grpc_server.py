@@ -6,8 +6,9 @@ invocation core (:mod:`gpufaas.gateway.inference`), API keys (metadata ``authori
 Bearer <key>``; ``x-gpufaas-tenant`` for admin keys), per-tenant admission and error
 table: :data:`STATUS` gives each error code its gRPC status. Liveness and readiness need
 no key, as over HTTP. System shared memory uses the HTTP routes' registry
-(:class:`sysshm.Regions`, one per gateway), scoped to the caller's tenant; CUDA shared
-memory answers UNIMPLEMENTED, as Triton does where it is not supported. Failed calls carry ``gpufaas-error-code``, ``gpufaas-error-field``
+(:class:`sysshm.Regions`, one per gateway), scoped to the caller's tenant, and so does
+CUDA shared memory on a node with CUDA (elsewhere UNIMPLEMENTED, as Triton's answer where
+it is not supported). Failed calls carry ``gpufaas-error-code``, ``gpufaas-error-field``
 and ``retry-after`` in their trailing metadata; every call's ``x-request-id`` too.
 """
 
@@ -33,6 +34,7 @@ from gpufaas.gateway.auth import (
     unverified_caller,
 )
 from gpufaas.gateway.bodies import ShmRegisterBody
+from gpufaas.gateway.cudashm import CudaRegion
 from gpufaas.gateway.grpc_tensors import (
     decode_inputs,
     encode_outputs,
@@ -165,8 +167,11 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
         async def work(_: Caller | None, __: Call) -> pb.ServerMetadataResponse:
+            extensions = ["system_shared_memory"]
+            if self.app[REGIONS].cuda_devices:
+                extensions.append("cuda_shared_memory")
             return pb.ServerMetadataResponse(
-                name="gpufaas", version=gw.VERSION, extensions=["system_shared_memory"]
+                name="gpufaas", version=gw.VERSION, extensions=extensions
             )
 
         return await self._serve(context, "ServerMetadata", work)
@@ -297,7 +302,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         encode_outputs(response, outputs, typed, written)
         return response
 
-    # --- system shared memory (sysshm.py's registry); CUDA shared memory: unsupported --
+    # --- system and CUDA shared memory (sysshm.py's registry) ---------------------------
 
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Context
@@ -353,20 +358,59 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         )
         raise AssertionError("abort returned")  # pragma: no cover
 
+    async def _cuda(
+        self, context: Context, method: str, work: Callable[[Caller | None, Call], Awaitable[T]]
+    ) -> T:
+        """A CUDA shared-memory call: served where CUDA was found, else UNIMPLEMENTED."""
+        if not self.app[REGIONS].cuda_devices:
+            await self._cuda_unsupported(context, method)
+        return await self._serve(context, method, work)
+
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Context
     ) -> pb.CudaSharedMemoryStatusResponse:
-        await self._cuda_unsupported(context, "CudaSharedMemoryStatus")
+        async def work(caller: Caller | None, _: Call) -> pb.CudaSharedMemoryStatusResponse:
+            assert caller is not None
+            name = request.name or None
+            if name is not None:
+                check_region_name(name)
+            response = pb.CudaSharedMemoryStatusResponse()
+            for region in self.app[REGIONS].status(caller.tenant, name, CudaRegion):
+                response.regions[region["name"]].CopyFrom(
+                    pb.CudaSharedMemoryStatusResponse.RegionStatus(**region)
+                )
+            return response
+
+        return await self._cuda(context, "CudaSharedMemoryStatus", work)
 
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: Context
     ) -> pb.CudaSharedMemoryRegisterResponse:
-        await self._cuda_unsupported(context, "CudaSharedMemoryRegister")
+        async def work(caller: Caller | None, _: Call) -> pb.CudaSharedMemoryRegisterResponse:
+            assert caller is not None
+            await self.app[REGIONS].register_cuda(
+                caller.tenant,
+                request.name,
+                request.raw_handle,
+                request.device_id,
+                request.byte_size,
+            )
+            return pb.CudaSharedMemoryRegisterResponse()
+
+        return await self._cuda(context, "CudaSharedMemoryRegister", work)
 
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Context
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        await self._cuda_unsupported(context, "CudaSharedMemoryUnregister")
+        async def work(caller: Caller | None, _: Call) -> pb.CudaSharedMemoryUnregisterResponse:
+            assert caller is not None
+            name = request.name or None
+            if name is not None:
+                check_region_name(name)
+            self.app[REGIONS].unregister(caller.tenant, name, CudaRegion)
+            return pb.CudaSharedMemoryUnregisterResponse()
+
+        return await self._cuda(context, "CudaSharedMemoryUnregister", work)
 
 
 def _add_parameters(response: pb.ModelInferResponse, reply: InvokeReply) -> None:

@@ -10,6 +10,10 @@ process, as Triton's does in its server: a client registers with the gateway it 
 through. The file must be a regular file owned by the gateway's user (never through a
 link); the gateway keeps it open until it is unregistered and reads and writes it with
 ``pread``/``pwrite``, so that a client that shrinks its file gets a 400, not a crash.
+
+CUDA regions (:mod:`cudashm`: a client's device allocation, by IPC handle) share the
+registry, its names and its reads and writes, on a node where CUDA was found at start;
+elsewhere their routes answer "not supported on this node".
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ from aiohttp import web
 
 from gpufaas.gateway import app as gw
 from gpufaas.gateway.auth import caller_of
-from gpufaas.gateway.bodies import ShmRegisterBody
+from gpufaas.gateway.bodies import CudaShmRegisterBody, ShmRegisterBody
+from gpufaas.gateway.cudashm import (
+    CudaRegion,
+    check_handle,
+    check_registration,
+    decode_handle,
+    open_region,
+    probe_devices,
+)
 from gpufaas.gateway.openapi import Param, RouteDoc
 from gpufaas.shared.errors import (
     AlreadyExists,
@@ -81,13 +93,15 @@ class ShmRef:
 
 
 class Regions:
-    """The registered regions of every tenant on this gateway."""
+    """The registered regions of every tenant on this gateway: system ones and, where
+    ``cuda_devices`` were found, CUDA ones (one namespace for both kinds, as Triton's)."""
 
-    def __init__(self, root: Path = POSIX_SHM) -> None:
+    def __init__(self, root: Path = POSIX_SHM, cuda_devices: int = 0) -> None:
         self.root = root
-        self._regions: dict[tuple[str, str], Region] = {}
+        self.cuda_devices = cuda_devices
+        self._regions: dict[tuple[str, str], Region | CudaRegion] = {}
 
-    def register(self, tenant: str, name: str, body: ShmRegisterBody) -> None:
+    def _admit(self, tenant: str, name: str) -> None:
         check_region_name(name)
         if (tenant, name) in self._regions:
             raise AlreadyExists(f"shared memory region {name!r} is registered", field="name")
@@ -95,10 +109,30 @@ class Regions:
             raise QuotaExceeded(
                 f"at most {MAX_REGIONS} shared memory regions per tenant", field="name"
             )
+
+    def register(self, tenant: str, name: str, body: ShmRegisterBody) -> None:
+        self._admit(tenant, name)
         fd, writable = self._open(body)
         self._regions[tenant, name] = Region(
             name, body.key, body.offset, body.byte_size, fd, writable
         )
+
+    def check_cuda(self) -> None:
+        """CUDA regions are served here (else the clear 400 / UNIMPLEMENTED)."""
+        if not self.cuda_devices:
+            raise InvalidArgument(CUDA_UNSUPPORTED, field="cudasharedmemory")
+
+    async def register_cuda(
+        self, tenant: str, name: str, handle: bytes, device_id: int, byte_size: int
+    ) -> None:
+        """A client's device allocation, checked, then mapped (in a thread)."""
+        self.check_cuda()
+        check_handle(handle)
+        check_registration(device_id, byte_size, self.cuda_devices)
+        self._admit(tenant, name)
+        region = await asyncio.to_thread(open_region, name, handle, device_id, byte_size)
+        self._admit(tenant, name)  # again: another registration may have won meanwhile
+        self._regions[tenant, name] = region
 
     def _open(self, body: ShmRegisterBody) -> tuple[int, bool]:
         """The key's file, open (read-write when the gateway may write it), checked."""
@@ -136,18 +170,33 @@ class Regions:
             raise InvalidArgument(f"shared memory object {body.key!r} {why}", field=field)
         return fd, writable
 
-    def unregister(self, tenant: str, name: str | None = None) -> None:
-        """One region of the tenant's (none there: nothing to do), or all of them."""
-        names = [n for t, n in self._regions if t == tenant and name in (None, n)]
+    def unregister(
+        self, tenant: str, name: str | None = None, kind: type[Region | CudaRegion] = Region
+    ) -> None:
+        """One region of the tenant's of ``kind`` (none there: nothing to do), or all."""
+        names = [
+            n
+            for (t, n), r in self._regions.items()
+            if t == tenant and name in (None, n) and isinstance(r, kind)
+        ]
         for n in names:
-            os.close(self._regions.pop((tenant, n)).fd)
+            _close(self._regions.pop((tenant, n)))
 
-    def status(self, tenant: str, name: str | None = None) -> list[dict[str, Any]]:
+    def status(
+        self, tenant: str, name: str | None = None, kind: type[Region | CudaRegion] = Region
+    ) -> list[dict[str, Any]]:
         if name is not None:
-            return [self.get(tenant, name, "name").status()]
-        return [r.status() for (t, _), r in sorted(self._regions.items()) if t == tenant]
+            region = self.get(tenant, name, "name")
+            if not isinstance(region, kind):
+                raise NotFound(f"{name!r} is a region of the other kind", field="name")
+            return [region.status()]
+        return [
+            r.status()
+            for (t, _), r in sorted(self._regions.items())
+            if t == tenant and isinstance(r, kind)
+        ]
 
-    def get(self, tenant: str, name: str, field: str) -> Region:
+    def get(self, tenant: str, name: str, field: str) -> Region | CudaRegion:
         region = self._regions.get((tenant, name)) if isinstance(name, str) else None
         if region is None:
             raise NotFound(f"shared memory region {name!r} is not registered", field=field)
@@ -155,10 +204,10 @@ class Regions:
 
     def close(self) -> None:
         for region in self._regions.values():
-            os.close(region.fd)
+            _close(region)
         self._regions.clear()
 
-    def check(self, tenant: str, ref: ShmRef, *, output: bool = False) -> Region:
+    def check(self, tenant: str, ref: ShmRef, *, output: bool = False) -> Region | CudaRegion:
         """The region ``ref`` lies in, checked to hold it (400 or 404 naming the field)."""
         region = self.get(tenant, ref.region, f"{ref.field}.shared_memory_region")
         if ref.offset + ref.byte_size > region.byte_size:
@@ -178,6 +227,8 @@ class Regions:
     async def read(self, tenant: str, ref: ShmRef) -> memoryview:
         """The bytes ``ref`` names, read from the client's region (in a thread)."""
         region = self.check(tenant, ref)
+        if isinstance(region, CudaRegion):
+            return await asyncio.to_thread(region.read, ref.offset, ref.byte_size)
         buf = bytearray(ref.byte_size)
         if not await asyncio.to_thread(_pread_into, region.fd, buf, region.offset + ref.offset):
             raise InvalidArgument(
@@ -221,6 +272,9 @@ class Regions:
                 f"the output has {len(data)} bytes; shared_memory_byte_size is {ref.byte_size}",
                 field=f"{ref.field}.shared_memory_byte_size",
             )
+        if isinstance(region, CudaRegion):
+            await asyncio.to_thread(region.write, ref.offset, data)
+            return
         at = region.offset + ref.offset
 
         def pwrite() -> None:
@@ -234,6 +288,12 @@ class Regions:
                 view = view[os.pwrite(region.fd, view, at + len(data) - len(view)) :]
 
         await asyncio.to_thread(pwrite)
+
+
+def _close(region: Region | CudaRegion) -> None:
+    """A system region's file closed; a CUDA one's mapping goes with its last tensor."""
+    if isinstance(region, Region):
+        os.close(region.fd)
 
 
 def _pread_into(fd: int, buf: bytearray, at: int) -> bool:
@@ -279,8 +339,9 @@ REGIONS = web.AppKey("shm_regions", Regions)
 
 
 async def regions_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The registry for the app's life; its files closed at the end."""
-    app[REGIONS] = Regions()
+    """The registry for the app's life (CUDA probed once, in a thread); its files closed at
+    the end."""
+    app[REGIONS] = Regions(cuda_devices=await asyncio.to_thread(probe_devices))
     yield
     app[REGIONS].close()
 
@@ -313,13 +374,37 @@ async def status(request: web.Request) -> web.Response:
     return gw.json_response(request.app[REGIONS].status(_tenant(request), name))
 
 
-async def cuda_unsupported(_: web.Request) -> web.Response:
-    raise InvalidArgument(CUDA_UNSUPPORTED, field="cudasharedmemory")
+async def cuda_register(request: web.Request) -> web.Response:
+    regions = request.app[REGIONS]
+    regions.check_cuda()
+    body = convert(await gw.read_json(request), CudaShmRegisterBody)
+    handle = decode_handle(body.raw_handle.b64)
+    name = request.match_info["name"]
+    await regions.register_cuda(_tenant(request), name, handle, body.device_id, body.byte_size)
+    return web.Response()
+
+
+async def cuda_unregister(request: web.Request) -> web.Response:
+    request.app[REGIONS].check_cuda()
+    name = request.match_info.get("name")
+    if name is not None:
+        check_region_name(name)
+    request.app[REGIONS].unregister(_tenant(request), name, CudaRegion)
+    return web.Response()
+
+
+async def cuda_status(request: web.Request) -> web.Response:
+    request.app[REGIONS].check_cuda()
+    name = request.match_info.get("name")
+    if name is not None:
+        check_region_name(name)
+    return gw.json_response(request.app[REGIONS].status(_tenant(request), name, CudaRegion))
 
 
 REGION_NAME = Param("name", "path", {"type": "string", "pattern": REGION_PATTERN}, "a region")
 _SYS = "/v2/systemsharedmemory"
 _CUDA = "/v2/cudasharedmemory"
+_GPU = " (on a node with CUDA; elsewhere a 400)"
 ROUTES: list[tuple[RouteDoc, Any]] = [
     (RouteDoc("GET", f"{_SYS}/status", "Your system shared-memory regions"), status),
     (
@@ -346,17 +431,34 @@ ROUTES: list[tuple[RouteDoc, Any]] = [
         ),
         unregister,
     ),
-    *[
-        (
-            RouteDoc(method, f"{_CUDA}{path}", "CUDA shared memory: not supported (400)"),
-            cuda_unsupported,
-        )
-        for method, path in (
-            ("GET", "/status"),
-            ("GET", "/region/{name}/status"),
-            ("POST", "/region/{name}/register"),
-            ("POST", "/unregister"),
-            ("POST", "/region/{name}/unregister"),
-        )
-    ],
+    (RouteDoc("GET", f"{_CUDA}/status", f"Your CUDA shared-memory regions{_GPU}"), cuda_status),
+    (
+        RouteDoc(
+            "GET", f"{_CUDA}/region/{{name}}/status", f"A CUDA region{_GPU}", params=(REGION_NAME,)
+        ),
+        cuda_status,
+    ),
+    (
+        RouteDoc(
+            "POST",
+            f"{_CUDA}/region/{{name}}/register",
+            f"Register a CUDA IPC allocation{_GPU}",
+            CudaShmRegisterBody,
+            params=(REGION_NAME,),
+        ),
+        cuda_register,
+    ),
+    (
+        RouteDoc("POST", f"{_CUDA}/unregister", f"Unregister all your CUDA regions{_GPU}"),
+        cuda_unregister,
+    ),
+    (
+        RouteDoc(
+            "POST",
+            f"{_CUDA}/region/{{name}}/unregister",
+            f"Unregister a CUDA region{_GPU}",
+            params=(REGION_NAME,),
+        ),
+        cuda_unregister,
+    ),
 ]

@@ -496,6 +496,13 @@ async def test_shared_memory_regions_are_the_tenants_own(
         grpc.StatusCode.UNIMPLEMENTED,
     )
     assert "not supported on this node" in (error.details() or "")
+    cuda = pb.CudaSharedMemoryRegisterRequest(name="g", raw_handle=bytes(64), byte_size=8)
+    error = await expect_error(
+        stub.CudaSharedMemoryRegister(cuda, metadata=meta), grpc.StatusCode.UNIMPLEMENTED
+    )
+    assert "not supported on this node" in (error.details() or "")
+    metadata = await stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=meta)
+    assert "cuda_shared_memory" not in metadata.extensions
     await expect_error(
         stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()),
         grpc.StatusCode.UNAUTHENTICATED,

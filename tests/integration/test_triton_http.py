@@ -10,6 +10,7 @@ own against the in-process gateway's real port, while the platform serves on the
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import gzip
 import json
@@ -34,6 +35,7 @@ from tritonclient.utils import (
     serialized_byte_size,
 )
 
+from gpufaas.gateway import sysshm
 from tests.integration.conftest import DEMO_BODY, Platform, bearer, text_request
 
 pytestmark = pytest.mark.integration
@@ -452,3 +454,46 @@ async def test_bytes_inputs_in_binary_are_checked(platform: Platform) -> None:
         else:
             assert resp.status == 400
             assert (await resp.json())["field"] == field
+
+
+async def test_cuda_shared_memory_refused_here_and_checked_before_cuda(
+    platform: Platform,
+) -> None:
+    """No CUDA on this node: the CUDA routes answer the clear 400 and /v2 does not list
+    the extension. With a device count faked, registrations are checked field by field
+    before CUDA is touched, and a handle that cannot be opened is a 400, never a 500."""
+    c = platform.client
+    assert c.app is not None
+    regions = c.app[sysshm.REGIONS]
+    if regions.cuda_devices:
+        pytest.skip("CUDA on this node: tests/gpu/test_cuda_shm.py covers it")
+    reg = "/v2/cudasharedmemory/region/g/register"
+    body = {"raw_handle": {"b64": base64.b64encode(bytes(64)).decode()}, "device_id": 0}
+    body["byte_size"] = 64
+    resp = await c.post(reg, json=body)
+    assert resp.status == 400
+    assert "not supported on this node" in (await resp.json())["error"]
+    assert "cuda_shared_memory" not in (await (await c.get("/v2")).json())["extensions"]
+
+    regions.cuda_devices = 1
+    try:
+        assert "cuda_shared_memory" in (await (await c.get("/v2")).json())["extensions"]
+
+        async def refused(edit: dict[str, Any], field: str) -> None:
+            resp = await c.post(reg, json=body | edit)
+            got = await resp.json()
+            assert (resp.status, got.get("field")) == (400, field), got
+
+        await refused({"raw_handle": {"b64": "not base64!"}}, "raw_handle.b64")
+        short = base64.b64encode(bytes(63)).decode()
+        await refused({"raw_handle": {"b64": short}}, "raw_handle.b64")
+        await refused({"device_id": 1}, "device_id")
+        await refused({"device_id": -1}, "device_id")
+        await refused({"byte_size": 0}, "byte_size")
+        await refused({"byte_size": (16 << 30) + 1}, "byte_size")
+        await refused({}, "raw_handle")  # no cupy here: the handle does not open
+        resp = await c.get("/v2/cudasharedmemory/status")
+        assert (resp.status, await resp.json()) == (200, [])
+        assert (await c.post("/v2/cudasharedmemory/unregister")).status == 200
+    finally:
+        regions.cuda_devices = 0
