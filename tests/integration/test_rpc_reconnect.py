@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg as NatsMsg
@@ -109,8 +110,21 @@ async def test_a_nudge_sends_requests_in_flight_again_at_most_once_a_gap(
         if len(seen) > 1:  # the first was "lost"
             await msg.respond(encode(Answer(n=seen[-1])))
 
+    async def pong(msg: NatsMsg) -> None:
+        await msg.respond(b"")
+
     await nc.subscribe(SUBJECT, cb=answer_the_second)
+    await nc.subscribe(f"{SUBJECT}.probe", cb=pong)  # answered: SUBJECT's interest is known
     await nc.flush()
+
+    async def reachable() -> bool:
+        try:
+            await requester.request(f"{SUBJECT}.probe", b"", timeout=1)
+        except nats.errors.Error:
+            return False
+        return True
+
+    await eventually(reachable, 5, "the responder's subscriptions at the server")
     try:
         link = rpc.link_of(requester)
         assert link is not None
