@@ -58,10 +58,13 @@ async def connect(url: str) -> NATS:
 @pytest.fixture
 async def nc(cluster: Cluster) -> AsyncIterator[NATS]:
     conn = await connect(cluster.url)
-    # Routes gossip: once every server is listed, the cluster's size is known.
-    await eventually(lambda: cluster_replicas(conn, 3) == 3, 10, "the cluster to form")
-    yield conn
-    await conn.close()
+    try:
+        # Routes gossip: once every server is listed, the cluster's size is known (generous:
+        # three servers electing on a loaded 2-core box).
+        await eventually(lambda: cluster_replicas(conn, 3) == 3, 30, "the cluster to form")
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def replicas_of(nc: NATS, stream: str) -> int:
