@@ -57,7 +57,6 @@ class Link:
         self.up.set()
         self._lost: asyncio.Future[None] | None = None
         self._nudged = -math.inf
-        self.drops = 0
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
 
     def lost(self) -> asyncio.Future[None]:
@@ -83,7 +82,6 @@ class Link:
 
     async def disconnected(self) -> None:
         self.up.clear()
-        self.drops += 1
         self._lose()
 
     async def reconnected(self) -> None:

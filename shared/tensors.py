@@ -155,6 +155,31 @@ def raw_to_json(datatype: str, shape: list[int], raw: bytes | memoryview) -> lis
     return arr.tolist()  # type: ignore[no-any-return]
 
 
+def check_raw(datatype: str, shape: list[int], data: bytes | memoryview, field: str) -> None:
+    """Raw bytes that fit ``datatype`` and ``shape``: their size, or for ``BYTES`` exactly
+    as many length-prefixed elements as the shape holds, filling ``data`` (walked without
+    copying them out); else ``InvalidArgument`` naming ``field``."""
+    nbytes = raw_nbytes(datatype, shape)
+    if nbytes is not None:
+        if len(data) != nbytes:
+            raise InvalidArgument(
+                f"{datatype} of shape {shape} is {nbytes} bytes; {len(data)} given", field=field
+            )
+        return
+    count, pos = element_count(shape), 0
+    for _ in range(count):
+        if pos + 4 > len(data):
+            break
+        pos += 4 + struct.unpack_from("<I", data, pos)[0]
+    else:
+        if pos == len(data):
+            return
+    raise InvalidArgument(
+        f"not {count} BYTES elements, each a 4-byte little-endian length then its bytes",
+        field=field,
+    )
+
+
 def raw_nbytes(datatype: str, shape: list[int]) -> int | None:
     """Bytes a fixed-size tensor occupies (``None`` for ``BYTES``)."""
     if datatype == "BYTES":

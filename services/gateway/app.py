@@ -96,7 +96,7 @@ from gpufaas.shared.rpc import Link, link_of, reconnected
 from gpufaas.shared.rpc import request as nats_request
 from gpufaas.shared.service import cancel_and_wait, close_nats, connect_nats, follow
 from gpufaas.shared.stats import LoopCounter
-from gpufaas.shared.tensors import json_to_raw, raw_to_json
+from gpufaas.shared.tensors import raw_to_json
 from gpufaas.shared.workflows import (
     WorkflowDeleteReply,
     WorkflowDeleteRequest,
@@ -289,12 +289,12 @@ def connected_nats(app: web.Application) -> NATS:
     return nc
 
 
-async def reconnected_nats(request: web.Request) -> NATS:
-    """``nats_of``, after waiting up to ``RECONNECT_WAIT_S`` for a dropped connection to
-    come back: an invocation rides a cluster's failover out instead of failing it, and
+async def reconnected_nats(app: web.Application) -> NATS:
+    """``connected_nats``, after waiting up to ``RECONNECT_WAIT_S`` for a dropped connection
+    to come back: an invocation rides a cluster's failover out instead of failing it, and
     is still a fast 503 while NATS stays away."""
-    await reconnected(request.app[NC], RECONNECT_WAIT_S)
-    return nats_of(request)
+    await reconnected(app[NC], RECONNECT_WAIT_S)
+    return connected_nats(app)
 
 
 async def ask_scheduler(
@@ -360,8 +360,7 @@ async def find_function(app: web.Application, tenant: str, name: str) -> Functio
     request of any protocol."""
     if not _NAME.match(name):  # no function has it: not looked up
         raise NotFound(f"model {name!r} not found", field="model_name")
-    await reconnected(app[NC], RECONNECT_WAIT_S)
-    connected_nats(app)
+    await reconnected_nats(app)
     try:
         record = await app[FUNCTIONS].get(tenant, name)
     except (nats.errors.Error, TimeoutError) as exc:
@@ -443,19 +442,6 @@ async def infer(request: web.Request) -> web.Response:
     reply, outs = await run_function(request, record, tensors, wanted)
     outputs, chunks = await binary.encode_outputs(request, req, outs)
     return _infer_response(name, body.id, reply, outputs, chunks)
-
-
-def json_inputs(body: InferBody) -> list[Tensor]:
-    """A JSON body's inputs, decoded to raw bytes (400 naming ``inputs[i].data``)."""
-    return [
-        Tensor(
-            i.name,
-            i.datatype,
-            i.shape,
-            json_to_raw(i.datatype, i.shape, i.data, f"inputs[{k}].data"),
-        )
-        for k, i in enumerate(body.inputs)
-    ]
 
 
 def json_output(out: Tensor) -> dict[str, Any]:
@@ -591,7 +577,7 @@ async def function_delete(request: web.Request) -> web.Response:
 async def _require_workflow(request: web.Request, name: str) -> WorkflowRecord:
     if not _NAME.match(name):
         raise NotFound(f"workflow {name!r} not found", field="name")
-    await reconnected_nats(request)
+    await reconnected_nats(request.app)
     record = await request.app[KV].workflows.value(FunctionRef(tenant_of(request), name).key)
     if record is None:
         raise NotFound(f"workflow {name!r} not found", field="name")

@@ -13,7 +13,6 @@ data in the order of the JSON's outputs. A ``gzip`` or ``deflate`` body
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -26,7 +25,7 @@ from gpufaas.gateway.inference import Tensor
 from gpufaas.gateway.sysshm import REGIONS, ShmRef, shm_ref
 from gpufaas.shared.errors import InvalidArgument, UnsupportedMediaType
 from gpufaas.shared.messages import convert
-from gpufaas.shared.tensors import element_count, json_to_raw, raw_nbytes
+from gpufaas.shared.tensors import check_raw, json_to_raw
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 ENCODINGS: Final = frozenset({"gzip", "deflate", "identity"})
@@ -175,43 +174,15 @@ async def decode_inputs(request: web.Request, req: InferRequest) -> list[Tensor]
         data: bytes | memoryview
         part, ref = req.binary[i], req.shm_in[i]
         if part is not None:
-            _check_raw(inp.datatype, inp.shape, part, f"inputs[{i}].parameters.binary_data_size")
+            check_raw(inp.datatype, inp.shape, part, f"inputs[{i}].parameters.binary_data_size")
             data = part
         elif ref is not None:
             data = await regions.read_input(tenant, ref, inp.datatype, inp.shape, max_bytes)
-            _check_raw(inp.datatype, inp.shape, data, f"{ref.field}.shared_memory_byte_size")
+            check_raw(inp.datatype, inp.shape, data, f"{ref.field}.shared_memory_byte_size")
         else:
             data = json_to_raw(inp.datatype, inp.shape, inp.data, f"inputs[{i}].data")
         tensors.append(Tensor(inp.name, inp.datatype, inp.shape, data))
     return tensors
-
-
-def _check_size(datatype: str, shape: list[int], size: int, where: str) -> None:
-    nbytes = raw_nbytes(datatype, shape)
-    if nbytes is not None and size != nbytes:
-        raise InvalidArgument(
-            f"{datatype} of shape {shape} is {nbytes} bytes; {size} given", field=where
-        )
-
-
-def _check_raw(datatype: str, shape: list[int], data: memoryview, where: str) -> None:
-    """Raw bytes that fit the datatype and shape: their size, or the framing of BYTES
-    elements (checked without copying them)."""
-    _check_size(datatype, shape, len(data), where)
-    if datatype != "BYTES":
-        return
-    count, pos = element_count(shape), 0
-    for _ in range(count):
-        if pos + 4 > len(data):
-            break
-        pos += 4 + struct.unpack_from("<I", data, pos)[0]
-    else:
-        if pos == len(data):
-            return
-    raise InvalidArgument(
-        f"not {count} BYTES elements, each a 4-byte little-endian length then its bytes",
-        field=where,
-    )
 
 
 async def encode_outputs(

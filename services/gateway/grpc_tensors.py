@@ -27,7 +27,12 @@ from gpufaas.gateway.proto import grpc_service_pb2 as pb
 from gpufaas.gateway.sysshm import ShmRef, shm_ref
 from gpufaas.shared.errors import InvalidArgument
 from gpufaas.shared.messages import Datatype
-from gpufaas.shared.tensors import NUMPY_DTYPES, decode_bytes_elements, element_count
+from gpufaas.shared.tensors import (
+    NUMPY_DTYPES,
+    check_raw,
+    decode_bytes_elements,
+    element_count,
+)
 
 # datatype -> the InferTensorContents field that carries it, and that field's element type
 # (narrower integers travel widened, as int32 or uint32).
@@ -46,7 +51,6 @@ CONTENTS: Final[dict[str, tuple[str, str]]] = {
     "BYTES": ("bytes_contents", ""),
 }
 _FIELDS: Final = tuple(dict.fromkeys(f for f, _ in CONTENTS.values()))
-_ITEMSIZE: Final = {**{t: np.dtype(d).itemsize for t, d in NUMPY_DTYPES.items()}, "BF16": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,45 +121,14 @@ def decode_inputs(
         data: bytes | memoryview
         if i in shm:
             data = shm[i]
-            _check_raw(datatype, shape, data, f"inputs[{i}].parameters.shared_memory_byte_size")
+            check_raw(datatype, shape, data, f"inputs[{i}].parameters.shared_memory_byte_size")
         elif raw:
             data, k = raw[k], k + 1
-            _check_raw(datatype, shape, data, f"raw_input_contents[{k - 1}]")
+            check_raw(datatype, shape, data, f"raw_input_contents[{k - 1}]")
         else:
             data = _typed_to_raw(datatype, shape, inp.contents, f"inputs[{i}].contents")
         tensors.append(Tensor(inp.name, datatype, shape, data))
     return tensors
-
-
-def _check_raw(datatype: str, shape: list[int], data: bytes | memoryview, field: str) -> None:
-    count = element_count(shape)
-    if datatype == "BYTES":
-        _check_framing(data, count, field)
-        return
-    want = count * _ITEMSIZE[datatype]
-    if len(data) != want:
-        raise InvalidArgument(
-            f"{datatype} {shape} is {want} bytes; got {len(data)}",
-            field=field,
-        )
-
-
-def _check_framing(data: bytes | memoryview, count: int, field: str) -> None:
-    """BYTES elements, each a 4-byte little-endian length then its bytes: exactly ``count``
-    of them filling ``data`` (walked without copying them out)."""
-    pos = seen = 0
-    while pos < len(data) and seen < count:
-        if pos + 4 > len(data):
-            break
-        (n,) = struct.unpack_from("<I", data, pos)
-        pos += 4 + n
-        seen += 1
-    if pos != len(data) or seen != count:
-        raise InvalidArgument(
-            f"BYTES data must be {count} elements, each a 4-byte little-endian length "
-            "and that many bytes",
-            field=field,
-        )
 
 
 def _typed_to_raw(
