@@ -205,11 +205,23 @@ class Batcher:
                 self.expired += 1
 
     def _fill_wait(self, head: Ready, now: float) -> float:
-        """How much longer an idle device should wait for ``head``'s batch to fill."""
+        """How much longer an idle device should wait for ``head``'s batch to fill.
+
+        It waits for as many rows as the instance's last batch held, never more than its
+        batch size: the callers of a batch that just finished tend to come back together
+        (closed-loop clients, a workflow's fan-out), so an idle device waits briefly for
+        them rather than running the first alone and the rest behind it. An instance whose
+        last batch held one row does not wait at all: a lone caller pays no batching
+        delay, and concurrent arrivals still form batches behind a running one (a busy
+        device never waits), after which the device waits for that many again.
+        """
         if not head.inst.runner.batchable or head.max_batch <= 1:
             return 0.0
+        want = min(head.max_batch, head.inst.last_rows)
+        if head.rows >= want:
+            return 0.0
         queued = sum(r.rows for r in self.ready if r.inst is head.inst and not r.fut.done())
-        if queued >= head.max_batch:
+        if queued >= want:
             return 0.0
         budget = self.batch_wait_s - (now - head.queued_at)
         if head.slack != math.inf:  # never wait past the request's slack
@@ -257,6 +269,7 @@ class Batcher:
                         r.fut.set_exception(exc)
                     continue
                 inst.compute_s = 0.8 * inst.compute_s + 0.2 * (self.clock.monotonic() - t0)
+                inst.last_rows = r.rows
                 if not r.fut.done():
                     r.fut.set_result(result)
         finally:
@@ -275,6 +288,7 @@ class Batcher:
         except Exception:  # find out whose, one by one
             return False
         inst.compute_s = 0.8 * inst.compute_s + 0.2 * (self.clock.monotonic() - t0)
+        inst.last_rows = sum(r.rows for r in batch)
         for r, result in zip(batch, parts, strict=True):
             r.batch = len(batch)
             if not r.fut.done():

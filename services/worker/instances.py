@@ -61,6 +61,7 @@ class Instance:
     streams: int = 0  # batches computing on it now
     concurrency: int = 1  # batches it may run at once (from its profile, see Batcher)
     compute_s: float = 0.0  # moving average of a batch's compute time (dispatch order)
+    last_rows: int = 1  # rows of its last batch: how many an idle device waits for (Batcher)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while active == 0
 
     def __post_init__(self) -> None:

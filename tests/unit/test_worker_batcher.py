@@ -212,12 +212,25 @@ async def test_requests_queued_behind_a_batch_run_together_up_to_the_batch_size(
     assert clock.timeouts == []  # a busy device never waits to fill a batch
 
 
+async def test_a_lone_caller_pays_no_batching_delay() -> None:
+    clock = FakeClock()
+    device = FakeDevice(clock, held=False)
+    b = batcher(clock, device, batch_wait_s=5.0)
+    runner = Doubler()
+    inst = instance(runner)  # its last batch held one row (a new instance)
+    for _ in range(3):
+        assert (await b.compute(inst, request(max_batch=3), text(b"x"))).batch == 1
+    assert clock.timeouts == []  # one caller at a time: the device never waited
+    assert runner.batches == [1, 1, 1]
+
+
 async def test_an_idle_device_waits_for_a_batch_to_fill_but_no_longer_than_batch_wait() -> None:
     clock = FakeClock()
     device = FakeDevice(clock, held=False)
     b = batcher(clock, device, batch_wait_s=5.0)
     runner = Doubler()
     inst = instance(runner)
+    inst.last_rows = 3  # its last batch was full: its callers come back together
     alone = asyncio.create_task(b.compute(inst, request(max_batch=3), text(b"x")))
     await eventually(lambda: clock.waiting, what="the idle device waiting")
     assert clock.timeouts == [5.0]
@@ -227,7 +240,9 @@ async def test_an_idle_device_waits_for_a_batch_to_fill_but_no_longer_than_batch
     clock.advance(0.1)  # the wait is over: the batch runs as it is
     assert (await alone).batch == 1
     assert runner.batches == [1]
+    assert inst.last_rows == 1  # so the next lone request would not wait
 
+    inst.last_rows = 3
     jobs = [asyncio.create_task(b.compute(inst, request(max_batch=3), text(b"y")))]
     await eventually(lambda: clock.waiting, what="the idle device waiting again")
     jobs += [asyncio.create_task(b.compute(inst, request(max_batch=3), text(b"z"))) for _ in "ab"]
@@ -241,6 +256,7 @@ async def test_an_idle_device_never_waits_past_the_head_requests_slack() -> None
     device = FakeDevice(clock, held=False)
     b = batcher(clock, device, batch_wait_s=5.0)
     inst = instance(Doubler(), compute_s=0.5)
+    inst.last_rows = 3
     job = asyncio.create_task(b.compute(inst, request(T0 + 2.0, max_batch=3), text(b"x")))
     await eventually(lambda: clock.waiting, what="the idle device waiting")
     assert clock.timeouts == [pytest.approx(1.5)]  # the deadline less a batch's compute
