@@ -63,6 +63,7 @@ DEFAULT_TENANT: Final = "default"
 DEFAULT_WORKER_SPARES: Final = 1
 DEFAULT_WORKER_IDLE_S: Final = 300.0
 DEFAULT_BATCH_WAIT_S: Final = 0.002  # how long an idle device waits to fill a batch
+DEFAULT_DIRECT_ROUTE_TTL_S: Final = 1.0  # a gateway's direct route to a warm worker lasts
 # Batches one device may run at once (across instances); 0 = by backend: 2 on a CUDA GPU
 # (kernels of two streams overlap), 1 where compute is on the CPU (cpu, sim:N): torch
 # already spreads one batch over every core, and two at once only contend.
@@ -114,6 +115,11 @@ RETRY_AFTER_MAX_S: Final = 60.0
 # How long past a request's deadline the scheduler keeps its instance slot while the
 # worker may still be computing it (then the worker is presumed gone).
 WORKER_ANSWER_GRACE_S: Final = 5.0
+# A workflow step's inputs on a node without an instance of its function: what the
+# scheduler assumes, until it has measured them, for copying them to another node and for
+# a cold start on theirs (scheduler/workflows.py weighs one against the other).
+WORKFLOW_LINK_BYTES_PER_S: Final = 200e6
+WORKFLOW_COLD_START_S: Final = 0.25
 
 # NATS server settings written into the generated config of the embedded server.
 NATS_MAX_PAYLOAD: Final = 8 * 1024 * 1024

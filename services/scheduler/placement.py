@@ -54,3 +54,11 @@ def choose(views: Sequence[NodeView]) -> str:
             v.node,
         ),
     ).node
+
+
+def bring_to_inputs(paid_s: float, next_copy_s: float, cold_start_s: float) -> bool:
+    """Whether a workflow step's function should get an instance on the node that holds
+    its input tubes rather than copy them to an instance elsewhere: once the copies paid
+    so far for that node, with the next one, cost as much as a cold start there (rent
+    until the price of buying: never more than twice the better of the two choices)."""
+    return paid_s + next_copy_s >= cold_start_s

@@ -1,8 +1,10 @@
 """One run of a workflow: its steps as their inputs become ready, with lineage recompute.
 
-Steps exchange tube ids only. A step whose outputs feed other steps asks for them as
-intermediates (tubes kept on its GPU tier), and the consuming step prefers the node that
-holds its inputs. When a step fails because an input tube was lost with its node, the
+A step's outputs up to the inline threshold travel in its reply and the next step's
+dispatch (no tube, never lost); bigger ones are tube ids: a step whose outputs feed other
+steps asks for them as intermediates (tubes kept on its GPU tier), and the consuming step
+prefers the node that holds them (``workflow_locality.py``: scaled out there when that
+is cheaper than copying them). When a step fails because an input tube was lost with its node, the
 steps that produced it (and, transitively, their lost inputs) are run again in order and
 the step retried, instead of failing the workflow.
 """

@@ -14,6 +14,7 @@ import nats.js.errors
 from gpufaas.scheduler.dispatch import Call, Dispatcher
 from gpufaas.scheduler.host import Host
 from gpufaas.scheduler.profiling import Profiles
+from gpufaas.scheduler.workflow_locality import InputLocality
 from gpufaas.scheduler.workflow_run import WorkflowRun
 from gpufaas.shared.errors import AlreadyExists, InvalidArgument, NotFound
 from gpufaas.shared.identity import FunctionRef
@@ -52,6 +53,7 @@ class Workflows:
         self.host = host
         self.dispatcher = dispatcher
         self.profiles = profiles
+        self.locality = InputLocality(host, dispatcher.registry)
         # Called after each workflow step (a test seam: stop a node between two steps).
         self.step_done: StepDone | None = None
 
@@ -133,8 +135,10 @@ class Workflows:
             prefer: str | None,
         ) -> InvokeReply:
             runs[step] += 1
+            ref = FunctionRef(req.tenant, function)
+            await self.locality.bring(ref, inputs, prefer)
             call = Call(
-                FunctionRef(req.tenant, function),
+                ref,
                 f"{req.request_id}.{step}",
                 inputs,
                 deadline,
@@ -142,7 +146,9 @@ class Workflows:
                 prefer=prefer,
                 dispatch_id=f"{dispatch_id}.{step}.{runs[step]}",
             )
-            return await self.dispatcher.run(call)
+            reply = await self.dispatcher.run(call)
+            self.locality.observe(ref, inputs, reply)
+            return reply
 
         run = WorkflowRun(wf, req, invoke, self._lost_steps, self.step_done)
         try:

@@ -1,9 +1,11 @@
-"""A worker's request tensors in and out: inline bytes, or tubes through the node's
-transfer service (read where they are, written as host tubes or adopted onto the GPU)."""
+"""A worker's request tensors in and out: inline bytes (read as they are, costing nothing),
+or tubes through the node's transfer service (read where they are, written as host tubes
+or adopted onto the GPU)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from gpufaas.shared import subjects
 from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -12,7 +14,9 @@ from gpufaas.shared.messages import (
     AdoptRequest,
     EnsureReply,
     EnsureRequest,
+    Placement,
     TensorPayload,
+    Tube,
     WorkerRunRequest,
 )
 from gpufaas.shared.paths import read_file
@@ -57,32 +61,36 @@ class TensorIO:
             )
         # Resident on this node's host tier: a no-op for a tube written on this machine,
         # a chunked copy from the node that holds it otherwise. A workflow intermediate
-        # this node's simulated GPU holds is read where it is (compute is on the CPU).
-        tier = "host"
-        node = self.config.node_id
-        if self.sim_tier is not None and any(
-            pl.node == node and pl.tier == self.sim_tier for pl in p.tube.placements
-        ):
-            tier = self.sim_tier
-        here = await self._ensure(p.tube.id, tenant, tier)
+        # this node's simulated GPU holds is read where it is (compute is on the CPU),
+        # with no round trip to the transfer service unless its copy moved meanwhile.
+        tube, node = p.tube, self.config.node_id
+        local = [pl for pl in tube.placements if pl.node == node and pl.tier == self.sim_tier]
+        if local and tube.tenant == tenant:
+            with contextlib.suppress(FileNotFoundError):  # swapped out: ensure finds it
+                data = await asyncio.to_thread(self._read_copy, local[0], tube)
+                if len(data) == tube.nbytes:
+                    return data
+        here = await self._ensure(
+            tube.id, tenant, self.sim_tier if local and self.sim_tier else "host"
+        )
         try:
-            data = await asyncio.to_thread(self._read_copy, here)
+            data = await asyncio.to_thread(self._read_copy, here.placement, here.tube)
         except FileNotFoundError:  # the GPU's copy was evicted (swapped to host) meanwhile
-            here = await self._ensure(p.tube.id, tenant, "host")
-            data = await asyncio.to_thread(self._read_copy, here)
+            here = await self._ensure(tube.id, tenant, "host")
+            data = await asyncio.to_thread(self._read_copy, here.placement, here.tube)
         if len(data) < here.tube.nbytes:
-            raise NotFound(f"tube {p.tube.id} is truncated", field=f"inputs[{p.name}]")
+            raise NotFound(f"tube {tube.id} is truncated", field=f"inputs[{p.name}]")
         return data
 
-    def _read_copy(self, here: EnsureReply) -> bytes:
+    def _read_copy(self, placement: Placement, tube: Tube) -> bytes:
         """The bytes of a tube's copy: its range of the file (a whole tube file, or a block
         of a pool segment at its offset)."""
-        # The transfer service's reply names the file: checked to lie in its tier's
-        # directory under the shm root, and read without following a link.
-        path = placement_file(self.config.shm_dir, here.placement, here.tube.id)
+        # The placement names the file: checked to lie in its tier's directory under the
+        # shm root, and read without following a link.
+        path = placement_file(self.config.shm_dir, placement, tube.id)
         if path is None:
             raise InvalidArgument("the input's copy is not a file here", field="segment")
-        return read_file(path, here.tube.nbytes, here.placement.offset)
+        return read_file(path, tube.nbytes, placement.offset)
 
     async def _ensure(self, tube_id: str, tenant: str, tier: str) -> EnsureReply:
         return await request(
@@ -97,10 +105,11 @@ class TensorIO:
     async def output(
         self, name: str, out: Output, tenant: str, intermediate: bool = False
     ) -> TensorPayload:
-        """An output inline when small, else as a host tube; a workflow's intermediate
-        always as a tube, adopted onto this node's (simulated) GPU tier when there is room,
-        so the next step on this GPU reads it where it is."""
-        if len(out.data) <= self.config.inline_threshold and not intermediate:
+        """An output inline when small (a workflow's intermediate too: it travels in the
+        reply and the next step's dispatch, with no tube, adopt or KV write), else as a
+        host tube; a big intermediate is adopted onto this node's (simulated) GPU tier when
+        there is room, so the next step on this node reads it where it is."""
+        if len(out.data) <= self.config.inline_threshold:
             data = bytes(out.data)  # small: into the message
             return TensorPayload(name=name, datatype=out.datatype, shape=out.shape, data=data)  # type: ignore[arg-type]
         tube = await asyncio.to_thread(

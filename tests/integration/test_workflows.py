@@ -1,5 +1,6 @@
-"""Workflows through the gateway: two steps whose intermediate stays on the GPU tier, bad
-definitions refused at deploy, and an intermediate lost with its node recomputed."""
+"""Workflows through the gateway: two steps whose small intermediate travels inline and
+whose big one stays on the GPU tier, bad definitions refused at deploy, an intermediate
+lost with its node recomputed, and a consumer brought to its producer's node."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from aiohttp.test_utils import TestClient
 
 from gpufaas.scheduler.service import SchedulerService
+from gpufaas.shared.service import Service
 from gpufaas.worker.service import WorkerService
 from tests.integration.conftest import (
     DEMO_BODY,
@@ -67,7 +69,12 @@ async def expected_scores(c: TestClient[Any, Any], texts: list[str]) -> np.ndarr
     return emb @ np.linspace(-1, 1, DIM, dtype=np.float32)
 
 
-async def test_two_steps_pass_a_tube_that_never_leaves_the_gpu_tier(
+def served(svc: Service, verb: str) -> int:
+    """Requests ``svc`` has answered on ``verb`` since it started."""
+    return sum(e.requests for e in svc.service_stats().endpoints if e.name == verb)
+
+
+async def test_two_steps_pass_a_small_intermediate_inline_and_a_big_one_on_the_gpu_tier(
     platform: Platform, scorer_dir: Path
 ) -> None:
     c = platform.client
@@ -83,6 +90,8 @@ async def test_two_steps_pass_a_tube_that_never_leaves_the_gpu_tier(
     listed = await (await c.get("/v1/workflows")).json()
     assert [w["spec"]["name"] for w in listed["workflows"]] == ["embed-score"]
 
+    # One embedding (1.5 KB): inline in the reply and the next dispatch, no tube at all.
+    transfer = platform.services["transfer"]
     texts = ["a cat sits on the mat"]
     resp = await c.post("/v1/workflows/embed-score/infer", json=text_request(texts))
     result = await resp.json()
@@ -93,9 +102,24 @@ async def test_two_steps_pass_a_tube_that_never_leaves_the_gpu_tier(
     np.testing.assert_allclose(out["data"], await expected_scores(c, texts), rtol=1e-4)
     embed, score = result["parameters"]["steps"]
     assert embed["step"] == "embed"
+    assert embed["output_tiers"] == ["inline"]
+    assert embed["node"] == score["node"] == "node-t"
+    assert served(transfer, "adopt") == served(transfer, "ensure") == 0
+    assert await platform.services["scheduler"].kv.tubes.keys() == []
+
+    # 64 embeddings (96 KB, over the inline threshold): a tube on the GPU tier, read there.
+    texts = [f"sentence number {i} about a cat" for i in range(64)]
+    resp = await c.post("/v1/workflows/embed-score/infer", json=text_request(texts))
+    result = await resp.json()
+    assert resp.status == 200, result
+    np.testing.assert_allclose(
+        result["outputs"][0]["data"], await expected_scores(c, texts), rtol=1e-4
+    )
+    embed, score = result["parameters"]["steps"]
     assert embed["output_tiers"] == ["gpu:0"]  # the intermediate: a tube on the GPU tier
     assert embed["node"] == score["node"] == "node-t"
     assert embed["device"] == score["device"] == "gpu:0"
+    assert served(transfer, "adopt") == 1
     # Nothing was copied between tiers: the second step read it where it was.
     assert await read_events(platform, "transfer.completed") == []
 
@@ -149,8 +173,19 @@ async def test_bad_workflows_are_refused_at_deploy_naming_the_field(
 
 @pytest.fixture
 async def two_nodes(platform_factory: PlatformFactory) -> Platform:
-    """node-a and node-b; the scheduler and the gateway run with node-b's config."""
-    return await platform_factory(["node-a", "node-b"], control="node-b")
+    """node-a and node-b; the scheduler and the gateway run with node-b's config. An
+    intermediate over 1 KB is a tube (one embedding is 1.5 KB); the gateway reads only
+    node-b's tubes, so an expected embedding is not asked of minilm (it may be on node-a)."""
+    return await platform_factory(["node-a", "node-b"], control="node-b", inline_threshold=1024)
+
+
+async def scores_of(c: TestClient[Any, Any], texts: list[str]) -> tuple[list[float], Any, Any]:
+    """The embed-score workflow's scores of ``texts``, with its embed and score steps."""
+    resp = await c.post("/v1/workflows/embed-score/infer", json=text_request(texts))
+    result = await resp.json()
+    assert resp.status == 200, result
+    embed, score = result["parameters"]["steps"]
+    return result["outputs"][0]["data"], embed, score
 
 
 async def test_an_intermediate_lost_with_its_node_is_recomputed(
@@ -165,7 +200,8 @@ async def test_an_intermediate_lost_with_its_node_is_recomputed(
     assert nodes == {"minilm": ["node-a"], "scorer": ["node-b"]}  # least loaded, then the other
     assert (await c.post("/v1/workflows", json=WORKFLOW)).status == 201
     texts = ["a dog runs in the park"]
-    want = await expected_scores(c, texts)
+    want, embed, _ = await scores_of(c, texts)  # both nodes up
+    assert embed["output_tiers"] == ["gpu:0"]
 
     sched = p.services["scheduler"]
     assert isinstance(sched, SchedulerService)
@@ -178,11 +214,8 @@ async def test_an_intermediate_lost_with_its_node_is_recomputed(
                     await svc.stop()
 
     sched.step_done = kill_node_a
-    resp = await c.post("/v1/workflows/embed-score/infer", json=text_request(texts))
-    result = await resp.json()
-    assert resp.status == 200, result
-    np.testing.assert_allclose(result["outputs"][0]["data"], want, rtol=1e-4)
-    embed, score = result["parameters"]["steps"]
+    got, embed, score = await scores_of(c, texts)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
     assert embed["runs"] == 2  # recomputed from its step, on the node that is left
     assert embed["node"] == score["node"] == "node-b"
     assert score["runs"] == 1
@@ -227,3 +260,34 @@ async def test_a_workflow_whose_replica_dies_is_answered_by_another_without_reru
     finally:
         if survivor is not None:
             p.services["scheduler"] = survivor  # stopped with the platform
+
+
+async def test_a_consumer_is_brought_to_its_producers_node_once_copies_cost_a_cold_start(
+    two_nodes: Platform, scorer_dir: Path
+) -> None:
+    c, p = two_nodes.client, two_nodes
+    assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
+    assert (await c.post("/v1/functions", json=scorer_body(scorer_dir))).status == 201
+    assert (await (await c.get("/v1/functions/scorer")).json())["nodes"] == ["node-b"]
+    assert (await c.post("/v1/workflows", json=WORKFLOW)).status == 201
+    sched = p.services["scheduler"]
+    assert isinstance(sched, SchedulerService)
+    texts = ["a bird sings at dawn"]
+
+    # A copy of 1.5 KB costs far less than a cold start: the scorer stays where it is.
+    want, embed, score = await scores_of(c, texts)
+    assert (embed["node"], score["node"]) == ("node-a", "node-b")
+    locality = sched.workflows.locality
+    paid = locality.paid[("default.scorer", "node-a")]
+    assert 0 < paid < locality.cold_s.get("default.scorer", 1.0)
+    # Once the copies paid reach a cold start, the scorer is scaled out to the producer's
+    # node and the step reads its input where it is.
+    locality.cold_s["default.scorer"] = paid
+    got, embed, score = await scores_of(c, texts)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert embed["node"] == score["node"] == "node-a"
+    assert (await (await c.get("/v1/functions/scorer")).json())["nodes"] == ["node-b", "node-a"]
+    (scaled,) = await read_events(p, "function.scaled")
+    assert scaled["data"]["nodes"] == ["node-b", "node-a"]
+    assert "workflow inputs on node-a" in scaled["data"]["reason"]
+    assert ("default.scorer", "node-a") not in locality.paid

@@ -1,0 +1,41 @@
+"""``bench/workflow_overhead.py`` with tiny settings against ``gpufaas up --nodes 2``: the
+small intermediate goes inline at no transfer cost, across nodes as on one, and a 1 MiB
+one is a tube on the GPU tier, handed over on one node and across. The figures are the
+bench's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(400)  # up with two nodes, five deploys: about a minute on a 2-core box
+def test_bench_measures_the_workflow_and_hand_offs_by_size(tmp_path: Path) -> None:
+    out = tmp_path / "workflow.json"
+    argv = [sys.executable, str(BENCH / "workflow_overhead.py"), "--requests", "2"]
+    argv += ["--warmup", "1", "--handoffs", "1", "--sizes", "3k,1m", "--json", str(out)]
+    env = {**os.environ, "GPUFAAS_PROFILE_S": "0"}  # no background sweep
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=360, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the goal's" in proc.stdout
+    doc = json.loads(out.read_text())
+    es = doc["embed_score"]
+    assert es["output_tiers"] == ["inline"]
+    assert es["nodes"] == {"embed": "node-0", "score": "node-1"}  # across nodes, inline
+    assert es["step_transfer_ms"]["embed"] < 1.0  # was 3-4.5 ms: a tube written and adopted
+    modes = {(h["size"], h["placement"]): h["mode"] for h in doc["handoffs"]}
+    assert modes == {
+        (3 << 10, "same node"): "inline",
+        (3 << 10, "across nodes"): "inline",
+        (1 << 20, "same node"): "gpu:0",
+        (1 << 20, "across nodes"): "gpu:0",
+    }
