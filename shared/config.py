@@ -128,6 +128,10 @@ class Config:
     # memory holds, ``gpufaas.worker.pool.process_cap``); one per tenant by design.
     max_worker_processes: int = 0
     batch_wait_s: float = c.DEFAULT_BATCH_WAIT_S
+    # Scheduler: how long a gateway may send a warm function's requests straight to its
+    # worker before asking a scheduler again (a direct route; 0: every request through a
+    # scheduler).
+    direct_route_ttl_s: float = c.DEFAULT_DIRECT_ROUTE_TTL_S
     device_streams: int = c.DEFAULT_DEVICE_STREAMS
     # Scheduler: autoscaling tick, scale to zero after instance_keep_alive_s idle, and the
     # device time a deploy's background profile may take (0: batch-1 point only).

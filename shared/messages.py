@@ -240,6 +240,22 @@ class InvokeRequest(Msg, frozen=True, tag="invoke_request.v1"):
     inputs: list[TensorPayload]
     tenant: Tenant = DEFAULT_TENANT
     deadline: float = 0.0  # unix time; 0 = the platform default
+    # Requests of this function the sending gateway ran on its direct route since its last
+    # request through a scheduler (see Route): counted as arrivals for the autoscaler.
+    direct: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+
+
+class Route(Msg, frozen=True, tag="route.v1"):
+    """A scheduler's grant to a gateway: send this function's next requests straight to its
+    warm instance on ``node`` (at most ``slots`` in flight from that gateway, for ``ttl_s``
+    seconds), with the instance's batching configuration; the rest go through a scheduler.
+    """
+
+    node: NodeId
+    slots: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=60)]
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=4096)] | None = None
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
 
 
 class InvokeReply(Msg, frozen=True, tag="invoke_reply.v1"):
@@ -249,6 +265,7 @@ class InvokeReply(Msg, frozen=True, tag="invoke_reply.v1"):
     node: NodeId
     device: DeviceName
     breakdown: Breakdown
+    route: Route | None = None  # a scheduler's reply to a gateway: the direct route to use
 
 
 class WorkerLoadRequest(Msg, frozen=True, tag="worker_load_request.v1"):
@@ -427,6 +444,9 @@ class WorkerRunRequest(Msg, frozen=True, tag="worker_run_request.v1"):
     # A workflow step whose outputs feed other steps: every output becomes a tube, kept on
     # the worker's GPU tier where it can be (a simulated GPU), else on the host tier.
     intermediate: bool = False
+    # Sent by a gateway on its direct route (see Route): run only on an instance already
+    # built here, else answer Unavailable (the gateway then goes through a scheduler).
+    direct: bool = False
 
 
 # --- node services -------------------------------------------------------------------

@@ -146,12 +146,19 @@ def permissions(role: str, node: str = "") -> Permissions | None:
             + [
                 _node_verb("*", "tensorstore", subjects.TENSORSTORE_STATS),
                 _node_verb("*", "memory", subjects.MEMORY_STATS),
+                # A warm function's direct route (gateway/direct.py): its tenant's worker.
+                _node_verb("*", "worker", f"*.{subjects.WORKER_RUN}"),
                 subjects.STATS_ALL,
                 subjects.EVENTS_ALL,
                 *platform_js,
             ],
             pub_deny=list(JS_ADMIN_ONLY),
-            sub_allow=[inbox, subjects.SCHED_RECONNECTED],
+            sub_allow=[
+                inbox,
+                subjects.SCHED_RECONNECTED,
+                subjects.event("worker.exited"),  # a direct route's process died
+                subjects.WORKERS_RECONNECTED,  # ... or reconnected
+            ],
         )
     if role == "scheduler":
         return Permissions(

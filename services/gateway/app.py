@@ -28,7 +28,16 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from gpufaas.gateway import binary, grpc_server, keys, models, openai_api, repository, sysshm
+from gpufaas.gateway import (
+    binary,
+    direct,
+    grpc_server,
+    keys,
+    models,
+    openai_api,
+    repository,
+    sysshm,
+)
 from gpufaas.gateway.admission import (
     ADMISSION,
     Admission,
@@ -50,7 +59,7 @@ from gpufaas.gateway.openapi import ErrorShape, Param, RouteDoc, build_openapi
 from gpufaas.gateway.service_stats import exposition, gather
 from gpufaas.gateway.token_counts import TokenCounter
 from gpufaas.shared import constants as c
-from gpufaas.shared import subjects
+from gpufaas.shared import subjects, worker_deaths
 from gpufaas.shared.apikeys import KeyCache
 from gpufaas.shared.catalog import check_server_path, validate_source
 from gpufaas.shared.config import Config
@@ -97,6 +106,7 @@ from gpufaas.shared.rpc import request as nats_request
 from gpufaas.shared.service import cancel_and_wait, close_nats, connect_nats, follow
 from gpufaas.shared.stats import LoopCounter
 from gpufaas.shared.tensors import raw_to_json
+from gpufaas.shared.worker_deaths import Deaths
 from gpufaas.shared.workflows import (
     WorkflowDeleteReply,
     WorkflowDeleteRequest,
@@ -906,6 +916,16 @@ async def _nudge(link: Link, _msg: NatsMsg) -> None:
         log.info("gateway.resend_after_scheduler_reconnect")
 
 
+async def _worker_exited(deaths: Deaths, msg: NatsMsg) -> None:
+    if (said := worker_deaths.exited(msg)) is not None:
+        deaths.died(*said)
+
+
+async def _worker_reconnected(deaths: Deaths, msg: NatsMsg) -> None:
+    if (said := worker_deaths.reconnected(msg)) is not None:
+        deaths.died(*said, died=False)
+
+
 async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     nc = await connect_nats(config, "gpufaas-gateway")
@@ -917,6 +937,14 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     app[KEYS] = KeyCache(app[KV].keys)
     if (link := link_of(nc)) is not None:  # a scheduler replica is back: send invokes again
         await nc.subscribe(subjects.SCHED_RECONNECTED, cb=functools.partial(_nudge, link))
+    # A worker process died or reconnected: direct sends to it go through a scheduler now.
+    deaths = app[direct.ROUTES].deaths
+    await nc.subscribe(
+        subjects.event("worker.exited"), cb=functools.partial(_worker_exited, deaths)
+    )
+    await nc.subscribe(
+        subjects.WORKERS_RECONNECTED, cb=functools.partial(_worker_reconnected, deaths)
+    )
     stats = LoopCounter("functions-watch")
     watches = {
         asyncio.create_task(
@@ -950,6 +978,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[ADMISSION] = Admission.from_config(config)
+    app[direct.ROUTES] = direct.DirectRoutes()
     app.cleanup_ctx.append(_nats_ctx)
     app.cleanup_ctx.append(models.uploads_ctx)  # after NATS: it opens the uploads' buckets
     app.cleanup_ctx.append(sysshm.regions_ctx)  # clients' shared-memory regions (per gateway)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from gpufaas.gateway import app as gw
+from gpufaas.gateway import direct
 from gpufaas.shared import subjects
 from gpufaas.shared.errors import InvalidArgument
 from gpufaas.shared.messages import (
@@ -132,27 +133,32 @@ async def run_function(
     wanted: Sequence[str] | None = None,
 ) -> tuple[InvokeReply, list[Tensor]]:
     """Invoke a function with checked inputs; its reply and the outputs asked for (all
-    when ``wanted`` is None), raw."""
+    when ``wanted`` is None), raw. A warm function's request goes straight to its worker
+    when this gateway holds a route to it (``direct.py``), else through a scheduler, whose
+    reply may grant one."""
     spec, call = record.spec, Call.of(request)
+    routes, key = call.app[direct.ROUTES], f"{spec.tenant}/{spec.name}"
 
-    def message(payloads: list[TensorPayload], deadline: float) -> InvokeRequest:
-        return InvokeRequest(
+    async def send(payloads: list[TensorPayload], deadline: float) -> InvokeReply:
+        reply = await direct.invoke(call.app, call.request_id, spec, payloads, deadline)
+        if reply is not None:
+            return reply
+        msg = InvokeRequest(
             function=spec.name,
             request_id=call.request_id,
             inputs=payloads,
             tenant=spec.tenant,
             deadline=deadline,
+            direct=min(routes.renewal(key), 1_000_000),
         )
+        reply = await gw.invoke_scheduler(
+            call.app, call.request_id, subjects.SCHED_INVOKE, msg, InvokeReply
+        )
+        if reply.route is not None:
+            routes.grant(key, reply.route, time.monotonic())
+        return reply
 
-    return await _run(
-        call,
-        spec.tenant,
-        inputs,
-        wanted,
-        subject=subjects.SCHED_INVOKE,
-        message=message,
-        reply_type=InvokeReply,
-    )
+    return await _run(call, spec.tenant, inputs, wanted, send)
 
 
 async def run_workflow(
@@ -161,27 +167,23 @@ async def run_workflow(
     inputs: list[Tensor],
     wanted: Sequence[str] | None = None,
 ) -> tuple[WorkflowInvokeReply, list[Tensor]]:
-    """Invoke a workflow with checked inputs, as :func:`run_function`."""
+    """Invoke a workflow with checked inputs, as :func:`run_function` (always through a
+    scheduler: it runs the steps)."""
     spec, call = record.spec, Call.of(request)
 
-    def message(payloads: list[TensorPayload], deadline: float) -> WorkflowInvokeRequest:
-        return WorkflowInvokeRequest(
+    async def send(payloads: list[TensorPayload], deadline: float) -> WorkflowInvokeReply:
+        msg = WorkflowInvokeRequest(
             workflow=spec.name,
             request_id=call.request_id,
             inputs=payloads,
             tenant=spec.tenant,
             deadline=deadline,
         )
+        return await gw.invoke_scheduler(
+            call.app, call.request_id, subjects.SCHED_WORKFLOW_INVOKE, msg, WorkflowInvokeReply
+        )
 
-    return await _run(
-        call,
-        spec.tenant,
-        inputs,
-        wanted,
-        subject=subjects.SCHED_WORKFLOW_INVOKE,
-        message=message,
-        reply_type=WorkflowInvokeReply,
-    )
+    return await _run(call, spec.tenant, inputs, wanted, send)
 
 
 async def _run(
@@ -189,19 +191,14 @@ async def _run(
     tenant: str,
     inputs: list[Tensor],
     wanted: Sequence[str] | None,
-    *,
-    subject: str,
-    message: Callable[[list[TensorPayload], float], InvokeRequest | WorkflowInvokeRequest],
-    reply_type: type[R],
+    send: Callable[[list[TensorPayload], float], Awaitable[R]],
 ) -> tuple[R, list[Tensor]]:
-    """Inputs to payloads (big ones as tubes), the invocation through a scheduler replica,
-    its outputs read; the request's tubes dropped at the end, whatever happened."""
+    """Inputs to payloads (big ones as tubes), the invocation sent with its deadline, its
+    outputs read; the request's tubes dropped at the end, whatever happened."""
     tubes: list[Tube] = []
     try:
         payloads = await _payloads(call.app, inputs, tenant, tubes)
-        deadline = time.time() + call.app[gw.CONFIG].request_timeout_s
-        msg = message(payloads, deadline)
-        reply = await gw.invoke_scheduler(call.app, call.request_id, subject, msg, reply_type)
+        reply = await send(payloads, time.time() + call.app[gw.CONFIG].request_timeout_s)
         return reply, await _outputs(call.app, reply.outputs, wanted, tubes)
     finally:
         await _drop_tubes(call.app, tubes)

@@ -14,7 +14,7 @@ from msgspec.structs import replace as msgspec_replace
 
 from gpufaas.scheduler.functions import FunctionRegistry
 from gpufaas.scheduler.host import Host
-from gpufaas.scheduler.profiles import effective_config
+from gpufaas.scheduler.profiles import EffectiveConfig, effective_config
 from gpufaas.scheduler.queues import FunctionQueue, Pending
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
@@ -29,6 +29,7 @@ from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import (
     FunctionRecord,
     InvokeReply,
+    Route,
     TensorPayload,
     WorkerBindReply,
     WorkerRunRequest,
@@ -49,6 +50,8 @@ class Call:
     intermediate: bool = False
     prefer: str | None = None  # the node to run on when it has room (where inputs are)
     dispatch_id: str = ""
+    grant: bool = False  # a gateway's request: its reply may grant a direct Route
+    direct: int = 0  # the gateway's requests on its direct route since its last one here
 
 
 def with_bind(reply: InvokeReply, bound: WorkerBindReply | None) -> InvokeReply:
@@ -122,6 +125,7 @@ class Dispatcher:
         if record is None:
             raise NotFound(f"function {call.ref.name!r} not found", field="model")
         fq = self.queue(call.ref)
+        fq.arrivals += call.direct  # seen by the autoscaler as this replica's arrivals
         self.admit(fq, call.deadline - time.time())
         tubes = tuple(p.tube for p in call.inputs if p.tube is not None)
         loop = asyncio.get_running_loop()
@@ -160,7 +164,25 @@ class Dispatcher:
                 late.add_done_callback(lambda _: self._late_answer(fq, node, pending, late))
         reply = with_cold_start(reply, pending)
         await self._completed(call, reply)
+        if call.grant and not reply.breakdown.cold:
+            reply = self._with_route(reply, config)
         return reply
+
+    def _with_route(self, reply: InvokeReply, config: EffectiveConfig) -> InvokeReply:
+        """A gateway's reply from a warm instance, with the direct route to it: the
+        gateway's next requests go straight to that worker, up to the instance's capacity
+        in flight, until the grant lapses (``GPUFAAS_DIRECT_ROUTE_TTL_S``; 0: never)."""
+        ttl = self.host.config.direct_route_ttl_s
+        if ttl <= 0:
+            return reply
+        route = Route(
+            node=reply.node,
+            slots=min(config.capacity, 4096),
+            ttl_s=min(ttl, 60.0),
+            max_batch=config.batch if config.profiled else None,
+            concurrency=config.concurrency if config.profiled else None,
+        )
+        return msgspec_replace(reply, route=route)
 
     def admit(self, fq: FunctionQueue, budget_s: float) -> None:
         """Turn a request away (429 with ``Retry-After``) when its function's queue is

@@ -45,7 +45,7 @@ from gpufaas.scheduler.views import LoadPublisher, from_memory_name
 from gpufaas.scheduler.workers import WorkerClient
 from gpufaas.scheduler.workflows import StepDone, Workflows
 from gpufaas.shared import constants as c
-from gpufaas.shared import subjects
+from gpufaas.shared import subjects, worker_deaths
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import PlatformError, Unavailable
 from gpufaas.shared.identity import FunctionRef
@@ -64,7 +64,6 @@ from gpufaas.shared.messages import (
     ScaleReply,
     ScaleRequest,
     SchedulerLoad,
-    decode,
     decode_json,
 )
 from gpufaas.shared.registry import FunctionCache, alive
@@ -270,22 +269,13 @@ class SchedulerService(Service):
     async def _on_worker_exited(self, msg: NatsMsg) -> None:
         """``worker.exited`` (a node's pool saw a tenant's process die unasked): send the
         requests it had not answered again now, not at their deadlines."""
-        try:
-            data = decode_json(msg.data, Event).data
-            node, tenant, worker = str(data["node"]), str(data["tenant"]), str(data["worker"])
-        except (PlatformError, KeyError, ValueError):
-            return
-        self.worker_client.lost(node, tenant, worker)
+        if (said := worker_deaths.exited(msg)) is not None:
+            self.worker_client.lost(*said)
 
     async def _on_worker_reconnected(self, msg: NatsMsg) -> None:
-        """A worker process's connection came back: send again what it may have missed.
-        The node is the subject's (NATS lets a node's workers publish only their own)."""
-        try:
-            node = msg.subject.split(".")[3]
-            said = decode(msg.data, Reconnected)
-        except (PlatformError, IndexError):
-            return
-        self.worker_client.reconnected(node, said.tenant, said.worker)
+        """A worker process's connection came back: send again what it may have missed."""
+        if (said := worker_deaths.reconnected(msg)) is not None:
+            self.worker_client.reconnected(*said)
 
     def reconnect_announcement(self) -> tuple[str, Msg] | None:
         """Gateways send again the invocations this replica may have missed."""
@@ -334,4 +324,6 @@ def _call(req: InvokeRequest, deadline: float, dispatch_id: str) -> Call:
         req.inputs,
         deadline,
         dispatch_id=dispatch_id,
+        grant=True,
+        direct=req.direct,
     )

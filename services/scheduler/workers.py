@@ -1,14 +1,12 @@
 """Requests to a node's worker of a tenant, binding a worker process when none answers,
 and sending a request again when the process it was sent to dies, or says its NATS
-connection dropped and came back (``Deaths``)."""
+connection dropped and came back (``shared.worker_deaths``)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import NamedTuple, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 
@@ -24,6 +22,9 @@ from gpufaas.shared.messages import (
     WorkerUnloadRequest,
 )
 from gpufaas.shared.rpc import request
+from gpufaas.shared.worker_deaths import Deaths, Loss, WorkerLost, until_lost
+
+__all__ = ["Deaths", "Loss", "WorkerClient", "WorkerLost", "until_lost"]
 
 log = structlog.get_logger()
 R = TypeVar("R", bound=Msg)
@@ -36,79 +37,6 @@ MAX_RESENDS = 2
 # reply been lost) make its sends go again at most once a RECONNECT_GAP_S; they are not
 # counted against MAX_RESENDS (a request's deadline bounds them).
 RECONNECT_GAP_S = 1.0
-
-
-class Loss(NamedTuple):
-    """Why a send's wait ended early: its process died, or reconnected (``died`` False)."""
-
-    worker: str
-    died: bool
-
-
-class WorkerLost(Exception):
-    """(Internal.) The process a request was sent to died, or reconnected, before it
-    answered."""
-
-    def __init__(self, loss: Loss) -> None:
-        super().__init__(loss.worker)
-        self.worker = loss.worker
-        self.died = loss.died
-
-
-class Deaths:
-    """The sends in flight to each ``(node, tenant)``, each with the process it went to
-    when known (its own bind's): a death notice ends the wait of those that went to the
-    dead process (or may have), so they are sent again at once instead of at deadline."""
-
-    def __init__(self) -> None:
-        self._sends: dict[tuple[str, str], dict[asyncio.Future[Loss], str | None]] = {}
-
-    @contextlib.contextmanager
-    def watching(
-        self, node: str, tenant: str, worker: str | None
-    ) -> Iterator[asyncio.Future[Loss]]:
-        """A future set if the process of this send dies or reconnects."""
-        fut: asyncio.Future[Loss] = asyncio.get_running_loop().create_future()
-        key = (node, tenant)
-        sends = self._sends.setdefault(key, {})
-        sends[fut] = worker
-        try:
-            yield fut
-        finally:
-            sends.pop(fut, None)
-            if not sends and self._sends.get(key) is sends:
-                del self._sends[key]
-
-    def died(self, node: str, tenant: str | None, worker: str, *, died: bool = True) -> int:
-        """A process of ``tenant`` on ``node`` died (``tenant`` None: every process of the
-        node, its pool gone), or with ``died`` False reconnected: end the waits of the sends
-        that may have gone to it. One that went to another process (known from its bind)
-        waits on; an unknown one is sent again, harmlessly (the worker answers a dispatch id
-        it runs or ran once)."""
-        told = 0
-        for (at, who), sends in list(self._sends.items()):
-            if at != node or (tenant is not None and who != tenant):
-                continue
-            for fut, sent_to in sends.items():
-                if fut.done() or (tenant is not None and sent_to not in (None, worker)):
-                    continue
-                fut.set_result(Loss(worker, died))
-                told += 1
-        return told
-
-
-async def until_lost(send: Awaitable[T], died: asyncio.Future[Loss]) -> T:
-    """``send``'s reply, or ``WorkerLost`` as soon as ``died`` is set (an answer that is
-    already there wins)."""
-    task = asyncio.ensure_future(send)
-    try:
-        await asyncio.wait((task, died), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-    if task.done() and not task.cancelled():
-        return task.result()
-    raise WorkerLost(died.result())
 
 
 def merged(first: WorkerBindReply | None, then: WorkerBindReply | None) -> WorkerBindReply | None:

@@ -449,8 +449,17 @@ class WorkerService(Service):
     # --- invocation ------------------------------------------------------------------
 
     async def run(self, req: WorkerRunRequest) -> InvokeReply:
-        """Run one request; a repeat of a dispatch already run (or running) gets its answer."""
+        """Run one request; a repeat of a dispatch already run (or running) gets its answer.
+
+        A gateway's direct request (``req.direct``) runs only on an instance of exactly its
+        spec already built here: never a cold start the scheduler did not place (a function
+        scaled in or redeployed since the route was granted); the gateway then asks a
+        scheduler."""
         self._check_tenant(req.spec.tenant)
+        if req.direct:
+            inst = self.loaded.live.get(FunctionRef(req.spec.tenant, req.spec.name))
+            if inst is None or inst.spec != req.spec:
+                raise Unavailable(f"{req.spec.name!r} has no warm instance in this worker")
         if not req.dispatch_id:
             return await self._run(req)
         return await self.answers.answer(req.dispatch_id, self._run, req)

@@ -53,7 +53,7 @@ async def expect(resp: Any, status: int, code: str, field: str | None = None) ->
 
 
 async def test_full_queue_is_429_with_retry_after(platform_factory: PlatformFactory) -> None:
-    p = await platform_factory(max_queued=2)
+    p = await platform_factory(max_queued=2, direct_route_ttl_s=0.0)  # the scheduler queue
     c = p.client
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
     assert (await c.post("/v2/models/minilm/infer", json=text_request(["warm"]))).status == 200

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gpufaas.gateway import direct
 from gpufaas.memory.service import MemoryService
 from gpufaas.scheduler.service import SchedulerService
 from gpufaas.shared import subjects
@@ -321,13 +322,23 @@ def embeddings(body: dict[str, Any]) -> np.ndarray:
     return np.array(out["data"], dtype=np.float32).reshape(out["shape"])
 
 
-async def test_a_worker_killed_with_requests_in_flight_loses_none(pooled: Platform) -> None:
+@pytest.mark.parametrize("route", ["scheduler", "direct"])
+async def test_a_worker_killed_with_requests_in_flight_loses_none(
+    pool_config: Config, platform_factory: PlatformFactory, route: str
+) -> None:
     """SIGKILL of a tenant's process with requests in flight: the pool announces it at once
     (``worker.exited``) and the scheduler sends each unanswered request again, under its
-    dispatch id, to the spare the pool binds; every caller gets the right embedding."""
+    dispatch id, to the spare the pool binds; every caller gets the right embedding. On a
+    gateway's direct route the gateway hears it too and sends them through a scheduler."""
+    node_services = (MemoryService, TensorStoreService, TransferService, WorkerPoolService)
+    ttl = 30.0 if route == "direct" else 0.0
+    pooled = await platform_factory(
+        config=pool_config.replace(direct_route_ttl_s=ttl), node_services=node_services
+    )
     c, pool = pooled.client, pool_of(pooled)
     sched = pooled.services["scheduler"]
     assert isinstance(sched, SchedulerService)
+    routes: direct.DirectRoutes = c.app[direct.ROUTES]
     await ready_spares(pool, 1)
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
     texts = [[f"request {i}", f"and its second row {i}"] for i in range(6)]
@@ -337,10 +348,14 @@ async def test_a_worker_killed_with_requests_in_flight_loses_none(pooled: Platfo
     victim = pool.bound["default"]
     victim.popen.send_signal(signal.SIGSTOP)  # holds every request in flight, unanswered
     calls = [asyncio.create_task(c.post(infer, json=text_request(t))) for t in texts]
-    sends = sched.worker_client.deaths._sends
-    await eventually(
-        lambda: sum(len(s) for s in sends.values()) >= len(texts), 30, "all sent to it"
-    )
+
+    def in_flight() -> int:
+        both = [sched.worker_client.deaths._sends, routes.deaths._sends]
+        return sum(len(s) for sends in both for s in sends.values())
+
+    await eventually(lambda: in_flight() >= len(texts), 30, "all sent to it")
+    direct_sends = sum(len(s) for s in routes.deaths._sends.values())
+    assert (direct_sends > 0) == (route == "direct")
     killed = time.monotonic()
     victim.popen.kill()
     resps = await asyncio.gather(*calls)
@@ -348,7 +363,9 @@ async def test_a_worker_killed_with_requests_in_flight_loses_none(pooled: Platfo
     for resp, expected in zip(resps, want, strict=True):
         assert resp.status == 200, await resp.text()
         np.testing.assert_allclose(embeddings(await resp.json()), expected, rtol=1e-4, atol=1e-5)
-    assert sched.worker_client.resent >= len(texts)  # each sent again, none lost
+    # each sent again, none lost
+    assert sched.worker_client.resent + routes.fell_back >= len(texts)
+    assert routes.fell_back == direct_sends
     assert pool.bound["default"] is not victim
     assert stall < 5, f"the callers waited {stall:.2f} s after the kill"
     print(f"worst stall after the kill: {stall:.3f} s")
