@@ -20,6 +20,7 @@ import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats.errors
 import structlog
@@ -128,21 +129,39 @@ async def request(
     request_id: str | None = None,
     what: str | None = None,
     resend: bool = False,
+    interrupt: asyncio.Future[Any] | None = None,
 ) -> M:
     """Send ``msg`` and return the typed reply, or raise the typed error it carried.
     With ``resend``, a request whose connection drops while it waits is sent again once
-    the connection is back (see the module's docstring)."""
+    the connection is back (see the module's docstring). Should ``interrupt`` resolve
+    before the reply comes (its responder died), the wait ends with :class:`Interrupted`
+    carrying its result: one wait for both, on the hot path of every worker send."""
     headers = {c.HDR_REQUEST_ID: request_id} if request_id else None
     target = what or subject
     data = encode(msg)
     link = _LINKS.get(nc) if resend else None
-    if link is None:
+    if link is None and interrupt is None:
         resp = await _once(nc, subject, data, timeout=timeout, headers=headers, target=target)
     else:
         resp = await _across_drops(
-            nc, link, subject, data, timeout=timeout, headers=headers, target=target
+            nc,
+            link,
+            subject,
+            data,
+            timeout=timeout,
+            headers=headers,
+            target=target,
+            interrupt=interrupt,
         )
     return decode_reply(resp, reply_type)
+
+
+class Interrupted(Exception):
+    """(Internal.) A request's ``interrupt`` resolved before its reply came."""
+
+    def __init__(self, why: Any) -> None:
+        super().__init__(why)
+        self.why = why
 
 
 async def _once(
@@ -166,29 +185,36 @@ async def _once(
 
 async def _across_drops(
     nc: NATS,
-    link: Link,
+    link: Link | None,
     subject: str,
     data: bytes,
     *,
     timeout: float,
     headers: dict[str, str] | None,
     target: str,
+    interrupt: asyncio.Future[Any] | None,
 ) -> NatsMsg:
-    """``_once``, sent again each time the connection drops before the reply came."""
+    """``_once``, sent again each time the connection drops before the reply came (with
+    a ``link``), unless ``interrupt`` resolves first."""
     until = time.monotonic() + timeout
     for _ in range(MAX_RESENDS + 1):
-        lost = link.lost()
+        waits: list[asyncio.Future[Any]] = [] if link is None else [link.lost()]
+        if interrupt is not None:
+            waits.append(interrupt)
         left = max(until - time.monotonic(), 0.001)
         task = asyncio.ensure_future(
             _once(nc, subject, data, timeout=left, headers=headers, target=target)
         )
         try:
-            await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((task, *waits), return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not task.done():
                 task.cancel()
         if task.done() and not task.cancelled():
             return task.result()
+        if interrupt is not None and interrupt.done():
+            raise Interrupted(interrupt.result())
+        assert link is not None  # only a drop is left to have ended the wait
         left = until - time.monotonic()
         try:
             async with asyncio.timeout(max(min(left, RECONNECT_WAIT_S), 0)):

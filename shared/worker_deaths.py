@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Iterator
-from typing import NamedTuple, TypeVar
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from nats.aio.msg import Msg as NatsMsg
 
 from gpufaas.shared.errors import PlatformError
 from gpufaas.shared.messages import Event, Reconnected, decode, decode_json
-
-T = TypeVar("T")
 
 
 class Loss(NamedTuple):
@@ -75,20 +73,6 @@ class Deaths:
                 fut.set_result(Loss(worker, died))
                 told += 1
         return told
-
-
-async def until_lost(send: Awaitable[T], died: asyncio.Future[Loss]) -> T:
-    """``send``'s reply, or ``WorkerLost`` as soon as ``died`` is set (an answer that is
-    already there wins)."""
-    task = asyncio.ensure_future(send)
-    try:
-        await asyncio.wait((task, died), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-    if task.done() and not task.cancelled():
-        return task.result()
-    raise WorkerLost(died.result())
 
 
 def exited(msg: NatsMsg) -> tuple[str, str, str] | None:

@@ -2,8 +2,8 @@
 
 A scheduler that ran a gateway's request on a warm instance grants the gateway a
 ``Route`` with its reply: the node, how many requests may be in flight on it from this
-gateway (the instance's batch x concurrency), the batching configuration, and how long the
-grant lasts (``GPUFAAS_DIRECT_ROUTE_TTL_S``, 1 s). Until it lapses, the gateway sends that
+gateway (twice the instance's batch x concurrency), the batching configuration, and how
+long the grant lasts (``GPUFAAS_DIRECT_ROUTE_TTL_S``, 1 s). Until it lapses, the gateway sends that
 function's requests to the tenant's worker on that node itself: two NATS hops and a
 scheduler's work fewer per request. Everything else still goes through a scheduler: the
 first request after a grant lapses (which renews it, and tells the scheduler how many ran
@@ -24,6 +24,7 @@ What keeps the scheduler's guarantees:
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,12 +44,15 @@ from gpufaas.shared.messages import (
     WorkerRunRequest,
     to_builtins,
 )
-from gpufaas.shared.rpc import request
-from gpufaas.shared.worker_deaths import Deaths, WorkerLost, until_lost
+from gpufaas.shared.rpc import Interrupted, request
+from gpufaas.shared.worker_deaths import Deaths
 
 log = structlog.get_logger()
 
 MAX_GRANTS = 4096  # functions with a route held at once (the oldest dropped past it)
+# Dispatch ids of this process's direct sends: unique without a random draw per request.
+_PROCESS = uuid.uuid4().hex
+_SENT = itertools.count()
 
 
 @dataclass(slots=True)
@@ -134,12 +138,12 @@ async def invoke(
         deadline=deadline,
         max_batch=route.max_batch,
         concurrency=route.concurrency,
-        dispatch_id=f"direct-{uuid.uuid4().hex}",
+        dispatch_id=f"direct-{_PROCESS}-{next(_SENT)}",
         direct=True,
     )
     try:
         with routes.deaths.watching(route.node, spec.tenant, None) as died:
-            send = request(
+            reply = await request(
                 gw.connected_nats(app),
                 subjects.worker(route.node, spec.tenant, subjects.WORKER_RUN),
                 run,
@@ -148,9 +152,9 @@ async def invoke(
                 request_id=request_id,
                 what=f"worker of node {route.node}",
                 resend=True,  # the worker answers a dispatch id once
+                interrupt=died,  # its process died or reconnected
             )
-            reply = await until_lost(send, died)
-    except (Unavailable, Overloaded, WorkerLost) as exc:
+    except (Unavailable, Overloaded, Interrupted) as exc:
         routes.drop(key, grant)
         routes.fell_back += 1
         log.info("direct.fell_back", function=key, node=route.node, error=repr(exc))

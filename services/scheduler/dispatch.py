@@ -170,14 +170,15 @@ class Dispatcher:
 
     def _with_route(self, reply: InvokeReply, config: EffectiveConfig) -> InvokeReply:
         """A gateway's reply from a warm instance, with the direct route to it: the
-        gateway's next requests go straight to that worker, up to the instance's capacity
-        in flight, until the grant lapses (``GPUFAAS_DIRECT_ROUTE_TTL_S``; 0: never)."""
+        gateway's next requests go straight to that worker, up to twice the instance's
+        capacity in flight (one batch computing, one gathering: what ``pump`` gives an
+        instance too), until the grant lapses (``GPUFAAS_DIRECT_ROUTE_TTL_S``; 0: never)."""
         ttl = self.host.config.direct_route_ttl_s
         if ttl <= 0:
             return reply
         route = Route(
             node=reply.node,
-            slots=min(config.capacity, 4096),
+            slots=min(2 * config.capacity, 4096),  # as many as pump lets an instance hold
             ttl_s=min(ttl, 60.0),
             max_batch=config.batch if config.profiled else None,
             concurrency=config.concurrency if config.profiled else None,

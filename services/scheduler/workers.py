@@ -21,10 +21,10 @@ from gpufaas.shared.messages import (
     WorkerUnloadReply,
     WorkerUnloadRequest,
 )
-from gpufaas.shared.rpc import request
-from gpufaas.shared.worker_deaths import Deaths, Loss, WorkerLost, until_lost
+from gpufaas.shared.rpc import Interrupted, request
+from gpufaas.shared.worker_deaths import Deaths, Loss, WorkerLost
 
-__all__ = ["Deaths", "Loss", "WorkerClient", "WorkerLost", "until_lost"]
+__all__ = ["Deaths", "Loss", "WorkerClient", "WorkerLost"]
 
 log = structlog.get_logger()
 R = TypeVar("R", bound=Msg)
@@ -164,17 +164,20 @@ class WorkerClient:
 
         async def send(worker: str | None) -> R:
             with self.deaths.watching(node, tenant, worker) as died:
-                reply = request(
-                    self.host.nc,
-                    subject,
-                    msg,
-                    reply_type,
-                    timeout=max(until - time.monotonic(), 0.001),
-                    request_id=request_id,
-                    what=f"worker of node {node}",
-                    resend=True,  # the worker answers a dispatch id once
-                )
-                return await until_lost(reply, died)
+                try:
+                    return await request(
+                        self.host.nc,
+                        subject,
+                        msg,
+                        reply_type,
+                        timeout=max(until - time.monotonic(), 0.001),
+                        request_id=request_id,
+                        what=f"worker of node {node}",
+                        resend=True,  # the worker answers a dispatch id once
+                        interrupt=died,
+                    )
+                except Interrupted as stop:
+                    raise WorkerLost(stop.why) from None
 
         return send
 

@@ -138,3 +138,28 @@ async def test_a_nudge_sends_requests_in_flight_again_at_most_once_a_gap(
         assert seen == [3, 3]
     finally:
         await close_nats(nc)
+
+
+@pytest.mark.parametrize("resend", [True, False])
+async def test_an_interrupt_ends_the_wait_and_an_answer_first_wins(
+    responder: list[int], requester: NATS, resend: bool
+) -> None:
+    """``interrupt`` (a worker's death notice): the wait ends at once with ``Interrupted``
+    carrying why, not at the deadline; a reply that came first is returned."""
+    loop = asyncio.get_running_loop()
+    never: asyncio.Future[str] = loop.create_future()
+    answer = await rpc.request(
+        requester, SUBJECT, Ask(n=1), Answer, timeout=30, resend=resend, interrupt=never
+    )
+    assert answer.n == 1
+    died: asyncio.Future[str] = loop.create_future()
+    call = asyncio.ensure_future(
+        rpc.request(requester, SUBJECT, Ask(n=2), Answer, timeout=30, resend=resend, interrupt=died)
+    )
+    await eventually(lambda: responder[-1:] == [2], 5, "the responder to get the request")
+    t0 = time.monotonic()
+    died.set_result("worker-1 died")
+    with pytest.raises(rpc.Interrupted) as stop:
+        await call
+    assert stop.value.why == "worker-1 died"
+    assert time.monotonic() - t0 < 0.4  # before the responder's answer (0.5 s)

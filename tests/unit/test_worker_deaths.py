@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
 
 from gpufaas.scheduler import workers
-from gpufaas.scheduler.workers import Deaths, Loss, WorkerClient, WorkerLost, until_lost
+from gpufaas.scheduler.workers import Deaths, Loss, WorkerClient
 
 pytestmark = pytest.mark.unit
 
@@ -34,23 +33,6 @@ async def test_a_death_ends_the_sends_that_went_to_that_process_only() -> None:
         assert other_tenant.done()
         assert not other_node.done()
     assert not deaths._sends  # nothing kept once the sends end
-
-
-async def test_until_lost_prefers_an_answer_and_cancels_the_wait_on_a_death() -> None:
-    loop = asyncio.get_running_loop()
-    died: asyncio.Future[Loss] = loop.create_future()
-
-    async def answer() -> str:
-        return "reply"
-
-    assert await until_lost(answer(), died) == "reply"
-    hang = asyncio.Event()
-    waiting = asyncio.ensure_future(until_lost(hang.wait(), died))
-    died.set_result(Loss("w1", died=True))
-    with pytest.raises(WorkerLost) as lost:
-        await waiting
-    assert lost.value.worker == "w1"
-    assert lost.value.died
 
 
 async def test_a_reconnect_ends_the_waits_without_counting_as_a_death(
