@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,19 @@ __all__ = ["HOST", "Platform", "free_ports", "http_status", "log_tail"]
 # ``gpufaas up`` itself is started, awaited and stopped by ``gpufaas.launch`` (the e2e tests
 # use it too): ``Platform.start(data_dir, "--demo", ...)``, ``.wait_ready``, ``.stop``.
 Platform = Up
+
+
+def with_worker_threads() -> dict[str, str]:
+    """Run this benchmark under the OpenMP settings the platform's workers compute with
+    (``gpufaas.platform.worker_thread_env``), re-executing it once if they differ: OpenMP
+    reads them when torch loads, and an in-process baseline under another policy (a
+    spinning one) measures the policy, and steals the cores the worker computes on."""
+    from gpufaas.platform import worker_thread_env  # noqa: PLC0415
+
+    want = worker_thread_env()
+    if any(os.environ.get(k) != v for k, v in want.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **want})
+    return want
 
 
 def start_nats(

@@ -11,6 +11,11 @@ size alternates, request by request, between
 and prints p50/p99/mean of each, the overhead and the ratio, and the median of the
 platform's own breakdown (``parameters.breakdown_us``) so one can see where the time goes.
 
+Both sides compute under the OpenMP settings of the platform's workers (the script runs
+itself again under them if needed). It prints the ratio of the worker's compute to the
+in-process call and exits 1 when it is above ``--max-compute-ratio`` (1.25): a
+regression of the warm path.
+
 Run:  .venv/bin/python bench/invoke_overhead.py [--requests 200] [--batch 1,8] [--json out.json]
 """
 
@@ -150,6 +155,7 @@ class BatchResult:
     max_abs_diff: float
     breakdown_median_ms: dict[str, float] = field(default_factory=dict)
     cold_replies: int = 0
+    compute_ratio: float = 0.0  # the worker's compute (median) over in-process (median)
 
 
 def measure(gw: Gateway, emb: BertEmbedder, batch: int, requests: int, warmup: int) -> BatchResult:
@@ -207,6 +213,7 @@ def measure(gw: Gateway, emb: BertEmbedder, batch: int, requests: int, warmup: i
         second()
 
     g, p = Stats.of(gw_s), Stats.of(ip_s)
+    compute_ms = harness.percentile(parts["compute"], 50)
     return BatchResult(
         batch=batch,
         requests=requests,
@@ -218,6 +225,7 @@ def measure(gw: Gateway, emb: BertEmbedder, batch: int, requests: int, warmup: i
         max_abs_diff=diff,
         breakdown_median_ms={k: harness.percentile(v, 50) for k, v in parts.items()},
         cold_replies=cold,
+        compute_ratio=compute_ms / p.p50_ms,
     )
 
 
@@ -248,6 +256,10 @@ def print_result(r: BatchResult) -> None:
         f"of which this client's json.loads {b['client_decode']:.2f}"
     )
     print(f"  max |gateway - in-process| = {r.max_abs_diff:.2e}; cold replies: {r.cold_replies}")
+    print(
+        f"  worker compute / in-process: {r.compute_ratio:.2f}x "
+        f"(the same call, the same thread settings)"
+    )
 
 
 # --- main ---------------------------------------------------------------------------
@@ -261,6 +273,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep-data-dir", action="store_true", help="keep the temporary data dir")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
     ap.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for up")
+    ap.add_argument(
+        "--max-compute-ratio",
+        type=float,
+        default=1.25,
+        help="exit 1 when the worker's compute exceeds in-process by more than this",
+    )
     ap.add_argument(
         "--no-auth",
         action="store_true",
@@ -280,8 +298,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    threads_env = harness.with_worker_threads()  # the in-process model computes as workers do
     signal.signal(signal.SIGTERM, harness.terminate)
-    m = harness.machine("CPU (no GPU)", extra={"torch_threads": torch.get_num_threads()})
+    m = harness.machine(
+        "CPU (no GPU)", extra={"torch_threads": torch.get_num_threads(), **threads_env}
+    )
     harness.print_machine(m)
     print_note()
 
@@ -332,7 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"results written to {args.json}")
-    return 0
+    slow = [r for r in results if r.compute_ratio > args.max_compute_ratio]
+    for r in slow:
+        print(
+            f"REGRESSION: batch {r.batch}: the worker computes {r.compute_ratio:.2f}x the "
+            f"in-process call (allowed {args.max_compute_ratio:g}x)",
+            file=sys.stderr,
+        )
+    return 1 if slow else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -61,6 +62,14 @@ def node_ids(count: int) -> list[str]:
     return [f"node-{i}" for i in range(count)]
 
 
+def worker_thread_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The OpenMP settings worker processes compute with (a value the user exported wins):
+    benchmarks run their in-process baselines with the same, so that a ratio compares the
+    platform, not two thread policies."""
+    env = os.environ if environ is None else environ
+    return {"OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 def start_node(
     sup: Supervisor, base: Config, node_id: str, mesh: MeshSecrets | None = None
 ) -> list[Child]:
@@ -76,7 +85,7 @@ def start_node(
     # spares (``gpufaas.worker.pool``), unless GPUFAAS_WORKER_ROLE says otherwise.
     worker_env = {
         **env,
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        **worker_thread_env(),
         "GPUFAAS_WORKER_ROLE": os.environ.get("GPUFAAS_WORKER_ROLE", "pool"),
     }
     return [
