@@ -300,8 +300,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    threads_env = harness.with_worker_threads()  # the in-process row computes as workers do
     signal.signal(signal.SIGTERM, harness.terminate)
-    m = harness.machine("CPU (no GPU)", extra={"torch_threads": torch.get_num_threads()})
+    m = harness.machine(
+        "CPU (no GPU)", extra={"torch_threads": torch.get_num_threads(), **threads_env}
+    )
     harness.print_machine(m)
     root = Path(tempfile.mkdtemp(prefix="gpufaas-bench-"))
     model_dir = export_vsum(root, args.big_mib * 1024 * 1024 // 4) if args.big_mib else root
