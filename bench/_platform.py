@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -43,6 +44,15 @@ def with_worker_threads() -> dict[str, str]:
     if any(os.environ.get(k) != v for k, v in want.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **want})
     return want
+
+
+def write_json(path: Path | None, machine: Mapping[str, Any], results: Mapping[str, Any]) -> None:
+    """The machine, the command line and ``results`` as JSON at ``path`` (if given)."""
+    if path is None:
+        return
+    doc = {"machine": dict(machine), "command": [sys.executable, *sys.argv], **results}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"results written to {path}")
 
 
 def start_nats(

@@ -548,10 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"data dir kept: {data_dir}")
         else:
             shutil.rmtree(data_dir, ignore_errors=True)
-    if args.json is not None:
-        doc = {"machine": m, "command": [sys.executable, *sys.argv], **results}
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"results written to {args.json}")
+    harness.write_json(args.json, m, results)
     return 0
 
 

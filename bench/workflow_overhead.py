@@ -396,10 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             if status != 0:
                 print(harness.log_tail(up.log_path), file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
-    if args.json is not None:
-        doc = {"machine": m, "command": [sys.executable, *sys.argv], **results}
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"results written to {args.json}")
+    harness.write_json(args.json, m, results)
     return 0
 
 

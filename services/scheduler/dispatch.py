@@ -12,7 +12,7 @@ import nats.errors
 import structlog
 from msgspec.structs import replace as msgspec_replace
 
-from gpufaas.scheduler.functions import FunctionRegistry
+from gpufaas.scheduler.functions import FunctionRegistry, scaled
 from gpufaas.scheduler.host import Host
 from gpufaas.scheduler.profiles import EffectiveConfig, effective_config
 from gpufaas.scheduler.queues import FunctionQueue, Pending
@@ -324,17 +324,8 @@ class Dispatcher:
             if bound is not None:
                 p.worker_us, p.new_process = bound.waited_us, bound.new_process
         if updated is not None:
-            await self.host.publish_event(
-                "function.scaled",
-                {
-                    "function": spec.name,
-                    "tenant": spec.tenant,
-                    "from": 0,
-                    "to": len(updated.nodes),
-                    "nodes": updated.nodes,
-                    "reason": "requests waiting and no live instance",
-                },
-            )
+            reason = "requests waiting and no live instance"
+            await self.host.publish_event("function.scaled", scaled(spec, 0, updated, reason))
             await self.pump(fq, updated)
 
     async def rejected(self, ref: FunctionRef, node: str, reason: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from msgspec.structs import replace as msgspec_replace
@@ -45,6 +46,19 @@ UPDATE_ATTEMPTS = 20
 
 def ref_of(spec: FunctionSpec) -> FunctionRef:
     return FunctionRef(spec.tenant, spec.name)
+
+
+def scaled(spec: FunctionSpec, before: int, updated: FunctionRecord, reason: str) -> dict[str, Any]:
+    """The ``function.scaled`` event of a function whose nodes went from ``before`` to
+    ``updated.nodes``, and why."""
+    return {
+        "function": spec.name,
+        "tenant": spec.tenant,
+        "from": before,
+        "to": len(updated.nodes),
+        "nodes": updated.nodes,
+        "reason": reason,
+    }
 
 
 class FunctionRegistry:

@@ -17,7 +17,7 @@ from msgspec.structs import replace as msgspec_replace
 
 from gpufaas.scheduler.autoscale import Autoscaler, FunctionLoad
 from gpufaas.scheduler.dispatch import Dispatcher
-from gpufaas.scheduler.functions import FunctionRegistry, ref_of
+from gpufaas.scheduler.functions import FunctionRegistry, ref_of, scaled
 from gpufaas.scheduler.host import Host
 from gpufaas.scheduler.profiles import effective_config, service_rps
 from gpufaas.scheduler.profiling import Profiles
@@ -174,15 +174,7 @@ class Leader:
                 self.draining[(ref_of(spec), node)] = now
         if updated is not None:
             await self.host.publish_event(
-                "function.scaled",
-                {
-                    "function": spec.name,
-                    "tenant": spec.tenant,
-                    "from": len(live),
-                    "to": len(updated.nodes),
-                    "nodes": updated.nodes,
-                    "reason": reason,
-                },
+                "function.scaled", scaled(spec, len(live), updated, reason)
             )
 
     async def rescale(self, req: ScaleRequest, now: float) -> ScaleReply:

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import structlog
 
-from gpufaas.scheduler.functions import FunctionRegistry
+from gpufaas.scheduler.functions import FunctionRegistry, scaled
 from gpufaas.scheduler.host import Host
 from gpufaas.scheduler.placement import bring_to_inputs
 from gpufaas.shared import constants as c
@@ -98,18 +98,11 @@ class InputLocality:
         self.paid.pop((key, node), None)
         if updated is None:
             return
-        await self.host.publish_event(
-            "function.scaled",
-            {
-                "function": spec.name,
-                "tenant": spec.tenant,
-                "from": len(live),
-                "to": len(updated.nodes),
-                "nodes": updated.nodes,
-                "reason": f"workflow inputs on {node}: copies there cost {paid * 1e3:.1f} ms "
-                f"so far, a cold start about {cold_s * 1e3:.0f} ms",
-            },
+        reason = (
+            f"workflow inputs on {node}: copies there cost {paid * 1e3:.1f} ms so far, "
+            f"a cold start about {cold_s * 1e3:.0f} ms"
         )
+        await self.host.publish_event("function.scaled", scaled(spec, len(live), updated, reason))
 
     def observe(self, ref: FunctionRef, inputs: list[TensorPayload], reply: InvokeReply) -> None:
         """A step's reply: its cold start, or the copy it paid for inputs held elsewhere."""
