@@ -149,6 +149,12 @@ class Metrics:
             ["route"],
             registry=self.registry,
         )
+        self.direct = Counter(
+            "gpufaas_direct_route_requests",
+            "Invocations sent on a direct route: answered, or sent through a scheduler instead",
+            ["outcome"],
+            registry=self.registry,
+        )
 
 
 METRICS = web.AppKey("metrics", Metrics)

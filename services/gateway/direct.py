@@ -157,12 +157,14 @@ async def invoke(
     except (Unavailable, Overloaded, Interrupted) as exc:
         routes.drop(key, grant)
         routes.fell_back += 1
+        app[gw.METRICS].direct.labels("fell_back").inc()
         log.info("direct.fell_back", function=key, node=route.node, error=repr(exc))
         return None
     finally:
         grant.inflight -= 1
     routes.sent += 1
     routes.count(key)
+    app[gw.METRICS].direct.labels("answered").inc()
     await gw.publish_app_event(app, request_id, "invocation.completed", _completed(spec, reply))
     return reply
 

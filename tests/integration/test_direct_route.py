@@ -83,6 +83,8 @@ async def test_a_warm_function_runs_direct_after_a_scheduler_grants_the_route(
         assert body["parameters"]["breakdown_us"]["queue"] == 0  # no scheduler queue
     assert routes.sent == 3
     assert routes.fell_back == 0
+    exposition = await (await p.client.get("/metrics")).text()
+    assert 'gpufaas_direct_route_requests_total{outcome="answered"} 3.0' in exposition
     assert grant.inflight == 0
     assert scheduler.dispatcher.queue(FunctionRef("default", "minilm")).arrivals == before
 
