@@ -1,16 +1,18 @@
 """Reading the functions and nodes KV buckets (the scheduler, the gateway, transfer):
 typed readers over :class:`~gpufaas.shared.kv.Bucket` s (``service.kv.functions``,
-``service.kv.nodes``) and the function cache the invocation path reads."""
+``service.kv.nodes``) and the record caches the invocation path reads."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import Generic, TypeVar
 
 from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.kv import Bucket
 from gpufaas.shared.messages import FunctionRecord, Heartbeat
 
+R = TypeVar("R")
 Functions = Bucket[FunctionRecord]
 Nodes = Bucket[Heartbeat]
 
@@ -32,49 +34,61 @@ async def records(functions: Functions, tenant: str | None = None) -> list[Funct
     return sorted(out, key=lambda r: (r.spec.tenant, r.spec.name))
 
 
-class FunctionCache:
-    """Function records mirrored from the functions bucket by a KV watch (an informer).
+class Mirror(Generic[R]):
+    """Records mirrored from a KV bucket by a watch (an informer), by key.
 
     The invocation path reads records without a round trip. A miss always falls back to
-    KV, so a new function is never reported missing; a deleted one may still be served
-    for the watch's propagation delay (the worker refuses to cold-start a function that
-    is no longer in KV, so that window cannot bring an instance back). A service follows
-    the bucket with ``self.watch(self.kv.functions, cache.on_change, name)``, the gateway
-    with ``follow``.
+    KV, so a new record is never reported missing; a deleted one may still be read for
+    the watch's propagation delay. A service follows the bucket with
+    ``self.watch(bucket, mirror.on_change, name)``, the gateway with ``follow``.
     """
 
-    def __init__(self, functions: Functions | None = None) -> None:
-        self._bucket = functions
-        self._records: dict[str, FunctionRecord] = {}
+    def __init__(self, bucket: Bucket[R] | None = None) -> None:
+        self._bucket = bucket
+        self._records: dict[str, R] = {}
 
-    def bind(self, functions: Functions) -> None:
+    def bind(self, bucket: Bucket[R]) -> None:
         """The bucket to read on a miss (for a cache made before its service started)."""
-        self._bucket = functions
+        self._bucket = bucket
 
     @property
-    def bucket(self) -> Functions:
-        assert self._bucket is not None, "function cache not bound to its bucket"
+    def bucket(self) -> Bucket[R]:
+        assert self._bucket is not None, "record cache not bound to its bucket"
         return self._bucket
 
-    def on_change(self, key: str, value: FunctionRecord | None) -> None:
+    def on_change(self, key: str, value: R | None) -> None:
         """One change of the bucket: a record written (or ``None``: deleted)."""
         if value is None:
             self._records.pop(key, None)
         else:
             self._records[key] = value
 
-    async def record(self, ref: FunctionRef) -> FunctionRecord | None:
-        """The function's record: the mirrored copy, else KV's."""
+    async def record(self, ref: FunctionRef) -> R | None:
+        """The record of ``ref``: the mirrored copy, else KV's."""
         found = self._records.get(ref.key)
         return found if found is not None else await self.bucket.value(ref.key)
+
+    def put(self, key: str, value: R) -> None:
+        """Take a record this process has just written (before the watch says so)."""
+        self._records[key] = value
+
+    def drop(self, key: str) -> None:
+        """Forget a record this process has just deleted (before the watch says so)."""
+        self._records.pop(key, None)
+
+
+class FunctionCache(Mirror[FunctionRecord]):
+    """Function records mirrored from the functions bucket (see :class:`Mirror`). The
+    worker refuses to cold-start a function that is no longer in KV, so the window in
+    which a deleted one may still be read cannot bring an instance back."""
 
     async def get(self, tenant: str, name: str) -> FunctionRecord | None:
         return await self.record(FunctionRef(tenant, name))
 
     def remember(self, record: FunctionRecord) -> None:
         """Take a record this process has just written (before the watch says so)."""
-        self._records[FunctionRef(record.spec.tenant, record.spec.name).key] = record
+        self.put(FunctionRef(record.spec.tenant, record.spec.name).key, record)
 
     def forget(self, tenant: str, name: str) -> None:
         """Drop a record this process has just deleted (before the watch says so)."""
-        self._records.pop(FunctionRef(tenant, name).key, None)
+        self.drop(FunctionRef(tenant, name).key)

@@ -127,6 +127,8 @@ class SchedulerService(Service):
         await self.failover.register()
         self.functions.bind(self.kv.functions)
         self.watch(self.kv.functions, self.functions.on_change, "functions-watch")
+        self.workflows.cache.bind(self.kv.workflows)
+        self.watch(self.kv.workflows, self.workflows.cache.on_change, "workflows-watch")
         # An event (JSON, from the EVENTS stream's subject), not a request: no endpoint.
         self._subs.append(
             await self.nc.subscribe(subjects.event("memory.rejected"), cb=self._on_rejected)

@@ -19,7 +19,7 @@ from gpufaas.scheduler.workflow_run import WorkflowRun
 from gpufaas.shared.errors import AlreadyExists, InvalidArgument, NotFound
 from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import InvokeReply, TensorPayload
-from gpufaas.shared.registry import records
+from gpufaas.shared.registry import Mirror, records
 from gpufaas.shared.workflows import (
     WorkflowDeleteReply,
     WorkflowDeleteRequest,
@@ -54,10 +54,13 @@ class Workflows:
         self.dispatcher = dispatcher
         self.profiles = profiles
         self.locality = InputLocality(host, dispatcher.registry)
+        # The records, watched (bound at start): a run reads its record without a round trip.
+        self.cache: Mirror[WorkflowRecord] = Mirror()
         # Called after each workflow step (a test seam: stop a node between two steps).
         self.step_done: StepDone | None = None
 
     async def record(self, ref: FunctionRef) -> WorkflowRecord | None:
+        """The workflow's record in KV (deploy and delete decide on the stored one)."""
         return await self.host.kv.workflows.value(ref.key)
 
     async def deploy(self, req: WorkflowDeployRequest) -> WorkflowDeployReply:
@@ -75,7 +78,10 @@ class Workflows:
             raise AlreadyExists(
                 f"workflow {spec.name!r} exists with another spec; delete it first", field="name"
             )
-        if await self.host.kv.workflows.create(ref.key, record) is None:
+        created = await self.host.kv.workflows.create(ref.key, record)
+        if created is not None:
+            self.cache.put(ref.key, record)
+        else:
             winner = await self.record(ref)
             if winner is not None and winner.spec == record.spec:
                 return WorkflowDeployReply(workflow=winner, created=False)
@@ -110,6 +116,7 @@ class Workflows:
         if await self.record(ref) is None:
             raise NotFound(f"workflow {req.name!r} not found", field="name")
         await self.host.kv.workflows.delete(ref.key)
+        self.cache.drop(ref.key)
         await self.host.publish_event(
             "workflow.deleted", {"workflow": req.name, "tenant": req.tenant}
         )
@@ -121,7 +128,7 @@ class Workflows:
         """Each step's n-th run is dispatched as ``<dispatch_id>.<step>.<n>``: run again by a
         replica taking over, a step already sent is answered from its worker's memory; a
         step run again to recompute a lost output (lineage) gets a new id, so it runs."""
-        wf = await self.record(FunctionRef(req.tenant, req.workflow))
+        wf = await self.cache.record(FunctionRef(req.tenant, req.workflow))
         if wf is None:
             raise NotFound(f"workflow {req.workflow!r} not found", field="workflow")
         runs: Counter[str] = Counter()
