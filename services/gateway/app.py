@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from gpufaas.gateway import (
     binary,
+    console,
     direct,
     grpc_server,
     keys,
@@ -100,7 +101,7 @@ from gpufaas.shared.messages import (
     new_event,
     to_builtins,
 )
-from gpufaas.shared.registry import FunctionCache, alive, records
+from gpufaas.shared.registry import FunctionCache, Mirror, alive, records
 from gpufaas.shared.rpc import Link, link_of, reconnected
 from gpufaas.shared.rpc import request as nats_request
 from gpufaas.shared.service import cancel_and_wait, close_nats, connect_nats, follow
@@ -129,6 +130,7 @@ CONFIG = web.AppKey("config", Config)
 NC = web.AppKey("nc", NATS)
 KV = web.AppKey("kv", TypedBuckets)
 FUNCTIONS = web.AppKey("functions", FunctionCache)
+WORKFLOWS = web.AppKey("workflows", Mirror[WorkflowRecord])
 
 _NAME = re.compile(NAME_PATTERN)
 
@@ -594,7 +596,7 @@ async def _require_workflow(request: web.Request, name: str) -> WorkflowRecord:
     if not _NAME.match(name):
         raise NotFound(f"workflow {name!r} not found", field="name")
     await reconnected_nats(request.app)
-    record = await request.app[KV].workflows.value(FunctionRef(tenant_of(request), name).key)
+    record = await request.app[WORKFLOWS].record(FunctionRef(tenant_of(request), name))
     if record is None:
         raise NotFound(f"workflow {name!r} not found", field="name")
     return record
@@ -940,6 +942,7 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     buckets = await wait_for_jetstream(nc, config)
     app[KV] = TypedBuckets(js, buckets)
     app[FUNCTIONS] = FunctionCache(app[KV].functions)
+    app[WORKFLOWS] = Mirror(app[KV].workflows)
     app[KEYS] = KeyCache(app[KV].keys)
     if (link := link_of(nc)) is not None:  # a scheduler replica is back: send invokes again
         await nc.subscribe(subjects.SCHED_RECONNECTED, cb=functools.partial(_nudge, link))
@@ -956,6 +959,10 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(
             follow(app[KV].functions, app[FUNCTIONS].on_change, stats),
             name="gateway:functions-watch",
+        ),
+        asyncio.create_task(
+            follow(app[KV].workflows, app[WORKFLOWS].on_change, LoopCounter("workflows-watch")),
+            name="gateway:workflows-watch",
         ),
         # Revocations reach this gateway as fast as the watch delivers them.
         asyncio.create_task(
@@ -990,7 +997,14 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(sysshm.regions_ctx)  # clients' shared-memory regions (per gateway)
     app.cleanup_ctx.append(grpc_server.grpc_ctx)  # after NATS: it serves from its caches
     app[openai_api.TOKENS] = TokenCounter(config.data_dir)
-    routes = [*ROUTES, *models.ROUTES, *openai_api.ROUTES, *repository.ROUTES, *sysshm.ROUTES]
+    routes = [
+        *ROUTES,
+        *models.ROUTES,
+        *openai_api.ROUTES,
+        *repository.ROUTES,
+        *sysshm.ROUTES,
+        *console.ROUTES,
+    ]
     docs = [doc for doc, _ in routes] + [RouteDoc("GET", "/openapi.json", "This document")]
     app[ERROR_SHAPES] = {doc.path: doc.errors for doc in docs if doc.errors is not None}
     spec = build_openapi(docs, VERSION)

@@ -28,8 +28,10 @@ log = structlog.get_logger()
 
 TENANT_HEADER: Final = "X-Gpufaas-Tenant"
 AUTH_HEADER: Final = "Authorization"
-# The only routes a caller without a key may reach (orchestrators probe them).
-OPEN_PATHS: Final = frozenset({"/v2/health/live", "/v2/health/ready"})
+# The only routes a caller without a key may reach: orchestrators probe the first two;
+# the web console's files hold no data (the page asks for a key and sends it itself).
+OPEN_PATHS: Final = frozenset({"/v2/health/live", "/v2/health/ready", "/console"})
+OPEN_PREFIX: Final = "/console/"
 ACTED_AS: Final = "auth.acted_as"
 
 _NAME: Final = re.compile(NAME_PATTERN)
@@ -118,6 +120,11 @@ def unverified_caller(headers: Mapping[str, str]) -> Caller:
     return Caller(_header_tenant(headers) or c.DEFAULT_TENANT, admin=True, acting=True)
 
 
+def is_open(path: str) -> bool:
+    """Whether ``path`` is served without a key (``OPEN_PATHS``, the console's files)."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
+
+
 def auth_middleware(config: Config, publish: Publish) -> Middleware:
     """The middleware: a :class:`Caller` on every request but liveness and readiness.
 
@@ -127,7 +134,7 @@ def auth_middleware(config: Config, publish: Publish) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS or (config.metrics_public and request.path == "/metrics"):
+        if is_open(request.path) or (config.metrics_public and request.path == "/metrics"):
             return await handler(request)
         if not config.auth:
             request[CALLER] = unverified_caller(request.headers)

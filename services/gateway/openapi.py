@@ -58,6 +58,7 @@ class RouteDoc:
     params: tuple[Param, ...] = ()
     errors: ErrorShape | None = None  # None: the gateway's ``Error``
     body_required: bool = True  # False: an empty body is taken as ``{}``
+    returns: tuple[str, ...] = ()  # a non-JSON success body of these types, e.g. text/html
 
 
 ERROR_SCHEMA: dict[str, Any] = {
@@ -100,6 +101,9 @@ def build_openapi(routes: list[RouteDoc], version: str) -> dict[str, Any]:
 def _operation(r: RouteDoc, ref_of: dict[type[msgspec.Struct], Any]) -> dict[str, Any]:
     """One operation: its parameters, body and responses (errors: the Error schema)."""
     responses: dict[str, Any] = {str(r.ok): {"description": "success"}}
+    if r.returns:
+        text = {"schema": {"type": "string"}}
+        responses[str(r.ok)]["content"] = dict.fromkeys(r.returns, text)
     if r.exists_ok:
         responses["200"] = {"description": "the same exists already; nothing changed"}
     responses["default"] = {
