@@ -120,6 +120,7 @@ def start_platform(data_dir: Path, *, demo: bool, env: dict[str, str]) -> harnes
         data_dir, "--devices", "cpu", *(["--demo"] if demo else []), env=env
     )
     PLATFORMS[plat.http_port] = plat
+    ts.PLATFORMS[plat.http_port] = plat  # tensor_sharing's helpers (worker_listed) read it
     return plat
 
 
