@@ -76,24 +76,25 @@ class DirectRoutes:
         self.fell_back = 0  # direct sends that went through a scheduler instead
 
     def take(self, key: str, now: float) -> Grant | None:
-        """A slot on ``key``'s route (the caller gives it back), or None: no route, it
-        lapsed, or its slots are all in flight."""
+        """A slot on ``key``'s route (the caller gives it back on the grant it got), or
+        None: no route, it lapsed, or its slots are all in flight. A lapsed grant stays
+        until its renewal, which keeps counting the requests still in flight on it."""
         grant = self.grants.get(key)
-        if grant is None:
-            return None
-        if now >= grant.until:
-            del self.grants[key]
-            return None
-        if grant.inflight >= grant.route.slots:
+        if grant is None or now >= grant.until or grant.inflight >= grant.route.slots:
             return None
         grant.inflight += 1
         return grant
 
     def grant(self, key: str, route: Route, now: float) -> None:
-        """A scheduler's grant (a renewal keeps the count in flight on the same node)."""
+        """A scheduler's grant. A renewal to the same node updates the grant in place, so
+        the requests in flight on it, which give their slots back to that object, stay
+        counted; a route to another node starts with none."""
         old = self.grants.pop(key, None)
-        inflight = old.inflight if old is not None and old.route.node == route.node else 0
-        self.grants[key] = Grant(route, now + route.ttl_s, inflight)
+        if old is not None and old.route.node == route.node:
+            old.route, old.until = route, now + route.ttl_s
+            self.grants[key] = old  # re-inserted: the oldest grants go first past the cap
+        else:
+            self.grants[key] = Grant(route, now + route.ttl_s)
         while len(self.grants) > MAX_GRANTS:
             del self.grants[next(iter(self.grants))]
 
