@@ -440,6 +440,29 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+@keys_app.command("bootstrap")
+def keys_bootstrap(
+    data_dir: Annotated[
+        Path, typer.Option(envvar="GPUFAAS_DATA_DIR", help="where the key file is kept")
+    ] = default_data_dir(),
+) -> None:
+    """The first admin key of a platform not started by `gpufaas up` (compose, Kubernetes):
+    made in the keys bucket with this process's NATS identity (GPUFAAS_NATS_* settings; run
+    it where a gateway runs, e.g. `docker compose exec gateway gpufaas keys bootstrap`),
+    kept in DATA_DIR/admin.key (0600) and printed. A valid key already there is printed
+    again; run it again after revoking that key to get a new one."""
+    from gpufaas.admin_key import admin_key, key_path  # noqa: PLC0415 (NATS only here)
+    from gpufaas.shared.errors import PlatformError  # noqa: PLC0415
+
+    try:
+        key, created = admin_key(Config.from_env(), data_dir)
+    except (PlatformError, OSError) as exc:
+        raise _fail(f"cannot make the admin key: {exc}") from None
+    made = "created" if created else "kept"
+    console.print(f"[green]{made}[/green] admin key in {key_path(data_dir)} (mode 0600)")
+    print(key)  # alone on its line, for scripts
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="the tenant the key acts as")],

@@ -4,6 +4,7 @@ and turns an error reply into one line (with a hint for a missing or refused key
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from typer.testing import CliRunner, Result
 
@@ -54,3 +55,28 @@ async def test_commands_send_the_key_and_report_errors_in_one_line(platform: Pla
     await eventually(refused, 10, "the revoked key to be refused")
     result = await asyncio.to_thread(cli, "delete", "minilm")
     assert result.exit_code == 0, result.output
+
+
+async def test_keys_bootstrap_makes_the_first_admin_key_then_keeps_it(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """`gpufaas keys bootstrap` (compose, Kubernetes: no `gpufaas up` made a key) writes an
+    admin key with the process's NATS identity; the gateway takes it; a second run keeps it."""
+    runner = CliRunner()
+    env = {k: v for k, v in platform.config.to_env().items() if k.startswith("GPUFAAS_NATS")}
+
+    def bootstrap() -> Result:
+        argv = ["keys", "bootstrap", "--data-dir", str(tmp_path)]
+        return runner.invoke(cli_app, argv, env=env, catch_exceptions=False)
+
+    first = await asyncio.to_thread(bootstrap)
+    assert first.exit_code == 0, first.output
+    assert "created" in first.output
+    key = first.output.strip().splitlines()[-1]
+    assert (tmp_path / "admin.key").stat().st_mode & 0o777 == 0o600
+    resp = await platform.client.get("/v1/keys", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 200, await resp.text()
+    again = await asyncio.to_thread(bootstrap)
+    assert again.exit_code == 0, again.output
+    assert "kept" in again.output
+    assert again.output.strip().splitlines()[-1] == key
