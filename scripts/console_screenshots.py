@@ -2,20 +2,23 @@
 
     python scripts/console_screenshots.py [--out docs/img]
 
-Starts ``gpufaas up --demo --devices sim:2`` on free ports with a temporary data directory,
-invokes the demo function a few times (so the functions, events and breakdown pages have
-something to show), opens each page in Debian's headless chromium (apt-get install
+Starts ``gpufaas up --demo --devices sim:4`` on free ports with a temporary data directory,
+deploys a workflow of two demo steps side by side and invokes the demo function a few
+times (so the functions, workflows, events and breakdown pages have something to show),
+opens each page in Debian's headless chromium (apt-get install
 chromium chromium-driver) and writes ``console-<page>.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.system.browser
 
@@ -24,17 +27,31 @@ from tests.system import browser
 
 PAGES = {  # page: an element that holds its data once it has loaded
     "overview": "#overview .node table",
+    "topology": "#topology svg.topo .topo-link",
     "functions": "#functions-table tbody tr",
+    "workflows": "#workflows svg.dag .dag-step",
     "events": "#events-body tr",
     "breakdown": "#breakdown-chart rect",
 }
 TEXTS = ["a serverless platform", "GPUs shared by functions", "tensors stored once"]
+TWIN = {  # two steps of the demo function side by side: a DAG with the demo alone
+    "name": "twin",
+    "steps": [
+        {"name": "left", "function": "minilm", "inputs": {"text": "$input.text"}},
+        {"name": "right", "function": "minilm", "inputs": {"text": "$input.text"}},
+    ],
+    "outputs": {"left_embedding": "left.embedding", "right_embedding": "right.embedding"},
+}
+# The playgrounds' submit buttons and the element their result shows up in.
+PLAYGROUNDS = {
+    "functions": ("#pg-function option", "pg-invoke", ".output .shape"),
+    "workflows": ("#wf-function option", "wf-invoke", "#wf-steps"),
+}
 
 
-def invoke(up: Up, texts: list[str]) -> None:
-    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+def post(up: Up, path: str, body: Any) -> None:
     req = urllib.request.Request(
-        f"{up.url}/v2/models/minilm/infer",
+        f"{up.url}{path}",
         data=json.dumps(body).encode(),
         headers={**up.headers, "Content-Type": "application/json"},
     )
@@ -42,8 +59,13 @@ def invoke(up: Up, texts: list[str]) -> None:
         resp.read()
 
 
+def invoke(up: Up, texts: list[str]) -> None:
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+    post(up, "/v2/models/minilm/infer", body)
+
+
 def shoot(up: Up, out: Path) -> list[Path]:
-    """Sign in, then one PNG per page (the playground run once on the functions page)."""
+    """Sign in, then one PNG per page (each playground run once)."""
     from selenium.webdriver.common.by import By  # noqa: PLC0415 - the dev extra
 
     key = up.api_key
@@ -53,15 +75,16 @@ def shoot(up: Up, out: Path) -> list[Path]:
         browser.sign_in(driver, up.url, key)
         for page, ready in PAGES.items():
             browser.open_page(driver, page, ready, timeout=60)
-            if page == "functions":
+            if page in PLAYGROUNDS:
+                choices, button, result = PLAYGROUNDS[page]
                 browser.wait_for(
                     "the playground's choices",
-                    lambda: driver.find_elements(By.CSS_SELECTOR, "#pg-function option"),
+                    functools.partial(driver.find_elements, By.CSS_SELECTOR, choices),
                 )
-                driver.find_element(By.ID, "pg-invoke").click()
+                driver.find_element(By.ID, button).click()
                 browser.wait_for(
                     "the playground's result",
-                    lambda: driver.find_elements(By.CSS_SELECTOR, ".output .shape"),
+                    functools.partial(driver.find_elements, By.CSS_SELECTOR, result),
                     timeout=60,
                 )
             path = out / f"console-{page}.png"
@@ -79,9 +102,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        Up.start(Path(tmp) / "data", "--demo", "--devices", "sim:2") as up,
+        Up.start(Path(tmp) / "data", "--demo", "--devices", "sim:4") as up,
     ):
         up.wait_ready()
+        post(up, "/v1/workflows", TWIN)
         for i in range(len(TEXTS)):
             invoke(up, TEXTS[: i + 1])
         for path in shoot(up, args.out):

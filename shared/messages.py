@@ -745,6 +745,30 @@ class DeviceInfo(Msg, frozen=True, tag="device.v1"):
     used_bytes: Count = 0
 
 
+class LinkInfo(Msg, frozen=True, tag="link_info.v1"):
+    """One link of a node's topology and the bytes it has carried each way (since its
+    transfer service started; on simulated GPUs, the emulated copies' bytes)."""
+
+    a: str  # "host", "gpu:0", ...
+    b: str
+    kind: str  # the topology's: pcie3, nvlink2, ...
+    gbps: float  # per direction
+    bytes_a_to_b: Count = 0
+    bytes_b_to_a: Count = 0
+
+
+class LinksRequest(Msg, frozen=True, tag="links_request.v1"):
+    pass
+
+
+class LinksReply(Msg, frozen=True, tag="links_reply.v1"):
+    """A node's links (none without GPUs) and the topology they come from."""
+
+    topology: str  # its name; "" without GPUs
+    simulated: bool
+    links: list[LinkInfo]
+
+
 class CapacityRequest(Msg, frozen=True, tag="capacity_request.v1"):
     pass
 

@@ -146,6 +146,7 @@ def permissions(role: str, node: str = "") -> Permissions | None:
             + [
                 _node_verb("*", "tensorstore", subjects.TENSORSTORE_STATS),
                 _node_verb("*", "memory", subjects.MEMORY_STATS),
+                _node_verb("*", "transfer", subjects.TRANSFER_LINKS),
                 # A warm function's direct route (gateway/direct.py): its tenant's worker.
                 _node_verb("*", "worker", f"*.{subjects.WORKER_RUN}"),
                 subjects.STATS_ALL,
@@ -156,6 +157,7 @@ def permissions(role: str, node: str = "") -> Permissions | None:
             sub_allow=[
                 inbox,
                 subjects.SCHED_RECONNECTED,
+                subjects.SCHED_LOAD,  # the replicas' queues, shown in GET /v1/functions
                 subjects.event("worker.exited"),  # a direct route's process died
                 subjects.WORKERS_RECONNECTED,  # ... or reconnected
             ],

@@ -129,6 +129,7 @@ TRANSFER_ENSURE: Final = "ensure"
 TRANSFER_ADOPT: Final = "adopt"  # a worker's new output tube onto a (simulated) GPU tier
 TRANSFER_FETCH: Final = "fetch"  # between transfer services: a chunk of a local tube
 TRANSFER_RELEASE: Final = "release"  # the memory manager: a tube's GPU copy out, to host
+TRANSFER_LINKS: Final = "links"  # the node's links and the bytes each carried (the console)
 MEMORY_CAPACITY: Final = "capacity"
 MEMORY_ALLOC: Final = "alloc"
 MEMORY_FREE: Final = "free"

@@ -34,6 +34,7 @@ from gpufaas.gateway import (
     direct,
     grpc_server,
     keys,
+    loads,
     models,
     openai_api,
     repository,
@@ -89,11 +90,14 @@ from gpufaas.shared.messages import (
     FunctionSpec,
     InvokeReply,
     InvokeRequest,
+    LinksReply,
+    LinksRequest,
     M,
     MemStatsReply,
     MemStatsRequest,
     ModelSource,
     Msg,
+    ProfileRecord,
     StoreStats,
     StoreStatsRequest,
     convert,
@@ -131,6 +135,7 @@ NC = web.AppKey("nc", NATS)
 KV = web.AppKey("kv", TypedBuckets)
 FUNCTIONS = web.AppKey("functions", FunctionCache)
 WORKFLOWS = web.AppKey("workflows", Mirror[WorkflowRecord])
+LOADS = web.AppKey("loads", loads.Loads)
 
 _NAME = re.compile(NAME_PATTERN)
 
@@ -556,24 +561,38 @@ async def functions_post(request: web.Request) -> web.Response:
     return json_response(function_json(reply.function), 201 if reply.created else 200)
 
 
+def function_view(
+    app: web.Application, record: FunctionRecord, profile: ProfileRecord | None
+) -> dict[str, Any]:
+    """A function's record with the configuration its profile chose (``profile``: batch
+    size, concurrency, why, and the measured points; ``complete`` false while the
+    background profile runs) and its requests queued and running (``load``: summed over
+    the scheduler replicas' latest reports)."""
+    out = function_json(record)
+    if profile is not None and profile.spec == record.spec:  # this deployment's profile
+        out["profile"] = untagged(to_builtins(profile))
+        del out["profile"]["spec"]
+    out["load"] = app[LOADS].of(FunctionRef(record.spec.tenant, record.spec.name).key).to_json()
+    return out
+
+
 async def functions_list(request: web.Request) -> web.Response:
     nats_of(request)
-    found = await records(request.app[KV].functions, tenant_of(request))
-    return json_response({"functions": [function_json(r) for r in found]})
+    tenant = tenant_of(request)
+    found = await records(request.app[KV].functions, tenant)
+    profiles = {
+        e.value.spec.name: e.value for e in await request.app[KV].profiles.items(f"{tenant}.")
+    }
+    views = [function_view(request.app, r, profiles.get(r.spec.name)) for r in found]
+    return json_response({"functions": views})
 
 
 async def function_get(request: web.Request) -> web.Response:
-    """A function's record, with the configuration its profile chose (``profile``: batch
-    size, concurrency, why, and the measured points; ``complete`` false while the
-    background profile runs)."""
+    """A function's record, its profile's choice and its load (see ``function_view``)."""
     record = await require_function(request, request.match_info["name"])
-    out = function_json(record)
     ref = FunctionRef(record.spec.tenant, record.spec.name)
     profile = await request.app[KV].profiles.value(ref.key)
-    if profile is not None and profile.spec == record.spec:
-        out["profile"] = untagged(to_builtins(profile))
-        del out["profile"]["spec"]
-    return json_response(out)
+    return json_response(function_view(request.app, record, profile))
 
 
 async def function_delete(request: web.Request) -> web.Response:
@@ -709,6 +728,17 @@ async def _memory_stats(nc: NATS, node: str) -> dict[str, Any] | None:
     return {"pools": pools, "reserved": dict(stats.reserved)}
 
 
+async def _link_stats(nc: NATS, node: str) -> dict[str, Any] | None:
+    """A node's topology links (endpoints, kind, GB/s per direction) with the bytes each has
+    carried each way, or None if its transfer service does not answer within a second."""
+    subject = subjects.node(node, "transfer", subjects.TRANSFER_LINKS)
+    try:
+        reply = await nats_request(nc, subject, LinksRequest(), LinksReply, timeout=1)
+    except PlatformError:
+        return None
+    return cast(dict[str, Any], untagged(to_builtins(reply)))
+
+
 def _own_reservations(memory: dict[str, Any] | None, tenant: str) -> dict[str, Any] | None:
     """A node's memory figures with only ``tenant``'s reservations (keyed ``"<device>
     <tenant>.<function>"``): a tenant never learns another's function names."""
@@ -721,18 +751,25 @@ def _own_reservations(memory: dict[str, Any] | None, tenant: str) -> dict[str, A
 
 
 async def nodes_list(request: web.Request) -> web.Response:
-    """Live nodes: services, devices, tensor store and memory figures (a tenant's key sees
-    only its own functions' reservations; an admin key sees all)."""
+    """Live nodes: services, devices, links (with the bytes each carried), tensor store and
+    memory figures (a tenant's key sees only its own functions' reservations; an admin key
+    sees all). Each node's services are asked at once, each answer awaited a second."""
     nc = nats_of(request)
     config = request.app[CONFIG]
     caller = caller_of(request)
     nodes = await alive(request.app[KV].nodes, config.node_ttl_s)
-    stores = await asyncio.gather(*(_store_stats(nc, node) for node in sorted(nodes)))
-    memories = await asyncio.gather(*(_memory_stats(nc, node) for node in sorted(nodes)))
+    names = sorted(nodes)
+    stores, memories, links = await asyncio.gather(
+        asyncio.gather(*(_store_stats(nc, node) for node in names)),
+        asyncio.gather(*(_memory_stats(nc, node) for node in names)),
+        asyncio.gather(*(_link_stats(nc, node) for node in names)),
+    )
     if not caller.sees_all:
         memories = [_own_reservations(m, caller.tenant) for m in memories]
     out = []
-    for (node, beats), store, memory in zip(sorted(nodes.items()), stores, memories, strict=True):
+    for (node, beats), store, memory, link in zip(
+        sorted(nodes.items()), stores, memories, links, strict=True
+    ):
         devices: dict[str, Any] = {}
         for beat in beats:
             for d in beat.devices:  # the memory service lists them; the worker adds usage
@@ -752,6 +789,7 @@ async def nodes_list(request: web.Request) -> web.Response:
                 "devices": sorted(devices.values(), key=_device_order),
                 "tensor_store": store,
                 "memory": memory,
+                "links": link,
             }
         )
     return json_response({"nodes": out})
@@ -944,6 +982,7 @@ async def _nats_ctx(app: web.Application) -> AsyncIterator[None]:
     app[FUNCTIONS] = FunctionCache(app[KV].functions)
     app[WORKFLOWS] = Mirror(app[KV].workflows)
     app[KEYS] = KeyCache(app[KV].keys)
+    await nc.subscribe(subjects.SCHED_LOAD, cb=app[LOADS].on_msg)  # queues, for the console
     if (link := link_of(nc)) is not None:  # a scheduler replica is back: send invokes again
         await nc.subscribe(subjects.SCHED_RECONNECTED, cb=functools.partial(_nudge, link))
     # A worker process died or reconnected: direct sends to it go through a scheduler now.
@@ -992,6 +1031,8 @@ def create_app(config: Config) -> web.Application:
     app[METRICS] = Metrics()
     app[ADMISSION] = Admission.from_config(config)
     app[direct.ROUTES] = direct.DirectRoutes()
+    # A replica silent for three autoscaling ticks is gone: its queues stop counting.
+    app[LOADS] = loads.Loads(horizon_s=3 * config.autoscale_interval_s)
     app.cleanup_ctx.append(_nats_ctx)
     app.cleanup_ctx.append(models.uploads_ctx)  # after NATS: it opens the uploads' buckets
     app.cleanup_ctx.append(sysshm.regions_ctx)  # clients' shared-memory regions (per gateway)

@@ -108,6 +108,16 @@ ROUTES: list[tuple[RouteDoc, Handler]] = [
     (
         RouteDoc(
             "GET",
+            "/console/",
+            "The web console, also with a trailing slash (the same page)",
+            public=True,
+            returns=("text/html",),
+        ),
+        index,
+    ),
+    (
+        RouteDoc(
+            "GET",
             "/console/{path}",
             "A file of the web console (its scripts, style sheet, icon)",
             public=True,

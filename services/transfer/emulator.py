@@ -17,6 +17,7 @@ import time
 
 from gpufaas.shared.shm import new_id
 from gpufaas.transfer.linkmodel import LinkModel
+from gpufaas.transfer.links import LinkBytes
 from gpufaas.transfer.simengine import CopyFn, SimCopyEngine, SimTransfer, TransferRecord
 
 TICK_S = 0.0005  # how often the clock catches up while copies are in flight
@@ -30,8 +31,9 @@ DILATION = 50.0
 class EmulatedCopies:
     """One node's simulated copy engine, advanced in step with the wall clock."""
 
-    def __init__(self, model: LinkModel) -> None:
+    def __init__(self, model: LinkModel, moved: LinkBytes | None = None) -> None:
         self.engine = SimCopyEngine(model)
+        self.moved = moved if moved is not None else LinkBytes()  # per link, as copies land
         self._t0 = time.monotonic()
         self._waiting: dict[str, asyncio.Future[TransferRecord]] = {}
         self._pump: asyncio.Task[None] | None = None
@@ -86,6 +88,8 @@ class EmulatedCopies:
             return
         self.engine.records.clear()  # returned above; a long-lived service keeps none
         for rec in records:
+            for route, nbytes in zip(rec.routes, rec.route_nbytes, strict=True):
+                self.moved.add(route.hops, nbytes)
             fut = self._waiting.pop(rec.id) if rec.id in self._waiting else None
             if fut is not None and not fut.done():
                 fut.set_result(rec)

@@ -4,27 +4,53 @@ Every copy between tiers of this node is planned by the planner (``planner.py``)
 the resources the copies already in flight use, so a copy that arrives while another
 holds GPU 0's PCIe link is routed around it. On simulated GPUs the plan's modelled time
 is the copy's reported duration (labelled simulated); on a real GPU the plan only picks
-the routes and the copy is timed.
+the routes and the copy is timed. The bytes each link has carried are counted as copies
+finish (``LinkBytes``), for the transfer service's ``links`` verb.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from gpufaas.shared.devices import Topology
+from gpufaas.shared.messages import LinkInfo, LinksReply
 from gpufaas.transfer.linkmodel import LinkModel
 from gpufaas.transfer.planner import Plan, Planner
 
 
+class LinkBytes:
+    """Bytes carried per link and direction since the service started, counted when a copy
+    finishes: each route's bytes on every hop of the route. Thread-safe (real GPUs' copies
+    finish on executor threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes: dict[tuple[str, str], int] = {}
+
+    def add(self, hops: Sequence[str], nbytes: int) -> None:
+        """``nbytes`` carried along ``hops`` (``("host", "gpu:2", "gpu:0")``)."""
+        with self._lock:
+            for a, b in itertools.pairwise(hops):
+                self._bytes[a, b] = self._bytes.get((a, b), 0) + nbytes
+
+    def moved(self, a: str, b: str) -> int:
+        """Bytes carried from ``a`` to ``b`` so far."""
+        with self._lock:
+            return self._bytes.get((a, b), 0)
+
+
 class NodeLinks:
-    """The planner of one node, and the load of the copies it has planned and not finished."""
+    """The planner of one node, the load of the copies it has planned and not finished, and
+    the bytes its links have carried."""
 
     def __init__(self, topology: Topology) -> None:
+        self.topology = topology
         self.model = LinkModel(topology)
         self.planner = Planner(self.model)
+        self.moved = LinkBytes()
         self._lock = threading.Lock()
         self._inflight: dict[int, dict[str, float]] = {}
         self._ids = itertools.count()
@@ -40,7 +66,8 @@ class NodeLinks:
 
     @contextmanager
     def copying(self, src: str, dst: str, nbytes: int) -> Iterator[Plan]:
-        """Plan a copy against the load in flight; its load counts until the block ends."""
+        """Plan a copy against the load in flight; its load counts until the block ends,
+        its bytes once the block ends without an error."""
         plan = self.planner.plan(src, dst, nbytes, self.load_bps())
         key = next(self._ids)
         with self._lock:
@@ -50,6 +77,26 @@ class NodeLinks:
         finally:
             with self._lock:
                 del self._inflight[key]
+        for part in plan.parts:
+            self.moved.add(part.route.hops, part.nbytes)
+
+
+def links_reply(links: NodeLinks | None, *, simulated: bool) -> LinksReply:
+    """The node's topology links with the bytes each has carried (none without GPUs)."""
+    if links is None:
+        return LinksReply(topology="", simulated=simulated, links=[])
+    out = [
+        LinkInfo(
+            a=ln.a,
+            b=ln.b,
+            kind=ln.kind,
+            gbps=ln.gbps,
+            bytes_a_to_b=links.moved.moved(ln.a, ln.b),
+            bytes_b_to_a=links.moved.moved(ln.b, ln.a),
+        )
+        for ln in links.topology.links
+    ]
+    return LinksReply(topology=links.topology.name, simulated=simulated, links=out)
 
 
 def describe(plan: Plan) -> str:

@@ -41,6 +41,8 @@ from gpufaas.shared.messages import (
     EnsureRequest,
     FetchReply,
     FetchRequest,
+    LinksReply,
+    LinksRequest,
     ResolveReply,
     ResolveRequest,
     Tube,
@@ -57,7 +59,7 @@ from gpufaas.transfer.cuda_engine import CudaCopyEngine
 from gpufaas.transfer.directory import TubeDirectory
 from gpufaas.transfer.discovery import calibrate, discover_topology
 from gpufaas.transfer.emulator import EmulatedCopies
-from gpufaas.transfer.links import NodeLinks
+from gpufaas.transfer.links import NodeLinks, links_reply
 from gpufaas.transfer.remote import FETCH_CHUNK_BYTES, FETCH_WINDOW, PeerFetch
 from gpufaas.transfer.residency import GPU_DIR, OBJECT_BUCKET, OBJECT_NODE, LocalCopies, gpu_index
 from gpufaas.transfer.swap import Swapper
@@ -92,7 +94,11 @@ class TransferService(Service):
         # calibrated at start (on_start); none without GPUs.
         self.links = NodeLinks(node_devices.topology) if node_devices.topology else None
         # Simulated GPUs: copies emulated in real time by the simulated copy engine.
-        self.emulator = EmulatedCopies(self.links.model) if self.links and self.simulated else None
+        self.emulator = (
+            EmulatedCopies(self.links.model, self.links.moved)
+            if self.links and self.simulated
+            else None
+        )
         self.memory, self.host_memory = self._memory_clients()
         self.maps = SegmentCache(config.shm_dir)
         self.directory = TubeDirectory(lambda: self.kv.tubes)
@@ -179,6 +185,7 @@ class TransferService(Service):
             endpoint(own(subjects.TRANSFER_FETCH), FetchRequest, self.fetch),
             endpoint(own(subjects.TRANSFER_ADOPT), AdoptRequest, self.adopt),
             endpoint(own(subjects.TRANSFER_RELEASE), TubeReleaseRequest, self.release),
+            endpoint(own(subjects.TRANSFER_LINKS), LinksRequest, self.links_stats),
         ]
 
     async def on_stop(self) -> None:
@@ -193,6 +200,10 @@ class TransferService(Service):
         await self.sweeper.sweep_once(time.time())
 
     # --- requests --------------------------------------------------------------------------
+
+    async def links_stats(self, _: LinksRequest) -> LinksReply:
+        """This node's links and the bytes each has carried (the console's topology)."""
+        return links_reply(self.links, simulated=self.simulated)
 
     async def resolve(self, req: ResolveRequest) -> ResolveReply:
         """The file of a tube's copy on ``tier`` of this node (host or a simulated GPU)."""

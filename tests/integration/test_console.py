@@ -56,6 +56,19 @@ async def test_the_page_and_its_files_need_no_key_and_carry_strict_headers(
             assert resp.status == 401  # the data behind the page still needs a key
 
 
+async def test_a_trailing_slash_serves_the_same_page(platform: Platform) -> None:
+    """``/console/`` (as a browser or an operator may type it) is the page, not a 404;
+    its links are absolute, so they resolve the same from either address."""
+    async with ClientSession() as anonymous:
+        base = platform.client.make_url("")
+        async with anonymous.get(base.with_path("/console/")) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "text/html"
+            assert resp.headers["Content-Security-Policy"] == console.CSP
+            assert await resp.read() == console.ASSETS[console.INDEX].body
+    assert 'src="/console/app.js"' in console.ASSETS[console.INDEX].body.decode()
+
+
 async def test_every_shipped_file_is_served_with_its_type(platform: Platform) -> None:
     assert {"index.html", "app.js", "style.css"} <= console.ASSETS.keys()
     for name, asset in console.ASSETS.items():

@@ -8,8 +8,10 @@ import events from "./events.js";
 import functions from "./functions.js";
 import overview from "./overview.js";
 import { addEvent, reset } from "./store.js";
+import topology from "./topology.js";
+import workflows from "./workflows.js";
 
-const PAGES = { overview, functions, events, breakdown };
+const PAGES = { overview, topology, functions, workflows, events, breakdown };
 const REFRESH_MS = 2000;
 const STATES = { live: "events: live", reconnecting: "events: reconnecting…", denied: "events: not allowed for this key" };
 

@@ -1,9 +1,10 @@
-// Functions: the caller's functions (GET /v1/functions) with what this console has seen
-// of their invocations and profiles (events), and a playground that invokes one whose input is text (BYTES)
+// Functions: the caller's functions (GET /v1/functions: each with the configuration its
+// profile chose and its requests queued and running), what this console has seen of their
+// invocations (events), and a playground that invokes one whose input is text (BYTES)
 // through the Open Inference Protocol (POST /v2/models/{name}/infer).
 import { api } from "./api.js";
 import { bytes, clear, clock, h, ms, num, quantile, table } from "./dom.js";
-import { completed, events } from "./store.js";
+import { completed } from "./store.js";
 
 const SHOWN_VALUES = 8;
 
@@ -16,15 +17,17 @@ function source(model) {
   return `${model.architecture} (${from})`;
 }
 
-// The profile chosen for each function (tenant/name): the latest profile.completed seen.
-function profiles() {
-  const by = new Map();
-  for (const e of events()) {
-    if (e.kind !== "profile.completed" || !e.data?.function) continue;
-    const d = e.data;
-    by.set(`${d.tenant}/${d.function}`, `batch ${d.batch} × ${d.concurrency}: ${Math.round(d.throughput_rps)} req/s, ${Number(d.latency_ms).toFixed(1)} ms`);
-  }
-  return by;
+// The configuration DTS chose from the function's profile (batch × concurrency), with
+// why as a tooltip; "so far" while the background profile has measured batch 1 only.
+function profileCell(p) {
+  if (!p) return h("span", { class: "muted" }, "not yet");
+  return h("span", { title: p.reason, class: "profile" }, `batch ${p.batch} × ${p.concurrency}${p.complete ? "" : " (so far)"}`);
+}
+
+// Requests queued and running, over the scheduler replicas' latest reports.
+function loadCell(load) {
+  if (!load?.replicas) return h("span", { class: "muted" }, "no report");
+  return num(`${load.queued} / ${load.in_flight}`);
 }
 
 // Invocations seen per function (tenant/name): count, p50, p99 of the total, cold starts.
@@ -40,32 +43,31 @@ function seenStats() {
 
 function functionsTable(functions) {
   const seen = seenStats();
-  const chosen = profiles();
   const rows = functions.map((f) => {
     const key = `${f.spec.tenant}/${f.spec.name}`;
     const runs = seen.get(key) || [];
     const totals = runs.map((b) => b.total_us);
     return [
-      h("span", { class: "fn-name" }, f.spec.name),
-      f.spec.tenant,
+      [h("span", { class: "fn-name" }, f.spec.name), h("div", { class: "muted" }, f.spec.tenant)],
       h("span", { class: `status status-${f.status}` }, f.status),
       source(f.spec.model),
       `${signature(f.inputs)} → ${signature(f.outputs)}`,
       f.nodes.length ? f.nodes.join(", ") : h("span", { class: "muted" }, "none (scaled to zero)"),
       num(bytes(f.model_bytes)),
       f.spec.options.max_batch_size,
-      chosen.get(key) ?? h("span", { class: "muted" }, "not seen"),
+      profileCell(f.profile),
+      loadCell(f.load),
       runs.length,
       num(ms(quantile(totals, 0.5))),
       num(ms(quantile(totals, 0.99))),
       runs.filter((b) => b.cold).length,
     ];
   });
-  const head = ["name", "tenant", "status", "model", "inputs → outputs", "instances on", "weights", "max batch", "profile", "seen", "p50", "p99", "cold"];
+  const head = ["name, tenant", "status", "model", "inputs → outputs", "instances on", "weights", "max batch", "profile (DTS)", "queued / running", "seen", "p50", "p99", "cold"];
   return table(null, head, rows, { id: "functions-table" });
 }
 
-function outputView(out) {
+export function outputView(out) {
   const values = Array.isArray(out.data) ? out.data.slice(0, SHOWN_VALUES) : [];
   const shown = values.map((v) => (typeof v === "number" ? v.toFixed(4) : String(v))).join(", ");
   return h(

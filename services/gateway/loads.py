@@ -1,0 +1,72 @@
+"""The scheduler replicas' latest load reports, as this gateway heard them.
+
+Each replica publishes a ``SchedulerLoad`` on ``scheduler.load`` every autoscaling tick
+(its functions' queued and running requests; a function with neither is left out). The
+gateway keeps the last report of each replica, timed by its own clock when it arrived,
+so ``GET /v1/functions`` shows a function's queue without asking anyone: the sum over
+the replicas heard from within ``horizon_s`` (a replica gone silent stops counting).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.msg import Msg as NatsMsg
+
+from gpufaas.shared.errors import InvalidArgument
+from gpufaas.shared.messages import FunctionLoadReport, SchedulerLoad, decode
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """One function's requests summed over the live replicas' latest reports."""
+
+    queued: int = 0
+    in_flight: int = 0
+    replicas: int = 0  # replicas heard from within the horizon (0: no figure at all)
+
+    def to_json(self) -> dict[str, int]:
+        return {"queued": self.queued, "in_flight": self.in_flight, "replicas": self.replicas}
+
+
+class Loads:
+    """The latest report per scheduler replica and when it came."""
+
+    def __init__(self, horizon_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.horizon_s = horizon_s
+        self._clock = clock
+        self._latest: dict[str, tuple[float, dict[str, FunctionLoadReport]]] = {}
+
+    def report(self, load: SchedulerLoad) -> None:
+        """Keep ``load`` as its replica's latest."""
+        by_key = {f.function: f for f in load.functions}
+        now = self._clock()
+        self._latest[load.replica] = (now, by_key)
+        for replica in [r for r, (at, _) in self._latest.items() if at < now - self.horizon_s]:
+            del self._latest[replica]  # gone silent (restarted under a new id): forgotten
+
+    async def on_msg(self, msg: NatsMsg) -> None:
+        """A ``scheduler.load`` message; a malformed one is logged and dropped."""
+        try:
+            self.report(decode(msg.data, SchedulerLoad))
+        except InvalidArgument as exc:
+            log.warning("gateway.bad_scheduler_load", error=exc.message)
+
+    def of(self, key: str) -> Load:
+        """Function ``key`` (``tenant.name``) over the replicas heard from lately."""
+        since = self._clock() - self.horizon_s
+        queued = in_flight = replicas = 0
+        for replica, (at, by_key) in list(self._latest.items()):
+            if at < since:
+                del self._latest[replica]  # a replica gone (or never to report again)
+                continue
+            replicas += 1
+            if (f := by_key.get(key)) is not None:
+                queued += f.queued
+                in_flight += f.in_flight
+        return Load(queued, in_flight, replicas)
