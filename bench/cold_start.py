@@ -1104,7 +1104,10 @@ def run_resident(
 def run_not_resident(args: argparse.Namespace, data_dir: Path, base_dir: Path) -> list[ColdRun]:
     """(b) on a platform whose store frees unreferenced tensors at once."""
     make_variants = ts.load_make_variants()
-    plat = start_platform(data_dir / "not-resident", demo=False, env=FREE_ENV)
+    # Server paths must lie under the node's model roots: the variants and their base.
+    (data_dir / "variants").mkdir(parents=True, exist_ok=True)
+    roots = {"GPUFAAS_MODEL_ROOTS": f"{base_dir}:{data_dir / 'variants'}"}
+    plat = start_platform(data_dir / "not-resident", demo=False, env={**FREE_ENV, **roots})
     b: list[ColdRun] = []
     try:
         took = plat.wait_ready(args.ready_timeout, ts.worker_listed)
