@@ -1033,6 +1033,7 @@ def create_app(config: Config) -> web.Application:
     app[direct.ROUTES] = direct.DirectRoutes()
     # A replica silent for three autoscaling ticks is gone: its queues stop counting.
     app[LOADS] = loads.Loads(horizon_s=3 * config.autoscale_interval_s)
+    app[METRICS].registry.register(loads.LoadsCollector(app[LOADS]))
     app.cleanup_ctx.append(_nats_ctx)
     app.cleanup_ctx.append(models.uploads_ctx)  # after NATS: it opens the uploads' buckets
     app.cleanup_ctx.append(sysshm.regions_ctx)  # clients' shared-memory regions (per gateway)

@@ -10,11 +10,13 @@ the replicas heard from within ``horizon_s`` (a replica gone silent stops counti
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import structlog
 from nats.aio.msg import Msg as NatsMsg
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gpufaas.shared.errors import InvalidArgument
 from gpufaas.shared.messages import FunctionLoadReport, SchedulerLoad, decode
@@ -57,6 +59,11 @@ class Loads:
         except InvalidArgument as exc:
             log.warning("gateway.bad_scheduler_load", error=exc.message)
 
+    def all(self) -> dict[str, Load]:
+        """Every function any live replica reported, by key (``tenant.name``)."""
+        keys = {k for at, by_key in self._latest.values() for k in by_key}
+        return {k: self.of(k) for k in sorted(keys)}
+
     def of(self, key: str) -> Load:
         """Function ``key`` (``tenant.name``) over the replicas heard from lately."""
         since = self._clock() - self.horizon_s
@@ -70,3 +77,28 @@ class Loads:
                 queued += f.queued
                 in_flight += f.in_flight
         return Load(queued, in_flight, replicas)
+
+
+class LoadsCollector(Collector):
+    """The replicas' queues as Prometheus gauges, per function: what a HorizontalPodAutoscaler
+    of the schedulers (or an alert) reads through an adapter (``docs/deploy.md``)."""
+
+    def __init__(self, loads: Loads) -> None:
+        self.loads = loads
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["tenant", "function"]
+        queued = GaugeMetricFamily(
+            "gpufaas_function_queued", "Requests waiting in the schedulers' queues", labels=labels
+        )
+        running = GaugeMetricFamily(
+            "gpufaas_function_in_flight",
+            "Requests the schedulers have sent to instances and not yet had answered",
+            labels=labels,
+        )
+        for key, load in self.loads.all().items():
+            tenant, _, name = key.partition(".")
+            queued.add_metric([tenant, name], load.queued)
+            running.add_metric([tenant, name], load.in_flight)
+        yield queued
+        yield running
