@@ -128,6 +128,10 @@ class Config:
     # memory holds, ``gpufaas.worker.pool.process_cap``); one per tenant by design.
     max_worker_processes: int = 0
     batch_wait_s: float = c.DEFAULT_BATCH_WAIT_S
+    # Gateway: it runs on a node's machine and shares its shared memory (gpufaas up,
+    # compose): big tensors are host tubes there. Off (Kubernetes: gateways anywhere): big
+    # inputs go to the object tier and big outputs are fetched from their node.
+    gateway_local_shm: bool = True
     # Scheduler: how long a gateway may send a warm function's requests straight to its
     # worker before asking a scheduler again (a direct route; 0: every request through a
     # scheduler).

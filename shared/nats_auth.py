@@ -147,6 +147,8 @@ def permissions(role: str, node: str = "") -> Permissions | None:
                 _node_verb("*", "tensorstore", subjects.TENSORSTORE_STATS),
                 _node_verb("*", "memory", subjects.MEMORY_STATS),
                 _node_verb("*", "transfer", subjects.TRANSFER_LINKS),
+                # Big outputs, read from their node when no shm is shared (remote_tubes.py).
+                _node_verb("*", "transfer", subjects.TRANSFER_FETCH),
                 # A warm function's direct route (gateway/direct.py): its tenant's worker.
                 _node_verb("*", "worker", f"*.{subjects.WORKER_RUN}"),
                 subjects.STATS_ALL,

@@ -24,9 +24,9 @@ import structlog
 from aiohttp import web
 
 from gpufaas.gateway import app as gw
-from gpufaas.gateway import direct
+from gpufaas.gateway import direct, remote_tubes
 from gpufaas.shared import subjects
-from gpufaas.shared.errors import InvalidArgument
+from gpufaas.shared.errors import InvalidArgument, PlatformError
 from gpufaas.shared.messages import (
     Datatype,
     FunctionRecord,
@@ -212,7 +212,13 @@ async def _payloads(
     config = app[gw.CONFIG]
     payloads: list[TensorPayload] = []
     for inp in inputs:
-        if len(inp.data) > config.inline_threshold:
+        if len(inp.data) > config.inline_threshold and not config.gateway_local_shm:
+            tube = await remote_tubes.write_input(app, tenant, inp.datatype, inp.shape, inp.data)
+            tubes.append(tube)
+            payloads.append(
+                TensorPayload(name=inp.name, datatype=inp.datatype, shape=inp.shape, tube=tube)
+            )
+        elif len(inp.data) > config.inline_threshold:
             tube = await asyncio.to_thread(
                 write_tube,
                 config.shm_dir,
@@ -250,7 +256,9 @@ async def _outputs(
         data = out.data
         if out.tube is not None:
             tubes.append(out.tube)
-            if keep is None or out.name in keep:
+            if (keep is None or out.name in keep) and not app[gw.CONFIG].gateway_local_shm:
+                data = await remote_tubes.read_output(app, out.tube)
+            elif keep is None or out.name in keep:
                 data = await asyncio.to_thread(read_tube, app[gw.CONFIG].shm_dir, out.tube)
         if keep is not None and out.name not in keep:
             continue
@@ -263,6 +271,7 @@ async def _drop_tubes(app: web.Application, tubes: list[Tube]) -> None:
     for tube in tubes:
         await asyncio.to_thread(delete_tube, app[gw.CONFIG].shm_dir, tube)
         try:
+            await remote_tubes.drop(app, tube)
             await app[gw.KV].tubes.delete(tube.id)
-        except (nats.errors.Error, TimeoutError) as exc:
+        except (nats.errors.Error, TimeoutError, PlatformError) as exc:
             log.warning("tube.delete_failed", tube=tube.id, error=repr(exc))
