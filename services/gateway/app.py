@@ -665,6 +665,8 @@ async def workflow_delete(request: web.Request) -> web.Response:
         WorkflowDeleteRequest(name=name, tenant=tenant_of(request)),
         WorkflowDeleteReply,
     )
+    # Gone for this gateway's next request at once, not when its watch hears of it.
+    request.app[WORKFLOWS].drop(FunctionRef(tenant_of(request), name).key)
     return json_response({"deleted": reply.name})
 
 
