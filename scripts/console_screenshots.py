@@ -25,14 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.system.bro
 from gpufaas.launch import Up
 from tests.system import browser
 
-PAGES = {  # page: an element that holds its data once it has loaded
-    "overview": "#overview .node table",
-    "topology": "#topology svg.topo .topo-link",
-    "functions": "#functions-table tbody tr",
-    "workflows": "#workflows svg.dag .dag-step",
-    "events": "#events-body tr",
-    "breakdown": "#breakdown-chart rect",
-}
+PAGES = browser.PAGES
 TEXTS = ["a serverless platform", "GPUs shared by functions", "tensors stored once"]
 TWIN = {  # two steps of the demo function side by side: a DAG with the demo alone
     "name": "twin",

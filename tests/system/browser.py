@@ -67,6 +67,16 @@ def chromium() -> Iterator[Any]:
         driver.quit()
 
 
+PAGES = {  # page: an element that holds its data once it has loaded
+    "overview": "#overview .node table",
+    "topology": "#topology svg.topo .topo-link",
+    "functions": "#functions-table tbody tr",
+    "workflows": "#workflows svg.dag .dag-step",
+    "events": "#events-body tr",
+    "breakdown": "#breakdown-chart rect",
+}
+
+
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
     """Poll ``predicate`` until it returns something true (and return it), or raise
     ``TimeoutError`` naming ``what`` and the last value."""

@@ -23,14 +23,7 @@ pytestmark = [
     pytest.mark.skipif(browser.missing() is not None, reason=browser.MISSING),
 ]
 
-PAGES = {  # page: an element that holds its data once it has loaded
-    "overview": "#overview .node table",
-    "topology": "#topology svg.topo .topo-link",
-    "functions": "#functions-table tbody tr",
-    "workflows": "#workflows svg.dag .dag-step",
-    "events": "#events-body tr",
-    "breakdown": "#breakdown-chart rect",
-}
+PAGES = browser.PAGES
 
 
 @pytest.fixture(scope="module")
