@@ -56,6 +56,7 @@ if [ "$(id -u)" = 0 ]; then
     [ "$user" = admin ] || chown 10001:10001 "$out/$user.password"
   done
   chown 10001:10001 "$out/ca.pem"
+  chown -R 10001:10001 "$out/nats"  # the NATS servers run the platform image as its user
 else
   chmod 644 "$out"/*.password "$out/ca.pem" "$out/nats"/*
   echo "note: not root, so the secret files are 0644 inside the 0700 $out" >&2
