@@ -45,7 +45,7 @@ ALL_BUCKETS: Final = (
     c.KV_LEASES,
     c.KV_KEYS,
 )
-OBJECT_STORE: Final = "tubes"  # shared/objects.py's bucket (stream OBJ_tubes)
+OBJECT_STORE: Final = c.TUBES_OBJECT_BUCKET  # the tubes' object tier (stream OBJ_tubes)
 JS_API: Final = "$JS.API"
 # What no role but admin may do to JetStream: remove or reshape streams, touch servers.
 JS_ADMIN_ONLY: Final = (

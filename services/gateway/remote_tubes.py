@@ -15,23 +15,17 @@ Kubernetes gateways run anywhere (``GPUFAAS_GATEWAY_LOCAL_SHM=0``), so instead:
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from aiohttp import web
 
 from gpufaas.gateway import app as gw
-from gpufaas.shared import subjects
+from gpufaas.shared import constants as c
 from gpufaas.shared.errors import NotFound
-from gpufaas.shared.messages import FetchReply, FetchRequest, Placement, Tube
+from gpufaas.shared.messages import Placement, Tube
 from gpufaas.shared.objects import delete_object, get_object, put_object
-from gpufaas.shared.rpc import request
 from gpufaas.shared.shm import new_id
-
-OBJECT_BUCKET = "tubes"  # the object tier's bucket (transfer/residency.py)
-OBJECT_NODE = "*"  # an object-tier placement belongs to no node
-FETCH_CHUNK_BYTES = 4 * 2**20  # one fetch reply, as the transfer services copy
-FETCH_WINDOW = 4  # chunks in flight
+from gpufaas.shared.tube_fetch import fetch_tube
 
 
 async def write_input(
@@ -39,14 +33,14 @@ async def write_input(
 ) -> Tube:
     """Put ``data`` in the object tier and record it as a tube (KV), for the caller to drop."""
     tube_id = new_id()
-    await put_object(app[gw.NC].jetstream(), OBJECT_BUCKET, tube_id, data)
+    await put_object(app[gw.NC].jetstream(), c.TUBES_OBJECT_BUCKET, tube_id, data)
     tube = Tube(
         id=tube_id,
         tenant=tenant,
         datatype=datatype,  # type: ignore[arg-type]
         shape=shape,
         nbytes=len(data),
-        placements=[Placement(node=OBJECT_NODE, tier="object", segment=tube_id)],
+        placements=[Placement(node=c.OBJECT_NODE, tier="object", segment=tube_id)],
         created_at=time.time(),
     )
     await app[gw.KV].tubes.put(tube.id, tube)
@@ -56,38 +50,19 @@ async def write_input(
 async def read_output(app: web.Application, tube: Tube) -> bytes:
     """An output tube's bytes, fetched from a node that holds a host copy (else from the
     object tier)."""
-    holders = [p.node for p in tube.placements if p.tier == "host" and p.node != OBJECT_NODE]
-    if not holders:
-        if any(p.tier == "object" for p in tube.placements):
-            buf = bytearray()
-            await get_object(app[gw.NC].jetstream(), OBJECT_BUCKET, tube.id, buf)
-            return bytes(buf)
-        raise NotFound(f"output tube {tube.id} has no copy this gateway can read", field="tube")
+    holders = [p.node for p in tube.placements if p.tier == "host" and p.node != c.OBJECT_NODE]
     out = bytearray(tube.nbytes)
-    window = asyncio.Semaphore(FETCH_WINDOW)
-    subject = subjects.node(holders[0], "transfer", subjects.TRANSFER_FETCH)
-
-    async def chunk(offset: int) -> None:
-        n = min(FETCH_CHUNK_BYTES, tube.nbytes - offset)
-        req = FetchRequest(tube_id=tube.id, tenant=tube.tenant, offset=offset, nbytes=n)
-        async with window:
-            reply = await request(
-                gw.connected_nats(app),
-                subject,
-                req,
-                FetchReply,
-                timeout=app[gw.CONFIG].request_timeout_s,
-                what=f"transfer service of node {holders[0]}",
-            )
-        if len(reply.data) != n:
-            raise NotFound(f"output tube {tube.id} is truncated", field="tube")
-        out[offset : offset + n] = reply.data
-
-    await asyncio.gather(*(chunk(o) for o in range(0, tube.nbytes, FETCH_CHUNK_BYTES)))
+    if holders:
+        timeout_s = app[gw.CONFIG].request_timeout_s
+        await fetch_tube(gw.connected_nats(app), holders[0], tube, out, timeout_s=timeout_s)
+    elif any(p.tier == "object" for p in tube.placements):
+        await get_object(app[gw.NC].jetstream(), c.TUBES_OBJECT_BUCKET, tube.id, out)
+    else:
+        raise NotFound(f"output tube {tube.id} has no copy this gateway can read", field="tube")
     return bytes(out)
 
 
 async def drop(app: web.Application, tube: Tube) -> None:
     """Delete the object of an input this gateway stored (its record goes with the rest)."""
     if any(p.tier == "object" for p in tube.placements):
-        await delete_object(app[gw.NC].jetstream(), OBJECT_BUCKET, tube.id)
+        await delete_object(app[gw.NC].jetstream(), c.TUBES_OBJECT_BUCKET, tube.id)

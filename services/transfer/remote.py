@@ -19,19 +19,14 @@ from typing import BinaryIO
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from gpufaas.shared import subjects
-from gpufaas.shared.errors import InvalidArgument, NotFound, PlatformError, Unavailable
+from gpufaas.shared.errors import InvalidArgument, NotFound
 from gpufaas.shared.identity import is_gpu
 from gpufaas.shared.messages import FetchReply, FetchRequest, Placement, Tube
 from gpufaas.shared.objects import get_object
 from gpufaas.shared.paths import allocate, make_dirs
-from gpufaas.shared.rpc import request
+from gpufaas.shared.tube_fetch import FETCH_CHUNK_BYTES, fetch_tube
 from gpufaas.transfer.directory import TubeDirectory
 from gpufaas.transfer.residency import OBJECT_BUCKET, LocalCopies, create_staging
-
-FETCH_CHUNK_BYTES = 4 * 2**20  # one fetch reply: well under the server's max payload
-FETCH_WINDOW = 4  # chunks in flight per cross-node copy (flow control)
-SERVICE = "transfer"  # the peer service chunks are fetched from
 
 
 class PeerFetch:
@@ -109,34 +104,4 @@ class PeerFetch:
             if tube.nbytes == 0:
                 return
             with mmap.mmap(f.fileno(), tube.nbytes) as out:
-                window = asyncio.Semaphore(FETCH_WINDOW)
-                chunks = range(0, tube.nbytes, FETCH_CHUNK_BYTES)
-                tasks = [
-                    asyncio.create_task(self._fetch_chunk(tube, src_node, o, out, window))
-                    for o in chunks
-                ]
-                try:
-                    await asyncio.gather(*tasks)
-                finally:  # on a failure, stop the rest before the mapping closes
-                    for t in tasks:
-                        t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _fetch_chunk(
-        self, tube: Tube, src_node: str, offset: int, out: mmap.mmap, window: asyncio.Semaphore
-    ) -> None:
-        n = min(FETCH_CHUNK_BYTES, tube.nbytes - offset)
-        subject = subjects.node(src_node, SERVICE, subjects.TRANSFER_FETCH)
-        req = FetchRequest(tube_id=tube.id, tenant=tube.tenant, offset=offset, nbytes=n)
-        async with window:
-            try:
-                reply = await request(self._nc(), subject, req, FetchReply, timeout=self.timeout_s)
-            except InvalidArgument:
-                raise  # the peer refuses the tube itself (a forged record): not transient
-            except PlatformError as exc:
-                raise Unavailable(
-                    f"copying tube {tube.id!r} from node {src_node} failed: {exc.message}"
-                ) from None
-        if len(reply.data) != n:
-            raise Unavailable(f"node {src_node} sent a short chunk of {tube.id!r}")
-        out[offset : offset + n] = reply.data
+                await fetch_tube(self._nc(), src_node, tube, out, timeout_s=self.timeout_s)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from gpufaas.shared import constants as c
 from gpufaas.shared.config import Config
 from gpufaas.shared.cuda_ipc import CudaSegment, open_segment
 from gpufaas.shared.errors import InvalidArgument
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
     import torch
 
 GPU_DIR = "gpu"  # simulated GPU memory: host segments under <shm>/gpu/<node>/<gpu>/
-OBJECT_BUCKET = "tubes"  # the object tier: durable, readable from every node
-OBJECT_NODE = "*"  # an object-tier placement belongs to no node
+OBJECT_BUCKET = c.TUBES_OBJECT_BUCKET  # the object tier: durable, readable from every node
+OBJECT_NODE = c.OBJECT_NODE  # an object-tier placement belongs to no node
 
 
 @dataclass(slots=True)

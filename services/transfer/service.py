@@ -54,13 +54,14 @@ from gpufaas.shared.paths import check_root
 from gpufaas.shared.registry import alive
 from gpufaas.shared.service import Endpoint, Service, endpoint
 from gpufaas.shared.shm import SegmentCache
+from gpufaas.shared.tube_fetch import FETCH_CHUNK_BYTES, FETCH_WINDOW
 from gpufaas.transfer.copies import TierCopies, deadline_met
 from gpufaas.transfer.cuda_engine import CudaCopyEngine
 from gpufaas.transfer.directory import TubeDirectory
 from gpufaas.transfer.discovery import calibrate, discover_topology
 from gpufaas.transfer.emulator import EmulatedCopies
 from gpufaas.transfer.links import NodeLinks, links_reply
-from gpufaas.transfer.remote import FETCH_CHUNK_BYTES, FETCH_WINDOW, PeerFetch
+from gpufaas.transfer.remote import PeerFetch
 from gpufaas.transfer.residency import GPU_DIR, OBJECT_BUCKET, OBJECT_NODE, LocalCopies, gpu_index
 from gpufaas.transfer.swap import Swapper
 from gpufaas.transfer.sweeper import SWEEP_GRACE_S, Sweeper

@@ -12,9 +12,9 @@ import pytest
 import safetensors.torch
 
 from gpufaas.gateway import remote_tubes
-from gpufaas.gateway.remote_tubes import OBJECT_BUCKET
 from gpufaas.shared.catalog import resolve_model_dir
 from gpufaas.shared.config import Config
+from gpufaas.shared.constants import TUBES_OBJECT_BUCKET
 from gpufaas.shared.errors import NotFound
 from gpufaas.shared.messages import ModelSource, Tube
 from gpufaas.shared.objects import stat_object
@@ -68,4 +68,4 @@ async def test_big_tensors_cross_without_shared_memory(
     assert tube.id in await kv.tubes.keys()  # its record was there (a delete marker now)
     assert [await kv.tubes.value(k) for k in await kv.tubes.keys()] == [None, None]
     with pytest.raises(NotFound):
-        await stat_object(platform.services["scheduler"].js, OBJECT_BUCKET, tube.id)
+        await stat_object(platform.services["scheduler"].js, TUBES_OBJECT_BUCKET, tube.id)
