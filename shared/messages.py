@@ -1043,6 +1043,18 @@ def to_builtins(msg: Msg) -> Any:
     return msgspec.to_builtins(msg)
 
 
+def completed(function: str, tenant: str, reply: InvokeReply) -> dict[str, Any]:
+    """The data of an ``invocation.completed`` event (published by whoever sent the
+    request to the worker: a scheduler, or a gateway on its direct route)."""
+    return {
+        "function": function,
+        "tenant": tenant,
+        "node": reply.node,
+        "device": reply.device,
+        "breakdown": to_builtins(reply.breakdown),
+    }
+
+
 def new_event(kind: str, source: str, data: dict[str, Any], request_id: str | None = None) -> Event:
     """An event stamped with the current time."""
     return Event(kind=kind, time=time.time(), source=source, data=data, request_id=request_id)

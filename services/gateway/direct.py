@@ -36,13 +36,14 @@ from gpufaas.gateway import app as gw
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.errors import Overloaded, Unavailable
+from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import (
     FunctionSpec,
     InvokeReply,
     Route,
     TensorPayload,
     WorkerRunRequest,
-    to_builtins,
+    completed,
 )
 from gpufaas.shared.rpc import Interrupted, request
 from gpufaas.shared.worker_deaths import Deaths
@@ -127,7 +128,7 @@ async def invoke(
     """The function's reply through its direct route; None when it has none with a free
     slot, or the send failed in a way a scheduler may fix (see the module's doc)."""
     routes = app[ROUTES]
-    key = f"{spec.tenant}/{spec.name}"
+    key = FunctionRef(spec.tenant, spec.name).key
     grant = routes.take(key, time.monotonic())
     if grant is None:
         return None
@@ -166,17 +167,6 @@ async def invoke(
     routes.sent += 1
     routes.count(key)
     app[gw.METRICS].direct.labels("answered").inc()
-    await gw.publish_app_event(app, request_id, "invocation.completed", _completed(spec, reply))
+    event = completed(spec.name, spec.tenant, reply) | {"route": "direct"}
+    await gw.publish_app_event(app, request_id, "invocation.completed", event)
     return reply
-
-
-def _completed(spec: FunctionSpec, reply: InvokeReply) -> dict[str, object]:
-    """The ``invocation.completed`` event a scheduler publishes for the requests it runs."""
-    return {
-        "function": spec.name,
-        "tenant": spec.tenant,
-        "node": reply.node,
-        "device": reply.device,
-        "breakdown": to_builtins(reply.breakdown),
-        "route": "direct",
-    }

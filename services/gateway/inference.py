@@ -27,6 +27,7 @@ from gpufaas.gateway import app as gw
 from gpufaas.gateway import direct, remote_tubes
 from gpufaas.shared import subjects
 from gpufaas.shared.errors import InvalidArgument, PlatformError
+from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import (
     Datatype,
     FunctionRecord,
@@ -137,7 +138,7 @@ async def run_function(
     when this gateway holds a route to it (``direct.py``), else through a scheduler, whose
     reply may grant one."""
     spec, call = record.spec, Call.of(request)
-    routes, key = call.app[direct.ROUTES], f"{spec.tenant}/{spec.name}"
+    routes, key = call.app[direct.ROUTES], FunctionRef(spec.tenant, spec.name).key
 
     async def send(payloads: list[TensorPayload], deadline: float) -> InvokeReply:
         reply = await direct.invoke(call.app, call.request_id, spec, payloads, deadline)

@@ -33,7 +33,7 @@ from gpufaas.shared.messages import (
     TensorPayload,
     WorkerBindReply,
     WorkerRunRequest,
-    to_builtins,
+    completed,
 )
 
 log = structlog.get_logger()
@@ -271,13 +271,7 @@ class Dispatcher:
     async def _completed(self, call: Call, reply: InvokeReply) -> None:
         await self.host.publish_event(
             "invocation.completed",
-            {
-                "function": call.ref.name,
-                "tenant": call.ref.tenant,
-                "node": reply.node,
-                "device": reply.device,
-                "breakdown": to_builtins(reply.breakdown),
-            },
+            completed(call.ref.name, call.ref.tenant, reply),
             request_id=call.request_id,
             ack=False,
         )

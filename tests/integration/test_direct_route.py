@@ -33,6 +33,7 @@ from tests.integration.conftest import DEMO_BODY, Platform, PlatformFactory, tex
 pytestmark = pytest.mark.integration
 
 TEXTS = ["The cat sits on the mat.", "Stock markets fell today."]
+KEY = FunctionRef("default", "minilm").key  # the routes' key of the demo function
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ async def test_a_warm_function_runs_direct_after_a_scheduler_grants_the_route(
     p = await deployed(platform_factory, direct_route_ttl_s=30.0)
     routes = routes_of(p)
     await infer(p, reference)  # through the scheduler: it grants the route
-    grant = routes.grants["default/minilm"]
+    grant = routes.grants[KEY]
     assert grant.route.node == "node-t"
     assert grant.route.slots >= 1
     assert routes.sent == 0
@@ -94,8 +95,8 @@ async def test_a_warm_function_runs_direct_after_a_scheduler_grants_the_route(
     await infer(p, reference)
     assert routes.sent == 3
     assert scheduler.dispatcher.queue(FunctionRef("default", "minilm")).arrivals >= before + 4
-    assert routes.served.get("default/minilm", 0) == 0
-    assert routes.grants["default/minilm"].until > 0
+    assert routes.served.get(KEY, 0) == 0
+    assert routes.grants[KEY].until > 0
 
 
 async def test_a_route_to_a_function_no_longer_warm_there_falls_back_to_a_scheduler(
@@ -104,7 +105,7 @@ async def test_a_route_to_a_function_no_longer_warm_there_falls_back_to_a_schedu
     p = await deployed(platform_factory, direct_route_ttl_s=30.0)
     routes = routes_of(p)
     await infer(p, reference)
-    assert "default/minilm" in routes.grants
+    assert KEY in routes.grants
     worker = p.services["worker"]
     assert isinstance(worker, WorkerService)
     await worker.unload(WorkerUnloadRequest(function="minilm", tenant="default"))
