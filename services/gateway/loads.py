@@ -46,11 +46,8 @@ class Loads:
 
     def report(self, load: SchedulerLoad) -> None:
         """Keep ``load`` as its replica's latest."""
-        by_key = {f.function: f for f in load.functions}
-        now = self._clock()
-        self._latest[load.replica] = (now, by_key)
-        for replica in [r for r, (at, _) in self._latest.items() if at < now - self.horizon_s]:
-            del self._latest[replica]  # gone silent (restarted under a new id): forgotten
+        self._latest[load.replica] = (self._clock(), {f.function: f for f in load.functions})
+        self._live()  # bounded: a replica restarted under a new id is forgotten
 
     async def on_msg(self, msg: NatsMsg) -> None:
         """A ``scheduler.load`` message; a malformed one is logged and dropped."""
@@ -60,23 +57,23 @@ class Loads:
             log.warning("gateway.bad_scheduler_load", error=exc.message)
 
     def all(self) -> dict[str, Load]:
-        """Every function any live replica reported, by key (``tenant.name``)."""
-        keys = {k for at, by_key in self._latest.values() for k in by_key}
+        """Every function a live replica reported, by key (``tenant.name``)."""
+        keys = {k for by_key in self._live() for k in by_key}
         return {k: self.of(k) for k in sorted(keys)}
 
     def of(self, key: str) -> Load:
         """Function ``key`` (``tenant.name``) over the replicas heard from lately."""
+        live = self._live()
+        reports = [f for by_key in live if (f := by_key.get(key)) is not None]
+        return Load(sum(f.queued for f in reports), sum(f.in_flight for f in reports), len(live))
+
+    def _live(self) -> list[dict[str, FunctionLoadReport]]:
+        """The latest reports of the replicas heard from within the horizon; the others
+        (gone, or never to report again) are dropped."""
         since = self._clock() - self.horizon_s
-        queued = in_flight = replicas = 0
-        for replica, (at, by_key) in list(self._latest.items()):
-            if at < since:
-                del self._latest[replica]  # a replica gone (or never to report again)
-                continue
-            replicas += 1
-            if (f := by_key.get(key)) is not None:
-                queued += f.queued
-                in_flight += f.in_flight
-        return Load(queued, in_flight, replicas)
+        for replica in [r for r, (at, _) in self._latest.items() if at < since]:
+            del self._latest[replica]
+        return [by_key for _, by_key in self._latest.values()]
 
 
 class LoadsCollector(Collector):
