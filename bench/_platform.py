@@ -46,6 +46,15 @@ def with_worker_threads() -> dict[str, str]:
     return want
 
 
+def stop(plat: Platform) -> int:
+    """Stop ``gpufaas up`` (SIGTERM, waited for); on a failed stop, the tail of its log on
+    stderr. Returns its exit status."""
+    status = plat.stop()
+    if status != 0:
+        print(log_tail(plat.log_path), file=sys.stderr)
+    return status
+
+
 def write_json(path: Path | None, machine: Mapping[str, Any], results: Mapping[str, Any]) -> None:
     """The machine, the command line and ``results`` as JSON at ``path`` (if given)."""
     if path is None:

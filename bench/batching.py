@@ -202,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds = asyncio.run(measure(plat.http_port, args))
     finally:
         if plat is not None:
-            status = plat.stop()
-            if status != 0:
-                print(harness.log_tail(plat.log_path), file=sys.stderr)
+            harness.stop(plat)
         shutil.rmtree(data_dir, ignore_errors=True)
     results = {fn: summary(rs) for fn, rs in rounds.items()}
     print(f"\n{'':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'errors':>8}")

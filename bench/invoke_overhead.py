@@ -335,10 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if gw is not None:
             gw.close()
         if plat is not None:
-            status = plat.stop()
-            print(f"platform stopped (exit status {status})")
-            if status != 0:
-                print(harness.log_tail(plat.log_path), file=sys.stderr)
+            print(f"platform stopped (exit status {harness.stop(plat)})")
         if args.keep_data_dir:
             print(f"data dir kept: {data_dir}")
         else:

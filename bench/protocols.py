@@ -328,9 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             big_input(up, model_dir, args)
     finally:
         if up is not None:
-            status = up.stop()
-            if status != 0:
-                print(harness.log_tail(up.log_path), file=sys.stderr)
+            harness.stop(up)
         shutil.rmtree(root, ignore_errors=True)
     return 0
 

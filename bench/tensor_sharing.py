@@ -708,10 +708,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> tuple[MemoryResult, ColdRes
         cold_events = deployed_events(plat.http_port, resident_names)
         raw["deploy_load"] = [cold_events[n]["load_us"] / 1e3 for n in resident_names]
     finally:
-        status = plat.stop()
-        print(f"platform stopped (exit status {status})")
-        if status != 0:
-            print(harness.log_tail(plat.log_path), file=sys.stderr)
+        print(f"platform stopped (exit status {harness.stop(plat)})")
 
     print("\nbaseline: one plain process per model (after the platform stopped)")
     base_mems, base_reports = measure_baseline(model_dirs)

@@ -392,9 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         if up is not None:
-            status = up.stop()
-            if status != 0:
-                print(harness.log_tail(up.log_path), file=sys.stderr)
+            harness.stop(up)
         shutil.rmtree(root, ignore_errors=True)
     harness.write_json(args.json, m, results)
     return 0

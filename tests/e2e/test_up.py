@@ -203,48 +203,27 @@ def test_state_survives_a_restart_of_up(tmp_path: Path) -> None:
 
 
 def test_taken_port_fails_at_once_naming_the_flag(tmp_path: Path) -> None:
+    def up(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [GPUFAAS, "up", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         t0 = time.monotonic()
-        res = subprocess.run(
-            [GPUFAAS, "up", "--http-port", str(port), "--data-dir", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        res = up("--http-port", str(port), "--data-dir", str(tmp_path))
         assert res.returncode == 2
         assert f"port {port}" in res.stdout
         assert "--http-port" in res.stdout
         assert time.monotonic() - t0 < 20
-        res = subprocess.run(
-            [
-                GPUFAAS,
-                "up",
-                "--nats-port",
-                str(port),
-                "--http-port",
-                str(free_port()),
-                "--data-dir",
-                str(tmp_path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        res = up(
+            "--nats-port", str(port), "--http-port", str(free_port()), "--data-dir", str(tmp_path)
         )
         assert res.returncode == 2
         assert f"port {port}" in res.stdout
         assert "--nats-port" in res.stdout
-        res = subprocess.run(
-            [GPUFAAS, "up", "--grpc-port", str(port), "--http-port", str(free_port())],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        res = up("--grpc-port", str(port), "--http-port", str(free_port()))
         assert res.returncode == 2
         assert f"port {port}" in res.stdout
         assert "--grpc-port" in res.stdout
