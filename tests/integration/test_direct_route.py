@@ -28,7 +28,7 @@ from gpufaas.shared.rpc import request
 from gpufaas.shared.tensors import encode_bytes_elements
 from gpufaas.worker.models.bert import BertConfig, BertEmbedder, load_tokenizer
 from gpufaas.worker.service import WorkerService
-from tests.integration.conftest import DEMO_BODY, Platform, PlatformFactory, text_request
+from tests.integration.conftest import DEMO_BODY, Platform, PlatformFactory, bearer, text_request
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +154,23 @@ async def test_a_zero_ttl_sends_every_request_through_a_scheduler(
     routes = routes_of(p)
     assert not routes.grants
     assert routes.sent == 0
+
+
+async def test_a_route_serves_only_its_tenant_and_never_a_caller_without_a_key(
+    platform_factory: PlatformFactory, reference: np.ndarray
+) -> None:
+    """Routes are the gateway's, per function of a tenant: another tenant naming the same
+    function finds none of its own (404), a caller without a key is refused (401), and
+    neither reaches the worker through the route."""
+    p = await deployed(platform_factory, direct_route_ttl_s=30.0)
+    routes = routes_of(p)
+    await infer(p, reference)
+    assert KEY in routes.grants
+    other = await p.key_for("other")
+    body = text_request(TEXTS)
+    resp = await p.client.post("/v2/models/minilm/infer", json=body, headers=bearer(other))
+    assert resp.status == 404, await resp.text()
+    resp = await p.client.post("/v2/models/minilm/infer", json=body, headers={"Authorization": ""})
+    assert resp.status == 401, await resp.text()
+    assert routes.sent == 0
+    assert routes.grants[KEY].inflight == 0
