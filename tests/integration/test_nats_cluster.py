@@ -57,14 +57,24 @@ async def connect(url: str) -> NATS:
 
 @pytest.fixture
 async def nc(cluster: Cluster) -> AsyncIterator[NATS]:
-    conn = await connect(cluster.url)
+    # Routes gossip: once every server is listed, the cluster's size is known (generous:
+    # three servers electing on a loaded 2-core box). nats-py keeps only the INFO of the
+    # connect, so a connection made while one route was still forming would count two
+    # servers for ever: each try connects afresh.
+    conns: list[NATS] = []
+
+    async def formed() -> bool:
+        if conns:
+            await conns.pop().close()
+        conns.append(await connect(cluster.url))
+        return cluster_replicas(conns[0], 3) == 3
+
     try:
-        # Routes gossip: once every server is listed, the cluster's size is known (generous:
-        # three servers electing on a loaded 2-core box).
-        await eventually(lambda: cluster_replicas(conn, 3) == 3, 30, "the cluster to form")
-        yield conn
+        await eventually(formed, 30, "the cluster to form", interval=0.2)
+        yield conns[0]
     finally:
-        await conn.close()
+        for conn in conns:
+            await conn.close()
 
 
 async def replicas_of(nc: NATS, stream: str) -> int:
