@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from gpufaas.shared.errors import InvalidArgument
-from gpufaas.shared.messages import DeviceInfo
+from gpufaas.shared.messages import DeviceInfo, LinkInfo
 
 DEFAULT_TOPOLOGY: Final = "dgx1-v100"
 
@@ -89,6 +89,18 @@ def load_topology(name_or_path: str = "") -> Topology:
         return Topology(name=str(raw["name"]), gpus=list(raw["gpus"]), links=links)
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidArgument(f"topology {spec} is malformed: {exc!r}", field="topology") from None
+
+
+def links_between_gpus(devices: NodeDevices) -> list[LinkInfo]:
+    """The links between two GPUs of ``devices`` (NVLink and the like; not host links)."""
+    if devices.topology is None:
+        return []
+    gpus = {d.name for d in devices.devices if d.kind != "host"}
+    return [
+        LinkInfo(a=ln.a, b=ln.b, kind=ln.kind, gbps=ln.gbps)
+        for ln in devices.topology.links
+        if ln.a in gpus and ln.b in gpus
+    ]
 
 
 def host_device() -> DeviceInfo:

@@ -57,6 +57,8 @@ UploadId = Annotated[
 ]
 TorchDtype = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}(?!\n)$")]
 DeviceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_:-]{1,64}(?!\n)$")]
+# One GPU of a node, as devices and tiers name it: "gpu:0", "gpu:1", ...
+GpuName = Annotated[str, msgspec.Meta(pattern=r"^gpu:\d{1,3}(?!\n)$", description="a GPU")]
 
 # KServe v2 datatypes.
 Datatype = Literal[
@@ -180,6 +182,9 @@ class FunctionRecord(Msg, frozen=True, tag="function.v1"):
     nodes: list[NodeId]
     created_at: float
     status: Literal["ready"] = "ready"
+    # The GPU each node's instance computes on (placement is per GPU); a node not named
+    # here (no GPU, or a record from before) runs it on the node's first GPU.
+    gpus: dict[NodeId, GpuName] = msgspec.field(default_factory=dict)
     # When a repository load or unload last set its instances: the autoscaler forgets the
     # activity before it (0: never).
     rescaled_at: float = 0.0
@@ -270,6 +275,9 @@ class InvokeReply(Msg, frozen=True, tag="invoke_reply.v1"):
 
 class WorkerLoadRequest(Msg, frozen=True, tag="worker_load_request.v1"):
     spec: FunctionSpec
+    # The GPU the placement chose for the instance (None: the node's first GPU, or the
+    # host on a node without one). The worker checks that the node has it.
+    device: GpuName | None = None
 
 
 class WorkerLoadReply(Msg, frozen=True, tag="worker_load_reply.v1"):
@@ -408,6 +416,9 @@ class QueueEntry(Msg, frozen=True, tag="queue_entry.v1"):
     # its size); None when not profiled yet.
     compute_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
     tubes: list[QueuedTube] = []
+    # The GPU its instance on that node is placed on (FunctionRecord.gpus): where its
+    # model is brought before its requests run; None: where the model is, else the first.
+    device: GpuName | None = None
 
 
 class QueueView(Msg, frozen=True, tag="queue_view.v1"):
@@ -447,6 +458,9 @@ class WorkerRunRequest(Msg, frozen=True, tag="worker_run_request.v1"):
     # Sent by a gateway on its direct route (see Route): run only on an instance already
     # built here, else answer Unavailable (the gateway then goes through a scheduler).
     direct: bool = False
+    # The GPU of the function's instance on this node (FunctionRecord.gpus): where the
+    # instance is built should this request find none.
+    device: GpuName | None = None
 
 
 # --- node services -------------------------------------------------------------------
@@ -963,6 +977,10 @@ class Heartbeat(Msg, frozen=True, tag="heartbeat.v1"):
     started_at: float
     updated_at: float
     devices: list[DeviceInfo] = msgspec.field(default_factory=list)
+    # The links between the node's GPUs (NVLink, ...), from its topology: placement puts a
+    # workflow step on the GPU holding its inputs or a neighbour of it. Reported by the
+    # node's worker pool; byte counters stay 0 here (see the transfer service's links).
+    links: list[LinkInfo] = msgspec.field(default_factory=list)
 
 
 class ErrorReply(Msg, frozen=True, tag="error.v1"):

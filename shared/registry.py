@@ -27,6 +27,19 @@ async def alive(nodes: Nodes, ttl_s: float, now: float | None = None) -> dict[st
     return dict(out)
 
 
+def node_gpus_of(beats: list[Heartbeat]) -> list[str]:
+    """A node's GPUs as its heartbeats list them, by number ("gpu:0", "gpu:1", ...)."""
+    names = {d.name for b in beats for d in b.devices if d.kind != "host"}
+    return sorted(names, key=lambda n: (len(n), n))
+
+
+def instance_device(record: FunctionRecord, node: str, gpus: list[str]) -> str:
+    """The device ``record``'s instance on ``node`` computes on: the GPU placement chose,
+    else the node's first GPU (a record from before placement was per GPU), else the host
+    (``gpus``: the node's, by number)."""
+    return record.gpus.get(node) or (gpus[0] if gpus else "host")
+
+
 async def records(functions: Functions, tenant: str | None = None) -> list[FunctionRecord]:
     """Every deployed function (of one tenant when given), sorted by tenant and name."""
     prefix = "" if tenant is None else f"{tenant}."

@@ -48,6 +48,7 @@ from gpufaas.shared.logging import configure_logging
 from gpufaas.shared.messages import (
     DeviceInfo,
     Heartbeat,
+    LinkInfo,
     M,
     Msg,
     Ping,
@@ -260,6 +261,10 @@ class Service:
 
     def devices(self) -> list[DeviceInfo]:
         """Devices this service reports in its heartbeat."""
+        return []
+
+    def gpu_links(self) -> list[LinkInfo]:
+        """Links between the node's GPUs this service reports in its heartbeat."""
         return []
 
     def reconnect_announcement(self) -> tuple[str, Msg] | None:
@@ -583,6 +588,7 @@ class Service:
             started_at=self.started_at,
             updated_at=time.time(),
             devices=self.devices(),
+            links=self.gpu_links(),
         )
         await self.buckets.nodes.put(self._heartbeat_key, encode_json(beat))
 

@@ -12,9 +12,10 @@ Pure functions: the memory service gathers the inputs over NATS and carries out 
   expected ``k`` requests' time after the function's first, needing the model and its
   tubes. Tubes count only where the model and they fit on the GPU together: an input
   that cannot be kept on the GPU is read from the host tier, never a reason to reject.
-* A queued function runs on the GPU where its model is leased (a warm instance), else
-  where its copies are resident, else on the node's first GPU (where the worker builds
-  instances); requests a worker reports running pin the function to their GPU.
+* A queued function runs on the GPU placement chose for its instance on this node (the
+  queue view says), else where its model is leased (a warm instance), else where its
+  copies are resident, else on the node's first GPU; requests a worker reports running
+  pin the function to their GPU.
 * **Expected start** of a queued function: ``now +`` the device time of the requests
   queued ahead (each function's own per-request time from its profile, carried in the
   queue view, else ``typical_compute_s``), counting the requests queued before it on its
@@ -73,6 +74,7 @@ class Demand:
     next_deadline: float | None
     compute_s: float | None = None  # one request's device time, from the function's profile
     tubes: tuple[QueuedTube, ...] = ()  # its queued requests' input tubes with a copy here
+    device: str | None = None  # the GPU placement chose for its instance here (None: unsaid)
 
     @property
     def tenant(self) -> str:
@@ -107,6 +109,7 @@ def merge_views(views: Iterable[QueueView]) -> list[Demand]:
                     e.next_deadline,
                     e.compute_s,
                     _merge_tubes((), e.tubes),
+                    e.device,
                 )
                 continue
             deadlines = [d for d in (seen.next_deadline, e.next_deadline) if d is not None]
@@ -118,6 +121,7 @@ def merge_views(views: Iterable[QueueView]) -> list[Demand]:
                 min(deadlines) if deadlines else None,
                 seen.compute_s or e.compute_s,
                 _merge_tubes(seen.tubes, e.tubes),
+                seen.device or e.device,
             )
     return [merged[f] for f in sorted(merged)]
 
@@ -180,7 +184,11 @@ def build(
         if not item.item:
             plan.unresolved[demand.function] = item.error or "unknown model"
             continue
-        device = (running_on or {}).get(demand.function) or _home(item.item, residents, default)
+        device = (
+            (running_on or {}).get(demand.function)
+            or demand.device
+            or _home(item.item, residents, default)
+        )
         if device not in budgets:
             continue
         plan.device_of[demand.function] = device

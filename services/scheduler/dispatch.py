@@ -14,6 +14,7 @@ from msgspec.structs import replace as msgspec_replace
 
 from gpufaas.scheduler.functions import FunctionRegistry, scaled
 from gpufaas.scheduler.host import Host
+from gpufaas.scheduler.placer import inputs_at
 from gpufaas.scheduler.profiles import EffectiveConfig, effective_config
 from gpufaas.scheduler.queues import FunctionQueue, Pending
 from gpufaas.shared import constants as c
@@ -151,6 +152,7 @@ class Dispatcher:
                 concurrency=config.concurrency if config.profiled else None,
                 intermediate=call.intermediate,
                 dispatch_id=call.dispatch_id,
+                device=record.gpus.get(node),
             )
             send = asyncio.ensure_future(self._send(node, run, call))
             reply = with_bind(*await self._by_deadline(send, call))
@@ -302,10 +304,12 @@ class Dispatcher:
         try:
             # Where the most urgent waiting request's inputs are, on a tie of θ.
             head = min((p for p in fq.waiting if not p.node.done()), default=None)
-            node = await self.placer.place(spec, near=head.prefer if head else None)
-            loaded, bound = await self.registry.load(node, spec)
-            updated = await self.registry.update_nodes(
-                spec, lambda ns: [n for n in ns if n in self.host.workers and n != node] + [node]
+            near = inputs_at(head.tubes, head.prefer) if head else None
+            at = await self.placer.place(spec, near=near)
+            node = at.node
+            loaded, bound = await self.registry.load(node, spec, at.gpu)
+            updated = await self.registry.add_instance(
+                spec, node, at.gpu, lambda n: n in self.host.workers
             )
         except PlatformError as exc:
             log.warning("cold_start.failed", function=spec.name, error=exc.message)

@@ -57,8 +57,23 @@ def scaled(spec: FunctionSpec, before: int, updated: FunctionRecord, reason: str
         "from": before,
         "to": len(updated.nodes),
         "nodes": updated.nodes,
+        "gpus": updated.gpus,
         "reason": reason,
     }
+
+
+def with_instances(
+    record: FunctionRecord, keep: Callable[[str], bool], new: tuple[str, str | None] | None = None
+) -> FunctionRecord:
+    """``record`` with only the instance nodes ``keep`` says (and their GPUs), then the
+    ``new`` (node, GPU), if any."""
+    nodes = [n for n in record.nodes if keep(n) and (new is None or n != new[0])]
+    gpus = {n: g for n, g in record.gpus.items() if n in nodes}
+    if new is not None:
+        nodes.append(new[0])
+        if new[1] is not None:
+            gpus[new[0]] = new[1]
+    return msgspec_replace(record, nodes=nodes, gpus=gpus)
 
 
 class FunctionRegistry:
@@ -80,14 +95,15 @@ class FunctionRegistry:
         self.quotas = Quotas.from_config(host.config)
 
     async def load(
-        self, node: str, spec: FunctionSpec
+        self, node: str, spec: FunctionSpec, gpu: str | None = None
     ) -> tuple[WorkerLoadReply, WorkerBindReply | None]:
-        """Build an instance of ``spec`` on ``node`` (the bind's reply, if one was needed)."""
+        """Build an instance of ``spec`` on ``gpu`` of ``node`` (None: the node's first GPU,
+        or its host); the bind's reply, if one was needed."""
         return await self.workers.call(
             node,
             spec.tenant,
             subjects.WORKER_LOAD,
-            WorkerLoadRequest(spec=spec),
+            WorkerLoadRequest(spec=spec, device=gpu),
             WorkerLoadReply,
             timeout=self.host.config.deploy_timeout_s,
         )
@@ -103,11 +119,12 @@ class FunctionRegistry:
                 f"function {spec.name!r} exists with another spec; delete it first", field="name"
             )
         await self.check_quotas(spec, 0)
-        node = await self.placer.place(spec)
+        at = await self.placer.place(spec)
+        node = at.node
         if self._gpu_quota(spec):  # the model's size, before it is loaded, where known
             loc = await self.placer.locality(node, spec)
             await self.check_quotas(spec, loc.model_bytes if loc and loc.known else 0)
-        loaded, _ = await self.load(node, spec)
+        loaded, _ = await self.load(node, spec, at.gpu)
         try:
             if self._gpu_quota(spec):
                 await self.check_quotas(spec, loaded.model_bytes)
@@ -124,6 +141,7 @@ class FunctionRegistry:
             tensor_count=loaded.tensor_count,
             nodes=[node],
             created_at=time.time(),
+            gpus={node: at.gpu} if at.gpu else {},
         )
         winner = await self._create(record, node)
         if winner is not None:
@@ -138,6 +156,7 @@ class FunctionRegistry:
                 "tenant": spec.tenant,
                 "node": node,
                 "device": loaded.device,
+                "gpu": at.gpu,
                 "model_bytes": loaded.model_bytes,
                 "bytes_stored": loaded.bytes_stored,
                 "bytes_deduplicated": loaded.bytes_deduplicated,
@@ -223,13 +242,18 @@ class FunctionRegistry:
         return DeleteReply(name=req.name)
 
     async def update_nodes(
-        self, spec: FunctionSpec, change: Callable[[list[str]], list[str]]
+        self, spec: FunctionSpec, keep: Callable[[str], bool]
     ) -> FunctionRecord | None:
-        """Change a function's instance nodes in KV (compare-and-set, retried); None when
-        the function is gone or was redeployed with another spec."""
-        return await self._update(
-            spec, lambda record: msgspec_replace(record, nodes=change(list(record.nodes)))
-        )
+        """Keep only the instance nodes ``keep`` says in KV (compare-and-set, retried);
+        None when the function is gone or was redeployed with another spec."""
+        return await self._update(spec, lambda record: with_instances(record, keep))
+
+    async def add_instance(
+        self, spec: FunctionSpec, node: str, gpu: str | None, keep: Callable[[str], bool]
+    ) -> FunctionRecord | None:
+        """Record a new instance on ``gpu`` of ``node`` (last: the newest), keeping the
+        other nodes ``keep`` says (as ``update_nodes``)."""
+        return await self._update(spec, lambda r: with_instances(r, keep, (node, gpu)))
 
     async def mark_rescaled(self, spec: FunctionSpec, at: float) -> FunctionRecord | None:
         """Record a repository load or unload at ``at`` (as ``update_nodes``)."""

@@ -157,19 +157,17 @@ class Leader:
         if desired > len(live):
             if not await self.registry.room_for(record, len(live) + 1):
                 return  # the tenant's GPU memory quota holds no more instances
-            node = await self.registry.placer.place(spec, exclude=set(live))
-            if node in live:
+            at = await self.registry.placer.place(spec, exclude=set(live))
+            if at.node in live:
                 return  # no other node to scale out to
-            await self.registry.load(node, spec)
-            updated = await self.registry.update_nodes(
-                spec, lambda ns: [n for n in ns if n in workers and n != node] + [node]
+            await self.registry.load(at.node, spec, at.gpu)
+            updated = await self.registry.add_instance(
+                spec, at.node, at.gpu, lambda n: n in workers
             )
         else:
             fq = self.dispatcher.queues.get(ref_of(spec).key)
             drop = to_drop(live, desired, fq.in_flight if fq else Counter[str]())
-            updated = await self.registry.update_nodes(
-                spec, lambda ns: [n for n in ns if n not in drop]
-            )
+            updated = await self.registry.update_nodes(spec, lambda n: n not in drop)
             for node in drop:  # unloaded next tick, once requests already sent have arrived
                 self.draining[(ref_of(spec), node)] = now
         if updated is not None:

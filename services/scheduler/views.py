@@ -56,6 +56,7 @@ def queue_entries(
             fq.next_deadline(),
             per_request_s,
             fq.queued_tubes(node, VIEW_TUBES),
+            device=record.gpus.get(node),
         )
         for node in record.nodes
     }

@@ -21,6 +21,7 @@ import structlog
 from gpufaas.scheduler.functions import FunctionRegistry, scaled
 from gpufaas.scheduler.host import Host
 from gpufaas.scheduler.placement import bring_to_inputs
+from gpufaas.scheduler.placer import Where, inputs_at
 from gpufaas.shared import constants as c
 from gpufaas.shared.errors import PlatformError
 from gpufaas.shared.identity import FunctionRef
@@ -75,22 +76,31 @@ class InputLocality:
             return
         task = self._bringing.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._scale_out(record, near, live, cold_s))
+            where = inputs_at([p.tube for p in inputs if p.tube is not None], near)
+            task = asyncio.ensure_future(self._scale_out(record, near, where, live, cold_s))
             self._bringing[key] = task
             task.add_done_callback(lambda _: self._bringing.pop(key, None))
         await asyncio.shield(task)  # a caller that gives up leaves it to the others
 
     async def _scale_out(
-        self, record: FunctionRecord, node: str, live: list[str], cold_s: float
+        self,
+        record: FunctionRecord,
+        node: str,
+        where: Where | None,
+        live: list[str],
+        cold_s: float,
     ) -> None:
+        """An instance on ``node``: on the GPU that holds the inputs (``where``), else the
+        nearest to it by placement's order (an NVLink neighbour first)."""
         spec, key = record.spec, FunctionRef(record.spec.tenant, record.spec.name).key
         paid = self.paid.get((key, node), 0.0)
         t0 = time.perf_counter()
         try:
-            await self.registry.load(node, spec)
-            updated = await self.registry.update_nodes(
-                spec, lambda ns: [n for n in ns if n != node] + [node]
-            )
+            at = await self.registry.placer.place(spec, near=where, on=node)
+            if at.node != node:
+                return  # gone meanwhile: the step runs where the function is
+            await self.registry.load(node, spec, at.gpu)
+            updated = await self.registry.add_instance(spec, node, at.gpu, lambda n: True)
         except PlatformError as exc:  # the step runs where the function is
             log.warning("workflow.bring_failed", function=spec.name, node=node, error=exc.message)
             return

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -38,6 +38,9 @@ from gpufaas.worker.exported import ExportedRunner
 from gpufaas.worker.runners import RUNNERS, Runner
 from gpufaas.worker.tensor_map import TensorMap
 
+if TYPE_CHECKING:
+    from gpufaas.worker.lanes import Lane
+
 log = structlog.get_logger()
 
 KNOWN_MODELS = 256  # store answers remembered for overlapping builds (see Instances.build)
@@ -49,7 +52,7 @@ class Instance:
 
     spec: FunctionSpec
     runner: Runner
-    device: str
+    device: str  # its lane's: the GPU ("gpu:N"), or "cpu" on a node without one
     model_bytes: int
     tensor_count: int
     bytes_stored: int
@@ -63,6 +66,7 @@ class Instance:
     compute_s: float = 0.0  # moving average of a batch's compute time (dispatch order)
     last_rows: int = 1  # rows of its last batch: how many an idle device waits for (Batcher)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while active == 0
+    gpu: str | None = None  # the GPU whose device copies its lease holds (None: host only)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -85,25 +89,13 @@ Built = tuple[Runner, frozenset[str]]  # a runner and the segments it holds
 
 
 class Instances:
-    """The instances of one worker process, by function, and their leases."""
+    """The instances of one worker process, by function (one per function, on one of its
+    lanes), and their leases."""
 
-    def __init__(
-        self,
-        service: Service,
-        executor: ThreadPoolExecutor,
-        tensors: TensorMap,
-        *,
-        holder: str,
-        gpu: str | None,
-        device: str,
-        backend: str,
-    ) -> None:
+    def __init__(self, service: Service, tensors: TensorMap, *, holder: str, backend: str) -> None:
         self.service = service  # its NATS connection and config
-        self.executor = executor  # the device's threads
         self.tensors = tensors
         self.holder = holder  # who holds the leases: unique per process life
-        self.gpu = gpu
-        self.device = device
         self.backend = backend
         self.live: dict[FunctionRef, Instance] = {}
         self.loading: dict[FunctionRef, asyncio.Task[Instance]] = {}
@@ -111,23 +103,29 @@ class Instances:
         # store confirms it (see build).
         self._known: dict[tuple[ModelSource, str], RegisterReply] = {}
 
-    async def get(self, spec: FunctionSpec) -> tuple[Instance, bool]:
-        """The instance of ``spec``, built if needed; returns (instance, was_cold)."""
+    async def get(
+        self, spec: FunctionSpec, lane: Lane, *, move: bool = False
+    ) -> tuple[Instance, bool]:
+        """The instance of ``spec``, built on ``lane`` if there is none; returns (instance,
+        was_cold). With ``move``, one on another lane is built again on ``lane`` (a load
+        the placement sent to another GPU), replacing it as a redeploy does."""
         ref = FunctionRef(spec.tenant, spec.name)
         inst = self.live.get(ref)
-        if inst is not None and inst.spec == spec:
+        if inst is not None and inst.spec == spec and (not move or inst.device == lane.device):
             return inst, False
         joined = self.loading.get(ref)
         if joined is not None:
             try:
-                return await asyncio.shield(joined), True
+                inst = await asyncio.shield(joined)
+                if not move or inst.device == lane.device:
+                    return inst, True
             except (DeadlineExceeded, Unavailable):
                 # A build started before this request failed on a peer that was away (a
                 # store that died and came back): this request builds again, once.
                 log.info("worker.build_retried", function=ref.key)
         task = self.loading.get(ref)
         if task is None or task is joined:
-            task = asyncio.create_task(self.build(spec))
+            task = asyncio.create_task(self.build(spec, lane))
             self.loading[ref] = task
             task.add_done_callback(lambda t: self._done_loading(ref, t))
         inst = await asyncio.shield(task)
@@ -137,14 +135,15 @@ class Instances:
         if self.loading.get(ref) is task:
             del self.loading[ref]
 
-    async def build(self, spec: FunctionSpec) -> Instance:
+    async def build(self, spec: FunctionSpec, lane: Lane) -> Instance:
         """Lease the model's tensors from the store and build an instance over them.
 
         When this worker has built the model before (on the host or a simulated GPU), the
         instance is built over the manifest it got then *while* the store answers; it is
         kept if the store's manifest is the same (the lease then covers those tensors),
         and rebuilt otherwise. A cold start over resident tensors thus costs one store
-        round trip, not a round trip plus a build.
+        round trip, not a round trip plus a build. Built on ``lane``'s threads, its
+        lease naming ``lane``'s GPU (the store places the device copies there).
         """
         t0 = time.perf_counter()
         if spec.model.architecture not in RUNNERS and spec.model.architecture != "torch-export":
@@ -157,24 +156,25 @@ class Instances:
         guess = self._known.get(model) if self.backend != "cuda" else None
         early = None
         if guess is not None:
-            early = loop.run_in_executor(self.executor, self._make_runner, spec, guess)
-        reg = await self._register(spec, ref, early)
+            early = loop.run_in_executor(lane.executor, self._make_runner, spec, guess)
+        reg = await self._register(spec, ref, lane.gpu, early)
         registered_us = us_since(t0)
         self._remember(model, reg)
         built = await self._kept(early, guess, reg)
         overlapped = built is not None  # the early build was kept
         try:
             if built is None:
-                built = await loop.run_in_executor(self.executor, self._make_runner, spec, reg)
+                built = await loop.run_in_executor(lane.executor, self._make_runner, spec, reg)
         except BaseException:
-            await self.release(ref)
+            await self.release(ref, lane.gpu)
             raise
-        inst = self._instance(spec, reg, built, t0)
+        inst = self._instance(spec, reg, built, t0, lane)
         await self._install(ref, inst)
         log.info(
             "instance.built",
             function=spec.name,
             tenant=spec.tenant,
+            device=inst.device,
             us=inst.load_us,
             register_us=registered_us,
             store_us=reg.register_us,
@@ -183,7 +183,11 @@ class Instances:
         return inst
 
     async def _register(
-        self, spec: FunctionSpec, ref: FunctionRef, early: asyncio.Future[Built] | None
+        self,
+        spec: FunctionSpec,
+        ref: FunctionRef,
+        gpu: str | None,
+        early: asyncio.Future[Built] | None,
     ) -> RegisterReply:
         """The store's answer for ``spec``'s model, leased to this process; on failure the
         early build (if any) lets its views go."""
@@ -194,9 +198,9 @@ class Instances:
                 RegisterRequest(
                     source=spec.model,
                     tenant=spec.tenant,
-                    lease=self.lease_id(ref),
+                    lease=self.lease_id(ref, gpu),
                     holder=self.holder,
-                    device=self.gpu,
+                    device=gpu,
                 ),
                 RegisterReply,
                 timeout=self.service.config.deploy_timeout_s,
@@ -230,13 +234,14 @@ class Instances:
         return built
 
     def _instance(
-        self, spec: FunctionSpec, reg: RegisterReply, built: Built, t0: float
+        self, spec: FunctionSpec, reg: RegisterReply, built: Built, t0: float, lane: Lane
     ) -> Instance:
         runner, held = built
         return Instance(
             spec=spec,
             runner=runner,
-            device=self.device,
+            device=lane.device,
+            gpu=lane.gpu,
             model_bytes=reg.model_bytes,
             tensor_count=len(reg.manifest),
             bytes_stored=reg.bytes_stored,
@@ -249,8 +254,13 @@ class Instances:
     async def _install(self, ref: FunctionRef, inst: Instance) -> None:
         old = self.live.get(ref)
         self.live[ref] = inst
-        if old is not None:  # a redeploy replaced the spec; the new lease replaced its lease
-            await self.let_go(old)
+        if old is None:
+            return
+        # A redeploy replaced the spec (the new lease replaced its lease), or a load moved
+        # it to another GPU: its lease there goes once its batches are done.
+        await self.let_go(old)
+        if old.gpu != inst.gpu:
+            await self.release(ref, old.gpu)
 
     def _make_runner(self, spec: FunctionSpec, reg: RegisterReply) -> Built:
         """(On the device thread.) A runner over the tensors ``reg`` names, and what it holds."""
@@ -271,7 +281,7 @@ class Instances:
         if inst is None:
             return False
         await self.let_go(inst)
-        await self.release(ref)
+        await self.release(ref, inst.gpu)
         return True
 
     async def let_go(self, inst: Instance) -> None:
@@ -292,14 +302,16 @@ class Instances:
 
     # --- leases on the tensor store ------------------------------------------------------
 
-    def lease_id(self, ref: FunctionRef) -> str:
-        return f"{self.holder}|{ref.key}"
+    def lease_id(self, ref: FunctionRef, gpu: str | None) -> str:
+        """The lease of ``ref``'s instance on ``gpu``: one per GPU, so that an instance
+        moved to another GPU lets go of the copies on the one it left."""
+        return f"{self.holder}|{ref.key}" + (f"|{gpu}" if gpu else "")
 
     def _store_subject(self, verb: str) -> str:
         return subjects.node(self.service.config.node_id, "tensorstore", verb)
 
-    async def release(self, ref: FunctionRef) -> None:
-        lease_id = self.lease_id(ref)
+    async def release(self, ref: FunctionRef, gpu: str | None) -> None:
+        lease_id = self.lease_id(ref, gpu)
         try:
             await request(
                 self.service.nc,
@@ -314,7 +326,7 @@ class Instances:
     async def renew(self) -> None:
         """Re-announce every instance's lease (also rebuilds a restarted store's table)."""
         claims = [
-            LeaseClaim(id=self.lease_id(ref), tensors=inst.tensors, device=self.gpu)
+            LeaseClaim(id=self.lease_id(ref, inst.gpu), tensors=inst.tensors, device=inst.gpu)
             for ref, inst in self.live.items()
         ]
         reply = await request(
@@ -327,9 +339,9 @@ class Instances:
         if reply.missing:
             log.error("lease.tensors_missing", count=len(reply.missing))
         lost = set(reply.lost)
-        for ref in [r for r in self.live if self.lease_id(r) in lost]:
+        for ref in [r for r, i in self.live.items() if self.lease_id(r, i.gpu) in lost]:
             # Its device copies died with a restarted store: rebuild on the next request.
             inst = self.live.pop(ref)
             log.warning("instance.lost_device_copies", function=ref.name, tenant=ref.tenant)
             await self.let_go(inst)
-            await self.release(ref)
+            await self.release(ref, inst.gpu)

@@ -45,6 +45,7 @@ The pool manager heartbeats as the node's ``worker`` (membership, ``node.joined`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -59,10 +60,11 @@ from nats.aio.msg import Msg as NatsMsg
 
 from gpufaas.shared import nats_auth, subjects
 from gpufaas.shared.config import Config
-from gpufaas.shared.devices import NodeDevices, parse_devices
+from gpufaas.shared.devices import NodeDevices, links_between_gpus, parse_devices
 from gpufaas.shared.errors import Overloaded, PlatformError, Unavailable
 from gpufaas.shared.messages import (
     DeviceInfo,
+    LinkInfo,
     WorkerBindReply,
     WorkerBindRequest,
     WorkerRetireReply,
@@ -70,6 +72,7 @@ from gpufaas.shared.messages import (
 )
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Endpoint, Service, endpoint
+from gpufaas.transfer.discovery import discover_topology
 
 log = structlog.get_logger()
 
@@ -156,6 +159,10 @@ class WorkerPoolService(Service):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
+        if self.node_devices.backend == "cuda" and self.node_devices.topology is None:
+            # Real GPUs: which reach which by NVLink, from NVML (placement uses it).
+            topology = discover_topology()
+            self.node_devices = dataclasses.replace(self.node_devices, topology=topology)
         self.spares: list[WorkerProcess] = []
         self.bound: dict[str, WorkerProcess] = {}
         self.exiting: list[WorkerProcess] = []  # retired or stopped, not reaped yet
@@ -170,6 +177,10 @@ class WorkerPoolService(Service):
 
     def devices(self) -> list[DeviceInfo]:
         return self.node_devices.devices
+
+    def gpu_links(self) -> list[LinkInfo]:
+        """The links between this node's GPUs (its topology's), for placement."""
+        return links_between_gpus(self.node_devices)
 
     @property
     def want_spares(self) -> int:

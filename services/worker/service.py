@@ -1,10 +1,11 @@
 """The worker of one node: builds function instances over shared tensors and runs them.
 
 A thin front over its parts: ``Instances`` (built over the tensor store's manifest, every
-weight a zero-copy view; leases), ``Batcher`` (the device's ready queue, dynamic batching
-by deadline slack), ``Answers`` (a repeated dispatch answered, not run twice) and
-``TensorIO`` (inputs and outputs, inline or as tubes). Model work runs on one executor
-thread per device stream, never on the event loop.
+weight a zero-copy view; leases), ``Lanes`` (one per GPU its instances are placed on: the
+device's threads, its ``Batcher``, a ready queue with dynamic batching by deadline slack,
+and its ``TensorIO``, inputs and outputs inline or as tubes) and ``Answers`` (a repeated
+dispatch answered, not run twice). Model work runs on one executor thread per device
+stream, never on the event loop.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from gpufaas.shared.errors import (
     PlatformError,
     Unavailable,
 )
-from gpufaas.shared.identity import Device, FunctionRef
+from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import (
     Breakdown,
     EnsureReply,
@@ -65,36 +66,16 @@ from gpufaas.shared.messages import (
 from gpufaas.shared.paths import check_root
 from gpufaas.shared.rpc import request
 from gpufaas.shared.service import Endpoint, Service, endpoint
-from gpufaas.worker.batcher import Answers, Batcher, Infer, Ready
+from gpufaas.worker.batcher import Answers, Batcher, Ready
 from gpufaas.worker.instances import Instance, Instances, us_since
+from gpufaas.worker.lanes import Lanes, init_cuda, trim_cuda_cache
 from gpufaas.worker.profiling import profile
-from gpufaas.worker.runners import Inputs, Output, warm_up_bert
-from gpufaas.worker.tensor_io import TensorIO
+from gpufaas.worker.runners import Inputs, warm_up_bert
 from gpufaas.worker.tensor_map import TensorMap
 
 log = structlog.get_logger()
 
 __all__ = ["Instance", "PooledWorkerService", "WorkerService"]
-
-
-def _init_cuda(index: int) -> None:
-    """Create the CUDA context of GPU ``index`` on the calling (device) thread."""
-    import torch  # noqa: PLC0415 - only on a CUDA node
-
-    torch.cuda.set_device(index)
-    torch.zeros(1, device=f"cuda:{index}")
-
-
-def _trim_cuda_cache(index: int) -> int:
-    """(The device thread of an idle worker.) Give torch's cached, unused CUDA blocks back
-    to the driver: a function's intermediates live in its reservation, a hold of the
-    memory manager's budget that ends with its load, so an idle worker must not keep
-    them. Returns the bytes given back."""
-    import torch  # noqa: PLC0415 - only on a CUDA node
-
-    before = torch.cuda.memory_reserved(index)
-    torch.cuda.empty_cache()
-    return int(before - torch.cuda.memory_reserved(index))
 
 
 def _builtin_model_dirs() -> list[Path]:
@@ -131,38 +112,20 @@ class WorkerService(Service):
         super().__init__(config)
         check_root(config.shm_dir)  # ours alone (0700), or refused: exit 2 naming it
         self.node_devices: NodeDevices = parse_devices(config.devices, config.topology)
-        gpus = [d for d in self.node_devices.devices if d.kind != "host"]
-        # The GPU instances are placed on. The tensor store keeps one copy of each tensor
-        # there, shared by every instance (on a simulated GPU the store accounts the
-        # capacity and compute runs on the CPU over the shared host pages).
-        self.gpu = gpus[0].name if gpus else None
-        self.device = self.gpu or "cpu"
         backend = self.node_devices.backend
-        # Its CUDA device ("gpu:N" is CUDA device N); None on the CPU or a simulated GPU.
-        self.cuda_index = (
-            Device.parse(self.gpu).index if self.gpu is not None and backend == "cuda" else None
-        )
         self.streams = config.device_streams or (c.CUDA_DEVICE_STREAMS if backend == "cuda" else 1)
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.streams, thread_name_prefix=f"dev-{self.device}"
+        # A lane per GPU its instances are placed on ("gpu:N" is CUDA device N), the node's
+        # first GPU's (or the host's) from the start. The tensor store keeps one copy of
+        # each tensor per GPU, shared by every instance there (on a simulated GPU the store
+        # accounts the capacity and compute runs on the CPU over the shared host pages).
+        self.lanes = Lanes(
+            self, self.node_devices, streams=self.streams, batch_wait_s=config.batch_wait_s
         )
         self.tensors = TensorMap(config.shm_dir)
         # Who holds this process's leases on the tensor store: unique per process life.
         self.holder = f"{config.node_id}/{os.getpid()}/{self.started_at:.6f}"
-        self.loaded = Instances(
-            self,
-            self._executor,
-            self.tensors,
-            holder=self.holder,
-            gpu=self.gpu,
-            device=self.device,
-            backend=backend,
-        )
-        self.batcher = Batcher(
-            self._on_device, streams=self.streams, batch_wait_s=config.batch_wait_s
-        )
+        self.loaded = Instances(self, self.tensors, holder=self.holder, backend=backend)
         self.answers: Answers[InvokeReply] = Answers()
-        self.io = TensorIO(self, gpu=self.gpu, backend=backend)
         self.role, self.tenant = _role(config)
         self._idle_since = time.monotonic()  # last moment it had an instance (tenant workers)
         self._exit: asyncio.Task[None] | None = None  # its idle exit (see _retire)
@@ -175,6 +138,15 @@ class WorkerService(Service):
     def instances(self) -> dict[FunctionRef, Instance]:
         """The built instances by function (a ``(tenant, name)`` tuple finds one too)."""
         return self.loaded.live
+
+    @property
+    def batcher(self) -> Batcher:
+        """The default lane's (the node's first GPU's) ready queue."""
+        return self.lanes.default.batcher
+
+    @property
+    def _executor(self) -> ThreadPoolExecutor:
+        return self.lanes.default.executor
 
     @property
     def repeats(self) -> int:
@@ -192,23 +164,18 @@ class WorkerService(Service):
     def _compute(
         self, inst: Instance, req: WorkerRunRequest, inputs: Inputs
     ) -> Coroutine[Any, Any, Ready]:
-        """Queue a request for its instance's next batch (see ``Batcher.compute``)."""
-        return self.batcher.compute(inst, req, inputs)
-
-    def _on_device(self, fn: Infer, inputs: Inputs) -> asyncio.Future[dict[str, Output]]:
-        """Run ``fn(inputs)`` on the device's threads (the batcher's executor)."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, inputs)
+        """Queue a request for its instance's next batch on its lane (``Batcher.compute``)."""
+        return self.lanes.of(inst.device).batcher.compute(inst, req, inputs)
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def on_start(self) -> None:
         node = self.config.node_id
         self.every(self.config.heartbeat_s, self._upkeep, "upkeep")
-        if self.cuda_index is not None:
+        index = self.lanes.default.cuda_index
+        if index is not None:
             # The device context, once, on the device's own thread: not in a cold start.
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, _init_cuda, self.cuda_index
-            )
+            await asyncio.get_running_loop().run_in_executor(self._executor, init_cuda, index)
         if self.role == "spare":  # warm, waiting to be given a tenant by the node's pool
             await self._warm_up()
         if self.role != "shared":  # the node's pool manager speaks for the node
@@ -261,7 +228,8 @@ class WorkerService(Service):
         decoders of a cold start's messages built. Nothing of any tenant: a spare may be
         bound to anyone. Best effort: a failure is logged."""
         # A simulated GPU computes on the host.
-        device = "cpu" if self.cuda_index is None else f"cuda:{self.cuda_index}"
+        index = self.lanes.default.cuda_index
+        device = "cpu" if index is None else f"cuda:{index}"
         t0 = time.perf_counter()
         try:
             _build_decoders()
@@ -293,11 +261,10 @@ class WorkerService(Service):
             raise NotFound("no such function on this worker", field="spec.tenant")
 
     async def on_stop(self) -> None:
-        await self.batcher.stop()
+        await self.lanes.stop_batching()
         await self.answers.stop()
         await self.loaded.stop()
-        # Off the loop: a batch still computing finishes in its thread.
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await self.lanes.shutdown()  # a batch still computing finishes in its thread
         if self.role != "shared":
             return
         await self.publish_event(
@@ -307,10 +274,6 @@ class WorkerService(Service):
         )
 
     # --- instances -------------------------------------------------------------------
-
-    async def instance(self, spec: FunctionSpec) -> tuple[Instance, bool]:
-        """The instance of ``spec``, built if needed; returns (instance, was_cold)."""
-        return await self.loaded.get(spec)
 
     async def _check_deployed(self, spec: FunctionSpec) -> None:
         """Before a cold start: refuse a function that is no longer deployed as ``spec``.
@@ -323,8 +286,11 @@ class WorkerService(Service):
             raise NotFound(f"function {spec.name!r} is not deployed", field="model")
 
     async def load(self, req: WorkerLoadRequest) -> WorkerLoadReply:
+        """Build ``req.spec``'s instance on ``req.device`` (None: where it is, else the
+        node's first GPU); one on another GPU is built again there (moved)."""
         self._check_tenant(req.spec.tenant)
-        inst, cold = await self.loaded.get(req.spec)
+        lane = await self.lanes.lane(req.device)
+        inst, cold = await self.loaded.get(req.spec, lane, move=req.device is not None)
         return WorkerLoadReply(
             inputs=inst.runner.inputs,
             outputs=inst.runner.outputs,
@@ -338,9 +304,9 @@ class WorkerService(Service):
         )
 
     async def profile(self, req: WorkerProfileRequest) -> WorkerProfileReply:
-        """Measure the loaded instance of ``req.spec`` on this node's device.
+        """Measure the loaded instance of ``req.spec`` on its device.
 
-        Runs on the device's threads like a batch: requests wait behind it, so the
+        Runs on its lane's threads like a batch: requests wait behind it, so the
         scheduler asks for the full sweep only in the background, under a time limit.
         """
         inst = self.instances.get(FunctionRef(req.spec.tenant, req.spec.name))
@@ -350,7 +316,7 @@ class WorkerService(Service):
         inst.idle.clear()
         try:
             samples = await asyncio.get_running_loop().run_in_executor(
-                self._executor,
+                self.lanes.of(inst.device).executor,
                 functools.partial(
                     profile,
                     inst.runner,
@@ -404,12 +370,15 @@ class WorkerService(Service):
             log.warning("lease.renew_failed", error=exc.message)
 
     async def _trim_device_cache(self) -> None:
-        if self.cuda_index is None or any(inst.active for inst in self.instances.values()):
+        """Every CUDA lane's cache, each on its own thread, when no instance computes."""
+        if any(inst.active for inst in self.instances.values()):
             return
         loop = asyncio.get_running_loop()
-        freed = await loop.run_in_executor(self._executor, _trim_cuda_cache, self.cuda_index)
-        if freed:
-            log.info("worker.cuda_cache_trimmed", bytes=freed)
+        for lane in self.lanes.cuda():
+            assert lane.cuda_index is not None
+            freed = await loop.run_in_executor(lane.executor, trim_cuda_cache, lane.cuda_index)
+            if freed:
+                log.info("worker.cuda_cache_trimmed", device=lane.device, bytes=freed)
 
     async def _retire(self) -> bool:
         """(A tenant's idle process.) Exit if the node's pool agrees; False: stay.
@@ -454,8 +423,9 @@ class WorkerService(Service):
         A gateway's direct request (``req.direct``) runs only on an instance of exactly its
         spec already built here: never a cold start the scheduler did not place (a function
         scaled in or redeployed since the route was granted); the gateway then asks a
-        scheduler."""
+        scheduler. ``req.device`` is where a request that finds no instance builds it."""
         self._check_tenant(req.spec.tenant)
+        self.lanes.check(req.device)
         if req.direct:
             inst = self.loaded.live.get(FunctionRef(req.spec.tenant, req.spec.name))
             if inst is None or inst.spec != req.spec:
@@ -468,29 +438,28 @@ class WorkerService(Service):
         self.runs += 1
         t_start = time.perf_counter()
         ref = FunctionRef(req.spec.tenant, req.spec.name)
-        if ref not in self.loaded.live:
-            await self._check_deployed(req.spec)
-        inst, cold = await self.loaded.get(req.spec)
+        inst, cold = await self._instance(req, ref)
+        lane = self.lanes.of(inst.device)
         load_us = us_since(t_start) if cold else 0
         xfer_t = time.perf_counter()
-        inputs = await self.io.inputs(req, inst)
+        inputs = await lane.io.inputs(req, inst)
         transfer_us = us_since(xfer_t)
         comp_t = time.perf_counter()
         inst.active += 1
         inst.idle.clear()
-        await self._observe(req, ref, "start", sum(len(raw) for _, raw in inputs.values()))
+        await self._observe(req, inst, "start", sum(len(raw) for _, raw in inputs.values()))
         try:
-            ran = await self.batcher.compute(inst, req, inputs)
+            ran = await lane.batcher.compute(inst, req, inputs)
             outputs = ran.fut.result()
         finally:
             inst.active -= 1
             if not inst.active:
                 inst.idle.set()
-            await self._observe(req, ref, "end")
+            await self._observe(req, inst, "end")
         compute_us = us_since(comp_t)
         xfer_t = time.perf_counter()
         payloads = [
-            await self.io.output(name, out, req.spec.tenant, req.intermediate)
+            await lane.io.output(name, out, req.spec.tenant, req.intermediate)
             for name, out in outputs.items()
         ]
         transfer_us += us_since(xfer_t)
@@ -513,20 +482,30 @@ class WorkerService(Service):
             breakdown=breakdown,
         )
 
+    async def _instance(self, req: WorkerRunRequest, ref: FunctionRef) -> tuple[Instance, bool]:
+        """The request's instance wherever it lives, else built on ``req.device``'s lane
+        (a cold start: of a function still deployed as the request says)."""
+        inst = self.loaded.live.get(ref)
+        if inst is not None and inst.spec == req.spec:
+            return inst, False
+        if inst is None:
+            await self._check_deployed(req.spec)
+        return await self.loaded.get(req.spec, await self.lanes.lane(req.device))
+
     async def _observe(
         self,
         req: WorkerRunRequest,
-        ref: FunctionRef,
+        inst: Instance,
         phase: Literal["start", "end"],
         nbytes: int = 0,
     ) -> None:
         """Tell the memory service what this request holds on the GPU (for the reservations
         of intermediates); a plain publish, nothing waited for."""
-        if self.gpu is None:
+        if inst.gpu is None:
             return
         msg = MemObserve(
-            device=self.gpu,
-            function=ref.key,
+            device=inst.gpu,
+            function=FunctionRef(inst.spec.tenant, inst.spec.name).key,
             request_id=req.request_id,
             phase=phase,
             nbytes=nbytes,

@@ -9,6 +9,7 @@ import contextlib
 
 from gpufaas.shared import subjects
 from gpufaas.shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from gpufaas.shared.identity import is_gpu
 from gpufaas.shared.messages import (
     AdoptReply,
     AdoptRequest,
@@ -28,12 +29,13 @@ from gpufaas.worker.runners import Output
 
 
 class TensorIO:
-    """Reads a request's inputs and makes its outputs for one worker process."""
+    """Reads a request's inputs and makes its outputs for one lane of a worker process
+    (see ``lanes``)."""
 
     def __init__(self, service: Service, *, gpu: str | None, backend: str) -> None:
         self.service = service  # its NATS connection, KV and config
         self.config = service.config
-        # A simulated GPU (compute over the host pages): the tier a workflow's
+        # The lane's simulated GPU (compute over the host pages): the tier a workflow's
         # intermediates are kept on and read from in place.
         self.sim_tier = gpu if backend == "sim" else None
 
@@ -61,8 +63,10 @@ class TensorIO:
             )
         # Resident on this node's host tier: a no-op for a tube written on this machine,
         # a chunked copy from the node that holds it otherwise. A workflow intermediate
-        # this node's simulated GPU holds is read where it is (compute is on the CPU),
-        # with no round trip to the transfer service unless its copy moved meanwhile.
+        # this lane's simulated GPU holds is read where it is (compute is on the CPU),
+        # with no round trip to the transfer service unless its copy moved meanwhile; one
+        # another GPU of this node holds is copied GPU to GPU onto this lane's (over
+        # NVLink when a route exists), never through the host.
         tube, node = p.tube, self.config.node_id
         local = [pl for pl in tube.placements if pl.node == node and pl.tier == self.sim_tier]
         if local and tube.tenant == tenant:
@@ -70,8 +74,9 @@ class TensorIO:
                 data = await asyncio.to_thread(self._read_copy, local[0], tube)
                 if len(data) == tube.nbytes:
                     return data
+        on_gpu = any(pl.node == node and is_gpu(pl.tier) for pl in tube.placements)
         here = await self._ensure(
-            tube.id, tenant, self.sim_tier if local and self.sim_tier else "host"
+            tube.id, tenant, self.sim_tier if on_gpu and self.sim_tier else "host"
         )
         try:
             data = await asyncio.to_thread(self._read_copy, here.placement, here.tube)
@@ -107,7 +112,7 @@ class TensorIO:
     ) -> TensorPayload:
         """An output inline when small (a workflow's intermediate too: it travels in the
         reply and the next step's dispatch, with no tube, adopt or KV write), else as a
-        host tube; a big intermediate is adopted onto this node's (simulated) GPU tier when
+        host tube; a big intermediate is adopted onto this lane's (simulated) GPU tier when
         there is room, so the next step on this node reads it where it is."""
         if len(out.data) <= self.config.inline_threshold:
             data = bytes(out.data)  # small: into the message

@@ -33,9 +33,11 @@ def test_bench_measures_the_workflow_and_hand_offs_by_size(tmp_path: Path) -> No
     assert es["nodes"] == {"embed": "node-0", "score": "node-1"}  # across nodes, inline
     assert es["step_transfer_ms"]["embed"] < 1.0  # was 3-4.5 ms: a tube written and adopted
     modes = {(h["size"], h["placement"]): h["mode"] for h in doc["handoffs"]}
+    # 1 MiB: a tube on the producer's GPU tier (whichever GPU placement chose for it).
+    gpu = {k: m for k, m in modes.items() if m.startswith("gpu:")}
     assert modes == {
         (3 << 10, "same node"): "inline",
         (3 << 10, "across nodes"): "inline",
-        (1 << 20, "same node"): "gpu:0",
-        (1 << 20, "across nodes"): "gpu:0",
+        **gpu,
     }
+    assert set(gpu) == {(1 << 20, "same node"), (1 << 20, "across nodes")}

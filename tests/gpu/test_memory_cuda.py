@@ -133,12 +133,12 @@ def test_more_than_the_gpu_has_is_resource_exhausted_and_cuda_goes_on() -> None:
 
 
 def test_an_idle_worker_gives_torchs_cached_intermediates_back() -> None:
-    from gpufaas.worker.service import _trim_cuda_cache  # noqa: PLC0415
+    from gpufaas.worker.lanes import trim_cuda_cache  # noqa: PLC0415
 
     x = torch.empty(64 * MIB, dtype=torch.uint8, device="cuda:0")
     del x  # cached by torch's allocator, not yet the driver's
     assert torch.cuda.memory_reserved(0) >= 64 * MIB
-    assert _trim_cuda_cache(0) >= 64 * MIB
+    assert trim_cuda_cache(0) >= 64 * MIB
     assert torch.cuda.memory_reserved(0) < 64 * MIB
 
 

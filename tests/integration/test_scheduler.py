@@ -7,6 +7,7 @@ themselves with a fake clock; requests, workers and KV are real.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -166,15 +167,18 @@ async def test_a_node_whose_gpu_holds_the_model_is_chosen(two_nodes: Platform) -
     sched = scheduler(two_nodes)
     other = CachedModel(item="x", nbytes=1, leased=False, file="/elsewhere/model.safetensors")
     mine = CachedModel(item="m", nbytes=90_000_000, leased=False, file=file)
+    caches = sched.kv.view(sched.kv.memory, Codec.json(ModelCache))
     for node, models in (("node-a", [other]), ("node-b", [other, mine])):
-        cache = ModelCache(node=node, device="gpu:9", at=time.time(), models=models)
-        await sched.buckets.memory.put(f"{node}.gpu9.m", encode_json(cache))
+        # Written over the manager's own first cache of its GPU (it rewrites only on change).
+        key = f"{node}.gpu0.m"
+        await eventually(functools.partial(caches.value, key), 10, f"{node}'s cache")
+        cache = ModelCache(node=node, device="gpu:0", at=time.time(), models=models)
+        await sched.buckets.memory.put(f"{node}.gpu0.m", encode_json(cache))
     assert (await two_nodes.client.post("/v1/functions", json=DEMO_BODY)).status == 201
-    assert (await record_of(sched, "minilm")).nodes == ["node-b"]
+    record = await record_of(sched, "minilm")
+    assert (record.nodes, record.gpus) == (["node-b"], {"node-b": "gpu:0"})
     # And node-b's own memory manager now publishes the model on its GPU, under the file
     # name the scheduler matches.
-
-    caches = sched.kv.view(sched.kv.memory, Codec.json(ModelCache))
 
     async def listed() -> bool:
         cache = await caches.value("node-b.gpu0.m")
@@ -186,13 +190,14 @@ async def test_a_node_whose_gpu_holds_the_model_is_chosen(two_nodes: Platform) -
     private = msgspec.structs.replace(ModelSource(builtin="all-minilm-l6-v2"), private=True)
     record_spec = (await record_of(sched, "minilm")).spec
     spec = msgspec.structs.replace(record_spec, tenant="t2", model=private)
-    assert await sched.placer.gpu_cached(record_spec) == {"node-b"}
+    assert await sched.placer.gpu_cached(record_spec) == {("node-b", "gpu:0")}
     assert await sched.placer.gpu_cached(spec) == set()
     t3_copy = msgspec.structs.replace(mine, tenant="t3")
     cache = ModelCache(node="node-a", device="gpu:9", at=time.time(), models=[t3_copy])
     await sched.buckets.memory.put("node-a.gpu9.m", encode_json(cache))
     assert await sched.placer.gpu_cached(spec) == set()
-    assert await sched.placer.gpu_cached(msgspec.structs.replace(spec, tenant="t3")) == {"node-a"}
+    t3 = msgspec.structs.replace(spec, tenant="t3")
+    assert await sched.placer.gpu_cached(t3) == {("node-a", "gpu:9")}
 
 
 async def test_a_background_profile_chooses_the_batch(platform_factory: PlatformFactory) -> None:

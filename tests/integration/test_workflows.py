@@ -1,5 +1,5 @@
 """Workflows through the gateway: two steps whose small intermediate travels inline and
-whose big one stays on the GPU tier, bad definitions refused at deploy, an intermediate
+whose big one stays on the GPU tiers (moved GPU to GPU over NVLink), bad definitions refused at deploy, an intermediate
 lost with its node recomputed, and a consumer brought to its producer's node."""
 
 from __future__ import annotations
@@ -118,10 +118,13 @@ async def test_two_steps_pass_a_small_intermediate_inline_and_a_big_one_on_the_g
     embed, score = result["parameters"]["steps"]
     assert embed["output_tiers"] == ["gpu:0"]  # the intermediate: a tube on the GPU tier
     assert embed["node"] == score["node"] == "node-t"
-    assert embed["device"] == score["device"] == "gpu:0"
+    # Deployed second, the scorer went to the idle GPU (placement is per GPU): the tube
+    # went from the producer's GPU to it over their NVLink, never through the host.
+    assert (embed["device"], score["device"]) == ("gpu:0", "gpu:1")
     assert served(transfer, "adopt") == 1
-    # Nothing was copied between tiers: the second step read it where it was.
-    assert await read_events(platform, "transfer.completed") == []
+    (moved,) = [e["data"] for e in await read_events(platform, "transfer.completed")]
+    assert moved["tier"] == "gpu:1"
+    assert moved["path"].endswith("over 1 route: gpu:0>gpu:1 100%"), moved
 
     assert (await c.delete("/v1/workflows/embed-score")).status == 200
     assert (await c.get("/v1/workflows/embed-score")).status == 404

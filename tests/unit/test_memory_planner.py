@@ -160,6 +160,9 @@ def test_a_function_runs_where_its_model_is_leased_and_unknown_models_are_skippe
     # A worker's report of a running request pins the function to its GPU.
     plan = build(NOW, demands, reply, budgets, running_on={"t1/f": "gpu:0"})
     assert plan.device_of == {"t1/f": "gpu:0"}
+    # The GPU placement chose for its instance (the queue view says) before the copies'.
+    placed = [dataclasses.replace(d, device="gpu:0") for d in demands]
+    assert build(NOW, placed, reply, budgets).device_of == {"t1/f": "gpu:0"}
 
 
 def test_the_queue_ahead_counts_each_functions_profiled_time() -> None:

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from gpufaas.scheduler.leader import Totals, counted, function_load, sum_reports, to_drop
-from gpufaas.scheduler.placer import free_gpu_bytes
+from gpufaas.scheduler.placer import node_gpus
 from gpufaas.scheduler.queues import FunctionQueue, Pending
 from gpufaas.scheduler.views import from_memory_name, memory_name, queue_entries
 from gpufaas.scheduler.workflows import critical_path_s
@@ -21,6 +21,7 @@ from gpufaas.shared.messages import (
     FunctionRecord,
     FunctionSpec,
     Heartbeat,
+    LinkInfo,
     ModelSource,
     SchedulerLoad,
 )
@@ -80,18 +81,30 @@ async def test_queue_views_name_the_function_as_the_memory_service_does() -> Non
     assert entries["n1"].compute_s is None
 
 
-def test_free_gpu_memory_is_the_first_gpus_as_its_busiest_reporter_sees_it() -> None:
+def test_each_gpus_free_memory_is_as_its_busiest_reporter_sees_it() -> None:
     def beat(service: str, used: int) -> Heartbeat:
         devices = [
             DeviceInfo(name="host", kind="host", model="h", memory_bytes=10**12),
+            DeviceInfo(name="gpu:10", kind="sim", model="s", memory_bytes=100, used_bytes=5),
             DeviceInfo(name="gpu:1", kind="sim", model="s", memory_bytes=100, used_bytes=0),
             DeviceInfo(name="gpu:0", kind="sim", model="s", memory_bytes=100, used_bytes=used),
         ]
+        links = [LinkInfo(a="gpu:0", b="gpu:1", kind="nvlink2", gbps=50.0)]
         return Heartbeat(
-            node="n", service=service, pid=1, started_at=0, updated_at=0, devices=devices
+            node="n",
+            service=service,
+            pid=1,
+            started_at=0,
+            updated_at=0,
+            devices=devices,
+            links=links if service == "worker" else [],
         )
 
-    assert free_gpu_bytes([beat("memory", 30), beat("worker", 60)]) == 40
+    gpus = node_gpus([beat("memory", 30), beat("worker", 60)])
+    assert gpus.free == {"gpu:0": 40, "gpu:1": 100, "gpu:10": 95}
+    assert gpus.names == ["gpu:0", "gpu:1", "gpu:10"]  # by number, not by name
+    assert gpus.first == "gpu:0"
+    assert gpus.links == {("gpu:0", "gpu:1"): 50.0, ("gpu:1", "gpu:0"): 50.0}
     host_only = Heartbeat(
         node="n",
         service="worker",
@@ -100,7 +113,7 @@ def test_free_gpu_memory_is_the_first_gpus_as_its_busiest_reporter_sees_it() -> 
         updated_at=0,
         devices=[DeviceInfo(name="host", kind="host", model="h", memory_bytes=1)],
     )
-    assert free_gpu_bytes([host_only]) is None
+    assert node_gpus([host_only]).first is None
 
 
 def test_a_workflows_critical_path_is_its_longest_chain_of_dependent_steps() -> None:
