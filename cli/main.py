@@ -162,7 +162,7 @@ def deploy(
     except ApiError as exc:
         raise _api_fail(exc) from None
     console.print(
-        f"[green]deployed[/green] {rec['spec']['name']} on {', '.join(rec['nodes'])}: "
+        f"[green]deployed[/green] {rec['spec']['name']} on {', '.join(placed_on(rec))}: "
         f"{rec['tensor_count']} tensors, {rec['model_bytes'] / 2**20:.1f} MiB"
     )
 
@@ -213,7 +213,10 @@ def _nodes_table(nodes: list[dict[str, Any]]) -> Table:
     t = _table("nodes", "node", "services", "devices")
     for n in nodes:
         devs = ", ".join(
-            f"{d['name']} ({d['kind']}, {d['memory_bytes'] / 2**30:.0f} GiB)" for d in n["devices"]
+            f"{d['name']} ({d['kind']}, {d['memory_bytes'] / 2**30:.0f} GiB"
+            + (f", {len(d['functions'])} fn" if d.get("functions") else "")
+            + ")"
+            for d in n["devices"]
         )
         t.add_row(n["node"], ", ".join(n["services"]), devs)
     return t
@@ -271,8 +274,14 @@ def _memory_table(nodes: list[dict[str, Any]]) -> Table:
     return t
 
 
+def placed_on(record: dict[str, Any]) -> list[str]:
+    """Where a function's instances are: ``node/gpu:N`` each (the node alone without a GPU)."""
+    gpus = record.get("gpus") or {}
+    return [f"{n}/{gpus[n]}" if n in gpus else n for n in record["nodes"]]
+
+
 def _functions_table(functions: list[dict[str, Any]]) -> Table:
-    t = _table("functions", "name", "tenant", "model", "nodes", "MiB")
+    t = _table("functions", "name", "tenant", "model", "instances", "MiB")
     for r in functions:
         model = r["spec"]["model"]
         t.add_row(
@@ -281,7 +290,7 @@ def _functions_table(functions: list[dict[str, Any]]) -> Table:
             model.get("builtin")
             or model.get("path")
             or f"upload {(model.get('upload') or '')[:12]}",
-            ", ".join(r["nodes"]),
+            ", ".join(placed_on(r)),
             f"{r['model_bytes'] / 2**20:.1f}",
         )
     return t

@@ -88,6 +88,7 @@ from gpufaas.shared.messages import (
     DeployRequest,
     FunctionRecord,
     FunctionSpec,
+    Heartbeat,
     InvokeReply,
     InvokeRequest,
     LinksReply,
@@ -105,7 +106,14 @@ from gpufaas.shared.messages import (
     new_event,
     to_builtins,
 )
-from gpufaas.shared.registry import FunctionCache, Mirror, alive, records
+from gpufaas.shared.registry import (
+    FunctionCache,
+    Mirror,
+    alive,
+    instance_device,
+    node_gpus_of,
+    records,
+)
 from gpufaas.shared.rpc import Link, link_of, reconnected
 from gpufaas.shared.rpc import request as nats_request
 from gpufaas.shared.service import cancel_and_wait, close_nats, connect_nats, follow
@@ -768,6 +776,7 @@ async def nodes_list(request: web.Request) -> web.Response:
     )
     if not caller.sees_all:
         memories = [_own_reservations(m, caller.tenant) for m in memories]
+    deployed = await records(request.app[KV].functions, None if caller.sees_all else caller.tenant)
     out = []
     for (node, beats), store, memory, link in zip(
         sorted(nodes.items()), stores, memories, links, strict=True
@@ -777,6 +786,9 @@ async def nodes_list(request: web.Request) -> web.Response:
             for d in beat.devices:  # the memory service lists them; the worker adds usage
                 if d.name not in devices or d.used_bytes > devices[d.name]["used_bytes"]:
                     devices[d.name] = untagged(to_builtins(d))
+        for device, names in _instances_on(node, beats, deployed).items():
+            if device in devices:
+                devices[device]["functions"] = names
         out.append(
             {
                 "node": node,
@@ -795,6 +807,19 @@ async def nodes_list(request: web.Request) -> web.Response:
             }
         )
     return json_response({"nodes": out})
+
+
+def _instances_on(
+    node: str, beats: list[Heartbeat], deployed: list[FunctionRecord]
+) -> dict[str, list[str]]:
+    """The functions (``tenant.name``) with an instance on each device of ``node``."""
+    gpus = node_gpus_of(beats)
+    out: dict[str, list[str]] = {}
+    for record in deployed:
+        if node in record.nodes:
+            device = instance_device(record, node, gpus)
+            out.setdefault(device, []).append(FunctionRef(record.spec.tenant, record.spec.name).key)
+    return out
 
 
 def _visible_to(event: bytes, tenant: str | None) -> bool:

@@ -19,6 +19,12 @@ function source(model) {
 
 // The configuration DTS chose from the function's profile (batch × concurrency), with
 // why as a tooltip; "so far" while the background profile has measured batch 1 only.
+// Where a function's instances are: "node/gpu:N" each (the node alone without a GPU).
+function placedOn(f) {
+  const gpus = f.gpus || {};
+  return f.nodes.map((n) => (gpus[n] ? `${n}/${gpus[n]}` : n));
+}
+
 function profileCell(p) {
   if (!p) return h("span", { class: "muted" }, "not yet");
   return h("span", { title: p.reason, class: "profile" }, `batch ${p.batch} × ${p.concurrency}${p.complete ? "" : " (so far)"}`);
@@ -52,7 +58,7 @@ function functionsTable(functions) {
       h("span", { class: `status status-${f.status}` }, f.status),
       source(f.spec.model),
       `${signature(f.inputs)} → ${signature(f.outputs)}`,
-      f.nodes.length ? f.nodes.join(", ") : h("span", { class: "muted" }, "none (scaled to zero)"),
+      f.nodes.length ? placedOn(f).join(", ") : h("span", { class: "muted" }, "none (scaled to zero)"),
       num(bytes(f.model_bytes)),
       f.spec.options.max_batch_size,
       profileCell(f.profile),

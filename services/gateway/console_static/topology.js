@@ -62,7 +62,7 @@ function graph(node) {
       s("rect", { x: c.x - box.w / 2, y: c.y - box.h / 2, width: box.w, height: box.h, rx: 6 }),
       s("text", { x: c.x, y: c.y + (note ? -3 : 5), "text-anchor": "middle", class: "topo-name" }, d.name),
       note ? s("text", { x: c.x, y: c.y + 13, "text-anchor": "middle", class: "topo-note" }, note) : null,
-      s("title", {}, `${d.name}: ${d.model}${note ? `, ${note} used` : ""}`),
+      s("title", {}, `${d.name}: ${d.model}${note ? `, ${note} used` : ""}${d.functions ? `; instances: ${d.functions.join(", ")}` : ""}`),
     );
   });
   return s(
