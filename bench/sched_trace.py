@@ -1,8 +1,9 @@
 """Locality-aware scheduling vs load balancing only: a trace-driven simulation over GPUs.
 
-A cluster of simulated GPUs (4 nodes x 2 GPUs x 16 GiB by default) serves 12 models of
-0.4-6 GiB whose weights together exceed one node's GPU memory, so models compete for
-room. The trace has the shape of the Azure Functions trace (Shahrad et al., "Serverless
+A cluster of simulated 8-GPU nodes (2 nodes of the ``dgx1-v100`` topology by default:
+8 x 32 GiB V100s, 12.5 GB/s PCIe 3.0 host links, capacities and links read with
+``gpufaas.shared.devices``) serves 12 models of 0.4-6 GiB; a GPU holds about all of
+them, so models compete for a GPU's room only with several instances. The trace has the shape of the Azure Functions trace (Shahrad et al., "Serverless
 in the Wild", USENIX ATC 2020; see reference/workloads.md): Zipf popularity over models,
 bursty arrivals per model (a two-state MMPP) and a diurnal rate curve compressed into the
 run (one "day" = the simulated duration).
@@ -17,7 +18,10 @@ GPU's host->GPU link, one load at a time per GPU ("bytes loaded" counts those we
 a batch's working memory is allocated, not copied). Only routing and placement differ:
 
   (a) gpufaas: a GPU with a warm instance of the model and room in its queue, else the
-      GPU ``gpufaas.scheduler.placement.choose`` picks (warm, resident share, load, room);
+      (node, GPU) ``gpufaas.scheduler.placement.choose`` picks over views built as the
+      scheduler's placer builds them (one per GPU of each node: warm, the model in that
+      GPU's cache, θ of the node, instances on the GPU and on the node, the free bytes the
+      node's heartbeat reports, ``placer.node_gpus``);
       ``gpufaas.scheduler.autoscale.Autoscaler`` adds instances when it wants more than
       the model has and retires the newest when it wants fewer,
   (b) round-robin: requests go to the GPUs in turn,
@@ -42,14 +46,20 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
+import msgspec
+
 from gpufaas.scheduler.autoscale import Autoscaler, FunctionLoad
-from gpufaas.scheduler.placement import NodeView, choose
+from gpufaas.scheduler.placement import NodeView, choose, gpu_index
+from gpufaas.scheduler.placer import NodeGpus, node_gpus
 from gpufaas.scheduler.profiles import Choice, ProfilePoint, batch_sizes, choose_config
+from gpufaas.shared.devices import DEFAULT_TOPOLOGY, NodeDevices, links_between_gpus, parse_devices
+from gpufaas.shared.errors import InvalidArgument
+from gpufaas.shared.messages import Heartbeat
 
 GIB: Final = 2**30
 MIB: Final = 2**20
@@ -86,13 +96,13 @@ TICK: Final = 2
 class SimConfig:
     """The simulated cluster and trace; every field is a command-line flag."""
 
-    nodes: int = 4
-    gpus_per_node: int = 2
-    gpu_gib: float = 16.0
-    # 12 GB/s host->GPU: reference/hardware.md gives ~12-13 GB/s measured pinned on PCIe 3.0
-    # x16 and ~25 GB/s pinned on PCIe 4.0 x16, with pageable copies 2-10x slower; 12 GB/s is
-    # a fair effective rate for loading a checkpoint over PCIe 4.0 x16.
-    h2d_gbps: float = 12.0
+    nodes: int = 2
+    topology: str = DEFAULT_TOPOLOGY  # each node is ``sim:gpus_per_node`` of it
+    gpus_per_node: int = 8
+    # The topology's (``parse_args`` reads them from it): dgx1-v100 has 32 GiB V100s and
+    # 12.5 GB/s PCIe 3.0 host links (reference/hardware.md: ~12-13 GB/s measured pinned).
+    gpu_gib: float = 32.0
+    h2d_gbps: float = 12.5
     init_s: float = 0.25  # runtime and model object set-up, before the weights' copy
     keep_alive_s: float = 60.0
     max_batch: int = 32  # the functions' options.max_batch_size, DTS chooses below it
@@ -118,6 +128,58 @@ class SimConfig:
     def gpu_bytes(self) -> int:
         """Memory of one GPU."""
         return int(self.gpu_gib * GIB)
+
+
+@dataclass(frozen=True, slots=True)
+class SimNode:
+    """One simulated node: its name and devices (``sim:N`` of the topology), which it
+    reports in its worker pool's heartbeat."""
+
+    name: str
+    devices: NodeDevices
+
+    @property
+    def gpu_names(self) -> list[str]:
+        """Its GPUs, ``gpu:0`` first."""
+        return sorted((d.name for d in self.devices.devices if d.kind != "host"), key=gpu_index)
+
+    def gpus(self, used: Mapping[str, int]) -> NodeGpus:
+        """Its GPUs as the scheduler's placer reads them from the heartbeats
+        (``placer.node_gpus``: free bytes each, NVLinks between them), ``used`` bytes on each."""
+        beat = Heartbeat(
+            node=self.name,
+            service="worker",
+            pid=0,
+            started_at=0.0,
+            updated_at=0.0,
+            devices=[
+                msgspec.structs.replace(d, used_bytes=used.get(d.name, 0))
+                for d in self.devices.devices
+            ],
+            links=links_between_gpus(self.devices),
+        )
+        return node_gpus([beat])
+
+
+def sim_nodes(nodes: int, gpus_per_node: int, topology: str, gpu_bytes: int) -> list[SimNode]:
+    """``node-0`` .. of ``sim:gpus_per_node`` of ``topology``, each GPU of ``gpu_bytes``."""
+    out = []
+    for k in range(nodes):
+        devs = parse_devices(f"sim:{gpus_per_node}", topology)
+        gpus = [
+            msgspec.structs.replace(d, memory_bytes=gpu_bytes) if d.kind != "host" else d
+            for d in devs.devices
+        ]
+        out.append(SimNode(f"node-{k}", NodeDevices(devs.backend, gpus, devs.topology)))
+    return out
+
+
+def topology_defaults(topology: str) -> tuple[float, float]:
+    """GiB of the topology's first GPU and GB/s of its host link."""
+    devs = parse_devices("sim:1", topology)
+    gpu = next(d for d in devs.devices if d.kind != "host")
+    link = devs.topology.link("host", gpu.name) if devs.topology else None
+    return gpu.memory_bytes / GIB, link.gbps if link else SimConfig().h2d_gbps
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +220,7 @@ class Result:
     cold_requests: int  # requests that found their model not ready on their GPU
     batches: int
     instances_added: int  # gpufaas: scale-outs the autoscaler asked for
+    spread: dict[str, list[int]]  # node -> instances placed (loads) on each of its GPUs
 
 
 def profile(weight_gib: float, a_ms: float, c_ms: float, max_batch: int) -> list[ProfilePoint]:
@@ -238,7 +301,8 @@ class _Slot:
 @dataclass(slots=True)
 class _Gpu:
     index: int
-    name: str
+    node: str
+    name: str  # "gpu:N" of its node
     capacity: int
     slots: dict[int, _Slot] = field(default_factory=dict)
     queues: dict[int, deque[int]] = field(default_factory=dict)  # model -> request ids
@@ -248,6 +312,7 @@ class _Gpu:
     batch: list[int] = field(default_factory=list)
     link_free_s: float = 0.0
     draining: set[int] = field(default_factory=set)  # gpufaas: retire when idle
+    loads: int = 0
 
 
 class Simulation:
@@ -264,10 +329,10 @@ class Simulation:
         self.cfg = cfg
         self.models = models
         self.arrivals = arrivals
-        self.gpus = [
-            _Gpu(g, f"n{g // cfg.gpus_per_node}/gpu{g % cfg.gpus_per_node}", cfg.gpu_bytes)
-            for g in range(cfg.gpus)
-        ]
+        self.nodes = sim_nodes(cfg.nodes, cfg.gpus_per_node, cfg.topology, cfg.gpu_bytes)
+        where = [(node.name, name) for node in self.nodes for name in node.gpu_names]
+        self.gpus = [_Gpu(g, n, name, cfg.gpu_bytes) for g, (n, name) in enumerate(where)]
+        self.at = {(gpu.node, gpu.name): gpu.index for gpu in self.gpus}
         for gpu in self.gpus:
             gpu.queues = {m.index: deque() for m in models}
         self.holders: list[list[int]] = [[] for _ in models]  # model -> GPUs, oldest first
@@ -333,6 +398,10 @@ class Simulation:
             cold_requests=self.cold_requests,
             batches=self.batches,
             instances_added=self.instances_added,
+            spread={
+                node.name: [gpu.loads for gpu in self.gpus if gpu.node == node.name]
+                for node in self.nodes
+            },
         )
 
     def _push(self, t: float, kind: int, gpu: int, model: int) -> None:
@@ -431,6 +500,7 @@ class Simulation:
         gpu.slots[m] = _Slot(loading=True, last_used=self.now)
         gpu.used += need
         self.loads += 1
+        gpu.loads += 1
         self.bytes_loaded += self.models[m].weight_bytes
         self.holders[m].append(gpu.index)
         self._push(ready, LANDED, gpu.index, m)
@@ -474,24 +544,33 @@ class Simulation:
         return min(instances, key=lambda g: (len(self.gpus[g].queues[m]), g))
 
     def _place(self, m: int, exclude: Sequence[int]) -> int:
-        """The GPU ``placement.choose`` picks for ``m`` among those not in ``exclude``."""
-        need = self.models[m].footprint
-        views = [
-            NodeView(
-                node=gpu.name,
-                warm=m in gpu.slots,
-                theta=1.0 if m in gpu.slots else 0.0,  # variant sharing ignored: all or none
-                bytes_to_load=0 if m in gpu.slots else need,
-                # Queued work, plus one per resident instance so that idle GPUs spread new
-                # instances instead of filling the first GPU by name.
-                functions=gpu.outstanding + len(gpu.slots),
-                free_bytes=gpu.capacity - gpu.used,
-            )
-            for gpu in self.gpus
-            if gpu.index not in exclude
-        ]
-        name = choose(views)
-        return next(gpu.index for gpu in self.gpus if gpu.name == name)
+        """The (node, GPU) ``placement.choose`` picks for ``m`` among the GPUs not in
+        ``exclude``, over views built as the placer builds them (``Placer._views``)."""
+        views = []
+        for node in self.nodes:
+            gpus = [self.gpus[self.at[node.name, name]] for name in node.gpu_names]
+            facts = node.gpus({gpu.name: gpu.used for gpu in gpus})
+            # θ is the node's (its tensor store holds the model's tensors while one of its
+            # GPUs has an instance); variant sharing ignored: all or none.
+            resident = any(m in gpu.slots for gpu in gpus)
+            node_functions = sum(len(gpu.slots) for gpu in gpus)
+            views += [
+                NodeView(
+                    node=node.name,
+                    warm=m in gpu.slots,
+                    theta=1.0 if resident else 0.0,
+                    bytes_to_load=0 if resident else self.models[m].weight_bytes,
+                    functions=len(gpu.slots),  # instances on the GPU
+                    free_bytes=facts.free.get(gpu.name),
+                    on_gpu=m in gpu.slots,
+                    gpu=gpu.name,
+                    node_functions=node_functions,
+                )
+                for gpu in gpus
+                if gpu.index not in exclude
+            ]
+        chosen = choose(views)
+        return self.at[chosen.node, chosen.gpu or ""]
 
     def _add_instance(self, m: int, instances: Sequence[int], *, scale_out: bool) -> int:
         """A new instance of ``m`` where placement says (a first one, or a scale-out)."""
@@ -586,7 +665,7 @@ def report(
         f"ALL FIGURES ARE {LABEL} (discrete-event model of GPUs; nothing ran on a GPU)",
         f"machine : {machine()}",
         f"cluster : {cfg.nodes} nodes x {cfg.gpus_per_node} GPUs x {cfg.gpu_gib:g} GiB "
-        f"({LABEL}); host->GPU {cfg.h2d_gbps:g} GB/s per GPU, one load at a time; "
+        f"({cfg.topology}, {LABEL}); host->GPU {cfg.h2d_gbps:g} GB/s per GPU, one load at a time; "
         f"cold start = {cfg.init_s:g} s init + weights / bandwidth; keep-alive {cfg.keep_alive_s:g} s",
         f"models  : {len(models)}, {weights / GIB:.1f} GiB of weights "
         f"(one node has {node_mem / GIB:.0f} GiB of GPU memory"
@@ -628,8 +707,15 @@ def report(
             f"SLO met {ours.slo_met:.2%} vs {base.slo_met:.2%} "
             f"({(ours.slo_met - base.slo_met) * 100:+.1f} points)"
         )
+    lines += ["", f"instances placed (cold starts) per GPU, gpu:0 first, by node ({LABEL}):"]
+    lines += [f"  {r.policy:<13} {spread(r)}" for r in results]
     lines.append(f"(simulation took {wall_s:.1f} s of wall time for all three policies)")
     return lines
+
+
+def spread(r: Result) -> str:
+    """``node-0 [5 3 ...] (8)  node-1 [...]``: loads per GPU and the node's total."""
+    return "  ".join(f"{n} [{' '.join(map(str, c))}] ({sum(c)})" for n, c in r.spread.items())
 
 
 def markdown(cfg: SimConfig, n_requests: int, results: Sequence[Result]) -> str:
@@ -637,7 +723,7 @@ def markdown(cfg: SimConfig, n_requests: int, results: Sequence[Result]) -> str:
     ours = results[0]
     out = [
         f"**{LABEL}** ({machine()}): {cfg.nodes} nodes x {cfg.gpus_per_node} GPUs x "
-        f"{cfg.gpu_gib:g} GiB, host->GPU {cfg.h2d_gbps:g} GB/s, {n_requests} requests over "
+        f"{cfg.gpu_gib:g} GiB ({cfg.topology}), host->GPU {cfg.h2d_gbps:g} GB/s, {n_requests} requests over "
         f"{cfg.duration_s:g} s, mean {cfg.rate_rps:g} req/s, Zipf s={cfg.zipf_s:g}, "
         f"MMPP x{cfg.burst_factor:g}, keep-alive {cfg.keep_alive_s:g} s, seed {cfg.seed}.",
         "",
@@ -659,6 +745,8 @@ def markdown(cfg: SimConfig, n_requests: int, results: Sequence[Result]) -> str:
         f"{_x(b.loads, ours.loads)} | {ours.slo_met:.2%} vs {b.slo_met:.2%} |"
         for b in results[1:]
     ]
+    out += ["", "| policy | instances placed per GPU (gpu:0 first), by node |", "|---|---|"]
+    out += [f"| {r.policy} | {spread(r)} |" for r in results]
     return "\n".join(out) + "\n"
 
 
@@ -671,9 +759,10 @@ def parse_args(argv: list[str] | None) -> tuple[SimConfig, str | None]:
     ap.add_argument("--quick", action="store_true", help="a short trace: 600 s at 20 req/s")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--nodes", type=int, default=d.nodes)
+    ap.add_argument("--topology", default=d.topology, help="each node's (a packaged name or file)")
     ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
-    ap.add_argument("--gpu-gib", type=float, default=d.gpu_gib)
-    ap.add_argument("--h2d-gbps", type=float, default=d.h2d_gbps)
+    ap.add_argument("--gpu-gib", type=float, default=None, help="default: the topology's")
+    ap.add_argument("--h2d-gbps", type=float, default=None, help="default: the topology's")
     ap.add_argument("--init-s", type=float, default=d.init_s)
     ap.add_argument("--keep-alive-s", type=float, default=d.keep_alive_s)
     ap.add_argument("--max-batch", type=int, default=d.max_batch)
@@ -692,11 +781,17 @@ def parse_args(argv: list[str] | None) -> tuple[SimConfig, str | None]:
     a = ap.parse_args(argv)
     duration = a.duration_s if a.duration_s is not None else (600.0 if a.quick else d.duration_s)
     rate = a.rate if a.rate is not None else (20.0 if a.quick else d.rate_rps)
+    try:
+        gib, gbps = topology_defaults(a.topology)
+        parse_devices(f"sim:{a.gpus_per_node}", a.topology)
+    except InvalidArgument as exc:
+        ap.error(exc.message)
     cfg = SimConfig(
         nodes=a.nodes,
+        topology=a.topology,
         gpus_per_node=a.gpus_per_node,
-        gpu_gib=a.gpu_gib,
-        h2d_gbps=a.h2d_gbps,
+        gpu_gib=a.gpu_gib if a.gpu_gib is not None else gib,
+        h2d_gbps=a.h2d_gbps if a.h2d_gbps is not None else gbps,
         init_s=a.init_s,
         keep_alive_s=a.keep_alive_s,
         max_batch=a.max_batch,
