@@ -29,6 +29,7 @@ from gpufaas.shared.messages import (
 )
 from gpufaas.shared.rpc import request
 from gpufaas.shared.shm import write_tube
+from gpufaas.transfer import emulator
 from gpufaas.transfer.service import FETCH_CHUNK_BYTES, SWEEP_GRACE_S, TransferService
 from tests.conftest import NatsServer
 from tests.integration.conftest import make_config
@@ -273,10 +274,27 @@ async def test_copies_on_a_simulated_dgx1_take_the_planned_routes(dgx1: Transfer
         assert await asyncio.to_thread(copy.read_bytes) == data
 
 
+@pytest.fixture
+async def slow_dgx1(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[TransferService]:
+    """``dgx1`` with its emulated copies slowed 5x more against the wall clock: two copies
+    sent together overlap in simulated time even when the second request is handled a
+    second after the first (a loaded 2-core box)."""
+    monkeypatch.setattr(emulator, "DILATION", 5 * emulator.DILATION)
+    config = make_config(nats_server, tmp_path, node_id="node-a", devices="sim:8")
+    memory, svc = MemoryService(config), TransferService(config)
+    await memory.start()
+    await svc.start()
+    yield svc
+    await svc.stop()
+    await memory.stop()
+
+
 async def test_concurrent_copies_share_links_and_slos_get_their_bandwidth_first(
-    dgx1: TransferService,
+    slow_dgx1: TransferService,
 ) -> None:
-    svc = dgx1
+    svc = slow_dgx1
     nodes = Nodes(svc, svc)
     data = os.urandom(2**20) * 256  # 256 MiB: ~5.4 ms alone over GPU 0's four routes
     urgent, bulk, hopeless = [await nodes.tube(data) for _ in range(3)]

@@ -264,7 +264,16 @@ def test_compose_up_serves_and_survives_a_nats_server(
         stack.until("GET", "/v2/health/ready", None, 180)
         out = stack.compose("exec", "-T", "gateway", "gpufaas", "keys", "bootstrap", timeout=120)
         stack.key = out.strip().splitlines()[-1]
-        assert stack.http("POST", "/v1/functions", DEMO)[0] in (200, 201)
+        # Ready is the gateway's (NATS reachable): a node's worker may still be starting,
+        # and a deploy before any is up is a 503 saying so.
+        deadline = time.monotonic() + 120
+        status, body = stack.http("POST", "/v1/functions", DEMO)
+        while status == 503 and time.monotonic() < deadline:
+            time.sleep(1)
+            status, body = stack.http("POST", "/v1/functions", DEMO)
+        if status not in (200, 201):
+            logs = stack.compose("logs", "--tail", "40", timeout=60)
+            raise AssertionError(f"deploy: {status} {body}\n{logs[-8000:]}")
         answer = stack.until("POST", "/v2/models/minilm/infer", INFER, 300)
         assert answer["outputs"][0]["shape"] == [1, 384], answer
 
