@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from gpufaas.main import placed_on
 from tests.integration.conftest import (
@@ -20,38 +19,15 @@ from tests.integration.conftest import (
     read_events,
     text_request,
 )
+from tests.integration.scorer import DIM, export_scorer, scorer_body
 
 pytestmark = pytest.mark.integration
-
-DIM = 384
-
-
-class Scorer(torch.nn.Module):
-    """``x`` FP32 [N, 384] -> ``scores`` [N] against a query vector of its own."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.query = torch.nn.Parameter(torch.linspace(-1, 1, DIM) * (seed + 1))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"scores": x @ self.query}
 
 
 @pytest.fixture(scope="module")
 def scorer_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three scorers of different weights: three models, no tensor in common."""
-    out = []
-    for seed in range(3):
-        d = tmp_path_factory.mktemp(f"scorer{seed}")
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        ep = torch.export.export(Scorer(seed), (torch.randn(3, DIM),), dynamic_shapes=({0: batch},))
-        torch.export.save(ep, d / "model.pt2")
-        out.append(d)
-    return out
-
-
-def scorer_body(name: str, model_dir: Path) -> dict[str, Any]:
-    return {"name": name, "model": {"path": str(model_dir), "architecture": "torch-export"}}
+    return [export_scorer(tmp_path_factory.mktemp(f"scorer{i}"), i + 1) for i in range(3)]
 
 
 @pytest.fixture
@@ -71,7 +47,7 @@ async def test_functions_spread_over_the_gpus_and_run_on_theirs(
     c = dgx1.client
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
     for i, d in enumerate(scorer_dirs):
-        resp = await c.post("/v1/functions", json=scorer_body(f"scorer{i}", d))
+        resp = await c.post("/v1/functions", json=scorer_body(d, f"scorer{i}"))
         assert resp.status == 201, await resp.text()
     names = ["minilm", "scorer0", "scorer1", "scorer2"]
     gpus = {n: (await record(dgx1, n))["gpus"]["node-t"] for n in names}
@@ -110,7 +86,7 @@ async def test_a_consumer_cold_started_for_a_workflow_lands_on_its_producers_gpu
 ) -> None:
     c = dgx1.client
     assert (await c.post("/v1/functions", json=DEMO_BODY)).status == 201
-    resp = await c.post("/v1/functions", json=scorer_body("scorer", scorer_dirs[0]))
+    resp = await c.post("/v1/functions", json=scorer_body(scorer_dirs[0]))
     assert resp.status == 201
     producer = (await record(dgx1, "minilm"))["gpus"]["node-t"]
     workflow = {

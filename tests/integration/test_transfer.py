@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -239,16 +240,24 @@ async def test_placements_on_a_node_that_left_are_dropped(nodes: Nodes) -> None:
     assert (await nodes.stored(tube.id)).placements == []
 
 
-@pytest.fixture
-async def dgx1(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TransferService]:
-    """The transfer and memory services of a simulated 8-GPU DGX-1."""
+@contextlib.asynccontextmanager
+async def simulated_dgx1(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TransferService]:
+    """The transfer and memory services of a simulated 8-GPU DGX-1, started."""
     config = make_config(nats_server, tmp_path, node_id="node-a", devices="sim:8")
     memory, svc = MemoryService(config), TransferService(config)
     await memory.start()
     await svc.start()
-    yield svc
-    await svc.stop()
-    await memory.stop()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+        await memory.stop()
+
+
+@pytest.fixture
+async def dgx1(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TransferService]:
+    async with simulated_dgx1(nats_server, tmp_path) as svc:
+        yield svc
 
 
 async def test_copies_on_a_simulated_dgx1_take_the_planned_routes(dgx1: TransferService) -> None:
@@ -282,13 +291,8 @@ async def slow_dgx1(
     sent together overlap in simulated time even when the second request is handled a
     second after the first (a loaded 2-core box)."""
     monkeypatch.setattr(emulator, "DILATION", 5 * emulator.DILATION)
-    config = make_config(nats_server, tmp_path, node_id="node-a", devices="sim:8")
-    memory, svc = MemoryService(config), TransferService(config)
-    await memory.start()
-    await svc.start()
-    yield svc
-    await svc.stop()
-    await memory.stop()
+    async with simulated_dgx1(nats_server, tmp_path) as svc:
+        yield svc
 
 
 async def test_concurrent_copies_share_links_and_slos_get_their_bandwidth_first(

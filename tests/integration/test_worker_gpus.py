@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from gpufaas.shared import subjects
 from gpufaas.shared.config import Config
@@ -37,31 +36,16 @@ from gpufaas.shared.tensors import encode_bytes_elements
 from gpufaas.worker.service import WorkerService
 from tests.conftest import NatsServer
 from tests.integration.conftest import DEMO_BODY, Platform, make_config
+from tests.integration.scorer import DIM, export_scorer, query, scorer_body
 
 pytestmark = pytest.mark.integration
 
-DIM = 384
-QUERY = np.linspace(-1, 1, DIM, dtype=np.float32)
-
-
-class Scorer(torch.nn.Module):
-    """``x`` FP32 [N, 384] -> ``scores`` [N]: a second function to consume embeddings."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.query = torch.nn.Parameter(torch.linspace(-1, 1, DIM))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"scores": x @ self.query}
+QUERY = query()
 
 
 @pytest.fixture(scope="module")
 def scorer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("scorer")
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    ep = torch.export.export(Scorer(), (torch.randn(3, DIM),), dynamic_shapes=({0: batch},))
-    torch.export.save(ep, out / "model.pt2")
-    return out
+    return export_scorer(tmp_path_factory.mktemp("scorer"))
 
 
 @pytest.fixture
@@ -71,7 +55,7 @@ def platform_config(nats_server: NatsServer, tmp_path: Path) -> Config:
 
 async def deploy(p: Platform, scorer_dir: Path) -> tuple[FunctionSpec, FunctionSpec]:
     """minilm and the scorer, deployed (placed wherever the scheduler likes)."""
-    scorer = {"name": "scorer", "model": {"path": str(scorer_dir), "architecture": "torch-export"}}
+    scorer = scorer_body(scorer_dir)
     for body in (DEMO_BODY, scorer):
         resp = await p.client.post("/v1/functions", json=body)
         assert resp.status == 201, await resp.text()

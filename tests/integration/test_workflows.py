@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from aiohttp.test_utils import TestClient
 
 from gpufaas.scheduler.service import SchedulerService
@@ -23,35 +22,15 @@ from tests.integration.conftest import (
     read_events,
     text_request,
 )
+from tests.integration.scorer import DIM, export_scorer, query, scorer_body
 from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
-DIM = 384
-
-
-class Scorer(torch.nn.Module):
-    """Scores embeddings against one query vector: ``x`` FP32 [N, 384] -> ``scores`` [N]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.query = torch.nn.Parameter(torch.linspace(-1, 1, DIM))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"scores": x @ self.query}
-
 
 @pytest.fixture(scope="module")
 def scorer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("scorer")
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    ep = torch.export.export(Scorer(), (torch.randn(3, DIM),), dynamic_shapes=({0: batch},))
-    torch.export.save(ep, out / "model.pt2")
-    return out
-
-
-def scorer_body(model_dir: Path) -> dict[str, Any]:
-    return {"name": "scorer", "model": {"path": str(model_dir), "architecture": "torch-export"}}
+    return export_scorer(tmp_path_factory.mktemp("scorer"))
 
 
 WORKFLOW = {
@@ -66,7 +45,8 @@ WORKFLOW = {
 async def expected_scores(c: TestClient[Any, Any], texts: list[str]) -> np.ndarray[Any, Any]:
     resp = await c.post("/v2/models/minilm/infer", json=text_request(texts))
     emb = np.array((await resp.json())["outputs"][0]["data"], dtype=np.float32).reshape(-1, DIM)
-    return emb @ np.linspace(-1, 1, DIM, dtype=np.float32)
+    scores: np.ndarray[Any, Any] = emb @ query()
+    return scores
 
 
 def served(svc: Service, verb: str) -> int:
