@@ -277,7 +277,7 @@ def _memory_table(nodes: list[dict[str, Any]]) -> Table:
 def placed_on(record: dict[str, Any]) -> list[str]:
     """Where a function's instances are: ``node/gpu:N`` each (the node alone without a GPU)."""
     gpus = record.get("gpus") or {}
-    return [f"{n}/{gpus[n]}" if n in gpus else n for n in record["nodes"]]
+    return [f"{n}/{g}" if n in gpus else n for n in record["nodes"] for g in gpus.get(n, [n])]
 
 
 def _functions_table(functions: list[dict[str, Any]]) -> Table:

@@ -182,9 +182,12 @@ class FunctionRecord(Msg, frozen=True, tag="function.v1"):
     nodes: list[NodeId]
     created_at: float
     status: Literal["ready"] = "ready"
-    # The GPU each node's instance computes on (placement is per GPU); a node not named
-    # here (no GPU, or a record from before) runs it on the node's first GPU.
-    gpus: dict[NodeId, GpuName] = msgspec.field(default_factory=dict)
+    # The GPUs of each node's instances (placement is per GPU), first the one a request
+    # that finds none builds on; more than one: the function scaled out within the node.
+    # A node not named here (no GPU, or a record from before) runs one on its first GPU.
+    gpus: dict[NodeId, Annotated[list[GpuName], msgspec.Meta(min_length=1, max_length=64)]] = (
+        msgspec.field(default_factory=dict)
+    )
     # When a repository load or unload last set its instances: the autoscaler forgets the
     # activity before it (0: never).
     rescaled_at: float = 0.0
@@ -278,6 +281,9 @@ class WorkerLoadRequest(Msg, frozen=True, tag="worker_load_request.v1"):
     # The GPU the placement chose for the instance (None: the node's first GPU, or the
     # host on a node without one). The worker checks that the node has it.
     device: GpuName | None = None
+    # Another instance on ``device`` besides those the worker has (a scale-out within the
+    # node), instead of moving its instance there.
+    replica: bool = False
 
 
 class WorkerLoadReply(Msg, frozen=True, tag="worker_load_reply.v1"):
@@ -433,6 +439,7 @@ class QueueView(Msg, frozen=True, tag="queue_view.v1"):
 class WorkerUnloadRequest(Msg, frozen=True, tag="worker_unload_request.v1"):
     function: Name
     tenant: Tenant = DEFAULT_TENANT
+    device: GpuName | None = None  # only the instance on this GPU (a scale-in within a node)
 
 
 class WorkerUnloadReply(Msg, frozen=True, tag="worker_unload_reply.v1"):

@@ -84,8 +84,9 @@ class Quotas:
 
 def gpu_bytes(record: FunctionRecord, instances: int | None = None) -> int:
     """The GPU memory ``record`` counts for: its model's bytes per instance (``instances``,
-    else its nodes), at least one."""
-    n = len(set(record.nodes)) if instances is None else instances
+    else its record's: one per GPU it names on each node), at least one."""
+    n = sum(len(record.gpus.get(node) or [node]) for node in set(record.nodes))
+    n = n if instances is None else instances
     return record.model_bytes * max(n, 1)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 from gpufaas.shared.identity import FunctionRef
@@ -33,11 +34,29 @@ def node_gpus_of(beats: list[Heartbeat]) -> list[str]:
     return sorted(names, key=lambda n: (len(n), n))
 
 
+def instance_devices(record: FunctionRecord, node: str, gpus: list[str]) -> list[str]:
+    """The devices ``record``'s instances on ``node`` compute on: the GPUs placement chose
+    (more than one: scaled out within the node), else the node's first GPU (a record from
+    before placement was per GPU), else the host (``gpus``: the node's, by number)."""
+    return list(record.gpus.get(node) or [gpus[0] if gpus else "host"])
+
+
 def instance_device(record: FunctionRecord, node: str, gpus: list[str]) -> str:
-    """The device ``record``'s instance on ``node`` computes on: the GPU placement chose,
-    else the node's first GPU (a record from before placement was per GPU), else the host
-    (``gpus``: the node's, by number)."""
-    return record.gpus.get(node) or (gpus[0] if gpus else "host")
+    """The device of ``record``'s first instance on ``node`` (see ``instance_devices``)."""
+    return instance_devices(record, node, gpus)[0]
+
+
+def first_gpu(record: FunctionRecord, node: str) -> str | None:
+    """The GPU of ``record``'s first instance on ``node``, where its record names one:
+    where a request that finds no instance there builds it."""
+    gpus = record.gpus.get(node)
+    return gpus[0] if gpus else None
+
+
+def instance_count(record: FunctionRecord, nodes: Iterable[str] | None = None) -> int:
+    """``record``'s instances on ``nodes`` (all its nodes by default): one per GPU it names
+    there, one on a node it names none for."""
+    return sum(len(record.gpus.get(n) or [n]) for n in (record.nodes if nodes is None else nodes))
 
 
 async def records(functions: Functions, tenant: str | None = None) -> list[FunctionRecord]:

@@ -110,7 +110,7 @@ from gpufaas.shared.registry import (
     FunctionCache,
     Mirror,
     alive,
-    instance_device,
+    instance_devices,
     node_gpus_of,
     records,
 )
@@ -817,8 +817,9 @@ def _instances_on(
     out: dict[str, list[str]] = {}
     for record in deployed:
         if node in record.nodes:
-            device = instance_device(record, node, gpus)
-            out.setdefault(device, []).append(FunctionRef(record.spec.tenant, record.spec.name).key)
+            for device in instance_devices(record, node, gpus):
+                key = FunctionRef(record.spec.tenant, record.spec.name).key
+                out.setdefault(device, []).append(key)
     return out
 
 

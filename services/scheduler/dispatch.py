@@ -36,6 +36,7 @@ from gpufaas.shared.messages import (
     WorkerRunRequest,
     completed,
 )
+from gpufaas.shared.registry import first_gpu, instance_count
 
 log = structlog.get_logger()
 
@@ -152,7 +153,7 @@ class Dispatcher:
                 concurrency=config.concurrency if config.profiled else None,
                 intermediate=call.intermediate,
                 dispatch_id=call.dispatch_id,
-                device=record.gpus.get(node),
+                device=first_gpu(record, node),
             )
             send = asyncio.ensure_future(self._send(node, run, call))
             reply = with_bind(*await self._by_deadline(send, call))
@@ -167,10 +168,12 @@ class Dispatcher:
         reply = with_cold_start(reply, pending)
         await self._completed(call, reply)
         if call.grant and not reply.breakdown.cold:
-            reply = self._with_route(reply, config)
+            reply = self._with_route(reply, config, instance_count(record, [reply.node]))
         return reply
 
-    def _with_route(self, reply: InvokeReply, config: EffectiveConfig) -> InvokeReply:
+    def _with_route(
+        self, reply: InvokeReply, config: EffectiveConfig, instances: int = 1
+    ) -> InvokeReply:
         """A gateway's reply from a warm instance, with the direct route to it: the
         gateway's next requests go straight to that worker, up to twice the instance's
         capacity in flight (one batch computing, one gathering: what ``pump`` gives an
@@ -180,7 +183,8 @@ class Dispatcher:
             return reply
         route = Route(
             node=reply.node,
-            slots=min(2 * config.capacity, 4096),  # as many as pump lets an instance hold
+            # As many as pump lets the node's instances hold.
+            slots=min(2 * config.capacity * max(instances, 1), 4096),
             ttl_s=min(ttl, 60.0),
             max_batch=config.batch if config.profiled else None,
             concurrency=config.concurrency if config.profiled else None,
@@ -294,7 +298,10 @@ class Dispatcher:
                 self._cold[fq.key] = self.host.spawn(self._cold_start(fq, record), f"cold-{fq.key}")
             return
         config = effective_config(await self.profiles.of(fq.ref), record.spec)
-        for pending, node in fq.assign(nodes, 2 * config.capacity):
+        # Each instance takes a batch computing and one gathering; a node with several
+        # (scaled out within it) takes as many times that, its worker spreading them.
+        rooms = {n: 2 * config.capacity * instance_count(record, [n]) for n in nodes}
+        for pending, node in fq.assign(rooms):
             pending.node.set_result(node)
 
     async def _cold_start(self, fq: FunctionQueue, record: FunctionRecord) -> None:

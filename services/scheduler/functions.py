@@ -37,7 +37,7 @@ from gpufaas.shared.messages import (
     WorkerLoadRequest,
 )
 from gpufaas.shared.quotas import Quotas, check_deploy, gpu_bytes, over_gpu_memory
-from gpufaas.shared.registry import FunctionCache, records
+from gpufaas.shared.registry import FunctionCache, instance_count, records
 
 log = structlog.get_logger()
 
@@ -55,7 +55,7 @@ def scaled(spec: FunctionSpec, before: int, updated: FunctionRecord, reason: str
         "function": spec.name,
         "tenant": spec.tenant,
         "from": before,
-        "to": len(updated.nodes),
+        "to": instance_count(updated),
         "nodes": updated.nodes,
         "gpus": updated.gpus,
         "reason": reason,
@@ -72,8 +72,22 @@ def with_instances(
     if new is not None:
         nodes.append(new[0])
         if new[1] is not None:
-            gpus[new[0]] = new[1]
+            gpus[new[0]] = [new[1]]
     return msgspec_replace(record, nodes=nodes, gpus=gpus)
+
+
+def with_gpu(record: FunctionRecord, node: str, gpu: str, *, add: bool) -> FunctionRecord:
+    """``record`` with one more instance on ``gpu`` of ``node`` (a node it is on, whose
+    GPUs it names), or one fewer there (never the node's last: ``update_nodes`` drops a
+    node)."""
+    have = list(record.gpus.get(node, []))
+    if node not in record.nodes or not have:
+        return record
+    if add and gpu not in have:
+        have.append(gpu)
+    elif not add and gpu in have and len(have) > 1:
+        have.remove(gpu)
+    return msgspec_replace(record, gpus={**record.gpus, node: have})
 
 
 class FunctionRegistry:
@@ -95,15 +109,16 @@ class FunctionRegistry:
         self.quotas = Quotas.from_config(host.config)
 
     async def load(
-        self, node: str, spec: FunctionSpec, gpu: str | None = None
+        self, node: str, spec: FunctionSpec, gpu: str | None = None, *, replica: bool = False
     ) -> tuple[WorkerLoadReply, WorkerBindReply | None]:
         """Build an instance of ``spec`` on ``gpu`` of ``node`` (None: the node's first GPU,
-        or its host); the bind's reply, if one was needed."""
+        or its host), or another one there besides those the node has (``replica``); the
+        bind's reply, if one was needed."""
         return await self.workers.call(
             node,
             spec.tenant,
             subjects.WORKER_LOAD,
-            WorkerLoadRequest(spec=spec, device=gpu),
+            WorkerLoadRequest(spec=spec, device=gpu, replica=replica),
             WorkerLoadReply,
             timeout=self.host.config.deploy_timeout_s,
         )
@@ -141,7 +156,7 @@ class FunctionRegistry:
             tensor_count=loaded.tensor_count,
             nodes=[node],
             created_at=time.time(),
-            gpus={node: at.gpu} if at.gpu else {},
+            gpus={node: [at.gpu]} if at.gpu else {},
         )
         winner = await self._create(record, node)
         if winner is not None:
@@ -254,6 +269,13 @@ class FunctionRegistry:
         """Record a new instance on ``gpu`` of ``node`` (last: the newest), keeping the
         other nodes ``keep`` says (as ``update_nodes``)."""
         return await self._update(spec, lambda r: with_instances(r, keep, (node, gpu)))
+
+    async def change_gpu(
+        self, spec: FunctionSpec, node: str, gpu: str, *, add: bool
+    ) -> FunctionRecord | None:
+        """Record an instance more (``add``) or fewer on ``gpu`` of ``node``, where the
+        function is already (a scale-out or scale-in within the node)."""
+        return await self._update(spec, lambda r: with_gpu(r, node, gpu, add=add))
 
     async def mark_rescaled(self, spec: FunctionSpec, at: float) -> FunctionRecord | None:
         """Record a repository load or unload at ``at`` (as ``update_nodes``)."""

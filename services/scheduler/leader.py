@@ -19,6 +19,7 @@ from gpufaas.scheduler.autoscale import Autoscaler, FunctionLoad
 from gpufaas.scheduler.dispatch import Dispatcher
 from gpufaas.scheduler.functions import FunctionRegistry, ref_of, scaled
 from gpufaas.scheduler.host import Host
+from gpufaas.scheduler.placer import gpus_of
 from gpufaas.scheduler.profiles import effective_config, service_rps
 from gpufaas.scheduler.profiling import Profiles
 from gpufaas.shared import constants as c
@@ -32,7 +33,7 @@ from gpufaas.shared.messages import (
     ScaleRequest,
     SchedulerLoad,
 )
-from gpufaas.shared.registry import records
+from gpufaas.shared.registry import instance_count, records
 
 log = structlog.get_logger()
 
@@ -80,6 +81,16 @@ def function_load(
     )
 
 
+def _extra_gpu(record: FunctionRecord, live: list[str]) -> tuple[str, str] | None:
+    """An instance to scale in within a node: the newest GPU of the live node with the
+    most instances (None when each has one)."""
+    nodes = [n for n in live if len(record.gpus.get(n, [])) > 1]
+    if not nodes:
+        return None
+    node = max(nodes, key=lambda n: (len(record.gpus[n]), n))
+    return node, record.gpus[node][-1]
+
+
 def to_drop(live: list[str], desired: int, busy: Counter[str]) -> set[str]:
     """The instances to scale in: all at zero, else the least busy one."""
     if desired == 0:
@@ -106,7 +117,9 @@ class Leader:
         self.leader = False
         self._revision = 0
         self.reports: dict[str, SchedulerLoad] = {}  # replica -> its latest load report
-        self.draining: dict[tuple[FunctionRef, str], float] = {}  # (function, node) -> since
+        # (function, node, GPU) -> since when: an instance scaled in, unloaded once the
+        # requests sent to it have arrived (GPU None: every instance on the node).
+        self.draining: dict[tuple[FunctionRef, str, str | None], float] = {}
 
     def report(self, load: SchedulerLoad) -> None:
         """A replica's load report (our own included)."""
@@ -144,7 +157,8 @@ class Leader:
             if t.arrivals:
                 self.autoscaler.observe(ref.key, now, t.arrivals)
             live = [n for n in record.nodes if n in self.host.workers]
-            loads.append(function_load(record, await self.profiles.of(ref), len(live), t))
+            count = instance_count(record, live)
+            loads.append(function_load(record, await self.profiles.of(ref), count, t))
         by_key = {ref_of(r.spec).key: r for r in deployed}
         for key, decision in self.autoscaler.decide(now, loads).items():
             if decision.desired != decision.current:
@@ -152,28 +166,45 @@ class Leader:
         await self.finish_draining(now)
 
     async def scale(self, record: FunctionRecord, desired: int, reason: str, now: float) -> None:
+        """One step towards ``desired`` instances: one more (on another GPU of a node that
+        has the function when placement finds that cheapest, else on another node), or
+        one fewer (another GPU's first, then the least busy node), or none at zero."""
         spec, workers = record.spec, self.host.workers
         live = [n for n in record.nodes if n in workers]
-        if desired > len(live):
-            if not await self.registry.room_for(record, len(live) + 1):
+        count = instance_count(record, live)
+        if desired > count:
+            if not await self.registry.room_for(record, count + 1):
                 return  # the tenant's GPU memory quota holds no more instances
-            at = await self.registry.placer.place(spec, exclude=set(live))
-            if at.node in live:
-                return  # no other node to scale out to
-            await self.registry.load(at.node, spec, at.gpu)
-            updated = await self.registry.add_instance(
-                spec, at.node, at.gpu, lambda n: n in workers
-            )
+            updated = await self._scale_out(record, live)
+        elif desired > 0 and (extra := _extra_gpu(record, live)) is not None:
+            node, gpu = extra  # within a node first: the node keeps serving
+            updated = await self.registry.change_gpu(spec, node, gpu, add=False)
+            self.draining[(ref_of(spec), node, gpu)] = now
         else:
             fq = self.dispatcher.queues.get(ref_of(spec).key)
             drop = to_drop(live, desired, fq.in_flight if fq else Counter[str]())
             updated = await self.registry.update_nodes(spec, lambda n: n not in drop)
             for node in drop:  # unloaded next tick, once requests already sent have arrived
-                self.draining[(ref_of(spec), node)] = now
+                self.draining[(ref_of(spec), node, None)] = now
         if updated is not None:
-            await self.host.publish_event(
-                "function.scaled", scaled(spec, len(live), updated, reason)
-            )
+            await self.host.publish_event("function.scaled", scaled(spec, count, updated, reason))
+
+    async def _scale_out(self, record: FunctionRecord, live: list[str]) -> FunctionRecord | None:
+        """One more instance where placement says among the GPUs without one: on a node
+        that has the function (a GPU of it it names), or another node."""
+        spec, workers = record.spec, self.host.workers
+        gpus = await self.registry.placer.gpus()
+        taken = {(n, gpu) for n in live for gpu in gpus_of(record, n, gpus.get(n))}
+        at = await self.registry.placer.place(spec, taken=taken)
+        if (at.node, at.gpu) in taken:
+            return None  # no GPU without one left
+        if at.node in live:
+            if at.gpu is None or not record.gpus.get(at.node):
+                return None  # a node without GPUs, or a record from before: one per node
+            await self.registry.load(at.node, spec, at.gpu, replica=True)
+            return await self.registry.change_gpu(spec, at.node, at.gpu, add=True)
+        await self.registry.load(at.node, spec, at.gpu)
+        return await self.registry.add_instance(spec, at.node, at.gpu, lambda n: n in workers)
 
     async def rescale(self, req: ScaleRequest, now: float) -> ScaleReply:
         """The model repository's load (one instance now, where it has none) or unload (no
@@ -202,11 +233,12 @@ class Leader:
         return ScaleReply(function=await self.registry.cache.record(ref) or record)
 
     async def finish_draining(self, now: float) -> None:
-        for (ref, node), since in list(self.draining.items()):
+        for (ref, node, gpu), since in list(self.draining.items()):
             if now - since < self.host.config.autoscale_interval_s:
                 continue
-            del self.draining[(ref, node)]
+            del self.draining[(ref, node, gpu)]
             record = await self.registry.cache.record(ref)
-            if record is not None and node in record.nodes:
+            here = record.gpus.get(node, []) if record and node in record.nodes else None
+            if here is not None and (gpu is None or gpu in here):
                 continue  # scaled back onto it meanwhile
-            await self.registry.workers.unload(node, ref)
+            await self.registry.workers.unload(node, ref, gpu)

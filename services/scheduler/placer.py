@@ -33,7 +33,7 @@ from gpufaas.shared.messages import (
     ModelCache,
     Tube,
 )
-from gpufaas.shared.registry import alive, instance_device, records
+from gpufaas.shared.registry import alive, instance_devices, records
 from gpufaas.shared.rpc import request
 
 log = structlog.get_logger()
@@ -88,10 +88,10 @@ def node_gpus(beats: list[Heartbeat]) -> NodeGpus:
     return NodeGpus(free, links)
 
 
-def gpu_of(record: FunctionRecord, node: str, gpus: NodeGpus | None) -> str | None:
-    """The GPU ``record``'s instance on ``node`` computes on (None on a node without)."""
-    device = instance_device(record, node, gpus.names if gpus is not None else [])
-    return None if device == "host" else device
+def gpus_of(record: FunctionRecord, node: str, gpus: NodeGpus | None) -> list[str | None]:
+    """The GPUs ``record``'s instances on ``node`` compute on ([None] on a node without)."""
+    devices = instance_devices(record, node, gpus.names if gpus is not None else [])
+    return [None if d == "host" else d for d in devices]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +120,11 @@ def facts_of(
     warm: set[tuple[str, str | None]] = set()
     for r in deployed:
         for n in r.nodes:
-            at = (n, gpu_of(r, n, by_node.get(n)))
-            load[at] += 1
-            node_load[n] += 1
-            if r.spec == spec:
-                warm.add(at)
+            for gpu in gpus_of(r, n, by_node.get(n)):
+                load[(n, gpu)] += 1
+                node_load[n] += 1
+                if r.spec == spec:
+                    warm.add((n, gpu))
     return Facts(warm, load, node_load, on_gpu, near)
 
 
@@ -168,19 +168,19 @@ class Placer:
     async def place(
         self,
         spec: FunctionSpec,
-        exclude: set[str] | None = None,
+        taken: set[tuple[str, str | None]] | None = None,
         near: Where | None = None,
         on: str | None = None,
     ) -> NodeView:
-        """A GPU of a node for an instance of ``spec``; nodes in ``exclude`` (that already
-        hold one) only when there is no other; ``near`` (where the request's input tubes
-        are) wins a tie on θ; ``on``: a GPU of that node only (when it is live)."""
+        """A GPU of a node for an instance of ``spec``; the (node, GPU)s in ``taken`` (that
+        hold one already) only when there is no other; ``near`` (where the request's input
+        tubes are) counts as placement says; ``on``: a GPU of that node only (when live)."""
         candidates = await self.host.live_workers()
-        candidates = [n for n in candidates if n not in (exclude or set())] or candidates
         if on is not None and on in candidates:
             candidates = [on]
         views = await self._views(spec, candidates, near)
-        chosen = choose(views)
+        free = [v for v in views if (v.node, v.gpu) not in (taken or set())]
+        chosen = choose(free or views)
         log.info(
             "placement.chosen",
             function=spec.name,

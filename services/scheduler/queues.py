@@ -13,7 +13,7 @@ import heapq
 import itertools
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gpufaas.shared import constants as c
@@ -71,18 +71,24 @@ class FunctionQueue:
     def queued(self) -> int:
         return sum(1 for p in self.waiting if not p.node.done())
 
-    def assign(self, nodes: Sequence[str], capacity: int) -> list[tuple[Pending, str]]:
-        """Give waiting requests, most urgent first, to the least busy instance with room."""
+    def assign(self, rooms: Mapping[str, int]) -> list[tuple[Pending, str]]:
+        """Give waiting requests, most urgent first, to the node whose instances have the
+        most room (``rooms``: how many each node's instances hold at once)."""
         out = []
+        nodes = list(rooms)
+
+        def free(n: str) -> int:
+            return rooms[n] - self.in_flight[n]
+
         while self.waiting and nodes:
             head = self.waiting[0]
             if head.node.done():  # cancelled, or timed out while waiting
                 heapq.heappop(self.waiting)
                 continue
-            node = min(nodes, key=lambda n: (n != head.prefer, self.in_flight[n], n))
-            if self.in_flight[node] >= capacity:
-                node = min(nodes, key=lambda n: (self.in_flight[n], n))
-            if self.in_flight[node] >= capacity:
+            node = min(nodes, key=lambda n: (n != head.prefer, -free(n), n))
+            if free(node) <= 0:
+                node = min(nodes, key=lambda n: (-free(n), n))
+            if free(node) <= 0:
                 break
             heapq.heappop(self.waiting)
             self.in_flight[node] += 1

@@ -23,6 +23,7 @@ from gpufaas.shared.messages import (
     SchedulerLoad,
     encode,
 )
+from gpufaas.shared.registry import first_gpu
 
 # Input tubes per function and node in a queue view: the first queued requests' (what the
 # memory manager can bring to a GPU before they run), not the whole queue's.
@@ -56,7 +57,7 @@ def queue_entries(
             fq.next_deadline(),
             per_request_s,
             fq.queued_tubes(node, VIEW_TUBES),
-            device=record.gpus.get(node),
+            device=first_gpu(record, node),
         )
         for node in record.nodes
     }

@@ -201,14 +201,15 @@ class WorkerClient:
         )
         return bound
 
-    async def unload(self, node: str, ref: FunctionRef) -> None:
-        """Unload a function's instance from ``node`` (nothing there is fine)."""
+    async def unload(self, node: str, ref: FunctionRef, gpu: str | None = None) -> None:
+        """Unload a function's instances from ``node`` (only the one on ``gpu``, when
+        given); nothing there is fine."""
         try:
             await self.call(
                 node,
                 ref.tenant,
                 subjects.WORKER_UNLOAD,
-                WorkerUnloadRequest(function=ref.name, tenant=ref.tenant),
+                WorkerUnloadRequest(function=ref.name, tenant=ref.tenant, device=gpu),
                 WorkerUnloadReply,
                 timeout=5,
                 bind=False,

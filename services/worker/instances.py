@@ -89,8 +89,9 @@ Built = tuple[Runner, frozenset[str]]  # a runner and the segments it holds
 
 
 class Instances:
-    """The instances of one worker process, by function (one per function, on one of its
-    lanes), and their leases."""
+    """The instances of one worker process, by function, and their leases: one per
+    function on one of its lanes (``live``), and more on other lanes when the function is
+    scaled out within the node (``replicas``); a request runs on the least busy."""
 
     def __init__(self, service: Service, tensors: TensorMap, *, holder: str, backend: str) -> None:
         self.service = service  # its NATS connection and config
@@ -98,7 +99,9 @@ class Instances:
         self.holder = holder  # who holds the leases: unique per process life
         self.backend = backend
         self.live: dict[FunctionRef, Instance] = {}
+        self.replicas: dict[FunctionRef, dict[str, Instance]] = {}  # more, by device
         self.loading: dict[FunctionRef, asyncio.Task[Instance]] = {}
+        self._adding: dict[tuple[FunctionRef, str], asyncio.Task[Instance]] = {}
         # The store's last answer per model: what a new instance is built over while the
         # store confirms it (see build).
         self._known: dict[tuple[ModelSource, str], RegisterReply] = {}
@@ -131,11 +134,50 @@ class Instances:
         inst = await asyncio.shield(task)
         return inst, True
 
+    def pick(self, ref: FunctionRef) -> Instance | None:
+        """The instance of ``ref`` a request runs on: the least busy of its instances."""
+        inst = self.live.get(ref)
+        more = self.replicas.get(ref)
+        if inst is None or not more:
+            return inst
+        return min([inst, *more.values()], key=lambda i: i.active)
+
+    def every(self) -> list[tuple[FunctionRef, Instance]]:
+        """Every instance, first ones and more, with its function."""
+        out = list(self.live.items())
+        out += [(ref, inst) for ref, more in self.replicas.items() for inst in more.values()]
+        return out
+
+    def devices(self, ref: FunctionRef) -> list[str]:
+        """The devices ``ref``'s instances are on, its first instance's first."""
+        inst = self.live.get(ref)
+        return ([inst.device] if inst else []) + list(self.replicas.get(ref, {}))
+
+    async def add(self, spec: FunctionSpec, lane: Lane) -> tuple[Instance, bool]:
+        """An instance of ``spec`` on ``lane`` besides the ones it has (a scale-out within
+        the node); the first one when it has none. Returns (instance, was_cold)."""
+        ref = FunctionRef(spec.tenant, spec.name)
+        inst = self.live.get(ref)
+        if inst is None or inst.spec != spec:
+            return await self.get(spec, lane)
+        if inst.device == lane.device:
+            return inst, False
+        have = self.replicas.get(ref, {}).get(lane.device)
+        if have is not None and have.spec == spec:
+            return have, False
+        key = (ref, lane.device)
+        task = self._adding.get(key)
+        if task is None:
+            task = asyncio.create_task(self.build(spec, lane, replica=True))
+            self._adding[key] = task
+            task.add_done_callback(lambda _: self._adding.pop(key, None))
+        return await asyncio.shield(task), True
+
     def _done_loading(self, ref: FunctionRef, task: asyncio.Task[Instance]) -> None:
         if self.loading.get(ref) is task:
             del self.loading[ref]
 
-    async def build(self, spec: FunctionSpec, lane: Lane) -> Instance:
+    async def build(self, spec: FunctionSpec, lane: Lane, *, replica: bool = False) -> Instance:
         """Lease the model's tensors from the store and build an instance over them.
 
         When this worker has built the model before (on the host or a simulated GPU), the
@@ -169,7 +211,10 @@ class Instances:
             await self.release(ref, lane.gpu)
             raise
         inst = self._instance(spec, reg, built, t0, lane)
-        await self._install(ref, inst)
+        if replica:
+            self.replicas.setdefault(ref, {})[lane.device] = inst
+        else:
+            await self._install(ref, inst)
         log.info(
             "instance.built",
             function=spec.name,
@@ -254,6 +299,9 @@ class Instances:
     async def _install(self, ref: FunctionRef, inst: Instance) -> None:
         old = self.live.get(ref)
         self.live[ref] = inst
+        stale = self.replicas.get(ref, {})
+        for device in [d for d, r in stale.items() if r.spec != inst.spec or d == inst.device]:
+            await self._drop(ref, stale.pop(device))  # another spec, or where it now is
         if old is None:
             return
         # A redeploy replaced the spec (the new lease replaced its lease), or a load moved
@@ -275,14 +323,34 @@ class Instances:
             self.tensors.release(held)
             raise
 
-    async def remove(self, ref: FunctionRef) -> bool:
-        """Unload ``ref``'s instance: its views, then its lease. False if there was none."""
-        inst = self.live.pop(ref, None)
-        if inst is None:
+    async def remove(self, ref: FunctionRef, device: str | None = None) -> bool:
+        """Unload ``ref``'s instances (only the one on ``device``, when given; another
+        then serves its requests): views, then leases. False if there was none."""
+        more = self.replicas.get(ref, {})
+        if device is not None and device in more:
+            extra = more.pop(device)
+            if not more:
+                del self.replicas[ref]
+            await self._drop(ref, extra)
+            return True
+        inst = self.live.get(ref)
+        if inst is None or (device is not None and inst.device != device):
             return False
+        if device is not None and more:  # another instance takes its place
+            self.live[ref] = more.pop(next(iter(more)))
+            if not more:
+                del self.replicas[ref]
+        else:
+            del self.live[ref]
+            for other in self.replicas.pop(ref, {}).values():
+                await self._drop(ref, other)
+        await self._drop(ref, inst)
+        return True
+
+    async def _drop(self, ref: FunctionRef, inst: Instance) -> None:
+        """An instance taken out of the tables: its views once idle, then its lease."""
         await self.let_go(inst)
         await self.release(ref, inst.gpu)
-        return True
 
     async def let_go(self, inst: Instance) -> None:
         """Drop a removed instance's views once its running batches are done.
@@ -297,8 +365,12 @@ class Instances:
         tasks = list(self.loading.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        adding = list(self._adding.values())
+        for task in adding:
+            task.cancel()
+        await asyncio.gather(*tasks, *adding, return_exceptions=True)
         self.live.clear()
+        self.replicas.clear()
 
     # --- leases on the tensor store ------------------------------------------------------
 
@@ -327,7 +399,7 @@ class Instances:
         """Re-announce every instance's lease (also rebuilds a restarted store's table)."""
         claims = [
             LeaseClaim(id=self.lease_id(ref, inst.gpu), tensors=inst.tensors, device=inst.gpu)
-            for ref, inst in self.live.items()
+            for ref, inst in self.every()
         ]
         reply = await request(
             self.service.nc,
@@ -339,9 +411,7 @@ class Instances:
         if reply.missing:
             log.error("lease.tensors_missing", count=len(reply.missing))
         lost = set(reply.lost)
-        for ref in [r for r, i in self.live.items() if self.lease_id(r, i.gpu) in lost]:
+        for ref, inst in [(r, i) for r, i in self.every() if self.lease_id(r, i.gpu) in lost]:
             # Its device copies died with a restarted store: rebuild on the next request.
-            inst = self.live.pop(ref)
             log.warning("instance.lost_device_copies", function=ref.name, tenant=ref.tenant)
-            await self.let_go(inst)
-            await self.release(ref, inst.gpu)
+            await self.remove(ref, inst.device)

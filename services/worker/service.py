@@ -287,10 +287,14 @@ class WorkerService(Service):
 
     async def load(self, req: WorkerLoadRequest) -> WorkerLoadReply:
         """Build ``req.spec``'s instance on ``req.device`` (None: where it is, else the
-        node's first GPU); one on another GPU is built again there (moved)."""
+        node's first GPU); one on another GPU is built again there (moved), unless the
+        load asks for another instance besides it (``replica``: a scale-out here)."""
         self._check_tenant(req.spec.tenant)
         lane = await self.lanes.lane(req.device)
-        inst, cold = await self.loaded.get(req.spec, lane, move=req.device is not None)
+        if req.replica:
+            inst, cold = await self.loaded.add(req.spec, lane)
+        else:
+            inst, cold = await self.loaded.get(req.spec, lane, move=req.device is not None)
         return WorkerLoadReply(
             inputs=inst.runner.inputs,
             outputs=inst.runner.outputs,
@@ -338,9 +342,8 @@ class WorkerService(Service):
 
     async def unload(self, req: WorkerUnloadRequest) -> WorkerUnloadReply:
         self._check_tenant(req.tenant)
-        return WorkerUnloadReply(
-            unloaded=await self.loaded.remove(FunctionRef(req.tenant, req.function))
-        )
+        ref = FunctionRef(req.tenant, req.function)
+        return WorkerUnloadReply(unloaded=await self.loaded.remove(ref, req.device))
 
     async def renew_leases(self) -> None:
         """Re-announce every instance's lease (also rebuilds a restarted store's table)."""
@@ -371,7 +374,7 @@ class WorkerService(Service):
 
     async def _trim_device_cache(self) -> None:
         """Every CUDA lane's cache, each on its own thread, when no instance computes."""
-        if any(inst.active for inst in self.instances.values()):
+        if any(inst.active for _, inst in self.loaded.every()):
             return
         loop = asyncio.get_running_loop()
         for lane in self.lanes.cuda():
@@ -427,7 +430,7 @@ class WorkerService(Service):
         self._check_tenant(req.spec.tenant)
         self.lanes.check(req.device)
         if req.direct:
-            inst = self.loaded.live.get(FunctionRef(req.spec.tenant, req.spec.name))
+            inst = self.loaded.pick(FunctionRef(req.spec.tenant, req.spec.name))
             if inst is None or inst.spec != req.spec:
                 raise Unavailable(f"{req.spec.name!r} has no warm instance in this worker")
         if not req.dispatch_id:
@@ -485,7 +488,7 @@ class WorkerService(Service):
     async def _instance(self, req: WorkerRunRequest, ref: FunctionRef) -> tuple[Instance, bool]:
         """The request's instance wherever it lives, else built on ``req.device``'s lane
         (a cold start: of a function still deployed as the request says)."""
-        inst = self.loaded.live.get(ref)
+        inst = self.loaded.pick(ref)
         if inst is not None and inst.spec == req.spec:
             return inst, False
         if inst is None:

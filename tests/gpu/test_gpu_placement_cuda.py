@@ -72,7 +72,7 @@ def test_a_second_model_goes_to_the_second_gpu_and_answers_there(tmp_path: Path)
         status, reply = http(up, f"{up.url}/v1/functions", body)
         assert status == 201, reply
         assert reply["gpus"] != {}, reply
-        (gpu,) = reply["gpus"].values()
+        ((gpu,),) = reply["gpus"].values()
         assert gpu != "gpu:0"  # the demo's GPU holds one instance already: the idle one
         x = torch.randn(4, 384)
         req = {

@@ -33,6 +33,7 @@ from gpufaas.shared.messages import (
     encode_json,
     new_event,
 )
+from gpufaas.shared.registry import instance_count
 from gpufaas.worker.service import WorkerService
 from tests.conftest import NatsServer
 from tests.integration.conftest import (
@@ -132,7 +133,7 @@ async def two_nodes(platform_factory: PlatformFactory) -> Platform:
     return await platform_factory(["node-a", "node-b"], autoscale_interval_s=HOUR)
 
 
-async def test_a_queue_longer_than_an_instance_holds_scales_out_to_another_node(
+async def test_a_queue_longer_than_an_instance_holds_scales_out_within_then_across_nodes(
     two_nodes: Platform,
 ) -> None:
     c, sched = two_nodes.client, scheduler(two_nodes)
@@ -148,9 +149,15 @@ async def test_a_queue_longer_than_an_instance_holds_scales_out_to_another_node(
         "the scheduler to hold more than 2 requests back",
     )
     await sched.autoscale_once(time.time())  # 8 waiting, room for 2: more instances
-    nodes = (await record_of(sched, "minilm")).nodes
-    assert sorted(nodes) == ["node-a", "node-b"]
-    assert nodes[0] == first
+    # First on the other GPU of its node, which holds the model's tensors already.
+    record = await record_of(sched, "minilm")
+    assert (record.nodes, record.gpus) == ([first], {first: ["gpu:0", "gpu:1"]})
+    # Every GPU of that node holds one: the next goes to the other node.
+    await sched.leadership.scale(record, 3, "test", time.time())
+    record = await record_of(sched, "minilm")
+    assert sorted(record.nodes) == ["node-a", "node-b"]
+    assert record.nodes[0] == first
+    assert instance_count(record) == 3
     responses = await asyncio.gather(*tasks)
     for resp in responses:
         assert resp.status == 200
@@ -176,7 +183,7 @@ async def test_a_node_whose_gpu_holds_the_model_is_chosen(two_nodes: Platform) -
         await sched.buckets.memory.put(f"{node}.gpu0.m", encode_json(cache))
     assert (await two_nodes.client.post("/v1/functions", json=DEMO_BODY)).status == 201
     record = await record_of(sched, "minilm")
-    assert (record.nodes, record.gpus) == (["node-b"], {"node-b": "gpu:0"})
+    assert (record.nodes, record.gpus) == (["node-b"], {"node-b": ["gpu:0"]})
     # And node-b's own memory manager now publishes the model on its GPU, under the file
     # name the scheduler matches.
 

@@ -126,7 +126,7 @@ def record(name: str, node: str, gpu: str) -> FunctionRecord:
         tensor_count=1,
         nodes=[node],
         created_at=0,
-        gpus={node: gpu},
+        gpus={node: [gpu]},
     )
 
 
@@ -151,7 +151,7 @@ def test_eight_functions_spread_over_the_eight_gpus_of_a_node() -> None:
     for i in range(8):
         at = place(f"f{i}", deployed, nodes)
         deployed.append(record(f"f{i}", at.node, str(at.gpu)))
-    assert sorted(r.gpus["n1"] for r in deployed) == [f"gpu:{i}" for i in range(8)]
+    assert sorted(r.gpus["n1"][0] for r in deployed) == [f"gpu:{i}" for i in range(8)]
     # A ninth goes to a GPU of a second node before doubling up on the first's.
     nodes["n2"] = node_gpus(dgx1_beats("n2"))
     assert place("f8", deployed, nodes).node == "n2"
@@ -206,7 +206,7 @@ def test_a_gpus_memory_pressure_moves_new_instances_to_other_gpus() -> None:
     for i in range(4):
         at = place(f"f{i}", deployed, nodes)
         deployed.append(record(f"f{i}", at.node, str(at.gpu)))
-    assert sorted(r.gpus["n1"] for r in deployed) == [f"gpu:{i}" for i in range(4, 8)]
+    assert sorted(r.gpus["n1"][0] for r in deployed) == [f"gpu:{i}" for i in range(4, 8)]
 
 
 def test_nearness_and_where_inputs_are() -> None:

@@ -22,7 +22,7 @@ function source(model) {
 // Where a function's instances are: "node/gpu:N" each (the node alone without a GPU).
 function placedOn(f) {
   const gpus = f.gpus || {};
-  return f.nodes.map((n) => (gpus[n] ? `${n}/${gpus[n]}` : n));
+  return f.nodes.flatMap((n) => (gpus[n] ? gpus[n].map((g) => `${n}/${g}`) : [n]));
 }
 
 function profileCell(p) {
