@@ -54,11 +54,12 @@ from typing import Final, Literal
 import msgspec
 
 from gpufaas.scheduler.autoscale import Autoscaler, FunctionLoad
-from gpufaas.scheduler.placement import NodeView, choose, gpu_index
+from gpufaas.scheduler.placement import NodeView, choose
 from gpufaas.scheduler.placer import NodeGpus, node_gpus
 from gpufaas.scheduler.profiles import Choice, ProfilePoint, batch_sizes, choose_config
 from gpufaas.shared.devices import DEFAULT_TOPOLOGY, NodeDevices, links_between_gpus, parse_devices
 from gpufaas.shared.errors import InvalidArgument
+from gpufaas.shared.identity import gpu_number
 from gpufaas.shared.messages import Heartbeat
 
 GIB: Final = 2**30
@@ -141,7 +142,7 @@ class SimNode:
     @property
     def gpu_names(self) -> list[str]:
         """Its GPUs, ``gpu:0`` first."""
-        return sorted((d.name for d in self.devices.devices if d.kind != "host"), key=gpu_index)
+        return sorted((d.name for d in self.devices.devices if d.kind != "host"), key=gpu_number)
 
     def gpus(self, used: Mapping[str, int]) -> NodeGpus:
         """Its GPUs as the scheduler's placer reads them from the heartbeats

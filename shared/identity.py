@@ -100,6 +100,18 @@ class Device:
         return cls(token)
 
 
+def gpu_number(name: str | None) -> int:
+    """N of ``gpu:N``, to order GPUs by number rather than by name: -1 for None or a device
+    that is no GPU, after every GPU for a name that is no device (a peer's report)."""
+    if name is None:
+        return -1
+    try:
+        index = Device.parse(name).index
+    except InvalidArgument:
+        return 2**31
+    return -1 if index is None else index
+
+
 def is_gpu(name: str) -> bool:
     """Whether a device name names a GPU (cheap: for filters over placements)."""
     return name.startswith("gpu:")

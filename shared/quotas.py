@@ -21,6 +21,7 @@ import orjson
 from gpufaas.shared.config import Config
 from gpufaas.shared.errors import InvalidArgument, QuotaExceeded
 from gpufaas.shared.messages import FunctionRecord
+from gpufaas.shared.registry import instance_count
 
 LIMITS_ENV: Final = "GPUFAAS_TENANT_LIMITS"
 FUNCTIONS_ENV: Final = "GPUFAAS_TENANT_MAX_FUNCTIONS"
@@ -85,8 +86,7 @@ class Quotas:
 def gpu_bytes(record: FunctionRecord, instances: int | None = None) -> int:
     """The GPU memory ``record`` counts for: its model's bytes per instance (``instances``,
     else its record's: one per GPU it names on each node), at least one."""
-    n = sum(len(record.gpus.get(node) or [node]) for node in set(record.nodes))
-    n = n if instances is None else instances
+    n = instance_count(record) if instances is None else instances
     return record.model_bytes * max(n, 1)
 
 

@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
-from gpufaas.shared.identity import FunctionRef
+from gpufaas.shared.identity import FunctionRef, gpu_number
 from gpufaas.shared.kv import Bucket
 from gpufaas.shared.messages import FunctionRecord, Heartbeat
 
@@ -31,7 +31,7 @@ async def alive(nodes: Nodes, ttl_s: float, now: float | None = None) -> dict[st
 def node_gpus_of(beats: list[Heartbeat]) -> list[str]:
     """A node's GPUs as its heartbeats list them, by number ("gpu:0", "gpu:1", ...)."""
     names = {d.name for b in beats for d in b.devices if d.kind != "host"}
-    return sorted(names, key=lambda n: (len(n), n))
+    return sorted(names, key=gpu_number)
 
 
 def instance_devices(record: FunctionRecord, node: str, gpus: list[str]) -> list[str]:
@@ -39,11 +39,6 @@ def instance_devices(record: FunctionRecord, node: str, gpus: list[str]) -> list
     (more than one: scaled out within the node), else the node's first GPU (a record from
     before placement was per GPU), else the host (``gpus``: the node's, by number)."""
     return list(record.gpus.get(node) or [gpus[0] if gpus else "host"])
-
-
-def instance_device(record: FunctionRecord, node: str, gpus: list[str]) -> str:
-    """The device of ``record``'s first instance on ``node`` (see ``instance_devices``)."""
-    return instance_devices(record, node, gpus)[0]
 
 
 def first_gpu(record: FunctionRecord, node: str) -> str | None:

@@ -77,7 +77,7 @@ from gpufaas.shared.errors import (
     UnsupportedMediaType,
     http_status,
 )
-from gpufaas.shared.identity import Device, FunctionRef
+from gpufaas.shared.identity import FunctionRef, gpu_number
 from gpufaas.shared.jetstream import wait_for_jetstream
 from gpufaas.shared.kv import TypedBuckets
 from gpufaas.shared.messages import (
@@ -705,7 +705,7 @@ async def workflow_infer(request: web.Request) -> web.Response:
 def _device_order(device: dict[str, Any]) -> tuple[int, int]:
     """host first, then gpu:0, gpu:1, ... whichever heartbeat listed them first."""
     name = str(device["name"])
-    return (0, 0) if name == "host" else (1, Device.parse(name).index or 0)
+    return (0, 0) if name == "host" else (1, gpu_number(name))
 
 
 async def _store_stats(nc: NATS, node: str) -> dict[str, Any] | None:

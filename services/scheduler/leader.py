@@ -19,7 +19,6 @@ from gpufaas.scheduler.autoscale import Autoscaler, FunctionLoad
 from gpufaas.scheduler.dispatch import Dispatcher
 from gpufaas.scheduler.functions import FunctionRegistry, ref_of, scaled
 from gpufaas.scheduler.host import Host
-from gpufaas.scheduler.placer import gpus_of
 from gpufaas.scheduler.profiles import effective_config, service_rps
 from gpufaas.scheduler.profiling import Profiles
 from gpufaas.shared import constants as c
@@ -193,10 +192,8 @@ class Leader:
         """One more instance where placement says among the GPUs without one: on a node
         that has the function (a GPU of it it names), or another node."""
         spec, workers = record.spec, self.host.workers
-        gpus = await self.registry.placer.gpus()
-        taken = {(n, gpu) for n in live for gpu in gpus_of(record, n, gpus.get(n))}
-        at = await self.registry.placer.place(spec, taken=taken)
-        if (at.node, at.gpu) in taken:
+        at = await self.registry.placer.place(spec, new=True)
+        if at.warm:
             return None  # no GPU without one left
         if at.node in live:
             if at.gpu is None or not record.gpus.get(at.node):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from gpufaas.shared.errors import Unavailable
+from gpufaas.shared.identity import gpu_number
 
 # How close a candidate is to the request's input tubes (lower is closer).
 ON_INPUT_GPU: Final = 0  # the GPU that holds them: no copy at all
@@ -85,19 +86,9 @@ def choose(views: Sequence[NodeView]) -> NodeView:
             v.functions,
             v.node_functions,
             v.node,
-            gpu_index(v.gpu),
+            gpu_number(v.gpu),
         ),
     )
-
-
-def gpu_index(gpu: str | None) -> int:
-    """N of ``gpu:N`` (-1 for none): GPUs order by number, not by name."""
-    if gpu is None:
-        return -1
-    try:
-        return int(gpu.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return 2**31
 
 
 def nearness(

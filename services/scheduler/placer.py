@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,11 +17,12 @@ import nats.js.errors
 import structlog
 
 from gpufaas.scheduler.host import Host
-from gpufaas.scheduler.placement import NodeView, choose, gpu_index, nearness
+from gpufaas.scheduler.placement import NodeView, choose, nearness
 from gpufaas.shared import constants as c
 from gpufaas.shared import subjects
 from gpufaas.shared.catalog import model_file
 from gpufaas.shared.errors import PlatformError
+from gpufaas.shared.identity import gpu_number
 from gpufaas.shared.kv import Codec
 from gpufaas.shared.messages import (
     FunctionRecord,
@@ -66,13 +66,7 @@ class NodeGpus:
 
     @property
     def names(self) -> list[str]:
-        return sorted(self.free, key=gpu_index)
-
-    @property
-    def first(self) -> str | None:
-        """The GPU an instance placed before placement was per GPU computes on."""
-        names = self.names
-        return names[0] if names else None
+        return sorted(self.free, key=gpu_number)
 
 
 def node_gpus(beats: list[Heartbeat]) -> NodeGpus:
@@ -168,19 +162,20 @@ class Placer:
     async def place(
         self,
         spec: FunctionSpec,
-        taken: set[tuple[str, str | None]] | None = None,
+        new: bool = False,
         near: Where | None = None,
         on: str | None = None,
     ) -> NodeView:
-        """A GPU of a node for an instance of ``spec``; the (node, GPU)s in ``taken`` (that
-        hold one already) only when there is no other; ``near`` (where the request's input
-        tubes are) counts as placement says; ``on``: a GPU of that node only (when live)."""
+        """A GPU of a node for an instance of ``spec``; with ``new`` (a scale-out), one
+        that holds none of it yet, unless every GPU does (then a warm one comes back);
+        ``near`` (where the request's input tubes are) counts as placement says; ``on``: a
+        GPU of that node only (when it is live)."""
         candidates = await self.host.live_workers()
         if on is not None and on in candidates:
             candidates = [on]
         views = await self._views(spec, candidates, near)
-        free = [v for v in views if (v.node, v.gpu) not in (taken or set())]
-        chosen = choose(free or views)
+        spare = [v for v in views if not v.warm] if new else []
+        chosen = choose(spare or views)
         log.info(
             "placement.chosen",
             function=spec.name,
@@ -203,9 +198,8 @@ class Placer:
     ) -> list[NodeView]:
         deployed = await records(self.host.kv.functions)
         by_node = await self.gpus()
-        facts = facts_of(spec, deployed, by_node, set(), near)
+        facts = facts_of(spec, deployed, by_node, await self.gpu_cached(spec), near)
         localities = await asyncio.gather(*(self.locality(n, spec) for n in candidates))
-        facts = dataclasses.replace(facts, on_gpu=await self.gpu_cached(spec))
         views = []
         for node, loc in zip(candidates, localities, strict=True):
             views += gpu_views(node, by_node.get(node, NodeGpus({}, {})), loc, facts)

@@ -25,6 +25,7 @@ from gpufaas.shared.messages import (
     ModelSource,
     SchedulerLoad,
 )
+from gpufaas.shared.registry import instance_devices
 from gpufaas.shared.workflows import WorkflowRecord, WorkflowSpec
 
 pytestmark = pytest.mark.unit
@@ -103,7 +104,8 @@ def test_each_gpus_free_memory_is_as_its_busiest_reporter_sees_it() -> None:
     gpus = node_gpus([beat("memory", 30), beat("worker", 60)])
     assert gpus.free == {"gpu:0": 40, "gpu:1": 100, "gpu:10": 95}
     assert gpus.names == ["gpu:0", "gpu:1", "gpu:10"]  # by number, not by name
-    assert gpus.first == "gpu:0"
+    # A record from before placement was per GPU: its instance is on the first GPU.
+    assert instance_devices(fn_record(["n"]), "n", gpus.names) == ["gpu:0"]
     assert gpus.links == {("gpu:0", "gpu:1"): 50.0, ("gpu:1", "gpu:0"): 50.0}
     host_only = Heartbeat(
         node="n",
@@ -113,7 +115,7 @@ def test_each_gpus_free_memory_is_as_its_busiest_reporter_sees_it() -> None:
         updated_at=0,
         devices=[DeviceInfo(name="host", kind="host", model="h", memory_bytes=1)],
     )
-    assert node_gpus([host_only]).first is None
+    assert node_gpus([host_only]).names == []
 
 
 def test_a_workflows_critical_path_is_its_longest_chain_of_dependent_steps() -> None:
