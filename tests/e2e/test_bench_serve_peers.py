@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 import torch
 from aiohttp.test_utils import TestClient, TestServer
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.e2e.benches import BENCH, run_bench
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +61,10 @@ async def test_peer_serves_the_model_and_names_bad_fields(peer_server: Any) -> N
 @pytest.mark.slow
 @pytest.mark.timeout(400)  # up, the peer, a ceiling child: about a minute on a quiet 2-core box
 def test_bench_runs_both_servers_and_checks_every_reply(tmp_path: Path) -> None:
-    out = tmp_path / "peers.json"
-    argv = [sys.executable, str(BENCH / "serve_peers.py"), "--clients", "1,2"]
-    argv += ["--seconds", "0.5", "--warmup", "0.2", "--rounds", "1", "--json", str(out)]
-    env = {**os.environ, "GPUFAAS_PROFILE_S": "0"}  # no background sweep
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=360, env=env, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "plat/peer" in proc.stdout
-    assert "p99/p50 at one client" in proc.stdout
-    doc = json.loads(out.read_text())
+    args = ["--clients", "1,2", "--seconds", "0.5", "--warmup", "0.2", "--rounds", "1"]
+    stdout, doc = run_bench("serve_peers.py", args, tmp_path / "peers.json")
+    assert "plat/peer" in stdout
+    assert "p99/p50 at one client" in stdout
     assert doc["settings"]["worker"]["env"].get("OMP_WAIT_POLICY")  # the worker's, passed on
     assert [row["clients"] for row in doc["summary"]] == [1, 2]
     for row in doc["summary"]:

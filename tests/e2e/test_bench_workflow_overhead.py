@@ -5,29 +5,20 @@ bench's."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.e2e.benches import run_bench
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(400)  # up with two nodes, five deploys: about a minute on a 2-core box
 def test_bench_measures_the_workflow_and_hand_offs_by_size(tmp_path: Path) -> None:
-    out = tmp_path / "workflow.json"
-    argv = [sys.executable, str(BENCH / "workflow_overhead.py"), "--requests", "2"]
-    argv += ["--warmup", "1", "--handoffs", "1", "--sizes", "3k,1m", "--json", str(out)]
-    env = {**os.environ, "GPUFAAS_PROFILE_S": "0"}  # no background sweep
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=360, env=env, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "the goal's" in proc.stdout
-    doc = json.loads(out.read_text())
+    args = ["--requests", "2", "--warmup", "1", "--handoffs", "1", "--sizes", "3k,1m"]
+    stdout, doc = run_bench("workflow_overhead.py", args, tmp_path / "workflow.json")
+    assert "the goal's" in stdout
     es = doc["embed_score"]
     assert es["output_tiers"] == ["inline"]
     assert es["nodes"] == {"embed": "node-0", "score": "node-1"}  # across nodes, inline
