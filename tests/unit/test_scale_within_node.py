@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import msgspec
 import pytest
 
 from gpufaas.scheduler.functions import with_gpu, with_instances
@@ -17,6 +18,7 @@ from gpufaas.scheduler.placement import choose
 from gpufaas.scheduler.placer import facts_of, gpu_views, node_gpus
 from gpufaas.scheduler.queues import FunctionQueue, Pending
 from gpufaas.shared.devices import parse_devices
+from gpufaas.shared.errors import InvalidArgument
 from gpufaas.shared.identity import FunctionRef
 from gpufaas.shared.messages import (
     FunctionRecord,
@@ -24,6 +26,10 @@ from gpufaas.shared.messages import (
     Heartbeat,
     LocalityReply,
     ModelSource,
+    WorkerLoadRequest,
+    WorkerUnloadRequest,
+    decode,
+    encode,
 )
 from gpufaas.shared.quotas import gpu_bytes
 from gpufaas.shared.registry import first_gpu, instance_count, instance_devices
@@ -125,3 +131,18 @@ def test_the_next_instance_goes_to_another_gpu_of_the_node_holding_the_tensors()
     views = [v for n, g in nodes.items() for v in gpu_views(n, g, loc[n], facts)]
     at = choose([v for v in views if (v.node, v.gpu) not in taken])
     assert at.node == "b"
+
+
+def test_a_gpu_from_the_wire_is_a_gpu_name_or_the_message_is_refused_naming_it() -> None:
+    load = WorkerLoadRequest(spec=SPEC, device="gpu:3", replica=True)
+    assert decode(encode(load), WorkerLoadRequest) == load
+    for bad in ("cuda:0", "gpu:", "gpu:1.2", "gpu:../x", "gpu:1\n", "gpu:12345"):
+        forged = {"type": "worker_unload_request.v1", "function": "f", "device": bad}
+        with pytest.raises(InvalidArgument) as err:
+            decode(msgspec.msgpack.encode(forged), WorkerUnloadRequest)
+        assert err.value.field == "device", bad
+    # A record naming a node with no GPU at all, or a GPU that is no GPU name.
+    for gpus in ({"a": []}, {"a": ["host"]}):
+        forged_record = {**msgspec.to_builtins(record({"a": ["gpu:0"]})), "gpus": gpus}
+        with pytest.raises(InvalidArgument):
+            decode(msgspec.msgpack.encode(forged_record), FunctionRecord)
