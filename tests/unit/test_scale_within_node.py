@@ -142,7 +142,8 @@ def test_a_gpu_from_the_wire_is_a_gpu_name_or_the_message_is_refused_naming_it()
             decode(msgspec.msgpack.encode(forged), WorkerUnloadRequest)
         assert err.value.field == "device", bad
     # A record naming a node with no GPU at all, or a GPU that is no GPU name.
-    for gpus in ({"a": []}, {"a": ["host"]}):
+    bad_gpus: list[dict[str, list[str]]] = [{"a": []}, {"a": ["host"]}]
+    for gpus in bad_gpus:
         forged_record = {**msgspec.to_builtins(record({"a": ["gpu:0"]})), "gpus": gpus}
         with pytest.raises(InvalidArgument):
             decode(msgspec.msgpack.encode(forged_record), FunctionRecord)
